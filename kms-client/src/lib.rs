@@ -146,7 +146,11 @@ pub struct KmsError {
 impl KmsError {
     /// A new error of `kind` with a message (a sentence that tells the user what to do).
     pub fn new(kind: KmsErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Attaches the underlying cause.
@@ -203,7 +207,10 @@ pub trait Kms: Send + Sync {
     ) -> impl Future<Output = Result<WrappedKey, KmsError>> + Send;
 
     /// DescribeKey.
-    fn describe_key(&self, key_id: &str) -> impl Future<Output = Result<KeyMetadata, KmsError>> + Send;
+    fn describe_key(
+        &self,
+        key_id: &str,
+    ) -> impl Future<Output = Result<KeyMetadata, KmsError>> + Send;
 }
 
 /// The backends cryptnbd can be configured with. The daemon and the CLI hold one of these.
@@ -252,7 +259,8 @@ impl Kms for KmsBackend {
     ) -> Result<WrappedKey, KmsError> {
         match self {
             KmsBackend::Local(k) => {
-                k.re_encrypt(wrapped, context, key_id, new_key_id, new_context).await
+                k.re_encrypt(wrapped, context, key_id, new_key_id, new_context)
+                    .await
             }
         }
     }

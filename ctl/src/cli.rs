@@ -1,0 +1,172 @@
+//! The command line, as clap derive types. The doc comments are the help text; docs/cli.md
+//! is the full reference and must match.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Control cryptnbd: encrypted volumes served over NBD, keys wrapped by a KMS.
+#[derive(Debug, Parser)]
+#[command(name = "cryptnbdctl", version, propagate_version = true)]
+pub struct Cli {
+    /// State directory (keystore, volumes). Default: /var/lib/cryptnbd as root, else
+    /// $XDG_STATE_HOME/cryptnbd.
+    #[arg(long, global = true, env = "CRYPTNBD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Control socket of the daemon. Default: /run/cryptnbd/control.sock as root, else
+    /// $XDG_RUNTIME_DIR/cryptnbd/control.sock.
+    #[arg(long, global = true, env = "CRYPTNBD_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// File holding the passphrase of a sealed local keystore (else env
+    /// CRYPTNBD_KMS_PASSPHRASE).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kms_passphrase_file: Option<PathBuf>,
+
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an encrypted volume: a fresh 64-byte data key from the KMS, wrapped under the
+    /// identity context (SID, directory, volume id), stored in a LUKS2 header.
+    Create(CreateArgs),
+    /// Show a volume's header and KMS token (never key material).
+    Inspect {
+        /// Volume name (in the state directory) or path to a volume file.
+        volume: String,
+    },
+    /// Manage the embedded local KMS.
+    #[command(subcommand)]
+    Kms(KmsCommand),
+}
+
+/// Arguments of `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Volume name: 1-64 letters, digits, '.', '_', '-'. The file is
+    /// STATE_DIR/volumes/NAME.luks.
+    pub name: String,
+    /// Size of the volume's data: 10G, 512M, 1T (powers of 1024), 10GB (powers of 1000) or
+    /// bytes.
+    #[arg(long, value_parser = crate::units::parse_size)]
+    pub size: u64,
+    /// KMS master key that wraps the data key: key id or alias/NAME.
+    #[arg(long, value_name = "KEY")]
+    pub kms_key: String,
+    /// The user's Windows-style SID, e.g. S-1-5-21-277731876-1789304096-451871588-1107.
+    #[arg(long)]
+    pub sid: String,
+    /// The directory id, e.g. d-1234abcd01.
+    #[arg(long)]
+    pub directory: String,
+    /// Extra encryption-context pair, repeatable: --context classification=secret.
+    #[arg(long = "context", value_name = "K=V")]
+    pub context: Vec<String>,
+    /// Encryption sector size in bytes.
+    #[arg(long, default_value_t = 4096, value_parser = parse_sector_size)]
+    pub sector_size: u32,
+    /// Volume id (vol- and 17 hex digits); generated when absent.
+    #[arg(long)]
+    pub volume_id: Option<String>,
+    /// Context key holding "[SID]@[DIRECTORY]".
+    #[arg(long, default_value = "cryptnbd:sid-directoryid", value_name = "KEY")]
+    pub sid_directory_key: String,
+    /// Context key holding the volume id.
+    #[arg(long, default_value = "cryptnbd:volume-id", value_name = "KEY")]
+    pub volume_id_key: String,
+    /// Create the volume file at this path instead of in the state directory.
+    #[arg(long, value_name = "PATH")]
+    pub path: Option<PathBuf>,
+}
+
+/// `kms` verbs (local KMS).
+#[derive(Debug, Subcommand)]
+pub enum KmsCommand {
+    /// Create a master key.
+    CreateKey {
+        /// Alias, used as alias/NAME.
+        #[arg(long)]
+        alias: Option<String>,
+        /// Free-form description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the master keys.
+    ListKeys,
+    /// Show one master key.
+    DescribeKey {
+        /// Key id or alias/NAME.
+        key: String,
+    },
+    /// Enable a disabled key.
+    EnableKey {
+        /// Key id or alias/NAME.
+        key: String,
+    },
+    /// Disable a key: volumes wrapped by it cannot be attached until it is enabled again.
+    DisableKey {
+        /// Key id or alias/NAME.
+        key: String,
+    },
+    /// Schedule a key for deletion after a waiting period. Every volume wrapped by it is lost
+    /// when the period ends, unless the deletion is cancelled.
+    ScheduleKeyDeletion {
+        /// Key id or alias/NAME.
+        key: String,
+        /// Waiting period in days (7-30).
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion (the key is left disabled, as in AWS KMS).
+    CancelKeyDeletion {
+        /// Key id or alias/NAME.
+        key: String,
+    },
+    /// Rotate a key: new data keys use a new backing key; old ones still unwrap.
+    RotateKey {
+        /// Key id or alias/NAME.
+        key: String,
+    },
+    /// Write an encrypted backup of the whole keystore. Without the keystore every volume is
+    /// lost: keep a backup somewhere else.
+    Backup {
+        /// Backup file to write.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// File holding the backup passphrase (else env CRYPTNBD_BACKUP_PASSPHRASE).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Restore a keystore backup into an empty keystore.
+    Restore {
+        /// Backup file to read.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// File holding the backup passphrase (else env CRYPTNBD_BACKUP_PASSPHRASE).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+fn parse_sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!(
+            "sector size '{s}' is not supported: use 512 or 4096"
+        )),
+    }
+}

@@ -1,0 +1,339 @@
+//! The verbs. Each prints text for people, or one JSON document with `--json`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use kms_client::local::{LocalKms, LocalKmsOptions};
+use kms_client::{ContextKeys, IdentityContext, KeyMetadata, Kms, KmsBackend, context};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::cli::{Cli, Command, CreateArgs, KmsCommand};
+use crate::exit::UsageError;
+use crate::paths::{StateLayout, validate_name};
+use crate::units::human;
+
+/// Runs one verb.
+pub fn run(cli: Cli) -> Result<()> {
+    let layout = StateLayout::new(cli.state_dir.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let out = Output { json: cli.json };
+    match &cli.command {
+        Command::Create(args) => rt.block_on(create(&cli, &layout, args, &out)),
+        Command::Inspect { volume } => inspect(&layout, volume, &out),
+        Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
+    }
+}
+
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            println!("{}", text());
+        }
+        Ok(())
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let mut bytes = Zeroizing::new(
+        std::fs::read(path)
+            .with_context(|| format!("cannot read the passphrase file {}", path.display()))?,
+    );
+    while bytes.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(UsageError(format!("the passphrase file {} is empty", path.display())).into());
+    }
+    Ok(bytes)
+}
+
+fn secret_from(file: Option<&PathBuf>, env: &str) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    if let Some(f) = file {
+        return read_secret_file(f).map(Some);
+    }
+    Ok(std::env::var_os(env)
+        .filter(|v| !v.is_empty())
+        .map(|v| Zeroizing::new(v.into_encoded_bytes())))
+}
+
+fn keystore_options(cli: &Cli, create: bool) -> Result<LocalKmsOptions> {
+    let mut options = LocalKmsOptions::default();
+    options.create_if_missing = create;
+    options.passphrase = secret_from(cli.kms_passphrase_file.as_ref(), "CRYPTNBD_KMS_PASSPHRASE")?;
+    Ok(options)
+}
+
+fn open_local_kms(cli: &Cli, layout: &StateLayout, create: bool) -> Result<LocalKms> {
+    let dir = layout.keystore();
+    if create {
+        make_private_dir(&layout.state_dir)?;
+    }
+    Ok(LocalKms::open(&dir, keystore_options(cli, create)?)?)
+}
+
+fn make_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the directory {}", dir.display()))
+}
+
+#[derive(Serialize)]
+struct Created {
+    name: String,
+    path: PathBuf,
+    volume_id: String,
+    size: u64,
+    sector_size: u32,
+    key_id: String,
+    context: std::collections::BTreeMap<String, String>,
+}
+
+async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output) -> Result<()> {
+    validate_name(&args.name).map_err(UsageError)?;
+    let volume_id = match &args.volume_id {
+        Some(v) => v.clone(),
+        None => IdentityContext::generate_volume_id(),
+    };
+    let identity = IdentityContext::new(&args.sid, &args.directory, &volume_id)?;
+    let extra = args
+        .context
+        .iter()
+        .map(|p| context::parse_pair(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let context_keys = ContextKeys {
+        sid_directory: args.sid_directory_key.clone(),
+        volume_id: args.volume_id_key.clone(),
+    };
+    let path = match &args.path {
+        Some(p) => p.clone(),
+        None => {
+            let dir = layout.volumes();
+            make_private_dir(&dir)?;
+            layout.volume_file(&args.name)
+        }
+    };
+    let kms = KmsBackend::Local(open_local_kms(cli, layout, false)?);
+    let opts = volume::CreateOptions {
+        size: args.size,
+        sector_size: args.sector_size,
+        key_id: args.kms_key.clone(),
+        identity,
+        context_keys,
+        extra_context: extra,
+    };
+    let vol = volume::Volume::create(&path, &opts, &kms).await?;
+    drop(vol);
+    let info = volume::inspect(&path)?;
+    let token = info
+        .token
+        .context("the new volume has no token (this is a bug: please report it)")?;
+    let created = Created {
+        name: args.name.clone(),
+        path: path.clone(),
+        volume_id: token.volume_id.clone(),
+        size: info.size,
+        sector_size: info.sector_size,
+        key_id: token.key_id.clone(),
+        context: token.context.clone(),
+    };
+    out.emit(&created, || {
+        format!(
+            "created volume {} ({}, {}-byte sectors)\n  file:      {}\n  volume id: {}\n  kms key:   {} ({})",
+            created.name,
+            human(created.size),
+            created.sector_size,
+            created.path.display(),
+            created.volume_id,
+            created.key_id,
+            kms.backend_name()
+        )
+    })
+}
+
+fn inspect(layout: &StateLayout, volume: &str, out: &Output) -> Result<()> {
+    let path = layout.resolve_volume(volume);
+    let info = volume::inspect(&path)?;
+    out.emit(&info, || {
+        let mut s = String::new();
+        let mut line = |k: &str, v: String| s.push_str(&format!("{k:<18} {v}\n"));
+        line("file:", info.path.display().to_string());
+        line("uuid:", info.uuid.clone());
+        line(
+            "size:",
+            format!("{} ({} bytes)", human(info.size), info.size),
+        );
+        line(
+            "cipher:",
+            format!("{} ({}-bit key)", info.cipher, info.key_bits),
+        );
+        line("sector size:", info.sector_size.to_string());
+        line("data offset:", info.data_offset.to_string());
+        line(
+            "header:",
+            format!("2 x {} bytes, seqid {}", info.header_size, info.seqid),
+        );
+        for (which, p) in [
+            ("primary", &info.primary_header_problem),
+            ("secondary", &info.secondary_header_problem),
+        ] {
+            line(
+                &format!("{which} copy:"),
+                p.clone().map_or("ok".into(), |p| format!("DAMAGED: {p}")),
+            );
+        }
+        line("recovery keyslots:", info.keyslots.to_string());
+        match &info.token {
+            Some(t) => {
+                line("kms backend:", t.backend.clone());
+                line("kms key:", t.key_id.clone());
+                line("volume id:", t.volume_id.clone());
+                line("created:", t.created.clone());
+                for (k, v) in &t.context {
+                    line("context:", format!("{k} = {v}"));
+                }
+            }
+            None => line("kms token:", "none (a plain LUKS2 volume)".into()),
+        }
+        s.trim_end().to_string()
+    })
+}
+
+fn key_text(k: &KeyMetadata) -> String {
+    let mut s = format!(
+        "{}  {:<16} versions {}  created {}",
+        k.key_id,
+        format!("{:?}", k.state),
+        k.versions,
+        k.created
+    );
+    if !k.aliases.is_empty() {
+        s.push_str(&format!("  aliases {}", k.aliases.join(",")));
+    }
+    if let Some(d) = &k.deletion_date {
+        s.push_str(&format!("  deletion on {d}"));
+    }
+    if !k.description.is_empty() {
+        s.push_str(&format!("  \"{}\"", k.description));
+    }
+    s
+}
+
+async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) -> Result<()> {
+    match cmd {
+        KmsCommand::CreateKey { alias, description } => {
+            let kms = open_local_kms(cli, layout, true)?;
+            let k = kms.create_key(alias.as_deref(), description)?;
+            out.emit(&k, || format!("created key {}", key_text(&k)))
+        }
+        KmsCommand::ListKeys => {
+            let kms = open_local_kms(cli, layout, false)?;
+            let keys = kms.list_keys()?;
+            out.emit(&keys, || {
+                if keys.is_empty() {
+                    "no keys (create one with 'cryptnbdctl kms create-key --alias NAME')".into()
+                } else {
+                    keys.iter().map(key_text).collect::<Vec<_>>().join("\n")
+                }
+            })
+        }
+        KmsCommand::DescribeKey { key } => {
+            let kms = open_local_kms(cli, layout, false)?;
+            let k = kms.describe_key(key).await?;
+            out.emit(&k, || key_text(&k))
+        }
+        KmsCommand::EnableKey { key } => {
+            let k = open_local_kms(cli, layout, false)?.enable_key(key)?;
+            out.emit(&k, || format!("enabled {}", key_text(&k)))
+        }
+        KmsCommand::DisableKey { key } => {
+            let k = open_local_kms(cli, layout, false)?.disable_key(key)?;
+            out.emit(&k, || format!("disabled {}", key_text(&k)))
+        }
+        KmsCommand::ScheduleKeyDeletion { key, days } => {
+            let k = open_local_kms(cli, layout, false)?.schedule_key_deletion(key, *days)?;
+            out.emit(&k, || {
+                format!(
+                    "scheduled for deletion: {}\nEvery volume wrapped by this key becomes unreadable when it is deleted; \
+                     'cryptnbdctl kms cancel-key-deletion {}' undoes this until then.",
+                    key_text(&k),
+                    k.key_id
+                )
+            })
+        }
+        KmsCommand::CancelKeyDeletion { key } => {
+            let k = open_local_kms(cli, layout, false)?.cancel_key_deletion(key)?;
+            out.emit(&k, || {
+                format!(
+                    "deletion cancelled; the key is disabled until enabled: {}",
+                    key_text(&k)
+                )
+            })
+        }
+        KmsCommand::RotateKey { key } => {
+            let k = open_local_kms(cli, layout, false)?.rotate_key(key)?;
+            out.emit(&k, || format!("rotated {}", key_text(&k)))
+        }
+        KmsCommand::Backup {
+            to,
+            passphrase_file,
+        } => {
+            let pass = secret_from(passphrase_file.as_ref(), "CRYPTNBD_BACKUP_PASSPHRASE")?
+                .ok_or_else(|| {
+                    UsageError("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE".into())
+                })?;
+            let kms = open_local_kms(cli, layout, false)?;
+            kms.backup(to, &pass)?;
+            let n = kms.list_keys()?.len();
+            #[derive(Serialize)]
+            struct Backup<'a> {
+                file: &'a Path,
+                keys: usize,
+            }
+            out.emit(&Backup { file: to, keys: n }, || {
+                format!(
+                    "wrote {} keys to {} (encrypted with the passphrase). Keep it apart from this machine: \
+                     without the keystore every volume is lost.",
+                    n,
+                    to.display()
+                )
+            })
+        }
+        KmsCommand::Restore {
+            from,
+            passphrase_file,
+        } => {
+            let pass = secret_from(passphrase_file.as_ref(), "CRYPTNBD_BACKUP_PASSPHRASE")?
+                .ok_or_else(|| {
+                    UsageError("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE".into())
+                })?;
+            make_private_dir(&layout.state_dir)?;
+            let kms = LocalKms::restore(
+                &layout.keystore(),
+                from,
+                &pass,
+                keystore_options(cli, true)?,
+            )?;
+            let keys = kms.list_keys()?;
+            out.emit(&keys, || {
+                format!(
+                    "restored {} keys into {}",
+                    keys.len(),
+                    layout.keystore().display()
+                )
+            })
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Where cryptnbd keeps its state (docs/cli.md, "State layout").
+//!
+//! As root: `/var/lib/cryptnbd` (state) and `/run/cryptnbd` (sockets). Otherwise
+//! `$XDG_STATE_HOME/cryptnbd` (default `~/.local/state/cryptnbd`) and
+//! `$XDG_RUNTIME_DIR/cryptnbd` (default `/tmp/cryptnbd-UID`). `--state-dir` /
+//! `CRYPTNBD_STATE_DIR` and `--socket` / `CRYPTNBD_SOCKET` override them.
+
+use std::path::{Path, PathBuf};
+
+/// The resolved state layout.
+#[derive(Debug, Clone)]
+pub struct StateLayout {
+    /// Root of the persistent state.
+    pub state_dir: PathBuf,
+}
+
+impl StateLayout {
+    /// Resolves the state directory from the flag/env value or the defaults.
+    pub fn new(state_dir: Option<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.unwrap_or_else(default_state_dir),
+        }
+    }
+
+    /// The local KMS keystore.
+    pub fn keystore(&self) -> PathBuf {
+        self.state_dir.join("keystore")
+    }
+
+    /// Where volume files live.
+    pub fn volumes(&self) -> PathBuf {
+        self.state_dir.join("volumes")
+    }
+
+    /// The file of volume `name`.
+    pub fn volume_file(&self, name: &str) -> PathBuf {
+        self.volumes().join(format!("{name}.luks"))
+    }
+
+    /// A volume argument: a path when it contains `/` or names an existing file, else a name.
+    pub fn resolve_volume(&self, arg: &str) -> PathBuf {
+        let p = Path::new(arg);
+        if arg.contains('/') || (p.is_file() && !self.volume_file(arg).exists()) {
+            p.to_path_buf()
+        } else {
+            self.volume_file(arg)
+        }
+    }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/cryptnbd");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("cryptnbd");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/state/cryptnbd"),
+        None => PathBuf::from(format!(
+            "/tmp/cryptnbd-state-{}",
+            rustix::process::geteuid().as_raw()
+        )),
+    }
+}
+
+/// Validates a volume name: 1-64 characters of letters, digits, `.`, `_`, `-`, not starting
+/// with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid volume name '{name}': use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        ))
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of cryptnbd on a fresh Debian 12 machine, installing what the tests need:
+# the Debian packages of the real peers (cryptsetup, ...) and a Python virtual environment
+# with the independent AES-XTS oracle (the `cryptography` package).
+# Usage: scripts/test-all.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v cryptsetup >/dev/null 2>&1 || need_pkgs+=(cryptsetup-bin)
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+/usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+if ((${#need_pkgs[@]})); then
+  echo "== installing ${need_pkgs[*]}"
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need_pkgs[@]}"
+fi
+
+# The AES-XTS oracle: Python `cryptography` in a project-local virtual environment.
+if ! .venv/bin/python -c 'import cryptography' >/dev/null 2>&1; then
+  echo "== creating .venv with the cryptography package"
+  /usr/bin/python3 -m venv .venv
+  .venv/bin/pip install -q 'cryptography>=42'
+fi
+export CRYPTNBD_TEST_PYTHON="$PWD/.venv/bin/python"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+echo "== cargo build (binaries used by the end-to-end tests)"
+cargo build --workspace --bins -q
+echo "== cargo test"
+cargo test --workspace "$@"

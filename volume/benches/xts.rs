@@ -1,0 +1,2 @@
+//! Placeholder until the XTS benchmark lands.
+fn main() {}

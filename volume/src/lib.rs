@@ -1,0 +1,19 @@
+//! cryptnbd volumes on disk.
+//!
+//! - [`luks2`]: the LUKS2 header codec (pure, over byte buffers);
+//! - [`header`]: reading and writing the two header copies of a file;
+//! - [`token`]: the `cryptnbd-kms` token that records the KMS-wrapped volume key;
+//! - [`xts`]: AES-256-XTS sector encryption with dm-crypt's plain64 IVs;
+//! - [`volume`]: [`Volume`], byte-addressed encrypted I/O on a volume file.
+//!
+//! This crate must not depend on the NBD protocol, the daemon or the CLI.
+
+pub mod error;
+pub mod header;
+pub mod luks2;
+pub mod token;
+pub mod volume;
+pub mod xts;
+
+pub use error::{VolumeError, VolumeErrorKind};
+pub use volume::{CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect};

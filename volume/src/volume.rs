@@ -1,0 +1,780 @@
+//! `Volume` = header + unwrapped key + backing file: byte-addressed encrypted I/O.
+//!
+//! Layout of a volume file (docs/format.md has every byte): two LUKS2 header copies, the
+//! keyslot area (unused), then the data segment at 16 MiB, `size` bytes of AES-256-XTS
+//! ciphertext in sectors of 512 or 4096 bytes.
+//!
+//! Rules this module keeps:
+//! - The plain64 IV of a sector is its byte offset from the start of the data segment divided
+//!   by 512, plus the segment's `iv_tweak`, whatever the sector size (as dm-crypt does).
+//! - A sector whose ciphertext is all zero bytes (never written, or a trimmed hole) reads as
+//!   zeros. Zeroes written by a client, or by write-zeroes, are encrypted like any data, so
+//!   dm-crypt reads them as zeros too; only trim leaves holes.
+//! - Sub-sector writes are read-modify-write under a per-sector lock, so two writers touching
+//!   different bytes of one sector never lose each other's bytes.
+//! - A failed fdatasync puts the volume in a failed state: every later request fails, so a
+//!   write that may be lost is never acknowledged by a later successful flush.
+//! - The volume file is locked with flock: exclusive for read-write, shared for read-only.
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kms_client::{ContextKeys, DataKey, IdentityContext, Kms};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::error::{VolumeError, VolumeErrorKind};
+use crate::header::{self, HeaderSet};
+use crate::luks2::{
+    self, CryptSegment, DEFAULT_DATA_OFFSET, DEFAULT_HDR_SIZE, Metadata, Pbkdf2Digest,
+};
+use crate::token::{KmsToken, TOKEN_TYPE};
+use crate::xts::{XTS_KEY_LEN, XtsCipher};
+
+/// Number of stripes of the read-modify-write lock table. Sectors map to stripes by index, so
+/// neighbouring sectors never share a stripe.
+const RMW_STRIPES: usize = 1024;
+/// Largest buffer write-zeroes encrypts at a time.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// What `create` needs.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Data size in bytes, a multiple of the sector size.
+    pub size: u64,
+    /// Encryption sector size: 512 or 4096.
+    pub sector_size: u32,
+    /// The KMS master key (id or alias) that wraps the data key.
+    pub key_id: String,
+    /// The SID, directory and volume id bound into the encryption context.
+    pub identity: IdentityContext,
+    /// The context key names for the identity pairs.
+    pub context_keys: ContextKeys,
+    /// Further context pairs (for example a data classification tag).
+    pub extra_context: Vec<(String, String)>,
+}
+
+/// How to open a volume.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open for reading only (shared lock; writes fail with `ReadOnly`).
+    pub read_only: bool,
+    /// If given, the volume's stored SID must be this one, or the open is refused before any
+    /// KMS call.
+    pub expect_sid: Option<String>,
+    /// Likewise for the directory id.
+    pub expect_directory: Option<String>,
+}
+
+/// An open, unlocked (key in memory) volume.
+pub struct Volume {
+    path: PathBuf,
+    file: File,
+    read_only: bool,
+    segment: CryptSegment,
+    size: u64,
+    cipher: XtsCipher,
+    rmw_locks: Vec<Mutex<()>>,
+    failed: AtomicBool,
+    headers: HeaderSet,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .field("size", &self.size)
+            .field("sector_size", &self.segment.sector_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `inspect` shows: the header and token, never key material.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    /// The volume file.
+    pub path: PathBuf,
+    /// LUKS2 UUID.
+    pub uuid: String,
+    /// Header update counter.
+    pub seqid: u64,
+    /// Bytes per header copy.
+    pub header_size: u64,
+    /// Where the data starts in the file.
+    pub data_offset: u64,
+    /// Data size in bytes.
+    pub size: u64,
+    /// Encryption sector size.
+    pub sector_size: u32,
+    /// The cipher (always aes-xts-plain64).
+    pub cipher: String,
+    /// Key size in bits.
+    pub key_bits: u32,
+    /// Added to every IV.
+    pub iv_tweak: u64,
+    /// Problem with the primary header copy, if any.
+    pub primary_header_problem: Option<String>,
+    /// Problem with the secondary header copy, if any.
+    pub secondary_header_problem: Option<String>,
+    /// Number of LUKS2 keyslots (recovery passphrases).
+    pub keyslots: usize,
+    /// The cryptnbd-kms token, if the volume has one (cryptsetup-made volumes do not).
+    pub token: Option<TokenInfo>,
+}
+
+/// The token as `inspect` shows it: the wrapped key only by length.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenInfo {
+    /// Token format version.
+    pub version: u32,
+    /// KMS backend.
+    pub backend: String,
+    /// Master key id.
+    pub key_id: String,
+    /// The full encryption context.
+    pub context: std::collections::BTreeMap<String, String>,
+    /// Volume id.
+    pub volume_id: String,
+    /// Creation time.
+    pub created: String,
+    /// Length of the wrapped key blob.
+    pub wrapped_key_bytes: usize,
+    /// Fields of newer versions, shown as they are.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn invalid(msg: String) -> VolumeError {
+    VolumeError::new(VolumeErrorKind::InvalidArgument, msg)
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+fn open_file(path: &Path, read_only: bool) -> Result<File, VolumeError> {
+    let file = FsOpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| VolumeError::io(path, "opening the volume", e))?;
+    let locked = if read_only {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match locked {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(VolumeError::new(
+            VolumeErrorKind::InUse,
+            format!(
+                "{} is open in another process (attached to a running cryptnbd?): detach it first",
+                path.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(VolumeError::io(path, "locking the volume", e)),
+    }
+}
+
+fn token_of(headers: &HeaderSet, path: &Path) -> Result<KmsToken, VolumeError> {
+    let md = &headers.active.metadata;
+    let (_, obj) = md.token(TOKEN_TYPE).ok_or_else(|| {
+        let types = md.token_types();
+        VolumeError::new(
+            VolumeErrorKind::Unsupported,
+            format!(
+                "{} has no {TOKEN_TYPE} token (tokens: {}): it is a plain LUKS2 volume; \
+                 open it with its volume key or a passphrase",
+                path.display(),
+                if types.is_empty() {
+                    "none".into()
+                } else {
+                    types.join(", ")
+                }
+            ),
+        )
+    })?;
+    KmsToken::from_json(obj)
+        .map_err(|e| VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display())))
+}
+
+/// Reads the header and token of a volume without the KMS and without locking (it works on
+/// an attached volume).
+pub fn inspect(path: &Path) -> Result<VolumeInfo, VolumeError> {
+    let file = File::open(path).map_err(|e| VolumeError::io(path, "opening the volume", e))?;
+    let headers = header::read_headers(&file, path)?;
+    let md = &headers.active.metadata;
+    let seg = md.crypt_segment().map_err(|e| {
+        VolumeError::new(
+            VolumeErrorKind::Unsupported,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| VolumeError::io(path, "stat", e))?
+        .len();
+    let token = match md.token(TOKEN_TYPE) {
+        Some(_) => {
+            let t = token_of(&headers, path)?;
+            Some(TokenInfo {
+                version: t.version,
+                backend: t.backend.clone(),
+                key_id: t.key_id.clone(),
+                context: t.context.pairs().clone(),
+                volume_id: t.volume_id.clone(),
+                created: t.created.clone(),
+                wrapped_key_bytes: t.wrapped().map(|w| w.len()).unwrap_or(0),
+                extra: t.extra.clone(),
+            })
+        }
+        None => None,
+    };
+    Ok(VolumeInfo {
+        path: path.to_path_buf(),
+        uuid: headers.active.binary.uuid.clone(),
+        seqid: headers.active.binary.seqid,
+        header_size: headers.active.binary.hdr_size,
+        data_offset: seg.offset,
+        size: data_size(&seg, file_len),
+        sector_size: seg.sector_size,
+        cipher: luks2::CIPHER.into(),
+        key_bits: md.keyslot_key_size().map_or(512, |b| (b * 8) as u32),
+        iv_tweak: seg.iv_tweak,
+        primary_header_problem: headers.primary_problem.clone(),
+        secondary_header_problem: headers.secondary_problem.clone(),
+        keyslots: md.value()["keyslots"].as_object().map_or(0, |m| m.len()),
+        token,
+    })
+}
+
+fn data_size(seg: &CryptSegment, file_len: u64) -> u64 {
+    seg.size.unwrap_or_else(|| {
+        let avail = file_len.saturating_sub(seg.offset);
+        avail - avail % u64::from(seg.sector_size)
+    })
+}
+
+impl Volume {
+    /// Creates a new volume file at `path`: asks the KMS for a 64-byte data key under the
+    /// identity context, writes both header copies with the digest and the token, and sizes
+    /// the file sparsely. The file appears at `path` only when complete; an existing file is
+    /// never overwritten. Returns the volume opened read-write.
+    pub async fn create<K: Kms>(
+        path: &Path,
+        opts: &CreateOptions,
+        kms: &K,
+    ) -> Result<Volume, VolumeError> {
+        if opts.sector_size != 512 && opts.sector_size != 4096 {
+            return Err(invalid(format!(
+                "sector size {} is not supported: use 512 or 4096",
+                opts.sector_size
+            )));
+        }
+        if opts.size == 0 || opts.size % u64::from(opts.sector_size) != 0 {
+            return Err(invalid(format!(
+                "volume size {} must be a positive multiple of the sector size {}",
+                opts.size, opts.sector_size
+            )));
+        }
+        let total = DEFAULT_DATA_OFFSET
+            .checked_add(opts.size)
+            .ok_or_else(|| invalid(format!("volume size {} is too large", opts.size)))?;
+        if path.exists() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists: choose another name or delete it first",
+                    path.display()
+                ),
+            ));
+        }
+        let context = opts
+            .identity
+            .to_context(&opts.context_keys, &opts.extra_context)
+            .map_err(|e| invalid(e.to_string()))?;
+        let generated = kms
+            .generate_data_key(&opts.key_id, &context, XTS_KEY_LEN)
+            .await
+            .map_err(|e| VolumeError::kms(path, "generate a data key", e))?;
+        let key = generated.plaintext;
+        let cipher = XtsCipher::new(key.expose()).map_err(|e| {
+            VolumeError::new(
+                VolumeErrorKind::WrongKey,
+                format!(
+                    "{}: the KMS returned an unusable data key ({e}); retry",
+                    path.display()
+                ),
+            )
+        })?;
+        let digest = Pbkdf2Digest::compute(key.expose()).map_err(|e| invalid(e.to_string()))?;
+        let mut metadata = Metadata::new_volume(
+            DEFAULT_HDR_SIZE,
+            DEFAULT_DATA_OFFSET,
+            opts.size,
+            opts.sector_size,
+            &digest,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        let token = KmsToken::new(
+            kms.backend_name(),
+            &generated.key_id,
+            &generated.wrapped,
+            context,
+            opts.context_keys.clone(),
+            &opts.identity.volume_id,
+            now_rfc3339(),
+        );
+        metadata
+            .set_token(0, token.to_json())
+            .map_err(|e| invalid(e.to_string()))?;
+        let uuid = luks2::random_uuid().map_err(|e| invalid(e.to_string()))?;
+        let template = luks2::new_binary(true, DEFAULT_HDR_SIZE, 1, &uuid)
+            .map_err(|e| invalid(e.to_string()))?;
+
+        // Build the file under a temporary name, then link it into place (link fails if the
+        // name exists, so nothing is overwritten) and remove the temporary name.
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| invalid(format!("{} is not a file path", path.display())))?;
+        let tmp = dir.join(format!(
+            ".{}.creating-{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let build = || -> Result<File, VolumeError> {
+            let file = FsOpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| VolumeError::io(path, "creating the volume file", e))?;
+            file.try_lock().map_err(|_| {
+                VolumeError::new(
+                    VolumeErrorKind::InUse,
+                    format!("{}: cannot lock the new file", path.display()),
+                )
+            })?;
+            header::write_headers(&file, path, &template, 1, &metadata)?;
+            file.set_len(total)
+                .map_err(|e| VolumeError::io(path, "sizing the volume file", e))?;
+            file.sync_all()
+                .map_err(|e| VolumeError::io(path, "syncing the volume file", e))?;
+            std::fs::hard_link(&tmp, path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    VolumeError::new(
+                        VolumeErrorKind::AlreadyExists,
+                        format!(
+                            "{} already exists: choose another name or delete it first",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    VolumeError::io(path, "linking the new volume into place", e)
+                }
+            })?;
+            Ok(file)
+        };
+        let built = build();
+        // The temporary name goes in every case; on success the file lives on under `path`.
+        let _ = std::fs::remove_file(&tmp);
+        let file = built?;
+        if let Ok(d) = File::open(dir) {
+            d.sync_all()
+                .map_err(|e| VolumeError::io(path, "syncing the directory", e))?;
+        }
+        let headers = header::read_headers(&file, path)?;
+        let segment = headers
+            .active
+            .metadata
+            .crypt_segment()
+            .map_err(|e| invalid(e.to_string()))?;
+        tracing::info!(volume = %path.display(), key_id = %generated.key_id, size = opts.size, "volume created");
+        Ok(Self::assemble(
+            path, file, false, segment, opts.size, cipher, headers,
+        ))
+    }
+
+    /// Opens a cryptnbd volume: reads the header (falling back to the other copy when one is
+    /// damaged), checks the caller's identity against the stored context, unwraps the key
+    /// through the KMS with the stored context, and verifies it against the LUKS2 digest.
+    pub async fn open<K: Kms>(
+        path: &Path,
+        opts: &OpenOptions,
+        kms: &K,
+    ) -> Result<Volume, VolumeError> {
+        let file = open_file(path, opts.read_only)?;
+        let headers = header::read_headers(&file, path)?;
+        let token = token_of(&headers, path)?;
+        if token.backend != kms.backend_name() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::Unsupported,
+                format!(
+                    "{} was wrapped by the '{}' KMS backend but this cryptnbd uses '{}': configure that backend",
+                    path.display(),
+                    token.backend,
+                    kms.backend_name()
+                ),
+            ));
+        }
+        if opts.expect_sid.is_some() || opts.expect_directory.is_some() {
+            let id = token.identity().map_err(|e| {
+                VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+            })?;
+            for (what, expected, stored) in [
+                ("SID", &opts.expect_sid, &id.sid),
+                ("directory", &opts.expect_directory, &id.directory),
+            ] {
+                if let Some(expected) = expected
+                    && expected != stored
+                {
+                    return Err(VolumeError::new(
+                        VolumeErrorKind::IdentityMismatch,
+                        format!(
+                            "{} belongs to {what} {stored}, not {expected}: check --sid/--directory",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        let wrapped = token.wrapped().map_err(|e| {
+            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+        })?;
+        let key = kms
+            .decrypt(&wrapped, &token.context, &token.key_id)
+            .await
+            .map_err(|e| VolumeError::kms(path, "unwrap the volume key", e))?;
+        Self::with_key(path, file, opts.read_only, headers, &key)
+    }
+
+    /// Opens a volume with its plaintext volume key (recovery, and volumes cryptsetup made):
+    /// no KMS, the key is checked against the LUKS2 digest.
+    pub fn open_with_key(path: &Path, key: &[u8], read_only: bool) -> Result<Volume, VolumeError> {
+        let file = open_file(path, read_only)?;
+        let headers = header::read_headers(&file, path)?;
+        let key = DataKey::new(Zeroizing::new(key.to_vec()));
+        Self::with_key(path, file, read_only, headers, &key)
+    }
+
+    fn with_key(
+        path: &Path,
+        file: File,
+        read_only: bool,
+        headers: HeaderSet,
+        key: &DataKey,
+    ) -> Result<Volume, VolumeError> {
+        let md = &headers.active.metadata;
+        let unsupported = |e: luks2::HeaderError| {
+            VolumeError::new(
+                VolumeErrorKind::Unsupported,
+                format!("{}: {e}", path.display()),
+            )
+        };
+        let requirements = md.mandatory_requirements();
+        if !requirements.is_empty() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::Unsupported,
+                format!(
+                    "{} has requirements cryptnbd does not implement ({}): finish or cancel the operation with the tool that started it",
+                    path.display(),
+                    requirements.join(", ")
+                ),
+            ));
+        }
+        let segment = md.crypt_segment().map_err(unsupported)?;
+        let digest = md.segment_digest().map_err(unsupported)?;
+        if key.len() != XTS_KEY_LEN || !digest.verify(key.expose()).map_err(unsupported)? {
+            return Err(VolumeError::new(
+                VolumeErrorKind::WrongKey,
+                format!(
+                    "{}: the volume key does not match the header's digest (wrong key, or the header was replaced)",
+                    path.display()
+                ),
+            ));
+        }
+        let cipher = XtsCipher::new(key.expose()).map_err(|e| {
+            VolumeError::new(
+                VolumeErrorKind::WrongKey,
+                format!("{}: unusable volume key ({e})", path.display()),
+            )
+        })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| VolumeError::io(path, "stat", e))?
+            .len();
+        let size = data_size(&segment, file_len);
+        let needed = segment.offset.saturating_add(size);
+        if file_len < needed {
+            return Err(VolumeError::new(
+                VolumeErrorKind::Corrupt,
+                format!(
+                    "{} is {file_len} bytes but its header says the data ends at byte {needed}: \
+                     the file was truncated; restore it from a backup or snapshot",
+                    path.display()
+                ),
+            ));
+        }
+        tracing::info!(volume = %path.display(), size, read_only, "volume opened");
+        Ok(Self::assemble(
+            path, file, read_only, segment, size, cipher, headers,
+        ))
+    }
+
+    fn assemble(
+        path: &Path,
+        file: File,
+        read_only: bool,
+        segment: CryptSegment,
+        size: u64,
+        cipher: XtsCipher,
+        headers: HeaderSet,
+    ) -> Volume {
+        Volume {
+            path: path.to_path_buf(),
+            file,
+            read_only,
+            segment,
+            size,
+            cipher,
+            rmw_locks: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+            failed: AtomicBool::new(false),
+            headers,
+        }
+    }
+
+    /// Data size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Encryption sector size.
+    pub fn sector_size(&self) -> u32 {
+        self.segment.sector_size
+    }
+
+    /// True when opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The volume file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The header copies as read at open.
+    pub fn headers(&self) -> &HeaderSet {
+        &self.headers
+    }
+
+    /// True after a failed flush: the volume refuses all I/O until reopened.
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), VolumeError> {
+        if self.is_failed() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::Failed,
+                format!(
+                    "{}: an earlier flush failed, so recent writes may be lost; the volume refuses I/O until it is detached and reattached",
+                    self.path.display()
+                ),
+            ));
+        }
+        if write && self.read_only {
+            return Err(VolumeError::new(
+                VolumeErrorKind::ReadOnly,
+                format!("{} is open read-only", self.path.display()),
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(invalid(format!(
+                "{}: range {offset}+{len} is past the end of the volume ({} bytes)",
+                self.path.display(),
+                self.size
+            ))),
+        }
+    }
+
+    fn ss(&self) -> u64 {
+        u64::from(self.segment.sector_size)
+    }
+
+    fn iv_of(&self, offset: u64) -> u64 {
+        (offset / 512).wrapping_add(self.segment.iv_tweak)
+    }
+
+    /// Decrypts sector-aligned ciphertext that was read from data offset `offset`, leaving
+    /// all-zero sectors as zeros. Runs of non-zero sectors are decrypted in one call.
+    fn decrypt_read(&self, buf: &mut [u8], offset: u64) {
+        let ss = self.ss() as usize;
+        let mut run_start: Option<usize> = None;
+        let sectors = buf.len() / ss;
+        for i in 0..=sectors {
+            let zero = i == sectors || buf[i * ss..(i + 1) * ss].iter().all(|&b| b == 0);
+            match (zero, run_start) {
+                (false, None) => run_start = Some(i),
+                (true, Some(s)) => {
+                    let at = offset + (s * ss) as u64;
+                    self.cipher
+                        .decrypt_sectors(&mut buf[s * ss..i * ss], ss, self.iv_of(at));
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+        self.file
+            .read_exact_at(buf, self.segment.offset + offset)
+            .map_err(|e| VolumeError::io(&self.path, "reading", e))
+    }
+
+    fn write_raw(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
+        self.file
+            .write_all_at(buf, self.segment.offset + offset)
+            .map_err(|e| VolumeError::io(&self.path, "writing", e))
+    }
+
+    /// Reads `buf.len()` bytes at data offset `offset` (any alignment).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+        let len = buf.len() as u64;
+        self.check(offset, len, false)?;
+        let ss = self.ss();
+        if offset % ss == 0 && len % ss == 0 {
+            self.read_raw(buf, offset)?;
+            self.decrypt_read(buf, offset);
+            return Ok(());
+        }
+        let start = offset - offset % ss;
+        let end = (offset + len).div_ceil(ss) * ss;
+        let mut tmp = vec![0u8; (end - start) as usize];
+        self.read_raw(&mut tmp, start)?;
+        self.decrypt_read(&mut tmp, start);
+        let from = (offset - start) as usize;
+        buf.copy_from_slice(&tmp[from..from + buf.len()]);
+        Ok(())
+    }
+
+    /// Writes `data` at data offset `offset` (any alignment). Partial sectors at either end
+    /// are read, merged and rewritten under their sector lock.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        self.check(offset, len, true)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let ss = self.ss();
+        let start = offset - offset % ss;
+        let end = (offset + len).div_ceil(ss) * ss;
+        let head_partial = offset != start;
+        let tail_partial = offset + len != end;
+        let first = start / ss;
+        let last = end / ss - 1;
+        // Lock the partial sectors' stripes, lower stripe index first, each stripe once.
+        let mut stripes: Vec<usize> = Vec::with_capacity(2);
+        if head_partial {
+            stripes.push((first % RMW_STRIPES as u64) as usize);
+        }
+        if tail_partial {
+            stripes.push((last % RMW_STRIPES as u64) as usize);
+        }
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| self.rmw_locks[s].lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let mut buf = vec![0u8; (end - start) as usize];
+        let ssz = ss as usize;
+        if head_partial {
+            self.read_raw(&mut buf[..ssz], start)?;
+            self.decrypt_read(&mut buf[..ssz], start);
+        }
+        if tail_partial && !(head_partial && first == last) {
+            let at = buf.len() - ssz;
+            self.read_raw(&mut buf[at..], end - ss)?;
+            self.decrypt_read(&mut buf[at..], end - ss);
+        }
+        let from = (offset - start) as usize;
+        buf[from..from + data.len()].copy_from_slice(data);
+        self.cipher
+            .encrypt_sectors(&mut buf, ssz, self.iv_of(start));
+        self.write_raw(&buf, start)
+    }
+
+    /// Writes encrypted zeros over the range (never punches holes, so dm-crypt reads zeros).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check(offset, len, true)?;
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Discards the whole sectors inside the range by punching holes: they read as zeros
+    /// through cryptnbd (all-zero ciphertext). Partial sectors at the ends are left alone,
+    /// as trim is advisory.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check(offset, len, true)?;
+        let ss = self.ss();
+        let start = offset.div_ceil(ss) * ss;
+        let end = (offset + len) / ss * ss;
+        if end <= start {
+            return Ok(());
+        }
+        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, flags, self.segment.offset + start, end - start) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                // No hole punching here: all-zero ciphertext has the same meaning.
+                let zeros = vec![0u8; (end - start).min(ZERO_CHUNK) as usize];
+                let mut at = start;
+                while at < end {
+                    let n = (end - at).min(ZERO_CHUNK);
+                    self.write_raw(&zeros[..n as usize], at)?;
+                    at += n;
+                }
+                Ok(())
+            }
+            Err(e) => Err(VolumeError::io(&self.path, "trimming", e.into())),
+        }
+    }
+
+    /// Makes every completed write durable (fdatasync). On failure the volume enters the
+    /// failed state: the error is returned now and every later request fails too.
+    pub fn flush(&self) -> Result<(), VolumeError> {
+        self.check(0, 0, false)?;
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(volume = %self.path.display(), error = %e, "flush failed; volume marked failed");
+            VolumeError::io(&self.path, "flushing", e)
+        })
+    }
+}

@@ -1,0 +1,382 @@
+//! The volume against a plain in-memory reference disk: random operations at random offsets
+//! and lengths, concurrent writers on shared sectors, reopen through the KMS, damaged headers.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kms_client::local::{LocalKms, LocalKmsOptions};
+use kms_client::{ContextKeys, IdentityContext, KmsBackend};
+use proptest::prelude::*;
+use volume::{CreateOptions, OpenOptions, Volume, VolumeErrorKind};
+
+const SID: &str = "S-1-5-21-277731876-1789304096-451871588-1107";
+const DIR: &str = "d-1234abcd01";
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    kms: KmsBackend,
+    key_id: String,
+    path: PathBuf,
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+}
+
+fn fixture(size: u64, sector_size: u32) -> (Fixture, Volume) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut options = LocalKmsOptions::default();
+    options.create_if_missing = true;
+    let local = LocalKms::open(&tmp.path().join("keystore"), options).expect("keystore");
+    let key = local.create_key(Some("test"), "model test").expect("key");
+    let kms = KmsBackend::Local(local);
+    let path = tmp.path().join("vol.luks");
+    let opts = CreateOptions {
+        size,
+        sector_size,
+        key_id: key.key_id.clone(),
+        identity: IdentityContext::new(SID, DIR, &IdentityContext::generate_volume_id())
+            .expect("identity"),
+        context_keys: ContextKeys::default(),
+        extra_context: vec![],
+    };
+    let vol = rt()
+        .block_on(Volume::create(&path, &opts, &kms))
+        .expect("create");
+    (
+        Fixture {
+            _tmp: tmp,
+            kms,
+            key_id: key.key_id,
+            path,
+        },
+        vol,
+    )
+}
+
+fn reopen(f: &Fixture) -> Volume {
+    rt().block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect("reopen")
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { off: u64, len: usize, seed: u8 },
+    Read { off: u64, len: usize },
+    Zero { off: u64, len: u64 },
+    Trim { off: u64, len: u64 },
+    Flush,
+}
+
+fn op(size: u64) -> impl Strategy<Value = Op> {
+    let range = (0..size).prop_flat_map(move |off| (Just(off), 0..=(size - off).min(20_000)));
+    prop_oneof![
+        4 => (range.clone(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len: len as usize, seed }),
+        3 => range.clone().prop_map(|(off, len)| Op::Read { off, len: len as usize }),
+        1 => range.clone().prop_map(|(off, len)| Op::Zero { off, len }),
+        1 => range.prop_map(|(off, len)| Op::Trim { off, len }),
+        1 => Just(Op::Flush),
+    ]
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+fn run_model(sector_size: u32, ops: &[Op]) {
+    let size = 64 * 1024;
+    let (f, vol) = fixture(size, sector_size);
+    let mut model = vec![0u8; size as usize];
+    let ss = u64::from(sector_size);
+    for op in ops {
+        match *op {
+            Op::Write { off, len, seed } => {
+                let data = pattern(len, seed);
+                vol.write_at(&data, off).expect("write");
+                model[off as usize..off as usize + len].copy_from_slice(&data);
+            }
+            Op::Read { off, len } => {
+                let mut buf = vec![0xeeu8; len];
+                vol.read_at(&mut buf, off).expect("read");
+                assert_eq!(
+                    buf,
+                    model[off as usize..off as usize + len],
+                    "read {off}+{len}"
+                );
+            }
+            Op::Zero { off, len } => {
+                vol.write_zeroes(off, len).expect("zero");
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Trim { off, len } => {
+                vol.trim(off, len).expect("trim");
+                // Whole sectors inside the range read as zeros afterwards; the edges are kept.
+                let start = off.div_ceil(ss) * ss;
+                let end = (off + len) / ss * ss;
+                if end > start {
+                    model[start as usize..end as usize].fill(0);
+                }
+            }
+            Op::Flush => vol.flush().expect("flush"),
+        }
+    }
+    vol.flush().expect("flush");
+    drop(vol);
+    let vol = reopen(&f);
+    let mut all = vec![0u8; size as usize];
+    vol.read_at(&mut all, 0).expect("read all");
+    assert!(all == model, "content after reopen differs from the model");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn matches_reference_disk_4096(ops in proptest::collection::vec(op(64 * 1024), 1..40)) {
+        run_model(4096, &ops);
+    }
+
+    #[test]
+    fn matches_reference_disk_512(ops in proptest::collection::vec(op(64 * 1024), 1..40)) {
+        run_model(512, &ops);
+    }
+}
+
+#[test]
+fn concurrent_writers_sharing_sectors_lose_nothing() {
+    // 8 threads write interleaved 100-byte stripes, so every 4096-byte sector is shared by
+    // several writers doing read-modify-write at the same time.
+    let size = 256 * 1024u64;
+    let (f, vol) = fixture(size, 4096);
+    let vol = Arc::new(vol);
+    let threads = 8u64;
+    let stripe = 100u64;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let vol = Arc::clone(&vol);
+            s.spawn(move || {
+                for round in 0..20u8 {
+                    let mut off = t * stripe;
+                    while off + stripe <= size {
+                        vol.write_at(&[round.wrapping_add(t as u8) | 0x80; 100], off)
+                            .expect("write");
+                        off += threads * stripe;
+                    }
+                }
+            });
+        }
+    });
+    vol.flush().expect("flush");
+    drop(vol);
+    let vol = reopen(&f);
+    let mut all = vec![0u8; size as usize];
+    vol.read_at(&mut all, 0).expect("read");
+    for (i, chunk) in all.chunks(stripe as usize).enumerate() {
+        if chunk.len() < stripe as usize {
+            break;
+        }
+        let t = i as u64 % threads;
+        assert!(
+            chunk
+                .iter()
+                .all(|&b| b == (19u8.wrapping_add(t as u8) | 0x80)),
+            "stripe {i} (thread {t}) lost its last write"
+        );
+    }
+}
+
+fn raw(path: &Path) -> Vec<u8> {
+    std::fs::read(path).expect("read file")
+}
+
+#[test]
+fn payload_holds_no_plaintext_and_zeroes_are_encrypted() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    let marker = b"CRYPTNBD-PLAINTEXT-MARKER-0123456789".repeat(200);
+    vol.write_at(&marker, 12345).expect("write");
+    vol.write_zeroes(8192, 8192).expect("zeroes");
+    vol.write_at(&[0u8; 4096], 65536).expect("write zeros");
+    vol.flush().expect("flush");
+    let file = raw(&f.path);
+    let data = &file[16 << 20..];
+    assert!(
+        !data.windows(36).any(|w| w == &marker[..36]),
+        "plaintext found on disk"
+    );
+    // Written zeros are ciphertext, not zero bytes (dm-crypt must read them as zeros).
+    assert!(data[8192..16384].iter().any(|&b| b != 0));
+    assert!(data[65536..65536 + 4096].iter().any(|&b| b != 0));
+    // Never-written sectors are holes (zero bytes) and read as zeros.
+    assert!(data[512 * 1024..516 * 1024].iter().all(|&b| b == 0));
+    let mut buf = vec![1u8; 4096];
+    vol.read_at(&mut buf, 512 * 1024).expect("read");
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn out_of_range_and_read_only_are_refused() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    let mut buf = [0u8; 10];
+    assert_eq!(
+        vol.read_at(&mut buf, (1 << 20) - 5)
+            .expect_err("past end")
+            .kind(),
+        VolumeErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        vol.write_at(&buf, u64::MAX - 2)
+            .expect_err("overflow")
+            .kind(),
+        VolumeErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        vol.trim(1 << 20, 1).expect_err("past end").kind(),
+        VolumeErrorKind::InvalidArgument
+    );
+    // The read-write open holds an exclusive lock: a second open is refused.
+    let err = rt()
+        .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect_err("second open");
+    assert_eq!(err.kind(), VolumeErrorKind::InUse);
+    drop(vol);
+    let ro = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let vol = rt()
+        .block_on(Volume::open(&f.path, &ro, &f.kms))
+        .expect("open ro");
+    assert_eq!(
+        vol.write_at(&buf, 0).expect_err("ro").kind(),
+        VolumeErrorKind::ReadOnly
+    );
+    // Two read-only opens may share the volume.
+    let _vol2 = rt()
+        .block_on(Volume::open(&f.path, &ro, &f.kms))
+        .expect("second ro");
+}
+
+#[test]
+fn identity_is_checked_before_the_kms() {
+    let (f, vol) = fixture(1 << 20, 512);
+    drop(vol);
+    let wrong_sid = OpenOptions {
+        expect_sid: Some("S-1-5-21-1-2-3-500".into()),
+        ..OpenOptions::default()
+    };
+    let err = rt()
+        .block_on(Volume::open(&f.path, &wrong_sid, &f.kms))
+        .expect_err("sid");
+    assert_eq!(err.kind(), VolumeErrorKind::IdentityMismatch);
+    assert!(err.to_string().contains(SID), "{err}");
+    let right = OpenOptions {
+        expect_sid: Some(SID.into()),
+        expect_directory: Some(DIR.into()),
+        ..OpenOptions::default()
+    };
+    rt().block_on(Volume::open(&f.path, &right, &f.kms))
+        .expect("right identity");
+}
+
+#[test]
+fn damaged_primary_header_falls_back_to_secondary() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    vol.write_at(b"hello", 100).expect("write");
+    vol.flush().expect("flush");
+    drop(vol);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.path)
+        .expect("open");
+    file.write_all_at(&[0xffu8; 64], 4200)
+        .expect("damage JSON of primary");
+    drop(file);
+    let info = volume::inspect(&f.path).expect("inspect");
+    assert!(info.primary_header_problem.is_some());
+    assert!(info.secondary_header_problem.is_none());
+    let vol = reopen(&f);
+    let mut buf = [0u8; 5];
+    vol.read_at(&mut buf, 100).expect("read");
+    assert_eq!(&buf, b"hello");
+    drop(vol);
+    // Both copies damaged: a precise error, nothing panics.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.path)
+        .expect("open");
+    file.write_all_at(&[0u8; 8], 16384)
+        .expect("damage secondary magic");
+    drop(file);
+    let err = volume::inspect(&f.path).expect_err("both damaged");
+    assert_eq!(err.kind(), VolumeErrorKind::Corrupt);
+    assert!(
+        err.to_string().contains("primary copy") && err.to_string().contains("secondary copy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_file_is_refused_at_open() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    drop(vol);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.path)
+        .expect("open");
+    file.set_len((16 << 20) + 4096).expect("truncate");
+    drop(file);
+    let err = rt()
+        .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect_err("short");
+    assert_eq!(err.kind(), VolumeErrorKind::Corrupt);
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn disabled_key_and_changed_context_are_refused() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    drop(vol);
+    let KmsBackend::Local(local) = &f.kms;
+    local.disable_key(&f.key_id).expect("disable");
+    let err = rt()
+        .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect_err("disabled");
+    assert_eq!(err.kind(), VolumeErrorKind::Kms);
+    assert_eq!(err.kms_kind(), Some(kms_client::KmsErrorKind::KeyDisabled));
+    local.enable_key(&f.key_id).expect("enable");
+    reopen(&f);
+}
+
+#[test]
+fn create_refuses_bad_sizes_and_existing_files() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    drop(vol);
+    let opts = |size, sector_size| CreateOptions {
+        size,
+        sector_size,
+        key_id: f.key_id.clone(),
+        identity: IdentityContext::new(SID, DIR, &IdentityContext::generate_volume_id())
+            .expect("id"),
+        context_keys: ContextKeys::default(),
+        extra_context: vec![],
+    };
+    let other = f.path.with_file_name("other.luks");
+    for (size, ss) in [(0, 4096), (4097, 4096), (4096, 1024)] {
+        let err = rt()
+            .block_on(Volume::create(&other, &opts(size, ss), &f.kms))
+            .expect_err("bad");
+        assert_eq!(err.kind(), VolumeErrorKind::InvalidArgument);
+    }
+    assert!(!other.exists());
+    let before = raw(&f.path);
+    let err = rt()
+        .block_on(Volume::create(&f.path, &opts(4096, 4096), &f.kms))
+        .expect_err("exists");
+    assert_eq!(err.kind(), VolumeErrorKind::AlreadyExists);
+    assert!(raw(&f.path) == before, "an existing volume was modified");
+}
