@@ -384,16 +384,14 @@ impl LocalKms {
         self.unlock().passphrase.is_some()
     }
 
-    /// Creates a master key (state `Enabled`, version 1), optionally with an alias
-    /// `alias/NAME`.
+    /// Creates a master key (state `Enabled`, version 1), optionally with an alias, given as
+    /// `alias/NAME` or `NAME` (stored as `alias/NAME` either way).
     pub fn create_key(
         &self,
         alias: Option<&str>,
         description: &str,
     ) -> Result<KeyMetadata, KmsError> {
-        if let Some(alias) = alias {
-            validate_alias(alias)?;
-        }
+        let alias = alias.map(normalize_alias).transpose()?;
         if description.len() > MAX_DESCRIPTION_LEN {
             return Err(KmsError::new(
                 KmsErrorKind::InvalidRequest,
@@ -403,7 +401,7 @@ impl LocalKms {
         let key_id = new_key_id()?;
         let material = new_material()?;
         let meta = self.mutate(|list, now| {
-            if let Some(alias) = alias
+            if let Some(alias) = &alias
                 && list
                     .keys
                     .iter()
@@ -417,7 +415,7 @@ impl LocalKms {
             let created = rfc3339(now)?;
             let record = KeyRecord {
                 key_id,
-                aliases: alias.map(str::to_owned).into_iter().collect(),
+                aliases: alias.into_iter().collect(),
                 description: description.to_owned(),
                 state: KeyState::Enabled,
                 created: created.clone(),
@@ -1393,6 +1391,17 @@ fn new_key_id() -> Result<String, KmsError> {
     ))
 }
 
+/// `NAME` or `alias/NAME` as `alias/NAME`, checked with [`validate_alias`].
+fn normalize_alias(alias: &str) -> Result<String, KmsError> {
+    let alias = if alias.starts_with(ALIAS_PREFIX) {
+        alias.to_owned()
+    } else {
+        format!("{ALIAS_PREFIX}{alias}")
+    };
+    validate_alias(&alias)?;
+    Ok(alias)
+}
+
 /// AWS alias rules: `alias/` then letters, digits, `/`, `_`, `-`; at most 256 characters;
 /// `alias/aws/` is reserved.
 fn validate_alias(alias: &str) -> Result<(), KmsError> {
@@ -1801,8 +1810,10 @@ mod tests {
             KmsErrorKind::InvalidRequest
         );
         for bad in [
-            "workspaces",
+            "no spaces",
+            "",
             "alias/",
+            "aws/ebs",
             "alias/aws/ebs",
             "alias/has space",
             "alias/ü",
@@ -1817,7 +1828,12 @@ mod tests {
         kms.create_key(Some(&format!("alias/{}", "a".repeat(250))), "")
             .unwrap();
         kms.create_key(Some("alias/team_a/vol-1"), "").unwrap();
-        assert_eq!(kms.list_keys().unwrap().len(), 3);
+        // A bare NAME is stored as alias/NAME.
+        let plain = kms.create_key(Some("plain"), "").unwrap();
+        assert_eq!(plain.aliases, vec!["alias/plain".to_owned()]);
+        assert_eq!(kms.describe("alias/plain").unwrap().key_id, plain.key_id);
+        assert_eq!(kind(kms.describe("plain")), KmsErrorKind::KeyNotFound);
+        assert_eq!(kms.list_keys().unwrap().len(), 4);
     }
 
     #[tokio::test(flavor = "current_thread")]
