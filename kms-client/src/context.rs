@@ -6,9 +6,10 @@
 //! `"[SID]@[DIRECTORY-ID]"` under one key and the volume id under another ([`IdentityContext`]).
 //!
 //! Limits follow AWS KMS: keys and values are Unicode strings, compared exactly (case
-//! sensitive), order does not matter. AWS documents no per-pair length limit, so this crate
-//! takes the conservative limits below: keys and values must be non-empty and the whole context
-//! (all keys and values, in UTF-8 bytes) at most [`MAX_CONTEXT_BYTES`].
+//! sensitive), order does not matter. The AWS KMS documentation states no length limit for a
+//! key or a value, so this crate sets its own: keys and values must be non-empty and the whole
+//! context (all keys and values, in UTF-8 bytes) at most [`MAX_CONTEXT_BYTES`] (8 KiB, the size
+//! other KMSs document for a whole context).
 //!
 //! Pure code: no I/O.
 
