@@ -140,6 +140,14 @@ pub enum KmsCommand {
         /// Key id or alias/NAME.
         key: String,
     },
+    /// Seal the keystore with a passphrase (argon2id): master keys are then encrypted at rest
+    /// and every later use needs the passphrase (--kms-passphrase-file or
+    /// CRYPTNBD_KMS_PASSPHRASE). On a sealed keystore this changes the passphrase.
+    Seal {
+        /// File holding the new passphrase (else env CRYPTNBD_NEW_KMS_PASSPHRASE).
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
     /// Write an encrypted backup of the whole keystore. Without the keystore every volume is
     /// lost: keep a backup somewhere else.
     Backup {

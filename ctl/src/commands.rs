@@ -9,7 +9,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::cli::{Cli, Command, CreateArgs, KmsCommand};
-use crate::exit::UsageError;
+use crate::exit::CliError;
 use crate::paths::{StateLayout, validate_name};
 use crate::units::human;
 
@@ -52,7 +52,9 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         bytes.pop();
     }
     if bytes.is_empty() {
-        return Err(UsageError(format!("the passphrase file {} is empty", path.display())).into());
+        return Err(
+            CliError::usage(format!("the passphrase file {} is empty", path.display())).into(),
+        );
     }
     Ok(bytes)
 }
@@ -77,8 +79,23 @@ fn open_local_kms(cli: &Cli, layout: &StateLayout, create: bool) -> Result<Local
     let dir = layout.keystore();
     if create {
         make_private_dir(&layout.state_dir)?;
+    } else if !dir.exists() {
+        return Err(CliError::not_found(format!(
+            "there is no keystore in {}: create a master key with 'cryptnbdctl kms create-key --alias alias/NAME' \
+             (it creates the keystore), restore one with 'cryptnbdctl kms restore', or point --state-dir at your state",
+            dir.display()
+        ))
+        .into());
     }
-    Ok(LocalKms::open(&dir, keystore_options(cli, create)?)?)
+    LocalKms::open(&dir, keystore_options(cli, create)?).map_err(|e| {
+        if e.kind() == kms_client::KmsErrorKind::AccessDenied {
+            anyhow::Error::new(e).context(
+                "cannot open the sealed keystore: give its passphrase with --kms-passphrase-file FILE or CRYPTNBD_KMS_PASSPHRASE",
+            )
+        } else {
+            e.into()
+        }
+    })
 }
 
 fn make_private_dir(dir: &Path) -> Result<()> {
@@ -102,7 +119,7 @@ struct Created {
 }
 
 async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output) -> Result<()> {
-    validate_name(&args.name).map_err(UsageError)?;
+    validate_name(&args.name).map_err(CliError::usage)?;
     let volume_id = match &args.volume_id {
         Some(v) => v.clone(),
         None => IdentityContext::generate_volume_id(),
@@ -286,13 +303,43 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
             let k = open_local_kms(cli, layout, false)?.rotate_key(key)?;
             out.emit(&k, || format!("rotated {}", key_text(&k)))
         }
+        KmsCommand::Seal {
+            new_passphrase_file,
+        } => {
+            let pass = secret_from(new_passphrase_file.as_ref(), "CRYPTNBD_NEW_KMS_PASSPHRASE")?
+                .ok_or_else(|| {
+                    CliError::usage(
+                        "give the new passphrase with --new-passphrase-file or CRYPTNBD_NEW_KMS_PASSPHRASE",
+                    )
+                })?;
+            let kms = open_local_kms(cli, layout, false)?;
+            let was_sealed = kms.is_sealed();
+            kms.seal(&pass)?;
+            #[derive(Serialize)]
+            struct Sealed<'a> {
+                keystore: &'a Path,
+                sealed: bool,
+                passphrase_changed: bool,
+            }
+            out.emit(
+                &Sealed { keystore: kms.dir(), sealed: true, passphrase_changed: was_sealed },
+                || {
+                    format!(
+                        "{} {}: give the passphrase to every later use with --kms-passphrase-file or \
+                         CRYPTNBD_KMS_PASSPHRASE. A forgotten passphrase loses every volume.",
+                        if was_sealed { "changed the passphrase of" } else { "sealed" },
+                        kms.dir().display()
+                    )
+                },
+            )
+        }
         KmsCommand::Backup {
             to,
             passphrase_file,
         } => {
             let pass = secret_from(passphrase_file.as_ref(), "CRYPTNBD_BACKUP_PASSPHRASE")?
                 .ok_or_else(|| {
-                    UsageError("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE".into())
+                    CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
                 })?;
             let kms = open_local_kms(cli, layout, false)?;
             kms.backup(to, &pass)?;
@@ -317,7 +364,7 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
         } => {
             let pass = secret_from(passphrase_file.as_ref(), "CRYPTNBD_BACKUP_PASSPHRASE")?
                 .ok_or_else(|| {
-                    UsageError("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE".into())
+                    CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
                 })?;
             make_private_dir(&layout.state_dir)?;
             let kms = LocalKms::restore(

@@ -60,14 +60,38 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<ContextError>().is_some() {
             return USAGE;
         }
-        if cause.downcast_ref::<UsageError>().is_some() {
-            return USAGE;
+        if let Some(e) = cause.downcast_ref::<CliError>() {
+            return e.code;
         }
     }
     FAILURE
 }
 
-/// A bad argument found after parsing (a malformed name, a missing passphrase).
+/// An error the CLI finds itself (a malformed name, a missing passphrase, no keystore), with
+/// its exit code.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+#[error("{message}")]
+pub struct CliError {
+    /// The exit code.
+    pub code: u8,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl CliError {
+    /// A bad argument (exit 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: USAGE,
+            message: message.into(),
+        }
+    }
+
+    /// Something that does not exist (exit 3).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            code: NOT_FOUND,
+            message: message.into(),
+        }
+    }
+}
