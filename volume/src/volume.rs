@@ -774,7 +774,17 @@ impl Volume {
         self.file.sync_data().map_err(|e| {
             self.failed.store(true, Ordering::Release);
             tracing::error!(volume = %self.path.display(), error = %e, "flush failed; volume marked failed");
-            VolumeError::io(&self.path, "flushing", e)
+            let kind = VolumeError::io(&self.path, "flushing", std::io::Error::from(e.kind())).kind();
+            VolumeError::new(
+                kind,
+                format!(
+                    "{}: flushing failed, so writes since the last successful flush may be lost; \
+                     the volume refuses I/O until it is detached and reattached (then check the \
+                     filesystem and the device, and verify the data)",
+                    self.path.display()
+                ),
+            )
+            .with_source(e)
         })
     }
 }
