@@ -10,7 +10,7 @@ need_pkgs=()
 command -v cryptsetup >/dev/null 2>&1 || need_pkgs+=(cryptsetup-bin)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
-command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+[[ -x /usr/bin/python3 ]] || need_pkgs+=(python3)
 /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]}"

@@ -857,7 +857,72 @@ mod tests {
         assert!(matches!(encode_copy(&bin, &md2), Err(HeaderError::Json(_))));
     }
 
+    /// Re-encodes a copy whose JSON text was mutated, with a valid checksum, so that the
+    /// mutation reaches the JSON validation and the typed views.
+    fn with_fixed_checksum(mut copy: Vec<u8>) -> Vec<u8> {
+        let sum = compute_checksum(&digest::SHA256, &copy);
+        copy[OFF_CSUM..OFF_CSUM + 32].copy_from_slice(sum.as_ref());
+        copy
+    }
+
+    fn exercise(copy: &[u8]) {
+        if let Ok(c) = decode_copy(copy, 0) {
+            let md = c.metadata;
+            let _ = md.crypt_segment();
+            let _ = md.segment_digest();
+            let _ = md.keyslot_key_size();
+            let _ = md.mandatory_requirements();
+            let _ = md.token_types();
+            if let Some((_, t)) = md.token("cryptnbd-kms") {
+                let _ = crate::token::KmsToken::from_json(t);
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn json_mutations_with_valid_checksum_never_panic(
+            edits in proptest::collection::vec((0usize..1200, any::<u8>()), 1..6)
+        ) {
+            let (bin, md) = sample();
+            let mut md = md;
+            let token = crate::token::KmsToken::new(
+                "local", "k", &[1, 2, 3],
+                kms_client::EncryptionContext::default(),
+                kms_client::ContextKeys::default(), "vol-0123456789abcdef0", "now".into(),
+            );
+            md.set_token(0, token.to_json()).expect("token");
+            let enc = encode_copy(&bin, &md).expect("encode");
+            let json_len = enc[BINARY_HEADER_LEN..].iter().position(|&b| b == 0).expect("nul");
+            let mut bad = enc.clone();
+            for (pos, val) in edits {
+                bad[BINARY_HEADER_LEN + pos % json_len] = val;
+            }
+            exercise(&with_fixed_checksum(bad));
+        }
+
+        #[test]
+        fn arbitrary_json_values_never_panic(
+            seg_size in prop_oneof![Just(json!("dynamic")), any::<u64>().prop_map(|v| json!(v.to_string())), any::<i64>().prop_map(|v| json!(v))],
+            offset in prop_oneof![any::<u64>().prop_map(|v| json!(v.to_string())), Just(json!(null)), Just(json!([]))],
+            sector in prop_oneof![any::<u64>().prop_map(|v| json!(v)), Just(json!("4096"))],
+            iterations in prop_oneof![any::<u64>().prop_map(|v| json!(v)), Just(json!(-1))],
+            salt in prop_oneof![Just(json!("!!")), Just(json!("")), Just(json!(3))],
+        ) {
+            let (bin, md) = sample();
+            let mut v = md.value().clone();
+            v["segments"]["0"]["size"] = seg_size;
+            v["segments"]["0"]["offset"] = offset;
+            v["segments"]["0"]["sector_size"] = sector;
+            v["digests"]["0"]["iterations"] = iterations;
+            v["digests"]["0"]["salt"] = salt;
+            if let Ok(md) = Metadata::from_value(v) {
+                if let Ok(enc) = encode_copy(&bin, &md) {
+                    exercise(&enc);
+                }
+            }
+        }
+
         #[test]
         fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..20000), off in 0u64..3) {
             let _ = decode_copy(&data, off * DEFAULT_HDR_SIZE);
