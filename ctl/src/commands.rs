@@ -69,10 +69,11 @@ fn secret_from(file: Option<&PathBuf>, env: &str) -> Result<Option<Zeroizing<Vec
 }
 
 fn keystore_options(cli: &Cli, create: bool) -> Result<LocalKmsOptions> {
-    let mut options = LocalKmsOptions::default();
-    options.create_if_missing = create;
-    options.passphrase = secret_from(cli.kms_passphrase_file.as_ref(), "CRYPTNBD_KMS_PASSPHRASE")?;
-    Ok(options)
+    Ok(LocalKmsOptions {
+        create_if_missing: create,
+        passphrase: secret_from(cli.kms_passphrase_file.as_ref(), "CRYPTNBD_KMS_PASSPHRASE")?,
+        ..LocalKmsOptions::default()
+    })
 }
 
 fn open_local_kms(cli: &Cli, layout: &StateLayout, create: bool) -> Result<LocalKms> {

@@ -125,9 +125,7 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
         .map(|dir| dir.join(name))
-        .find(|p| {
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// The path of a peer tool the test cannot run without. A missing tool fails the test with
@@ -154,13 +152,16 @@ pub fn python() -> PathBuf {
     let found = FOUND.get_or_init(|| {
         let has_cryptography = |py: &Path| {
             Command::new(py)
-                .args(["-c", "from cryptography.hazmat.primitives.ciphers import modes; modes.XTS"])
+                .args([
+                    "-c",
+                    "from cryptography.hazmat.primitives.ciphers import modes; modes.XTS",
+                ])
                 .output()
                 .is_ok_and(|o| o.status.success())
         };
-        let how = "create it with `/usr/bin/python3 -m venv .venv && .venv/bin/pip install \
-                   cryptography` in the workspace (Debian package python3-venv), or run \
-                   scripts/test-all.sh";
+        let how = "make one with `/usr/bin/python3 -m venv .venv && .venv/bin/pip install \
+                   cryptography` in the workspace (Debian package python3-venv), or install \
+                   the Debian package python3-cryptography, or run scripts/test-all.sh";
         if let Some(py) = std::env::var_os("CRYPTNBD_TEST_PYTHON").filter(|v| !v.is_empty()) {
             let py = PathBuf::from(py);
             return if has_cryptography(&py) {
@@ -529,8 +530,7 @@ impl Ctl {
 /// byte 4096 up to the first NUL.
 #[track_caller]
 pub fn read_primary_metadata(path: &Path) -> Value {
-    let mut f =
-        File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
     let mut bin = [0u8; 4096];
     f.read_exact(&mut bin)
         .unwrap_or_else(|e| panic!("cannot read the header of {}: {e}", path.display()));
@@ -791,11 +791,7 @@ pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
         .zip(expected)
         .position(|(a, b)| a != b)
         .unwrap_or(actual.len().min(expected.len()));
-    let differing = actual
-        .iter()
-        .zip(expected)
-        .filter(|(a, b)| a != b)
-        .count();
+    let differing = actual.iter().zip(expected).filter(|(a, b)| a != b).count();
     panic!(
         "{what}: {} bytes, expected {}; first difference at byte {first}, {differing} bytes differ",
         actual.len(),
@@ -859,7 +855,11 @@ pub fn exercise_volume(vol: &volume::Volume, seed: u64) -> Model {
         model.write_zeroes(off, len);
     }
     // Across 2 TiB: the 512-byte IV goes from 2^32 - 1 to 2^32 inside this write.
-    write(&mut model, 2 * TIB - ss - 3, rng.bytes(2 * ss as usize + 10));
+    write(
+        &mut model,
+        2 * TIB - ss - 3,
+        rng.bytes(2 * ss as usize + 10),
+    );
     // Beyond 2 TiB: unaligned data, zeros and write_zeroes.
     write(&mut model, 2 * TIB + GIB / 2 + 12_345, rng.bytes(5000));
     write(&mut model, 2 * TIB + GIB + 7 * ss, vec![0; ss as usize]);
@@ -868,9 +868,12 @@ pub fn exercise_volume(vol: &volume::Volume, seed: u64) -> Model {
         .unwrap_or_else(|e| panic!("write_zeroes({zoff}, {zlen}) failed: {e}"));
     model.write_zeroes(zoff, zlen);
     // The very end of the volume.
-    write(&mut model, size - 2 * ss - 9, rng.bytes(2 * ss as usize + 9));
-    vol.flush()
-        .unwrap_or_else(|e| panic!("flush failed: {e}"));
+    write(
+        &mut model,
+        size - 2 * ss - 9,
+        rng.bytes(2 * ss as usize + 9),
+    );
+    vol.flush().unwrap_or_else(|e| panic!("flush failed: {e}"));
     model
 }
 
@@ -936,5 +939,59 @@ pub fn assert_sectors_encrypted(volume: &Path, segment: &Segment, off: u64, len:
             "the sector at data offset {} is all-zero ciphertext: written zeros were left as a hole",
             start + i as u64 * ss
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "install the Debian package e2e-no-such-package")]
+    fn a_missing_tool_fails_the_test_with_its_package() {
+        require_tool("cryptnbd-e2e-no-such-tool", "e2e-no-such-package");
+    }
+
+    #[test]
+    fn model_applies_writes_in_order_over_zeros() {
+        let mut m = Model::new();
+        m.write(10, &[1, 2, 3, 4]);
+        m.write_zeroes(11, 2);
+        m.write(13, &[9]);
+        assert_eq!(m.expected(8, 8), vec![0, 0, 1, 0, 0, 9, 0, 0]);
+        assert_eq!(m.expected(100, 3), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn sector_hulls_cover_whole_sectors() {
+        let mut m = Model::new();
+        m.write(4095, &[1, 2]);
+        m.write(8192, &[0; 4096]);
+        m.write(5, &[7]);
+        assert_eq!(
+            m.sector_hulls(4096),
+            vec![(0, 8192), (8192, 4096), (0, 4096)]
+        );
+        assert_eq!(
+            m.sector_hulls(512),
+            vec![(3584, 1024), (8192, 4096), (0, 512)]
+        );
+    }
+
+    #[test]
+    fn a_flipped_key_differs_in_one_byte() {
+        let key = vec![0x11u8; KEY_LEN];
+        let wrong = flip_one_byte(&key, 70);
+        assert_eq!(wrong.len(), KEY_LEN);
+        assert_eq!(
+            key.iter().zip(wrong.iter()).filter(|(a, b)| a != b).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn test_rng_is_reproducible() {
+        assert_eq!(TestRng::new(5).bytes(33), TestRng::new(5).bytes(33));
+        assert_ne!(TestRng::new(5).bytes(33), TestRng::new(6).bytes(33));
     }
 }

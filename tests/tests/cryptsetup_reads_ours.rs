@@ -12,8 +12,8 @@ use std::process::Command;
 
 use e2e_tests::{
     Ctl, DATA_OFFSET, Model, SID_DIRECTORY_KEY, TEST_DIRECTORY, TEST_SID, TOKEN_TYPE, TestDir,
-    TestRng, VOLUME_ID_KEY, assert_bytes_eq, cryptsetup, has_line_with, kms_token,
-    luks_dump_json, read_primary_metadata, read_secret, run, unwrap_volume_key,
+    TestRng, VOLUME_ID_KEY, assert_bytes_eq, cryptsetup, has_line_with, kms_token, luks_dump_json,
+    read_primary_metadata, read_secret, run, unwrap_volume_key,
 };
 use serde_json::{Value, json};
 
@@ -66,6 +66,12 @@ fn cryptsetup_reads_created_volume(sector_size: u32) {
     assert_eq!(created["context"], expected_context, "{created}");
     let len = std::fs::metadata(&path).expect("stat the volume").len();
     assert_eq!(len, DATA_OFFSET + VOLUME_SIZE, "file length");
+
+    // cryptsetup recognises a LUKS2 device.
+    run(Command::new(cryptsetup())
+        .args(["isLuks", "--type", "luks2"])
+        .arg(&path))
+    .assert_success();
 
     // luksDump, as text.
     let dump = run(Command::new(cryptsetup()).arg("luksDump").arg(&path));
@@ -308,7 +314,8 @@ async fn digest_proves_the_kms_key(sector_size: u32) {
     }
     // And still writes.
     let more = rng.bytes(4096);
-    vol.write_at(&more, 8 << 20).expect("write after luksAddKey");
+    vol.write_at(&more, 8 << 20)
+        .expect("write after luksAddKey");
     let mut back = vec![0u8; 4096];
     vol.read_at(&mut back, 8 << 20).expect("read_at");
     assert_bytes_eq(&back, &more, "write after luksAddKey");

@@ -69,8 +69,10 @@ fn mount_tmpfs(dir: &Path, size: &str, cleanup: &mut Cleanup) {
 }
 
 fn kms(dir: &Path) -> (KmsBackend, String) {
-    let mut options = LocalKmsOptions::default();
-    options.create_if_missing = true;
+    let options = LocalKmsOptions {
+        create_if_missing: true,
+        ..Default::default()
+    };
     let local = LocalKms::open(&dir.join("keystore"), options).expect("keystore");
     let key = local.create_key(Some("alias/failures"), "").expect("key");
     (KmsBackend::Local(local), key.key_id)

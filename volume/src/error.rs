@@ -81,7 +81,7 @@ impl VolumeError {
         let (kind, hint) = match err.kind() {
             K::NotFound => (
                 VolumeErrorKind::NotFound,
-                ": check the path or run 'cryptnbdctl list'",
+                ": no such file; check the name or path",
             ),
             K::AlreadyExists => (VolumeErrorKind::AlreadyExists, ""),
             K::StorageFull | K::QuotaExceeded => (

@@ -30,6 +30,18 @@ impl HeaderSet {
     }
 }
 
+/// The size of a volume file or block device (whose metadata says 0): seek to the end.
+pub fn device_size(file: &File, meta: &std::fs::Metadata) -> std::io::Result<u64> {
+    use std::io::Seek as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        f.seek(std::io::SeekFrom::End(0))
+    } else {
+        Ok(meta.len())
+    }
+}
+
 fn read_copy(file: &File, offset: u64, file_len: u64) -> Result<HeaderCopy, HeaderError> {
     if file_len < offset + BINARY_HEADER_LEN as u64 {
         return Err(HeaderError::Truncated {
@@ -55,10 +67,17 @@ fn read_copy(file: &File, offset: u64, file_len: u64) -> Result<HeaderCopy, Head
 
 /// Reads both header copies of `file` (named `path` in errors) and picks the one in force.
 pub fn read_headers(file: &File, path: &Path) -> Result<HeaderSet, VolumeError> {
-    let file_len = file
+    let meta = file
         .metadata()
-        .map_err(|e| VolumeError::io(path, "reading the file size", e))?
-        .len();
+        .map_err(|e| VolumeError::io(path, "reading the file size", e))?;
+    if meta.is_dir() {
+        return Err(VolumeError::new(
+            VolumeErrorKind::InvalidArgument,
+            format!("{} is a directory, not a volume file", path.display()),
+        ));
+    }
+    let file_len =
+        device_size(file, &meta).map_err(|e| VolumeError::io(path, "reading the size", e))?;
     let primary = read_copy(file, 0, file_len);
     // The secondary copy sits right after the primary; when the primary is unreadable its
     // size is unknown, so probe every offset LUKS2 allows.

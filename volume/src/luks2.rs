@@ -916,10 +916,10 @@ mod tests {
             v["segments"]["0"]["sector_size"] = sector;
             v["digests"]["0"]["iterations"] = iterations;
             v["digests"]["0"]["salt"] = salt;
-            if let Ok(md) = Metadata::from_value(v) {
-                if let Ok(enc) = encode_copy(&bin, &md) {
-                    exercise(&enc);
-                }
+            if let Ok(md) = Metadata::from_value(v)
+                && let Ok(enc) = encode_copy(&bin, &md)
+            {
+                exercise(&enc);
             }
         }
 

@@ -222,8 +222,8 @@ pub fn inspect(path: &Path) -> Result<VolumeInfo, VolumeError> {
     })?;
     let file_len = file
         .metadata()
-        .map_err(|e| VolumeError::io(path, "stat", e))?
-        .len();
+        .and_then(|m| header::device_size(&file, &m))
+        .map_err(|e| VolumeError::io(path, "reading the size", e))?;
     let token = match md.token(TOKEN_TYPE) {
         Some(_) => {
             let t = token_of(&headers, path)?;
@@ -281,15 +281,37 @@ impl Volume {
                 opts.sector_size
             )));
         }
-        if opts.size == 0 || opts.size % u64::from(opts.sector_size) != 0 {
+        if opts.size == 0 || !opts.size.is_multiple_of(u64::from(opts.sector_size)) {
             return Err(invalid(format!(
                 "volume size {} must be a positive multiple of the sector size {}",
                 opts.size, opts.sector_size
             )));
         }
+        // File offsets are signed 64-bit on Linux.
         let total = DEFAULT_DATA_OFFSET
             .checked_add(opts.size)
-            .ok_or_else(|| invalid(format!("volume size {} is too large", opts.size)))?;
+            .filter(|&t| i64::try_from(t).is_ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "volume size {} is too large: the largest is {} bytes",
+                    opts.size,
+                    i64::MAX as u64 - DEFAULT_DATA_OFFSET
+                ))
+            })?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::NotFound,
+                format!(
+                    "{}: the directory {} does not exist: create it first",
+                    path.display(),
+                    dir.display()
+                ),
+            ));
+        }
         if path.exists() {
             return Err(VolumeError::new(
                 VolumeErrorKind::AlreadyExists,
@@ -344,10 +366,6 @@ impl Volume {
 
         // Build the file under a temporary name, then link it into place (link fails if the
         // name exists, so nothing is overwritten) and remove the temporary name.
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
         let file_name = path
             .file_name()
             .ok_or_else(|| invalid(format!("{} is not a file path", path.display())))?;
@@ -516,8 +534,8 @@ impl Volume {
         })?;
         let file_len = file
             .metadata()
-            .map_err(|e| VolumeError::io(path, "stat", e))?
-            .len();
+            .and_then(|m| header::device_size(&file, &m))
+            .map_err(|e| VolumeError::io(path, "reading the size", e))?;
         let size = data_size(&segment, file_len);
         let needed = segment.offset.saturating_add(size);
         if file_len < needed {
@@ -660,7 +678,7 @@ impl Volume {
         let len = buf.len() as u64;
         self.check(offset, len, false)?;
         let ss = self.ss();
-        if offset % ss == 0 && len % ss == 0 {
+        if offset.is_multiple_of(ss) && len.is_multiple_of(ss) {
             self.read_raw(buf, offset)?;
             self.decrypt_read(buf, offset);
             return Ok(());

@@ -28,8 +28,10 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn fixture(size: u64, sector_size: u32) -> (Fixture, Volume) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut options = LocalKmsOptions::default();
-    options.create_if_missing = true;
+    let options = LocalKmsOptions {
+        create_if_missing: true,
+        ..LocalKmsOptions::default()
+    };
     let local = LocalKms::open(&tmp.path().join("keystore"), options).expect("keystore");
     let key = local.create_key(Some("test"), "model test").expect("key");
     let kms = KmsBackend::Local(local);
