@@ -382,3 +382,85 @@ fn create_refuses_bad_sizes_and_existing_files() {
     assert_eq!(err.kind(), VolumeErrorKind::AlreadyExists);
     assert!(raw(&f.path) == before, "an existing volume was modified");
 }
+
+/// Rewrites the volume's token through the real header writer (both copies, new seqid).
+fn rewrite_token(path: &Path, edit: impl FnOnce(&mut volume::token::KmsToken)) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let set = volume::header::read_headers(&file, path).expect("headers");
+    let mut md = set.active.metadata.clone();
+    let (id, obj) = md.token(volume::token::TOKEN_TYPE).expect("token");
+    let mut token = volume::token::KmsToken::from_json(obj).expect("decode");
+    edit(&mut token);
+    md.set_token(id, token.to_json()).expect("set");
+    volume::header::write_headers(
+        &file,
+        path,
+        &set.active.binary,
+        set.active.binary.seqid + 1,
+        &md,
+    )
+    .expect("write");
+}
+
+#[test]
+fn changed_context_and_pending_deletion_are_refused() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    drop(vol);
+    // Someone edits the stored context (moves the volume to another user): the KMS refuses.
+    let original = volume::token::KmsToken::from_json(
+        volume::header::read_headers(&std::fs::File::open(&f.path).expect("open"), &f.path)
+            .expect("headers")
+            .active
+            .metadata
+            .token(volume::token::TOKEN_TYPE)
+            .expect("token")
+            .1,
+    )
+    .expect("token");
+    rewrite_token(&f.path, |t| {
+        let mut pairs = t.context.pairs().clone();
+        pairs.insert(
+            "cryptnbd:sid-directoryid".into(),
+            "[S-1-5-21-1-2-3-500]@[d-1234abcd01]".into(),
+        );
+        t.context = kms_client::EncryptionContext::new(pairs).expect("context");
+    });
+    let err = rt()
+        .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect_err("ctx");
+    assert_eq!(
+        err.kms_kind(),
+        Some(kms_client::KmsErrorKind::InvalidCiphertext),
+        "{err}"
+    );
+    // Back to the original context: it opens again (nothing was damaged).
+    rewrite_token(&f.path, |t| *t = original.clone());
+    drop(reopen(&f));
+    // A key pending deletion refuses to unwrap; cancelling leaves it disabled; enabling it
+    // brings the volume back.
+    let KmsBackend::Local(local) = &f.kms;
+    local.schedule_key_deletion(&f.key_id, 7).expect("schedule");
+    let err = rt()
+        .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect_err("pending");
+    assert_eq!(
+        err.kms_kind(),
+        Some(kms_client::KmsErrorKind::KeyPendingDeletion),
+        "{err}"
+    );
+    local.cancel_key_deletion(&f.key_id).expect("cancel");
+    let err = rt()
+        .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
+        .expect_err("disabled");
+    assert_eq!(
+        err.kms_kind(),
+        Some(kms_client::KmsErrorKind::KeyDisabled),
+        "{err}"
+    );
+    local.enable_key(&f.key_id).expect("enable");
+    drop(reopen(&f));
+}
