@@ -10,12 +10,12 @@ use zeroize::Zeroizing;
 
 use crate::cli::{Cli, Command, CreateArgs, KmsCommand};
 use crate::exit::CliError;
-use crate::paths::{StateLayout, validate_name};
 use crate::units::human;
+use control_api::paths::{StateLayout, validate_name};
 
 /// Runs one verb.
 pub fn run(cli: Cli) -> Result<()> {
-    let layout = StateLayout::new(cli.state_dir.clone());
+    let layout = StateLayout::new(cli.state_dir.clone(), None);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

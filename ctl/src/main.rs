@@ -6,7 +6,6 @@
 mod cli;
 mod commands;
 mod exit;
-mod paths;
 mod units;
 
 use clap::Parser;

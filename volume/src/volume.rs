@@ -740,6 +740,61 @@ impl Volume {
         self.write_raw(&buf, start)
     }
 
+    /// Like [`Volume::write_at`], but a sector-aligned range is encrypted in place in `data`
+    /// (which is clobbered) and written without a copy: the NBD server's write path.
+    pub fn write_at_mut(&self, data: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        let ss = self.ss();
+        if !(offset.is_multiple_of(ss) && len.is_multiple_of(ss)) {
+            return self.write_at(data, offset);
+        }
+        self.check(offset, len, true)?;
+        self.cipher
+            .encrypt_sectors(data, ss as usize, self.iv_of(offset));
+        self.write_raw(data, offset)
+    }
+
+    /// Allocation of the data range `offset..offset+len` in the file: `(length, allocated)`
+    /// runs covering the range, from SEEK_DATA/SEEK_HOLE. Unallocated runs are holes (they
+    /// read as zeros through cryptnbd, but not through dm-crypt).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, VolumeError> {
+        use rustix::fs::SeekFrom;
+        self.check(offset, len, false)?;
+        let base = self.segment.offset;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let pos = base + at;
+            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(d) => d.max(pos),
+                // ENXIO: no data after `pos`: the rest is a hole.
+                Err(rustix::io::Errno::NXIO) => base + end,
+                Err(e) => {
+                    return Err(VolumeError::io(
+                        &self.path,
+                        "finding allocated ranges",
+                        e.into(),
+                    ));
+                }
+            };
+            if data > pos {
+                let n = (data - pos).min(end - at);
+                out.push((n, false));
+                at += n;
+                continue;
+            }
+            let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(pos)) {
+                Ok(h) => h,
+                Err(e) => return Err(VolumeError::io(&self.path, "finding holes", e.into())),
+            };
+            let n = (hole.saturating_sub(pos)).clamp(1, end - at);
+            out.push((n, true));
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// Writes encrypted zeros over the range (never punches holes, so dm-crypt reads zeros).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check(offset, len, true)?;

@@ -464,3 +464,53 @@ fn changed_context_and_pending_deletion_are_refused() {
     local.enable_key(&f.key_id).expect("enable");
     drop(reopen(&f));
 }
+
+#[test]
+fn in_place_writes_and_allocation_map() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    let mut data = vec![0x42u8; 8192];
+    vol.write_at_mut(&mut data, 65536)
+        .expect("aligned in place");
+    assert_ne!(
+        data,
+        vec![0x42u8; 8192],
+        "aligned data is encrypted in place"
+    );
+    let mut odd = vec![0x43u8; 100];
+    vol.write_at_mut(&mut odd, 10)
+        .expect("unaligned falls back");
+    let mut back = vec![0u8; 8192];
+    vol.read_at(&mut back, 65536).expect("read");
+    assert!(back.iter().all(|&b| b == 0x42));
+    vol.flush().expect("flush");
+    let map = vol.allocation(0, 1 << 20).expect("allocation");
+    assert_eq!(map.iter().map(|r| r.0).sum::<u64>(), 1 << 20, "{map:?}");
+    let allocated: Vec<(u64, u64)> = map
+        .iter()
+        .scan(0u64, |at, &(n, a)| {
+            let start = *at;
+            *at += n;
+            Some((start, n, a))
+        })
+        .filter(|r| r.2)
+        .map(|r| (r.0, r.1))
+        .collect();
+    assert!(
+        allocated
+            .iter()
+            .any(|&(s, n)| s <= 65536 && s + n >= 65536 + 8192),
+        "{map:?}"
+    );
+    assert!(
+        allocated.iter().any(|&(s, n)| s == 0 && n >= 4096),
+        "{map:?}"
+    );
+    assert!(
+        !allocated
+            .iter()
+            .any(|&(s, n)| s < 600_000 && s + n > 600_000),
+        "{map:?}"
+    );
+    drop(vol);
+    drop(f);
+}

@@ -7,19 +7,42 @@
 
 use std::path::{Path, PathBuf};
 
-/// The resolved state layout.
+/// The resolved state layout, shared by the daemon and the CLI.
 #[derive(Debug, Clone)]
 pub struct StateLayout {
     /// Root of the persistent state.
     pub state_dir: PathBuf,
+    /// Directory of the sockets.
+    pub runtime_dir: PathBuf,
 }
 
 impl StateLayout {
-    /// Resolves the state directory from the flag/env value or the defaults.
-    pub fn new(state_dir: Option<PathBuf>) -> Self {
+    /// Resolves the directories from the flag/env/config values or the defaults.
+    pub fn new(state_dir: Option<PathBuf>, runtime_dir: Option<PathBuf>) -> Self {
         Self {
             state_dir: state_dir.unwrap_or_else(default_state_dir),
+            runtime_dir: runtime_dir.unwrap_or_else(default_runtime_dir),
         }
+    }
+
+    /// The daemon's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
+    }
+
+    /// The daemon's NBD unix socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.runtime_dir.join("nbd.sock")
+    }
+
+    /// The audit trail (current file; rotated ones get `.1`, `.2`, ...).
+    pub fn audit_log(&self) -> PathBuf {
+        self.state_dir.join("audit").join("audit.jsonl")
+    }
+
+    /// Attachments re-attached when the daemon starts.
+    pub fn attachments(&self) -> PathBuf {
+        self.state_dir.join("attachments.json")
     }
 
     /// The local KMS keystore.
@@ -52,7 +75,8 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-fn default_state_dir() -> PathBuf {
+/// The default state directory.
+pub fn default_state_dir() -> PathBuf {
     if is_root() {
         return PathBuf::from("/var/lib/cryptnbd");
     }
@@ -83,5 +107,19 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         Err(format!(
             "invalid volume name '{name}': use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         ))
+    }
+}
+
+/// The default runtime directory (sockets).
+pub fn default_runtime_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/run/cryptnbd");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(x) => PathBuf::from(x).join("cryptnbd"),
+        None => PathBuf::from(format!(
+            "/tmp/cryptnbd-{}",
+            rustix::process::geteuid().as_raw()
+        )),
     }
 }

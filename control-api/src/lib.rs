@@ -1,0 +1,465 @@
+//! The control API of cryptnbd: what `cryptnbdctl` sends the daemon and what it answers.
+//!
+//! Transport (docs/control-api.md): a unix stream socket; each message is one line of JSON
+//! (UTF-8, `\n`-terminated, at most [`MAX_MESSAGE_BYTES`]). The client sends an [`Envelope`]
+//! with a [`Request`]; the daemon answers with one [`ResponseEnvelope`] per request, in order.
+//! Callers are identified by their peer credentials; the daemon checks them against its
+//! allow-list before reading a request.
+//!
+//! Versioning: [`API_VERSION`] is sent in every request. The daemon refuses a newer major
+//! version with [`ErrorCode::UnsupportedVersion`]. Fields are only ever added, with defaults,
+//! so older clients keep working.
+//!
+//! This crate holds types, their encoding and the state layout ([`paths`]) only: no
+//! sockets, no files. It must not depend
+//! on the daemon, the volume format or the KMS.
+
+#![forbid(unsafe_code)]
+
+pub mod paths;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the control API spoken by this build.
+pub const API_VERSION: u32 = 1;
+/// Largest message (one JSON line) either side accepts.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A request with its version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The API version the client speaks.
+    pub version: u32,
+    /// The request.
+    pub request: Request,
+}
+
+/// Everything the daemon can be asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Daemon version and settings (no side effects).
+    Hello,
+    /// Create a volume (the daemon asks the KMS and writes the audit record).
+    Create(CreateRequest),
+    /// Attach a volume: unwrap its key and export it over NBD.
+    Attach(AttachRequest),
+    /// Detach a volume: drain, flush, wipe the key.
+    Detach(DetachRequest),
+    /// Every volume in the state directory, attached or not.
+    List,
+    /// Attached volumes with their exports and connections (one, or all).
+    Status {
+        /// One volume, or all when absent.
+        volume: Option<String>,
+    },
+    /// Delete a detached volume: wipe both header copies and the keyslot area, then remove.
+    Delete {
+        /// Volume name.
+        volume: String,
+    },
+    /// Read the audit trail.
+    Audit(AuditQuery),
+}
+
+/// `create`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// Volume name.
+    pub name: String,
+    /// Data size in bytes.
+    pub size: u64,
+    /// 512 or 4096.
+    pub sector_size: u32,
+    /// Master key id or alias.
+    pub kms_key: String,
+    /// The user's SID.
+    pub sid: String,
+    /// The directory id.
+    pub directory: String,
+    /// Extra context pairs.
+    #[serde(default)]
+    pub context: Vec<(String, String)>,
+    /// Volume id; generated when absent.
+    #[serde(default)]
+    pub volume_id: Option<String>,
+    /// Context key for `[SID]@[DIR]`; the default when absent.
+    #[serde(default)]
+    pub sid_directory_key: Option<String>,
+    /// Context key for the volume id; the default when absent.
+    #[serde(default)]
+    pub volume_id_key: Option<String>,
+}
+
+/// `attach`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    /// Volume name.
+    pub volume: String,
+    /// Export read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Export name; the volume name when absent.
+    #[serde(default)]
+    pub export_name: Option<String>,
+    /// Do not re-attach when the daemon restarts.
+    #[serde(default)]
+    pub transient: bool,
+    /// If given, must match the volume's stored SID (checked before any KMS call).
+    #[serde(default)]
+    pub sid: Option<String>,
+    /// If given, must match the volume's stored directory.
+    #[serde(default)]
+    pub directory: Option<String>,
+    /// More users who may open the export (the caller, its owner, always may).
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Groups whose members may open the export.
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
+    /// Also export on the daemon's TCP listener (off by default).
+    #[serde(default)]
+    pub tcp: bool,
+}
+
+/// `detach`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetachRequest {
+    /// Volume name.
+    pub volume: String,
+    /// Disconnect connected clients (after finishing their in-flight requests) instead of
+    /// refusing.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `audit`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Only records about this volume.
+    #[serde(default)]
+    pub volume: Option<String>,
+    /// Only records at or after this time (RFC 3339).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// At most this many records (the newest).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// A response with its version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    /// The API version the daemon speaks.
+    pub version: u32,
+    /// The outcome.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Success with a payload, or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It worked.
+    Ok {
+        /// What the request returns.
+        result: Response,
+    },
+    /// It failed.
+    Error(ApiError),
+}
+
+/// What each request returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Response {
+    /// For `hello`.
+    Hello(DaemonInfo),
+    /// For `create`.
+    Created(VolumeSummary),
+    /// For `attach`.
+    Attached(AttachmentStatus),
+    /// For `detach`.
+    Detached {
+        /// Volume name.
+        volume: String,
+        /// Connections that were closed (with `force`).
+        disconnected: Vec<ConnectionStatus>,
+    },
+    /// For `list`.
+    Volumes {
+        /// Every volume.
+        volumes: Vec<VolumeSummary>,
+    },
+    /// For `status`.
+    Status {
+        /// Attached volumes.
+        attachments: Vec<AttachmentStatus>,
+    },
+    /// For `delete`.
+    Deleted {
+        /// Volume name.
+        volume: String,
+    },
+    /// For `audit`: raw JSON records, oldest first.
+    Audit {
+        /// The records.
+        records: Vec<serde_json::Value>,
+    },
+}
+
+/// What `hello` tells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    /// Daemon version.
+    pub version: String,
+    /// API version.
+    pub api_version: u32,
+    /// State directory.
+    pub state_dir: String,
+    /// KMS backend in use.
+    pub kms_backend: String,
+    /// NBD unix socket.
+    pub nbd_socket: String,
+    /// NBD TCP listener, if any.
+    pub nbd_tcp: Option<String>,
+    /// Whether memory is locked (key material never swapped).
+    pub memory_locked: bool,
+}
+
+/// A volume as `list` and `create` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeSummary {
+    /// Volume name.
+    pub name: String,
+    /// Volume file.
+    pub path: String,
+    /// Data size in bytes.
+    pub size: u64,
+    /// Encryption sector size.
+    pub sector_size: u32,
+    /// Volume id from the token.
+    pub volume_id: Option<String>,
+    /// Master key id.
+    pub key_id: Option<String>,
+    /// The encryption context.
+    pub context: BTreeMap<String, String>,
+    /// Whether it is attached now.
+    pub attached: bool,
+    /// Why it could not be read, if so (a damaged header).
+    pub problem: Option<String>,
+}
+
+/// An attached volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachmentStatus {
+    /// Volume name.
+    pub volume: String,
+    /// Export name.
+    pub export_name: String,
+    /// Exported read-only.
+    pub read_only: bool,
+    /// Not re-attached at restart.
+    pub transient: bool,
+    /// Also on TCP.
+    pub tcp: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// When it was attached (RFC 3339).
+    pub since: String,
+    /// Owner uid (who attached it).
+    pub owner_uid: u32,
+    /// NBD URIs that reach it.
+    pub uris: Vec<String>,
+    /// Bytes read through the export since attach.
+    pub bytes_read: u64,
+    /// Bytes written through the export since attach.
+    pub bytes_written: u64,
+    /// Open connections.
+    pub connections: Vec<ConnectionStatus>,
+    /// Set when a flush failed: the volume refuses I/O until detached.
+    pub failed: bool,
+}
+
+/// One NBD connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// Connection id.
+    pub id: u64,
+    /// Who: `pid 123 (uid 1000)` or `tcp 127.0.0.1:5555`.
+    pub peer: String,
+    /// Connected since (RFC 3339).
+    pub since: String,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+}
+
+/// Error classes a client branches on (and maps to exit codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// Malformed request or bad argument.
+    InvalidRequest,
+    /// The API version is not supported.
+    UnsupportedVersion,
+    /// The caller may not do this.
+    PermissionDenied,
+    /// No such volume or key.
+    NotFound,
+    /// Conflicts with the current state (exists, attached, in use, clients connected).
+    Conflict,
+    /// The KMS or the identity check refused.
+    KmsRefused,
+    /// The KMS could not be reached.
+    KmsUnavailable,
+    /// The volume is damaged or unsupported.
+    Damaged,
+    /// I/O error (including a full disk).
+    Io,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// Anything else.
+    Internal,
+}
+
+/// An error the daemon returns: a class and a sentence that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The class.
+    pub code: ErrorCode,
+    /// What happened and what to do (never key material).
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// More than [`MAX_MESSAGE_BYTES`] without a newline.
+    #[error("the message is longer than {MAX_MESSAGE_BYTES} bytes")]
+    TooLong,
+    /// Not valid JSON of the expected shape.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Encodes a message as one JSON line (with the trailing newline).
+pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain data types to a Vec cannot fail: no maps with non-string keys,
+    // no custom serializers that error.
+    let mut v = serde_json::to_vec(msg).unwrap_or_else(|e| unreachable!("encoding: {e}"));
+    v.push(b'\n');
+    v
+}
+
+/// Takes one complete line off the front of `buf` and decodes it. `Ok(None)` means "no
+/// complete line yet, read more" (unless `buf` is already too long).
+pub fn decode_line<T: for<'de> Deserialize<'de>>(
+    buf: &mut Vec<u8>,
+) -> Result<Option<T>, DecodeError> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(n) if n <= MAX_MESSAGE_BYTES => {
+            let line: Vec<u8> = buf.drain(..=n).collect();
+            Ok(Some(serde_json::from_slice(&line[..n])?))
+        }
+        Some(_) => Err(DecodeError::TooLong),
+        None if buf.len() > MAX_MESSAGE_BYTES => Err(DecodeError::TooLong),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_partial_lines() {
+        let req = Envelope {
+            version: API_VERSION,
+            request: Request::Attach(AttachRequest {
+                volume: "v".into(),
+                read_only: true,
+                ..AttachRequest::default()
+            }),
+        };
+        let mut bytes = encode_line(&req);
+        let text = String::from_utf8(bytes.clone()).expect("utf-8");
+        assert!(text.contains("\"op\":\"attach\""), "{text}");
+        let mut partial = bytes[..5].to_vec();
+        assert!(
+            decode_line::<Envelope>(&mut partial)
+                .expect("partial")
+                .is_none()
+        );
+        bytes.extend(encode_line(&Envelope {
+            version: 1,
+            request: Request::List,
+        }));
+        assert_eq!(
+            decode_line::<Envelope>(&mut bytes).expect("first"),
+            Some(req)
+        );
+        assert_eq!(
+            decode_line::<Envelope>(&mut bytes)
+                .expect("second")
+                .map(|e| e.request),
+            Some(Request::List)
+        );
+        assert!(bytes.is_empty());
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let r = ResponseEnvelope {
+            version: API_VERSION,
+            outcome: Outcome::Error(ApiError::new(ErrorCode::Conflict, "attached")),
+        };
+        let mut line = encode_line(&r);
+        assert_eq!(
+            decode_line::<ResponseEnvelope>(&mut line).expect("decode"),
+            Some(r)
+        );
+        let ok = ResponseEnvelope {
+            version: API_VERSION,
+            outcome: Outcome::Ok {
+                result: Response::Deleted { volume: "v".into() },
+            },
+        };
+        let mut line = encode_line(&ok);
+        assert_eq!(
+            decode_line::<ResponseEnvelope>(&mut line).expect("decode"),
+            Some(ok)
+        );
+    }
+
+    #[test]
+    fn hostile_input_is_refused_not_panicked() {
+        let mut junk = b"{\"version\":1,\"request\":{\"op\":\"nope\"}}\n".to_vec();
+        assert!(matches!(
+            decode_line::<Envelope>(&mut junk),
+            Err(DecodeError::Malformed(_))
+        ));
+        let mut long = vec![b'x'; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            decode_line::<Envelope>(&mut long),
+            Err(DecodeError::TooLong)
+        ));
+        let mut bad = b"\xff\xfe\n".to_vec();
+        assert!(decode_line::<Envelope>(&mut bad).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! cryptnbd daemon library (in progress).

@@ -1,0 +1,2 @@
+//! cryptnbd (in progress).
+fn main() {}

@@ -1,0 +1,158 @@
+//! What the server serves: block devices, grouped into named exports, looked up per client.
+
+use std::sync::Arc;
+
+/// The NBD error numbers a reply can carry (proto.md "Error values"), with their wire values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Errno {
+    /// Operation not permitted (writes to a read-only export).
+    Eperm = 1,
+    /// Input/output error.
+    Eio = 5,
+    /// Cannot allocate memory.
+    Enomem = 12,
+    /// Invalid argument (misaligned, past the end for reads, bad flags).
+    Einval = 22,
+    /// No space left (writes past the end, a full disk).
+    Enospc = 28,
+    /// Value too large (a request larger than the server accepts).
+    Eoverflow = 75,
+    /// Not supported (a FAST_ZERO that would not be fast, an unsupported command).
+    Enotsup = 95,
+    /// Server is shutting down.
+    Eshutdown = 108,
+}
+
+/// A failed device operation: the errno for the client and a message for the server's log.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct DeviceError {
+    /// What the client is told.
+    pub errno: Errno,
+    /// What the server logs (never data or key material).
+    pub message: String,
+}
+
+impl DeviceError {
+    /// A new error.
+    pub fn new(errno: Errno, message: impl Into<String>) -> Self {
+        Self { errno, message: message.into() }
+    }
+}
+
+/// One extent of `base:allocation` block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub length: u64,
+    /// NBD_STATE_HOLE (1) and/or NBD_STATE_ZERO (2).
+    pub flags: u32,
+}
+
+/// Sizes the device advertises with NBD_INFO_BLOCK_SIZE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    /// Minimum block size: requests need not be aligned to anything larger (1 = any).
+    pub minimum: u32,
+    /// Preferred block size: smaller or unaligned requests may be slower (read-modify-write).
+    pub preferred: u32,
+    /// Maximum payload of one request.
+    pub maximum: u32,
+}
+
+/// A block device the server exports. Calls are blocking and may come from many threads at
+/// once; the server runs them off its async reactor.
+///
+/// Contract:
+/// - Offsets and lengths are validated by the server against [`BlockDevice::size`] before any
+///   call: the device never sees a range past the end.
+/// - `read` fills all of `buf`. Bytes never written read as zero.
+/// - `write` may overwrite `data` (the server gives up the buffer; the device may encrypt in
+///   place). With `fua` the data is durable when it returns.
+/// - `flush` makes every write that completed before it was called durable, on every
+///   connection (so CAN_MULTI_CONN is honest).
+/// - `write_zeroes` makes the range read as zeros; with `may_trim` the device may deallocate
+///   (NBD_CMD_FLAG_NO_HOLE absent).
+/// - `trim` is advisory; afterwards the range reads as zeros or as before.
+/// - `block_status` describes `base:allocation` from `offset` for at most `length` bytes
+///   (it may return less); never claims ZERO for bytes that do not read as zero.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Export size in bytes.
+    fn size(&self) -> u64;
+    /// Block size constraints to advertise.
+    fn block_sizes(&self) -> BlockSizes;
+    /// True if writes are refused.
+    fn read_only(&self) -> bool;
+    /// True if `write_zeroes` is always fast (no data written); when false, FAST_ZERO
+    /// requests get ENOTSUP.
+    fn fast_zero(&self) -> bool {
+        false
+    }
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
+    /// Writes `data` at `offset`; `data` may be clobbered.
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), DeviceError>;
+    /// Makes completed writes durable.
+    fn flush(&self) -> Result<(), DeviceError>;
+    /// Discards a range (advisory).
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), DeviceError>;
+    /// Makes a range read as zeros.
+    fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool, fua: bool) -> Result<(), DeviceError>;
+    /// Prefetch hint (NBD_CMD_CACHE); the default does nothing.
+    fn cache(&self, _offset: u64, _length: u64) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// `base:allocation` extents starting at `offset`.
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, DeviceError>;
+}
+
+/// Who is connecting: from SO_PEERCRED on a unix socket, or the TCP peer address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A unix-socket peer.
+    Unix {
+        /// Peer process id.
+        pid: Option<i32>,
+        /// Peer user id.
+        uid: u32,
+        /// Peer group id.
+        gid: u32,
+    },
+    /// A TCP peer.
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Unix { pid: Some(pid), uid, .. } => write!(f, "pid {pid} (uid {uid})"),
+            Peer::Unix { pid: None, uid, .. } => write!(f, "uid {uid}"),
+            Peer::Tcp(a) => write!(f, "tcp {a}"),
+        }
+    }
+}
+
+/// An export: a named device plus what is advertised for it.
+pub struct Export {
+    /// Export name clients ask for.
+    pub name: String,
+    /// Free text for NBD_INFO_DESCRIPTION.
+    pub description: String,
+    /// The device.
+    pub device: Arc<dyn BlockDevice>,
+}
+
+/// Where the server looks up exports. The daemon implements it over its registry of attached
+/// volumes, applying its access control (owner, allow-lists, TCP opt-in).
+pub trait ExportRegistry: Send + Sync + 'static {
+    /// The export `name` if `peer` may open it; None otherwise (the client is told the
+    /// export is unknown, so names of exports it may not open are not disclosed).
+    fn lookup(&self, name: &str, peer: &Peer) -> Option<Arc<Export>>;
+    /// Names and descriptions of the exports `peer` may open (NBD_OPT_LIST).
+    fn list(&self, peer: &Peer) -> Vec<(String, String)>;
+    /// The export served for the empty name "" (NBD_OPT_EXPORT_NAME / GO with no name), if any.
+    fn default_export(&self) -> Option<String> {
+        None
+    }
+}
