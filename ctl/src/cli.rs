@@ -48,6 +48,45 @@ pub enum Command {
         /// Volume name (in the state directory) or path to a volume file.
         volume: String,
     },
+    /// Attach a volume: the daemon unwraps its key through the KMS and exports it over NBD.
+    Attach(AttachArgs),
+    /// Detach a volume: drain in-flight requests, flush, close, wipe the key.
+    Detach {
+        /// Volume name.
+        volume: String,
+        /// Disconnect connected clients (their in-flight requests are finished first)
+        /// instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List every volume in the state directory, attached or not.
+    List,
+    /// Show attached volumes: exports, URIs, connections, bytes read and written.
+    Status {
+        /// One volume (all attached ones when absent).
+        volume: Option<String>,
+    },
+    /// Delete a detached volume: wipe both header copies and the keyslot area, then remove
+    /// the file. Without the header the data cannot be decrypted, even with the KMS.
+    Delete {
+        /// Volume name.
+        volume: String,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Read the audit trail: one record per KMS operation and key-related action.
+    Audit {
+        /// Only records about this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only records at or after this time (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Manage the embedded local KMS.
     #[command(subcommand)]
     Kms(KmsCommand),
@@ -90,6 +129,37 @@ pub struct CreateArgs {
     /// Create the volume file at this path instead of in the state directory.
     #[arg(long, value_name = "PATH")]
     pub path: Option<PathBuf>,
+}
+
+/// Arguments of `attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Volume name.
+    pub volume: String,
+    /// Export read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// NBD export name (default: the volume name).
+    #[arg(long, value_name = "NAME")]
+    pub export_name: Option<String>,
+    /// Do not re-attach when the daemon restarts.
+    #[arg(long)]
+    pub transient: bool,
+    /// Refuse unless the volume belongs to this SID (checked before any KMS call).
+    #[arg(long)]
+    pub sid: Option<String>,
+    /// Refuse unless the volume belongs to this directory.
+    #[arg(long)]
+    pub directory: Option<String>,
+    /// Another user who may open the export (repeatable); root and you always may.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+    /// A group whose members (by primary group) may open the export (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID")]
+    pub allow_gids: Vec<u32>,
+    /// Also export on the daemon's TCP listener.
+    #[arg(long)]
+    pub tcp: bool,
 }
 
 /// `kms` verbs (local KMS).

@@ -8,7 +8,12 @@ use kms_client::{ContextKeys, IdentityContext, KeyMetadata, Kms, KmsBackend, con
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::cli::{Cli, Command, CreateArgs, KmsCommand};
+use control_api::{
+    AttachRequest, AttachmentStatus, AuditQuery, CreateRequest, DetachRequest, Request, Response, VolumeSummary,
+};
+
+use crate::cli::{AttachArgs, Cli, Command, CreateArgs, KmsCommand};
+use crate::client::Client;
 use crate::exit::CliError;
 use crate::units::human;
 use control_api::paths::{StateLayout, validate_name};
@@ -21,11 +26,342 @@ pub fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let out = Output { json: cli.json };
+    let socket = cli.socket.clone().unwrap_or_else(|| layout.control_socket());
     match &cli.command {
-        Command::Create(args) => rt.block_on(create(&cli, &layout, args, &out)),
+        Command::Create(args) => match Client::try_connect(&socket)? {
+            Some(client) if args.path.is_none() => create_via_daemon(client, args, &out),
+            _ => rt.block_on(create(&cli, &layout, args, &out)),
+        },
         Command::Inspect { volume } => inspect(&layout, volume, &out),
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
+        Command::Attach(a) => attach(&socket, a, &out),
+        Command::Detach { volume, force } => {
+            let r = Client::connect(&socket)?
+                .call(Request::Detach(DetachRequest { volume: volume.clone(), force: *force }))?;
+            out.emit(&r, || match &r {
+                Response::Detached { volume, disconnected } if !disconnected.is_empty() => format!(
+                    "detached {volume} (disconnected {}); key wiped",
+                    disconnected.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                Response::Detached { volume, .. } => format!("detached {volume}; key wiped"),
+                other => format!("{other:?}"),
+            })
+        }
+        Command::List => list(&layout, &socket, &out),
+        Command::Status { volume } => {
+            let r = Client::connect(&socket)?.call(Request::Status { volume: volume.clone() })?;
+            out.emit(&r, || match &r {
+                Response::Status { attachments } if attachments.is_empty() => {
+                    "no volume is attached ('cryptnbdctl attach VOLUME')".into()
+                }
+                Response::Status { attachments } => {
+                    attachments.iter().map(attachment_text).collect::<Vec<_>>().join("\n\n")
+                }
+                other => format!("{other:?}"),
+            })
+        }
+        Command::Delete { volume, yes } => delete(&layout, &socket, volume, *yes, &out),
+        Command::Audit { volume, since, limit } => {
+            let q = AuditQuery { volume: volume.clone(), since: since.clone(), limit: *limit };
+            let records = match Client::try_connect(&socket)? {
+                Some(mut c) => match c.call(Request::Audit(q))? {
+                    Response::Audit { records } => records,
+                    other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+                },
+                None => cryptnbd::audit::AuditLog::read(
+                    &layout.audit_log(),
+                    AUDIT_KEEP,
+                    q.volume.as_deref(),
+                    q.since.as_deref(),
+                    q.limit,
+                )
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidInput => CliError::usage(e.to_string()).into(),
+                    _ => anyhow::Error::new(e).context("cannot read the audit trail"),
+                })?,
+            };
+            if out.json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                for r in &records {
+                    println!("{}", audit_text(r));
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+/// Rotated audit files the CLI reads when the daemon is not running (the daemon's default).
+const AUDIT_KEEP: u32 = 5;
+
+fn audit_text(r: &serde_json::Value) -> String {
+    let f = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    format!(
+        "{}  {:<8} {:<12} uid {:<6} key {}  {}  ({} ms)",
+        f("time"),
+        f("operation"),
+        f("volume"),
+        r.get("caller_uid").and_then(|v| v.as_u64()).map_or("-".into(), |u| u.to_string()),
+        f("key_id"),
+        f("outcome"),
+        r.get("latency_ms").and_then(|v| v.as_u64()).unwrap_or(0)
+    )
+}
+
+fn attachment_text(a: &AttachmentStatus) -> String {
+    let mut s = format!(
+        "{} -> export {}{}{}\n  size {}, attached {} by uid {}, read {} / written {}{}",
+        a.volume,
+        a.export_name,
+        if a.read_only { " (read-only)" } else { "" },
+        if a.transient { " (transient)" } else { "" },
+        human(a.size),
+        a.since,
+        a.owner_uid,
+        human(a.bytes_read),
+        human(a.bytes_written),
+        if a.failed { "\n  FAILED: a flush failed; detach and reattach, then check the data" } else { "" }
+    );
+    for u in &a.uris {
+        s.push_str(&format!("\n  {u}"));
+    }
+    if a.connections.is_empty() {
+        s.push_str("\n  no connections");
+    }
+    for c in &a.connections {
+        s.push_str(&format!(
+            "\n  connection {} from {} since {}: read {} / written {}",
+            c.id,
+            c.peer,
+            c.since,
+            human(c.bytes_read),
+            human(c.bytes_written)
+        ));
+    }
+    s
+}
+
+fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
+    validate_name(&a.volume).map_err(CliError::usage)?;
+    let req = AttachRequest {
+        volume: a.volume.clone(),
+        read_only: a.read_only,
+        export_name: a.export_name.clone(),
+        transient: a.transient,
+        sid: a.sid.clone(),
+        directory: a.directory.clone(),
+        allow_uids: a.allow_uids.clone(),
+        allow_gids: a.allow_gids.clone(),
+        tcp: a.tcp,
+    };
+    let r = Client::connect(socket)?.call(Request::Attach(req))?;
+    out.emit(&r, || match &r {
+        Response::Attached(s) => {
+            let uri = s.uris.first().cloned().unwrap_or_default();
+            format!(
+                "{}\n\nReach it with:\n  nbdinfo '{uri}'\n  qemu-img info '{uri}'\n                   nbdfuse DIR/disk --unix {} --name {}   # then losetup + mount",
+                attachment_text(s),
+                uri.split("socket=").nth(1).unwrap_or(""),
+                s.export_name
+            )
+        }
+        other => format!("{other:?}"),
+    })
+}
+
+fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
+    let volumes = match Client::try_connect(socket)? {
+        Some(mut c) => match c.call(Request::List)? {
+            Response::Volumes { volumes } => volumes,
+            other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+        },
+        None => offline_list(layout)?,
+    };
+    out.emit(&volumes, || {
+        if volumes.is_empty() {
+            return format!("no volumes in {}", layout.volumes().display());
+        }
+        volumes
+            .iter()
+            .map(|v| {
+                format!(
+                    "{:<20} {:>12}  {:<8} {}{}",
+                    v.name,
+                    human(v.size),
+                    if v.attached { "attached" } else { "-" },
+                    v.volume_id.as_deref().unwrap_or("-"),
+                    v.problem.as_ref().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+fn offline_list(layout: &StateLayout) -> Result<Vec<VolumeSummary>> {
+    let dir = layout.volumes();
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot list {}", dir.display()))),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".luks"))
+            .filter(|n| validate_name(n).is_ok())
+        else {
+            continue;
+        };
+        let summary = match volume::inspect(&path) {
+            Ok(i) => VolumeSummary {
+                name: name.into(),
+                path: path.display().to_string(),
+                size: i.size,
+                sector_size: i.sector_size,
+                volume_id: i.token.as_ref().map(|t| t.volume_id.clone()),
+                key_id: i.token.as_ref().map(|t| t.key_id.clone()),
+                context: i.token.map(|t| t.context).unwrap_or_default(),
+                attached: false,
+                problem: i.primary_header_problem.or(i.secondary_header_problem),
+            },
+            Err(e) => VolumeSummary {
+                name: name.into(),
+                path: path.display().to_string(),
+                size: 0,
+                sector_size: 0,
+                volume_id: None,
+                key_id: None,
+                context: Default::default(),
+                attached: false,
+                problem: Some(e.to_string()),
+            },
+        };
+        out.push(summary);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn delete(layout: &StateLayout, socket: &Path, volume: &str, yes: bool, out: &Output) -> Result<()> {
+    validate_name(volume).map_err(CliError::usage)?;
+    if !yes {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::usage(format!(
+                "deleting {volume} destroys its data for good: add --yes to confirm"
+            ))
+            .into());
+        }
+        eprint!("Delete volume {volume} and all its data for good? Type its name to confirm: ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != volume {
+            return Err(CliError::usage("not confirmed; nothing was deleted").into());
+        }
+    }
+    match Client::try_connect(socket)? {
+        Some(mut c) => {
+            c.call(Request::Delete { volume: volume.into() })?;
+        }
+        None => {
+            let path = layout.volume_file(volume);
+            let token = volume::inspect(&path).ok().and_then(|i| i.token);
+            let started = std::time::Instant::now();
+            let result = volume::wipe_and_remove(&path);
+            offline_audit(layout, "delete", volume, token.as_ref(), started, &result);
+            result?;
+        }
+    }
+    #[derive(Serialize)]
+    struct Deleted<'a> {
+        volume: &'a str,
+    }
+    out.emit(&Deleted { volume }, || format!("deleted {volume} (headers and keyslot area wiped)"))
+}
+
+/// Offline verbs audit to the same trail the daemon writes.
+fn offline_audit<T>(
+    layout: &StateLayout,
+    operation: &str,
+    volume: &str,
+    token: Option<&volume::TokenInfo>,
+    started: std::time::Instant,
+    result: &Result<T, volume::VolumeError>,
+) {
+    let log = match cryptnbd::audit::AuditLog::open(&layout.audit_log(), 10 << 20, AUDIT_KEEP) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the audit trail");
+            return;
+        }
+    };
+    log.record(&cryptnbd::audit::AuditRecord {
+        time: cryptnbd::audit::now(),
+        operation: operation.into(),
+        backend: token.map_or("local".into(), |t| t.backend.clone()),
+        key_id: token.map(|t| t.key_id.clone()),
+        context: token.map(|t| t.context.clone()),
+        volume: Some(volume.into()),
+        caller_uid: Some(rustix::process::getuid().as_raw()),
+        outcome: match result {
+            Ok(_) => "ok".into(),
+            Err(e) => cryptnbd::daemon::chain(e),
+        },
+        latency_ms: started.elapsed().as_millis() as u64,
+    });
+}
+
+fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
+    validate_name(&args.name).map_err(CliError::usage)?;
+    let context = args
+        .context
+        .iter()
+        .map(|p| context::parse_pair(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let r = client.call(Request::Create(CreateRequest {
+        name: args.name.clone(),
+        size: args.size,
+        sector_size: args.sector_size,
+        kms_key: args.kms_key.clone(),
+        sid: args.sid.clone(),
+        directory: args.directory.clone(),
+        context,
+        volume_id: args.volume_id.clone(),
+        sid_directory_key: Some(args.sid_directory_key.clone()),
+        volume_id_key: Some(args.volume_id_key.clone()),
+    }))?;
+    let Response::Created(v) = r else {
+        anyhow::bail!("unexpected answer from the daemon: {r:?}");
+    };
+    let created = Created {
+        name: v.name.clone(),
+        path: PathBuf::from(&v.path),
+        volume_id: v.volume_id.clone().unwrap_or_default(),
+        size: v.size,
+        sector_size: v.sector_size,
+        key_id: v.key_id.clone().unwrap_or_default(),
+        context: v.context.clone(),
+    };
+    out.emit(&created, || created_text(&created, "via the daemon"))
+}
+
+fn created_text(c: &Created, how: &str) -> String {
+    format!(
+        "created volume {} ({}, {}-byte sectors, {how})\n  file:      {}\n  volume id: {}\n  kms key:   {}\n\
+         Attach it with: cryptnbdctl attach {}",
+        c.name,
+        human(c.size),
+        c.sector_size,
+        c.path.display(),
+        c.volume_id,
+        c.key_id,
+        c.name
+    )
 }
 
 struct Output {
@@ -152,8 +488,13 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         context_keys,
         extra_context: extra,
     };
-    let vol = volume::Volume::create(&path, &opts, &kms).await?;
-    drop(vol);
+    let started = std::time::Instant::now();
+    let created = volume::Volume::create(&path, &opts, &kms).await;
+    if args.path.is_none() {
+        let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        offline_audit(layout, "create", &args.name, token.as_ref(), started, &created);
+    }
+    drop(created?);
     let info = volume::inspect(&path)?;
     let token = info
         .token
@@ -167,18 +508,7 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         key_id: token.key_id.clone(),
         context: token.context.clone(),
     };
-    out.emit(&created, || {
-        format!(
-            "created volume {} ({}, {}-byte sectors)\n  file:      {}\n  volume id: {}\n  kms key:   {} ({})",
-            created.name,
-            human(created.size),
-            created.sector_size,
-            created.path.display(),
-            created.volume_id,
-            created.key_id,
-            kms.backend_name()
-        )
-    })
+    out.emit(&created, || created_text(&created, "offline: no daemon running"))
 }
 
 fn inspect(layout: &StateLayout, volume: &str, out: &Output) -> Result<()> {

@@ -23,6 +23,10 @@ pub const KMS_UNAVAILABLE: u8 = 6;
 pub const DAMAGED: u8 = 7;
 /// I/O error, including a full filesystem.
 pub const IO: u8 = 8;
+/// The daemon is not running (for verbs that need it).
+pub const NO_DAEMON: u8 = 9;
+/// The caller may not control the daemon.
+pub const DENIED: u8 = 10;
 
 fn kms_code(kind: KmsErrorKind) -> u8 {
     match kind {
@@ -59,6 +63,24 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<ContextError>().is_some() {
             return USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::client::ClientError>() {
+            use control_api::ErrorCode as C;
+            return match e {
+                crate::client::ClientError::NotRunning(_) => NO_DAEMON,
+                crate::client::ClientError::Protocol { .. } => FAILURE,
+                crate::client::ClientError::Api(a) => match a.code {
+                    C::InvalidRequest | C::UnsupportedVersion => USAGE,
+                    C::PermissionDenied => DENIED,
+                    C::NotFound => NOT_FOUND,
+                    C::Conflict => CONFLICT,
+                    C::KmsRefused => KMS_REFUSED,
+                    C::KmsUnavailable => KMS_UNAVAILABLE,
+                    C::Damaged => DAMAGED,
+                    C::Io => IO,
+                    C::ShuttingDown | C::Internal => FAILURE,
+                },
+            };
         }
         if let Some(e) = cause.downcast_ref::<CliError>() {
             return e.code;

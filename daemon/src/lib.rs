@@ -1,1 +1,194 @@
-//! cryptnbd daemon library (in progress).
+//! The cryptnbd daemon: serves attached encrypted volumes over NBD, controlled through a unix
+//! socket. [`run`] takes a configuration and a shutdown future, so tests start the real
+//! daemon in-process or as a binary on temporary sockets.
+//!
+//! Start-up: harden the process (not dumpable, no core files, memory locked), open the KMS and
+//! the audit trail, bind the sockets, re-attach the saved attachments, tell systemd READY=1.
+//! Shutdown (SIGTERM/SIGINT, or the future): STOPPING=1, stop accepting, finish in-flight
+//! requests, flush every volume, drop them (keys wiped), remove the sockets.
+//!
+//! This crate must not be depended on by the libraries (nbd, volume, kms-client, control-api).
+
+pub mod audit;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod device;
+pub mod hardening;
+pub mod notify;
+pub mod registry;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use control_api::paths::StateLayout;
+use kms_client::KmsBackend;
+use kms_client::local::{LocalKms, LocalKmsOptions};
+use tokio::net::{TcpListener, UnixListener};
+use zeroize::Zeroizing;
+
+pub use config::Config;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Hardening that was required failed.
+    #[error(transparent)]
+    Hardening(#[from] hardening::HardeningError),
+    /// The KMS could not be opened.
+    #[error("cannot open the KMS")]
+    Kms(#[from] kms_client::KmsError),
+    /// Anything about files and sockets.
+    #[error("{what}")]
+    Io {
+        /// What failed, with the path.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+fn make_dir(dir: &Path, mode: u32) -> Result<(), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(io(format!("cannot create the directory {}", dir.display())))
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file left by a crash but never a
+/// live one (a running daemon answers a connect).
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Io {
+                what: format!("{} is in use: is another cryptnbd running with the same state?", path.display()),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            });
+        }
+        std::fs::remove_file(path).map_err(io(format!("cannot remove the stale socket {}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io(format!("cannot listen on {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("cannot set the mode of {}", path.display())))?;
+    Ok(listener)
+}
+
+fn passphrase(file: Option<&PathBuf>) -> Result<Option<Zeroizing<Vec<u8>>>, DaemonError> {
+    if let Some(f) = file {
+        let mut b = Zeroizing::new(std::fs::read(f).map_err(io(format!("cannot read the passphrase file {}", f.display())))?);
+        while b.last().is_some_and(|&c| c == b'\n' || c == b'\r') {
+            b.pop();
+        }
+        return Ok(Some(b));
+    }
+    Ok(std::env::var_os("CRYPTNBD_KMS_PASSPHRASE")
+        .filter(|v| !v.is_empty())
+        .map(|v| Zeroizing::new(v.into_encoded_bytes())))
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+    config.validate()?;
+    let layout = StateLayout::new(config.state_dir.clone(), config.runtime_dir.clone());
+    let is_root = rustix::process::geteuid().is_root();
+    let hardening = hardening::apply(config.memory.require_lock.unwrap_or(is_root))?;
+
+    make_dir(&layout.state_dir, 0o700)?;
+    make_dir(&layout.runtime_dir, 0o755)?;
+    let keystore = config.kms.keystore.clone().unwrap_or_else(|| layout.keystore());
+    let kms = KmsBackend::Local(LocalKms::open(
+        &keystore,
+        LocalKmsOptions {
+            create_if_missing: true,
+            passphrase: passphrase(config.kms.passphrase_file.as_ref())?,
+            ..LocalKmsOptions::default()
+        },
+    )?);
+    let audit = audit::AuditLog::open(&layout.audit_log(), config.audit.max_bytes, config.audit.keep)
+        .map_err(io(format!("cannot open the audit log {}", layout.audit_log().display())))?;
+
+    let control_path = config.control.socket.clone().unwrap_or_else(|| layout.control_socket());
+    let nbd_path = config.nbd.unix_socket.clone().unwrap_or_else(|| layout.nbd_socket());
+    // Anyone may connect to the NBD socket; exports check the peer's credentials.
+    let nbd_unix = bind_unix(&nbd_path, 0o666)?;
+    let control = bind_unix(&control_path, 0o660)?;
+    let nbd_tcp = match config.nbd.tcp {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(io(format!("cannot listen on tcp {addr}")))?),
+        None => None,
+    };
+    let tcp_addr = nbd_tcp.as_ref().and_then(|l| l.local_addr().ok());
+
+    let registry = Arc::new(registry::Registry::default());
+    let server = nbd::server::Server::new(registry.clone(), config.limits.to_limits());
+    let daemon = Arc::new(daemon::Daemon::new(
+        layout.clone(),
+        kms,
+        registry,
+        Arc::clone(&server),
+        audit,
+        config.audit.keep,
+        nbd_path.clone(),
+        tcp_addr,
+        hardening.memory_locked,
+    ));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let server = Arc::clone(&server);
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            if let Err(e) = server.serve_unix(nbd_unix, stop).await {
+                tracing::error!(error = %e, "the NBD unix listener failed");
+            }
+        });
+    }
+    if let Some(l) = nbd_tcp {
+        let server = Arc::clone(&server);
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            if let Err(e) = server.serve_tcp(l, stop).await {
+                tracing::error!(error = %e, "the NBD tcp listener failed");
+            }
+        });
+    }
+
+    daemon.restore_attachments().await;
+    tracing::info!(
+        state = %layout.state_dir.display(),
+        control = %control_path.display(),
+        nbd = %nbd_path.display(),
+        tcp = ?tcp_addr,
+        memory_locked = hardening.memory_locked,
+        "cryptnbd ready"
+    );
+    notify::notify("READY=1");
+
+    let acl = control::ControlAcl { uids: config.control.allow_uids.clone(), gids: config.control.allow_gids.clone() };
+    control::serve(control, Arc::clone(&daemon), acl, shutdown).await;
+
+    notify::notify("STOPPING=1");
+    tracing::info!("shutting down: finishing in-flight requests, flushing, wiping keys");
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    daemon.shutdown().await;
+    let _ = std::fs::remove_file(&control_path);
+    let _ = std::fs::remove_file(&nbd_path);
+    tracing::info!("stopped");
+    Ok(())
+}

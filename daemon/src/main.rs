@@ -1,2 +1,82 @@
-//! cryptnbd (in progress).
-fn main() {}
+//! `cryptnbd`: the daemon. `main` parses flags, installs logging, and runs the library until
+//! SIGTERM or SIGINT.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serve encrypted volumes over NBD. Runs with no configuration on the embedded local KMS.
+#[derive(Debug, Parser)]
+#[command(name = "cryptnbd", version)]
+struct Args {
+    /// TOML configuration file (docs/daemon.md).
+    #[arg(long, env = "CRYPTNBD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (overrides the configuration).
+    #[arg(long, env = "CRYPTNBD_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Socket directory (overrides the configuration).
+    #[arg(long, env = "CRYPTNBD_RUNTIME_DIR", value_name = "DIR")]
+    runtime_dir: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace); or CRYPTNBD_LOG with a tracing filter.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let level = match args.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CRYPTNBD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .init();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cryptnbd: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => cryptnbd::Config::load(path)?,
+        None => cryptnbd::Config::default(),
+    };
+    if args.state_dir.is_some() {
+        config.state_dir = args.state_dir;
+    }
+    if args.runtime_dir.is_some() {
+        config.runtime_dir = args.runtime_dir;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        cryptnbd::run(config, shutdown).await
+    })?;
+    Ok(())
+}

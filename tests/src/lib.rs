@@ -422,6 +422,8 @@ pub struct Ctl {
     pub bin: PathBuf,
     /// The `--state-dir` of every call.
     pub state_dir: PathBuf,
+    /// The `--socket` of every call (a daemon under test), if any.
+    pub socket: Option<PathBuf>,
 }
 
 impl Ctl {
@@ -430,13 +432,20 @@ impl Ctl {
         Self {
             bin: cryptnbdctl(),
             state_dir: state_dir.to_path_buf(),
+            socket: None,
         }
     }
 
     /// A command `cryptnbdctl --state-dir DIR ARGS...`, not yet run.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("--state-dir").arg(&self.state_dir).args(args);
+        cmd.arg("--state-dir").arg(&self.state_dir);
+        // Without a daemon under test, point at a socket that does not exist, so a daemon of
+        // the host is never used by accident.
+        cmd.arg("--socket").arg(
+            self.socket.clone().unwrap_or_else(|| self.state_dir.join("no-daemon.sock")),
+        );
+        cmd.args(args);
         for var in [
             "CRYPTNBD_STATE_DIR",
             "CRYPTNBD_SOCKET",
@@ -941,6 +950,8 @@ pub fn assert_sectors_encrypted(volume: &Path, segment: &Segment, off: u64, len:
         );
     }
 }
+
+pub mod daemon;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,208 @@
+//! The audit trail: one JSON line per KMS operation and per key-related action, append-only,
+//! rotated by size, never key material.
+//!
+//! Record fields: `time` (RFC 3339 UTC), `operation` (`create`, `attach`, `detach`, `delete`,
+//! ...), `backend`, `key_id`, `context` (the full encryption context), `volume`,
+//! `caller_uid`, `outcome` (`ok` or the error message), `latency_ms`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// One audit record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    /// When (RFC 3339 UTC).
+    pub time: String,
+    /// What.
+    pub operation: String,
+    /// KMS backend.
+    pub backend: String,
+    /// Master key id (when known).
+    pub key_id: Option<String>,
+    /// The full encryption context (when known).
+    pub context: Option<std::collections::BTreeMap<String, String>>,
+    /// Volume name.
+    pub volume: Option<String>,
+    /// Who asked (from peer credentials; None for the daemon itself, e.g. re-attach at start).
+    pub caller_uid: Option<u32>,
+    /// `ok` or the error.
+    pub outcome: String,
+    /// How long it took.
+    pub latency_ms: u64,
+}
+
+/// The audit log files.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    file: Mutex<File>,
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// The current time as RFC 3339 UTC with milliseconds.
+pub fn now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+impl AuditLog {
+    /// Opens (creates) the log at `path` (directory 0700, file 0600).
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        Ok(Self { path: path.into(), max_bytes, keep, file: Mutex::new(open_append(path)?) })
+    }
+
+    /// Appends a record (and rotates first if it would not fit). Errors are logged, not
+    /// returned: an audit failure must be visible but must not fail the operation after the
+    /// fact.
+    pub fn record(&self, rec: &AuditRecord) {
+        let mut line = match serde_json::to_vec(rec) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an audit record");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size > 0 && size + line.len() as u64 > self.max_bytes {
+            match self.rotate() {
+                Ok(f) => *file = f,
+                Err(e) => tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the audit log"),
+            }
+        }
+        if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+            tracing::error!(error = %e, path = %self.path.display(), "cannot write the audit log");
+        }
+    }
+
+    fn rotate(&self) -> std::io::Result<File> {
+        for n in (1..self.keep).rev() {
+            let from = rotated(&self.path, n);
+            if from.exists() {
+                std::fs::rename(&from, rotated(&self.path, n + 1))?;
+            }
+        }
+        if self.keep > 0 {
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        } else {
+            std::fs::remove_file(&self.path)?;
+        }
+        open_append(&self.path)
+    }
+
+    /// Reads records, oldest first, filtered by volume and time, the newest `limit`.
+    pub fn read(
+        path: &Path,
+        keep: u32,
+        volume: Option<&str>,
+        since: Option<&str>,
+        limit: Option<usize>,
+    ) -> std::io::Result<Vec<serde_json::Value>> {
+        let since = since
+            .map(|s| {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("'{s}' is not an RFC 3339 time such as 2026-11-22T10:00:00Z"),
+                    )
+                })
+            })
+            .transpose()?;
+        let mut files: Vec<PathBuf> = (1..=keep.max(1)).rev().map(|n| rotated(path, n)).collect();
+        files.push(path.to_path_buf());
+        let mut out = Vec::new();
+        for f in files {
+            let Ok(file) = File::open(&f) else { continue };
+            for line in BufReader::new(file).lines() {
+                let line = line?;
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if let Some(vol) = volume
+                    && v.get("volume").and_then(|x| x.as_str()) != Some(vol)
+                {
+                    continue;
+                }
+                if let Some(since) = since {
+                    let t = v
+                        .get("time")
+                        .and_then(|x| x.as_str())
+                        .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok());
+                    if t.is_none_or(|t| t < since) {
+                        continue;
+                    }
+                }
+                out.push(v);
+            }
+        }
+        if let Some(limit) = limit
+            && out.len() > limit
+        {
+            out.drain(..out.len() - limit);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(op: &str, vol: &str) -> AuditRecord {
+        AuditRecord {
+            time: now(),
+            operation: op.into(),
+            backend: "local".into(),
+            key_id: Some("k".into()),
+            context: None,
+            volume: Some(vol.into()),
+            caller_uid: Some(0),
+            outcome: "ok".into(),
+            latency_ms: 1,
+        }
+    }
+
+    #[test]
+    fn appends_rotates_and_filters() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("audit/audit.jsonl");
+        let log = AuditLog::open(&path, 4096, 2).expect("open");
+        for i in 0..100 {
+            log.record(&rec("attach", if i % 2 == 0 { "a" } else { "b" }));
+        }
+        assert!(rotated(&path, 1).exists() && rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists(), "keeps only 2 rotated files");
+        for f in [path.clone(), rotated(&path, 1)] {
+            assert!(std::fs::metadata(&f).expect("meta").len() <= 4096);
+        }
+        let all = AuditLog::read(&path, 2, None, None, None).expect("read");
+        assert!(!all.is_empty() && all.len() < 100, "{}", all.len());
+        let a = AuditLog::read(&path, 2, Some("a"), None, Some(3)).expect("read");
+        assert_eq!(a.len(), 3);
+        assert!(a.iter().all(|v| v["volume"] == "a"));
+        let future = AuditLog::read(&path, 2, None, Some("2999-01-01T00:00:00Z"), None).expect("read");
+        assert!(future.is_empty());
+        assert!(AuditLog::read(&path, 2, None, Some("yesterday"), None).is_err());
+    }
+}

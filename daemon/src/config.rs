@@ -1,0 +1,242 @@
+//! The daemon's TOML configuration. Every field has a default, so cryptnbd runs with no
+//! config file at all: the local KMS in the per-user (or system) state directory, a unix
+//! NBD socket, no TCP. Unknown keys are refused so that a typo is not silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration (docs/daemon.md lists every key).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// State directory (keystore, volumes, audit log). Default: as `cryptnbdctl`.
+    pub state_dir: Option<PathBuf>,
+    /// Socket directory. Default: `/run/cryptnbd` as root, else `$XDG_RUNTIME_DIR/cryptnbd`.
+    pub runtime_dir: Option<PathBuf>,
+    /// NBD listeners.
+    pub nbd: NbdConfig,
+    /// The control socket.
+    pub control: ControlConfig,
+    /// The KMS backend.
+    pub kms: KmsConfig,
+    /// Resource limits.
+    pub limits: LimitsConfig,
+    /// The audit trail.
+    pub audit: AuditConfig,
+    /// Key memory.
+    pub memory: MemoryConfig,
+}
+
+/// `[nbd]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// The NBD unix socket. Default: RUNTIME_DIR/nbd.sock.
+    pub unix_socket: Option<PathBuf>,
+    /// A TCP listener, e.g. "127.0.0.1:10809". Off by default; loopback only unless
+    /// `allow_non_loopback`. Volumes are reachable on it only when attached with `--tcp`.
+    pub tcp: Option<SocketAddr>,
+    /// Allow a TCP listener on a non-loopback address (data travels unencrypted on the
+    /// network until TLS lands).
+    pub allow_non_loopback: bool,
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The control socket. Default: RUNTIME_DIR/control.sock (mode 0660).
+    pub socket: Option<PathBuf>,
+    /// Users allowed on the control socket besides root and the daemon's own user.
+    pub allow_uids: Vec<u32>,
+    /// Groups allowed on the control socket (the caller's primary group).
+    pub allow_gids: Vec<u32>,
+}
+
+/// `[kms]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsConfig {
+    /// `local` (the embedded KMS; the default).
+    pub backend: String,
+    /// Keystore directory of the local KMS. Default: STATE_DIR/keystore.
+    pub keystore: Option<PathBuf>,
+    /// File with the passphrase of a sealed keystore (else env CRYPTNBD_KMS_PASSPHRASE).
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self { backend: "local".into(), keystore: None, passphrase_file: None }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest NBD request payload (bytes).
+    pub max_payload: u32,
+    /// In-flight payload bytes per connection.
+    pub per_connection_inflight_bytes: u64,
+    /// In-flight payload bytes over all connections.
+    pub global_inflight_bytes: u64,
+    /// Most simultaneous NBD connections.
+    pub max_connections: usize,
+    /// Seconds a client has to finish the handshake.
+    pub handshake_timeout_secs: u64,
+    /// Threads doing the blocking volume I/O (0: one per core, at least 4).
+    pub io_threads: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = nbd::server::Limits::default();
+        Self {
+            max_payload: d.max_payload,
+            per_connection_inflight_bytes: d.per_connection_inflight_bytes,
+            global_inflight_bytes: d.global_inflight_bytes,
+            max_connections: d.max_connections,
+            handshake_timeout_secs: d.handshake_timeout.as_secs(),
+            io_threads: 0,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The server limits these settings describe.
+    pub fn to_limits(&self) -> nbd::server::Limits {
+        let d = nbd::server::Limits::default();
+        nbd::server::Limits {
+            max_payload: self.max_payload,
+            per_connection_inflight_bytes: self.per_connection_inflight_bytes,
+            global_inflight_bytes: self.global_inflight_bytes,
+            max_connections: self.max_connections,
+            handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+            io_threads: if self.io_threads > 0 { self.io_threads } else { d.io_threads },
+            ..d
+        }
+    }
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Rotate the audit file when it would exceed this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (audit.jsonl.1 .. .N).
+    pub keep: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { max_bytes: 10 << 20, keep: 5 }
+    }
+}
+
+/// `[memory]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Refuse to start when memory cannot be locked (keys could reach swap). Default: true
+    /// as root, false otherwise (an unprivileged user rarely may lock enough memory; the
+    /// daemon then warns).
+    pub require_lock: Option<bool>,
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("invalid configuration in {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (with line and column).
+        message: String,
+    },
+    /// A value is not allowed.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Invalid(message) => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kms.backend != "local" {
+            return Err(ConfigError::Invalid(format!(
+                "kms.backend = \"{}\" is not available in this build: use \"local\"",
+                self.kms.backend
+            )));
+        }
+        if let Some(addr) = self.nbd.tcp
+            && !addr.ip().is_loopback()
+            && !self.nbd.allow_non_loopback
+        {
+            return Err(ConfigError::Invalid(format!(
+                "nbd.tcp = \"{addr}\" is not a loopback address; NBD data is not encrypted on the \
+                 network: set nbd.allow_non_loopback = true to do it anyway"
+            )));
+        }
+        if self.limits.max_payload < 4096 || self.limits.max_payload > (32 << 20) {
+            return Err(ConfigError::Invalid("limits.max_payload must be 4096..=33554432".into()));
+        }
+        if self.limits.global_inflight_bytes < u64::from(self.limits.max_payload) {
+            return Err(ConfigError::Invalid(
+                "limits.global_inflight_bytes must be at least limits.max_payload".into(),
+            ));
+        }
+        if self.audit.max_bytes < 4096 {
+            return Err(ConfigError::Invalid("audit.max_bytes must be at least 4096".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_valid_and_typos_are_refused() {
+        let c = Config::parse("").expect("empty");
+        assert_eq!(c.kms.backend, "local");
+        assert!(c.nbd.tcp.is_none());
+        let err = Config::parse("[nbd]\ntcpp = \"127.0.0.1:1\"\n").expect_err("typo");
+        assert!(err.to_string().contains("tcpp"), "{err}");
+        let err = Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\n").expect_err("public");
+        assert!(err.to_string().contains("allow_non_loopback"), "{err}");
+        Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\nallow_non_loopback = true\n").expect("opt-in");
+        let err = Config::parse("[kms]\nbackend = \"vault\"\n").expect_err("backend");
+        assert!(err.to_string().contains("vault"), "{err}");
+    }
+}

@@ -1,0 +1,573 @@
+//! The daemon's state and one handler per control request. Lifecycle operations (create,
+//! attach, detach, delete) are serialized by one lock, so two of them never race on a volume;
+//! the data path never takes it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use control_api::paths::{StateLayout, validate_name};
+use control_api::{
+    ApiError, AttachRequest, AttachmentStatus, ConnectionStatus, CreateRequest, DaemonInfo, DetachRequest,
+    ErrorCode, Request, Response, VolumeSummary,
+};
+use kms_client::{ContextKeys, IdentityContext, Kms, KmsBackend, KmsErrorKind};
+use nbd::device::Export;
+use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
+
+use crate::audit::{AuditLog, AuditRecord, now};
+use crate::device::VolumeDevice;
+use crate::registry::{Attachment, Registry};
+
+/// Who sent a request (from the control socket's peer credentials).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// The running daemon.
+pub struct Daemon {
+    /// Where everything lives.
+    pub layout: StateLayout,
+    /// The KMS.
+    pub kms: KmsBackend,
+    /// Attached volumes.
+    pub registry: Arc<Registry>,
+    /// The NBD server.
+    pub server: Arc<nbd::server::Server>,
+    /// The audit trail.
+    pub audit: AuditLog,
+    /// Rotated audit files kept (for reading).
+    pub audit_keep: u32,
+    /// The NBD unix socket (for URIs).
+    pub nbd_socket: PathBuf,
+    /// The NBD TCP listener, if any.
+    pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// Whether memory is locked.
+    pub memory_locked: bool,
+    /// Serializes lifecycle operations.
+    lifecycle: tokio::sync::Mutex<()>,
+}
+
+fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError::new(code, message)
+}
+
+/// Maps a volume error to the API's classes; the message keeps the whole cause chain.
+fn volume_error(e: &VolumeError) -> ApiError {
+    let code = match e.kind() {
+        VolumeErrorKind::NotFound => ErrorCode::NotFound,
+        VolumeErrorKind::AlreadyExists | VolumeErrorKind::InUse | VolumeErrorKind::ReadOnly => ErrorCode::Conflict,
+        VolumeErrorKind::Corrupt | VolumeErrorKind::Unsupported => ErrorCode::Damaged,
+        VolumeErrorKind::IdentityMismatch | VolumeErrorKind::WrongKey => ErrorCode::KmsRefused,
+        VolumeErrorKind::InvalidArgument => ErrorCode::InvalidRequest,
+        VolumeErrorKind::NoSpace | VolumeErrorKind::Io | VolumeErrorKind::Failed => ErrorCode::Io,
+        VolumeErrorKind::Kms => match e.kms_kind() {
+            Some(KmsErrorKind::KeyNotFound) => ErrorCode::NotFound,
+            Some(KmsErrorKind::Unavailable) => ErrorCode::KmsUnavailable,
+            Some(KmsErrorKind::InvalidRequest) => ErrorCode::InvalidRequest,
+            Some(KmsErrorKind::Keystore) => ErrorCode::Io,
+            _ => ErrorCode::KmsRefused,
+        },
+    };
+    api(code, chain(e))
+}
+
+/// An error and its causes as one sentence ("a: b: c").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+impl Daemon {
+    /// A daemon over already-opened parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        layout: StateLayout,
+        kms: KmsBackend,
+        registry: Arc<Registry>,
+        server: Arc<nbd::server::Server>,
+        audit: AuditLog,
+        audit_keep: u32,
+        nbd_socket: PathBuf,
+        nbd_tcp: Option<std::net::SocketAddr>,
+        memory_locked: bool,
+    ) -> Self {
+        Self {
+            layout,
+            kms,
+            registry,
+            server,
+            audit,
+            audit_keep,
+            nbd_socket,
+            nbd_tcp,
+            memory_locked,
+            lifecycle: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Runs one request for `caller`.
+    pub async fn handle(&self, request: Request, caller: Caller) -> Result<Response, ApiError> {
+        match request {
+            Request::Hello => Ok(Response::Hello(self.info())),
+            Request::Create(r) => {
+                let _g = self.lifecycle.lock().await;
+                self.create(r, caller).await
+            }
+            Request::Attach(r) => {
+                let _g = self.lifecycle.lock().await;
+                self.attach(r, Some(caller)).await.map(Response::Attached)
+            }
+            Request::Detach(r) => {
+                let _g = self.lifecycle.lock().await;
+                self.detach(r, Some(caller)).await
+            }
+            Request::List => self.list(),
+            Request::Status { volume } => self.status(volume.as_deref()),
+            Request::Delete { volume } => {
+                let _g = self.lifecycle.lock().await;
+                self.delete(&volume, caller)
+            }
+            Request::Audit(q) => AuditLog::read(
+                &self.layout.audit_log(),
+                self.audit_keep,
+                q.volume.as_deref(),
+                q.since.as_deref(),
+                q.limit,
+            )
+            .map(|records| Response::Audit { records })
+            .map_err(|e| {
+                let code = if e.kind() == std::io::ErrorKind::InvalidInput {
+                    ErrorCode::InvalidRequest
+                } else {
+                    ErrorCode::Io
+                };
+                api(code, format!("cannot read the audit trail: {e}"))
+            }),
+        }
+    }
+
+    fn info(&self) -> DaemonInfo {
+        DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            api_version: control_api::API_VERSION,
+            state_dir: self.layout.state_dir.display().to_string(),
+            kms_backend: self.kms.backend_name().into(),
+            nbd_socket: self.nbd_socket.display().to_string(),
+            nbd_tcp: self.nbd_tcp.map(|a| a.to_string()),
+            memory_locked: self.memory_locked,
+        }
+    }
+
+    fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
+        validate_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
+        Ok(self.layout.volume_file(name))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_record(
+        &self,
+        operation: &str,
+        volume: &str,
+        key_id: Option<&str>,
+        context: Option<&BTreeMap<String, String>>,
+        caller: Option<Caller>,
+        started: Instant,
+        outcome: &Result<(), String>,
+    ) {
+        self.audit.record(&AuditRecord {
+            time: now(),
+            operation: operation.into(),
+            backend: self.kms.backend_name().into(),
+            key_id: key_id.map(str::to_owned),
+            context: context.cloned(),
+            volume: Some(volume.into()),
+            caller_uid: caller.map(|c| c.uid),
+            outcome: match outcome {
+                Ok(()) => "ok".into(),
+                Err(e) => e.clone(),
+            },
+            latency_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+
+    async fn create(&self, r: CreateRequest, caller: Caller) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.volume_path(&r.name)?;
+        let invalid = |m: String| api(ErrorCode::InvalidRequest, m);
+        let volume_id = r.volume_id.clone().unwrap_or_else(IdentityContext::generate_volume_id);
+        let identity =
+            IdentityContext::new(&r.sid, &r.directory, &volume_id).map_err(|e| invalid(e.to_string()))?;
+        let defaults = ContextKeys::default();
+        let context_keys = ContextKeys {
+            sid_directory: r.sid_directory_key.clone().unwrap_or(defaults.sid_directory),
+            volume_id: r.volume_id_key.clone().unwrap_or(defaults.volume_id),
+        };
+        let context = identity
+            .to_context(&context_keys, &r.context)
+            .map_err(|e| invalid(e.to_string()))?;
+        make_private_dir(&self.layout.volumes())?;
+        let opts = CreateOptions {
+            size: r.size,
+            sector_size: r.sector_size,
+            key_id: r.kms_key.clone(),
+            identity,
+            context_keys,
+            extra_context: r.context.clone(),
+        };
+        let result = Volume::create(&path, &opts, &self.kms).await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_record("create", &r.name, Some(&r.kms_key), Some(context.pairs()), Some(caller), started, &outcome);
+        drop(result.map_err(|e| volume_error(&e))?);
+        Ok(Response::Created(self.summary(&r.name, &path)))
+    }
+
+    fn summary(&self, name: &str, path: &Path) -> VolumeSummary {
+        let attached = self.registry.get(name).is_some();
+        match volume::inspect(path) {
+            Ok(info) => VolumeSummary {
+                name: name.into(),
+                path: path.display().to_string(),
+                size: info.size,
+                sector_size: info.sector_size,
+                volume_id: info.token.as_ref().map(|t| t.volume_id.clone()),
+                key_id: info.token.as_ref().map(|t| t.key_id.clone()),
+                context: info.token.map(|t| t.context).unwrap_or_default(),
+                attached,
+                problem: info
+                    .primary_header_problem
+                    .map(|p| format!("primary header copy: {p}"))
+                    .or(info.secondary_header_problem.map(|p| format!("secondary header copy: {p}"))),
+            },
+            Err(e) => VolumeSummary {
+                name: name.into(),
+                path: path.display().to_string(),
+                size: 0,
+                sector_size: 0,
+                volume_id: None,
+                key_id: None,
+                context: BTreeMap::new(),
+                attached,
+                problem: Some(chain(&e)),
+            },
+        }
+    }
+
+    /// Attaches a volume (`caller` None: re-attach at start, owner from the saved request).
+    pub async fn attach(&self, r: AttachRequest, caller: Option<Caller>) -> Result<AttachmentStatus, ApiError> {
+        self.attach_as(r, caller, None).await
+    }
+
+    async fn attach_as(
+        &self,
+        r: AttachRequest,
+        caller: Option<Caller>,
+        saved_owner: Option<u32>,
+    ) -> Result<AttachmentStatus, ApiError> {
+        let started = Instant::now();
+        let path = self.volume_path(&r.volume)?;
+        if self.registry.get(&r.volume).is_some() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!("volume {} is already attached: see 'cryptnbdctl status {}'", r.volume, r.volume),
+            ));
+        }
+        let export_name = r.export_name.clone().unwrap_or_else(|| r.volume.clone());
+        if export_name.is_empty() || export_name.len() > 4096 {
+            return Err(api(ErrorCode::InvalidRequest, "an export name is 1 to 4096 bytes"));
+        }
+        if r.tcp && self.nbd_tcp.is_none() {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                "the daemon has no TCP listener: set [nbd] tcp = \"127.0.0.1:10809\" in its configuration",
+            ));
+        }
+        // What the audit record names, read before the KMS call.
+        let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        let opts = OpenOptions {
+            read_only: r.read_only,
+            expect_sid: r.sid.clone(),
+            expect_directory: r.directory.clone(),
+        };
+        let opened = Volume::open(&path, &opts, &self.kms).await;
+        let outcome = opened.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_record(
+            "attach",
+            &r.volume,
+            token.as_ref().map(|t| t.key_id.as_str()),
+            token.as_ref().map(|t| &t.context),
+            caller,
+            started,
+            &outcome,
+        );
+        let vol = Arc::new(opened.map_err(|e| volume_error(&e))?);
+        let device = Arc::new(VolumeDevice::new(Arc::clone(&vol), r.read_only));
+        let export = Arc::new(Export {
+            name: export_name.clone(),
+            description: format!("cryptnbd volume {}", r.volume),
+            device: device.clone(),
+        });
+        let owner_uid = saved_owner.or(caller.map(|c| c.uid)).unwrap_or(0);
+        let attachment = Arc::new(Attachment {
+            volume: r.volume.clone(),
+            export_name,
+            export,
+            device,
+            request: r.clone(),
+            owner_uid,
+            since: SystemTime::now(),
+            key_id: token.as_ref().map(|t| t.key_id.clone()).unwrap_or_default(),
+            context: token.map(|t| t.context).unwrap_or_default(),
+        });
+        self.registry.insert(Arc::clone(&attachment)).map_err(|m| api(ErrorCode::Conflict, m))?;
+        if !r.transient {
+            self.save_attachments()?;
+        }
+        tracing::info!(volume = %r.volume, export = %attachment.export_name, read_only = r.read_only, "attached");
+        Ok(self.attachment_status(&attachment))
+    }
+
+    fn uris(&self, a: &Attachment) -> Vec<String> {
+        let mut uris = vec![format!("nbd+unix:///{}?socket={}", a.export_name, self.nbd_socket.display())];
+        if a.request.tcp
+            && let Some(addr) = self.nbd_tcp
+        {
+            uris.push(format!("nbd://{addr}/{}", a.export_name));
+        }
+        uris
+    }
+
+    fn attachment_status(&self, a: &Attachment) -> AttachmentStatus {
+        AttachmentStatus {
+            volume: a.volume.clone(),
+            export_name: a.export_name.clone(),
+            read_only: a.device.read_only_export(),
+            transient: a.request.transient,
+            tcp: a.request.tcp,
+            size: a.device.volume().size(),
+            since: rfc3339(a.since),
+            owner_uid: a.owner_uid,
+            uris: self.uris(a),
+            bytes_read: a.device.bytes_read(),
+            bytes_written: a.device.bytes_written(),
+            connections: self.connections(&a.export_name),
+            failed: a.device.volume().is_failed(),
+        }
+    }
+
+    fn connections(&self, export: &str) -> Vec<ConnectionStatus> {
+        self.server
+            .connections(Some(export))
+            .into_iter()
+            .map(|c| ConnectionStatus {
+                id: c.id,
+                peer: c.peer.to_string(),
+                since: rfc3339(c.since),
+                bytes_read: c.bytes_read,
+                bytes_written: c.bytes_written,
+            })
+            .collect()
+    }
+
+    /// Detaches a volume: refuse while clients are connected (unless `force`), stop new
+    /// connections, drain and close existing ones, flush, and drop the volume (its key is
+    /// wiped when the cipher is freed).
+    pub async fn detach(&self, r: DetachRequest, caller: Option<Caller>) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let Some(a) = self.registry.get(&r.volume) else {
+            return Err(api(ErrorCode::NotFound, format!("volume {} is not attached", r.volume)));
+        };
+        let connected = self.connections(&a.export_name);
+        if !connected.is_empty() && !r.force {
+            let who: Vec<String> = connected.iter().map(|c| c.peer.clone()).collect();
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {} has {} connected client(s): {}; disconnect them or use --force \
+                     (in-flight requests are finished first)",
+                    r.volume,
+                    connected.len(),
+                    who.join(", ")
+                ),
+            ));
+        }
+        self.registry.remove(&r.volume);
+        self.server.disconnect_export(&a.export_name).await;
+        let flushed = a.device.volume().flush();
+        if let Err(e) = self.save_attachments() {
+            tracing::error!(error = %e.message, "cannot save the attachment list");
+        }
+        let outcome = flushed.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_record("detach", &r.volume, Some(&a.key_id), Some(&a.context), caller, started, &outcome);
+        let volume = a.volume.clone();
+        // The last references: the export held by the server is gone after the drain.
+        drop(a);
+        tracing::info!(volume = %volume, "detached; key wiped");
+        flushed.map_err(|e| volume_error(&e))?;
+        Ok(Response::Detached { volume, disconnected: connected })
+    }
+
+    fn list(&self) -> Result<Response, ApiError> {
+        let dir = self.layout.volumes();
+        let mut volumes = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let Some(name) = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(".luks"))
+                        .filter(|n| validate_name(n).is_ok())
+                    else {
+                        continue;
+                    };
+                    volumes.push(self.summary(name, &path));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(api(ErrorCode::Io, format!("cannot list {}: {e}", dir.display()))),
+        }
+        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::Volumes { volumes })
+    }
+
+    fn status(&self, volume: Option<&str>) -> Result<Response, ApiError> {
+        let attachments: Vec<AttachmentStatus> = match volume {
+            Some(v) => {
+                let a = self
+                    .registry
+                    .get(v)
+                    .ok_or_else(|| api(ErrorCode::NotFound, format!("volume {v} is not attached")))?;
+                vec![self.attachment_status(&a)]
+            }
+            None => self.registry.all().iter().map(|a| self.attachment_status(a)).collect(),
+        };
+        Ok(Response::Status { attachments })
+    }
+
+    fn delete(&self, name: &str, caller: Caller) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.volume_path(name)?;
+        if self.registry.get(name).is_some() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!("volume {name} is attached: detach it first ('cryptnbdctl detach {name}')"),
+            ));
+        }
+        let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        let result = volume::wipe_and_remove(&path);
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_record(
+            "delete",
+            name,
+            token.as_ref().map(|t| t.key_id.as_str()),
+            token.as_ref().map(|t| &t.context),
+            Some(caller),
+            started,
+            &outcome,
+        );
+        result.map_err(|e| volume_error(&e))?;
+        tracing::info!(volume = name, "deleted (headers and keyslot area wiped)");
+        Ok(Response::Deleted { volume: name.into() })
+    }
+
+    /// Writes the persistent attachments (atomically).
+    fn save_attachments(&self) -> Result<(), ApiError> {
+        let saved: Vec<SavedAttachment> = self
+            .registry
+            .all()
+            .iter()
+            .filter(|a| !a.request.transient)
+            .map(|a| SavedAttachment { request: a.request.clone(), owner_uid: a.owner_uid })
+            .collect();
+        let path = self.layout.attachments();
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&saved).map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
+        write_file_synced(&tmp, &body)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| api(ErrorCode::Io, format!("cannot save {}: {e}", path.display())))
+    }
+
+    /// Re-attaches what was attached when the daemon stopped. Failures are logged and audited;
+    /// the others still attach.
+    pub async fn restore_attachments(&self) {
+        let path = self.layout.attachments();
+        let saved: Vec<SavedAttachment> = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, path = %path.display(), "cannot parse the saved attachments; none re-attached");
+                    return;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "cannot read the saved attachments");
+                return;
+            }
+        };
+        let _g = self.lifecycle.lock().await;
+        for s in saved {
+            let volume = s.request.volume.clone();
+            match self.attach_as(s.request, None, Some(s.owner_uid)).await {
+                Ok(_) => tracing::info!(volume = %volume, "re-attached"),
+                Err(e) => tracing::error!(volume = %volume, error = %e.message, "cannot re-attach"),
+            }
+        }
+    }
+
+    /// Shutdown: drain every connection, flush every volume, drop them (keys wiped).
+    pub async fn shutdown(&self) {
+        self.server.drain_all().await;
+        for a in self.registry.take_all() {
+            if let Err(e) = a.device.volume().flush() {
+                tracing::error!(volume = %a.volume, error = %chain(&e), "flush at shutdown failed");
+            }
+            self.audit_record("detach", &a.volume, Some(&a.key_id), Some(&a.context), None, Instant::now(), &Ok(()));
+        }
+    }
+}
+
+/// What is saved per attachment to re-attach at start.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedAttachment {
+    request: AttachRequest,
+    owner_uid: u32,
+}
+
+fn write_file_synced(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(body)?;
+    f.sync_all()
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| api(ErrorCode::Io, format!("cannot create {}: {e}", dir.display())))
+}

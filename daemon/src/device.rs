@@ -1,0 +1,123 @@
+//! The adapter from an open [`Volume`] to the NBD server's [`BlockDevice`], counting bytes
+//! for `status` and mapping every volume error to an NBD errno in one place.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nbd::device::{BlockDevice, BlockSizes, DeviceError, Errno, Extent};
+use volume::{Volume, VolumeError, VolumeErrorKind};
+
+/// NBD_STATE_HOLE: the range is not allocated in the volume file.
+const STATE_HOLE: u32 = 0x1;
+/// Largest request payload advertised.
+const MAX_BLOCK: u32 = 32 << 20;
+
+/// A volume exported over NBD.
+pub struct VolumeDevice {
+    volume: Arc<Volume>,
+    read_only: bool,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl VolumeDevice {
+    /// Wraps an open volume; `read_only` may be stricter than how the volume was opened.
+    pub fn new(volume: Arc<Volume>, read_only: bool) -> Self {
+        let read_only = read_only || volume.read_only();
+        Self { volume, read_only, bytes_read: AtomicU64::new(0), bytes_written: AtomicU64::new(0) }
+    }
+
+    /// Bytes read through the export.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written through the export.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// Whether the export is read-only.
+    pub fn read_only_export(&self) -> bool {
+        self.read_only
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+}
+
+/// The one place volume errors become NBD errnos.
+fn errno(e: VolumeError) -> DeviceError {
+    let errno = match e.kind() {
+        VolumeErrorKind::InvalidArgument => Errno::Einval,
+        VolumeErrorKind::ReadOnly => Errno::Eperm,
+        VolumeErrorKind::NoSpace => Errno::Enospc,
+        _ => Errno::Eio,
+    };
+    DeviceError::new(errno, e.to_string())
+}
+
+impl BlockDevice for VolumeDevice {
+    fn size(&self) -> u64 {
+        self.volume.size()
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        // Any alignment works (sub-sector I/O is read-modify-write); whole sectors are best.
+        BlockSizes { minimum: 1, preferred: self.volume.sector_size(), maximum: MAX_BLOCK }
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.volume.read_at(buf, offset).map_err(errno)?;
+        self.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), DeviceError> {
+        self.volume.write_at_mut(data, offset).map_err(errno)?;
+        self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if fua {
+            self.volume.flush().map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.volume.flush().map_err(errno)
+    }
+
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), DeviceError> {
+        self.volume.trim(offset, length).map_err(errno)?;
+        if fua {
+            self.volume.flush().map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, _may_trim: bool, fua: bool) -> Result<(), DeviceError> {
+        // Always encrypted zeros, never a hole, even when trimming is allowed: a hole would
+        // read as random bytes through dm-crypt.
+        self.volume.write_zeroes(offset, length).map_err(errno)?;
+        self.bytes_written.fetch_add(length, Ordering::Relaxed);
+        if fua {
+            self.volume.flush().map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, DeviceError> {
+        // Holes read as zeros through cryptnbd but not through dm-crypt, so they are HOLE and
+        // never ZERO; allocated data is 0.
+        let runs = self.volume.allocation(offset, length).map_err(errno)?;
+        Ok(runs
+            .into_iter()
+            .map(|(length, allocated)| Extent { length, flags: if allocated { 0 } else { STATE_HOLE } })
+            .collect())
+    }
+}

@@ -1,0 +1,115 @@
+//! The attached volumes, and who may open their exports.
+//!
+//! Access rule for the data path: a unix-socket client may open an export when its uid is 0,
+//! the export's owner (who attached it), in the export's allow-list of uids, or its primary
+//! gid is in the allow-list of gids. A TCP client may open only exports attached with `tcp`
+//! (it has no credentials). NBD_OPT_LIST shows a client only what it may open; an export it
+//! may not open looks exactly like an unknown one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use nbd::device::{Export, ExportRegistry, Peer};
+
+use crate::device::VolumeDevice;
+
+/// One attached volume.
+pub struct Attachment {
+    /// Volume name.
+    pub volume: String,
+    /// Export name.
+    pub export_name: String,
+    /// The export the server serves.
+    pub export: Arc<Export>,
+    /// The adapter (byte counters, the volume).
+    pub device: Arc<VolumeDevice>,
+    /// How it was attached (re-used when re-attaching at start).
+    pub request: control_api::AttachRequest,
+    /// Who attached it.
+    pub owner_uid: u32,
+    /// When.
+    pub since: SystemTime,
+    /// Master key id (for audit records).
+    pub key_id: String,
+    /// Encryption context (for audit records).
+    pub context: BTreeMap<String, String>,
+}
+
+impl Attachment {
+    /// Whether `peer` may open this export.
+    pub fn allows(&self, peer: &Peer) -> bool {
+        match peer {
+            Peer::Unix { uid, gid, .. } => {
+                *uid == 0
+                    || *uid == self.owner_uid
+                    || self.request.allow_uids.contains(uid)
+                    || self.request.allow_gids.contains(gid)
+            }
+            Peer::Tcp(_) => self.request.tcp,
+        }
+    }
+}
+
+/// Attached volumes by volume name.
+#[derive(Default)]
+pub struct Registry {
+    by_volume: RwLock<BTreeMap<String, Arc<Attachment>>>,
+}
+
+impl Registry {
+    /// Adds an attachment; fails if the volume or the export name is taken.
+    pub fn insert(&self, a: Arc<Attachment>) -> Result<(), String> {
+        let mut map = self.by_volume.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&a.volume) {
+            return Err(format!("volume {} is already attached", a.volume));
+        }
+        if let Some(other) = map.values().find(|o| o.export_name == a.export_name) {
+            return Err(format!(
+                "export name {} is already used by volume {}: choose another with --export-name",
+                a.export_name, other.volume
+            ));
+        }
+        map.insert(a.volume.clone(), a);
+        Ok(())
+    }
+
+    /// Removes an attachment (new connections to its export are refused from now on).
+    pub fn remove(&self, volume: &str) -> Option<Arc<Attachment>> {
+        self.by_volume.write().unwrap_or_else(|p| p.into_inner()).remove(volume)
+    }
+
+    /// The attachment of `volume`.
+    pub fn get(&self, volume: &str) -> Option<Arc<Attachment>> {
+        self.by_volume.read().unwrap_or_else(|p| p.into_inner()).get(volume).cloned()
+    }
+
+    /// Every attachment.
+    pub fn all(&self) -> Vec<Arc<Attachment>> {
+        self.by_volume.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Removes and returns every attachment (shutdown).
+    pub fn take_all(&self) -> Vec<Arc<Attachment>> {
+        std::mem::take(&mut *self.by_volume.write().unwrap_or_else(|p| p.into_inner()))
+            .into_values()
+            .collect()
+    }
+}
+
+impl ExportRegistry for Registry {
+    fn lookup(&self, name: &str, peer: &Peer) -> Option<Arc<Export>> {
+        let map = self.by_volume.read().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .find(|a| a.export_name == name && a.allows(peer))
+            .map(|a| Arc::clone(&a.export))
+    }
+
+    fn list(&self, peer: &Peer) -> Vec<(String, String)> {
+        let map = self.by_volume.read().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .filter(|a| a.allows(peer))
+            .map(|a| (a.export_name.clone(), a.export.description.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,189 @@
+//! The real `cryptnbd` daemon as a child process on temporary sockets, and helpers for the
+//! real NBD clients that talk to it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Ctl, Outcome, TestDir, require_tool, run, target_dir};
+
+/// The built `cryptnbd` binary.
+pub fn cryptnbd_bin() -> PathBuf {
+    let bin = target_dir().join("debug").join("cryptnbd");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running daemon.
+pub struct Daemon {
+    child: Option<Child>,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Socket directory.
+    pub runtime_dir: PathBuf,
+    /// The config file it was started with.
+    pub config: PathBuf,
+    /// Its stderr log.
+    pub log: PathBuf,
+    /// `cryptnbdctl` bound to this daemon.
+    pub ctl: Ctl,
+}
+
+impl Daemon {
+    /// Starts a daemon with state in `dir/state`, sockets in `dir/run`, and `extra` appended
+    /// to its TOML config; returns once its control socket answers.
+    #[track_caller]
+    pub fn start(dir: &TestDir, extra: &str) -> Self {
+        let state_dir = dir.state_dir();
+        let runtime_dir = dir.join("run");
+        let config = dir.join("cryptnbd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}\n",
+                state_dir.display(),
+                runtime_dir.display()
+            ),
+        )
+        .expect("write config");
+        Self::start_with(state_dir, runtime_dir, config, dir.join("cryptnbd.log"))
+    }
+
+    #[track_caller]
+    fn start_with(state_dir: PathBuf, runtime_dir: PathBuf, config: PathBuf, log: PathBuf) -> Self {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let child = Command::new(cryptnbd_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("-v")
+            .env_remove("CRYPTNBD_STATE_DIR")
+            .env_remove("CRYPTNBD_RUNTIME_DIR")
+            .env_remove("CRYPTNBD_CONFIG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start cryptnbd");
+        let mut ctl = Ctl::new(&state_dir);
+        ctl.socket = Some(runtime_dir.join("control.sock"));
+        let mut d = Self { child: Some(child), state_dir, runtime_dir, config, log, ctl };
+        d.wait_ready();
+        d
+    }
+
+    #[track_caller]
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("cryptnbd exited during start-up ({status}); its log:\n{}", self.log_text());
+            }
+            let out = self.ctl.run_quiet(&["status"]);
+            if out.code == Some(0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cryptnbd did not answer on its control socket within 30 s; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The NBD unix socket.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.runtime_dir.join("nbd.sock")
+    }
+
+    /// The NBD URI of `export`.
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd_socket().display())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGTERM, then waits; asserts a clean exit and returns its log.
+    #[track_caller]
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        run(Command::new("kill").arg("-TERM").arg(child.id().to_string())).assert_success();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "cryptnbd exited with {status}; log:\n{}", self.log_text());
+                return self.log_text();
+            }
+            assert!(Instant::now() < deadline, "cryptnbd did not stop within 60 s after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same daemon again (same config), e.g. after `stop`.
+    #[track_caller]
+    pub fn restart(self) -> Self {
+        let (state_dir, runtime_dir, config, log) =
+            (self.state_dir.clone(), self.runtime_dir.clone(), self.config.clone(), self.log.clone());
+        self.stop();
+        Self::start_with(state_dir, runtime_dir, config, log)
+    }
+
+    /// SIGKILL (a crash), then waits.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Ctl {
+    /// Runs `cryptnbdctl ARGS...` without asserting anything.
+    pub fn run_quiet(&self, args: &[&str]) -> Outcome {
+        run(&mut self.command(args))
+    }
+}
+
+/// `nbdinfo` (libnbd-bin).
+pub fn nbdinfo() -> PathBuf {
+    require_tool("nbdinfo", "libnbd-bin")
+}
+
+/// `nbdcopy` (libnbd-bin).
+pub fn nbdcopy() -> PathBuf {
+    require_tool("nbdcopy", "libnbd-bin")
+}
+
+/// Waits until `path` exists and is non-empty (a pid file), or panics after `secs`.
+#[track_caller]
+pub fn wait_for_nonempty(path: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "{} stayed empty for {secs} s", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
