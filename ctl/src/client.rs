@@ -4,7 +4,10 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use control_api::{API_VERSION, ApiError, Envelope, Outcome, Request, Response, ResponseEnvelope, decode_line, encode_line};
+use control_api::{
+    API_VERSION, ApiError, Envelope, Outcome, Request, Response, ResponseEnvelope, decode_line,
+    encode_line,
+};
 
 /// Why a request did not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +42,11 @@ impl Client {
     /// Connects; `Ok(None)` when no daemon listens there (so a verb may work offline).
     pub fn try_connect(path: &Path) -> Result<Option<Self>, ClientError> {
         match UnixStream::connect(path) {
-            Ok(stream) => Ok(Some(Self { path: path.into(), stream, buf: Vec::new() })),
+            Ok(stream) => Ok(Some(Self {
+                path: path.into(),
+                stream,
+                buf: Vec::new(),
+            })),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -48,7 +55,10 @@ impl Client {
             {
                 Ok(None)
             }
-            Err(e) => Err(ClientError::Protocol { path: path.into(), message: e.to_string() }),
+            Err(e) => Err(ClientError::Protocol {
+                path: path.into(),
+                message: e.to_string(),
+            }),
         }
     }
 
@@ -59,9 +69,15 @@ impl Client {
 
     /// Sends a request and waits for its answer.
     pub fn call(&mut self, request: Request) -> Result<Response, ClientError> {
-        let proto = |message: String| ClientError::Protocol { path: self.path.clone(), message };
+        let proto = |message: String| ClientError::Protocol {
+            path: self.path.clone(),
+            message,
+        };
         self.stream
-            .write_all(&encode_line(&Envelope { version: API_VERSION, request }))
+            .write_all(&encode_line(&Envelope {
+                version: API_VERSION,
+                request,
+            }))
             .map_err(|e| proto(e.to_string()))?;
         let mut chunk = [0u8; 8192];
         loop {
@@ -75,7 +91,10 @@ impl Client {
                 Ok(None) => {}
                 Err(e) => return Err(proto(e.to_string())),
             }
-            let n = self.stream.read(&mut chunk).map_err(|e| proto(e.to_string()))?;
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| proto(e.to_string()))?;
             if n == 0 {
                 return Err(proto("the daemon closed the connection".into()));
             }

@@ -9,7 +9,8 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use control_api::{
-    AttachRequest, AttachmentStatus, AuditQuery, CreateRequest, DetachRequest, Request, Response, VolumeSummary,
+    AttachRequest, AttachmentStatus, AuditQuery, CreateRequest, DetachRequest, Request, Response,
+    VolumeSummary,
 };
 
 use crate::cli::{AttachArgs, Cli, Command, CreateArgs, KmsCommand};
@@ -26,7 +27,10 @@ pub fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let out = Output { json: cli.json };
-    let socket = cli.socket.clone().unwrap_or_else(|| layout.control_socket());
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| layout.control_socket());
     match &cli.command {
         Command::Create(args) => match Client::try_connect(&socket)? {
             Some(client) if args.path.is_none() => create_via_daemon(client, args, &out),
@@ -36,12 +40,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
         Command::Attach(a) => attach(&socket, a, &out),
         Command::Detach { volume, force } => {
-            let r = Client::connect(&socket)?
-                .call(Request::Detach(DetachRequest { volume: volume.clone(), force: *force }))?;
+            let r = Client::connect(&socket)?.call(Request::Detach(DetachRequest {
+                volume: volume.clone(),
+                force: *force,
+            }))?;
             out.emit(&r, || match &r {
-                Response::Detached { volume, disconnected } if !disconnected.is_empty() => format!(
+                Response::Detached {
+                    volume,
+                    disconnected,
+                } if !disconnected.is_empty() => format!(
                     "detached {volume} (disconnected {}); key wiped",
-                    disconnected.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>().join(", ")
+                    disconnected
+                        .iter()
+                        .map(|c| c.peer.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 Response::Detached { volume, .. } => format!("detached {volume}; key wiped"),
                 other => format!("{other:?}"),
@@ -49,20 +62,32 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::List => list(&layout, &socket, &out),
         Command::Status { volume } => {
-            let r = Client::connect(&socket)?.call(Request::Status { volume: volume.clone() })?;
+            let r = Client::connect(&socket)?.call(Request::Status {
+                volume: volume.clone(),
+            })?;
             out.emit(&r, || match &r {
                 Response::Status { attachments } if attachments.is_empty() => {
                     "no volume is attached ('cryptnbdctl attach VOLUME')".into()
                 }
-                Response::Status { attachments } => {
-                    attachments.iter().map(attachment_text).collect::<Vec<_>>().join("\n\n")
-                }
+                Response::Status { attachments } => attachments
+                    .iter()
+                    .map(attachment_text)
+                    .collect::<Vec<_>>()
+                    .join("\n\n"),
                 other => format!("{other:?}"),
             })
         }
         Command::Delete { volume, yes } => delete(&layout, &socket, volume, *yes, &out),
-        Command::Audit { volume, since, limit } => {
-            let q = AuditQuery { volume: volume.clone(), since: since.clone(), limit: *limit };
+        Command::Audit {
+            volume,
+            since,
+            limit,
+        } => {
+            let q = AuditQuery {
+                volume: volume.clone(),
+                since: since.clone(),
+                limit: *limit,
+            };
             let records = match Client::try_connect(&socket)? {
                 Some(mut c) => match c.call(Request::Audit(q))? {
                     Response::Audit { records } => records,
@@ -102,7 +127,9 @@ fn audit_text(r: &serde_json::Value) -> String {
         f("time"),
         f("operation"),
         f("volume"),
-        r.get("caller_uid").and_then(|v| v.as_u64()).map_or("-".into(), |u| u.to_string()),
+        r.get("caller_uid")
+            .and_then(|v| v.as_u64())
+            .map_or("-".into(), |u| u.to_string()),
         f("key_id"),
         f("outcome"),
         r.get("latency_ms").and_then(|v| v.as_u64()).unwrap_or(0)
@@ -121,7 +148,11 @@ fn attachment_text(a: &AttachmentStatus) -> String {
         a.owner_uid,
         human(a.bytes_read),
         human(a.bytes_written),
-        if a.failed { "\n  FAILED: a flush failed; detach and reattach, then check the data" } else { "" }
+        if a.failed {
+            "\n  FAILED: a flush failed; detach and reattach, then check the data"
+        } else {
+            ""
+        }
     );
     for u in &a.uris {
         s.push_str(&format!("\n  {u}"));
@@ -160,10 +191,8 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
         Response::Attached(s) => {
             let uri = s.uris.first().cloned().unwrap_or_default();
             format!(
-                "{}\n\nReach it with:\n  nbdinfo '{uri}'\n  qemu-img info '{uri}'\n                   nbdfuse DIR/disk --unix {} --name {}   # then losetup + mount",
+                "{}\n\nReach it with:\n  nbdinfo '{uri}'\n  qemu-img info '{uri}'\n  nbdfuse DIR/disk '{uri}' &   # then losetup, mkfs, mount",
                 attachment_text(s),
-                uri.split("socket=").nth(1).unwrap_or(""),
-                s.export_name
             )
         }
         other => format!("{other:?}"),
@@ -191,7 +220,10 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
                     human(v.size),
                     if v.attached { "attached" } else { "-" },
                     v.volume_id.as_deref().unwrap_or("-"),
-                    v.problem.as_ref().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default()
+                    v.problem
+                        .as_ref()
+                        .map(|p| format!("  PROBLEM: {p}"))
+                        .unwrap_or_default()
                 )
             })
             .collect::<Vec<_>>()
@@ -205,7 +237,9 @@ fn offline_list(layout: &StateLayout) -> Result<Vec<VolumeSummary>> {
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot list {}", dir.display()))),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot list {}", dir.display())));
+        }
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -247,7 +281,13 @@ fn offline_list(layout: &StateLayout) -> Result<Vec<VolumeSummary>> {
     Ok(out)
 }
 
-fn delete(layout: &StateLayout, socket: &Path, volume: &str, yes: bool, out: &Output) -> Result<()> {
+fn delete(
+    layout: &StateLayout,
+    socket: &Path,
+    volume: &str,
+    yes: bool,
+    out: &Output,
+) -> Result<()> {
     validate_name(volume).map_err(CliError::usage)?;
     if !yes {
         use std::io::IsTerminal;
@@ -266,7 +306,9 @@ fn delete(layout: &StateLayout, socket: &Path, volume: &str, yes: bool, out: &Ou
     }
     match Client::try_connect(socket)? {
         Some(mut c) => {
-            c.call(Request::Delete { volume: volume.into() })?;
+            c.call(Request::Delete {
+                volume: volume.into(),
+            })?;
         }
         None => {
             let path = layout.volume_file(volume);
@@ -281,7 +323,9 @@ fn delete(layout: &StateLayout, socket: &Path, volume: &str, yes: bool, out: &Ou
     struct Deleted<'a> {
         volume: &'a str,
     }
-    out.emit(&Deleted { volume }, || format!("deleted {volume} (headers and keyslot area wiped)"))
+    out.emit(&Deleted { volume }, || {
+        format!("deleted {volume} (headers and keyslot area wiped)")
+    })
 }
 
 /// Offline verbs audit to the same trail the daemon writes.
@@ -492,7 +536,14 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
     let created = volume::Volume::create(&path, &opts, &kms).await;
     if args.path.is_none() {
         let token = volume::inspect(&path).ok().and_then(|i| i.token);
-        offline_audit(layout, "create", &args.name, token.as_ref(), started, &created);
+        offline_audit(
+            layout,
+            "create",
+            &args.name,
+            token.as_ref(),
+            started,
+            &created,
+        );
     }
     drop(created?);
     let info = volume::inspect(&path)?;
@@ -508,7 +559,9 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         key_id: token.key_id.clone(),
         context: token.context.clone(),
     };
-    out.emit(&created, || created_text(&created, "offline: no daemon running"))
+    out.emit(&created, || {
+        created_text(&created, "offline: no daemon running")
+    })
 }
 
 fn inspect(layout: &StateLayout, volume: &str, out: &Output) -> Result<()> {

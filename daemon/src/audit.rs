@@ -46,7 +46,11 @@ pub struct AuditLog {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 fn rotated(path: &Path, n: u32) -> PathBuf {
@@ -58,7 +62,9 @@ fn rotated(path: &Path, n: u32) -> PathBuf {
 /// The current time as RFC 3339 UTC with milliseconds.
 pub fn now() -> String {
     let t = time::OffsetDateTime::now_utc();
-    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
+    let t = t
+        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
+        .unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
@@ -68,9 +74,17 @@ impl AuditLog {
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
-        Ok(Self { path: path.into(), max_bytes, keep, file: Mutex::new(open_append(path)?) })
+        Ok(Self {
+            path: path.into(),
+            max_bytes,
+            keep,
+            file: Mutex::new(open_append(path)?),
+        })
     }
 
     /// Appends a record (and rotates first if it would not fit). Errors are logged, not
@@ -90,7 +104,9 @@ impl AuditLog {
         if size > 0 && size + line.len() as u64 > self.max_bytes {
             match self.rotate() {
                 Ok(f) => *file = f,
-                Err(e) => tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the audit log"),
+                Err(e) => {
+                    tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the audit log")
+                }
             }
         }
         if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
@@ -123,12 +139,13 @@ impl AuditLog {
     ) -> std::io::Result<Vec<serde_json::Value>> {
         let since = since
             .map(|s| {
-                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("'{s}' is not an RFC 3339 time such as 2026-11-22T10:00:00Z"),
-                    )
-                })
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("'{s}' is not an RFC 3339 time such as 2026-11-22T10:00:00Z"),
+                        )
+                    })
             })
             .transpose()?;
         let mut files: Vec<PathBuf> = (1..=keep.max(1)).rev().map(|n| rotated(path, n)).collect();
@@ -138,17 +155,22 @@ impl AuditLog {
             let Ok(file) = File::open(&f) else { continue };
             for line in BufReader::new(file).lines() {
                 let line = line?;
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
                 if let Some(vol) = volume
                     && v.get("volume").and_then(|x| x.as_str()) != Some(vol)
                 {
                     continue;
                 }
                 if let Some(since) = since {
-                    let t = v
-                        .get("time")
-                        .and_then(|x| x.as_str())
-                        .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok());
+                    let t = v.get("time").and_then(|x| x.as_str()).and_then(|s| {
+                        time::OffsetDateTime::parse(
+                            s,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    });
                     if t.is_none_or(|t| t < since) {
                         continue;
                     }
@@ -201,7 +223,8 @@ mod tests {
         let a = AuditLog::read(&path, 2, Some("a"), None, Some(3)).expect("read");
         assert_eq!(a.len(), 3);
         assert!(a.iter().all(|v| v["volume"] == "a"));
-        let future = AuditLog::read(&path, 2, None, Some("2999-01-01T00:00:00Z"), None).expect("read");
+        let future =
+            AuditLog::read(&path, 2, None, Some("2999-01-01T00:00:00Z"), None).expect("read");
         assert!(future.is_empty());
         assert!(AuditLog::read(&path, 2, None, Some("yesterday"), None).is_err());
     }

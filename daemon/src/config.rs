@@ -69,7 +69,11 @@ pub struct KmsConfig {
 
 impl Default for KmsConfig {
     fn default() -> Self {
-        Self { backend: "local".into(), keystore: None, passphrase_file: None }
+        Self {
+            backend: "local".into(),
+            keystore: None,
+            passphrase_file: None,
+        }
     }
 }
 
@@ -115,8 +119,11 @@ impl LimitsConfig {
             global_inflight_bytes: self.global_inflight_bytes,
             max_connections: self.max_connections,
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
-            io_threads: if self.io_threads > 0 { self.io_threads } else { d.io_threads },
-            ..d
+            io_threads: if self.io_threads > 0 {
+                self.io_threads
+            } else {
+                d.io_threads
+            },
         }
     }
 }
@@ -133,7 +140,10 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { max_bytes: 10 << 20, keep: 5 }
+        Self {
+            max_bytes: 10 << 20,
+            keep: 5,
+        }
     }
 }
 
@@ -175,17 +185,23 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Invalid(message) => ConfigError::Parse { path: path.into(), message },
+            ConfigError::Invalid(message) => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
             other => other,
         })
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -208,7 +224,9 @@ impl Config {
             )));
         }
         if self.limits.max_payload < 4096 || self.limits.max_payload > (32 << 20) {
-            return Err(ConfigError::Invalid("limits.max_payload must be 4096..=33554432".into()));
+            return Err(ConfigError::Invalid(
+                "limits.max_payload must be 4096..=33554432".into(),
+            ));
         }
         if self.limits.global_inflight_bytes < u64::from(self.limits.max_payload) {
             return Err(ConfigError::Invalid(
@@ -216,7 +234,9 @@ impl Config {
             ));
         }
         if self.audit.max_bytes < 4096 {
-            return Err(ConfigError::Invalid("audit.max_bytes must be at least 4096".into()));
+            return Err(ConfigError::Invalid(
+                "audit.max_bytes must be at least 4096".into(),
+            ));
         }
         Ok(())
     }
@@ -235,7 +255,8 @@ mod tests {
         assert!(err.to_string().contains("tcpp"), "{err}");
         let err = Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\n").expect_err("public");
         assert!(err.to_string().contains("allow_non_loopback"), "{err}");
-        Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\nallow_non_loopback = true\n").expect("opt-in");
+        Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\nallow_non_loopback = true\n")
+            .expect("opt-in");
         let err = Config::parse("[kms]\nbackend = \"vault\"\n").expect_err("backend");
         assert!(err.to_string().contains("vault"), "{err}");
     }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use control_api::{API_VERSION, ApiError, Envelope, ErrorCode, Outcome, ResponseEnvelope, decode_line, encode_line};
+use control_api::{
+    API_VERSION, ApiError, Envelope, ErrorCode, Outcome, ResponseEnvelope, decode_line, encode_line,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -55,12 +57,20 @@ pub async fn serve(
 }
 
 async fn reply(stream: &mut UnixStream, outcome: Outcome) -> std::io::Result<()> {
-    stream.write_all(&encode_line(&ResponseEnvelope { version: API_VERSION, outcome })).await
+    stream
+        .write_all(&encode_line(&ResponseEnvelope {
+            version: API_VERSION,
+            outcome,
+        }))
+        .await
 }
 
 async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl) {
     let caller = match stream.peer_cred() {
-        Ok(c) => Caller { uid: c.uid(), gid: c.gid() },
+        Ok(c) => Caller {
+            uid: c.uid(),
+            gid: c.gid(),
+        },
         Err(e) => {
             tracing::warn!(error = %e, "control socket: no peer credentials; closing");
             return;
@@ -102,7 +112,11 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl
         };
         let outcome = match envelope {
             Err(e) => {
-                let _ = reply(&mut stream, Outcome::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))).await;
+                let _ = reply(
+                    &mut stream,
+                    Outcome::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
+                )
+                .await;
                 // The stream may be out of sync (an overlong line): close it.
                 return;
             }

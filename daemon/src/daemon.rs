@@ -9,8 +9,8 @@ use std::time::{Instant, SystemTime};
 
 use control_api::paths::{StateLayout, validate_name};
 use control_api::{
-    ApiError, AttachRequest, AttachmentStatus, ConnectionStatus, CreateRequest, DaemonInfo, DetachRequest,
-    ErrorCode, Request, Response, VolumeSummary,
+    ApiError, AttachRequest, AttachmentStatus, ConnectionStatus, CreateRequest, DaemonInfo,
+    DetachRequest, ErrorCode, Request, Response, VolumeSummary,
 };
 use kms_client::{ContextKeys, IdentityContext, Kms, KmsBackend, KmsErrorKind};
 use nbd::device::Export;
@@ -61,7 +61,9 @@ fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
 fn volume_error(e: &VolumeError) -> ApiError {
     let code = match e.kind() {
         VolumeErrorKind::NotFound => ErrorCode::NotFound,
-        VolumeErrorKind::AlreadyExists | VolumeErrorKind::InUse | VolumeErrorKind::ReadOnly => ErrorCode::Conflict,
+        VolumeErrorKind::AlreadyExists | VolumeErrorKind::InUse | VolumeErrorKind::ReadOnly => {
+            ErrorCode::Conflict
+        }
         VolumeErrorKind::Corrupt | VolumeErrorKind::Unsupported => ErrorCode::Damaged,
         VolumeErrorKind::IdentityMismatch | VolumeErrorKind::WrongKey => ErrorCode::KmsRefused,
         VolumeErrorKind::InvalidArgument => ErrorCode::InvalidRequest,
@@ -93,7 +95,10 @@ fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .replace_nanosecond(0)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -214,12 +219,18 @@ impl Daemon {
         let started = Instant::now();
         let path = self.volume_path(&r.name)?;
         let invalid = |m: String| api(ErrorCode::InvalidRequest, m);
-        let volume_id = r.volume_id.clone().unwrap_or_else(IdentityContext::generate_volume_id);
-        let identity =
-            IdentityContext::new(&r.sid, &r.directory, &volume_id).map_err(|e| invalid(e.to_string()))?;
+        let volume_id = r
+            .volume_id
+            .clone()
+            .unwrap_or_else(IdentityContext::generate_volume_id);
+        let identity = IdentityContext::new(&r.sid, &r.directory, &volume_id)
+            .map_err(|e| invalid(e.to_string()))?;
         let defaults = ContextKeys::default();
         let context_keys = ContextKeys {
-            sid_directory: r.sid_directory_key.clone().unwrap_or(defaults.sid_directory),
+            sid_directory: r
+                .sid_directory_key
+                .clone()
+                .unwrap_or(defaults.sid_directory),
             volume_id: r.volume_id_key.clone().unwrap_or(defaults.volume_id),
         };
         let context = identity
@@ -236,7 +247,15 @@ impl Daemon {
         };
         let result = Volume::create(&path, &opts, &self.kms).await;
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_record("create", &r.name, Some(&r.kms_key), Some(context.pairs()), Some(caller), started, &outcome);
+        self.audit_record(
+            "create",
+            &r.name,
+            Some(&r.kms_key),
+            Some(context.pairs()),
+            Some(caller),
+            started,
+            &outcome,
+        );
         drop(result.map_err(|e| volume_error(&e))?);
         Ok(Response::Created(self.summary(&r.name, &path)))
     }
@@ -256,7 +275,9 @@ impl Daemon {
                 problem: info
                     .primary_header_problem
                     .map(|p| format!("primary header copy: {p}"))
-                    .or(info.secondary_header_problem.map(|p| format!("secondary header copy: {p}"))),
+                    .or(info
+                        .secondary_header_problem
+                        .map(|p| format!("secondary header copy: {p}"))),
             },
             Err(e) => VolumeSummary {
                 name: name.into(),
@@ -273,7 +294,11 @@ impl Daemon {
     }
 
     /// Attaches a volume (`caller` None: re-attach at start, owner from the saved request).
-    pub async fn attach(&self, r: AttachRequest, caller: Option<Caller>) -> Result<AttachmentStatus, ApiError> {
+    pub async fn attach(
+        &self,
+        r: AttachRequest,
+        caller: Option<Caller>,
+    ) -> Result<AttachmentStatus, ApiError> {
         self.attach_as(r, caller, None).await
     }
 
@@ -288,12 +313,18 @@ impl Daemon {
         if self.registry.get(&r.volume).is_some() {
             return Err(api(
                 ErrorCode::Conflict,
-                format!("volume {} is already attached: see 'cryptnbdctl status {}'", r.volume, r.volume),
+                format!(
+                    "volume {} is already attached: see 'cryptnbdctl status {}'",
+                    r.volume, r.volume
+                ),
             ));
         }
         let export_name = r.export_name.clone().unwrap_or_else(|| r.volume.clone());
         if export_name.is_empty() || export_name.len() > 4096 {
-            return Err(api(ErrorCode::InvalidRequest, "an export name is 1 to 4096 bytes"));
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                "an export name is 1 to 4096 bytes",
+            ));
         }
         if r.tcp && self.nbd_tcp.is_none() {
             return Err(api(
@@ -338,7 +369,9 @@ impl Daemon {
             key_id: token.as_ref().map(|t| t.key_id.clone()).unwrap_or_default(),
             context: token.map(|t| t.context).unwrap_or_default(),
         });
-        self.registry.insert(Arc::clone(&attachment)).map_err(|m| api(ErrorCode::Conflict, m))?;
+        self.registry
+            .insert(Arc::clone(&attachment))
+            .map_err(|m| api(ErrorCode::Conflict, m))?;
         if !r.transient {
             self.save_attachments()?;
         }
@@ -347,7 +380,11 @@ impl Daemon {
     }
 
     fn uris(&self, a: &Attachment) -> Vec<String> {
-        let mut uris = vec![format!("nbd+unix:///{}?socket={}", a.export_name, self.nbd_socket.display())];
+        let mut uris = vec![format!(
+            "nbd+unix:///{}?socket={}",
+            a.export_name,
+            self.nbd_socket.display()
+        )];
         if a.request.tcp
             && let Some(addr) = self.nbd_tcp
         {
@@ -391,10 +428,17 @@ impl Daemon {
     /// Detaches a volume: refuse while clients are connected (unless `force`), stop new
     /// connections, drain and close existing ones, flush, and drop the volume (its key is
     /// wiped when the cipher is freed).
-    pub async fn detach(&self, r: DetachRequest, caller: Option<Caller>) -> Result<Response, ApiError> {
+    pub async fn detach(
+        &self,
+        r: DetachRequest,
+        caller: Option<Caller>,
+    ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let Some(a) = self.registry.get(&r.volume) else {
-            return Err(api(ErrorCode::NotFound, format!("volume {} is not attached", r.volume)));
+            return Err(api(
+                ErrorCode::NotFound,
+                format!("volume {} is not attached", r.volume),
+            ));
         };
         let connected = self.connections(&a.export_name);
         if !connected.is_empty() && !r.force {
@@ -417,13 +461,24 @@ impl Daemon {
             tracing::error!(error = %e.message, "cannot save the attachment list");
         }
         let outcome = flushed.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_record("detach", &r.volume, Some(&a.key_id), Some(&a.context), caller, started, &outcome);
+        self.audit_record(
+            "detach",
+            &r.volume,
+            Some(&a.key_id),
+            Some(&a.context),
+            caller,
+            started,
+            &outcome,
+        );
         let volume = a.volume.clone();
         // The last references: the export held by the server is gone after the drain.
         drop(a);
         tracing::info!(volume = %volume, "detached; key wiped");
         flushed.map_err(|e| volume_error(&e))?;
-        Ok(Response::Detached { volume, disconnected: connected })
+        Ok(Response::Detached {
+            volume,
+            disconnected: connected,
+        })
     }
 
     fn list(&self) -> Result<Response, ApiError> {
@@ -445,7 +500,12 @@ impl Daemon {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(api(ErrorCode::Io, format!("cannot list {}: {e}", dir.display()))),
+            Err(e) => {
+                return Err(api(
+                    ErrorCode::Io,
+                    format!("cannot list {}: {e}", dir.display()),
+                ));
+            }
         }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::Volumes { volumes })
@@ -454,13 +514,17 @@ impl Daemon {
     fn status(&self, volume: Option<&str>) -> Result<Response, ApiError> {
         let attachments: Vec<AttachmentStatus> = match volume {
             Some(v) => {
-                let a = self
-                    .registry
-                    .get(v)
-                    .ok_or_else(|| api(ErrorCode::NotFound, format!("volume {v} is not attached")))?;
+                let a = self.registry.get(v).ok_or_else(|| {
+                    api(ErrorCode::NotFound, format!("volume {v} is not attached"))
+                })?;
                 vec![self.attachment_status(&a)]
             }
-            None => self.registry.all().iter().map(|a| self.attachment_status(a)).collect(),
+            None => self
+                .registry
+                .all()
+                .iter()
+                .map(|a| self.attachment_status(a))
+                .collect(),
         };
         Ok(Response::Status { attachments })
     }
@@ -488,7 +552,9 @@ impl Daemon {
         );
         result.map_err(|e| volume_error(&e))?;
         tracing::info!(volume = name, "deleted (headers and keyslot area wiped)");
-        Ok(Response::Deleted { volume: name.into() })
+        Ok(Response::Deleted {
+            volume: name.into(),
+        })
     }
 
     /// Writes the persistent attachments (atomically).
@@ -498,14 +564,23 @@ impl Daemon {
             .all()
             .iter()
             .filter(|a| !a.request.transient)
-            .map(|a| SavedAttachment { request: a.request.clone(), owner_uid: a.owner_uid })
+            .map(|a| SavedAttachment {
+                request: a.request.clone(),
+                owner_uid: a.owner_uid,
+            })
             .collect();
         let path = self.layout.attachments();
         let tmp = path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(&saved).map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
+        let body = serde_json::to_vec_pretty(&saved)
+            .map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
         write_file_synced(&tmp, &body)
             .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| api(ErrorCode::Io, format!("cannot save {}: {e}", path.display())))
+            .map_err(|e| {
+                api(
+                    ErrorCode::Io,
+                    format!("cannot save {}: {e}", path.display()),
+                )
+            })
     }
 
     /// Re-attaches what was attached when the daemon stopped. Failures are logged and audited;
@@ -543,7 +618,15 @@ impl Daemon {
             if let Err(e) = a.device.volume().flush() {
                 tracing::error!(volume = %a.volume, error = %chain(&e), "flush at shutdown failed");
             }
-            self.audit_record("detach", &a.volume, Some(&a.key_id), Some(&a.context), None, Instant::now(), &Ok(()));
+            self.audit_record(
+                "detach",
+                &a.volume,
+                Some(&a.key_id),
+                Some(&a.context),
+                None,
+                Instant::now(),
+                &Ok(()),
+            );
         }
     }
 }
@@ -558,7 +641,12 @@ struct SavedAttachment {
 fn write_file_synced(path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(body)?;
     f.sync_all()
 }
@@ -569,5 +657,10 @@ fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| api(ErrorCode::Io, format!("cannot create {}: {e}", dir.display())))
+        .map_err(|e| {
+            api(
+                ErrorCode::Io,
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })
 }

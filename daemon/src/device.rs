@@ -24,7 +24,12 @@ impl VolumeDevice {
     /// Wraps an open volume; `read_only` may be stricter than how the volume was opened.
     pub fn new(volume: Arc<Volume>, read_only: bool) -> Self {
         let read_only = read_only || volume.read_only();
-        Self { volume, read_only, bytes_read: AtomicU64::new(0), bytes_written: AtomicU64::new(0) }
+        Self {
+            volume,
+            read_only,
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        }
     }
 
     /// Bytes read through the export.
@@ -66,7 +71,11 @@ impl BlockDevice for VolumeDevice {
 
     fn block_sizes(&self) -> BlockSizes {
         // Any alignment works (sub-sector I/O is read-modify-write); whole sectors are best.
-        BlockSizes { minimum: 1, preferred: self.volume.sector_size(), maximum: MAX_BLOCK }
+        BlockSizes {
+            minimum: 1,
+            preferred: self.volume.sector_size(),
+            maximum: MAX_BLOCK,
+        }
     }
 
     fn read_only(&self) -> bool {
@@ -75,13 +84,15 @@ impl BlockDevice for VolumeDevice {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
         self.volume.read_at(buf, offset).map_err(errno)?;
-        self.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), DeviceError> {
         self.volume.write_at_mut(data, offset).map_err(errno)?;
-        self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         if fua {
             self.volume.flush().map_err(errno)?;
         }
@@ -100,7 +111,13 @@ impl BlockDevice for VolumeDevice {
         Ok(())
     }
 
-    fn write_zeroes(&self, offset: u64, length: u64, _may_trim: bool, fua: bool) -> Result<(), DeviceError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        _may_trim: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
         // Always encrypted zeros, never a hole, even when trimming is allowed: a hole would
         // read as random bytes through dm-crypt.
         self.volume.write_zeroes(offset, length).map_err(errno)?;
@@ -117,7 +134,10 @@ impl BlockDevice for VolumeDevice {
         let runs = self.volume.allocation(offset, length).map_err(errno)?;
         Ok(runs
             .into_iter()
-            .map(|(length, allocated)| Extent { length, flags: if allocated { 0 } else { STATE_HOLE } })
+            .map(|(length, allocated)| Extent {
+                length,
+                flags: if allocated { 0 } else { STATE_HOLE },
+            })
             .collect())
     }
 }

@@ -18,32 +18,45 @@ pub fn apply(require_lock: bool) -> Result<Hardening, HardeningError> {
     use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
     set_dumpable_behavior(DumpableBehavior::NotDumpable)
         .map_err(|e| HardeningError(format!("cannot make the process non-dumpable: {e}")))?;
-    setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) })
-        .map_err(|e| HardeningError(format!("cannot disable core dumps: {e}")))?;
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )
+    .map_err(|e| HardeningError(format!("cannot disable core dumps: {e}")))?;
     // Raise the soft descriptor limit to the hard one: every client is a socket.
     let nofile = rustix::process::getrlimit(Resource::Nofile);
     if nofile.current < nofile.maximum {
-        let _ = setrlimit(Resource::Nofile, Rlimit { current: nofile.maximum, maximum: nofile.maximum });
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: nofile.maximum,
+                maximum: nofile.maximum,
+            },
+        );
     }
     use rustix::mm::{MlockAllFlags, mlockall};
-    let memory_locked =
-        match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
-            Ok(()) => true,
-            Err(e) if require_lock => {
-                return Err(HardeningError(format!(
-                    "cannot lock memory ({e}), so keys could reach swap: raise the memory-lock limit \
+    let memory_locked = match mlockall(
+        MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT,
+    ) {
+        Ok(()) => true,
+        Err(e) if require_lock => {
+            return Err(HardeningError(format!(
+                "cannot lock memory ({e}), so keys could reach swap: raise the memory-lock limit \
                      (LimitMEMLOCK=infinity in the systemd unit, or ulimit -l) or set \
                      memory.require_lock = false"
-                )));
-            }
-            Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "cannot lock memory: key material could be swapped out; raise the memory-lock limit \
-                     (ulimit -l) or run with swap disabled or encrypted"
-                );
-                false
-            }
-        };
+            )));
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot lock memory: key material could be swapped out; raise the memory-lock limit \
+                 (ulimit -l) or run with swap disabled or encrypted"
+            );
+            false
+        }
+    };
     Ok(Hardening { memory_locked })
 }

@@ -73,13 +73,20 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DaemonError::Io {
-                what: format!("{} is in use: is another cryptnbd running with the same state?", path.display()),
+                what: format!(
+                    "{} is in use: is another cryptnbd running with the same state?",
+                    path.display()
+                ),
                 source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
             });
         }
-        std::fs::remove_file(path).map_err(io(format!("cannot remove the stale socket {}", path.display())))?;
+        std::fs::remove_file(path).map_err(io(format!(
+            "cannot remove the stale socket {}",
+            path.display()
+        )))?;
     }
-    let listener = UnixListener::bind(path).map_err(io(format!("cannot listen on {}", path.display())))?;
+    let listener =
+        UnixListener::bind(path).map_err(io(format!("cannot listen on {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(io(format!("cannot set the mode of {}", path.display())))?;
     Ok(listener)
@@ -87,7 +94,10 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
 
 fn passphrase(file: Option<&PathBuf>) -> Result<Option<Zeroizing<Vec<u8>>>, DaemonError> {
     if let Some(f) = file {
-        let mut b = Zeroizing::new(std::fs::read(f).map_err(io(format!("cannot read the passphrase file {}", f.display())))?);
+        let mut b = Zeroizing::new(std::fs::read(f).map_err(io(format!(
+            "cannot read the passphrase file {}",
+            f.display()
+        )))?);
         while b.last().is_some_and(|&c| c == b'\n' || c == b'\r') {
             b.pop();
         }
@@ -99,7 +109,10 @@ fn passphrase(file: Option<&PathBuf>) -> Result<Option<Zeroizing<Vec<u8>>>, Daem
 }
 
 /// Runs the daemon until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
     config.validate()?;
     let layout = StateLayout::new(config.state_dir.clone(), config.runtime_dir.clone());
     let is_root = rustix::process::geteuid().is_root();
@@ -107,7 +120,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     make_dir(&layout.state_dir, 0o700)?;
     make_dir(&layout.runtime_dir, 0o755)?;
-    let keystore = config.kms.keystore.clone().unwrap_or_else(|| layout.keystore());
+    let keystore = config
+        .kms
+        .keystore
+        .clone()
+        .unwrap_or_else(|| layout.keystore());
     let kms = KmsBackend::Local(LocalKms::open(
         &keystore,
         LocalKmsOptions {
@@ -116,16 +133,35 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             ..LocalKmsOptions::default()
         },
     )?);
-    let audit = audit::AuditLog::open(&layout.audit_log(), config.audit.max_bytes, config.audit.keep)
-        .map_err(io(format!("cannot open the audit log {}", layout.audit_log().display())))?;
+    let audit = audit::AuditLog::open(
+        &layout.audit_log(),
+        config.audit.max_bytes,
+        config.audit.keep,
+    )
+    .map_err(io(format!(
+        "cannot open the audit log {}",
+        layout.audit_log().display()
+    )))?;
 
-    let control_path = config.control.socket.clone().unwrap_or_else(|| layout.control_socket());
-    let nbd_path = config.nbd.unix_socket.clone().unwrap_or_else(|| layout.nbd_socket());
+    let control_path = config
+        .control
+        .socket
+        .clone()
+        .unwrap_or_else(|| layout.control_socket());
+    let nbd_path = config
+        .nbd
+        .unix_socket
+        .clone()
+        .unwrap_or_else(|| layout.nbd_socket());
     // Anyone may connect to the NBD socket; exports check the peer's credentials.
     let nbd_unix = bind_unix(&nbd_path, 0o666)?;
     let control = bind_unix(&control_path, 0o660)?;
     let nbd_tcp = match config.nbd.tcp {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(io(format!("cannot listen on tcp {addr}")))?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("cannot listen on tcp {addr}")))?,
+        ),
         None => None,
     };
     let tcp_addr = nbd_tcp.as_ref().and_then(|l| l.local_addr().ok());
@@ -179,7 +215,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     );
     notify::notify("READY=1");
 
-    let acl = control::ControlAcl { uids: config.control.allow_uids.clone(), gids: config.control.allow_gids.clone() };
+    let acl = control::ControlAcl {
+        uids: config.control.allow_uids.clone(),
+        gids: config.control.allow_gids.clone(),
+    };
     control::serve(control, Arc::clone(&daemon), acl, shutdown).await;
 
     notify::notify("STOPPING=1");

@@ -76,17 +76,29 @@ impl Registry {
 
     /// Removes an attachment (new connections to its export are refused from now on).
     pub fn remove(&self, volume: &str) -> Option<Arc<Attachment>> {
-        self.by_volume.write().unwrap_or_else(|p| p.into_inner()).remove(volume)
+        self.by_volume
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume)
     }
 
     /// The attachment of `volume`.
     pub fn get(&self, volume: &str) -> Option<Arc<Attachment>> {
-        self.by_volume.read().unwrap_or_else(|p| p.into_inner()).get(volume).cloned()
+        self.by_volume
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .cloned()
     }
 
     /// Every attachment.
     pub fn all(&self) -> Vec<Arc<Attachment>> {
-        self.by_volume.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.by_volume
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Removes and returns every attachment (shutdown).

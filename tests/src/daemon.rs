@@ -1,7 +1,7 @@
 //! The real `cryptnbd` daemon as a child process on temporary sockets, and helpers for the
 //! real NBD clients that talk to it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,11 @@ impl Daemon {
 
     #[track_caller]
     fn start_with(state_dir: PathBuf, runtime_dir: PathBuf, config: PathBuf, log: PathBuf) -> Self {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let child = Command::new(cryptnbd_bin())
             .arg("--config")
             .arg(&config)
@@ -71,7 +75,14 @@ impl Daemon {
             .expect("start cryptnbd");
         let mut ctl = Ctl::new(&state_dir);
         ctl.socket = Some(runtime_dir.join("control.sock"));
-        let mut d = Self { child: Some(child), state_dir, runtime_dir, config, log, ctl };
+        let mut d = Self {
+            child: Some(child),
+            state_dir,
+            runtime_dir,
+            config,
+            log,
+            ctl,
+        };
         d.wait_ready();
         d
     }
@@ -83,7 +94,10 @@ impl Daemon {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("cryptnbd exited during start-up ({status}); its log:\n{}", self.log_text());
+                panic!(
+                    "cryptnbd exited during start-up ({status}); its log:\n{}",
+                    self.log_text()
+                );
             }
             let out = self.ctl.run_quiet(&["status"]);
             if out.code == Some(0) {
@@ -110,7 +124,10 @@ impl Daemon {
 
     /// The NBD URI of `export`.
     pub fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.nbd_socket().display())
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.nbd_socket().display()
+        )
     }
 
     /// The process id.
@@ -122,14 +139,24 @@ impl Daemon {
     #[track_caller]
     pub fn stop(mut self) -> String {
         let mut child = self.child.take().expect("running");
-        run(Command::new("kill").arg("-TERM").arg(child.id().to_string())).assert_success();
+        run(Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()))
+        .assert_success();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                assert!(status.success(), "cryptnbd exited with {status}; log:\n{}", self.log_text());
+                assert!(
+                    status.success(),
+                    "cryptnbd exited with {status}; log:\n{}",
+                    self.log_text()
+                );
                 return self.log_text();
             }
-            assert!(Instant::now() < deadline, "cryptnbd did not stop within 60 s after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "cryptnbd did not stop within 60 s after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -137,8 +164,12 @@ impl Daemon {
     /// Starts the same daemon again (same config), e.g. after `stop`.
     #[track_caller]
     pub fn restart(self) -> Self {
-        let (state_dir, runtime_dir, config, log) =
-            (self.state_dir.clone(), self.runtime_dir.clone(), self.config.clone(), self.log.clone());
+        let (state_dir, runtime_dir, config, log) = (
+            self.state_dir.clone(),
+            self.runtime_dir.clone(),
+            self.config.clone(),
+            self.log.clone(),
+        );
         self.stop();
         Self::start_with(state_dir, runtime_dir, config, log)
     }
@@ -176,14 +207,4 @@ pub fn nbdinfo() -> PathBuf {
 /// `nbdcopy` (libnbd-bin).
 pub fn nbdcopy() -> PathBuf {
     require_tool("nbdcopy", "libnbd-bin")
-}
-
-/// Waits until `path` exists and is non-empty (a pid file), or panics after `secs`.
-#[track_caller]
-pub fn wait_for_nonempty(path: &Path, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "{} stayed empty for {secs} s", path.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

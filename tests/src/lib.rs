@@ -443,7 +443,9 @@ impl Ctl {
         // Without a daemon under test, point at a socket that does not exist, so a daemon of
         // the host is never used by accident.
         cmd.arg("--socket").arg(
-            self.socket.clone().unwrap_or_else(|| self.state_dir.join("no-daemon.sock")),
+            self.socket
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("no-daemon.sock")),
         );
         cmd.args(args);
         for var in [

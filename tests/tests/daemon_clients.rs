@@ -24,7 +24,15 @@ fn setup(label: &str) -> (TestDir, Daemon) {
 fn create_and_attach(d: &Daemon, name: &str, size: &str, extra_attach: &[&str]) -> Value {
     d.ctl
         .run(&[
-            "create", name, "--size", size, "--kms-key", "alias/e2e", "--sid", e2e_tests::TEST_SID, "--directory",
+            "create",
+            name,
+            "--size",
+            size,
+            "--kms-key",
+            "alias/e2e",
+            "--sid",
+            e2e_tests::TEST_SID,
+            "--directory",
             e2e_tests::TEST_DIRECTORY,
         ])
         .assert_success();
@@ -53,7 +61,9 @@ fn nbdinfo_sees_size_flags_block_sizes_and_allocation() {
     let attached = create_and_attach(&d, "vol", "64M", &[]);
     let uri = attached["uris"][0].as_str().expect("uri").to_string();
     assert_eq!(uri, d.uri("vol"));
-    let info = run(Command::new(nbdinfo()).arg("--json").arg(&uri)).assert_success().json();
+    let info = run(Command::new(nbdinfo()).arg("--json").arg(&uri))
+        .assert_success()
+        .json();
     let export = &info["exports"][0];
     assert_eq!(export["export-size"], 64 * MIB);
     assert_eq!(export["is_read_only"], false);
@@ -65,24 +75,39 @@ fn nbdinfo_sees_size_flags_block_sizes_and_allocation() {
     assert_eq!(export["block_size_minimum"], 1);
     assert_eq!(export["block_size_preferred"], 4096);
     assert_eq!(export["block_size_maximum"], 32 * MIB);
-    let contexts: Vec<&str> =
-        export["contexts"].as_array().expect("contexts").iter().filter_map(Value::as_str).collect();
+    let contexts: Vec<&str> = export["contexts"]
+        .as_array()
+        .expect("contexts")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     assert!(contexts.contains(&"base:allocation"), "{contexts:?}");
-    let list = run(Command::new(nbdinfo()).arg("--list").arg("--json").arg(format!(
-        "nbd+unix://?socket={}",
-        d.nbd_socket().display()
-    )))
+    let list = run(Command::new(nbdinfo())
+        .arg("--list")
+        .arg("--json")
+        .arg(format!("nbd+unix://?socket={}", d.nbd_socket().display())))
     .assert_success()
     .json();
-    let names: Vec<&str> =
-        list["exports"].as_array().expect("exports").iter().filter_map(|e| e["export-name"].as_str()).collect();
+    let names: Vec<&str> = list["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .filter_map(|e| e["export-name"].as_str())
+        .collect();
     assert_eq!(names, ["vol"]);
     // A fresh volume is one hole: allocation says HOLE (1) and never ZERO (2), since dm-crypt
     // would not read zeros there.
-    let map = run(Command::new(nbdinfo()).arg("--map").arg("--json").arg(&uri)).assert_success().json();
+    let map = run(Command::new(nbdinfo()).arg("--map").arg("--json").arg(&uri))
+        .assert_success()
+        .json();
     let extents = map.as_array().expect("map");
     assert!(!extents.is_empty());
-    assert!(extents.iter().all(|e| e["type"].as_u64().unwrap_or(0) & 2 == 0), "{map}");
+    assert!(
+        extents
+            .iter()
+            .all(|e| e["type"].as_u64().unwrap_or(0) & 2 == 0),
+        "{map}"
+    );
     assert_eq!(extents[0]["type"], 1, "{map}");
     d.stop();
 }
@@ -90,54 +115,110 @@ fn nbdinfo_sees_size_flags_block_sizes_and_allocation() {
 #[test]
 fn nbdcopy_round_trips_256_mib_with_1_and_4_connections() {
     let (dir, d) = setup("nbdcopy");
-    let uri = create_and_attach(&d, "vol", "256M", &[])["uris"][0].as_str().expect("uri").to_string();
+    let uri = create_and_attach(&d, "vol", "256M", &[])["uris"][0]
+        .as_str()
+        .expect("uri")
+        .to_string();
     let src = dir.join("src.img");
     write_random(&src, 256 * MIB, 7);
     for (write_conns, read_conns) in [("1", "4"), ("4", "1")] {
-        run(Command::new(nbdcopy()).arg(format!("--connections={write_conns}")).arg(&src).arg(&uri))
-            .assert_success();
+        run(Command::new(nbdcopy())
+            .arg(format!("--connections={write_conns}"))
+            .arg(&src)
+            .arg(&uri))
+        .assert_success();
         let back = dir.join("back.img");
-        run(Command::new(nbdcopy()).arg(format!("--connections={read_conns}")).arg(&uri).arg(&back))
-            .assert_success();
-        assert!(same_files(&src, &back), "read back differs (write {write_conns} conns, read {read_conns})");
+        run(Command::new(nbdcopy())
+            .arg(format!("--connections={read_conns}"))
+            .arg(&uri)
+            .arg(&back))
+        .assert_success();
+        assert!(
+            same_files(&src, &back),
+            "read back differs (write {write_conns} conns, read {read_conns})"
+        );
         std::fs::remove_file(&back).expect("rm");
     }
-    let status = d.ctl.run(&["--json", "status", "vol"]).assert_success().json();
+    let status = d
+        .ctl
+        .run(&["--json", "status", "vol"])
+        .assert_success()
+        .json();
     let a = &status["attachments"][0];
-    assert!(a["bytes_written"].as_u64().expect("written") >= 512 * MIB, "{status}");
-    assert!(a["bytes_read"].as_u64().expect("read") >= 512 * MIB, "{status}");
+    assert!(
+        a["bytes_written"].as_u64().expect("written") >= 512 * MIB,
+        "{status}"
+    );
+    assert!(
+        a["bytes_read"].as_u64().expect("read") >= 512 * MIB,
+        "{status}"
+    );
     d.stop();
 }
 
 #[test]
 fn qemu_clients_data_on_disk_and_restart() {
     let (dir, d) = setup("qemu");
-    let uri = create_and_attach(&d, "vol", "64M", &[])["uris"][0].as_str().expect("uri").to_string();
+    let uri = create_and_attach(&d, "vol", "64M", &[])["uris"][0]
+        .as_str()
+        .expect("uri")
+        .to_string();
     let qemu_img = require_tool("qemu-img", "qemu-utils");
     let qemu_io = require_tool("qemu-io", "qemu-utils");
     // qemu-img convert into the export, compare back.
     let src = dir.join("src.img");
     write_random(&src, 64 * MIB, 11);
-    run(Command::new(&qemu_img).args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri))
-        .assert_success();
-    run(Command::new(&qemu_img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri)).assert_success();
+    run(Command::new(&qemu_img)
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(&uri))
+    .assert_success();
+    run(Command::new(&qemu_img)
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&uri))
+    .assert_success();
     // Unaligned patterns: qemu-io verifies what it reads back.
-    let writes = [(1000u64, 5000u64, 0xabu8), (4095, 2, 0xcd), (8 * MIB + 3, 70_001, 0xef)];
+    let writes = [
+        (1000u64, 5000u64, 0xabu8),
+        (3 * 4096 - 1, 2, 0xcd),
+        (8 * MIB + 3, 70_001, 0xef),
+    ];
     for (off, len, pat) in writes {
-        run(Command::new(&qemu_io).args(["-f", "raw", &uri, "-c", &format!("write -P {pat:#x} {off} {len}")]))
-            .assert_success();
+        run(Command::new(&qemu_io).args([
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            &format!("write -P {pat:#x} {off} {len}"),
+        ]))
+        .assert_success();
     }
     let verify = |uri: &str| {
         for (off, len, pat) in writes {
-            let out = run(Command::new(&qemu_io).args(["-f", "raw", uri, "-c", &format!("read -P {pat:#x} {off} {len}")]));
+            let out = run(Command::new(&qemu_io).args([
+                "-f",
+                "raw",
+                uri,
+                "-c",
+                &format!("read -P {pat:#x} {off} {len}"),
+            ]));
             out.assert_success();
-            assert!(!out.stdout_text().contains("Pattern verification failed"), "{}", out.stdout_text());
+            assert!(
+                !out.stdout_text().contains("Pattern verification failed"),
+                "{}",
+                out.stdout_text()
+            );
         }
     };
     verify(&uri);
     // A wrong pattern is noticed, so the check above can fail.
     let out = run(Command::new(&qemu_io).args(["-f", "raw", &uri, "-c", "read -P 0x11 1000 5000"]));
-    assert!(out.stdout_text().contains("Pattern verification failed"), "{}", out.stdout_text());
+    assert!(
+        out.stdout_text().contains("Pattern verification failed"),
+        "{}",
+        out.stdout_text()
+    );
 
     // The daemon restarts and re-attaches the volume; the data is still there.
     let d = d.restart();
@@ -149,23 +230,36 @@ fn qemu_clients_data_on_disk_and_restart() {
     d.ctl.run(&["detach", "vol"]).assert_success();
     let vol_path = d.state_dir.join("volumes/vol.luks");
     let raw = std::fs::read(&vol_path).expect("read volume");
-    assert!(!raw.windows(64).any(|w| w.iter().all(|&b| b == 0xab)), "plaintext pattern found on disk");
+    assert!(
+        !raw.windows(64).any(|w| w.iter().all(|&b| b == 0xab)),
+        "plaintext pattern found on disk"
+    );
     let kms = d.ctl.local_kms();
     let key = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("rt")
         .block_on(unwrap_volume_key(&kms, &vol_path));
     let key_file = dir.write_secret("vol.key", &key);
-    let seg = Segment { data_offset: 16 * MIB, sector_size: 4096, iv_tweak: 0 };
+    let seg = Segment {
+        data_offset: 16 * MIB,
+        sector_size: 4096,
+        iv_tweak: 0,
+    };
     let ranges: Vec<(u64, u64)> = writes.iter().map(|&(o, l, _)| (o, l)).collect();
     let plain = Oracle::new().decrypt(&key_file, &vol_path, &seg, &ranges);
     for ((off, len, pat), got) in writes.iter().zip(&plain) {
-        assert!(got.iter().all(|b| b == pat), "oracle: range {off}+{len} is not {pat:#x}");
+        assert!(
+            got.iter().all(|b| b == pat),
+            "oracle: range {off}+{len} is not {pat:#x}"
+        );
     }
     // The rest of what qemu-img wrote decrypts to the source image.
     let src_bytes = std::fs::read(&src).expect("src");
     let got = Oracle::new().decrypt(&key_file, &vol_path, &seg, &[(32 * MIB, MIB)]);
-    assert!(got[0] == src_bytes[32 * MIB as usize..33 * MIB as usize], "oracle: qemu-img data differs");
+    assert!(
+        got[0] == src_bytes[32 * MIB as usize..33 * MIB as usize],
+        "oracle: qemu-img data differs"
+    );
     d.stop();
 }
 
@@ -190,12 +284,21 @@ fn hold_connection(uri: &str) -> std::process::Child {
 fn wait_connections(d: &Daemon, volume: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = d.ctl.run(&["--json", "status", volume]).assert_success().json();
-        let got = s["attachments"][0]["connections"].as_array().map_or(0, Vec::len);
+        let s = d
+            .ctl
+            .run(&["--json", "status", volume])
+            .assert_success()
+            .json();
+        let got = s["attachments"][0]["connections"]
+            .as_array()
+            .map_or(0, Vec::len);
         if got == n {
             return;
         }
-        assert!(Instant::now() < deadline, "expected {n} connections, have {got}: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} connections, have {got}: {s}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -203,7 +306,10 @@ fn wait_connections(d: &Daemon, volume: &str, n: usize) {
 #[test]
 fn detach_refuses_connected_clients_unless_forced() {
     let (_dir, d) = setup("detach");
-    let uri = create_and_attach(&d, "vol", "16M", &[])["uris"][0].as_str().expect("uri").to_string();
+    let uri = create_and_attach(&d, "vol", "16M", &[])["uris"][0]
+        .as_str()
+        .expect("uri")
+        .to_string();
     let mut holder = hold_connection(&uri);
     wait_connections(&d, "vol", 1);
     let out = d.ctl.run(&["detach", "vol"]);
@@ -212,8 +318,16 @@ fn detach_refuses_connected_clients_unless_forced() {
     out.assert_stderr_contains("--force");
     // Still attached and serving.
     run(Command::new(nbdinfo()).arg(&uri)).assert_success();
-    let detached = d.ctl.run(&["--json", "detach", "vol", "--force"]).assert_success().json();
-    assert_eq!(detached["disconnected"].as_array().map_or(0, Vec::len), 1, "{detached}");
+    let detached = d
+        .ctl
+        .run(&["--json", "detach", "vol", "--force"])
+        .assert_success()
+        .json();
+    assert_eq!(
+        detached["disconnected"].as_array().map_or(0, Vec::len),
+        1,
+        "{detached}"
+    );
     // The export is gone for new clients; the holder was disconnected.
     assert_ne!(run(Command::new(nbdinfo()).arg(&uri)).code, Some(0));
     let _ = holder.kill();
@@ -227,36 +341,69 @@ fn detach_refuses_connected_clients_unless_forced() {
 #[test]
 fn kms_refusal_and_identity_mismatch_leave_other_volumes_serving() {
     let (_dir, d) = setup("refusals");
-    let good = create_and_attach(&d, "good", "16M", &[])["uris"][0].as_str().expect("uri").to_string();
+    let good = create_and_attach(&d, "good", "16M", &[])["uris"][0]
+        .as_str()
+        .expect("uri")
+        .to_string();
     let other_key = d.ctl.create_key("other");
     d.ctl
         .run(&[
-            "create", "bad", "--size", "16M", "--kms-key", "alias/other", "--sid", e2e_tests::TEST_SID,
-            "--directory", e2e_tests::TEST_DIRECTORY,
+            "create",
+            "bad",
+            "--size",
+            "16M",
+            "--kms-key",
+            "alias/other",
+            "--sid",
+            e2e_tests::TEST_SID,
+            "--directory",
+            e2e_tests::TEST_DIRECTORY,
         ])
         .assert_success();
-    d.ctl.run(&["kms", "disable-key", &other_key]).assert_success();
+    d.ctl
+        .run(&["kms", "disable-key", &other_key])
+        .assert_success();
     let out = d.ctl.run(&["attach", "bad"]);
     out.assert_code(5);
     out.assert_stderr_contains("disabled");
-    let out = d.ctl.run(&["attach", "good", "--sid", "S-1-5-21-1-2-3-500"]);
+    let out = d
+        .ctl
+        .run(&["attach", "good", "--sid", "S-1-5-21-1-2-3-500"]);
     // "good" is attached already: a conflict is reported before anything else.
     out.assert_code(4);
-    d.ctl.run(&["kms", "enable-key", &other_key]).assert_success();
+    d.ctl
+        .run(&["kms", "enable-key", &other_key])
+        .assert_success();
     let out = d.ctl.run(&["attach", "bad", "--sid", "S-1-5-21-1-2-3-500"]);
     out.assert_code(5);
     out.assert_stderr_contains(e2e_tests::TEST_SID);
     run(Command::new(nbdinfo()).arg(&good)).assert_success();
-    d.ctl.run(&["attach", "bad", "--sid", e2e_tests::TEST_SID]).assert_success();
+    d.ctl
+        .run(&["attach", "bad", "--sid", e2e_tests::TEST_SID])
+        .assert_success();
     // The audit trail names both refusals and the successes, with the context.
-    let audit = d.ctl.run(&["--json", "audit", "--volume", "bad"]).assert_success().json();
+    let audit = d
+        .ctl
+        .run(&["--json", "audit", "--volume", "bad"])
+        .assert_success()
+        .json();
     let records = audit.as_array().expect("records");
-    let outcomes: Vec<&str> = records.iter().filter_map(|r| r["outcome"].as_str()).collect();
+    let outcomes: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["outcome"].as_str())
+        .collect();
     assert!(outcomes.iter().any(|o| o.contains("disabled")), "{audit}");
-    assert!(records.iter().any(|r| r["operation"] == "attach" && r["outcome"] == "ok"), "{audit}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["operation"] == "attach" && r["outcome"] == "ok"),
+        "{audit}"
+    );
     assert!(
         records.iter().all(|r| r["operation"] != "attach"
-            || r["context"][e2e_tests::SID_DIRECTORY_KEY].as_str().is_some_and(|v| v.contains(e2e_tests::TEST_SID))),
+            || r["context"][e2e_tests::SID_DIRECTORY_KEY]
+                .as_str()
+                .is_some_and(|v| v.contains(e2e_tests::TEST_SID))),
         "{audit}"
     );
     d.stop();
