@@ -1,0 +1,285 @@
+//! The daemon's behaviour around the data path: TCP opt-in, access control by peer
+//! credentials, key custody (locked memory, no core dumps), systemd notification, graceful
+//! shutdown, and failures under it (a full disk, a volume file removed).
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use e2e_tests::daemon::{Daemon, cryptnbd_bin, nbdinfo};
+use e2e_tests::{TestDir, require_tool, run};
+
+fn create(d: &Daemon, name: &str, size: &str) {
+    d.ctl
+        .run(&[
+            "create",
+            name,
+            "--size",
+            size,
+            "--kms-key",
+            "alias/e2e",
+            "--sid",
+            e2e_tests::TEST_SID,
+            "--directory",
+            e2e_tests::TEST_DIRECTORY,
+        ])
+        .assert_success();
+}
+
+#[test]
+fn tcp_exports_are_opt_in_per_volume() {
+    let dir = TestDir::new("tcp");
+    let d = Daemon::start(&dir, "[nbd]\ntcp = \"127.0.0.1:0\"\n");
+    d.ctl.create_key("e2e");
+    create(&d, "open", "16M");
+    create(&d, "private", "16M");
+    let attached = d
+        .ctl
+        .run(&["--json", "attach", "open", "--tcp"])
+        .assert_success()
+        .json();
+    d.ctl.run(&["attach", "private"]).assert_success();
+    let tcp_uri = attached["uris"][1].as_str().expect("tcp uri").to_string();
+    assert!(tcp_uri.starts_with("nbd://127.0.0.1:"), "{tcp_uri}");
+    run(Command::new(nbdinfo()).arg(&tcp_uri)).assert_success();
+    let private_uri = tcp_uri.replace("/open", "/private");
+    assert_ne!(
+        run(Command::new(nbdinfo()).arg(&private_uri)).code,
+        Some(0),
+        "private volume reachable over TCP"
+    );
+    let listing = run(Command::new(nbdinfo())
+        .args(["--list", "--json"])
+        .arg(tcp_uri.replace("/open", "/")))
+    .assert_success()
+    .json();
+    let names: Vec<&str> = listing["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .filter_map(|e| e["export-name"].as_str())
+        .collect();
+    assert_eq!(names, ["open"]);
+    d.stop();
+}
+
+#[test]
+fn only_allowed_users_see_and_open_an_export() {
+    let setpriv = require_tool("setpriv", "util-linux");
+    let dir = TestDir::new("acl");
+    // The unprivileged client must be able to reach the socket through the directories.
+    let mut p = dir.path().to_path_buf();
+    loop {
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+        if !p.pop() || p.as_os_str() == "/tmp" || p.as_os_str() == "/" {
+            break;
+        }
+    }
+    let d = Daemon::start(&dir, "");
+    d.ctl.create_key("e2e");
+    create(&d, "vol", "16M");
+    d.ctl.run(&["attach", "vol"]).assert_success();
+    let as_nobody = |args: &[&str]| {
+        run(Command::new(&setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(nbdinfo())
+            .args(args))
+    };
+    let socket_uri = format!("nbd+unix:///?socket={}", d.nbd_socket().display());
+    let list = as_nobody(&["--list", "--json", &socket_uri]);
+    list.assert_success();
+    assert_eq!(
+        list.json()["exports"].as_array().map_or(0, Vec::len),
+        0,
+        "nobody sees the export"
+    );
+    assert_ne!(
+        as_nobody(&[&d.uri("vol")]).code,
+        Some(0),
+        "nobody opened the export"
+    );
+    // Allowed by uid: visible and readable.
+    d.ctl.run(&["detach", "vol"]).assert_success();
+    d.ctl
+        .run(&["attach", "vol", "--allow-uid", "65534"])
+        .assert_success();
+    as_nobody(&[&d.uri("vol")]).assert_success();
+    // The control socket (0660, root's) refuses nobody even if it could connect.
+    let ctl_as_nobody = run(Command::new(&setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&d.ctl.bin)
+        .arg("--state-dir")
+        .arg(&d.state_dir)
+        .arg("--socket")
+        .arg(d.runtime_dir.join("control.sock"))
+        .arg("status"));
+    assert!(
+        matches!(ctl_as_nobody.code, Some(9) | Some(10) | Some(1)),
+        "{:?}",
+        ctl_as_nobody.code
+    );
+    d.stop();
+}
+
+fn proc_status_field(pid: u32, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .map(|l| l[field.len()..].trim().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn key_custody_memory_locked_no_core_dumps() {
+    let dir = TestDir::new("custody");
+    let d = Daemon::start(&dir, "");
+    d.ctl.create_key("e2e");
+    create(&d, "vol", "16M");
+    d.ctl.run(&["attach", "vol"]).assert_success();
+    let pid = d.pid();
+    // As root, memory locking is required by default, so the daemon would not have started
+    // without it; VmLck shows the locked pages.
+    let locked = proc_status_field(pid, "VmLck:");
+    let kb: u64 = locked
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(kb > 0, "VmLck is {locked}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    // The log never shows key material: no 128-hex-digit runs, no base64 of 64 bytes.
+    let log = d.stop();
+    assert!(
+        !log.contains("wrapped_key"),
+        "the log mentions the wrapped key"
+    );
+    let hexrun = log
+        .as_bytes()
+        .split(|b| !b.is_ascii_hexdigit())
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0);
+    assert!(hexrun < 64, "a {hexrun}-digit hex run in the log");
+}
+
+#[test]
+fn notifies_systemd_and_shuts_down_gracefully() {
+    let dir = TestDir::new("notify");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let state = dir.state_dir();
+    let runtime = dir.join("run");
+    let mut child = Command::new(cryptnbd_bin())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("CRYPTNBD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means the control socket answers.
+    let mut ctl = e2e_tests::Ctl::new(&state);
+    ctl.socket = Some(runtime.join("control.sock"));
+    ctl.run(&["status"]).assert_success();
+    run(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string()))
+    .assert_success();
+    let n = notify.recv(&mut buf).expect("STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(
+        !runtime.join("control.sock").exists() && !runtime.join("nbd.sock").exists(),
+        "sockets left behind"
+    );
+}
+
+#[test]
+fn full_disk_gives_enospc_to_the_client_and_the_daemon_lives_on() {
+    let dir = TestDir::new("enospc");
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).expect("mkdir");
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&small))
+    .assert_success();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    // The volumes directory lives on the small tmpfs: a 64 MiB volume cannot be filled.
+    std::fs::create_dir_all(dir.state_dir()).expect("mkdir");
+    std::os::unix::fs::symlink(&small, dir.state_dir().join("volumes")).expect("symlink");
+    let d = Daemon::start(&dir, "");
+    d.ctl.create_key("e2e");
+    create(&d, "full", "64M");
+    create(&d, "other", "1M");
+    d.ctl.run(&["attach", "full"]).assert_success();
+    d.ctl.run(&["attach", "other"]).assert_success();
+    let qemu_io = require_tool("qemu-io", "qemu-utils");
+    let out = run(Command::new(&qemu_io).args([
+        "-f",
+        "raw",
+        &d.uri("full"),
+        "-c",
+        "write -P 0x5a 0 48M",
+    ]));
+    let text = format!("{}{}", out.stdout_text(), out.stderr);
+    assert!(
+        text.contains("No space left on device"),
+        "expected ENOSPC, got: {text}"
+    );
+    // The daemon is alive and the other volume serves.
+    d.ctl.run(&["status"]).assert_success();
+    run(Command::new(&qemu_io).args(["-f", "raw", &d.uri("other"), "-c", "read 0 4096"]))
+        .assert_success();
+    d.stop();
+}
+
+#[test]
+fn a_volume_file_removed_under_the_daemon() {
+    let dir = TestDir::new("removed");
+    let d = Daemon::start(&dir, "");
+    d.ctl.create_key("e2e");
+    create(&d, "vol", "16M");
+    d.ctl.run(&["attach", "vol"]).assert_success();
+    let qemu_io = require_tool("qemu-io", "qemu-utils");
+    std::fs::remove_file(d.state_dir.join("volumes/vol.luks")).expect("rm");
+    // The open file still serves (POSIX keeps the inode); the daemon does not crash.
+    run(Command::new(&qemu_io).args([
+        "-f",
+        "raw",
+        &d.uri("vol"),
+        "-c",
+        "write -P 0x11 0 64k",
+        "-c",
+        "read -P 0x11 0 64k",
+    ]))
+    .assert_success();
+    d.ctl.run(&["detach", "vol"]).assert_success();
+    // Now it is gone: attach says so precisely.
+    let out = d.ctl.run(&["attach", "vol"]);
+    out.assert_code(3);
+    out.assert_stderr_contains("vol.luks");
+    d.stop();
+}
