@@ -10,7 +10,6 @@ use zeroize::Zeroizing;
 
 use control_api::{
     AttachRequest, AttachmentStatus, AuditQuery, CreateRequest, DetachRequest, Request, Response,
-    VolumeSummary,
 };
 
 use crate::cli::{AttachArgs, Cli, Command, CreateArgs, KmsCommand};
@@ -205,7 +204,8 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
             Response::Volumes { volumes } => volumes,
             other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
         },
-        None => offline_list(layout)?,
+        None => cryptnbd::daemon::scan_volumes(&layout.volumes(), |_| false)
+            .with_context(|| format!("cannot list {}", layout.volumes().display()))?,
     };
     out.emit(&volumes, || {
         if volumes.is_empty() {
@@ -229,56 +229,6 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     })
-}
-
-fn offline_list(layout: &StateLayout) -> Result<Vec<VolumeSummary>> {
-    let dir = layout.volumes();
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("cannot list {}", dir.display())));
-        }
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".luks"))
-            .filter(|n| validate_name(n).is_ok())
-        else {
-            continue;
-        };
-        let summary = match volume::inspect(&path) {
-            Ok(i) => VolumeSummary {
-                name: name.into(),
-                path: path.display().to_string(),
-                size: i.size,
-                sector_size: i.sector_size,
-                volume_id: i.token.as_ref().map(|t| t.volume_id.clone()),
-                key_id: i.token.as_ref().map(|t| t.key_id.clone()),
-                context: i.token.map(|t| t.context).unwrap_or_default(),
-                attached: false,
-                problem: i.primary_header_problem.or(i.secondary_header_problem),
-            },
-            Err(e) => VolumeSummary {
-                name: name.into(),
-                path: path.display().to_string(),
-                size: 0,
-                sector_size: 0,
-                volume_id: None,
-                key_id: None,
-                context: Default::default(),
-                attached: false,
-                problem: Some(e.to_string()),
-            },
-        };
-        out.push(summary);
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
 }
 
 fn delete(

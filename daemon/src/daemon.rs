@@ -261,36 +261,7 @@ impl Daemon {
     }
 
     fn summary(&self, name: &str, path: &Path) -> VolumeSummary {
-        let attached = self.registry.get(name).is_some();
-        match volume::inspect(path) {
-            Ok(info) => VolumeSummary {
-                name: name.into(),
-                path: path.display().to_string(),
-                size: info.size,
-                sector_size: info.sector_size,
-                volume_id: info.token.as_ref().map(|t| t.volume_id.clone()),
-                key_id: info.token.as_ref().map(|t| t.key_id.clone()),
-                context: info.token.map(|t| t.context).unwrap_or_default(),
-                attached,
-                problem: info
-                    .primary_header_problem
-                    .map(|p| format!("primary header copy: {p}"))
-                    .or(info
-                        .secondary_header_problem
-                        .map(|p| format!("secondary header copy: {p}"))),
-            },
-            Err(e) => VolumeSummary {
-                name: name.into(),
-                path: path.display().to_string(),
-                size: 0,
-                sector_size: 0,
-                volume_id: None,
-                key_id: None,
-                context: BTreeMap::new(),
-                attached,
-                problem: Some(chain(&e)),
-            },
-        }
+        volume_summary(name, path, self.registry.get(name).is_some())
     }
 
     /// Attaches a volume (`caller` None: re-attach at start, owner from the saved request).
@@ -482,32 +453,15 @@ impl Daemon {
     }
 
     fn list(&self) -> Result<Response, ApiError> {
-        let dir = self.layout.volumes();
-        let mut volumes = Vec::new();
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let Some(name) = path
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_suffix(".luks"))
-                        .filter(|n| validate_name(n).is_ok())
-                    else {
-                        continue;
-                    };
-                    volumes.push(self.summary(name, &path));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(api(
-                    ErrorCode::Io,
-                    format!("cannot list {}: {e}", dir.display()),
-                ));
-            }
-        }
-        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        let volumes = scan_volumes(&self.layout.volumes(), |name| {
+            self.registry.get(name).is_some()
+        })
+        .map_err(|e| {
+            api(
+                ErrorCode::Io,
+                format!("cannot list {}: {e}", self.layout.volumes().display()),
+            )
+        })?;
         Ok(Response::Volumes { volumes })
     }
 
@@ -629,6 +583,69 @@ impl Daemon {
             );
         }
     }
+}
+
+/// A volume as `list` shows it, read from its header without the KMS (`attached` says
+/// whether it is attached now). A volume whose header cannot be read is listed with the
+/// problem.
+pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary {
+    match volume::inspect(path) {
+        Ok(info) => VolumeSummary {
+            name: name.into(),
+            path: path.display().to_string(),
+            size: info.size,
+            sector_size: info.sector_size,
+            volume_id: info.token.as_ref().map(|t| t.volume_id.clone()),
+            key_id: info.token.as_ref().map(|t| t.key_id.clone()),
+            context: info.token.map(|t| t.context).unwrap_or_default(),
+            attached,
+            problem: info
+                .primary_header_problem
+                .map(|p| format!("primary header copy: {p}"))
+                .or(info
+                    .secondary_header_problem
+                    .map(|p| format!("secondary header copy: {p}"))),
+        },
+        Err(e) => VolumeSummary {
+            name: name.into(),
+            path: path.display().to_string(),
+            size: 0,
+            sector_size: 0,
+            volume_id: None,
+            key_id: None,
+            context: BTreeMap::new(),
+            attached,
+            problem: Some(chain(&e)),
+        },
+    }
+}
+
+/// Every `NAME.luks` with a valid name in the volumes directory, sorted by name (none when the
+/// directory does not exist yet).
+pub fn scan_volumes(
+    dir: &Path,
+    attached: impl Fn(&str) -> bool,
+) -> std::io::Result<Vec<VolumeSummary>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut volumes = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".luks"))
+            .filter(|n| validate_name(n).is_ok())
+        else {
+            continue;
+        };
+        volumes.push(volume_summary(name, &path, attached(name)));
+    }
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(volumes)
 }
 
 /// What is saved per attachment to re-attach at start.

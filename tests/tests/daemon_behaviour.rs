@@ -10,30 +10,14 @@ use std::time::Duration;
 use e2e_tests::daemon::{Daemon, cryptnbd_bin, nbdinfo};
 use e2e_tests::{TestDir, require_tool, run};
 
-fn create(d: &Daemon, name: &str, size: &str) {
-    d.ctl
-        .run(&[
-            "create",
-            name,
-            "--size",
-            size,
-            "--kms-key",
-            "alias/e2e",
-            "--sid",
-            e2e_tests::TEST_SID,
-            "--directory",
-            e2e_tests::TEST_DIRECTORY,
-        ])
-        .assert_success();
-}
-
 #[test]
 fn tcp_exports_are_opt_in_per_volume() {
     let dir = TestDir::new("tcp");
     let d = Daemon::start(&dir, "[nbd]\ntcp = \"127.0.0.1:0\"\n");
     d.ctl.create_key("e2e");
-    create(&d, "open", "16M");
-    create(&d, "private", "16M");
+    d.ctl.create_volume("open", "16M", "alias/e2e", 4096, &[]);
+    d.ctl
+        .create_volume("private", "16M", "alias/e2e", 4096, &[]);
     let attached = d
         .ctl
         .run(&["--json", "attach", "open", "--tcp"])
@@ -78,7 +62,7 @@ fn only_allowed_users_see_and_open_an_export() {
     }
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
-    create(&d, "vol", "16M");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "vol"]).assert_success();
     let as_nobody = |args: &[&str]| {
         run(Command::new(&setpriv)
@@ -135,7 +119,7 @@ fn key_custody_memory_locked_no_core_dumps() {
     let dir = TestDir::new("custody");
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
-    create(&d, "vol", "16M");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "vol"]).assert_success();
     let pid = d.pid();
     // As root, memory locking is required by default, so the daemon would not have started
@@ -232,8 +216,8 @@ fn full_disk_gives_enospc_to_the_client_and_the_daemon_lives_on() {
     std::os::unix::fs::symlink(&small, dir.state_dir().join("volumes")).expect("symlink");
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
-    create(&d, "full", "64M");
-    create(&d, "other", "1M");
+    d.ctl.create_volume("full", "64M", "alias/e2e", 4096, &[]);
+    d.ctl.create_volume("other", "1M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "full"]).assert_success();
     d.ctl.run(&["attach", "other"]).assert_success();
     let qemu_io = require_tool("qemu-io", "qemu-utils");
@@ -261,7 +245,7 @@ fn a_volume_file_removed_under_the_daemon() {
     let dir = TestDir::new("removed");
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
-    create(&d, "vol", "16M");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "vol"]).assert_success();
     let qemu_io = require_tool("qemu-io", "qemu-utils");
     std::fs::remove_file(d.state_dir.join("volumes/vol.luks")).expect("rm");

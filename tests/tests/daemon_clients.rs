@@ -22,20 +22,7 @@ fn setup(label: &str) -> (TestDir, Daemon) {
 
 #[track_caller]
 fn create_and_attach(d: &Daemon, name: &str, size: &str, extra_attach: &[&str]) -> Value {
-    d.ctl
-        .run(&[
-            "create",
-            name,
-            "--size",
-            size,
-            "--kms-key",
-            "alias/e2e",
-            "--sid",
-            e2e_tests::TEST_SID,
-            "--directory",
-            e2e_tests::TEST_DIRECTORY,
-        ])
-        .assert_success();
+    d.ctl.create_volume(name, size, "alias/e2e", 4096, &[]);
     let mut args = vec!["--json", "attach", name];
     args.extend_from_slice(extra_attach);
     d.ctl.run(&args).assert_success().json()
@@ -346,20 +333,7 @@ fn kms_refusal_and_identity_mismatch_leave_other_volumes_serving() {
         .expect("uri")
         .to_string();
     let other_key = d.ctl.create_key("other");
-    d.ctl
-        .run(&[
-            "create",
-            "bad",
-            "--size",
-            "16M",
-            "--kms-key",
-            "alias/other",
-            "--sid",
-            e2e_tests::TEST_SID,
-            "--directory",
-            e2e_tests::TEST_DIRECTORY,
-        ])
-        .assert_success();
+    d.ctl.create_volume("bad", "16M", "alias/other", 4096, &[]);
     d.ctl
         .run(&["kms", "disable-key", &other_key])
         .assert_success();

@@ -123,20 +123,7 @@ fn ext4_on_the_export_survives_detach_and_daemon_restart() {
     let dir = TestDir::new("fs");
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
-    d.ctl
-        .run(&[
-            "create",
-            "home",
-            "--size",
-            "256M",
-            "--kms-key",
-            "alias/e2e",
-            "--sid",
-            e2e_tests::TEST_SID,
-            "--directory",
-            e2e_tests::TEST_DIRECTORY,
-        ])
-        .assert_success();
+    d.ctl.create_volume("home", "256M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "home"]).assert_success();
     let m = Mounted::new(&dir, &d.nbd_socket(), "home", true);
     let expected = files(&m.mnt);
@@ -176,20 +163,7 @@ fn fio_random_4k_with_crc32c_verification() {
     let dir = TestDir::new("fio");
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
-    d.ctl
-        .run(&[
-            "create",
-            "vol",
-            "--size",
-            "256M",
-            "--kms-key",
-            "alias/e2e",
-            "--sid",
-            e2e_tests::TEST_SID,
-            "--directory",
-            e2e_tests::TEST_DIRECTORY,
-        ])
-        .assert_success();
+    d.ctl.create_volume("vol", "256M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "vol"]).assert_success();
     let uri = d.uri("vol");
     // 4 jobs on disjoint 64 MiB ranges: random 4K writes, each block then read back and
