@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Whole-pipeline benchmark: cryptnbd beside its peers on the same machine, in one run.
+#
+#   benches/nbd-peers.sh [-r RUNS] [-t FIO_SECONDS] [-s SIZE_MIB] [-d WORKDIR] [-o RESULTS.md] [SERVER...]
+#
+# SERVERs (default: all, in this order):
+#   cryptnbd       the release cryptnbd daemon, local KMS, a 4096-byte-sector volume
+#   nbdkit-luks    nbdkit file plugin + luks filter on a LUKS1 image (nbdkit reads LUKS1 only)
+#   qemu-nbd-luks  qemu-nbd on the same kind of LUKS1 image
+#   nbdkit-file    nbdkit file plugin, unencrypted
+#   nbdkit-memory  nbdkit memory plugin: the transport ceiling (no disk, no crypto)
+#
+# Four figures per server, each the median [min-max] of RUNS runs (default 3):
+#   seq write MB/s    nbdcopy SOURCE URI (the whole export, random data)
+#   seq read MB/s     nbdcopy URI null: (the whole export)
+#   4K randread IOPS  fio --ioengine=nbd --bs=4k --iodepth=32, time based
+#   4K randwrite IOPS the same, randwrite
+# and the server's CPU use in cores (CPU-seconds / wall-seconds, from /proc/PID/stat).
+# Writes a Markdown table to RESULTS.md (default WORKDIR/results.md) and stdout.
+# Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin; root is not required.
+# Takes about 4 minutes per server with the defaults. The machine is shared and noisy:
+# compare servers from the same run, as ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=3 FIO_SECONDS=15 SIZE_MIB=4096 WORK=/var/tmp/cryptnbd-bench OUT=""
+while getopts "r:t:s:d:o:h" o; do
+  case $o in
+    r) RUNS=$OPTARG ;; t) FIO_SECONDS=$OPTARG ;; s) SIZE_MIB=$OPTARG ;; d) WORK=$OPTARG ;; o) OUT=$OPTARG ;;
+    *) sed -n 2,24p "$0"; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+SERVERS=("$@")
+((${#SERVERS[@]})) || SERVERS=(cryptnbd nbdkit-luks qemu-nbd-luks nbdkit-file nbdkit-memory)
+OUT=${OUT:-$WORK/results.md}
+for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3; do
+  command -v $tool >/dev/null || { echo "missing $tool: apt-get install nbdkit libnbd-bin fio qemu-utils cryptsetup-bin" >&2; exit 1; }
+done
+SIZE=$((SIZE_MIB << 20))
+mkdir -p "$WORK"
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+SOCK=$WORK/nbd.sock
+PASS=bench-passphrase
+
+echo "== building release binaries"
+cargo build --release -q -p daemon -p ctl
+BIN=$PWD/target/release
+
+SRC=$WORK/source.bin
+if [[ ! -s $SRC || $(stat -c %s "$SRC") -ne $SIZE ]]; then
+  echo "== making $SRC ($SIZE_MIB MiB of random data)"
+  head -c "$SIZE" /dev/urandom >"$SRC"
+fi
+LUKS1=$WORK/luks1.img
+if [[ ! -s $LUKS1 ]]; then
+  echo "== making a LUKS1 image for nbdkit and qemu-nbd"
+  truncate -s $((SIZE + (4 << 20))) "$LUKS1"
+  printf %s "$PASS" | cryptsetup luksFormat --batch-mode --type luks1 --cipher aes-xts-plain64 \
+    --key-size 512 --hash sha256 --pbkdf-force-iterations 1000 --key-file - "$LUKS1"
+fi
+PLAIN=$WORK/plain.img
+[[ -s $PLAIN ]] || truncate -s "$SIZE" "$PLAIN"
+
+SPID=""
+URI=""
+stop_server() {
+  if [[ -n $SPID ]]; then
+    kill -TERM "$SPID" 2>/dev/null || true
+    wait "$SPID" 2>/dev/null || true
+  fi
+  SPID=""
+}
+trap stop_server EXIT
+
+wait_uri() {
+  for _ in $(seq 1 300); do
+    nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
+    kill -0 "$SPID" 2>/dev/null || { echo "the server died; see $LOGS" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "no answer on $URI" >&2
+  return 1
+}
+
+start_server() {
+  local name=$1
+  rm -f "$SOCK"
+  case $name in
+    cryptnbd)
+      local state=$WORK/cryptnbd-state run=$WORK/cryptnbd-run
+      rm -rf "$state" "$run"
+      "$BIN/cryptnbd" --state-dir "$state" --runtime-dir "$run" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      local ctl=("$BIN/cryptnbdctl" --state-dir "$state" --socket "$run/control.sock")
+      for _ in $(seq 1 300); do "${ctl[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
+      "${ctl[@]}" kms create-key --alias alias/bench >/dev/null
+      "${ctl[@]}" create bench --size "${SIZE_MIB}M" --kms-key alias/bench \
+        --sid S-1-5-21-277731876-1789304096-451871588-1107 --directory d-1234abcd01 >/dev/null
+      "${ctl[@]}" attach bench --transient >/dev/null
+      URI="nbd+unix:///bench?socket=$run/nbd.sock"
+      ;;
+    nbdkit-luks)
+      nbdkit -f -U "$SOCK" --filter=luks file "$LUKS1" passphrase="$PASS" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    qemu-nbd-luks)
+      qemu-nbd --socket="$SOCK" --persistent --shared=8 --cache=none --aio=threads \
+        --object "secret,id=sec0,data=$PASS" --image-opts \
+        "driver=luks,key-secret=sec0,file.driver=file,file.filename=$LUKS1" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    nbdkit-file)
+      nbdkit -f -U "$SOCK" file "$PLAIN" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    nbdkit-memory)
+      nbdkit -f -U "$SOCK" memory "$SIZE" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    *) echo "unknown server $name" >&2; exit 2 ;;
+  esac
+  wait_uri
+}
+
+ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
+
+# measure KIND RUN: prints "VALUE CORES"
+measure() {
+  local kind=$1 run=$2 log="$LOGS/$CURRENT.$1.$2" t0 t1 s0 s1 value
+  sync
+  s0=$(ticks)
+  t0=$(date +%s.%N)
+  case $kind in
+    write) nbdcopy --no-extents "$SRC" "$URI" >"$log" 2>&1 ;;
+    read) nbdcopy --no-extents "$URI" null: >"$log" 2>&1 ;;
+    randread | randwrite)
+      fio --name="$kind" --ioengine=nbd --uri="$URI" --rw="$kind" --bs=4k --iodepth=32 --numjobs=1 \
+        --time_based --runtime="$FIO_SECONDS" --ramp_time=2 --size="$SIZE" \
+        --output-format=json --output="$log.json" >"$log" 2>&1 ;;
+  esac
+  t1=$(date +%s.%N)
+  s1=$(ticks)
+  case $kind in
+    write | read) value=$(python3 -c "print($SIZE / ($t1 - $t0) / 1e6)") ;;
+    *) value=$(python3 -c "
+import json; t=open('$log.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]
+print(j['$([[ $kind == randread ]] && echo read || echo write)']['iops'])") ;;
+  esac
+  python3 -c "print($value, ($s1 - $s0) / $(getconf CLK_TCK) / ($t1 - $t0))"
+}
+
+summary() { python3 -c '
+import sys, statistics as st
+v = [float(x) for x in sys.argv[1:]]
+print(f"{st.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]")' "$@"; }
+median() { python3 -c 'import sys, statistics as st; print(f"{st.median([float(x) for x in sys.argv[1:]]):.2f}")' "$@"; }
+
+{
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+  echo "export $SIZE_MIB MiB, $RUNS runs, fio ${FIO_SECONDS}s; median [min-max]; server CPU in cores (median)."
+  echo
+  echo "| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS | server cores w / r / rr / rw |"
+  echo "|---|---|---|---|---|---|"
+} >"$OUT.tmp"
+for CURRENT in "${SERVERS[@]}"; do
+  echo "== $CURRENT"
+  start_server "$CURRENT"
+  row="| $CURRENT |"
+  cores=()
+  for kind in write read randread randwrite; do
+    vals=() cs=()
+    for r in $(seq 1 "$RUNS"); do
+      read -r v c < <(measure "$kind" "$r")
+      vals+=("$v") cs+=("$c")
+      echo "   $kind run $r: $(printf %.0f "$v") ($(printf %.2f "$c") cores)"
+    done
+    row+=" $(summary "${vals[@]}") |"
+    cores+=("$(median "${cs[@]}")")
+  done
+  row+=" ${cores[0]} / ${cores[1]} / ${cores[2]} / ${cores[3]} |"
+  echo "$row" >>"$OUT.tmp"
+  stop_server
+done
+mv "$OUT.tmp" "$OUT"
+echo
+cat "$OUT"
