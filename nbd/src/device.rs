@@ -37,7 +37,10 @@ pub struct DeviceError {
 impl DeviceError {
     /// A new error.
     pub fn new(errno: Errno, message: impl Into<String>) -> Self {
-        Self { errno, message: message.into() }
+        Self {
+            errno,
+            message: message.into(),
+        }
     }
 }
 
@@ -98,7 +101,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Discards a range (advisory).
     fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), DeviceError>;
     /// Makes a range read as zeros.
-    fn write_zeroes(&self, offset: u64, length: u64, may_trim: bool, fua: bool) -> Result<(), DeviceError>;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError>;
     /// Prefetch hint (NBD_CMD_CACHE); the default does nothing.
     fn cache(&self, _offset: u64, _length: u64) -> Result<(), DeviceError> {
         Ok(())
@@ -126,7 +135,11 @@ pub enum Peer {
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Peer::Unix { pid: Some(pid), uid, .. } => write!(f, "pid {pid} (uid {uid})"),
+            Peer::Unix {
+                pid: Some(pid),
+                uid,
+                ..
+            } => write!(f, "pid {pid} (uid {uid})"),
             Peer::Unix { pid: None, uid, .. } => write!(f, "uid {uid}"),
             Peer::Tcp(a) => write!(f, "tcp {a}"),
         }

@@ -16,4 +16,6 @@ pub mod volume;
 pub mod xts;
 
 pub use error::{VolumeError, VolumeErrorKind};
-pub use volume::{CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect};
+pub use volume::{
+    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, wipe_and_remove,
+};

@@ -514,3 +514,32 @@ fn in_place_writes_and_allocation_map() {
     drop(vol);
     drop(f);
 }
+
+#[test]
+fn wipe_and_remove_leaves_no_token_and_refuses_open_or_foreign_files() {
+    let (f, vol) = fixture(1 << 20, 4096);
+    // In use: refused, nothing changed.
+    let err = volume::wipe_and_remove(&f.path).expect_err("in use");
+    assert_eq!(err.kind(), VolumeErrorKind::InUse);
+    drop(vol);
+    // Not a volume: refused, the file is left alone.
+    let other = f.path.with_file_name("notes.txt");
+    std::fs::write(&other, b"not a volume").expect("write");
+    assert!(volume::wipe_and_remove(&other).is_err());
+    assert_eq!(std::fs::read(&other).expect("read"), b"not a volume");
+    // Keep a second name on the same inode to look at its blocks after the unlink.
+    let witness = f.path.with_file_name("witness");
+    std::fs::hard_link(&f.path, &witness).expect("link");
+    assert!(raw(&witness).windows(12).any(|w| w == b"cryptnbd-kms"));
+    volume::wipe_and_remove(&f.path).expect("wipe");
+    assert!(!f.path.exists());
+    let left = raw(&witness);
+    assert!(
+        !left.windows(12).any(|w| w == b"cryptnbd-kms"),
+        "the token survived"
+    );
+    assert!(
+        left[..16 << 20].iter().all(|&b| b == 0),
+        "the header area is not zero"
+    );
+}

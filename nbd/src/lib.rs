@@ -1,0 +1,24 @@
+//! NBD (Network Block Device) for cryptnbd: the protocol as a pure codec ([`proto`]) and a
+//! tokio server ([`server`]) generic over a small blocking [`device::BlockDevice`] trait.
+//!
+//! This crate must not depend on the volume format, the KMS or the daemon: it knows byte
+//! ranges, exports and peers, nothing about encryption or keys. The daemon adapts its volumes
+//! to [`device::BlockDevice`] and its registry of attached volumes to
+//! [`device::ExportRegistry`].
+//!
+//! The protocol is NetworkBlockDevice/nbd `doc/proto.md`: fixed newstyle negotiation with
+//! `NBD_OPT_GO`/`INFO`, structured replies, `base:allocation` block status, and every command
+//! of the transmission phase except the experimental ones.
+
+#![forbid(unsafe_code)]
+
+pub mod device;
+mod error;
+pub mod proto;
+pub mod server;
+
+pub use device::{
+    BlockDevice, BlockSizes, DeviceError, Errno, Export, ExportRegistry, Extent, Peer,
+};
+pub use error::NbdError;
+pub use server::{ConnectionInfo, Limits, Server};

@@ -1,0 +1,524 @@
+//! The tokio NBD server: accepts connections, negotiates, and serves requests through a
+//! [`crate::device::BlockDevice`].
+//!
+//! # Design
+//! - **One task per connection** for the handshake and for reading requests, plus a writer
+//!   task that sends replies as they complete (out of order, many per `writev`).
+//! - **Device calls on a fixed pool of I/O threads** ([`Limits::io_threads`]), fed by one
+//!   queue; the reactor never blocks on a device.
+//! - **Bounded memory.** Every request takes its cost (data buffer plus a fixed overhead) from
+//!   a per-connection and a server-wide in-flight byte budget *before* a buffer is taken or a
+//!   payload read; a request that does not fit waits with its payload still in the kernel's
+//!   socket buffer. Buffers come from a pool that reuses them and never holds more than the
+//!   global budget. Oversized WRITE payloads are skipped without buffering, or the connection
+//!   is closed when skipping would mean reading an absurd amount.
+//! - **Graceful ends.** [`Server::disconnect_export`] and [`Server::drain_all`] stop reading
+//!   new requests, let the requests in flight finish and be answered, then close.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use tracing::{Instrument, debug, error, warn};
+
+use crate::device::{Export, ExportRegistry, Peer};
+use crate::error::NbdError;
+
+mod handshake;
+mod io_pool;
+mod pool;
+mod readbuf;
+mod reply;
+mod transmission;
+
+use io_pool::IoPool;
+use pool::BufferPool;
+use readbuf::ReadBuf;
+
+/// Size of each connection's input buffer. Large payloads bypass it.
+const READ_BUF_LEN: usize = 32 * 1024;
+/// Largest request payload this server ever accepts, whatever the limits say.
+const MAX_PAYLOAD_CEILING: u32 = 1 << 30;
+/// Smallest `max_payload` honoured (the spec wants 64 KiB unfragmented reads).
+const MAX_PAYLOAD_FLOOR: u32 = 64 * 1024;
+
+/// Resource limits of a [`Server`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest READ or WRITE payload (advertised as the maximum block size); 32 MiB, the
+    /// spec's portable maximum. Clamped to 64 KiB..=1 GiB.
+    pub max_payload: u32,
+    /// Bytes one connection may have in flight (buffers of requests being served). Raised
+    /// to hold at least one request of `max_payload`.
+    pub per_connection_inflight_bytes: u64,
+    /// Bytes all connections together may have in flight; also the most the buffer pool
+    /// holds. This is what bounds memory when many clients send large writes at once.
+    pub global_inflight_bytes: u64,
+    /// Connections served at once (handshake or transmission); more are closed on accept.
+    pub max_connections: usize,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Threads making blocking device calls.
+    pub io_threads: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        Self {
+            max_payload: 32 << 20,
+            per_connection_inflight_bytes: 64 << 20,
+            global_inflight_bytes: 512 << 20,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            io_threads: (cpus * 2).clamp(4, 64),
+        }
+    }
+}
+
+impl Limits {
+    /// The largest cost one request can have.
+    fn max_request_cost(&self) -> u64 {
+        let payload = pool::class_size(self.max_payload as usize) + transmission::REQUEST_OVERHEAD;
+        let status = transmission::MAX_EXTENTS * std::mem::size_of::<crate::device::Extent>()
+            + transmission::REQUEST_OVERHEAD;
+        u64::try_from(payload.max(status)).unwrap_or(u64::MAX)
+    }
+
+    /// The limits made consistent: any single request fits both budgets.
+    fn normalized(mut self) -> Self {
+        self.max_payload = self
+            .max_payload
+            .clamp(MAX_PAYLOAD_FLOOR, MAX_PAYLOAD_CEILING);
+        let max_cost = self.max_request_cost();
+        let sem_max = u64::try_from(Semaphore::MAX_PERMITS).unwrap_or(u64::MAX);
+        self.per_connection_inflight_bytes =
+            self.per_connection_inflight_bytes.clamp(max_cost, sem_max);
+        self.global_inflight_bytes = self.global_inflight_bytes.clamp(max_cost, sem_max);
+        self.max_connections = self.max_connections.max(1);
+        self.io_threads = self.io_threads.clamp(1, 1024);
+        self
+    }
+
+    fn per_connection_inflight_bytes_usize(&self) -> usize {
+        usize::try_from(self.per_connection_inflight_bytes).unwrap_or(Semaphore::MAX_PERMITS)
+    }
+
+    fn global_inflight_bytes_usize(&self) -> usize {
+        usize::try_from(self.global_inflight_bytes).unwrap_or(Semaphore::MAX_PERMITS)
+    }
+
+    /// Longest refused WRITE payload that is read and dropped to keep the session going;
+    /// longer ones close the connection. Lengths under 32 MiB are never treated as abuse.
+    fn skip_limit(&self) -> u64 {
+        2 * u64::from(self.max_payload.max(32 << 20))
+    }
+}
+
+/// A live connection in transmission phase, as reported by [`Server::connections`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// Server-assigned id, unique for the server's lifetime.
+    pub id: u64,
+    /// Canonical name of the export it uses.
+    pub export: String,
+    /// Who is connected.
+    pub peer: Peer,
+    /// When it entered transmission phase.
+    pub since: SystemTime,
+    /// Bytes returned by successful reads.
+    pub bytes_read: u64,
+    /// Bytes accepted by successful writes.
+    pub bytes_written: u64,
+    /// Requests received (including refused ones).
+    pub requests: u64,
+}
+
+/// A connection in the table: what [`ConnectionInfo`] reports, plus the switch that stops it.
+pub(crate) struct ConnEntry {
+    id: u64,
+    export: String,
+    peer: Peer,
+    since: SystemTime,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    requests: AtomicU64,
+    stop: watch::Sender<bool>,
+}
+
+impl ConnEntry {
+    fn new(id: u64, export: String, peer: Peer) -> Self {
+        Self {
+            id,
+            export,
+            peer,
+            since: SystemTime::now(),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            stop: watch::Sender::new(false),
+        }
+    }
+
+    /// Asks the connection to stop reading requests and close once drained.
+    fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    fn stop_receiver(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    fn info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            id: self.id,
+            export: self.export.clone(),
+            peer: self.peer.clone(),
+            since: self.since,
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Keeps a connection in the table; removes it when dropped.
+pub(crate) struct Registration {
+    server: Arc<Server>,
+    entry: Arc<ConnEntry>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.server.table().remove(&self.entry.id);
+        self.server
+            .closed_gen
+            .send_modify(|g| *g = g.wrapping_add(1));
+    }
+}
+
+/// Counts a connection task as live until dropped.
+struct LiveGuard(Arc<Server>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A stream the server can serve: read and write, then split into halves for transmission.
+/// Implemented for unix and TCP sockets; a TLS stream would implement it too.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reading half.
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    /// Writing half, shared by the threads that write replies.
+    type Writer: reply::ReplyWriter;
+    /// Splits the stream.
+    fn into_halves(self) -> (Self::Reader, Self::Writer);
+}
+
+impl Transport for UnixStream {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+impl Transport for TcpStream {
+    type Reader = tokio::net::tcp::OwnedReadHalf;
+    type Writer = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+}
+
+/// The NBD server. Create it with [`Server::new`], run [`Server::serve_unix`] and/or
+/// [`Server::serve_tcp`], and manage connections through the other methods.
+pub struct Server {
+    registry: Arc<dyn ExportRegistry>,
+    limits: Limits,
+    next_id: AtomicU64,
+    /// Connections in transmission phase.
+    table: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    /// Bumped whenever a connection leaves the table.
+    closed_gen: watch::Sender<u64>,
+    /// Connection tasks alive, in any phase.
+    live: watch::Sender<usize>,
+    /// Set by [`Server::drain_all`].
+    shutting_down: watch::Sender<bool>,
+    global_budget: Arc<Semaphore>,
+    pool: Arc<BufferPool>,
+    io: IoPool,
+}
+
+impl Server {
+    /// A server looking up exports in `registry`. Starts the I/O threads (if they cannot be
+    /// started, device calls fall back to tokio's blocking pool).
+    pub fn new(registry: Arc<dyn ExportRegistry>, limits: Limits) -> Arc<Self> {
+        let limits = limits.normalized();
+        let io = IoPool::new(limits.io_threads);
+        Arc::new(Self {
+            registry,
+            next_id: AtomicU64::new(1),
+            table: Mutex::new(HashMap::new()),
+            closed_gen: watch::Sender::new(0),
+            live: watch::Sender::new(0),
+            shutting_down: watch::Sender::new(false),
+            global_budget: Arc::new(Semaphore::new(limits.global_inflight_bytes_usize())),
+            pool: BufferPool::new(limits.global_inflight_bytes_usize()),
+            io,
+            limits,
+        })
+    }
+
+    /// The limits in force (after normalisation).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Accepts on a unix listener until `shutdown` resolves; peers identified by SO_PEERCRED
+    /// (tokio's `UnixStream::peer_cred`). Connections already accepted keep running: end them
+    /// with [`Server::drain_all`].
+    pub async fn serve_unix(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => match stream.peer_cred() {
+                        Ok(c) => {
+                            let peer = Peer::Unix { pid: c.pid(), uid: c.uid(), gid: c.gid() };
+                            self.spawn_connection(stream, peer);
+                        }
+                        Err(e) => warn!("cannot read the peer credentials of a unix client: {e}"),
+                    },
+                    Err(e) => accept_failed(e).await,
+                },
+            }
+        }
+    }
+
+    /// Accepts on a TCP listener until `shutdown` resolves (TCP_NODELAY set on every
+    /// connection). Connections already accepted keep running: end them with
+    /// [`Server::drain_all`].
+    pub async fn serve_tcp(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok((stream, addr)) => {
+                        if let Err(e) = stream.set_nodelay(true) {
+                            debug!("cannot set TCP_NODELAY for {addr}: {e}");
+                        }
+                        self.spawn_connection(stream, Peer::Tcp(addr));
+                    }
+                    Err(e) => accept_failed(e).await,
+                },
+            }
+        }
+    }
+
+    /// Live connections in transmission phase on `export` (or all when None), by id.
+    pub fn connections(&self, export: Option<&str>) -> Vec<ConnectionInfo> {
+        let mut v: Vec<_> = self
+            .table()
+            .values()
+            .filter(|e| export.is_none_or(|x| e.export == x))
+            .map(|e| e.info())
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Gracefully ends every connection of `export`: stop reading new requests, finish and
+    /// reply to those in flight, then close; returns when all are closed (the caller removed
+    /// the export from its registry first, so no new ones arrive). Once it returns, no device
+    /// call for these connections is running or will start.
+    pub async fn disconnect_export(&self, export: &str) {
+        let mut closed = self.closed_gen.subscribe();
+        let mut n = 0;
+        for e in self.table().values().filter(|e| e.export == export) {
+            e.stop();
+            n += 1;
+        }
+        if n > 0 {
+            debug!(export, connections = n, "disconnecting export");
+        }
+        while self.table().values().any(|e| e.export == export) {
+            // The sender lives in `self`: this cannot fail while we are borrowed.
+            if closed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Same for every connection (shutdown): after `serve_*` returned, drain everything.
+    /// Connections still negotiating are closed; new negotiations are refused.
+    pub async fn drain_all(&self) {
+        self.shutting_down.send_replace(true);
+        for e in self.table().values() {
+            e.stop();
+        }
+        let mut live = self.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    // -----------------------------------------------------------------------------------------
+
+    fn table(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnEntry>>> {
+        // Table operations are single inserts/removes/reads: consistent after any panic.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        *self.shutting_down.borrow()
+    }
+
+    fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.shutting_down.subscribe()
+    }
+
+    /// The name "" stands for the registry's default export.
+    fn resolve_name(&self, name: &str) -> String {
+        if name.is_empty() {
+            self.registry.default_export().unwrap_or_default()
+        } else {
+            name.to_owned()
+        }
+    }
+
+    /// Looks the export up and registers the connection in one step under the table lock, so
+    /// `disconnect_export` either sees the connection or the lookup fails (the export was
+    /// removed from the registry before `disconnect_export` took the lock).
+    fn open_export(
+        self: &Arc<Self>,
+        name: &str,
+        peer: &Peer,
+        id: u64,
+    ) -> Option<(Arc<Export>, Registration)> {
+        let mut table = self.table();
+        if self.is_shutting_down() {
+            return None;
+        }
+        let export = self.registry.lookup(name, peer)?;
+        let entry = Arc::new(ConnEntry::new(id, export.name.clone(), peer.clone()));
+        table.insert(id, Arc::clone(&entry));
+        drop(table);
+        Some((
+            export,
+            Registration {
+                server: Arc::clone(self),
+                entry,
+            },
+        ))
+    }
+
+    fn spawn_connection<T: Transport>(self: &Arc<Self>, stream: T, peer: Peer) {
+        let live = *self.live.borrow();
+        if live >= self.limits.max_connections {
+            warn!(
+                %peer,
+                limit = self.limits.max_connections,
+                "connection refused: too many connections"
+            );
+            return;
+        }
+        self.live.send_modify(|n| *n += 1);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let guard = LiveGuard(Arc::clone(self));
+        let span = tracing::debug_span!("nbd", conn = id, peer = %peer);
+        tokio::spawn(
+            async move {
+                let server = Arc::clone(&guard.0);
+                server.handle(stream, peer, id).await;
+                drop(guard);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn handle<T: Transport>(self: Arc<Self>, mut stream: T, peer: Peer, id: u64) {
+        debug!("connection accepted");
+        let mut rb = ReadBuf::new(READ_BUF_LEN);
+        let timeout = self.limits.handshake_timeout;
+        let negotiated = tokio::time::timeout(
+            timeout,
+            handshake::negotiate(&self, &mut stream, &mut rb, &peer, id),
+        )
+        .await
+        .unwrap_or(Err(NbdError::HandshakeTimeout(timeout)));
+        let (export, geometry, registration) = match negotiated {
+            Ok(handshake::Outcome::Transmission {
+                export,
+                geometry,
+                registration,
+            }) => (export, geometry, registration),
+            Ok(handshake::Outcome::Closed(reason)) => {
+                debug!("{reason}; connection closed");
+                return;
+            }
+            Err(NbdError::Io(e)) => {
+                debug!("connection failed during the handshake: {e}");
+                return;
+            }
+            Err(e @ NbdError::UnexpectedEof(_)) => {
+                debug!("{e}; connection closed");
+                return;
+            }
+            Err(e) => {
+                warn!("handshake failed, connection closed: {e}");
+                return;
+            }
+        };
+        debug!(
+            export = %export.name,
+            size = geometry.size,
+            structured = geometry.structured,
+            base_allocation = geometry.meta_context.is_some(),
+            read_only = geometry.read_only,
+            "transmission phase"
+        );
+        let (rd, wr) = stream.into_halves();
+        let entry = Arc::clone(&registration.entry);
+        transmission::run(
+            Arc::clone(&self),
+            geometry,
+            Arc::clone(&export.device),
+            entry,
+            rd,
+            wr,
+            rb,
+        )
+        .await;
+        drop(registration);
+    }
+}
+
+/// Logs a failed accept; waits a little when descriptors or memory ran out, so the loop does
+/// not spin.
+async fn accept_failed(e: std::io::Error) {
+    let exhausted = matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)); // ENFILE, EMFILE, ENOBUFS, ENOMEM
+    if exhausted {
+        error!("accept failed, out of resources (raise RLIMIT_NOFILE?): {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    } else {
+        debug!("accept failed: {e}");
+    }
+}
