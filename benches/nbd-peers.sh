@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Whole-pipeline benchmark: cryptnbd beside its peers on the same machine, in one run.
 #
-#   benches/nbd-peers.sh [-r RUNS] [-t FIO_SECONDS] [-s SIZE_MIB] [-d WORKDIR] [-o RESULTS.md] [SERVER...]
+#   benches/nbd-peers.sh [-r RUNS] [-t FIO_SECONDS] [-s SIZE_MIB] [-d WORKDIR] [-o RESULTS.md]
+#                        [-T write,read,randread,randwrite] [SERVER...]
 #
 # SERVERs (default: all, in this order):
 #   cryptnbd       the release cryptnbd daemon, local KMS, a 4096-byte-sector volume
@@ -18,14 +19,16 @@
 # and the server's CPU use in cores (CPU-seconds / wall-seconds, from /proc/PID/stat).
 # Writes a Markdown table to RESULTS.md (default WORKDIR/results.md) and stdout.
 # Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin; root is not required.
+# A server that is not written first (-T without write) is measured on a fresh, unwritten export.
 # Takes about 4 minutes per server with the defaults. The machine is shared and noisy:
 # compare servers from the same run, as ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=3 FIO_SECONDS=15 SIZE_MIB=4096 WORK=/var/tmp/cryptnbd-bench OUT=""
-while getopts "r:t:s:d:o:h" o; do
+RUNS=3 FIO_SECONDS=15 SIZE_MIB=4096 WORK=/var/tmp/cryptnbd-bench OUT="" KINDS="write,read,randread,randwrite"
+while getopts "r:t:s:d:o:T:h" o; do
   case $o in
     r) RUNS=$OPTARG ;; t) FIO_SECONDS=$OPTARG ;; s) SIZE_MIB=$OPTARG ;; d) WORK=$OPTARG ;; o) OUT=$OPTARG ;;
+    T) KINDS=$OPTARG ;;
     *) sed -n 2,24p "$0"; exit 2 ;;
   esac
 done
@@ -173,6 +176,11 @@ for CURRENT in "${SERVERS[@]}"; do
   row="| $CURRENT |"
   cores=()
   for kind in write read randread randwrite; do
+    if [[ ",$KINDS," != *",$kind,"* ]]; then
+      row+=" - |"
+      cores+=("-")
+      continue
+    fi
     vals=() cs=()
     for r in $(seq 1 "$RUNS"); do
       read -r v c < <(measure "$kind" "$r")

@@ -278,14 +278,17 @@ fn delete(
     })
 }
 
-/// Offline verbs audit to the same trail the daemon writes.
-fn offline_audit<T>(
+/// Offline verbs append to the same audit trail the daemon writes.
+#[allow(clippy::too_many_arguments)]
+fn record(
     layout: &StateLayout,
     operation: &str,
-    volume: &str,
-    token: Option<&volume::TokenInfo>,
+    volume: Option<&str>,
+    backend: &str,
+    key_id: Option<String>,
+    context: Option<std::collections::BTreeMap<String, String>>,
     started: std::time::Instant,
-    result: &Result<T, volume::VolumeError>,
+    outcome: Result<(), String>,
 ) {
     let log = match cryptnbd::audit::AuditLog::open(&layout.audit_log(), 10 << 20, AUDIT_KEEP) {
         Ok(l) => l,
@@ -297,17 +300,62 @@ fn offline_audit<T>(
     log.record(&cryptnbd::audit::AuditRecord {
         time: cryptnbd::audit::now(),
         operation: operation.into(),
-        backend: token.map_or("local".into(), |t| t.backend.clone()),
-        key_id: token.map(|t| t.key_id.clone()),
-        context: token.map(|t| t.context.clone()),
-        volume: Some(volume.into()),
+        backend: backend.into(),
+        key_id,
+        context,
+        volume: volume.map(str::to_owned),
         caller_uid: Some(rustix::process::getuid().as_raw()),
-        outcome: match result {
-            Ok(_) => "ok".into(),
-            Err(e) => cryptnbd::daemon::chain(e),
-        },
+        outcome: outcome.map_or_else(|e| e, |()| "ok".into()),
         latency_ms: started.elapsed().as_millis() as u64,
     });
+}
+
+/// Audits an offline volume operation.
+fn offline_audit<T>(
+    layout: &StateLayout,
+    operation: &str,
+    volume: &str,
+    token: Option<&volume::TokenInfo>,
+    started: std::time::Instant,
+    result: &Result<T, volume::VolumeError>,
+) {
+    record(
+        layout,
+        operation,
+        Some(volume),
+        &token.map_or("local".into(), |t| t.backend.clone()),
+        token.map(|t| t.key_id.clone()),
+        token.map(|t| t.context.clone()),
+        started,
+        result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| cryptnbd::daemon::chain(e)),
+    );
+}
+
+/// Runs a local-KMS key operation and audits it (`kms-<verb>`, the key id).
+fn audited_key_op(
+    layout: &StateLayout,
+    operation: &str,
+    key: Option<&str>,
+    op: impl FnOnce() -> Result<KeyMetadata, kms_client::KmsError>,
+) -> Result<KeyMetadata> {
+    let started = std::time::Instant::now();
+    let result = op();
+    let key_id = result
+        .as_ref()
+        .ok()
+        .map(|k| k.key_id.clone())
+        .or(key.map(str::to_owned));
+    let outcome = result
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| cryptnbd::daemon::chain(e));
+    record(
+        layout, operation, None, "local", key_id, None, started, outcome,
+    );
+    Ok(result?)
 }
 
 fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
@@ -586,7 +634,9 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
     match cmd {
         KmsCommand::CreateKey { alias, description } => {
             let kms = open_local_kms(cli, layout, true)?;
-            let k = kms.create_key(alias.as_deref(), description)?;
+            let k = audited_key_op(layout, "kms-create-key", None, || {
+                kms.create_key(alias.as_deref(), description)
+            })?;
             out.emit(&k, || format!("created key {}", key_text(&k)))
         }
         KmsCommand::ListKeys => {
@@ -606,15 +656,22 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
             out.emit(&k, || key_text(&k))
         }
         KmsCommand::EnableKey { key } => {
-            let k = open_local_kms(cli, layout, false)?.enable_key(key)?;
+            let kms = open_local_kms(cli, layout, false)?;
+            let k = audited_key_op(layout, "kms-enable-key", Some(key), || kms.enable_key(key))?;
             out.emit(&k, || format!("enabled {}", key_text(&k)))
         }
         KmsCommand::DisableKey { key } => {
-            let k = open_local_kms(cli, layout, false)?.disable_key(key)?;
+            let kms = open_local_kms(cli, layout, false)?;
+            let k = audited_key_op(layout, "kms-disable-key", Some(key), || {
+                kms.disable_key(key)
+            })?;
             out.emit(&k, || format!("disabled {}", key_text(&k)))
         }
         KmsCommand::ScheduleKeyDeletion { key, days } => {
-            let k = open_local_kms(cli, layout, false)?.schedule_key_deletion(key, *days)?;
+            let kms = open_local_kms(cli, layout, false)?;
+            let k = audited_key_op(layout, "kms-schedule-key-deletion", Some(key), || {
+                kms.schedule_key_deletion(key, *days)
+            })?;
             out.emit(&k, || {
                 format!(
                     "scheduled for deletion: {}\nEvery volume wrapped by this key becomes unreadable when it is deleted; \
@@ -625,7 +682,10 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
             })
         }
         KmsCommand::CancelKeyDeletion { key } => {
-            let k = open_local_kms(cli, layout, false)?.cancel_key_deletion(key)?;
+            let kms = open_local_kms(cli, layout, false)?;
+            let k = audited_key_op(layout, "kms-cancel-key-deletion", Some(key), || {
+                kms.cancel_key_deletion(key)
+            })?;
             out.emit(&k, || {
                 format!(
                     "deletion cancelled; the key is disabled until enabled: {}",
@@ -634,7 +694,8 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
             })
         }
         KmsCommand::RotateKey { key } => {
-            let k = open_local_kms(cli, layout, false)?.rotate_key(key)?;
+            let kms = open_local_kms(cli, layout, false)?;
+            let k = audited_key_op(layout, "kms-rotate-key", Some(key), || kms.rotate_key(key))?;
             out.emit(&k, || format!("rotated {}", key_text(&k)))
         }
         KmsCommand::Seal {
@@ -648,7 +709,16 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
                 })?;
             let kms = open_local_kms(cli, layout, false)?;
             let was_sealed = kms.is_sealed();
-            kms.seal(&pass)?;
+            let started = std::time::Instant::now();
+            let sealed = kms.seal(&pass);
+            let outcome = sealed
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| cryptnbd::daemon::chain(e));
+            record(
+                layout, "kms-seal", None, "local", None, None, started, outcome,
+            );
+            sealed?;
             #[derive(Serialize)]
             struct Sealed<'a> {
                 keystore: &'a Path,
@@ -676,7 +746,23 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
                     CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
                 })?;
             let kms = open_local_kms(cli, layout, false)?;
-            kms.backup(to, &pass)?;
+            let started = std::time::Instant::now();
+            let written = kms.backup(to, &pass);
+            let outcome = written
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| cryptnbd::daemon::chain(e));
+            record(
+                layout,
+                "kms-backup",
+                None,
+                "local",
+                None,
+                None,
+                started,
+                outcome,
+            );
+            written?;
             let n = kms.list_keys()?.len();
             #[derive(Serialize)]
             struct Backup<'a> {
@@ -701,12 +787,28 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
                     CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
                 })?;
             make_private_dir(&layout.state_dir)?;
-            let kms = LocalKms::restore(
+            let started = std::time::Instant::now();
+            let restored = LocalKms::restore(
                 &layout.keystore(),
                 from,
                 &pass,
                 keystore_options(cli, true)?,
-            )?;
+            );
+            let outcome = restored
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| cryptnbd::daemon::chain(e));
+            record(
+                layout,
+                "kms-restore",
+                None,
+                "local",
+                None,
+                None,
+                started,
+                outcome,
+            );
+            let kms = restored?;
             let keys = kms.list_keys()?;
             out.emit(&keys, || {
                 format!(
