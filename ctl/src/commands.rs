@@ -334,19 +334,21 @@ fn offline_audit<T>(
     );
 }
 
-/// Runs a local-KMS key operation and audits it (`kms-<verb>`, the key id).
-fn audited_key_op(
+/// Runs a local-KMS operation and audits it (`operation`, the key id from the result or
+/// `key`, the outcome).
+fn audited<T>(
     layout: &StateLayout,
     operation: &str,
     key: Option<&str>,
-    op: impl FnOnce() -> Result<KeyMetadata, kms_client::KmsError>,
-) -> Result<KeyMetadata> {
+    id_of: impl Fn(&T) -> Option<String>,
+    op: impl FnOnce() -> Result<T, kms_client::KmsError>,
+) -> Result<T, kms_client::KmsError> {
     let started = std::time::Instant::now();
     let result = op();
     let key_id = result
         .as_ref()
         .ok()
-        .map(|k| k.key_id.clone())
+        .and_then(&id_of)
         .or(key.map(str::to_owned));
     let outcome = result
         .as_ref()
@@ -355,7 +357,23 @@ fn audited_key_op(
     record(
         layout, operation, None, "local", key_id, None, started, outcome,
     );
-    Ok(result?)
+    result
+}
+
+/// [`audited`] for the verbs that return a key's metadata.
+fn audited_key_op(
+    layout: &StateLayout,
+    operation: &str,
+    key: Option<&str>,
+    op: impl FnOnce() -> Result<KeyMetadata, kms_client::KmsError>,
+) -> Result<KeyMetadata> {
+    Ok(audited(
+        layout,
+        operation,
+        key,
+        |k: &KeyMetadata| Some(k.key_id.clone()),
+        op,
+    )?)
 }
 
 fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
@@ -709,16 +727,7 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
                 })?;
             let kms = open_local_kms(cli, layout, false)?;
             let was_sealed = kms.is_sealed();
-            let started = std::time::Instant::now();
-            let sealed = kms.seal(&pass);
-            let outcome = sealed
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| cryptnbd::daemon::chain(e));
-            record(
-                layout, "kms-seal", None, "local", None, None, started, outcome,
-            );
-            sealed?;
+            audited(layout, "kms-seal", None, |_| None, || kms.seal(&pass))?;
             #[derive(Serialize)]
             struct Sealed<'a> {
                 keystore: &'a Path,
@@ -746,23 +755,13 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
                     CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
                 })?;
             let kms = open_local_kms(cli, layout, false)?;
-            let started = std::time::Instant::now();
-            let written = kms.backup(to, &pass);
-            let outcome = written
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| cryptnbd::daemon::chain(e));
-            record(
+            audited(
                 layout,
                 "kms-backup",
                 None,
-                "local",
-                None,
-                None,
-                started,
-                outcome,
-            );
-            written?;
+                |_| None,
+                || kms.backup(to, &pass),
+            )?;
             let n = kms.list_keys()?.len();
             #[derive(Serialize)]
             struct Backup<'a> {
@@ -787,28 +786,14 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
                     CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
                 })?;
             make_private_dir(&layout.state_dir)?;
-            let started = std::time::Instant::now();
-            let restored = LocalKms::restore(
-                &layout.keystore(),
-                from,
-                &pass,
-                keystore_options(cli, true)?,
-            );
-            let outcome = restored
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| cryptnbd::daemon::chain(e));
-            record(
+            let options = keystore_options(cli, true)?;
+            let kms = audited(
                 layout,
                 "kms-restore",
                 None,
-                "local",
-                None,
-                None,
-                started,
-                outcome,
-            );
-            let kms = restored?;
+                |_| None,
+                || LocalKms::restore(&layout.keystore(), from, &pass, options),
+            )?;
             let keys = kms.list_keys()?;
             out.emit(&keys, || {
                 format!(

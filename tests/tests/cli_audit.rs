@@ -76,4 +76,41 @@ fn offline_kms_and_volume_operations_are_audited() {
         assert!(v.get("wrapped_key").is_none());
     }
     assert!(!text.contains("wrapped_key"));
+
+    // Backup and restore are audited too, in the keystore each one touches.
+    let pass = dir.write_secret("backup.pass", b"correct horse battery staple");
+    let backup = dir.join("keystore.bak");
+    let (pass_s, backup_s) = (
+        pass.to_str().expect("utf-8"),
+        backup.to_str().expect("utf-8"),
+    );
+    ctl.run(&[
+        "kms",
+        "backup",
+        "--to",
+        backup_s,
+        "--passphrase-file",
+        pass_s,
+    ])
+    .assert_success();
+    let last = ctl
+        .run(&["--json", "audit", "--limit", "1"])
+        .assert_success()
+        .json();
+    assert_eq!(last[0]["operation"], "kms-backup", "{last}");
+    assert_eq!(last[0]["outcome"], "ok", "{last}");
+    let other = Ctl::new(&dir.join("other-state"));
+    other
+        .run(&[
+            "kms",
+            "restore",
+            "--from",
+            backup_s,
+            "--passphrase-file",
+            pass_s,
+        ])
+        .assert_success();
+    let restored = other.run(&["--json", "audit"]).assert_success().json();
+    assert_eq!(restored[0]["operation"], "kms-restore", "{restored}");
+    assert_eq!(restored[0]["outcome"], "ok", "{restored}");
 }
