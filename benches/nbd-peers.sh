@@ -18,7 +18,8 @@
 #   4K randwrite IOPS the same, randwrite
 # and the server's CPU use in cores (CPU-seconds / wall-seconds, from /proc/PID/stat).
 # Writes a Markdown table to RESULTS.md (default WORKDIR/results.md) and stdout.
-# Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin; root is not required.
+# Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin. As root it drops the page cache
+# before each server; without root it cannot, and the figures then depend on what ran before.
 # A server that is not written first (-T without write) is measured on a fresh, unwritten export.
 # Takes about 4 minutes per server with the defaults. The machine is shared and noisy:
 # compare servers from the same run, as ratios.
@@ -172,6 +173,10 @@ median() { python3 -c 'import sys, statistics as st; print(f"{st.median([float(x
 } >"$OUT.tmp"
 for CURRENT in "${SERVERS[@]}"; do
   echo "== $CURRENT"
+  # Every server starts from an empty page cache: the folio sizes the cache holds for a file
+  # decide small random-write speed (docs/benchmarks.md), so none inherits another's.
+  sync
+  if [[ -w /proc/sys/vm/drop_caches ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
   start_server "$CURRENT"
   row="| $CURRENT |"
   cores=()

@@ -37,6 +37,8 @@ use crate::xts::{XTS_KEY_LEN, XtsCipher};
 /// Number of stripes of the read-modify-write lock table. Sectors map to stripes by index, so
 /// neighbouring sectors never share a stripe.
 const RMW_STRIPES: usize = 1024;
+/// Largest single buffered write to the volume file (see `write_raw`).
+const WRITE_PIECE: usize = 64 << 10;
 /// Largest buffer write-zeroes encrypts at a time.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -668,9 +670,18 @@ impl Volume {
     }
 
     fn write_raw(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
-        self.file
-            .write_all_at(buf, self.segment.offset + offset)
-            .map_err(|e| VolumeError::io(&self.path, "writing", e))
+        // Buffered writes are issued in pieces of at most WRITE_PIECE bytes: the kernel sizes
+        // the page-cache folios it creates after the write, and a later 4 KiB random write
+        // into a large folio dirties (and writes back) all of it (docs/benchmarks.md).
+        let base = self.segment.offset + offset;
+        let mut done = 0;
+        for piece in buf.chunks(WRITE_PIECE) {
+            self.file
+                .write_all_at(piece, base + done)
+                .map_err(|e| VolumeError::io(&self.path, "writing", e))?;
+            done += piece.len() as u64;
+        }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at data offset `offset` (any alignment).
