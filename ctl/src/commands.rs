@@ -464,6 +464,17 @@ fn secret_from(file: Option<&PathBuf>, env: &str) -> Result<Option<Zeroizing<Vec
         .map(|v| Zeroizing::new(v.into_encoded_bytes())))
 }
 
+/// The passphrase of a keystore backup: from `--passphrase-file` or
+/// CRYPTNBD_BACKUP_PASSPHRASE.
+fn backup_passphrase(file: Option<&PathBuf>) -> Result<Zeroizing<Vec<u8>>> {
+    secret_from(file, "CRYPTNBD_BACKUP_PASSPHRASE")?.ok_or_else(|| {
+        CliError::usage(
+            "give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE",
+        )
+        .into()
+    })
+}
+
 fn keystore_options(cli: &Cli, create: bool) -> Result<LocalKmsOptions> {
     Ok(LocalKmsOptions {
         create_if_missing: create,
@@ -750,10 +761,7 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
             to,
             passphrase_file,
         } => {
-            let pass = secret_from(passphrase_file.as_ref(), "CRYPTNBD_BACKUP_PASSPHRASE")?
-                .ok_or_else(|| {
-                    CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
-                })?;
+            let pass = backup_passphrase(passphrase_file.as_ref())?;
             let kms = open_local_kms(cli, layout, false)?;
             audited(
                 layout,
@@ -781,10 +789,7 @@ async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) ->
             from,
             passphrase_file,
         } => {
-            let pass = secret_from(passphrase_file.as_ref(), "CRYPTNBD_BACKUP_PASSPHRASE")?
-                .ok_or_else(|| {
-                    CliError::usage("give the backup passphrase with --passphrase-file or CRYPTNBD_BACKUP_PASSPHRASE")
-                })?;
+            let pass = backup_passphrase(passphrase_file.as_ref())?;
             make_private_dir(&layout.state_dir)?;
             let options = keystore_options(cli, true)?;
             let kms = audited(

@@ -3,9 +3,6 @@
 use kms_client::{ContextError, KmsError, KmsErrorKind};
 use volume::{VolumeError, VolumeErrorKind};
 
-/// Success.
-#[allow(dead_code)]
-pub const OK: u8 = 0;
 /// Any error not classified below.
 pub const FAILURE: u8 = 1;
 /// Bad arguments (clap uses 2 for usage errors too).

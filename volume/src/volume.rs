@@ -807,13 +807,26 @@ impl Volume {
     }
 
     /// Writes encrypted zeros over the range (never punches holes, so dm-crypt reads zeros).
+    /// Whole sectors are encrypted in place in one reused buffer; only partial sectors at the
+    /// ends go through read-modify-write.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check(offset, len, true)?;
-        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let ss = self.ss();
+        let mut buf = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(ZERO_CHUNK);
-            self.write_at(&zeros[..n as usize], offset + done)?;
+            let at = offset + done;
+            // Up to the next sector boundary first, so that the following pieces are aligned.
+            let to_boundary = (ss - at % ss) % ss;
+            let n = if to_boundary != 0 {
+                to_boundary
+            } else {
+                ZERO_CHUNK
+            }
+            .min(len - done);
+            let piece = &mut buf[..n as usize];
+            piece.fill(0);
+            self.write_at_mut(piece, at)?;
             done += n;
         }
         Ok(())
