@@ -34,6 +34,20 @@ pub struct Envelope {
     pub version: u32,
     /// The request.
     pub request: Request,
+    /// Send [`Outcome::Progress`] lines while a long operation runs (before its answer).
+    #[serde(default)]
+    pub progress: bool,
+}
+
+impl Envelope {
+    /// A request in this build's API version, without progress events.
+    pub fn new(request: Request) -> Self {
+        Self {
+            version: API_VERSION,
+            request,
+            progress: false,
+        }
+    }
 }
 
 /// Everything the daemon can be asked.
@@ -59,9 +73,167 @@ pub enum Request {
     Delete {
         /// Volume name.
         volume: String,
+        /// Also delete its snapshots (refused while any exist otherwise).
+        #[serde(default)]
+        with_snapshots: bool,
     },
     /// Read the audit trail.
     Audit(AuditQuery),
+    /// Restore a volume's content from its base image, another image or a snapshot.
+    Rebuild(RebuildRequest),
+    /// Take a crash-consistent point-in-time copy of a volume.
+    Snapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name; a UTC timestamp when absent.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// A volume's snapshots.
+    Snapshots {
+        /// Volume name.
+        volume: String,
+    },
+    /// Delete one snapshot (wiped like a volume).
+    DeleteSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Re-wrap the volume key under another master key and/or context (no data rewritten).
+    Rekey(RekeyRequest),
+    /// A new volume key and every sector re-encrypted (the volume must be detached, or
+    /// `force`).
+    Reencrypt {
+        /// Volume name.
+        volume: String,
+        /// Detach (draining clients), re-encrypt, re-attach under the same export.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Add a recovery passphrase keyslot (argon2id) holding the volume key.
+    RecoveryAdd {
+        /// Volume name.
+        volume: String,
+        /// The passphrase.
+        passphrase: Secret,
+    },
+    /// Remove recovery keyslots (one, or all).
+    RecoveryRemove {
+        /// Volume name.
+        volume: String,
+        /// Keyslot id; all recovery keyslots when absent.
+        #[serde(default)]
+        keyslot: Option<u32>,
+    },
+    /// Decrypt a volume into a raw image written to the file descriptor passed with the
+    /// request.
+    Export(ExportRequest),
+    /// Copy a volume's header area (both headers and the keyslot area) to the file descriptor
+    /// passed with the request.
+    HeaderBackup {
+        /// Volume name.
+        volume: String,
+        /// Where the client writes it (for messages and the audit trail).
+        to: String,
+    },
+    /// Restore a volume's header area from a backup read from the file descriptor passed with
+    /// the request.
+    HeaderRestore {
+        /// Volume name.
+        volume: String,
+        /// Where the client read it from (for messages and the audit trail).
+        from: String,
+        /// Restore a backup of another volume (a different LUKS2 UUID).
+        #[serde(default)]
+        force: bool,
+    },
+    /// Cancel the long operation running on a volume.
+    Cancel {
+        /// Volume name.
+        volume: String,
+    },
+    /// The long operations running now.
+    Operations,
+}
+
+/// A secret string (a passphrase): never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A source image the client passes as a file descriptor (SCM_RIGHTS) with the request:
+/// the daemon reads it as raw bytes, in order, from its start (a regular file or a pipe).
+/// The client opens it with its own permissions, so the daemon never opens a path for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSource {
+    /// The image's name as the user gave it (recorded, shown in messages).
+    pub path: String,
+    /// Its size in bytes when the descriptor is a stream (a converter's output); for a
+    /// regular file the daemon takes the file's size.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// The format the client converted from (`raw` when read as it is).
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Where a rebuild takes the content from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "kebab-case")]
+pub enum RebuildSource {
+    /// The base image recorded at create (passed as a descriptor by the client, which opens
+    /// the recorded path; its SHA-256 must match the record).
+    BaseImage(ImageSource),
+    /// Another image (passed as a descriptor).
+    Image(ImageSource),
+    /// A snapshot of the volume.
+    Snapshot {
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// `rebuild`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebuildRequest {
+    /// Volume name.
+    pub volume: String,
+    /// Where the content comes from.
+    pub source: RebuildSource,
+    /// If attached: detach (draining clients), rebuild, re-attach under the same export.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `rekey`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RekeyRequest {
+    /// Volume name.
+    pub volume: String,
+    /// The new master key (id or alias).
+    pub kms_key: String,
+    /// New extra context pairs (replacing the old extras); unchanged when absent.
+    #[serde(default)]
+    pub context: Option<Vec<(String, String)>>,
+}
+
+/// `export`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportRequest {
+    /// Volume name.
+    pub volume: String,
+    /// Where the client writes it (for messages and the audit trail).
+    pub to: String,
+    /// Must be true: the caller asked for plaintext explicitly.
+    pub plaintext: bool,
 }
 
 /// `create`.
@@ -82,6 +254,12 @@ pub struct CreateRequest {
     /// Extra context pairs.
     #[serde(default)]
     pub context: Vec<(String, String)>,
+    /// Encrypt this image (passed as a descriptor) into the new volume.
+    #[serde(default)]
+    pub from_image: Option<ImageSource>,
+    /// Record the image (path, size, SHA-256) as the volume's base image for rebuilds.
+    #[serde(default)]
+    pub record_base: bool,
     /// Volume id; generated when absent.
     #[serde(default)]
     pub volume_id: Option<String>,
@@ -170,6 +348,76 @@ pub enum Outcome {
     },
     /// It failed.
     Error(ApiError),
+    /// Not the answer yet: how far a long operation is (only when asked for).
+    Progress(ProgressEvent),
+}
+
+/// How far a long operation is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressEvent {
+    /// The operation (`import`, `rebuild`, `snapshot`, `reencrypt`, `export`).
+    pub operation: String,
+    /// Volume name.
+    pub volume: String,
+    /// What it is doing now (`copying`, `syncing`, ...).
+    pub phase: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all (0 when unknown).
+    pub total: u64,
+}
+
+/// A long operation running now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationStatus {
+    /// Operation id.
+    pub id: u64,
+    /// What it is.
+    pub operation: String,
+    /// Volume name.
+    pub volume: String,
+    /// Who started it.
+    pub caller_uid: u32,
+    /// Since (RFC 3339).
+    pub since: String,
+    /// Progress now.
+    pub phase: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all (0 when unknown).
+    pub total: u64,
+}
+
+/// A snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Volume name.
+    pub volume: String,
+    /// Snapshot name.
+    pub name: String,
+    /// The snapshot file (a LUKS2 volume file).
+    pub path: String,
+    /// When it was taken (RFC 3339, from the file).
+    pub created: String,
+    /// Data size in bytes.
+    pub size: u64,
+    /// How it was made: `reflink` or `copy` (only when just taken).
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// A volume's recorded base image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseImage {
+    /// The path as given at create.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// SHA-256 of its raw content, hex.
+    pub sha256: String,
+    /// The format it was read from.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 /// What each request returns.
@@ -208,6 +456,100 @@ pub enum Response {
     Audit {
         /// The records.
         records: Vec<serde_json::Value>,
+    },
+    /// For `rebuild`.
+    Rebuilt {
+        /// Volume name.
+        volume: String,
+        /// What it was rebuilt from.
+        source: String,
+        /// Bytes written.
+        bytes: u64,
+        /// Re-attached (it was attached and `force` was given).
+        reattached: bool,
+    },
+    /// For `snapshot`.
+    SnapshotTaken(SnapshotInfo),
+    /// For `snapshots`.
+    Snapshots {
+        /// Volume name.
+        volume: String,
+        /// Oldest first.
+        snapshots: Vec<SnapshotInfo>,
+    },
+    /// For `delete-snapshot`.
+    SnapshotDeleted {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// For `rekey`.
+    Rekeyed {
+        /// Volume name.
+        volume: String,
+        /// The master key before.
+        old_key_id: String,
+        /// The master key now.
+        key_id: String,
+        /// The context now.
+        context: BTreeMap<String, String>,
+    },
+    /// For `reencrypt`.
+    Reencrypted {
+        /// Volume name.
+        volume: String,
+        /// Bytes re-encrypted.
+        bytes: u64,
+        /// Recovery keyslots dropped (they held the old key).
+        recovery_removed: Vec<u32>,
+        /// Re-attached (it was attached and `force` was given).
+        reattached: bool,
+    },
+    /// For `recovery add`.
+    RecoveryAdded {
+        /// Volume name.
+        volume: String,
+        /// The new keyslot.
+        keyslot: u32,
+    },
+    /// For `recovery remove`.
+    RecoveryRemoved {
+        /// Volume name.
+        volume: String,
+        /// The keyslots removed.
+        keyslots: Vec<u32>,
+    },
+    /// For `export`.
+    Exported {
+        /// Volume name.
+        volume: String,
+        /// Bytes written.
+        bytes: u64,
+        /// SHA-256 of what was written, hex.
+        sha256: String,
+    },
+    /// For `header backup`.
+    HeaderBackedUp {
+        /// Volume name.
+        volume: String,
+        /// Bytes written.
+        bytes: u64,
+    },
+    /// For `header restore`.
+    HeaderRestored {
+        /// Volume name.
+        volume: String,
+    },
+    /// For `cancel`.
+    Cancelled {
+        /// The operation asked to stop (it stops at its next step and cleans up).
+        operation: OperationStatus,
+    },
+    /// For `operations`.
+    Operations {
+        /// Running now.
+        operations: Vec<OperationStatus>,
     },
 }
 
@@ -251,6 +593,15 @@ pub struct VolumeSummary {
     pub attached: bool,
     /// Why it could not be read, if so (a damaged header).
     pub problem: Option<String>,
+    /// The recorded base image, if any.
+    #[serde(default)]
+    pub base_image: Option<BaseImage>,
+    /// Recovery passphrase keyslots.
+    #[serde(default)]
+    pub recovery_keyslots: Vec<u32>,
+    /// Number of snapshots.
+    #[serde(default)]
+    pub snapshots: usize,
 }
 
 /// An attached volume.
@@ -323,6 +674,8 @@ pub enum ErrorCode {
     Io,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// The operation was cancelled (nothing was changed).
+    Cancelled,
     /// Anything else.
     Internal,
 }
@@ -389,14 +742,11 @@ mod tests {
 
     #[test]
     fn round_trip_and_partial_lines() {
-        let req = Envelope {
-            version: API_VERSION,
-            request: Request::Attach(AttachRequest {
-                volume: "v".into(),
-                read_only: true,
-                ..AttachRequest::default()
-            }),
-        };
+        let req = Envelope::new(Request::Attach(AttachRequest {
+            volume: "v".into(),
+            read_only: true,
+            ..AttachRequest::default()
+        }));
         let mut bytes = encode_line(&req);
         let text = String::from_utf8(bytes.clone()).expect("utf-8");
         assert!(text.contains("\"op\":\"attach\""), "{text}");
@@ -406,10 +756,7 @@ mod tests {
                 .expect("partial")
                 .is_none()
         );
-        bytes.extend(encode_line(&Envelope {
-            version: 1,
-            request: Request::List,
-        }));
+        bytes.extend(encode_line(&Envelope::new(Request::List)));
         assert_eq!(
             decode_line::<Envelope>(&mut bytes).expect("first"),
             Some(req)

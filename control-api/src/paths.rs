@@ -60,6 +60,16 @@ impl StateLayout {
         self.volumes().join(format!("{name}.luks"))
     }
 
+    /// Where the snapshots of volume `name` live (each a LUKS2 volume file).
+    pub fn snapshots_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("snapshots").join(name)
+    }
+
+    /// The file of snapshot `snapshot` of volume `name`.
+    pub fn snapshot_file(&self, name: &str, snapshot: &str) -> PathBuf {
+        self.snapshots_dir(name).join(format!("{snapshot}.luks"))
+    }
+
     /// A volume argument: a path when it contains `/` or names an existing file, else a name.
     pub fn resolve_volume(&self, arg: &str) -> PathBuf {
         let p = Path::new(arg);

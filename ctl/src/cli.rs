@@ -74,7 +74,96 @@ pub enum Command {
         /// Do not ask for confirmation (needed when stdin is not a terminal).
         #[arg(long)]
         yes: bool,
+        /// Also delete the volume's snapshots (each holds the same wrapped key).
+        #[arg(long)]
+        with_snapshots: bool,
     },
+    /// Restore a volume's content from its recorded base image, another image or a
+    /// snapshot. The KMS must still unwrap the volume's key; the swap is atomic.
+    Rebuild {
+        /// Volume name.
+        volume: String,
+        /// Rebuild from this image (raw, or any format qemu-img reads) instead of the
+        /// recorded base image.
+        #[arg(long, value_name = "PATH", conflicts_with = "from_snapshot")]
+        from_image: Option<PathBuf>,
+        /// Rebuild from this snapshot.
+        #[arg(long, value_name = "NAME")]
+        from_snapshot: Option<String>,
+        /// If attached: detach (draining clients), rebuild, re-attach under the same export.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Take a crash-consistent snapshot (a reflink where the filesystem can, else a copy
+    /// while writes wait). Each snapshot is a LUKS2 volume file cryptsetup reads.
+    Snapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name (default: the UTC time, YYYYMMDD-HHMMSS).
+        name: Option<String>,
+    },
+    /// List a volume's snapshots.
+    Snapshots {
+        /// Volume name.
+        volume: String,
+    },
+    /// Delete a snapshot (its header is wiped first).
+    DeleteSnapshot {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Re-wrap the volume key under another master key and/or context (KMS ReEncrypt); no
+    /// data is rewritten. Snapshots keep their old wrapping.
+    Rekey {
+        /// Volume name.
+        volume: String,
+        /// The new master key: key id or alias/NAME.
+        #[arg(long, value_name = "KEY")]
+        kms_key: String,
+        /// New extra context pair, repeatable (replaces the old extra pairs; the identity
+        /// pairs stay).
+        #[arg(long = "context", value_name = "K=V")]
+        context: Vec<String>,
+        /// Drop the extra context pairs (keep only the identity pairs).
+        #[arg(long, conflicts_with = "context")]
+        clear_context: bool,
+    },
+    /// A new data key and every sector re-encrypted into a new file, then an atomic swap.
+    /// Recovery keyslots (they hold the old key) are removed.
+    Reencrypt {
+        /// Volume name.
+        volume: String,
+        /// If attached: detach (draining clients), re-encrypt, re-attach.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Recovery passphrase keyslots: break-glass access without the KMS (cryptsetup opens
+    /// the volume with the passphrase). Off by default.
+    #[command(subcommand)]
+    Recovery(RecoveryCommand),
+    /// Decrypt a volume into a raw image file, for migration off cryptnbd.
+    Export {
+        /// Volume name.
+        volume: String,
+        /// The raw image to write (must not exist).
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// Required: the output is not encrypted.
+        #[arg(long)]
+        plaintext: bool,
+    },
+    /// Header backup and restore (the same file as cryptsetup luksHeaderBackup).
+    #[command(subcommand)]
+    Header(HeaderCommand),
+    /// Cancel the long operation running on a volume (it cleans up; nothing is changed).
+    Cancel {
+        /// Volume name.
+        volume: String,
+    },
+    /// Show the long operations running now.
+    Operations,
     /// Read the audit trail: one record per KMS operation and key-related action.
     Audit {
         /// Only records about this volume.
@@ -92,6 +181,54 @@ pub enum Command {
     Kms(KmsCommand),
 }
 
+/// `recovery` verbs.
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Add an argon2id keyslot holding the volume key, opened by a passphrase.
+    Add {
+        /// Volume name.
+        volume: String,
+        /// File holding the passphrase (at least 8 characters; a trailing newline is
+        /// dropped).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: PathBuf,
+    },
+    /// Remove a recovery keyslot (all of them when --keyslot is absent); its area is
+    /// overwritten.
+    Remove {
+        /// Volume name.
+        volume: String,
+        /// The keyslot id (see 'cryptnbdctl inspect').
+        #[arg(long)]
+        keyslot: Option<u32>,
+    },
+}
+
+/// `header` verbs.
+#[derive(Debug, Subcommand)]
+pub enum HeaderCommand {
+    /// Copy the header area (both copies and the keyslots) to a file. Keep it safe: with the
+    /// KMS, or a recovery passphrase, it opens the volume.
+    Backup {
+        /// Volume name.
+        volume: String,
+        /// The backup file to write (must not exist).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Write a header backup back over a detached volume's header area.
+    Restore {
+        /// Volume name.
+        volume: String,
+        /// The backup file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Accept a backup of another volume (a different UUID).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 /// Arguments of `create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -99,9 +236,16 @@ pub struct CreateArgs {
     /// STATE_DIR/volumes/NAME.luks.
     pub name: String,
     /// Size of the volume's data: 10G, 512M, 1T (powers of 1024), 10GB (powers of 1000) or
-    /// bytes.
-    #[arg(long, value_parser = crate::units::parse_size)]
-    pub size: u64,
+    /// bytes. With --from-image: the image's size when absent.
+    #[arg(long, value_parser = crate::units::parse_size, required_unless_present = "from_image")]
+    pub size: Option<u64>,
+    /// Encrypt this existing image into the new volume (raw, or any format qemu-img reads:
+    /// qcow2, vmdk, vhdx, ...). Needs the daemon.
+    #[arg(long, value_name = "PATH")]
+    pub from_image: Option<PathBuf>,
+    /// Record the image (path, size, SHA-256) as the volume's base image, for 'rebuild'.
+    #[arg(long, requires = "from_image")]
+    pub record_base: bool,
     /// KMS master key that wraps the data key: key id or alias/NAME.
     #[arg(long, value_name = "KEY")]
     pub kms_key: String,

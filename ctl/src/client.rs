@@ -4,8 +4,10 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::BorrowedFd;
+
 use control_api::{
-    API_VERSION, ApiError, Envelope, Outcome, Request, Response, ResponseEnvelope, decode_line,
+    ApiError, Envelope, Outcome, ProgressEvent, Request, Response, ResponseEnvelope, decode_line,
     encode_line,
 };
 
@@ -69,34 +71,71 @@ impl Client {
 
     /// Sends a request and waits for its answer.
     pub fn call(&mut self, request: Request) -> Result<Response, ClientError> {
-        let proto = |message: String| ClientError::Protocol {
-            path: self.path.clone(),
+        self.call_with(request, None, None)
+    }
+
+    /// Sends a request, with a file descriptor passed alongside (SCM_RIGHTS) when given, and
+    /// asks for progress events when `progress` is given (each is handed to it) before the
+    /// answer.
+    pub fn call_with(
+        &mut self,
+        request: Request,
+        fd: Option<BorrowedFd<'_>>,
+        mut progress: Option<&mut dyn FnMut(&ProgressEvent)>,
+    ) -> Result<Response, ClientError> {
+        let proto = |path: &Path, message: String| ClientError::Protocol {
+            path: path.into(),
             message,
         };
+        let mut envelope = Envelope::new(request);
+        envelope.progress = progress.is_some();
+        let line = encode_line(&envelope);
+        let mut sent = 0;
+        if let Some(fd) = fd {
+            use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+            let fds = [fd];
+            let mut space =
+                [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut cmsg = SendAncillaryBuffer::new(&mut space);
+            if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(proto(
+                    &self.path,
+                    "cannot attach the file descriptor".into(),
+                ));
+            }
+            sent = rustix::net::sendmsg(
+                &self.stream,
+                &[std::io::IoSlice::new(&line)],
+                &mut cmsg,
+                SendFlags::empty(),
+            )
+            .map_err(|e| proto(&self.path, e.to_string()))?;
+        }
         self.stream
-            .write_all(&encode_line(&Envelope {
-                version: API_VERSION,
-                request,
-            }))
-            .map_err(|e| proto(e.to_string()))?;
+            .write_all(&line[sent..])
+            .map_err(|e| proto(&self.path, e.to_string()))?;
         let mut chunk = [0u8; 8192];
         loop {
             match decode_line::<ResponseEnvelope>(&mut self.buf) {
-                Ok(Some(r)) => {
-                    return match r.outcome {
-                        Outcome::Ok { result } => Ok(result),
-                        Outcome::Error(e) => Err(ClientError::Api(e)),
-                    };
-                }
+                Ok(Some(r)) => match r.outcome {
+                    Outcome::Ok { result } => return Ok(result),
+                    Outcome::Error(e) => return Err(ClientError::Api(e)),
+                    Outcome::Progress(p) => {
+                        if let Some(f) = progress.as_mut() {
+                            f(&p);
+                        }
+                        continue;
+                    }
+                },
                 Ok(None) => {}
-                Err(e) => return Err(proto(e.to_string())),
+                Err(e) => return Err(proto(&self.path, e.to_string())),
             }
             let n = self
                 .stream
                 .read(&mut chunk)
-                .map_err(|e| proto(e.to_string()))?;
+                .map_err(|e| proto(&self.path, e.to_string()))?;
             if n == 0 {
-                return Err(proto("the daemon closed the connection".into()));
+                return Err(proto(&self.path, "the daemon closed the connection".into()));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }

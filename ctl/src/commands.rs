@@ -31,10 +31,92 @@ pub fn run(cli: Cli) -> Result<()> {
         .clone()
         .unwrap_or_else(|| layout.control_socket());
     match &cli.command {
+        Command::Create(args) if args.from_image.is_some() => {
+            if args.path.is_some() {
+                return Err(CliError::usage(
+                    "--from-image runs in the daemon, which keeps volumes in its state \
+                     directory: leave out --path",
+                )
+                .into());
+            }
+            let mut client = Client::connect(&socket)?;
+            let r = crate::lifecycle::create_from_image(&mut client, args, out.json)?;
+            created_response(r, &out)
+        }
         Command::Create(args) => match Client::try_connect(&socket)? {
             Some(client) if args.path.is_none() => create_via_daemon(client, args, &out),
             _ => rt.block_on(create(&cli, &layout, args, &out)),
         },
+        Command::Rebuild {
+            volume,
+            from_image,
+            from_snapshot,
+            force,
+        } => crate::lifecycle::rebuild(
+            &mut Client::connect(&socket)?,
+            volume,
+            from_image.as_deref(),
+            from_snapshot.as_deref(),
+            *force,
+            out.json,
+        ),
+        Command::Snapshot { volume, name } => crate::lifecycle::snapshot(
+            &mut Client::connect(&socket)?,
+            volume,
+            name.as_deref(),
+            out.json,
+        ),
+        Command::Snapshots { volume } => {
+            crate::lifecycle::snapshots(&mut Client::connect(&socket)?, volume, out.json)
+        }
+        Command::DeleteSnapshot { volume, name } => {
+            let r = Client::connect(&socket)?.call(Request::DeleteSnapshot {
+                volume: volume.clone(),
+                name: name.clone(),
+            })?;
+            out.emit(&r, || {
+                format!("deleted snapshot {name} of {volume} (header wiped)")
+            })
+        }
+        Command::Rekey {
+            volume,
+            kms_key,
+            context,
+            clear_context,
+        } => crate::lifecycle::rekey(
+            &mut Client::connect(&socket)?,
+            volume,
+            kms_key,
+            context,
+            *clear_context,
+            out.json,
+        ),
+        Command::Reencrypt { volume, force } => {
+            crate::lifecycle::reencrypt(&mut Client::connect(&socket)?, volume, *force, out.json)
+        }
+        Command::Recovery(cmd) => {
+            crate::lifecycle::recovery(&mut Client::connect(&socket)?, cmd, out.json)
+        }
+        Command::Export {
+            volume,
+            to,
+            plaintext,
+        } => crate::lifecycle::export(
+            &mut Client::connect(&socket)?,
+            volume,
+            to,
+            *plaintext,
+            out.json,
+        ),
+        Command::Header(cmd) => {
+            crate::lifecycle::header(&mut Client::connect(&socket)?, cmd, out.json)
+        }
+        Command::Cancel { volume } => {
+            crate::lifecycle::cancel(&mut Client::connect(&socket)?, volume, out.json)
+        }
+        Command::Operations => {
+            crate::lifecycle::operations(&mut Client::connect(&socket)?, out.json)
+        }
         Command::Inspect { volume } => inspect(&layout, volume, &out),
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
         Command::Attach(a) => attach(&socket, a, &out),
@@ -76,7 +158,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 other => format!("{other:?}"),
             })
         }
-        Command::Delete { volume, yes } => delete(&layout, &socket, volume, *yes, &out),
+        Command::Delete {
+            volume,
+            yes,
+            with_snapshots,
+        } => delete(&layout, &socket, volume, *yes, *with_snapshots, &out),
         Command::Audit {
             volume,
             since,
@@ -236,6 +322,7 @@ fn delete(
     socket: &Path,
     volume: &str,
     yes: bool,
+    with_snapshots: bool,
     out: &Output,
 ) -> Result<()> {
     validate_name(volume).map_err(CliError::usage)?;
@@ -258,10 +345,21 @@ fn delete(
         Some(mut c) => {
             c.call(Request::Delete {
                 volume: volume.into(),
+                with_snapshots,
             })?;
         }
         None => {
             let path = layout.volume_file(volume);
+            if layout.snapshots_dir(volume).exists() {
+                return Err(CliError::new(
+                    crate::exit::NO_DAEMON,
+                    format!(
+                        "volume {volume} has snapshots: delete it through the daemon \
+                         (start cryptnbd), which handles them"
+                    ),
+                )
+                .into());
+            }
             let token = volume::inspect(&path).ok().and_then(|i| i.token);
             let started = std::time::Instant::now();
             let result = volume::wipe_and_remove(&path);
@@ -385,7 +483,7 @@ fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Res
         .collect::<Result<Vec<_>, _>>()?;
     let r = client.call(Request::Create(CreateRequest {
         name: args.name.clone(),
-        size: args.size,
+        size: args.size.unwrap_or(0),
         sector_size: args.sector_size,
         kms_key: args.kms_key.clone(),
         sid: args.sid.clone(),
@@ -394,7 +492,13 @@ fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Res
         volume_id: args.volume_id.clone(),
         sid_directory_key: Some(args.sid_directory_key.clone()),
         volume_id_key: Some(args.volume_id_key.clone()),
+        from_image: None,
+        record_base: false,
     }))?;
+    created_response(r, out)
+}
+
+fn created_response(r: Response, out: &Output) -> Result<()> {
     let Response::Created(v) = r else {
         anyhow::bail!("unexpected answer from the daemon: {r:?}");
     };
@@ -552,7 +656,9 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
     };
     let kms = KmsBackend::Local(open_local_kms(cli, layout, false)?);
     let opts = volume::CreateOptions {
-        size: args.size,
+        size: args
+            .size
+            .ok_or_else(|| CliError::usage("--size is required (or --from-image)"))?,
         sector_size: args.sector_size,
         key_id: args.kms_key.clone(),
         identity,

@@ -24,6 +24,8 @@ pub const IO: u8 = 8;
 pub const NO_DAEMON: u8 = 9;
 /// The caller may not control the daemon.
 pub const DENIED: u8 = 10;
+/// A long operation was cancelled (Ctrl-C or `cryptnbdctl cancel`); nothing was changed.
+pub const CANCELLED: u8 = 130;
 
 fn kms_code(kind: KmsErrorKind) -> u8 {
     match kind {
@@ -53,6 +55,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 VolumeErrorKind::Corrupt | VolumeErrorKind::Unsupported => DAMAGED,
                 VolumeErrorKind::InvalidArgument => USAGE,
                 VolumeErrorKind::NoSpace | VolumeErrorKind::Io | VolumeErrorKind::Failed => IO,
+                VolumeErrorKind::Cancelled => CANCELLED,
             };
         }
         if let Some(k) = cause.downcast_ref::<KmsError>() {
@@ -75,6 +78,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                     C::KmsUnavailable => KMS_UNAVAILABLE,
                     C::Damaged => DAMAGED,
                     C::Io => IO,
+                    C::Cancelled => CANCELLED,
                     C::ShuttingDown | C::Internal => FAILURE,
                 },
             };
@@ -99,6 +103,14 @@ pub struct CliError {
 
 impl CliError {
     /// A bad argument (exit 2).
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A usage error.
     pub fn usage(message: impl Into<String>) -> Self {
         Self {
             code: USAGE,

@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod commands;
 mod exit;
+mod lifecycle;
 mod units;
 
 use clap::Parser;

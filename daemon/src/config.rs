@@ -27,6 +27,33 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Key memory.
     pub memory: MemoryConfig,
+    /// Recovery passphrase keyslots.
+    pub recovery: RecoveryConfig,
+}
+
+/// `[recovery]`: the argon2id cost of new recovery keyslots. Defaults: cryptsetup's (1 GiB,
+/// at most 4 lanes, 4 passes), the memory capped at a quarter of physical memory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Memory cost in KiB.
+    pub argon2_memory_kib: Option<u32>,
+    /// Passes (at least 4).
+    pub argon2_time: Option<u32>,
+    /// Lanes (1 to 4).
+    pub argon2_parallel: Option<u32>,
+}
+
+impl RecoveryConfig {
+    /// The parameters new keyslots get.
+    pub fn params(&self) -> volume::keyslot::Argon2Params {
+        let d = volume::keyslot::Argon2Params::default();
+        volume::keyslot::Argon2Params {
+            time: self.argon2_time.unwrap_or(d.time),
+            memory_kib: self.argon2_memory_kib.unwrap_or(d.memory_kib),
+            parallel: self.argon2_parallel.unwrap_or(d.parallel),
+        }
+    }
 }
 
 /// `[nbd]`.

@@ -4,13 +4,18 @@
 
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+
 use control_api::{
-    API_VERSION, ApiError, Envelope, ErrorCode, Outcome, ResponseEnvelope, decode_line, encode_line,
+    API_VERSION, ApiError, Envelope, ErrorCode, Outcome, ProgressEvent, Request, ResponseEnvelope,
+    decode_line, encode_line,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::daemon::{Caller, Daemon};
+use crate::lifecycle::RequestContext;
 
 /// Who may use the control socket.
 #[derive(Debug, Clone)]
@@ -56,16 +61,82 @@ pub async fn serve(
     }
 }
 
-async fn reply(stream: &mut UnixStream, outcome: Outcome) -> std::io::Result<()> {
-    stream
-        .write_all(&encode_line(&ResponseEnvelope {
-            version: API_VERSION,
-            outcome,
-        }))
-        .await
+/// Descriptors a connection may have queued (passed with SCM_RIGHTS, not yet used).
+const MAX_QUEUED_FDS: usize = 4;
+/// How often a long operation reports progress to a client that asked.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Reads what is there, with any descriptors passed alongside (SCM_RIGHTS); 0 at EOF.
+async fn recv(
+    stream: &UnixStream,
+    chunk: &mut [u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> std::io::Result<usize> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    loop {
+        stream.readable().await?;
+        let got = stream.try_io(Interest::READABLE, || {
+            let mut space = [std::mem::MaybeUninit::<u8>::uninit();
+                rustix::cmsg_space!(ScmRights(MAX_QUEUED_FDS))];
+            let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [std::io::IoSliceMut::new(chunk)];
+            let r = rustix::net::recvmsg(stream, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC)
+                .map_err(std::io::Error::from)?;
+            for m in cmsg.drain() {
+                if let RecvAncillaryMessage::ScmRights(rights) = m {
+                    for fd in rights {
+                        // Beyond the limit they are closed (dropped) at once.
+                        if fds.len() < MAX_QUEUED_FDS {
+                            fds.push_back(fd);
+                        }
+                    }
+                }
+            }
+            Ok(r.bytes)
+        });
+        match got {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
 }
 
-async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl) {
+async fn send(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn reply(stream: &UnixStream, outcome: Outcome) -> std::io::Result<()> {
+    send(
+        stream,
+        &encode_line(&ResponseEnvelope {
+            version: API_VERSION,
+            outcome,
+        }),
+    )
+    .await
+}
+
+/// The operation name and volume a request's progress events carry.
+fn progress_label(request: &Request) -> (&'static str, String) {
+    match request {
+        Request::Create(r) => ("import", r.name.clone()),
+        Request::Rebuild(r) => ("rebuild", r.volume.clone()),
+        Request::Snapshot { volume, .. } => ("snapshot", volume.clone()),
+        Request::Reencrypt { volume, .. } => ("reencrypt", volume.clone()),
+        Request::Export(r) => ("export", r.volume.clone()),
+        _ => ("", String::new()),
+    }
+}
+
+async fn connection(stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl) {
     let caller = match stream.peer_cred() {
         Ok(c) => Caller {
             uid: c.uid(),
@@ -79,7 +150,7 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl
     if !acl.allows(caller.uid, caller.gid) {
         tracing::warn!(uid = caller.uid, "control socket: caller not allowed");
         let _ = reply(
-            &mut stream,
+            &stream,
             Outcome::Error(ApiError::new(
                 ErrorCode::PermissionDenied,
                 format!(
@@ -93,7 +164,8 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl
         return;
     }
     let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
+    let mut chunk = vec![0u8; 8192];
+    let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     loop {
         let envelope = loop {
             match decode_line::<Envelope>(&mut buf) {
@@ -101,7 +173,7 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            match stream.read(&mut chunk).await {
+            match recv(&stream, &mut chunk, &mut fds).await {
                 Ok(0) => return,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 Err(e) => {
@@ -113,7 +185,7 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl
         let outcome = match envelope {
             Err(e) => {
                 let _ = reply(
-                    &mut stream,
+                    &stream,
                     Outcome::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
                 )
                 .await;
@@ -129,13 +201,62 @@ async fn connection(mut stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl
             )),
             Ok(env) => {
                 tracing::debug!(uid = caller.uid, request = ?std::mem::discriminant(&env.request), "control request");
-                match daemon.handle(env.request, caller).await {
+                let (operation, volume) = progress_label(&env.request);
+                // The descriptor sent with this request; any others are closed.
+                let mut ctx = RequestContext {
+                    fd: fds.pop_front(),
+                    ..RequestContext::default()
+                };
+                fds.clear();
+                let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+                let handled = daemon.handle(env.request, caller, &mut ctx);
+                tokio::pin!(handled);
+                let mut tick = tokio::time::interval(PROGRESS_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last = None;
+                let mut closed = false;
+                let result = loop {
+                    tokio::select! {
+                        r = &mut handled => break r,
+                        _ = tick.tick(), if env.progress && !closed && !operation.is_empty() => {
+                            let now = progress.get();
+                            if last != Some(now) {
+                                last = Some(now);
+                                let (phase, done, total) = now;
+                                let event = Outcome::Progress(ProgressEvent {
+                                    operation: operation.into(),
+                                    volume: volume.clone(),
+                                    phase: phase.into(),
+                                    done,
+                                    total,
+                                });
+                                if reply(&stream, event).await.is_err() {
+                                    closed = true;
+                                    cancel.cancel();
+                                }
+                            }
+                        }
+                        r = recv(&stream, &mut chunk, &mut fds), if !closed => match r {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => {
+                                // The client went away (Ctrl-C): stop the operation; it
+                                // cleans up before `handled` completes.
+                                closed = true;
+                                cancel.cancel();
+                            }
+                        },
+                    }
+                };
+                if closed {
+                    return;
+                }
+                match result {
                     Ok(result) => Outcome::Ok { result },
                     Err(e) => Outcome::Error(e),
                 }
             }
         };
-        if let Err(e) = reply(&mut stream, outcome).await {
+        if let Err(e) = reply(&stream, outcome).await {
             tracing::debug!(error = %e, "control connection write failed");
             return;
         }

@@ -18,7 +18,8 @@ use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
 
 use crate::audit::{AuditLog, AuditRecord, now};
 use crate::device::VolumeDevice;
-use crate::registry::{Attachment, Registry};
+use crate::lifecycle::RequestContext;
+use crate::registry::{Attachment, Keying, Registry};
 
 /// Who sent a request (from the control socket's peer credentials).
 #[derive(Debug, Clone, Copy)]
@@ -49,16 +50,20 @@ pub struct Daemon {
     pub nbd_tcp: Option<std::net::SocketAddr>,
     /// Whether memory is locked.
     pub memory_locked: bool,
-    /// Serializes lifecycle operations.
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Serializes the short lifecycle steps (registry changes).
+    pub(crate) lifecycle: tokio::sync::Mutex<()>,
+    /// Long operations in flight, one per volume.
+    pub ops: Arc<crate::ops::Operations>,
+    /// argon2id cost of new recovery keyslots.
+    pub recovery_params: volume::keyslot::Argon2Params,
 }
 
-fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
+pub(crate) fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError::new(code, message)
 }
 
 /// Maps a volume error to the API's classes; the message keeps the whole cause chain.
-fn volume_error(e: &VolumeError) -> ApiError {
+pub(crate) fn volume_error(e: &VolumeError) -> ApiError {
     let code = match e.kind() {
         VolumeErrorKind::NotFound => ErrorCode::NotFound,
         VolumeErrorKind::AlreadyExists | VolumeErrorKind::InUse | VolumeErrorKind::ReadOnly => {
@@ -68,6 +73,7 @@ fn volume_error(e: &VolumeError) -> ApiError {
         VolumeErrorKind::IdentityMismatch | VolumeErrorKind::WrongKey => ErrorCode::KmsRefused,
         VolumeErrorKind::InvalidArgument => ErrorCode::InvalidRequest,
         VolumeErrorKind::NoSpace | VolumeErrorKind::Io | VolumeErrorKind::Failed => ErrorCode::Io,
+        VolumeErrorKind::Cancelled => ErrorCode::Cancelled,
         VolumeErrorKind::Kms => match e.kms_kind() {
             Some(KmsErrorKind::KeyNotFound) => ErrorCode::NotFound,
             Some(KmsErrorKind::Unavailable) => ErrorCode::KmsUnavailable,
@@ -91,7 +97,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .replace_nanosecond(0)
         .ok()
@@ -115,6 +121,7 @@ impl Daemon {
         nbd_socket: PathBuf,
         nbd_tcp: Option<std::net::SocketAddr>,
         memory_locked: bool,
+        recovery_params: volume::keyslot::Argon2Params,
     ) -> Self {
         Self {
             layout,
@@ -127,31 +134,83 @@ impl Daemon {
             nbd_tcp,
             memory_locked,
             lifecycle: tokio::sync::Mutex::new(()),
+            ops: Arc::default(),
+            recovery_params,
         }
     }
 
     /// Runs one request for `caller`.
-    pub async fn handle(&self, request: Request, caller: Caller) -> Result<Response, ApiError> {
+    pub async fn handle(
+        &self,
+        request: Request,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
         match request {
             Request::Hello => Ok(Response::Hello(self.info())),
+            Request::Create(r) if r.from_image.is_some() => self.create(r, caller, ctx).await,
             Request::Create(r) => {
                 let _g = self.lifecycle.lock().await;
-                self.create(r, caller).await
+                self.create(r, caller, ctx).await
             }
             Request::Attach(r) => {
                 let _g = self.lifecycle.lock().await;
+                self.ops.check_idle(&r.volume)?;
                 self.attach(r, Some(caller)).await.map(Response::Attached)
             }
             Request::Detach(r) => {
                 let _g = self.lifecycle.lock().await;
+                self.ops.check_idle(&r.volume)?;
                 self.detach(r, Some(caller)).await
             }
             Request::List => self.list(),
             Request::Status { volume } => self.status(volume.as_deref()),
-            Request::Delete { volume } => {
+            Request::Delete {
+                volume,
+                with_snapshots,
+            } => {
                 let _g = self.lifecycle.lock().await;
-                self.delete(&volume, caller)
+                self.ops.check_idle(&volume)?;
+                self.delete(&volume, with_snapshots, caller)
             }
+            Request::Rebuild(r) => self.rebuild(r, caller, ctx).await,
+            Request::Snapshot { volume, name } => self.snapshot(&volume, name, caller, ctx).await,
+            Request::Snapshots { volume } => self.snapshots(&volume),
+            Request::DeleteSnapshot { volume, name } => {
+                self.delete_snapshot(&volume, &name, caller).await
+            }
+            Request::Rekey(r) => self.rekey(r, caller, ctx).await,
+            Request::Reencrypt { volume, force } => {
+                self.reencrypt(&volume, force, caller, ctx).await
+            }
+            Request::RecoveryAdd { volume, passphrase } => {
+                self.recovery_add(&volume, &passphrase, caller, ctx).await
+            }
+            Request::RecoveryRemove { volume, keyslot } => {
+                self.recovery_remove(&volume, keyslot, caller, ctx).await
+            }
+            Request::Export(r) => self.export(r, caller, ctx).await,
+            Request::HeaderBackup { volume, to } => {
+                self.header_backup(&volume, &to, caller, ctx).await
+            }
+            Request::HeaderRestore {
+                volume,
+                from,
+                force,
+            } => {
+                self.header_restore(&volume, &from, force, caller, ctx)
+                    .await
+            }
+            Request::Cancel { volume } => match self.ops.cancel(&volume) {
+                Some(operation) => Ok(Response::Cancelled { operation }),
+                None => Err(api(
+                    ErrorCode::NotFound,
+                    format!("no operation is running on volume {volume}"),
+                )),
+            },
+            Request::Operations => Ok(Response::Operations {
+                operations: self.ops.list(),
+            }),
             Request::Audit(q) => AuditLog::read(
                 &self.layout.audit_log(),
                 self.audit_keep,
@@ -183,13 +242,13 @@ impl Daemon {
         }
     }
 
-    fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
+    pub(crate) fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
         validate_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
         Ok(self.layout.volume_file(name))
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn audit_record(
+    pub(crate) fn audit_record(
         &self,
         operation: &str,
         volume: &str,
@@ -215,7 +274,12 @@ impl Daemon {
         });
     }
 
-    async fn create(&self, r: CreateRequest, caller: Caller) -> Result<Response, ApiError> {
+    async fn create(
+        &self,
+        r: CreateRequest,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let path = self.volume_path(&r.name)?;
         let invalid = |m: String| api(ErrorCode::InvalidRequest, m);
@@ -245,10 +309,17 @@ impl Daemon {
             context_keys,
             extra_context: r.context.clone(),
         };
-        let result = Volume::create(&path, &opts, &self.kms).await;
+        let result = match &r.from_image {
+            Some(_) => self.create_from_image(opts, &r, &path, caller, ctx).await,
+            None => Volume::create(&path, &opts, &self.kms).await.map(drop),
+        };
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_record(
-            "create",
+            if r.from_image.is_some() {
+                "create-from-image"
+            } else {
+                "create"
+            },
             &r.name,
             Some(&r.kms_key),
             Some(context.pairs()),
@@ -256,12 +327,14 @@ impl Daemon {
             started,
             &outcome,
         );
-        drop(result.map_err(|e| volume_error(&e))?);
+        result.map_err(|e| volume_error(&e))?;
         Ok(Response::Created(self.summary(&r.name, &path)))
     }
 
     fn summary(&self, name: &str, path: &Path) -> VolumeSummary {
-        volume_summary(name, path, self.registry.get(name).is_some())
+        let mut s = volume_summary(name, path, self.registry.get(name).is_some());
+        self.lifecycle_summary(name, &mut s);
+        s
     }
 
     /// Attaches a volume (`caller` None: re-attach at start, owner from the saved request).
@@ -273,7 +346,7 @@ impl Daemon {
         self.attach_as(r, caller, None).await
     }
 
-    async fn attach_as(
+    pub(crate) async fn attach_as(
         &self,
         r: AttachRequest,
         caller: Option<Caller>,
@@ -337,8 +410,10 @@ impl Daemon {
             request: r.clone(),
             owner_uid,
             since: SystemTime::now(),
-            key_id: token.as_ref().map(|t| t.key_id.clone()).unwrap_or_default(),
-            context: token.map(|t| t.context).unwrap_or_default(),
+            keying: std::sync::Mutex::new(Keying {
+                key_id: token.as_ref().map(|t| t.key_id.clone()).unwrap_or_default(),
+                context: token.map(|t| t.context).unwrap_or_default(),
+            }),
         });
         self.registry
             .insert(Arc::clone(&attachment))
@@ -432,11 +507,12 @@ impl Daemon {
             tracing::error!(error = %e.message, "cannot save the attachment list");
         }
         let outcome = flushed.as_ref().map(|_| ()).map_err(|e| chain(e));
+        let keying = a.keying();
         self.audit_record(
             "detach",
             &r.volume,
-            Some(&a.key_id),
-            Some(&a.context),
+            Some(&keying.key_id),
+            Some(&keying.context),
             caller,
             started,
             &outcome,
@@ -453,7 +529,7 @@ impl Daemon {
     }
 
     fn list(&self) -> Result<Response, ApiError> {
-        let volumes = scan_volumes(&self.layout.volumes(), |name| {
+        let mut volumes = scan_volumes(&self.layout.volumes(), |name| {
             self.registry.get(name).is_some()
         })
         .map_err(|e| {
@@ -462,6 +538,10 @@ impl Daemon {
                 format!("cannot list {}: {e}", self.layout.volumes().display()),
             )
         })?;
+        for v in &mut volumes {
+            let name = v.name.clone();
+            self.lifecycle_summary(&name, v);
+        }
         Ok(Response::Volumes { volumes })
     }
 
@@ -483,7 +563,12 @@ impl Daemon {
         Ok(Response::Status { attachments })
     }
 
-    fn delete(&self, name: &str, caller: Caller) -> Result<Response, ApiError> {
+    fn delete(
+        &self,
+        name: &str,
+        with_snapshots: bool,
+        caller: Caller,
+    ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let path = self.volume_path(name)?;
         if self.registry.get(name).is_some() {
@@ -491,6 +576,38 @@ impl Daemon {
                 ErrorCode::Conflict,
                 format!("volume {name} is attached: detach it first ('cryptnbdctl detach {name}')"),
             ));
+        }
+        let snapshots = self.snapshot_list(name);
+        if !snapshots.is_empty() && !with_snapshots {
+            let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name} has {} snapshot(s) ({}), each holding the same wrapped key: \
+                     delete them first ('cryptnbdctl delete-snapshot {name} NAME') or use \
+                     --with-snapshots",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+        if path.exists() {
+            for s in &snapshots {
+                let snap = Path::new(&s.path);
+                let result = volume::wipe_and_remove(snap);
+                let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+                self.audit_record(
+                    "delete-snapshot",
+                    name,
+                    None,
+                    None,
+                    Some(caller),
+                    started,
+                    &outcome,
+                );
+                result.map_err(|e| volume_error(&e))?;
+            }
+            let _ = std::fs::remove_dir(self.layout.snapshots_dir(name));
         }
         let token = volume::inspect(&path).ok().and_then(|i| i.token);
         let result = volume::wipe_and_remove(&path);
@@ -572,11 +689,12 @@ impl Daemon {
             if let Err(e) = a.device.volume().flush() {
                 tracing::error!(volume = %a.volume, error = %chain(&e), "flush at shutdown failed");
             }
+            let keying = a.keying();
             self.audit_record(
                 "detach",
                 &a.volume,
-                Some(&a.key_id),
-                Some(&a.context),
+                Some(&keying.key_id),
+                Some(&keying.context),
                 None,
                 Instant::now(),
                 &Ok(()),
@@ -597,6 +715,12 @@ pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary 
             sector_size: info.sector_size,
             volume_id: info.token.as_ref().map(|t| t.volume_id.clone()),
             key_id: info.token.as_ref().map(|t| t.key_id.clone()),
+            base_image: info
+                .token
+                .as_ref()
+                .and_then(|t| crate::lifecycle::base_image_of(&t.extra)),
+            recovery_keyslots: info.keyslot_ids.clone(),
+            snapshots: 0,
             context: info.token.map(|t| t.context).unwrap_or_default(),
             attached,
             problem: info
@@ -616,6 +740,9 @@ pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary 
             context: BTreeMap::new(),
             attached,
             problem: Some(chain(&e)),
+            base_image: None,
+            recovery_keyslots: Vec::new(),
+            snapshots: 0,
         },
     }
 }
@@ -668,7 +795,7 @@ fn write_file_synced(path: &Path, body: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
+pub(crate) fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -15,7 +15,9 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod hardening;
+pub mod lifecycle;
 pub mod notify;
+pub mod ops;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -178,7 +180,9 @@ pub async fn run(
         nbd_path.clone(),
         tcp_addr,
         hardening.memory_locked,
+        config.recovery.params(),
     ));
+    daemon.clean_leftovers();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

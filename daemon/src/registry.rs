@@ -30,10 +30,27 @@ pub struct Attachment {
     pub owner_uid: u32,
     /// When.
     pub since: SystemTime,
-    /// Master key id (for audit records).
+    /// Master key and context the volume key is wrapped under now (a rekey changes them).
+    pub keying: std::sync::Mutex<Keying>,
+}
+
+/// What wraps an attached volume's key (for audit records and key-state checks).
+#[derive(Debug, Clone, Default)]
+pub struct Keying {
+    /// Master key id.
     pub key_id: String,
-    /// Encryption context (for audit records).
+    /// Encryption context.
     pub context: BTreeMap<String, String>,
+}
+
+impl Attachment {
+    /// The keying now.
+    pub fn keying(&self) -> Keying {
+        self.keying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl Attachment {

@@ -38,6 +38,12 @@ impl Daemon {
     /// to its TOML config; returns once its control socket answers.
     #[track_caller]
     pub fn start(dir: &TestDir, extra: &str) -> Self {
+        Self::start_env(dir, extra, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables (e.g. `CRYPTNBD_CRASH_AT`).
+    #[track_caller]
+    pub fn start_env(dir: &TestDir, extra: &str, env: &[(&str, &str)]) -> Self {
         let state_dir = dir.state_dir();
         let runtime_dir = dir.join("run");
         let config = dir.join("cryptnbd.toml");
@@ -50,11 +56,23 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        Self::start_with(state_dir, runtime_dir, config, dir.join("cryptnbd.log"))
+        Self::start_with(
+            state_dir,
+            runtime_dir,
+            config,
+            dir.join("cryptnbd.log"),
+            env,
+        )
     }
 
     #[track_caller]
-    fn start_with(state_dir: PathBuf, runtime_dir: PathBuf, config: PathBuf, log: PathBuf) -> Self {
+    fn start_with(
+        state_dir: PathBuf,
+        runtime_dir: PathBuf,
+        config: PathBuf,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -68,6 +86,8 @@ impl Daemon {
             .env_remove("CRYPTNBD_RUNTIME_DIR")
             .env_remove("CRYPTNBD_CONFIG")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("CRYPTNBD_CRASH_AT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -171,7 +191,28 @@ impl Daemon {
             self.log.clone(),
         );
         self.stop();
-        Self::start_with(state_dir, runtime_dir, config, log)
+        Self::start_with(state_dir, runtime_dir, config, log, &[])
+    }
+
+    /// Waits (up to 60 s) for the daemon to die of SIGKILL by itself (a crash point); returns
+    /// whether it did.
+    pub fn wait_killed(mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.signal() == Some(9);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL (a crash), then waits.

@@ -32,6 +32,8 @@ pub enum VolumeErrorKind {
     Failed,
     /// Any other I/O error.
     Io,
+    /// A long operation was cancelled (and cleaned up).
+    Cancelled,
 }
 
 /// An error about one volume. The message names the volume and says what to do; it never

@@ -182,6 +182,9 @@ pub fn write_headers(
             .map_err(|e| VolumeError::io(path, "writing the header", e))?;
         file.sync_data()
             .map_err(|e| VolumeError::io(path, "syncing the header", e))?;
+        if primary {
+            crate::lifecycle::crash_point("header-primary-written");
+        }
     }
     Ok(())
 }

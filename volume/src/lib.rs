@@ -3,13 +3,17 @@
 //! - [`luks2`]: the LUKS2 header codec (pure, over byte buffers);
 //! - [`header`]: reading and writing the two header copies of a file;
 //! - [`token`]: the `cryptnbd-kms` token that records the KMS-wrapped volume key;
+//! - [`keyslot`]: LUKS2 passphrase keyslots (argon2id), the break-glass copy of the volume key;
 //! - [`xts`]: AES-256-XTS sector encryption with dm-crypt's plain64 IVs;
+//! - [`lifecycle`]: building blocks of long operations (import, export, clone, rekey, swap);
 //! - [`volume`]: [`Volume`], byte-addressed encrypted I/O on a volume file.
 //!
 //! This crate must not depend on the NBD protocol, the daemon or the CLI.
 
 pub mod error;
 pub mod header;
+pub mod keyslot;
+pub mod lifecycle;
 pub mod luks2;
 pub mod token;
 pub mod volume;

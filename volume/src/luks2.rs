@@ -600,23 +600,26 @@ impl Metadata {
         })
     }
 
-    /// The pbkdf2 digest assigned to the crypt segment.
-    pub fn segment_digest(&self) -> Result<Pbkdf2Digest, HeaderError> {
+    /// The id and object of the (first) digest assigned to the (first) segment.
+    fn segment_digest_entry(&self) -> Result<(&String, &Value), HeaderError> {
         let segment_id = self
             .section("segments")
             .keys()
             .next()
-            .ok_or_else(|| HeaderError::Json("no segment".into()))?
-            .clone();
-        let digest = self
-            .section("digests")
-            .values()
-            .find(|d| {
+            .ok_or_else(|| HeaderError::Json("no segment".into()))?;
+        self.section("digests")
+            .iter()
+            .find(|(_, d)| {
                 d.get("segments")
                     .and_then(Value::as_array)
-                    .is_some_and(|s| s.iter().any(|v| v.as_str() == Some(&segment_id)))
+                    .is_some_and(|s| s.iter().any(|v| v.as_str() == Some(segment_id)))
             })
-            .ok_or_else(|| HeaderError::Json("no digest is assigned to the segment".into()))?;
+            .ok_or_else(|| HeaderError::Json("no digest is assigned to the segment".into()))
+    }
+
+    /// The pbkdf2 digest assigned to the crypt segment.
+    pub fn segment_digest(&self) -> Result<Pbkdf2Digest, HeaderError> {
+        let (_, digest) = self.segment_digest_entry()?;
         if digest.get("type").and_then(Value::as_str) != Some("pbkdf2") {
             return Err(HeaderError::Unsupported(
                 "a digest that is not pbkdf2".into(),
@@ -684,6 +687,102 @@ impl Metadata {
             .ok_or_else(|| HeaderError::Json("the 'tokens' object is missing".into()))?
             .insert(id.to_string(), Value::Object(token));
         Ok(())
+    }
+
+    /// The `keyslots` object: keyslot id (decimal text) to keyslot object, as stored.
+    pub fn keyslot_section(&self) -> &Map<String, Value> {
+        self.section("keyslots")
+    }
+
+    /// The id (decimal text) of the digest assigned to the crypt segment: the digest a
+    /// keyslot holding the volume key must be bound to.
+    pub fn segment_digest_id(&self) -> Result<String, HeaderError> {
+        self.segment_digest_entry().map(|(id, _)| id.clone())
+    }
+
+    /// The keyslot ids listed by digest `digest_id` (the keyslots that hold its key).
+    pub fn digest_keyslots(&self, digest_id: &str) -> Vec<String> {
+        self.section("digests")
+            .get(digest_id)
+            .and_then(|d| d.get("keyslots"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Size of one header copy, from `config.json_size` (binary header + JSON area).
+    pub fn hdr_size(&self) -> Result<u64, HeaderError> {
+        self.json_size()?
+            .checked_add(BINARY_HEADER_LEN as u64)
+            .ok_or_else(|| HeaderError::Json("config.json_size is too large".into()))
+    }
+
+    /// A copy of this metadata with keyslot `id` added and its id appended to the `keyslots`
+    /// list of digest `digest_id` (so LUKS2 tools use it to unlock the segments of that
+    /// digest). Fails if the keyslot exists, the digest does not, or the result is not
+    /// valid LUKS2 metadata; `self` is never changed.
+    pub fn with_keyslot(
+        &self,
+        id: u32,
+        keyslot: Map<String, Value>,
+        digest_id: &str,
+    ) -> Result<Self, HeaderError> {
+        let key = id.to_string();
+        let mut value = self.value.clone();
+        let keyslots = value
+            .get_mut("keyslots")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| HeaderError::Json("the 'keyslots' object is missing".into()))?;
+        if keyslots.contains_key(&key) {
+            return Err(HeaderError::Invalid(format!("keyslot {id} already exists")));
+        }
+        keyslots.insert(key.clone(), Value::Object(keyslot));
+        let list = value
+            .get_mut("digests")
+            .and_then(|d| d.get_mut(digest_id))
+            .and_then(|d| d.get_mut("keyslots"))
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| {
+                HeaderError::Json(format!(
+                    "digest {digest_id} or its 'keyslots' list is missing"
+                ))
+            })?;
+        if !list.iter().any(|v| v.as_str() == Some(key.as_str())) {
+            list.push(Value::String(key));
+        }
+        Self::from_value(value)
+    }
+
+    /// A copy of this metadata without keyslot `id` and without every reference to it (in
+    /// the `keyslots` lists of digests and tokens), as `cryptsetup luksKillSlot` leaves it.
+    /// Fails if there is no such keyslot; `self` is never changed.
+    pub fn without_keyslot(&self, id: u32) -> Result<Self, HeaderError> {
+        let key = id.to_string();
+        let mut value = self.value.clone();
+        let removed = value
+            .get_mut("keyslots")
+            .and_then(Value::as_object_mut)
+            .and_then(|k| k.remove(&key));
+        if removed.is_none() {
+            return Err(HeaderError::Invalid(format!("there is no keyslot {id}")));
+        }
+        for section in ["digests", "tokens"] {
+            let entries = value
+                .get_mut(section)
+                .and_then(Value::as_object_mut)
+                .into_iter()
+                .flat_map(|m| m.values_mut());
+            for entry in entries {
+                if let Some(list) = entry.get_mut("keyslots").and_then(Value::as_array_mut) {
+                    list.retain(|v| v.as_str() != Some(key.as_str()));
+                }
+            }
+        }
+        Self::from_value(value)
     }
 }
 

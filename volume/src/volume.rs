@@ -38,7 +38,7 @@ use crate::xts::{XTS_KEY_LEN, XtsCipher};
 /// neighbouring sectors never share a stripe.
 const RMW_STRIPES: usize = 1024;
 /// Largest single buffered write to the volume file (see `write_raw`).
-const WRITE_PIECE: usize = 64 << 10;
+const WRITE_PIECE: usize = 4 << 10;
 /// Largest buffer write-zeroes encrypts at a time.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -82,6 +82,8 @@ pub struct Volume {
     rmw_locks: Vec<Mutex<()>>,
     failed: AtomicBool,
     headers: HeaderSet,
+    /// Taken shared by every write to the file, exclusively by [`Volume::pause_writes`].
+    write_gate: std::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -124,6 +126,8 @@ pub struct VolumeInfo {
     pub secondary_header_problem: Option<String>,
     /// Number of LUKS2 keyslots (recovery passphrases).
     pub keyslots: usize,
+    /// Their ids.
+    pub keyslot_ids: Vec<u32>,
     /// The cryptnbd-kms token, if the volume has one (cryptsetup-made volumes do not).
     pub token: Option<TokenInfo>,
 }
@@ -164,7 +168,7 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
-fn open_file(path: &Path, read_only: bool) -> Result<File, VolumeError> {
+pub(crate) fn open_file(path: &Path, read_only: bool) -> Result<File, VolumeError> {
     let file = FsOpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -188,7 +192,7 @@ fn open_file(path: &Path, read_only: bool) -> Result<File, VolumeError> {
     }
 }
 
-fn token_of(headers: &HeaderSet, path: &Path) -> Result<KmsToken, VolumeError> {
+pub(crate) fn token_of(headers: &HeaderSet, path: &Path) -> Result<KmsToken, VolumeError> {
     let md = &headers.active.metadata;
     let (_, obj) = md.token(TOKEN_TYPE).ok_or_else(|| {
         let types = md.token_types();
@@ -256,6 +260,10 @@ pub fn inspect(path: &Path) -> Result<VolumeInfo, VolumeError> {
         primary_header_problem: headers.primary_problem.clone(),
         secondary_header_problem: headers.secondary_problem.clone(),
         keyslots: md.value()["keyslots"].as_object().map_or(0, |m| m.len()),
+        keyslot_ids: md.value()["keyslots"]
+            .as_object()
+            .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
+            .unwrap_or_default(),
         token,
     })
 }
@@ -575,6 +583,7 @@ impl Volume {
             rmw_locks: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             failed: AtomicBool::new(false),
             headers,
+            write_gate: std::sync::RwLock::new(()),
         }
     }
 
@@ -591,6 +600,18 @@ impl Volume {
     /// True when opened read-only.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// The open volume file (for snapshots: clone it while writes are paused).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Waits for the writes in progress, then holds new ones back until the guard is dropped
+    /// (reads go on). With [`Volume::flush`] after it, the file is a crash-consistent image
+    /// while the guard lives: what snapshots copy.
+    pub fn pause_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.write_gate.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The volume file.
@@ -674,6 +695,7 @@ impl Volume {
         // the page-cache folios it creates after the write, and a later 4 KiB random write
         // into a large folio dirties (and writes back) all of it (docs/benchmarks.md).
         let base = self.segment.offset + offset;
+        let _gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
         let mut done = 0;
         for piece in buf.chunks(WRITE_PIECE) {
             self.file
@@ -844,7 +866,11 @@ impl Volume {
             return Ok(());
         }
         let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, flags, self.segment.offset + start, end - start) {
+        let gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
+        let punched =
+            rustix::fs::fallocate(&self.file, flags, self.segment.offset + start, end - start);
+        drop(gate);
+        match punched {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) => {
                 // No hole punching here: all-zero ciphertext has the same meaning.

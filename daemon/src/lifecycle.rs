@@ -1,0 +1,1376 @@
+//! The volume lifecycle operations (docs/cli.md): import at create, rebuild, snapshots,
+//! rekey, re-encryption, recovery keyslots, plaintext export, header backup and restore.
+//!
+//! Rules every operation here follows:
+//! - One operation per volume at a time ([`crate::ops::Operations`]); attach, detach and
+//!   delete of a busy volume are refused too.
+//! - Files the caller names are opened by the caller (`cryptnbdctl`) and passed as a
+//!   descriptor: the daemon, often root, never opens a path on a caller's behalf.
+//! - New content is built in a hidden temporary file next to the target (`.NAME.*.luks`),
+//!   synced, and renamed over the target: a crash leaves the old file or the new one, whole.
+//!   Leftover temporaries are wiped at start ([`Daemon::clean_leftovers`]).
+//! - Long loops run on blocking threads, report progress and stop at the next step when
+//!   cancelled (a closed control connection cancels too); the temporary is then wiped.
+//! - Every operation writes one audit record with its outcome.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use control_api::paths::validate_name;
+use control_api::{
+    ApiError, AttachRequest, BaseImage, DetachRequest, ErrorCode, ExportRequest, ImageSource,
+    RebuildRequest, RebuildSource, RekeyRequest, Response, SnapshotInfo,
+};
+use kms_client::{EncryptionContext, Kms};
+use volume::lifecycle::{self, Cancel, Progress};
+use volume::token::KmsToken;
+use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
+
+use crate::daemon::{Caller, Daemon, api, chain, rfc3339, volume_error};
+
+/// What a request brings besides its JSON: a passed descriptor, and the progress and
+/// cancellation shared with the connection that sent it.
+#[derive(Default)]
+pub struct RequestContext {
+    /// The descriptor passed with the request (SCM_RIGHTS), if any.
+    pub fd: Option<OwnedFd>,
+    /// Where the operation reports progress.
+    pub progress: Arc<Progress>,
+    /// Set when the client goes away or `cancel` is called.
+    pub cancel: Cancel,
+}
+
+impl RequestContext {
+    fn take_fd(&mut self, what: &str) -> Result<File, ApiError> {
+        self.fd.take().map(File::from).ok_or_else(|| {
+            api(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "{what} needs a file descriptor passed with the request (SCM_RIGHTS); \
+                     cryptnbdctl does this"
+                ),
+            )
+        })
+    }
+}
+
+/// Runs blocking volume work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
+) -> Result<T, VolumeError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(VolumeError::new(
+            VolumeErrorKind::Io,
+            format!("the operation's worker failed: {e}"),
+        ))
+    })
+}
+
+/// The recorded base image of a token.
+pub fn base_image_of(
+    token_extra: &serde_json::Map<String, serde_json::Value>,
+) -> Option<BaseImage> {
+    token_extra
+        .get("base_image")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// A hidden temporary next to `target` for operation `what`.
+fn temp_for(target: &Path, what: &str) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".luks").unwrap_or(&name);
+    target.with_file_name(format!(".{stem}.{what}.luks"))
+}
+
+/// Removes a temporary volume file left by a failed or cancelled operation, wiping its
+/// header (it holds a wrapped key) when it has one.
+fn discard(tmp: &Path) {
+    if !tmp.exists() {
+        return;
+    }
+    if let Err(e) = volume::wipe_and_remove(tmp) {
+        tracing::debug!(path = %tmp.display(), error = %chain(&e), "wipe of a temporary failed; removing it");
+        let _ = std::fs::remove_file(tmp);
+    }
+}
+
+/// Size of a passed image: the file's size for a regular file (it must agree with a size the
+/// client gave), else the client's size.
+fn image_size(file: &File, src: &ImageSource) -> Result<u64, ApiError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| api(ErrorCode::Io, format!("cannot stat {}: {e}", src.path)))?;
+    if meta.is_file() {
+        if let Some(s) = src.size
+            && s != meta.len()
+        {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                format!("{} is {} bytes, not {s}", src.path, meta.len()),
+            ));
+        }
+        return Ok(meta.len());
+    }
+    src.size.ok_or_else(|| {
+        api(
+            ErrorCode::InvalidRequest,
+            format!("{} is a stream: its size must be given with it", src.path),
+        )
+    })
+}
+
+fn snapshot_created(path: &Path) -> String {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map(rfc3339)
+        .unwrap_or_default()
+}
+
+impl Daemon {
+    fn begin(
+        &self,
+        volume: &str,
+        operation: &'static str,
+        caller: Caller,
+        ctx: &RequestContext,
+    ) -> Result<crate::ops::OpGuard, ApiError> {
+        self.ops.begin(
+            volume,
+            operation,
+            caller.uid,
+            Arc::clone(&ctx.progress),
+            ctx.cancel.clone(),
+        )
+    }
+
+    fn existing_volume(&self, name: &str) -> Result<PathBuf, ApiError> {
+        let path = self.volume_path(name)?;
+        if !path.exists() {
+            return Err(api(
+                ErrorCode::NotFound,
+                format!("no volume {name}: see 'cryptnbdctl list'"),
+            ));
+        }
+        Ok(path)
+    }
+
+    fn token(&self, path: &Path) -> Result<KmsToken, ApiError> {
+        lifecycle::read_token(path).map_err(|e| volume_error(&e))
+    }
+
+    fn audit_token(
+        &self,
+        operation: &str,
+        volume: &str,
+        token: Option<&KmsToken>,
+        caller: Caller,
+        started: Instant,
+        outcome: &Result<(), String>,
+    ) {
+        self.audit_record(
+            operation,
+            volume,
+            token.map(|t| t.key_id.as_str()),
+            token.map(|t| t.context.pairs()),
+            Some(caller),
+            started,
+            outcome,
+        );
+    }
+
+    /// Wipes the temporaries a crash left behind (`.NAME.*.luks` and `.NAME.luks.creating-*`
+    /// in the volume and snapshot directories). Called at start, before anything is attached.
+    pub fn clean_leftovers(&self) {
+        let mut dirs = vec![self.layout.volumes()];
+        if let Ok(rd) = std::fs::read_dir(self.layout.state_dir.join("snapshots")) {
+            dirs.extend(rd.flatten().map(|e| e.path()));
+        }
+        for dir in dirs {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // `.NAME.OP.luks` (an operation's new file) and `.NAME.luks.creating-PID`
+                // (a volume file being created).
+                if name.starts_with('.')
+                    && (name.ends_with(".luks") || name.contains(".luks.creating-"))
+                {
+                    tracing::warn!(path = %e.path().display(), "removing the leftover of an interrupted operation");
+                    discard(&e.path());
+                }
+            }
+        }
+    }
+
+    /// `create --from-image`: a new volume filled from the passed image, linked into place
+    /// only when complete.
+    pub(crate) async fn create_from_image(
+        &self,
+        opts: CreateOptions,
+        r: &control_api::CreateRequest,
+        path: &Path,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<(), VolumeError> {
+        let (name, record_base) = (r.name.as_str(), r.record_base);
+        let src = r
+            .from_image
+            .as_ref()
+            .ok_or_else(|| VolumeError::new(VolumeErrorKind::InvalidArgument, "no image given"))?;
+        let file = ctx
+            .take_fd("--from-image")
+            .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message))?;
+        let len = image_size(&file, src)
+            .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message))?;
+        let mut opts = opts;
+        if opts.size == 0 {
+            let ss = u64::from(opts.sector_size);
+            opts.size = len.div_ceil(ss).max(1) * ss;
+        }
+        let _guard = self
+            .begin(name, "import", caller, ctx)
+            .map_err(|e| VolumeError::new(VolumeErrorKind::InUse, e.message))?;
+        if path.exists() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists: choose another name or delete it first",
+                    path.display()
+                ),
+            ));
+        }
+        let tmp = temp_for(path, "importing");
+        discard(&tmp);
+        let vol = Arc::new(Volume::create(&tmp, &opts, &self.kms).await?);
+        let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+        let what = format!("the image {}", src.path);
+        let v = Arc::clone(&vol);
+        let filled = blocking(move || {
+            let mut file = file;
+            lifecycle::fill_from(&v, &mut file, len, &what, &progress, &cancel)
+        })
+        .await;
+        let result = (|| -> Result<_, VolumeError> {
+            let sha256 = filled?;
+            if record_base {
+                let base = BaseImage {
+                    path: src.path.clone(),
+                    size: len,
+                    sha256,
+                    format: src.format.clone(),
+                };
+                lifecycle::rewrite_token(vol.file(), &tmp, |t| {
+                    t.extra.insert(
+                        "base_image".into(),
+                        serde_json::to_value(&base).unwrap_or_default(),
+                    );
+                })?;
+            }
+            drop(vol);
+            std::fs::hard_link(&tmp, path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    VolumeError::new(
+                        VolumeErrorKind::AlreadyExists,
+                        format!("{} already exists", path.display()),
+                    )
+                } else {
+                    VolumeError::io(path, "linking the new volume into place", e)
+                }
+            })?;
+            std::fs::remove_file(&tmp).map_err(|e| VolumeError::io(&tmp, "removing", e))?;
+            if let Some(d) = path.parent() {
+                File::open(d)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| VolumeError::io(path, "syncing the directory", e))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            discard(&tmp);
+        }
+        result
+    }
+
+    /// Detaches `name` for an operation that needs the file to itself (`force`), or refuses.
+    /// Returns how to re-attach it.
+    async fn detach_for(
+        &self,
+        name: &str,
+        force: bool,
+        what: &str,
+        caller: Caller,
+    ) -> Result<Option<(AttachRequest, u32)>, ApiError> {
+        let _g = self.lifecycle.lock().await;
+        let Some(a) = self.registry.get(name) else {
+            return Ok(None);
+        };
+        if !force {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name} is attached: detach it first, or use --force to detach it \
+                     (draining clients), {what} and re-attach it under the same export"
+                ),
+            ));
+        }
+        let saved = (a.request.clone(), a.owner_uid);
+        drop(a);
+        self.detach(
+            DetachRequest {
+                volume: name.into(),
+                force: true,
+            },
+            Some(caller),
+        )
+        .await?;
+        Ok(Some(saved))
+    }
+
+    async fn reattach(&self, saved: Option<(AttachRequest, u32)>, caller: Caller) -> bool {
+        let Some((request, owner)) = saved else {
+            return false;
+        };
+        let _g = self.lifecycle.lock().await;
+        let volume = request.volume.clone();
+        match self.attach_as(request, Some(caller), Some(owner)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(volume = %volume, error = %e.message, "cannot re-attach after the operation");
+                false
+            }
+        }
+    }
+
+    /// Checks that the KMS still unwraps the volume's key under its context (a disabled or
+    /// pending-deletion master key, or a changed context, stops the operation here).
+    async fn check_unwrap(&self, path: &Path, token: &KmsToken) -> Result<(), VolumeError> {
+        let wrapped = token.wrapped().map_err(|e| {
+            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+        })?;
+        self.kms
+            .decrypt(&wrapped, &token.context, &token.key_id)
+            .await
+            .map(drop)
+            .map_err(|e| VolumeError::kms(path, "unwrap the current volume key", e))
+    }
+
+    fn create_options_like(
+        token: &KmsToken,
+        size: u64,
+        sector_size: u32,
+        path: &Path,
+    ) -> Result<CreateOptions, VolumeError> {
+        let identity = token.identity().map_err(|e| {
+            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+        })?;
+        Ok(CreateOptions {
+            size,
+            sector_size,
+            key_id: token.key_id.clone(),
+            identity,
+            context_keys: token.context_keys.clone(),
+            extra_context: lifecycle::extra_context(token),
+        })
+    }
+
+    /// `rebuild`.
+    pub(crate) async fn rebuild(
+        &self,
+        r: RebuildRequest,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(&r.volume)?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(&r.volume, "rebuild", caller, ctx)?
+        };
+        let token = self.token(&path)?;
+        let source_name = match &r.source {
+            RebuildSource::BaseImage(s) | RebuildSource::Image(s) => format!("image {}", s.path),
+            RebuildSource::Snapshot { name } => format!("snapshot {name}"),
+        };
+        let result = self.rebuild_inner(&r, &path, &token, caller, ctx).await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message.clone());
+        self.audit_token(
+            "rebuild",
+            &r.volume,
+            Some(&token),
+            caller,
+            started,
+            &outcome,
+        );
+        let (bytes, reattached) = result?;
+        tracing::info!(volume = %r.volume, source = %source_name, "rebuilt");
+        Ok(Response::Rebuilt {
+            volume: r.volume,
+            source: source_name,
+            bytes,
+            reattached,
+        })
+    }
+
+    async fn rebuild_inner(
+        &self,
+        r: &RebuildRequest,
+        path: &Path,
+        token: &KmsToken,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<(u64, bool), ApiError> {
+        // The KMS first: nothing is touched if it refuses.
+        self.check_unwrap(path, token)
+            .await
+            .map_err(|e| volume_error(&e))?;
+        let info = volume::inspect(path).map_err(|e| volume_error(&e))?;
+        let tmp = temp_for(path, "rebuilding");
+        discard(&tmp);
+        // Build the new file completely while the volume may still be attached.
+        let built: Result<u64, VolumeError> = match &r.source {
+            RebuildSource::BaseImage(src) | RebuildSource::Image(src) => {
+                let base = matches!(r.source, RebuildSource::BaseImage(_))
+                    .then(|| base_image_of(&token.extra))
+                    .flatten();
+                if matches!(r.source, RebuildSource::BaseImage(_)) && base.is_none() {
+                    return Err(api(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "volume {} has no recorded base image: give --from-image or \
+                             --from-snapshot",
+                            r.volume
+                        ),
+                    ));
+                }
+                let file = ctx.take_fd("rebuild from an image")?;
+                let len = image_size(&file, src)?;
+                if let Some(b) = &base
+                    && b.size != len
+                {
+                    return Err(api(
+                        ErrorCode::Conflict,
+                        format!(
+                            "the base image {} is {len} bytes now but was {} when recorded: it \
+                             changed; rebuild with --from-image to use it as it is",
+                            src.path, b.size
+                        ),
+                    ));
+                }
+                let opts = Self::create_options_like(token, info.size, info.sector_size, path)
+                    .map_err(|e| volume_error(&e))?;
+                let vol = Arc::new(
+                    Volume::create(&tmp, &opts, &self.kms)
+                        .await
+                        .map_err(|e| volume_error(&e))?,
+                );
+                let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+                let what = format!("the image {}", src.path);
+                let v = Arc::clone(&vol);
+                let sha = blocking(move || {
+                    let mut file = file;
+                    lifecycle::fill_from(&v, &mut file, len, &what, &progress, &cancel)
+                })
+                .await;
+                match sha {
+                    Ok(sha) => {
+                        if let Some(b) = &base
+                            && b.sha256 != sha
+                        {
+                            drop(vol);
+                            discard(&tmp);
+                            return Err(api(
+                                ErrorCode::Conflict,
+                                format!(
+                                    "the base image {} changed since it was recorded (SHA-256 \
+                                     {sha}, recorded {}); nothing was changed: rebuild with \
+                                     --from-image to use it as it is",
+                                    src.path, b.sha256
+                                ),
+                            ));
+                        }
+                        // Keep what the old token recorded beyond the key (the base image).
+                        let extra = token.extra.clone();
+                        let kept = lifecycle::rewrite_token(vol.file(), &tmp, |t| {
+                            t.extra = extra;
+                        });
+                        kept.map(|_| len)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            RebuildSource::Snapshot { name } => {
+                self.restore_snapshot_into(&r.volume, name, token, &tmp, ctx)
+                    .await
+            }
+        };
+        let bytes = match built {
+            Ok(b) => b,
+            Err(e) => {
+                discard(&tmp);
+                return Err(volume_error(&e));
+            }
+        };
+        if let Err(e) = ctx.cancel.check("the rebuild") {
+            discard(&tmp);
+            return Err(volume_error(&e));
+        }
+        let saved = match self
+            .detach_for(&r.volume, r.force, "rebuild it", caller)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                discard(&tmp);
+                return Err(e);
+            }
+        };
+        let swapped = lifecycle::replace_file(&tmp, path);
+        let reattached = self.reattach(saved, caller).await;
+        swapped.map_err(|e| volume_error(&e))?;
+        Ok((bytes, reattached))
+    }
+
+    /// Clones snapshot `name` into `tmp` and re-wraps its key under the volume's current
+    /// master key and context (so a restore never undoes a rekey).
+    async fn restore_snapshot_into(
+        &self,
+        volume: &str,
+        name: &str,
+        current: &KmsToken,
+        tmp: &Path,
+        ctx: &RequestContext,
+    ) -> Result<u64, VolumeError> {
+        let snap = self.layout.snapshot_file(volume, name);
+        if validate_name(name).is_err() || !snap.exists() {
+            return Err(VolumeError::new(
+                VolumeErrorKind::NotFound,
+                format!(
+                    "volume {volume} has no snapshot {name}: see 'cryptnbdctl snapshots {volume}'"
+                ),
+            ));
+        }
+        let snap_token = lifecycle::read_token(&snap)?;
+        let wrapped = snap_token.wrapped().map_err(|e| {
+            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", snap.display()))
+        })?;
+        let rewrapped = self
+            .kms
+            .re_encrypt(
+                &wrapped,
+                &snap_token.context,
+                &snap_token.key_id,
+                &current.key_id,
+                &current.context,
+            )
+            .await
+            .map_err(|e| {
+                VolumeError::kms(
+                    &snap,
+                    "re-wrap the snapshot's key under the volume's current key",
+                    e,
+                )
+            })?;
+        let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+        let (snap2, tmp2) = (snap.clone(), tmp.to_path_buf());
+        let current = current.clone();
+        blocking(move || {
+            let src = lifecycle::open_locked(&snap2, true)?;
+            let dst = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp2)
+                .map_err(|e| VolumeError::io(&tmp2, "creating", e))?;
+            lifecycle::clone_file(&src, &dst, &tmp2, &progress, &cancel)?;
+            let len = dst.metadata().map(|m| m.len()).unwrap_or(0);
+            lifecycle::rewrite_token(&dst, &tmp2, |t| {
+                t.key_id = rewrapped.key_id.clone();
+                t.wrapped_key = KmsToken::new(
+                    &t.backend,
+                    &rewrapped.key_id,
+                    &rewrapped.wrapped,
+                    current.context.clone(),
+                    current.context_keys.clone(),
+                    &current.volume_id,
+                    String::new(),
+                )
+                .wrapped_key;
+                t.context = current.context.clone();
+                t.context_keys = current.context_keys.clone();
+            })?;
+            dst.sync_all()
+                .map_err(|e| VolumeError::io(&tmp2, "syncing", e))?;
+            Ok(len)
+        })
+        .await
+    }
+
+    /// `snapshot`.
+    pub(crate) async fn snapshot(
+        &self,
+        volume: &str,
+        name: Option<String>,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(volume)?;
+        let name = name.unwrap_or_else(|| {
+            let t = time::OffsetDateTime::now_utc();
+            format!(
+                "{:04}{:02}{:02}-{:02}{:02}{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        });
+        validate_name(&name)
+            .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(volume, "snapshot", caller, ctx)?
+        };
+        let target = self.layout.snapshot_file(volume, &name);
+        if target.exists() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {volume} already has a snapshot {name}: choose another name or delete it first"
+                ),
+            ));
+        }
+        crate::daemon::make_private_dir(&self.layout.snapshots_dir(volume))?;
+        let token = self.token(&path).ok();
+        let tmp = temp_for(&target, "taking");
+        discard(&tmp);
+        let attached = self
+            .registry
+            .get(volume)
+            .map(|a| Arc::clone(a.device.volume()));
+        let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+        let (tmp2, target2, path2) = (tmp.clone(), target.clone(), path.clone());
+        let result = blocking(move || {
+            let dst = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp2)
+                .map_err(|e| VolumeError::io(&tmp2, "creating the snapshot", e))?;
+            let method = match &attached {
+                Some(vol) => {
+                    // Writes wait from here until the clone is done; what was acknowledged
+                    // before is flushed into the file first.
+                    let _paused = vol.pause_writes();
+                    vol.flush()?;
+                    lifecycle::clone_file(vol.file(), &dst, &tmp2, &progress, &cancel)?
+                }
+                None => {
+                    let src = lifecycle::open_locked(&path2, true)?;
+                    lifecycle::clone_file(&src, &dst, &tmp2, &progress, &cancel)?
+                }
+            };
+            std::fs::hard_link(&tmp2, &target2)
+                .map_err(|e| VolumeError::io(&target2, "linking the snapshot into place", e))?;
+            std::fs::remove_file(&tmp2).map_err(|e| VolumeError::io(&tmp2, "removing", e))?;
+            if let Some(d) = target2.parent() {
+                File::open(d)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| VolumeError::io(&target2, "syncing the directory", e))?;
+            }
+            Ok(method)
+        })
+        .await;
+        if result.is_err() {
+            discard(&tmp);
+        }
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "snapshot",
+            volume,
+            token.as_ref(),
+            caller,
+            started,
+            &outcome,
+        );
+        let method = result.map_err(|e| volume_error(&e))?;
+        tracing::info!(volume, snapshot = %name, method = method.as_str(), "snapshot taken");
+        let mut info = self.snapshot_info(volume, &name, &target);
+        info.method = Some(method.as_str().into());
+        Ok(Response::SnapshotTaken(info))
+    }
+
+    fn snapshot_info(&self, volume: &str, name: &str, path: &Path) -> SnapshotInfo {
+        SnapshotInfo {
+            volume: volume.into(),
+            name: name.into(),
+            path: path.display().to_string(),
+            created: snapshot_created(path),
+            size: volume::inspect(path).map(|i| i.size).unwrap_or(0),
+            method: None,
+        }
+    }
+
+    /// The snapshots of `volume`, oldest first.
+    pub fn snapshot_list(&self, volume: &str) -> Vec<SnapshotInfo> {
+        let dir = self.layout.snapshots_dir(volume);
+        let mut out: Vec<(std::time::SystemTime, SnapshotInfo)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let path = e.path();
+                let name = path
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".luks")?
+                    .to_owned();
+                validate_name(&name).ok()?;
+                let t = e.metadata().and_then(|m| m.modified()).ok()?;
+                Some((t, self.snapshot_info(volume, &name, &path)))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.name.cmp(&b.1.name)));
+        out.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// `snapshots`.
+    pub(crate) fn snapshots(&self, volume: &str) -> Result<Response, ApiError> {
+        self.existing_volume(volume)?;
+        Ok(Response::Snapshots {
+            volume: volume.into(),
+            snapshots: self.snapshot_list(volume),
+        })
+    }
+
+    /// `delete-snapshot`.
+    pub(crate) async fn delete_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+        caller: Caller,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        validate_name(volume).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
+        validate_name(name)
+            .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
+        let path = self.layout.snapshot_file(volume, name);
+        if !path.exists() {
+            return Err(api(
+                ErrorCode::NotFound,
+                format!(
+                    "volume {volume} has no snapshot {name}: see 'cryptnbdctl snapshots {volume}'"
+                ),
+            ));
+        }
+        let _g = self.lifecycle.lock().await;
+        self.ops.check_idle(volume)?;
+        let token = lifecycle::read_token(&path).ok();
+        let result = volume::wipe_and_remove(&path);
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "delete-snapshot",
+            volume,
+            token.as_ref(),
+            caller,
+            started,
+            &outcome,
+        );
+        result.map_err(|e| volume_error(&e))?;
+        let _ = std::fs::remove_dir(self.layout.snapshots_dir(volume));
+        Ok(Response::SnapshotDeleted {
+            volume: volume.into(),
+            name: name.into(),
+        })
+    }
+
+    /// `rekey`: KMS ReEncrypt of the wrapped key to the new master key and context, then one
+    /// header rewrite (both copies, next seqid). Works attached or not.
+    pub(crate) async fn rekey(
+        &self,
+        r: RekeyRequest,
+        caller: Caller,
+        ctx: &RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(&r.volume)?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(&r.volume, "rekey", caller, ctx)?
+        };
+        let old = self.token(&path)?;
+        let result = self.rekey_inner(&r, &path, &old).await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        // The record names the new keying (the old one is in the message on failure).
+        let new_token = result.as_ref().ok();
+        self.audit_token(
+            "rekey",
+            &r.volume,
+            new_token.or(Some(&old)),
+            caller,
+            started,
+            &outcome,
+        );
+        let token = result.map_err(|e| volume_error(&e))?;
+        if let Some(a) = self.registry.get(&r.volume) {
+            *a.keying.lock().unwrap_or_else(|p| p.into_inner()) = crate::registry::Keying {
+                key_id: token.key_id.clone(),
+                context: token.context.pairs().clone(),
+            };
+        }
+        tracing::info!(volume = %r.volume, old_key = %old.key_id, key = %token.key_id, "rekeyed");
+        Ok(Response::Rekeyed {
+            volume: r.volume,
+            old_key_id: old.key_id,
+            key_id: token.key_id.clone(),
+            context: token.context.pairs().clone(),
+        })
+    }
+
+    async fn rekey_inner(
+        &self,
+        r: &RekeyRequest,
+        path: &Path,
+        old: &KmsToken,
+    ) -> Result<KmsToken, VolumeError> {
+        let invalid = |m: String| VolumeError::new(VolumeErrorKind::InvalidArgument, m);
+        let identity = old.identity().map_err(|e| {
+            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+        })?;
+        let extra = r
+            .context
+            .clone()
+            .unwrap_or_else(|| lifecycle::extra_context(old));
+        let new_context: EncryptionContext = identity
+            .to_context(&old.context_keys, &extra)
+            .map_err(|e| invalid(e.to_string()))?;
+        let wrapped = old.wrapped().map_err(|e| {
+            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+        })?;
+        let rewrapped = self
+            .kms
+            .re_encrypt(
+                &wrapped,
+                &old.context,
+                &old.key_id,
+                &r.kms_key,
+                &new_context,
+            )
+            .await
+            .map_err(|e| VolumeError::kms(path, "re-wrap the volume key (ReEncrypt)", e))?;
+        let encoded = KmsToken::new(
+            &old.backend,
+            &rewrapped.key_id,
+            &rewrapped.wrapped,
+            new_context.clone(),
+            old.context_keys.clone(),
+            &old.volume_id,
+            String::new(),
+        )
+        .wrapped_key;
+        let edit = |t: &mut KmsToken| {
+            t.key_id = rewrapped.key_id.clone();
+            t.wrapped_key = encoded.clone();
+            t.context = new_context.clone();
+        };
+        match self.registry.get(&r.volume) {
+            Some(a) => lifecycle::rewrite_token(a.device.volume().file(), path, edit),
+            None => {
+                let file = lifecycle::open_locked(path, false)?;
+                lifecycle::rewrite_token(&file, path, edit)
+            }
+        }
+    }
+
+    /// `reencrypt`: a new data key under the same master key and context, every allocated
+    /// sector decrypted and re-encrypted into a new file, then an atomic swap.
+    pub(crate) async fn reencrypt(
+        &self,
+        volume: &str,
+        force: bool,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(volume)?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(volume, "reencrypt", caller, ctx)?
+        };
+        let token = self.token(&path)?;
+        let recovery = volume::inspect(&path)
+            .map(|i| i.keyslot_ids)
+            .unwrap_or_default();
+        let result = self
+            .reencrypt_inner(volume, &path, &token, force, caller, ctx)
+            .await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message.clone());
+        self.audit_token("reencrypt", volume, Some(&token), caller, started, &outcome);
+        let (bytes, reattached) = result?;
+        tracing::info!(volume, "re-encrypted under a new data key; old key wiped");
+        Ok(Response::Reencrypted {
+            volume: volume.into(),
+            bytes,
+            recovery_removed: recovery,
+            reattached,
+        })
+    }
+
+    async fn reencrypt_inner(
+        &self,
+        volume: &str,
+        path: &Path,
+        token: &KmsToken,
+        force: bool,
+        caller: Caller,
+        ctx: &RequestContext,
+    ) -> Result<(u64, bool), ApiError> {
+        self.check_unwrap(path, token)
+            .await
+            .map_err(|e| volume_error(&e))?;
+        let saved = self
+            .detach_for(volume, force, "re-encrypt it", caller)
+            .await?;
+        let tmp = temp_for(path, "reencrypting");
+        discard(&tmp);
+        let built = async {
+            let old = Arc::new(
+                Volume::open(
+                    path,
+                    &OpenOptions {
+                        read_only: true,
+                        ..OpenOptions::default()
+                    },
+                    &self.kms,
+                )
+                .await?,
+            );
+            let opts = Self::create_options_like(token, old.size(), old.sector_size(), path)?;
+            let new = Arc::new(Volume::create(&tmp, &opts, &self.kms).await?);
+            let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+            let (o, n) = (Arc::clone(&old), Arc::clone(&new));
+            let bytes = blocking(move || copy_allocated(&o, &n, &progress, &cancel)).await?;
+            let extra = token.extra.clone();
+            lifecycle::rewrite_token(new.file(), &tmp, |t| t.extra = extra)?;
+            Ok::<u64, VolumeError>(bytes)
+        }
+        .await;
+        let result = match built {
+            Ok(bytes) => match ctx.cancel.check("the re-encryption") {
+                Ok(()) => lifecycle::replace_file(&tmp, path).map(|()| bytes),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            discard(&tmp);
+        }
+        let reattached = self.reattach(saved, caller).await;
+        result
+            .map(|b| (b, reattached))
+            .map_err(|e| volume_error(&e))
+    }
+
+    /// `recovery add`: unwraps the key through the KMS, then adds an argon2id keyslot.
+    pub(crate) async fn recovery_add(
+        &self,
+        volume: &str,
+        passphrase: &control_api::Secret,
+        caller: Caller,
+        ctx: &RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(volume)?;
+        if passphrase.0.len() < 8 {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                "a recovery passphrase has at least 8 characters (use a long random one and keep it offline)",
+            ));
+        }
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(volume, "recovery-add", caller, ctx)?
+        };
+        let token = self.token(&path)?;
+        let result = async {
+            let wrapped = token.wrapped().map_err(|e| {
+                VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+            })?;
+            let key = self
+                .kms
+                .decrypt(&wrapped, &token.context, &token.key_id)
+                .await
+                .map_err(|e| VolumeError::kms(&path, "unwrap the volume key", e))?;
+            let params = self.recovery_params;
+            let pass = zeroize::Zeroizing::new(passphrase.0.clone().into_bytes());
+            let attached = self
+                .registry
+                .get(volume)
+                .map(|a| Arc::clone(a.device.volume()));
+            let path2 = path.clone();
+            blocking(move || {
+                let own;
+                let file = match &attached {
+                    Some(v) => v.file(),
+                    None => {
+                        own = lifecycle::open_locked(&path2, false)?;
+                        &own
+                    }
+                };
+                volume::keyslot::add_recovery_keyslot(file, &path2, key.expose(), &pass, &params)
+            })
+            .await
+        }
+        .await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "recovery-add",
+            volume,
+            Some(&token),
+            caller,
+            started,
+            &outcome,
+        );
+        let keyslot = result.map_err(|e| volume_error(&e))?;
+        tracing::info!(volume, keyslot, "recovery keyslot added");
+        Ok(Response::RecoveryAdded {
+            volume: volume.into(),
+            keyslot,
+        })
+    }
+
+    /// `recovery remove`.
+    pub(crate) async fn recovery_remove(
+        &self,
+        volume: &str,
+        keyslot: Option<u32>,
+        caller: Caller,
+        ctx: &RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(volume)?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(volume, "recovery-remove", caller, ctx)?
+        };
+        let token = self.token(&path).ok();
+        let ids: Vec<u32> = match keyslot {
+            Some(id) => vec![id],
+            None => volume::inspect(&path)
+                .map(|i| i.keyslot_ids)
+                .unwrap_or_default(),
+        };
+        let attached = self
+            .registry
+            .get(volume)
+            .map(|a| Arc::clone(a.device.volume()));
+        let (path2, ids2) = (path.clone(), ids.clone());
+        let result = blocking(move || {
+            let own;
+            let file = match &attached {
+                Some(v) => v.file(),
+                None => {
+                    own = lifecycle::open_locked(&path2, false)?;
+                    &own
+                }
+            };
+            for id in ids2 {
+                volume::keyslot::remove_keyslot(file, &path2, id)?;
+            }
+            Ok(())
+        })
+        .await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "recovery-remove",
+            volume,
+            token.as_ref(),
+            caller,
+            started,
+            &outcome,
+        );
+        result.map_err(|e| volume_error(&e))?;
+        Ok(Response::RecoveryRemoved {
+            volume: volume.into(),
+            keyslots: ids,
+        })
+    }
+
+    /// `export --plaintext`: the decrypted volume written to the passed descriptor.
+    pub(crate) async fn export(
+        &self,
+        r: ExportRequest,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        if !r.plaintext {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                "export writes the volume decrypted: say so with --plaintext",
+            ));
+        }
+        let path = self.existing_volume(&r.volume)?;
+        let dst = ctx.take_fd("export")?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            self.begin(&r.volume, "export", caller, ctx)?
+        };
+        let token = self.token(&path).ok();
+        let result = async {
+            let vol = match self.registry.get(&r.volume) {
+                Some(a) if a.device.read_only_export() => Arc::clone(a.device.volume()),
+                Some(_) => {
+                    return Err(VolumeError::new(
+                        VolumeErrorKind::InUse,
+                        format!(
+                            "volume {} is attached read-write, so its content is changing: \
+                             detach it (or attach it --read-only), or snapshot it and rebuild a \
+                             detached copy",
+                            r.volume
+                        ),
+                    ));
+                }
+                None => Arc::new(
+                    Volume::open(
+                        &path,
+                        &OpenOptions {
+                            read_only: true,
+                            ..OpenOptions::default()
+                        },
+                        &self.kms,
+                    )
+                    .await?,
+                ),
+            };
+            let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+            let what = format!("the export to {}", r.to);
+            blocking(move || {
+                let mut out = std::io::BufWriter::with_capacity(lifecycle::STEP, &dst);
+                let sha = lifecycle::export_to(&vol, &mut out, &what, &progress, &cancel)?;
+                drop(out);
+                if dst.metadata().is_ok_and(|m| m.is_file()) {
+                    dst.sync_all()
+                        .map_err(|e| VolumeError::io(vol.path(), "syncing the export", e))?;
+                }
+                Ok((vol.size(), sha))
+            })
+            .await
+        }
+        .await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "export-plaintext",
+            &r.volume,
+            token.as_ref(),
+            caller,
+            started,
+            &outcome,
+        );
+        let (bytes, sha256) = result.map_err(|e| volume_error(&e))?;
+        tracing::info!(volume = %r.volume, to = %r.to, bytes, "exported as plaintext");
+        Ok(Response::Exported {
+            volume: r.volume,
+            bytes,
+            sha256,
+        })
+    }
+
+    /// `header backup`: the header area (both copies and the keyslot area, up to the data)
+    /// written to the passed descriptor, byte for byte as on disk (the same file
+    /// `cryptsetup luksHeaderBackup` writes).
+    pub(crate) async fn header_backup(
+        &self,
+        volume: &str,
+        to: &str,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(volume)?;
+        let dst = ctx.take_fd("header backup")?;
+        let token = self.token(&path).ok();
+        let result = (|| -> Result<_, VolumeError> {
+            let info = volume::inspect(&path)?;
+            let src = File::open(&path).map_err(|e| VolumeError::io(&path, "opening", e))?;
+            let mut buf = vec![0u8; info.data_offset as usize];
+            src.read_exact_at(&mut buf, 0)
+                .map_err(|e| VolumeError::io(&path, "reading the header area", e))?;
+            use std::io::Write as _;
+            (&dst)
+                .write_all(&buf)
+                .map_err(|e| VolumeError::io(&path, &format!("writing {to}"), e))?;
+            if dst.metadata().is_ok_and(|m| m.is_file()) {
+                dst.sync_all()
+                    .map_err(|e| VolumeError::io(&path, &format!("syncing {to}"), e))?;
+            }
+            Ok(buf.len() as u64)
+        })();
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "header-backup",
+            volume,
+            token.as_ref(),
+            caller,
+            started,
+            &outcome,
+        );
+        let bytes = result.map_err(|e| volume_error(&e))?;
+        Ok(Response::HeaderBackedUp {
+            volume: volume.into(),
+            bytes,
+        })
+    }
+
+    /// `header restore`: checks the backup (both copies decode, one crypt segment at the same
+    /// data offset, the same UUID unless `force`), then writes it over the header area.
+    pub(crate) async fn header_restore(
+        &self,
+        volume: &str,
+        from: &str,
+        force: bool,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.existing_volume(volume)?;
+        let src = ctx.take_fd("header restore")?;
+        let _guard = {
+            let _g = self.lifecycle.lock().await;
+            if self.registry.get(volume).is_some() {
+                return Err(api(
+                    ErrorCode::Conflict,
+                    format!("volume {volume} is attached: detach it before restoring its header"),
+                ));
+            }
+            self.begin(volume, "header-restore", caller, ctx)?
+        };
+        let result = (|| -> Result<_, VolumeError> {
+            use std::io::Read as _;
+            let mut backup = Vec::new();
+            (&src)
+                .take(64 << 20)
+                .read_to_end(&mut backup)
+                .map_err(|e| VolumeError::io(&path, &format!("reading {from}"), e))?;
+            let bad = |m: String| {
+                VolumeError::new(VolumeErrorKind::InvalidArgument, format!("{from}: {m}"))
+            };
+            // Parsed exactly as a volume file is, from memory.
+            let mem = File::from(
+                rustix::fs::memfd_create("header-backup", rustix::fs::MemfdFlags::CLOEXEC)
+                    .map_err(|e| VolumeError::io(&path, "making a memory file", e.into()))?,
+            );
+            mem.write_all_at(&backup, 0)
+                .map_err(|e| VolumeError::io(&path, "making a memory file", e))?;
+            let restored = volume::header::read_headers(&mem, Path::new(from))?;
+            let seg = restored
+                .active
+                .metadata
+                .crypt_segment()
+                .map_err(|e| bad(e.to_string()))?;
+            if backup.len() as u64 != seg.offset {
+                return Err(bad(format!(
+                    "is {} bytes but its header puts the data at byte {}: not a header backup",
+                    backup.len(),
+                    seg.offset
+                )));
+            }
+            let file = lifecycle::open_locked(&path, false)?;
+            // The current header may be damaged beyond reading; compare when it can be read.
+            if let Ok(current) = volume::inspect(&path) {
+                if current.data_offset != seg.offset {
+                    return Err(bad(format!(
+                        "puts the data at byte {} but this volume's data starts at byte {}",
+                        seg.offset, current.data_offset
+                    )));
+                }
+                if current.uuid != restored.active.binary.uuid && !force {
+                    return Err(VolumeError::new(
+                        VolumeErrorKind::InvalidArgument,
+                        format!(
+                            "{from} is the header of another volume (UUID {}, this one is {}): \
+                             use --force only if you are sure",
+                            restored.active.binary.uuid, current.uuid
+                        ),
+                    ));
+                }
+            }
+            file.write_all_at(&backup, 0)
+                .map_err(|e| VolumeError::io(&path, "writing the header area", e))?;
+            file.sync_all()
+                .map_err(|e| VolumeError::io(&path, "syncing the header area", e))?;
+            Ok(())
+        })();
+        let token = self.token(&path).ok();
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
+            "header-restore",
+            volume,
+            token.as_ref(),
+            caller,
+            started,
+            &outcome,
+        );
+        result.map_err(|e| volume_error(&e))?;
+        Ok(Response::HeaderRestored {
+            volume: volume.into(),
+        })
+    }
+
+    /// The snapshot count for `list`.
+    pub(crate) fn lifecycle_summary(&self, name: &str, summary: &mut control_api::VolumeSummary) {
+        summary.snapshots = self.snapshot_list(name).len();
+    }
+}
+
+/// Copies the allocated ranges of `old` into `new` (decrypting and re-encrypting); holes
+/// stay holes. Returns the bytes copied.
+fn copy_allocated(
+    old: &Volume,
+    new: &Volume,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<u64, VolumeError> {
+    let size = old.size();
+    let ranges = old.allocation(0, size)?;
+    let total: u64 = ranges.iter().filter(|r| r.1).map(|r| r.0).sum();
+    progress.phase("re-encrypting", total);
+    let ss = u64::from(old.sector_size());
+    let mut buf = vec![0u8; lifecycle::STEP];
+    let mut at = 0u64;
+    let mut copied = 0u64;
+    for (len, allocated) in ranges {
+        if allocated {
+            // Whole sectors around the range (allocation follows filesystem blocks).
+            let start = at / ss * ss;
+            let end = ((at + len).div_ceil(ss) * ss).min(size);
+            let mut pos = start;
+            while pos < end {
+                cancel.check("the re-encryption")?;
+                let n = (end - pos).min(lifecycle::STEP as u64) as usize;
+                old.read_at(&mut buf[..n], pos)?;
+                new.write_at_mut(&mut buf[..n], pos)?;
+                pos += n as u64;
+                copied += n as u64;
+                progress.add(n as u64);
+                lifecycle::crash_point("reencrypt-step");
+            }
+        }
+        at += len;
+    }
+    progress.phase("syncing", 0);
+    new.flush()?;
+    Ok(copied)
+}

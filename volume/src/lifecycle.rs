@@ -1,0 +1,445 @@
+//! Building blocks of the long volume operations (import, export, snapshot, rebuild,
+//! re-encryption, rekey): progress and cancellation, streaming an image into a volume and a
+//! volume out to a raw image, cloning a volume file (reflink or sparse copy), rewriting the
+//! header's token, and replacing a file atomically.
+//!
+//! Every loop here checks its [`Cancel`] between steps of at most [`STEP`] bytes and reports
+//! to its [`Progress`]; a cancelled step returns [`VolumeErrorKind::Cancelled`] and the caller
+//! removes what it was building. Nothing here touches the file it replaces until the new one
+//! is complete and synced.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::header;
+use crate::token::{KmsToken, TOKEN_TYPE};
+use crate::volume::Volume;
+use crate::{VolumeError, VolumeErrorKind};
+
+/// Largest piece a long operation moves between two cancellation checks.
+pub const STEP: usize = 1 << 20;
+
+/// How far an operation is: a phase name and bytes done of a total (0 = unknown). Shared
+/// between the worker and whoever reports it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: Mutex<&'static str>,
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress {
+    /// A new progress in phase `starting`.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            phase: Mutex::new("starting"),
+            ..Self::default()
+        })
+    }
+
+    /// Enters a phase with `total` bytes to do (0 when unknown); done restarts at 0.
+    pub fn phase(&self, phase: &'static str, total: u64) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+    }
+
+    /// Adds bytes done.
+    pub fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `(phase, done, total)` now.
+    pub fn get(&self) -> (&'static str, u64, u64) {
+        (
+            *self.phase.lock().unwrap_or_else(|p| p.into_inner()),
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A cancellation flag: set by the canceller, checked by the worker between steps.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// Asks the worker to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// True once cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// `Err(Cancelled)` once cancelled.
+    pub fn check(&self, what: &str) -> Result<(), VolumeError> {
+        if self.is_cancelled() {
+            Err(VolumeError::new(
+                VolumeErrorKind::Cancelled,
+                format!("{what} was cancelled; nothing was changed"),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Test builds' crash injection: when the `crash-points` feature is on and the environment
+/// variable `CRYPTNBD_CRASH_AT` names this point, the process kills itself with SIGKILL here
+/// (as `kill -9` would, no cleanup). `CRYPTNBD_CRASH_AT=name:N` crashes at the Nth time the
+/// point is reached. Without the feature this does nothing.
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "crash-points")]
+    {
+        static HITS: std::sync::OnceLock<Mutex<std::collections::HashMap<String, u64>>> =
+            std::sync::OnceLock::new();
+        let Ok(want) = std::env::var("CRYPTNBD_CRASH_AT") else {
+            return;
+        };
+        let (point, nth) = match want.split_once(':') {
+            Some((p, n)) => (p, n.parse::<u64>().unwrap_or(1)),
+            None => (want.as_str(), 1),
+        };
+        if point != name {
+            return;
+        }
+        let mut hits = HITS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = hits.entry(name.to_owned()).or_insert(0);
+        *n += 1;
+        if *n == nth {
+            eprintln!("crash point {name} reached: killing myself");
+            let _ = rustix::process::kill_process(
+                rustix::process::getpid(),
+                rustix::process::Signal::KILL,
+            );
+        }
+    }
+    #[cfg(not(feature = "crash-points"))]
+    let _ = name;
+}
+
+/// Reads until `buf` is full or the source ends; returns how much was read.
+fn read_full(src: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match src.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Streams exactly `len` bytes of `src` (a raw image: a file or a converter's pipe) into the
+/// start of `vol`, encrypting as it goes, and returns the SHA-256 of those bytes (hex).
+/// Refuses an image that ends early or goes on past `len` (it changed while read, or the
+/// size was wrong) and one larger than the volume. The volume is flushed at the end.
+pub fn fill_from(
+    vol: &Volume,
+    src: &mut dyn Read,
+    len: u64,
+    what: &str,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<String, VolumeError> {
+    if len > vol.size() {
+        return Err(VolumeError::new(
+            VolumeErrorKind::InvalidArgument,
+            format!(
+                "{what} is {len} bytes, larger than the volume ({} bytes): give a larger --size",
+                vol.size()
+            ),
+        ));
+    }
+    let ss = u64::from(vol.sector_size());
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; STEP];
+    let mut at = 0u64;
+    progress.phase("copying", len);
+    while at < len {
+        cancel.check(what)?;
+        let want = (len - at).min(STEP as u64) as usize;
+        let got = read_full(src, &mut buf[..want])
+            .map_err(|e| VolumeError::io(vol.path(), &format!("reading {what}"), e))?;
+        if got < want {
+            return Err(VolumeError::new(
+                VolumeErrorKind::InvalidArgument,
+                format!(
+                    "{what} ended after {} bytes, but {len} were expected: it changed while it \
+                     was read, or its size is wrong; nothing was changed",
+                    at + got as u64
+                ),
+            ));
+        }
+        hasher.update(&buf[..got]);
+        // Whole sectors are encrypted in place; a last partial sector is padded with zeros.
+        let padded = (got as u64).div_ceil(ss) * ss;
+        let padded = padded.min(vol.size() - at) as usize;
+        buf[got..padded].fill(0);
+        vol.write_at_mut(&mut buf[..padded], at)?;
+        at += got as u64;
+        progress.add(got as u64);
+        crash_point("fill-step");
+    }
+    let mut probe = [0u8; 1];
+    if read_full(src, &mut probe)
+        .map_err(|e| VolumeError::io(vol.path(), &format!("reading {what}"), e))?
+        != 0
+    {
+        return Err(VolumeError::new(
+            VolumeErrorKind::InvalidArgument,
+            format!(
+                "{what} is longer than the {len} bytes expected: it changed while it was read; \
+                 nothing was changed"
+            ),
+        ));
+    }
+    progress.phase("syncing", 0);
+    vol.flush()?;
+    Ok(hex(hasher.finish().as_ref()))
+}
+
+/// Decrypts the whole of `vol` into `dst` as a raw image and returns the SHA-256 of what was
+/// written (hex). Does not sync `dst`: the caller owns it.
+pub fn export_to(
+    vol: &Volume,
+    dst: &mut dyn Write,
+    what: &str,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<String, VolumeError> {
+    let len = vol.size();
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; STEP];
+    let mut at = 0u64;
+    progress.phase("copying", len);
+    while at < len {
+        cancel.check(what)?;
+        let n = (len - at).min(STEP as u64) as usize;
+        vol.read_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n])
+            .map_err(|e| VolumeError::io(vol.path(), &format!("writing {what}"), e))?;
+        at += n as u64;
+        progress.add(n as u64);
+    }
+    dst.flush()
+        .map_err(|e| VolumeError::io(vol.path(), &format!("writing {what}"), e))?;
+    Ok(hex(hasher.finish().as_ref()))
+}
+
+/// How a file was cloned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneMethod {
+    /// FICLONE: the new file shares the old one's blocks (copy on write).
+    Reflink,
+    /// A sparse copy: data ranges copied (copy_file_range), holes kept.
+    Copy,
+}
+
+impl CloneMethod {
+    /// `reflink` or `copy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloneMethod::Reflink => "reflink",
+            CloneMethod::Copy => "copy",
+        }
+    }
+}
+
+/// Makes `dst` (new, empty) a copy of `src`: a reflink where the filesystem supports it
+/// (XFS with reflink, btrfs), else a sparse copy of the data ranges. Syncs `dst`.
+pub fn clone_file(
+    src: &File,
+    dst: &File,
+    path: &Path,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<CloneMethod, VolumeError> {
+    let len = src
+        .metadata()
+        .map_err(|e| VolumeError::io(path, "reading the size", e))?
+        .len();
+    progress.phase("cloning", len);
+    let method = match rustix::fs::ioctl_ficlone(dst, src) {
+        Ok(()) => {
+            progress.add(len);
+            CloneMethod::Reflink
+        }
+        Err(
+            rustix::io::Errno::OPNOTSUPP
+            | rustix::io::Errno::XDEV
+            | rustix::io::Errno::INVAL
+            | rustix::io::Errno::NOTTY
+            | rustix::io::Errno::PERM,
+        ) => {
+            sparse_copy(src, dst, len, path, progress, cancel)?;
+            CloneMethod::Copy
+        }
+        Err(e) => return Err(VolumeError::io(path, "cloning", e.into())),
+    };
+    progress.phase("syncing", 0);
+    dst.sync_all()
+        .map_err(|e| VolumeError::io(path, "syncing the copy", e))?;
+    Ok(method)
+}
+
+fn sparse_copy(
+    src: &File,
+    dst: &File,
+    len: u64,
+    path: &Path,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<(), VolumeError> {
+    use rustix::fs::SeekFrom;
+    let io = |what: &str, e: rustix::io::Errno| VolumeError::io(path, what, e.into());
+    dst.set_len(len)
+        .map_err(|e| VolumeError::io(path, "sizing the copy", e))?;
+    let mut at = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    while at < len {
+        cancel.check("the copy")?;
+        let data = match rustix::fs::seek(src, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(io("finding data", e)),
+        };
+        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))
+            .map_err(|e| io("finding holes", e))?
+            .min(len);
+        progress.add(data - at);
+        let mut pos = data;
+        while pos < hole {
+            cancel.check("the copy")?;
+            let n = (hole - pos).min(STEP as u64) as usize;
+            let (mut off_in, mut off_out) = (pos, pos);
+            let copied = match rustix::fs::copy_file_range(
+                src,
+                Some(&mut off_in),
+                dst,
+                Some(&mut off_out),
+                n,
+            ) {
+                Ok(0) => 0,
+                Ok(c) => c,
+                // Not between these files: read and write.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) => 0,
+                Err(e) => return Err(io("copying", e)),
+            };
+            let copied = if copied == 0 {
+                buf.resize(n, 0);
+                src.read_exact_at(&mut buf[..n], pos)
+                    .map_err(|e| VolumeError::io(path, "reading for the copy", e))?;
+                dst.write_all_at(&buf[..n], pos)
+                    .map_err(|e| VolumeError::io(path, "writing the copy", e))?;
+                n
+            } else {
+                copied
+            };
+            pos += copied as u64;
+            progress.add(copied as u64);
+        }
+        at = hole;
+    }
+    Ok(())
+}
+
+/// Opens a volume file read-write (or read-only) under its lock, for header operations on a
+/// volume that is not attached. Refuses a volume another process holds.
+pub fn open_locked(path: &Path, read_only: bool) -> Result<File, VolumeError> {
+    crate::volume::open_file(path, read_only)
+}
+
+/// Rewrites the `cryptnbd-kms` token of the volume in `file` with `edit` and writes both
+/// header copies with the next sequence id (primary first, each synced): a crash leaves the
+/// old or the new header, both valid. Returns the token as written.
+pub fn rewrite_token(
+    file: &File,
+    path: &Path,
+    edit: impl FnOnce(&mut KmsToken),
+) -> Result<KmsToken, VolumeError> {
+    let headers = header::read_headers(file, path)?;
+    let mut metadata = headers.active.metadata.clone();
+    let (id, obj) = metadata.token(TOKEN_TYPE).ok_or_else(|| {
+        VolumeError::new(
+            VolumeErrorKind::Unsupported,
+            format!("{} has no {TOKEN_TYPE} token", path.display()),
+        )
+    })?;
+    let mut token = KmsToken::from_json(obj).map_err(|e| {
+        VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
+    })?;
+    edit(&mut token);
+    metadata.set_token(id, token.to_json()).map_err(|e| {
+        VolumeError::new(
+            VolumeErrorKind::InvalidArgument,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    crash_point("token-before-header-write");
+    header::write_headers(
+        file,
+        path,
+        &headers.active.binary,
+        headers.active.binary.seqid + 1,
+        &metadata,
+    )?;
+    crash_point("token-after-header-write");
+    Ok(token)
+}
+
+/// Replaces `dst` with the complete, synced file `tmp` in one rename, then syncs the
+/// directory: a crash leaves the old file or the new one, never a mix.
+pub fn replace_file(tmp: &Path, dst: &Path) -> Result<(), VolumeError> {
+    crash_point("replace-before-rename");
+    std::fs::rename(tmp, dst).map_err(|e| VolumeError::io(dst, "replacing the volume file", e))?;
+    crash_point("replace-after-rename");
+    if let Some(dir) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| VolumeError::io(dst, "syncing the directory", e))?;
+    }
+    Ok(())
+}
+
+/// Reads the `cryptnbd-kms` token of a volume file (no lock, no KMS; works on an attached
+/// volume).
+pub fn read_token(path: &Path) -> Result<KmsToken, VolumeError> {
+    let file = File::open(path).map_err(|e| VolumeError::io(path, "opening the volume", e))?;
+    let headers = header::read_headers(&file, path)?;
+    crate::volume::token_of(&headers, path)
+}
+
+/// The extra context pairs of a token: its context without the two identity pairs.
+pub fn extra_context(token: &KmsToken) -> Vec<(String, String)> {
+    token
+        .context
+        .pairs()
+        .iter()
+        .filter(|(k, _)| {
+            **k != token.context_keys.sid_directory && **k != token.context_keys.volume_id
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
