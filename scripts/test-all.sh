@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v cryptsetup >/dev/null 2>&1 || need_pkgs+=(cryptsetup-bin)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_pkgs+=(e2fsprogs)
+command -v mkfs.xfs >/dev/null 2>&1 || need_pkgs+=(xfsprogs)
 command -v losetup >/dev/null 2>&1 || need_pkgs+=(mount)
 command -v nbdinfo >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)
 command -v nbdfuse >/dev/null 2>&1 || need_pkgs+=(libnbd-bin)

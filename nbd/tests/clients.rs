@@ -80,6 +80,10 @@ fn nbdinfo_reports_size_flags_block_sizes_and_base_allocation() {
 
     let out = stdout(&run(command(&nbdinfo).arg(ts.uri("ro"))));
     assert_eq!(field(&out, "is_read_only"), "true");
+    // Read-only: nothing that modifies the export is advertised.
+    for no in ["can_trim", "can_zero", "can_fast_zero"] {
+        assert_eq!(field(&out, no), "false", "{no} in\n{out}");
+    }
     assert_eq!(field(&out, "export-size"), "16777216 (16M)");
 
     let out = stdout(&run(command(&nbdinfo).arg(ts.uri("d512"))));

@@ -912,29 +912,41 @@ impl Volume {
     }
 }
 
+/// Overwrites everything before the data (both header copies and the keyslot area) with
+/// zeros and syncs. The data offset comes from the header when it can be read, else the
+/// default (16 MiB).
+pub(crate) fn wipe_header_area(file: &File, path: &Path) -> Result<(), VolumeError> {
+    let data_offset = header::read_headers(file, path)
+        .ok()
+        .and_then(|h| h.active.metadata.crypt_segment().ok())
+        .map_or(DEFAULT_DATA_OFFSET, |s| s.offset);
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // A block device reports length 0: wipe up to the data offset.
+    let end = if len == 0 {
+        data_offset
+    } else {
+        data_offset.min(len)
+    };
+    let zeros = vec![0u8; ZERO_CHUNK as usize];
+    let mut at = 0;
+    while at < end {
+        let n = (end - at).min(ZERO_CHUNK);
+        file.write_all_at(&zeros[..n as usize], at)
+            .map_err(|e| VolumeError::io(path, "wiping the header", e))?;
+        at += n;
+    }
+    file.sync_all()
+        .map_err(|e| VolumeError::io(path, "syncing the wiped header", e))
+}
+
 /// Deletes a volume file for good: takes the exclusive lock (refusing a volume in use),
 /// checks that it is a LUKS2 volume, overwrites both header copies and the keyslot area
 /// (everything before the data segment) with zeros, syncs, then removes the file and syncs
 /// the directory. Without the header the data is unreadable, even with the KMS.
 pub fn wipe_and_remove(path: &Path) -> Result<(), VolumeError> {
     let file = open_file(path, false)?;
-    let headers = header::read_headers(&file, path)?;
-    let data_offset = headers
-        .active
-        .metadata
-        .crypt_segment()
-        .map(|s| s.offset)
-        .unwrap_or(DEFAULT_DATA_OFFSET);
-    let zeros = vec![0u8; ZERO_CHUNK as usize];
-    let mut at = 0;
-    while at < data_offset {
-        let n = (data_offset - at).min(ZERO_CHUNK);
-        file.write_all_at(&zeros[..n as usize], at)
-            .map_err(|e| VolumeError::io(path, "wiping the header", e))?;
-        at += n;
-    }
-    file.sync_all()
-        .map_err(|e| VolumeError::io(path, "syncing the wiped header", e))?;
+    header::read_headers(&file, path)?;
+    wipe_header_area(&file, path)?;
     std::fs::remove_file(path).map_err(|e| VolumeError::io(path, "removing the volume file", e))?;
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
         && let Ok(d) = File::open(dir)

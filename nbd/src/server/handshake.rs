@@ -88,16 +88,14 @@ fn geometry(export: &Export, limits: &Limits, st: &State) -> Geometry {
     let dev = &*export.device;
     let (minimum, preferred, maximum) = block_sizes(dev, limits);
     let read_only = dev.read_only();
-    let mut flags = tf::HAS_FLAGS
-        | tf::SEND_FLUSH
-        | tf::SEND_FUA
-        | tf::SEND_TRIM
-        | tf::SEND_WRITE_ZEROES
-        | tf::SEND_FAST_ZERO
-        | tf::SEND_CACHE
-        | tf::CAN_MULTI_CONN;
+    let mut flags =
+        tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE | tf::CAN_MULTI_CONN;
     if read_only {
+        // Commands that modify the export are not advertised (a client that sends them
+        // anyway still gets EPERM).
         flags |= tf::READ_ONLY;
+    } else {
+        flags |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
     }
     if st.structured {
         flags |= tf::SEND_DF;
