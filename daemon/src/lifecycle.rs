@@ -249,17 +249,11 @@ impl Daemon {
         }
         let tmp = temp_for(path, "importing");
         discard(&tmp);
-        let vol = Arc::new(Volume::create(&tmp, &opts, &self.kms).await?);
-        let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
-        let what = format!("the image {}", src.path);
-        let v = Arc::clone(&vol);
-        let filled = blocking(move || {
-            let mut file = file;
-            lifecycle::fill_from(&v, &mut file, len, &what, &progress, &cancel)
-        })
-        .await;
+        let built = self
+            .build_from_image(&tmp, &opts, file, len, src, ctx)
+            .await;
         let result = (|| -> Result<_, VolumeError> {
-            let sha256 = filled?;
+            let (vol, sha256) = built?;
             if record_base {
                 let base = BaseImage {
                     path: src.path.clone(),
@@ -297,6 +291,30 @@ impl Daemon {
             discard(&tmp);
         }
         result
+    }
+
+    /// A new volume at `tmp` (a fresh data key per `opts`) filled with `len` bytes of the
+    /// image `file`; returns it with the image's SHA-256. On error `tmp` may remain: the
+    /// caller discards it.
+    async fn build_from_image(
+        &self,
+        tmp: &Path,
+        opts: &CreateOptions,
+        file: File,
+        len: u64,
+        src: &ImageSource,
+        ctx: &RequestContext,
+    ) -> Result<(Arc<Volume>, String), VolumeError> {
+        let vol = Arc::new(Volume::create(tmp, opts, &self.kms).await?);
+        let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
+        let what = format!("the image {}", src.path);
+        let v = Arc::clone(&vol);
+        let sha = blocking(move || {
+            let mut file = file;
+            lifecycle::fill_from(&v, &mut file, len, &what, &progress, &cancel)
+        })
+        .await?;
+        Ok((vol, sha))
     }
 
     /// Detaches `name` for an operation that needs the file to itself (`force`), or refuses.
@@ -466,21 +484,11 @@ impl Daemon {
                 }
                 let opts = Self::create_options_like(token, info.size, info.sector_size, path)
                     .map_err(|e| volume_error(&e))?;
-                let vol = Arc::new(
-                    Volume::create(&tmp, &opts, &self.kms)
-                        .await
-                        .map_err(|e| volume_error(&e))?,
-                );
-                let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
-                let what = format!("the image {}", src.path);
-                let v = Arc::clone(&vol);
-                let sha = blocking(move || {
-                    let mut file = file;
-                    lifecycle::fill_from(&v, &mut file, len, &what, &progress, &cancel)
-                })
-                .await;
-                match sha {
-                    Ok(sha) => {
+                match self
+                    .build_from_image(&tmp, &opts, file, len, src, ctx)
+                    .await
+                {
+                    Ok((vol, sha)) => {
                         if let Some(b) = &base
                             && b.sha256 != sha
                         {
