@@ -474,14 +474,18 @@ fn audited_key_op(
     )?)
 }
 
-fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
+/// The `create` request for `args` (`from_image`: the image passed with it, if any).
+pub(crate) fn create_request(
+    args: &CreateArgs,
+    from_image: Option<control_api::ImageSource>,
+) -> Result<CreateRequest> {
     validate_name(&args.name).map_err(CliError::usage)?;
     let context = args
         .context
         .iter()
         .map(|p| context::parse_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let r = client.call(Request::Create(CreateRequest {
+    Ok(CreateRequest {
         name: args.name.clone(),
         size: args.size.unwrap_or(0),
         sector_size: args.sector_size,
@@ -492,9 +496,13 @@ fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Res
         volume_id: args.volume_id.clone(),
         sid_directory_key: Some(args.sid_directory_key.clone()),
         volume_id_key: Some(args.volume_id_key.clone()),
-        from_image: None,
-        record_base: false,
-    }))?;
+        from_image,
+        record_base: args.record_base,
+    })
+}
+
+fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
+    let r = client.call(Request::Create(create_request(args, None)?))?;
     created_response(r, out)
 }
 
@@ -528,12 +536,16 @@ fn created_text(c: &Created, how: &str) -> String {
     )
 }
 
-struct Output {
-    json: bool,
+pub(crate) struct Output {
+    pub(crate) json: bool,
 }
 
 impl Output {
-    fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+    pub(crate) fn emit<T: Serialize>(
+        &self,
+        value: &T,
+        text: impl FnOnce() -> String,
+    ) -> Result<()> {
         if self.json {
             println!("{}", serde_json::to_string_pretty(value)?);
         } else {

@@ -16,14 +16,15 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use control_api::{
-    CreateRequest, ExportRequest, ImageSource, ProgressEvent, RebuildRequest, RebuildSource,
-    RekeyRequest, Request, Response, Secret,
+    ExportRequest, ImageSource, ProgressEvent, RebuildRequest, RebuildSource, RekeyRequest,
+    Request, Response, Secret,
 };
 use kms_client::context;
 use serde::Serialize;
 
 use crate::cli::{CreateArgs, HeaderCommand, RecoveryCommand};
 use crate::client::Client;
+use crate::commands::Output;
 use crate::exit::CliError;
 use crate::units::human;
 
@@ -244,38 +245,14 @@ fn long_call(
     Ok(r?)
 }
 
-fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
-    } else {
-        println!("{}", text());
-    }
-    Ok(())
-}
-
 /// `create --from-image` (always through the daemon).
 pub fn create_from_image(client: &mut Client, args: &CreateArgs, json: bool) -> Result<Response> {
     let image = args.from_image.as_deref().context("no image")?;
-    let context = args
-        .context
-        .iter()
-        .map(|p| context::parse_pair(p))
-        .collect::<Result<Vec<_>, _>>()?;
     let opened = open_image(image)?;
-    let request = Request::Create(CreateRequest {
-        name: args.name.clone(),
-        size: args.size.unwrap_or(0),
-        sector_size: args.sector_size,
-        kms_key: args.kms_key.clone(),
-        sid: args.sid.clone(),
-        directory: args.directory.clone(),
-        context,
-        volume_id: args.volume_id.clone(),
-        sid_directory_key: Some(args.sid_directory_key.clone()),
-        volume_id_key: Some(args.volume_id_key.clone()),
-        from_image: Some(opened.source.clone()),
-        record_base: args.record_base,
-    });
+    let request = Request::Create(crate::commands::create_request(
+        args,
+        Some(opened.source.clone()),
+    )?);
     let r = long_call(client, request, Some(&opened.fd), json)?;
     opened.finish()?;
     Ok(r)
@@ -335,7 +312,7 @@ pub fn rebuild(
     if let Some(o) = opened {
         o.finish()?;
     }
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Rebuilt {
             volume,
             source,
@@ -361,7 +338,7 @@ pub fn snapshot(client: &mut Client, volume: &str, name: Option<&str>, json: boo
         None,
         json,
     )?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::SnapshotTaken(s) => format!(
             "snapshot {} of {} taken ({}, by {})\n  file: {}",
             s.name,
@@ -379,7 +356,7 @@ pub fn snapshots(client: &mut Client, volume: &str, json: bool) -> Result<()> {
     let r = client.call(Request::Snapshots {
         volume: volume.into(),
     })?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Snapshots { volume, snapshots } if snapshots.is_empty() => {
             format!("volume {volume} has no snapshots ('cryptnbdctl snapshot {volume}')")
         }
@@ -416,7 +393,7 @@ pub fn rekey(
         kms_key: kms_key.into(),
         context,
     }))?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Rekeyed {
             volume,
             old_key_id,
@@ -441,7 +418,7 @@ pub fn reencrypt(client: &mut Client, volume: &str, force: bool, json: bool) -> 
         None,
         json,
     )?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Reencrypted {
             volume,
             bytes,
@@ -495,7 +472,7 @@ pub fn recovery(client: &mut Client, cmd: &RecoveryCommand, json: bool) -> Resul
             keyslot: *keyslot,
         })?,
     };
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::RecoveryAdded { volume, keyslot } => format!(
             "recovery keyslot {keyslot} added to {volume}: 'cryptsetup open' accepts the \
              passphrase. Keep it offline; remove it with 'cryptnbdctl recovery remove {volume} \
@@ -560,7 +537,7 @@ pub fn export(
         let _ = std::fs::remove_file(to);
     }
     let r = r?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Exported {
             volume,
             bytes,
@@ -610,7 +587,7 @@ pub fn header(client: &mut Client, cmd: &HeaderCommand, json: bool) -> Result<()
             )?
         }
     };
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::HeaderBackedUp { volume, bytes } => format!(
             "header of {volume} backed up ({} bytes); it holds the wrapped key: keep it as safe \
              as the volume",
@@ -626,7 +603,7 @@ pub fn cancel(client: &mut Client, volume: &str, json: bool) -> Result<()> {
     let r = client.call(Request::Cancel {
         volume: volume.into(),
     })?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Cancelled { operation } => format!(
             "asked {} (operation {}) on {} to stop; it cleans up and changes nothing",
             operation.operation, operation.id, operation.volume
@@ -638,7 +615,7 @@ pub fn cancel(client: &mut Client, volume: &str, json: bool) -> Result<()> {
 /// `operations`.
 pub fn operations(client: &mut Client, json: bool) -> Result<()> {
     let r = client.call(Request::Operations)?;
-    emit(json, &r, || match &r {
+    Output { json }.emit(&r, || match &r {
         Response::Operations { operations } if operations.is_empty() => {
             "no operation is running".into()
         }

@@ -58,6 +58,23 @@ impl RequestContext {
     }
 }
 
+/// A volume file to change the header of (see [`Daemon::header_file`]).
+enum HeaderFile {
+    /// The attached volume's descriptor.
+    Attached(Arc<Volume>),
+    /// Opened (and locked) for this change.
+    Own(File),
+}
+
+impl HeaderFile {
+    fn get(&self) -> &File {
+        match self {
+            HeaderFile::Attached(v) => v.file(),
+            HeaderFile::Own(f) => f,
+        }
+    }
+}
+
 /// Runs blocking volume work on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
@@ -134,13 +151,16 @@ fn snapshot_created(path: &Path) -> String {
 }
 
 impl Daemon {
-    fn begin(
+    /// Takes `volume` for a long operation. Under the lifecycle lock, so that an attach,
+    /// detach or delete that checked the volume idle cannot interleave.
+    async fn begin(
         &self,
         volume: &str,
         operation: &'static str,
         caller: Caller,
         ctx: &RequestContext,
     ) -> Result<crate::ops::OpGuard, ApiError> {
+        let _g = self.lifecycle.lock().await;
         self.ops.begin(
             volume,
             operation,
@@ -237,6 +257,7 @@ impl Daemon {
         }
         let _guard = self
             .begin(name, "import", caller, ctx)
+            .await
             .map_err(|e| VolumeError::new(VolumeErrorKind::InUse, e.message))?;
         if path.exists() {
             return Err(VolumeError::new(
@@ -408,10 +429,7 @@ impl Daemon {
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let path = self.existing_volume(&r.volume)?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(&r.volume, "rebuild", caller, ctx)?
-        };
+        let _guard = self.begin(&r.volume, "rebuild", caller, ctx).await?;
         let token = self.token(&path)?;
         let source_name = match &r.source {
             RebuildSource::BaseImage(s) | RebuildSource::Image(s) => format!("image {}", s.path),
@@ -601,18 +619,11 @@ impl Daemon {
             lifecycle::clone_file(&src, &dst, &tmp2, &progress, &cancel)?;
             let len = dst.metadata().map(|m| m.len()).unwrap_or(0);
             lifecycle::rewrite_token(&dst, &tmp2, |t| {
-                t.key_id = rewrapped.key_id.clone();
-                t.wrapped_key = KmsToken::new(
-                    &t.backend,
+                t.rewrap(
                     &rewrapped.key_id,
                     &rewrapped.wrapped,
                     current.context.clone(),
-                    current.context_keys.clone(),
-                    &current.volume_id,
-                    String::new(),
-                )
-                .wrapped_key;
-                t.context = current.context.clone();
+                );
                 t.context_keys = current.context_keys.clone();
             })?;
             dst.sync_all()
@@ -646,10 +657,7 @@ impl Daemon {
         });
         validate_name(&name)
             .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(volume, "snapshot", caller, ctx)?
-        };
+        let _guard = self.begin(volume, "snapshot", caller, ctx).await?;
         let target = self.layout.snapshot_file(volume, &name);
         if target.exists() {
             return Err(api(
@@ -814,10 +822,7 @@ impl Daemon {
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let path = self.existing_volume(&r.volume)?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(&r.volume, "rekey", caller, ctx)?
-        };
+        let _guard = self.begin(&r.volume, "rekey", caller, ctx).await?;
         let old = self.token(&path)?;
         let result = self.rekey_inner(&r, &path, &old).await;
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
@@ -878,28 +883,19 @@ impl Daemon {
             )
             .await
             .map_err(|e| VolumeError::kms(path, "re-wrap the volume key (ReEncrypt)", e))?;
-        let encoded = KmsToken::new(
-            &old.backend,
-            &rewrapped.key_id,
-            &rewrapped.wrapped,
-            new_context.clone(),
-            old.context_keys.clone(),
-            &old.volume_id,
-            String::new(),
-        )
-        .wrapped_key;
-        let edit = |t: &mut KmsToken| {
-            t.key_id = rewrapped.key_id.clone();
-            t.wrapped_key = encoded.clone();
-            t.context = new_context.clone();
-        };
-        match self.registry.get(&r.volume) {
-            Some(a) => lifecycle::rewrite_token(a.device.volume().file(), path, edit),
-            None => {
-                let file = lifecycle::open_locked(path, false)?;
-                lifecycle::rewrite_token(&file, path, edit)
-            }
-        }
+        let file = self.header_file(&r.volume, path)?;
+        lifecycle::rewrite_token(file.get(), path, |t| {
+            t.rewrap(&rewrapped.key_id, &rewrapped.wrapped, new_context);
+        })
+    }
+
+    /// The volume file for a header change: the attached volume's own descriptor (it holds
+    /// the lock), or the file opened under its lock when detached.
+    fn header_file(&self, volume: &str, path: &Path) -> Result<HeaderFile, VolumeError> {
+        Ok(match self.registry.get(volume) {
+            Some(a) => HeaderFile::Attached(Arc::clone(a.device.volume())),
+            None => HeaderFile::Own(lifecycle::open_locked(path, false)?),
+        })
     }
 
     /// `reencrypt`: a new data key under the same master key and context, every allocated
@@ -913,10 +909,7 @@ impl Daemon {
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(volume, "reencrypt", caller, ctx)?
-        };
+        let _guard = self.begin(volume, "reencrypt", caller, ctx).await?;
         let token = self.token(&path)?;
         let recovery = volume::inspect(&path)
             .map(|i| i.keyslot_ids)
@@ -1007,10 +1000,7 @@ impl Daemon {
                 "a recovery passphrase has at least 8 characters (use a long random one and keep it offline)",
             ));
         }
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(volume, "recovery-add", caller, ctx)?
-        };
+        let _guard = self.begin(volume, "recovery-add", caller, ctx).await?;
         let token = self.token(&path)?;
         let result = async {
             let wrapped = token.wrapped().map_err(|e| {
@@ -1023,21 +1013,16 @@ impl Daemon {
                 .map_err(|e| VolumeError::kms(&path, "unwrap the volume key", e))?;
             let params = self.recovery_params;
             let pass = zeroize::Zeroizing::new(passphrase.0.clone().into_bytes());
-            let attached = self
-                .registry
-                .get(volume)
-                .map(|a| Arc::clone(a.device.volume()));
+            let file = self.header_file(volume, &path)?;
             let path2 = path.clone();
             blocking(move || {
-                let own;
-                let file = match &attached {
-                    Some(v) => v.file(),
-                    None => {
-                        own = lifecycle::open_locked(&path2, false)?;
-                        &own
-                    }
-                };
-                volume::keyslot::add_recovery_keyslot(file, &path2, key.expose(), &pass, &params)
+                volume::keyslot::add_recovery_keyslot(
+                    file.get(),
+                    &path2,
+                    key.expose(),
+                    &pass,
+                    &params,
+                )
             })
             .await
         }
@@ -1069,10 +1054,7 @@ impl Daemon {
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(volume, "recovery-remove", caller, ctx)?
-        };
+        let _guard = self.begin(volume, "recovery-remove", caller, ctx).await?;
         let token = self.token(&path).ok();
         let ids: Vec<u32> = match keyslot {
             Some(id) => vec![id],
@@ -1080,22 +1062,12 @@ impl Daemon {
                 .map(|i| i.keyslot_ids)
                 .unwrap_or_default(),
         };
-        let attached = self
-            .registry
-            .get(volume)
-            .map(|a| Arc::clone(a.device.volume()));
+        let file = self.header_file(volume, &path);
         let (path2, ids2) = (path.clone(), ids.clone());
         let result = blocking(move || {
-            let own;
-            let file = match &attached {
-                Some(v) => v.file(),
-                None => {
-                    own = lifecycle::open_locked(&path2, false)?;
-                    &own
-                }
-            };
+            let file = file?;
             for id in ids2 {
-                volume::keyslot::remove_keyslot(file, &path2, id)?;
+                volume::keyslot::remove_keyslot(file.get(), &path2, id)?;
             }
             Ok(())
         })
@@ -1132,10 +1104,7 @@ impl Daemon {
         }
         let path = self.existing_volume(&r.volume)?;
         let dst = ctx.take_fd("export")?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            self.begin(&r.volume, "export", caller, ctx)?
-        };
+        let _guard = self.begin(&r.volume, "export", caller, ctx).await?;
         let token = self.token(&path).ok();
         let result = async {
             let vol = match self.registry.get(&r.volume) {
@@ -1255,16 +1224,14 @@ impl Daemon {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let src = ctx.take_fd("header restore")?;
-        let _guard = {
-            let _g = self.lifecycle.lock().await;
-            if self.registry.get(volume).is_some() {
-                return Err(api(
-                    ErrorCode::Conflict,
-                    format!("volume {volume} is attached: detach it before restoring its header"),
-                ));
-            }
-            self.begin(volume, "header-restore", caller, ctx)?
-        };
+        // Held first: while it is, the volume cannot be attached.
+        let _guard = self.begin(volume, "header-restore", caller, ctx).await?;
+        if self.registry.get(volume).is_some() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!("volume {volume} is attached: detach it before restoring its header"),
+            ));
+        }
         let result = (|| -> Result<_, VolumeError> {
             use std::io::Read as _;
             let mut backup = Vec::new();

@@ -75,23 +75,15 @@ fn list_entry(d: &Daemon, name: &str) -> Value {
         .unwrap_or_else(|| panic!("{name} not in {list}"))
 }
 
+/// SHA-256 of `data`, hex, by the coreutils tool (independent of the daemon's code).
 fn sha256_hex(data: &[u8]) -> String {
-    let sum = aws_sha256(data);
-    sum.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn aws_sha256(data: &[u8]) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path().join("x");
     std::fs::write(&p, data).expect("write");
     let out = run(Command::new("sha256sum").arg(&p))
         .assert_success()
         .stdout_text();
-    let hex = out.split_whitespace().next().expect("sum").to_owned();
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
-        .collect()
+    out.split_whitespace().next().expect("sum").to_owned()
 }
 
 fn leftovers(dir: &Path) -> Vec<PathBuf> {
@@ -343,11 +335,32 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
     d.ctl.run(&["rebuild", "v", "--force"]).assert_success();
     assert!(read_export(&d, "v", &scratch) == base);
 
-    // A changed context: the token's context no longer matches what the key wrapped.
+    // A changed context: the token's context no longer matches what the key was wrapped
+    // under. The rebuild is refused and the volume untouched; with the context put back it
+    // is accepted.
+    write_export(&d, "v", &other, &scratch);
     d.ctl.run(&["detach", "v"]).assert_success();
-    let md = e2e_tests::read_primary_metadata(&vol);
-    let token = e2e_tests::kms_token(&md);
+    let token = e2e_tests::kms_token(&e2e_tests::read_primary_metadata(&vol));
     assert_eq!(token["context"]["team"], "blue");
+    let set_team = |team: &str| {
+        let file = volume::lifecycle::open_locked(&vol, false).expect("open");
+        volume::lifecycle::rewrite_token(&file, &vol, |t| {
+            let mut pairs = t.context.pairs().clone();
+            pairs.insert("team".into(), team.into());
+            t.context = kms_client::EncryptionContext::new(pairs).expect("context");
+        })
+        .expect("rewrite token");
+    };
+    set_team("red");
+    d.ctl
+        .run(&["rebuild", "v"])
+        .assert_code(5)
+        .assert_stderr_contains("context");
+    set_team("blue");
+    d.ctl.run(&["attach", "v"]).assert_success();
+    assert!(read_export(&d, "v", &scratch) == other);
+    d.ctl.run(&["rebuild", "v", "--force"]).assert_success();
+    assert!(read_export(&d, "v", &scratch) == base);
 }
 
 #[test]

@@ -114,6 +114,14 @@ impl KmsToken {
         }
     }
 
+    /// Records a new wrapping of the same volume key: the master key that made it, the
+    /// blob, and the context it is bound to.
+    pub fn rewrap(&mut self, key_id: &str, wrapped: &[u8], context: EncryptionContext) {
+        self.key_id = key_id.into();
+        self.wrapped_key = base64::engine::general_purpose::STANDARD.encode(wrapped);
+        self.context = context;
+    }
+
     /// The wrapped key bytes.
     pub fn wrapped(&self) -> Result<Vec<u8>, TokenError> {
         base64::engine::general_purpose::STANDARD
