@@ -156,6 +156,43 @@ pub enum Request {
     },
     /// The long operations running now.
     Operations,
+    /// The incident-response kill switch: detach every attached volume whose key is wrapped
+    /// under `kms_key` now (clients disconnected, no drain), wipe their keys, and cancel the
+    /// long operations on them.
+    Revoke {
+        /// Key id, ARN or alias.
+        kms_key: String,
+    },
+}
+
+impl Request {
+    /// The volume the request is about, if one.
+    pub fn volume(&self) -> Option<&str> {
+        match self {
+            Request::Create(r) => Some(&r.name),
+            Request::Attach(r) => Some(&r.volume),
+            Request::Detach(r) => Some(&r.volume),
+            Request::Status { volume } => volume.as_deref(),
+            Request::Rebuild(r) => Some(&r.volume),
+            Request::Rekey(r) => Some(&r.volume),
+            Request::Export(r) => Some(&r.volume),
+            Request::Delete { volume, .. }
+            | Request::Snapshot { volume, .. }
+            | Request::Snapshots { volume }
+            | Request::DeleteSnapshot { volume, .. }
+            | Request::Reencrypt { volume, .. }
+            | Request::RecoveryAdd { volume, .. }
+            | Request::RecoveryRemove { volume, .. }
+            | Request::HeaderBackup { volume, .. }
+            | Request::HeaderRestore { volume, .. }
+            | Request::Cancel { volume } => Some(volume),
+            Request::Hello
+            | Request::List
+            | Request::Audit(_)
+            | Request::Operations
+            | Request::Revoke { .. } => None,
+        }
+    }
 }
 
 /// A secret string (a passphrase): never printed by `Debug`.
@@ -551,6 +588,17 @@ pub enum Response {
         /// Running now.
         operations: Vec<OperationStatus>,
     },
+    /// For `revoke`.
+    Revoked {
+        /// The key as given.
+        kms_key: String,
+        /// The key's canonical id, when the KMS could resolve it (matching also works without).
+        key_id: Option<String>,
+        /// Volumes detached (their keys wiped).
+        detached: Vec<String>,
+        /// Long operations cancelled.
+        cancelled: Vec<String>,
+    },
 }
 
 /// What `hello` tells.
@@ -633,6 +681,25 @@ pub struct AttachmentStatus {
     pub connections: Vec<ConnectionStatus>,
     /// Set when a flush failed: the volume refuses I/O until detached.
     pub failed: bool,
+    /// The master key that wraps the volume key.
+    #[serde(default)]
+    pub kms_key: String,
+    /// Its state at the last check (`Enabled`, `Disabled`, `PendingDeletion`, ...), or None
+    /// when not checked yet.
+    #[serde(default)]
+    pub key_state: Option<String>,
+    /// When the key was last checked (RFC 3339), and the error if the check failed.
+    #[serde(default)]
+    pub key_checked: Option<KeyCheck>,
+}
+
+/// The last periodic check of an attached volume's master key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyCheck {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Why the check failed (the KMS could not be asked), if it did.
+    pub error: Option<String>,
 }
 
 /// One NBD connection.

@@ -164,6 +164,13 @@ pub enum Command {
     },
     /// Show the long operations running now.
     Operations,
+    /// Incident response: detach every attached volume wrapped under a master key now
+    /// (clients disconnected, keys wiped, long operations cancelled).
+    Revoke {
+        /// Key id, ARN or alias.
+        #[arg(long, value_name = "KEY")]
+        kms_key: String,
+    },
     /// Read the audit trail: one record per KMS operation and key-related action.
     Audit {
         /// Only records about this volume.

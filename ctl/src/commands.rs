@@ -117,6 +117,34 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Operations => {
             crate::lifecycle::operations(&mut Client::connect(&socket)?, out.json)
         }
+        Command::Revoke { kms_key } => {
+            let r = Client::connect(&socket)?.call(Request::Revoke {
+                kms_key: kms_key.clone(),
+            })?;
+            out.emit(&r, || match &r {
+                Response::Revoked {
+                    kms_key, detached, ..
+                } if detached.is_empty() => {
+                    format!("no attached volume is wrapped under {kms_key}")
+                }
+                Response::Revoked {
+                    kms_key,
+                    detached,
+                    cancelled,
+                    ..
+                } => format!(
+                    "detached {} (keys wiped){}; to keep them detached, disable {kms_key} in \
+                     the KMS: a recovery passphrase keyslot still opens a volume without it",
+                    detached.join(", "),
+                    if cancelled.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", cancelled the operations on {}", cancelled.join(", "))
+                    }
+                ),
+                other => format!("{other:?}"),
+            })
+        }
         Command::Inspect { volume } => inspect(&layout, volume, &out),
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
         Command::Attach(a) => attach(&socket, a, &out),
@@ -218,7 +246,10 @@ fn audit_text(r: &serde_json::Value) -> String {
         f("key_id"),
         f("outcome"),
         r.get("latency_ms").and_then(|v| v.as_u64()).unwrap_or(0)
-    )
+    ) + &r
+        .get("request_id")
+        .and_then(|v| v.as_str())
+        .map_or(String::new(), |id| format!("  request {id}"))
 }
 
 fn attachment_text(a: &AttachmentStatus) -> String {
@@ -239,6 +270,24 @@ fn attachment_text(a: &AttachmentStatus) -> String {
             ""
         }
     );
+    s.push_str(&format!(
+        "\n  master key {}: {}",
+        a.kms_key,
+        match (&a.key_state, &a.key_checked) {
+            (Some(state), Some(c)) if state == "Enabled" => format!("Enabled (checked {})", c.at),
+            (Some(state), Some(c)) => format!(
+                "{state} (checked {}): the volume works until detached but cannot be attached \
+                 again until the key is enabled",
+                c.at
+            ),
+            (_, Some(c)) => format!(
+                "not checked at {}: {}",
+                c.at,
+                c.error.as_deref().unwrap_or("unknown error")
+            ),
+            _ => "not checked yet".into(),
+        }
+    ));
     for u in &a.uris {
         s.push_str(&format!("\n  {u}"));
     }
@@ -405,6 +454,7 @@ fn record(
         caller_uid: Some(rustix::process::getuid().as_raw()),
         outcome: outcome.map_or_else(|e| e, |()| "ok".into()),
         latency_ms: started.elapsed().as_millis() as u64,
+        request_id: None,
     });
 }
 

@@ -3,13 +3,15 @@
 //!
 //! Record fields: `time` (RFC 3339 UTC), `operation` (`create`, `attach`, `detach`, `delete`,
 //! ...), `backend`, `key_id`, `context` (the full encryption context), `volume`,
-//! `caller_uid`, `outcome` (`ok` or the error message), `latency_ms`.
+//! `caller_uid`, `outcome` (`ok` or the error message), `latency_ms`. Records of calls to a
+//! remote KMS (operation `kms:Decrypt`, `kms:GenerateDataKey`, ...) also carry `request_id`,
+//! the id AWS CloudTrail logs for the same call.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -34,6 +36,35 @@ pub struct AuditRecord {
     pub outcome: String,
     /// How long it took.
     pub latency_ms: u64,
+    /// The KMS's request id (AWS: match it with CloudTrail), on records of KMS calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// An observer for a remote KMS backend that writes one record per call (operation
+/// `kms:ACTION`, with the request id), naming the volume and caller of the request being
+/// handled (see [`crate::daemon::AUDIT_SCOPE`]).
+pub fn kms_call_observer(log: Arc<AuditLog>) -> kms_client::CallObserver {
+    Arc::new(move |call: &kms_client::KmsCall| {
+        let scope = crate::daemon::AUDIT_SCOPE
+            .try_with(Clone::clone)
+            .unwrap_or_default();
+        log.record(&AuditRecord {
+            time: now(),
+            operation: format!("kms:{}", call.operation),
+            backend: "aws".into(),
+            key_id: Some(call.key_id.clone()),
+            context: call.context.as_ref().map(|c| c.pairs().clone()),
+            volume: scope.volume,
+            caller_uid: scope.caller_uid,
+            outcome: match &call.outcome {
+                Ok(()) => "ok".into(),
+                Err(e) => e.clone(),
+            },
+            latency_ms: call.latency.as_millis() as u64,
+            request_id: call.request_id.clone(),
+        });
+    })
 }
 
 /// The audit log files.
@@ -202,6 +233,7 @@ mod tests {
             caller_uid: Some(0),
             outcome: "ok".into(),
             latency_ms: 1,
+            request_id: None,
         }
     }
 

@@ -86,12 +86,20 @@ pub struct ControlConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KmsConfig {
-    /// `local` (the embedded KMS; the default).
+    /// `local` (the embedded KMS; the default) or `aws`.
     pub backend: String,
     /// Keystore directory of the local KMS. Default: STATE_DIR/keystore.
     pub keystore: Option<PathBuf>,
     /// File with the passphrase of a sealed keystore (else env CRYPTNBD_KMS_PASSPHRASE).
     pub passphrase_file: Option<PathBuf>,
+    /// Seconds between checks of the attached volumes' master keys (DescribeKey); 0: never.
+    pub key_check_interval_secs: u64,
+    /// What to do when an attached volume's master key is found disabled or pending
+    /// deletion: `report` (log it, show it in `status`; the volume keeps working, as EBS
+    /// does) or `detach` (detach the volume at once and wipe its key).
+    pub on_unusable_key: UnusableKeyAction,
+    /// `[kms.aws]`: the AWS KMS backend.
+    pub aws: AwsConfig,
 }
 
 impl Default for KmsConfig {
@@ -100,7 +108,136 @@ impl Default for KmsConfig {
             backend: "local".into(),
             keystore: None,
             passphrase_file: None,
+            key_check_interval_secs: 300,
+            on_unusable_key: UnusableKeyAction::Report,
+            aws: AwsConfig::default(),
         }
+    }
+}
+
+/// `kms.on_unusable_key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnusableKeyAction {
+    /// Log and report; keep serving.
+    Report,
+    /// Detach at once (clients are disconnected, the key wiped).
+    Detach,
+}
+
+/// `[kms.aws]`. Everything left unset comes from the standard AWS configuration (environment,
+/// `~/.aws/config` and `~/.aws/credentials`, the profile).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    /// Region, e.g. `eu-west-1` (else AWS_REGION / the profile's region).
+    pub region: Option<String>,
+    /// Endpoint URL: a VPC endpoint, or a test server on loopback.
+    pub endpoint_url: Option<String>,
+    /// Profile in the shared config files (else AWS_PROFILE / default).
+    pub profile: Option<String>,
+    /// Use the FIPS endpoint (kms-fips.REGION.amazonaws.com).
+    pub use_fips: bool,
+    /// Seconds to open a connection.
+    pub connect_timeout_secs: f64,
+    /// Seconds for one attempt.
+    pub attempt_timeout_secs: f64,
+    /// Seconds for a whole call, retries included.
+    pub operation_timeout_secs: f64,
+    /// Attempts per call (throttling, 5xx and network errors are retried with jittered
+    /// exponential backoff).
+    pub max_attempts: u32,
+    /// First retry delay, milliseconds.
+    pub initial_backoff_ms: u64,
+    /// Largest retry delay, milliseconds.
+    pub max_backoff_ms: u64,
+    /// Create a grant per volume at create (Decrypt + ReEncryptFrom, constrained to the
+    /// volume id), retired when the volume is deleted.
+    pub grants: bool,
+    /// The grantee of those grants. Default: the daemon's own principal (STS
+    /// GetCallerIdentity; an assumed role becomes its role ARN).
+    pub grantee_principal: Option<String>,
+    /// Who may retire them. Default: the grantee.
+    pub retiring_principal: Option<String>,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        let d = kms_client::aws::AwsKmsConfig::default();
+        Self {
+            region: None,
+            endpoint_url: None,
+            profile: None,
+            use_fips: false,
+            connect_timeout_secs: d.connect_timeout.as_secs_f64(),
+            attempt_timeout_secs: d.attempt_timeout.as_secs_f64(),
+            operation_timeout_secs: d.operation_timeout.as_secs_f64(),
+            max_attempts: d.max_attempts,
+            initial_backoff_ms: d.initial_backoff.as_millis() as u64,
+            max_backoff_ms: d.max_backoff.as_millis() as u64,
+            grants: false,
+            grantee_principal: None,
+            retiring_principal: None,
+        }
+    }
+}
+
+impl AwsConfig {
+    /// The backend's settings.
+    pub fn to_backend(&self) -> kms_client::aws::AwsKmsConfig {
+        use std::time::Duration;
+        kms_client::aws::AwsKmsConfig {
+            region: self.region.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            profile: self.profile.clone(),
+            use_fips: self.use_fips,
+            connect_timeout: Duration::from_secs_f64(self.connect_timeout_secs),
+            attempt_timeout: Duration::from_secs_f64(self.attempt_timeout_secs),
+            operation_timeout: Duration::from_secs_f64(self.operation_timeout_secs),
+            max_attempts: self.max_attempts,
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("attempt_timeout_secs", self.attempt_timeout_secs),
+            ("operation_timeout_secs", self.operation_timeout_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= 3600.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "kms.aws.{name} must be a number of seconds in (0, 3600]"
+                )));
+            }
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            return Err(ConfigError::Invalid(
+                "kms.aws.max_attempts must be 1..=20".into(),
+            ));
+        }
+        if self.initial_backoff_ms > self.max_backoff_ms {
+            return Err(ConfigError::Invalid(
+                "kms.aws.initial_backoff_ms must not exceed kms.aws.max_backoff_ms".into(),
+            ));
+        }
+        if self.use_fips && self.endpoint_url.is_some() {
+            return Err(ConfigError::Invalid(
+                "kms.aws.use_fips and kms.aws.endpoint_url exclude each other: the SDK picks \
+                 the FIPS endpoint itself; give a FIPS endpoint as endpoint_url instead"
+                    .into(),
+            ));
+        }
+        if let Some(url) = &self.endpoint_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "kms.aws.endpoint_url = {url:?} must start with https:// (or http:// for a test \
+                 server)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -235,11 +372,15 @@ impl Config {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.kms.backend != "local" {
-            return Err(ConfigError::Invalid(format!(
-                "kms.backend = \"{}\" is not available in this build: use \"local\"",
-                self.kms.backend
-            )));
+        match self.kms.backend.as_str() {
+            "local" => {}
+            "aws" => self.kms.aws.validate()?,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "kms.backend = \"{other}\" is not a backend this build has: use \"local\" \
+                     or \"aws\""
+                )));
+            }
         }
         if let Some(addr) = self.nbd.tcp
             && !addr.ip().is_loopback()
@@ -286,5 +427,20 @@ mod tests {
             .expect("opt-in");
         let err = Config::parse("[kms]\nbackend = \"vault\"\n").expect_err("backend");
         assert!(err.to_string().contains("vault"), "{err}");
+        let c = Config::parse(
+            "[kms]\nbackend = \"aws\"\non_unusable_key = \"detach\"\n[kms.aws]\n\
+             region = \"eu-west-1\"\nendpoint_url = \"http://127.0.0.1:4566\"\ngrants = true\n",
+        )
+        .expect("aws");
+        assert_eq!(c.kms.on_unusable_key, UnusableKeyAction::Detach);
+        assert_eq!(c.kms.aws.to_backend().max_attempts, 4);
+        let err = Config::parse("[kms]\nbackend = \"aws\"\n[kms.aws]\nmax_attempts = 0\n")
+            .expect_err("attempts");
+        assert!(err.to_string().contains("max_attempts"), "{err}");
+        let err = Config::parse("[kms]\nbackend = \"aws\"\n[kms.aws]\nendpoint_url = \"kms\"\n")
+            .expect_err("url");
+        assert!(err.to_string().contains("https://"), "{err}");
+        let err = Config::parse("[kms]\non_unusable_key = \"panic\"\n").expect_err("action");
+        assert!(err.to_string().contains("panic"), "{err}");
     }
 }

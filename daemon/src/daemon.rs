@@ -41,7 +41,7 @@ pub struct Daemon {
     /// The NBD server.
     pub server: Arc<nbd::server::Server>,
     /// The audit trail.
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     /// Rotated audit files kept (for reading).
     pub audit_keep: u32,
     /// The NBD unix socket (for URIs).
@@ -56,6 +56,25 @@ pub struct Daemon {
     pub ops: Arc<crate::ops::Operations>,
     /// argon2id cost of new recovery keyslots.
     pub recovery_params: volume::keyslot::Argon2Params,
+    /// Grants, key-state checks.
+    pub key_policy: crate::keys::KeyPolicy,
+    /// The daemon's AWS principal, once asked of STS (for grants).
+    pub(crate) principal: std::sync::Mutex<Option<String>>,
+}
+
+tokio::task_local! {
+    /// The volume and caller of the request being handled: records of KMS calls made while
+    /// handling it name them.
+    pub static AUDIT_SCOPE: AuditScope;
+}
+
+/// See [`AUDIT_SCOPE`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditScope {
+    /// Volume name.
+    pub volume: Option<String>,
+    /// Caller uid.
+    pub caller_uid: Option<u32>,
 }
 
 pub(crate) fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -116,12 +135,13 @@ impl Daemon {
         kms: KmsBackend,
         registry: Arc<Registry>,
         server: Arc<nbd::server::Server>,
-        audit: AuditLog,
+        audit: Arc<AuditLog>,
         audit_keep: u32,
         nbd_socket: PathBuf,
         nbd_tcp: Option<std::net::SocketAddr>,
         memory_locked: bool,
         recovery_params: volume::keyslot::Argon2Params,
+        key_policy: crate::keys::KeyPolicy,
     ) -> Self {
         Self {
             layout,
@@ -136,11 +156,28 @@ impl Daemon {
             lifecycle: tokio::sync::Mutex::new(()),
             ops: Arc::default(),
             recovery_params,
+            key_policy,
+            principal: std::sync::Mutex::new(None),
         }
     }
 
     /// Runs one request for `caller`.
     pub async fn handle(
+        &self,
+        request: Request,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let scope = AuditScope {
+            volume: request.volume().map(str::to_owned),
+            caller_uid: Some(caller.uid),
+        };
+        AUDIT_SCOPE
+            .scope(scope, self.handle_in_scope(request, caller, ctx))
+            .await
+    }
+
+    async fn handle_in_scope(
         &self,
         request: Request,
         caller: Caller,
@@ -171,8 +208,9 @@ impl Daemon {
             } => {
                 let _g = self.lifecycle.lock().await;
                 self.ops.check_idle(&volume)?;
-                self.delete(&volume, with_snapshots, caller)
+                self.delete(&volume, with_snapshots, caller).await
             }
+            Request::Revoke { kms_key } => self.revoke(&kms_key, caller).await,
             Request::Rebuild(r) => self.rebuild(r, caller, ctx).await,
             Request::Snapshot { volume, name } => self.snapshot(&volume, name, caller, ctx).await,
             Request::Snapshots { volume } => self.snapshots(&volume),
@@ -271,6 +309,7 @@ impl Daemon {
                 Err(e) => e.clone(),
             },
             latency_ms: started.elapsed().as_millis() as u64,
+            request_id: None,
         });
     }
 
@@ -312,6 +351,17 @@ impl Daemon {
         let result = match &r.from_image {
             Some(_) => self.create_from_image(opts, &r, &path, caller, ctx).await,
             None => Volume::create(&path, &opts, &self.kms).await.map(drop),
+        };
+        let result = match result {
+            Ok(()) => match self.grant_new_volume(&path).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A volume whose grant could not be made is not half-created.
+                    let _ = volume::wipe_and_remove(&path);
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
         };
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_record(
@@ -410,6 +460,7 @@ impl Daemon {
             request: r.clone(),
             owner_uid,
             since: SystemTime::now(),
+            key_check: std::sync::Mutex::new(None),
             keying: std::sync::Mutex::new(Keying {
                 key_id: token.as_ref().map(|t| t.key_id.clone()).unwrap_or_default(),
                 context: token.map(|t| t.context).unwrap_or_default(),
@@ -440,6 +491,7 @@ impl Daemon {
     }
 
     fn attachment_status(&self, a: &Attachment) -> AttachmentStatus {
+        let (key_state, key_checked) = crate::keys::key_check_status(a.key_check());
         AttachmentStatus {
             volume: a.volume.clone(),
             export_name: a.export_name.clone(),
@@ -454,6 +506,9 @@ impl Daemon {
             bytes_written: a.device.bytes_written(),
             connections: self.connections(&a.export_name),
             failed: a.device.volume().is_failed(),
+            kms_key: a.keying().key_id,
+            key_state,
+            key_checked,
         }
     }
 
@@ -478,6 +533,16 @@ impl Daemon {
         &self,
         r: DetachRequest,
         caller: Option<Caller>,
+    ) -> Result<Response, ApiError> {
+        self.detach_as(r, caller, "detach").await
+    }
+
+    /// [`Daemon::detach`], audited as `operation`.
+    pub(crate) async fn detach_as(
+        &self,
+        r: DetachRequest,
+        caller: Option<Caller>,
+        operation: &str,
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let Some(a) = self.registry.get(&r.volume) else {
@@ -509,7 +574,7 @@ impl Daemon {
         let outcome = flushed.as_ref().map(|_| ()).map_err(|e| chain(e));
         let keying = a.keying();
         self.audit_record(
-            "detach",
+            operation,
             &r.volume,
             Some(&keying.key_id),
             Some(&keying.context),
@@ -563,7 +628,7 @@ impl Daemon {
         Ok(Response::Status { attachments })
     }
 
-    fn delete(
+    async fn delete(
         &self,
         name: &str,
         with_snapshots: bool,
@@ -610,6 +675,9 @@ impl Daemon {
             let _ = std::fs::remove_dir(self.layout.snapshots_dir(name));
         }
         let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        let grant = volume::lifecycle::read_token(&path)
+            .ok()
+            .and_then(|t| t.grant());
         let result = volume::wipe_and_remove(&path);
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_record(
@@ -622,6 +690,9 @@ impl Daemon {
             &outcome,
         );
         result.map_err(|e| volume_error(&e))?;
+        if let Some(grant) = grant {
+            self.retire(&grant).await;
+        }
         tracing::info!(volume = name, "deleted (headers and keyslot area wiped)");
         Ok(Response::Deleted {
             volume: name.into(),

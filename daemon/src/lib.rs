@@ -15,6 +15,7 @@ pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod hardening;
+pub mod keys;
 pub mod lifecycle;
 pub mod notify;
 pub mod ops;
@@ -25,6 +26,7 @@ use std::sync::Arc;
 
 use control_api::paths::StateLayout;
 use kms_client::KmsBackend;
+use kms_client::aws::AwsKms;
 use kms_client::local::{LocalKms, LocalKmsOptions};
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
@@ -127,23 +129,41 @@ pub async fn run(
         .keystore
         .clone()
         .unwrap_or_else(|| layout.keystore());
-    let kms = KmsBackend::Local(LocalKms::open(
-        &keystore,
-        LocalKmsOptions {
-            create_if_missing: true,
-            passphrase: passphrase(config.kms.passphrase_file.as_ref())?,
-            ..LocalKmsOptions::default()
-        },
-    )?);
-    let audit = audit::AuditLog::open(
-        &layout.audit_log(),
-        config.audit.max_bytes,
-        config.audit.keep,
-    )
-    .map_err(io(format!(
-        "cannot open the audit log {}",
-        layout.audit_log().display()
-    )))?;
+    let audit = Arc::new(
+        audit::AuditLog::open(
+            &layout.audit_log(),
+            config.audit.max_bytes,
+            config.audit.keep,
+        )
+        .map_err(io(format!(
+            "cannot open the audit log {}",
+            layout.audit_log().display()
+        )))?,
+    );
+    let kms = match config.kms.backend.as_str() {
+        "aws" => KmsBackend::Aws(
+            AwsKms::connect(config.kms.aws.to_backend())
+                .await?
+                .with_observer(audit::kms_call_observer(Arc::clone(&audit))),
+        ),
+        _ => KmsBackend::Local(LocalKms::open(
+            &keystore,
+            LocalKmsOptions {
+                create_if_missing: true,
+                passphrase: passphrase(config.kms.passphrase_file.as_ref())?,
+                ..LocalKmsOptions::default()
+            },
+        )?),
+    };
+    let key_policy = keys::KeyPolicy {
+        check_interval: (config.kms.key_check_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(config.kms.key_check_interval_secs)),
+        on_unusable: config.kms.on_unusable_key,
+        grants: (config.kms.backend == "aws" && config.kms.aws.grants).then(|| keys::GrantPolicy {
+            grantee: config.kms.aws.grantee_principal.clone(),
+            retiring: config.kms.aws.retiring_principal.clone(),
+        }),
+    };
 
     let control_path = config
         .control
@@ -181,6 +201,7 @@ pub async fn run(
         tcp_addr,
         hardening.memory_locked,
         config.recovery.params(),
+        key_policy,
     ));
     daemon.clean_leftovers();
 
@@ -209,6 +230,7 @@ pub async fn run(
     }
 
     daemon.restore_attachments().await;
+    tasks.spawn(Arc::clone(&daemon).key_checker(stop_rx.clone()));
     tracing::info!(
         state = %layout.state_dir.display(),
         control = %control_path.display(),

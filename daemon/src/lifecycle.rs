@@ -625,6 +625,8 @@ impl Daemon {
                     current.context.clone(),
                 );
                 t.context_keys = current.context_keys.clone();
+                // The volume's grant is the current one, not the snapshot's.
+                t.set_grant(current.grant());
             })?;
             dst.sync_all()
                 .map_err(|e| VolumeError::io(&tmp2, "syncing", e))?;
@@ -883,10 +885,35 @@ impl Daemon {
             )
             .await
             .map_err(|e| VolumeError::kms(path, "re-wrap the volume key (ReEncrypt)", e))?;
+        // A grant on the new key first (when grants are on), so the header never names a
+        // key the daemon cannot use; the old grant is retired once the header is written.
+        let old_grant = old.grant();
+        let new_grant = if old_grant
+            .as_ref()
+            .is_some_and(|g| kms_client::aws::same_key(&g.key_id, &rewrapped.key_id))
+        {
+            old_grant.clone()
+        } else {
+            self.make_grant(
+                path,
+                &rewrapped.key_id,
+                old,
+                &rewrapped.wrapped,
+                &new_context,
+            )
+            .await?
+        };
         let file = self.header_file(&r.volume, path)?;
-        lifecycle::rewrite_token(file.get(), path, |t| {
+        let written = lifecycle::rewrite_token(file.get(), path, |t| {
             t.rewrap(&rewrapped.key_id, &rewrapped.wrapped, new_context);
-        })
+            t.set_grant(new_grant.clone());
+        });
+        match (&written, &old_grant, &new_grant) {
+            (Ok(_), Some(o), n) if n.as_ref() != Some(o) => self.retire(o).await,
+            (Err(_), o, Some(n)) if o.as_ref() != Some(n) => self.retire(n).await,
+            _ => {}
+        }
+        written
     }
 
     /// The volume file for a header change: the attached volume's own descriptor (it holds

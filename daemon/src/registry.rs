@@ -32,6 +32,17 @@ pub struct Attachment {
     pub since: SystemTime,
     /// Master key and context the volume key is wrapped under now (a rekey changes them).
     pub keying: std::sync::Mutex<Keying>,
+    /// The last periodic check of the master key's state.
+    pub key_check: std::sync::Mutex<Option<KeyCheckResult>>,
+}
+
+/// What the last key-state check found.
+#[derive(Debug, Clone)]
+pub struct KeyCheckResult {
+    /// When.
+    pub at: SystemTime,
+    /// The state, or why it could not be read.
+    pub state: Result<kms_client::KeyState, String>,
 }
 
 /// What wraps an attached volume's key (for audit records and key-state checks).
@@ -44,6 +55,22 @@ pub struct Keying {
 }
 
 impl Attachment {
+    /// The last key check.
+    pub fn key_check(&self) -> Option<KeyCheckResult> {
+        self.key_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a key check; returns the state found before.
+    pub fn set_key_check(&self, result: KeyCheckResult) -> Option<KeyCheckResult> {
+        self.key_check
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(result)
+    }
+
     /// The keying now.
     pub fn keying(&self) -> Keying {
         self.keying

@@ -14,11 +14,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod aws;
 pub mod context;
 pub mod local;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use context::{ContextError, ContextKeys, EncryptionContext, IdentityContext};
 use zeroize::Zeroizing;
@@ -84,6 +87,43 @@ pub enum KeyState {
     Disabled,
     /// Scheduled for deletion; refuses every cryptographic operation until cancelled.
     PendingDeletion,
+    /// AWS: waiting for imported key material.
+    PendingImport,
+    /// AWS: the key's custom key store is disconnected (or a state this build does not know).
+    Unavailable,
+    /// AWS: being created (multi-Region replicas).
+    Creating,
+    /// AWS: being updated (multi-Region primary change).
+    Updating,
+    /// AWS: a multi-Region replica scheduled for deletion.
+    PendingReplicaDeletion,
+}
+
+impl KeyState {
+    /// True when the key can wrap and unwrap.
+    pub fn is_usable(self) -> bool {
+        matches!(self, KeyState::Enabled)
+    }
+
+    /// The name AWS KMS uses (`Enabled`, `Disabled`, `PendingDeletion`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDeletion => "PendingDeletion",
+            KeyState::PendingImport => "PendingImport",
+            KeyState::Unavailable => "Unavailable",
+            KeyState::Creating => "Creating",
+            KeyState::Updating => "Updating",
+            KeyState::PendingReplicaDeletion => "PendingReplicaDeletion",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What DescribeKey returns. Never contains key material.
@@ -139,6 +179,7 @@ pub enum KmsErrorKind {
 pub struct KmsError {
     kind: KmsErrorKind,
     message: String,
+    request_id: Option<String>,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -149,8 +190,20 @@ impl KmsError {
         Self {
             kind,
             message: message.into(),
+            request_id: None,
             source: None,
         }
+    }
+
+    /// Records the KMS request id of the call that failed (AWS: `x-amzn-RequestId`).
+    pub fn with_request_id(mut self, request_id: Option<String>) -> Self {
+        self.request_id = request_id;
+        self
+    }
+
+    /// The KMS request id of the failed call, when the KMS gave one.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
     }
 
     /// Attaches the underlying cause.
@@ -213,17 +266,52 @@ pub trait Kms: Send + Sync {
     ) -> impl Future<Output = Result<KeyMetadata, KmsError>> + Send;
 }
 
+/// One call a backend made to a remote KMS, as reported to a [`CallObserver`]: enough to
+/// match an audit line with the KMS's own log (AWS CloudTrail, by request id). Never key
+/// material.
+#[derive(Debug, Clone)]
+pub struct KmsCall {
+    /// The API action (`Decrypt`, `GenerateDataKey`, ...).
+    pub operation: &'static str,
+    /// The key the call named.
+    pub key_id: String,
+    /// The encryption context it carried, if any.
+    pub context: Option<EncryptionContext>,
+    /// The KMS's request id (AWS: `x-amzn-RequestId`), when the KMS answered.
+    pub request_id: Option<String>,
+    /// `Ok` or the error message.
+    pub outcome: Result<(), String>,
+    /// Time from the request to the answer, retries included.
+    pub latency: Duration,
+}
+
+/// Receives every [`KmsCall`] a remote backend makes.
+pub type CallObserver = Arc<dyn Fn(&KmsCall) + Send + Sync>;
+
 /// The backends cryptnbd can be configured with. The daemon and the CLI hold one of these.
 #[derive(Debug)]
 pub enum KmsBackend {
     /// The embedded local KMS.
     Local(local::LocalKms),
+    /// AWS KMS (or an endpoint that speaks its API).
+    Aws(aws::AwsKms),
+}
+
+impl KmsBackend {
+    /// The AWS backend, when that is the one in use (grants exist only there).
+    pub fn aws(&self) -> Option<&aws::AwsKms> {
+        match self {
+            KmsBackend::Aws(k) => Some(k),
+            KmsBackend::Local(_) => None,
+        }
+    }
 }
 
 impl Kms for KmsBackend {
     fn backend_name(&self) -> &'static str {
         match self {
             KmsBackend::Local(k) => k.backend_name(),
+            KmsBackend::Aws(k) => k.backend_name(),
         }
     }
 
@@ -235,6 +323,7 @@ impl Kms for KmsBackend {
     ) -> Result<GeneratedKey, KmsError> {
         match self {
             KmsBackend::Local(k) => k.generate_data_key(key_id, context, len).await,
+            KmsBackend::Aws(k) => k.generate_data_key(key_id, context, len).await,
         }
     }
 
@@ -246,6 +335,7 @@ impl Kms for KmsBackend {
     ) -> Result<DataKey, KmsError> {
         match self {
             KmsBackend::Local(k) => k.decrypt(wrapped, context, expected_key_id).await,
+            KmsBackend::Aws(k) => k.decrypt(wrapped, context, expected_key_id).await,
         }
     }
 
@@ -262,12 +352,17 @@ impl Kms for KmsBackend {
                 k.re_encrypt(wrapped, context, key_id, new_key_id, new_context)
                     .await
             }
+            KmsBackend::Aws(k) => {
+                k.re_encrypt(wrapped, context, key_id, new_key_id, new_context)
+                    .await
+            }
         }
     }
 
     async fn describe_key(&self, key_id: &str) -> Result<KeyMetadata, KmsError> {
         match self {
             KmsBackend::Local(k) => k.describe_key(key_id).await,
+            KmsBackend::Aws(k) => k.describe_key(key_id).await,
         }
     }
 }

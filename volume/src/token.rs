@@ -52,6 +52,16 @@ pub struct KmsToken {
     pub extra: Map<String, Value>,
 }
 
+/// A grant on the master key made for one volume (AWS KMS CreateGrant): retired when the
+/// volume is deleted or rekeyed to another key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRef {
+    /// The grant id.
+    pub grant_id: String,
+    /// The key the grant is on.
+    pub key_id: String,
+}
+
 /// Why a token could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -120,6 +130,25 @@ impl KmsToken {
         self.key_id = key_id.into();
         self.wrapped_key = base64::engine::general_purpose::STANDARD.encode(wrapped);
         self.context = context;
+    }
+
+    /// The KMS grant made for this volume (AWS), if any: kept in the token's `grant` field.
+    pub fn grant(&self) -> Option<GrantRef> {
+        self.extra
+            .get("grant")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
+    /// Records (or, with None, forgets) the volume's grant.
+    pub fn set_grant(&mut self, grant: Option<GrantRef>) {
+        match grant.and_then(|g| serde_json::to_value(g).ok()) {
+            Some(v) => {
+                self.extra.insert("grant".into(), v);
+            }
+            None => {
+                self.extra.remove("grant");
+            }
+        }
     }
 
     /// The wrapped key bytes.

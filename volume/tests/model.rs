@@ -343,7 +343,9 @@ fn truncated_file_is_refused_at_open() {
 fn disabled_key_and_changed_context_are_refused() {
     let (f, vol) = fixture(1 << 20, 4096);
     drop(vol);
-    let KmsBackend::Local(local) = &f.kms;
+    let KmsBackend::Local(local) = &f.kms else {
+        unreachable!("the fixture uses the local KMS")
+    };
     local.disable_key(&f.key_id).expect("disable");
     let err = rt()
         .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
@@ -442,7 +444,9 @@ fn changed_context_and_pending_deletion_are_refused() {
     drop(reopen(&f));
     // A key pending deletion refuses to unwrap; cancelling leaves it disabled; enabling it
     // brings the volume back.
-    let KmsBackend::Local(local) = &f.kms;
+    let KmsBackend::Local(local) = &f.kms else {
+        unreachable!("the fixture uses the local KMS")
+    };
     local.schedule_key_deletion(&f.key_id, 7).expect("schedule");
     let err = rt()
         .block_on(Volume::open(&f.path, &OpenOptions::default(), &f.kms))
