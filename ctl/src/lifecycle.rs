@@ -150,10 +150,26 @@ pub fn open_image(path: &Path) -> Result<OpenedImage> {
         )
     })?;
     let meta = file.metadata()?;
-    if !meta.is_file() && !meta.file_type().is_block_device() {
-        return Err(CliError::usage(format!("{} is not a file", path.display())).into());
+    let block_device = meta.file_type().is_block_device();
+    if !meta.is_file() && !block_device {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "neither a regular file nor a block device"
+        };
+        return Err(CliError::usage(format!(
+            "the image {} is {kind}: give the path of an image file (raw, qcow2, ...) or of a \
+             block device",
+            path.display()
+        ))
+        .into());
     }
-    let name = path.display().to_string();
+    // The path as the daemon records it (--record-base) and a later `rebuild` reopens it,
+    // maybe from another directory: absolute, never relative to this process's cwd.
+    let name = std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string();
     let (format, virtual_size) = match tool("qemu-img") {
         Some(qemu_img) => {
             let out = Process::new(qemu_img)
@@ -191,11 +207,30 @@ pub fn open_image(path: &Path) -> Result<OpenedImage> {
         }
     };
     if format == "raw" {
+        // A regular file's size the daemon reads itself; a block device's `st_size` is 0,
+        // so its size travels with it (found by seeking to its end, then back to the start:
+        // the daemon reads from the descriptor's offset).
+        let size = if block_device {
+            use std::io::{Seek, SeekFrom};
+            let mut f = &file;
+            let size = f
+                .seek(SeekFrom::End(0))
+                .and_then(|n| f.seek(SeekFrom::Start(0)).map(|_| n))
+                .map_err(|e| {
+                    CliError::new(
+                        crate::exit::IO,
+                        format!("cannot find the size of {}: {e}", path.display()),
+                    )
+                })?;
+            Some(size)
+        } else {
+            None
+        };
         return Ok(OpenedImage {
             fd: file.into(),
             source: ImageSource {
                 path: name,
-                size: None,
+                size,
                 format: Some(format),
             },
             child: None,
@@ -293,7 +328,13 @@ pub fn rebuild(
                      --from-snapshot NAME"
                 ))
             })?;
-            let o = open_image(Path::new(&base.path))?;
+            let o = open_image(Path::new(&base.path)).with_context(|| {
+                format!(
+                    "cannot read the recorded base image {} of volume {volume}: put it back, \
+                     or give another source with --from-image PATH or --from-snapshot NAME",
+                    base.path
+                )
+            })?;
             let s = RebuildSource::BaseImage(o.source.clone());
             opened = Some(o);
             s

@@ -124,6 +124,21 @@ async fn reply(stream: &UnixStream, outcome: Outcome) -> std::io::Result<()> {
     .await
 }
 
+/// A progress event from the operation's (phase, done, total).
+fn progress_event(
+    operation: &str,
+    volume: &str,
+    (phase, done, total): (&str, u64, u64),
+) -> Outcome {
+    Outcome::Progress(ProgressEvent {
+        operation: operation.into(),
+        volume: volume.into(),
+        phase: phase.into(),
+        done,
+        total,
+    })
+}
+
 /// The operation name and volume a request's progress events carry.
 fn progress_label(request: &Request) -> (&'static str, String) {
     match request {
@@ -222,14 +237,7 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl) {
                             let now = progress.get();
                             if last != Some(now) {
                                 last = Some(now);
-                                let (phase, done, total) = now;
-                                let event = Outcome::Progress(ProgressEvent {
-                                    operation: operation.into(),
-                                    volume: volume.clone(),
-                                    phase: phase.into(),
-                                    done,
-                                    total,
-                                });
+                                let event = progress_event(operation, &volume, now);
                                 if reply(&stream, event).await.is_err() {
                                     closed = true;
                                     cancel.cancel();
@@ -249,6 +257,16 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl) {
                 };
                 if closed {
                     return;
+                }
+                // The last state too, so a client that asked sees where the operation ended.
+                if env.progress && result.is_ok() && !operation.is_empty() {
+                    let now = progress.get();
+                    if last != Some(now) {
+                        let event = progress_event(operation, &volume, now);
+                        if reply(&stream, event).await.is_err() {
+                            return;
+                        }
+                    }
                 }
                 match result {
                     Ok(result) => Outcome::Ok { result },

@@ -143,6 +143,28 @@ fn image_size(file: &File, src: &ImageSource) -> Result<u64, ApiError> {
     })
 }
 
+/// `bytes` in MiB with one decimal, for messages.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+/// The directory a file lives in, for messages.
+fn dir_of(path: &Path) -> String {
+    path.parent()
+        .map_or_else(|| path.display().to_string(), |d| d.display().to_string())
+}
+
+/// A full filesystem said in the words of the operation that hit it: what needed the room,
+/// where, and that nothing changed (`explain`); the low-level error stays as the cause.
+/// Other errors pass through unchanged.
+fn explain_no_space(e: VolumeError, explain: impl FnOnce() -> String) -> VolumeError {
+    if e.kind() == VolumeErrorKind::NoSpace {
+        VolumeError::new(VolumeErrorKind::NoSpace, explain()).with_source(e)
+    } else {
+        e
+    }
+}
+
 fn snapshot_created(path: &Path) -> String {
     std::fs::metadata(path)
         .and_then(|m| m.modified())
@@ -251,9 +273,23 @@ impl Daemon {
         let len = image_size(&file, src)
             .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message))?;
         let mut opts = opts;
+        let ss = u64::from(opts.sector_size);
         if opts.size == 0 {
-            let ss = u64::from(opts.sector_size);
             opts.size = len.div_ceil(ss).max(1) * ss;
+        }
+        // Before any KMS call or file: a --size too small for the image.
+        if len > opts.size {
+            return Err(VolumeError::new(
+                VolumeErrorKind::InvalidArgument,
+                format!(
+                    "the image {} is {len} bytes, larger than the --size of {} bytes: give \
+                     --size {} or more, or leave --size out to use the image's size; nothing \
+                     was created",
+                    src.path,
+                    opts.size,
+                    len.div_ceil(ss) * ss
+                ),
+            ));
         }
         let _guard = self
             .begin(name, "import", caller, ctx)
@@ -311,7 +347,18 @@ impl Daemon {
         if result.is_err() {
             discard(&tmp);
         }
-        result
+        result.map_err(|e| {
+            explain_no_space(e, || {
+                format!(
+                    "importing {} into the new volume {name} needs up to {} (the volume's \
+                     size) in {}, and that filesystem is full: free space there and retry; \
+                     nothing was created",
+                    src.path,
+                    mib(opts.size),
+                    dir_of(path)
+                )
+            })
+        })
     }
 
     /// A new volume at `tmp` (a fresh data key per `opts`) filled with `len` bytes of the
@@ -463,6 +510,19 @@ impl Daemon {
         caller: Caller,
         ctx: &mut RequestContext,
     ) -> Result<(u64, bool), ApiError> {
+        // Attached without --force: refused now, not after building a whole new copy (the
+        // swap would refuse it then anyway).
+        if !r.force && self.registry.get(&r.volume).is_some() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {} is attached: detach it first, or use --force to detach it \
+                     (draining clients), rebuild it and re-attach it under the same export; \
+                     nothing was changed",
+                    r.volume
+                ),
+            ));
+        }
         // The KMS first: nothing is touched if it refuses.
         self.check_unwrap(path, token)
             .await
@@ -488,6 +548,19 @@ impl Daemon {
                 }
                 let file = ctx.take_fd("rebuild from an image")?;
                 let len = image_size(&file, src)?;
+                // A rebuild keeps the volume's size: refused before any KMS call or file.
+                if len > info.size {
+                    return Err(api(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "the image {} is {len} bytes, larger than volume {} ({} bytes): a \
+                             rebuild keeps the volume's size, so use an image of at most {} \
+                             bytes, or import this one as a new volume with 'cryptnbdctl \
+                             create NAME --from-image {}'; nothing was changed",
+                            src.path, r.volume, info.size, info.size, src.path
+                        ),
+                    ));
+                }
                 if let Some(b) = &base
                     && b.size != len
                 {
@@ -541,6 +614,17 @@ impl Daemon {
             Ok(b) => b,
             Err(e) => {
                 discard(&tmp);
+                let e = explain_no_space(e, || {
+                    format!(
+                        "rebuilding volume {} needs room for a second copy of it (up to {}) \
+                         in {} until the swap, and that filesystem is full: free space there \
+                         and retry; volume {} is unchanged",
+                        r.volume,
+                        mib(info.size),
+                        dir_of(path),
+                        r.volume
+                    )
+                });
                 return Err(volume_error(&e));
             }
         };
@@ -714,6 +798,19 @@ impl Daemon {
         if result.is_err() {
             discard(&tmp);
         }
+        let result = result.map_err(|e| {
+            explain_no_space(e, || {
+                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                format!(
+                    "snapshot {name} of volume {volume} needs up to {} in {} (a copy: this \
+                     filesystem cannot share blocks with a reflink), and that filesystem is \
+                     full: free space there or delete old snapshots, and retry; no snapshot \
+                     was made and the volume is unchanged",
+                    mib(size),
+                    dir_of(&target)
+                )
+            })
+        });
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_token(
             "snapshot",
@@ -1005,6 +1102,18 @@ impl Daemon {
         if result.is_err() {
             discard(&tmp);
         }
+        let result = result.map_err(|e| {
+            explain_no_space(e, || {
+                let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                format!(
+                    "re-encrypting volume {volume} needs room for a second copy of it (up to \
+                     {}) in {} until the swap, and that filesystem is full: free space there \
+                     and retry; volume {volume} is unchanged",
+                    mib(size),
+                    dir_of(path)
+                )
+            })
+        });
         let reattached = self.reattach(saved, caller).await;
         result
             .map(|b| (b, reattached))
@@ -1161,6 +1270,18 @@ impl Daemon {
             };
             let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
             let what = format!("the export to {}", r.to);
+            let size = vol.size();
+            let explain = |e| {
+                explain_no_space(e, || {
+                    format!(
+                        "exporting volume {} needs {} at {}, and that filesystem is full: free \
+                         space there or export somewhere else; the partial file is removed",
+                        r.volume,
+                        mib(size),
+                        r.to
+                    )
+                })
+            };
             blocking(move || {
                 let mut out = std::io::BufWriter::with_capacity(lifecycle::STEP, &dst);
                 let sha = lifecycle::export_to(&vol, &mut out, &what, &progress, &cancel)?;
@@ -1172,6 +1293,7 @@ impl Daemon {
                 Ok((vol.size(), sha))
             })
             .await
+            .map_err(explain)
         }
         .await;
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));

@@ -25,20 +25,29 @@ pub const STEP: usize = 1 << 20;
 
 /// How far an operation is: a phase name and bytes done of a total (0 = unknown). Shared
 /// between the worker and whoever reports it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Progress {
     phase: Mutex<&'static str>,
     done: AtomicU64,
     total: AtomicU64,
 }
 
+/// Phase `starting`, nothing done: what a client sees before the first step (never an
+/// empty phase name).
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            phase: Mutex::new("starting"),
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Progress {
     /// A new progress in phase `starting`.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            phase: Mutex::new("starting"),
-            ..Self::default()
-        })
+        Arc::new(Self::default())
     }
 
     /// Enters a phase with `total` bytes to do (0 when unknown); done restarts at 0.
@@ -162,7 +171,8 @@ pub fn fill_from(
         return Err(VolumeError::new(
             VolumeErrorKind::InvalidArgument,
             format!(
-                "{what} is {len} bytes, larger than the volume ({} bytes): give a larger --size",
+                "{what} is {len} bytes, larger than the volume ({} bytes): it does not fit; \
+                 nothing was changed",
                 vol.size()
             ),
         ));
@@ -457,4 +467,20 @@ pub fn extra_context(token: &KmsToken) -> Vec<(String, String)> {
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_starts_in_a_named_phase() {
+        // The daemon reports a default `Progress` before the operation's first step.
+        assert_eq!(Progress::default().get(), ("starting", 0, 0));
+        assert_eq!(Progress::new().get(), ("starting", 0, 0));
+        let p = Progress::default();
+        p.phase("copying", 10);
+        p.add(4);
+        assert_eq!(p.get(), ("copying", 4, 10));
+    }
 }
