@@ -277,9 +277,30 @@ pub struct CreateArgs {
     /// Context key holding the volume id.
     #[arg(long, default_value = "cryptnbd:volume-id", value_name = "KEY")]
     pub volume_id_key: String,
+    /// The context keys Amazon EBS uses for encrypted WorkSpaces:
+    /// `aws:workspaces:sid-directoryid` and `aws:ebs:id` (docs/aws-kms.md).
+    #[arg(long, conflicts_with_all = ["sid_directory_key", "volume_id_key"])]
+    pub ebs_context: bool,
     /// Create the volume file at this path instead of in the state directory.
     #[arg(long, value_name = "PATH")]
     pub path: Option<PathBuf>,
+}
+
+impl CreateArgs {
+    /// The context keys the identity goes under.
+    pub fn context_keys(&self) -> kms_client::ContextKeys {
+        if self.ebs_context {
+            kms_client::ContextKeys {
+                sid_directory: "aws:workspaces:sid-directoryid".into(),
+                volume_id: "aws:ebs:id".into(),
+            }
+        } else {
+            kms_client::ContextKeys {
+                sid_directory: self.sid_directory_key.clone(),
+                volume_id: self.volume_id_key.clone(),
+            }
+        }
+    }
 }
 
 /// Arguments of `attach`.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use kms_client::local::{LocalKms, LocalKmsOptions};
-use kms_client::{ContextKeys, IdentityContext, KeyMetadata, Kms, KmsBackend, context};
+use kms_client::{IdentityContext, KeyMetadata, Kms, KmsBackend, context};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -544,8 +544,8 @@ pub(crate) fn create_request(
         directory: args.directory.clone(),
         context,
         volume_id: args.volume_id.clone(),
-        sid_directory_key: Some(args.sid_directory_key.clone()),
-        volume_id_key: Some(args.volume_id_key.clone()),
+        sid_directory_key: Some(args.context_keys().sid_directory),
+        volume_id_key: Some(args.context_keys().volume_id),
         from_image,
         record_base: args.record_base,
     })
@@ -704,10 +704,7 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         .iter()
         .map(|p| context::parse_pair(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let context_keys = ContextKeys {
-        sid_directory: args.sid_directory_key.clone(),
-        volume_id: args.volume_id_key.clone(),
-    };
+    let context_keys = args.context_keys();
     let path = match &args.path {
         Some(p) => p.clone(),
         None => {
