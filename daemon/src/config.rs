@@ -136,6 +136,11 @@ pub struct AwsConfig {
     pub endpoint_url: Option<String>,
     /// Profile in the shared config files (else AWS_PROFILE / default).
     pub profile: Option<String>,
+    /// AWS config file to read instead of AWS_CONFIG_FILE / ~/.aws/config.
+    pub config_file: Option<PathBuf>,
+    /// AWS credentials file to read instead of AWS_SHARED_CREDENTIALS_FILE /
+    /// ~/.aws/credentials.
+    pub credentials_file: Option<PathBuf>,
     /// Use the FIPS endpoint (kms-fips.REGION.amazonaws.com).
     pub use_fips: bool,
     /// Seconds to open a connection.
@@ -168,6 +173,8 @@ impl Default for AwsConfig {
             region: None,
             endpoint_url: None,
             profile: None,
+            config_file: None,
+            credentials_file: None,
             use_fips: false,
             connect_timeout_secs: d.connect_timeout.as_secs_f64(),
             attempt_timeout_secs: d.attempt_timeout.as_secs_f64(),
@@ -190,6 +197,8 @@ impl AwsConfig {
             region: self.region.clone(),
             endpoint_url: self.endpoint_url.clone(),
             profile: self.profile.clone(),
+            config_file: self.config_file.clone(),
+            credentials_file: self.credentials_file.clone(),
             use_fips: self.use_fips,
             connect_timeout: Duration::from_secs_f64(self.connect_timeout_secs),
             attempt_timeout: Duration::from_secs_f64(self.attempt_timeout_secs),

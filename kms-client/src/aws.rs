@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
@@ -44,6 +45,12 @@ pub struct AwsKmsConfig {
     pub endpoint_url: Option<String>,
     /// Profile in the shared config files (else `AWS_PROFILE` / `default`).
     pub profile: Option<String>,
+    /// The shared config file to read instead of `AWS_CONFIG_FILE` / `~/.aws/config` (a
+    /// service's own, e.g. `/etc/cryptnbd/aws-config`).
+    pub config_file: Option<PathBuf>,
+    /// The shared credentials file to read instead of `AWS_SHARED_CREDENTIALS_FILE` /
+    /// `~/.aws/credentials`.
+    pub credentials_file: Option<PathBuf>,
     /// Use the FIPS 140 endpoint (`kms-fips.REGION.amazonaws.com`).
     pub use_fips: bool,
     /// Time allowed to open a connection.
@@ -66,6 +73,8 @@ impl Default for AwsKmsConfig {
             region: None,
             endpoint_url: None,
             profile: None,
+            config_file: None,
+            credentials_file: None,
             use_fips: false,
             connect_timeout: Duration::from_secs(3),
             attempt_timeout: Duration::from_secs(5),
@@ -185,6 +194,25 @@ impl AwsKms {
         }
         if let Some(profile) = &config.profile {
             loader = loader.profile_name(profile);
+        }
+        if config.config_file.is_some() || config.credentials_file.is_some() {
+            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+            let mut files = EnvConfigFiles::builder();
+            if let Some(f) = &config.config_file {
+                files = files
+                    .include_default_config_file(false)
+                    .with_file(EnvConfigFileKind::Config, f);
+            } else {
+                files = files.include_default_config_file(true);
+            }
+            if let Some(f) = &config.credentials_file {
+                files = files
+                    .include_default_credentials_file(false)
+                    .with_file(EnvConfigFileKind::Credentials, f);
+            } else {
+                files = files.include_default_credentials_file(true);
+            }
+            loader = loader.profile_files(files.build());
         }
         if let Some(url) = &config.endpoint_url {
             loader = loader.endpoint_url(url);

@@ -24,6 +24,9 @@ use kms_client::{EncryptionContext, Kms};
 use serde_json::{Map, Value};
 pub use zeroize::Zeroizing;
 
+pub mod kms_proxy;
+pub mod moto;
+
 /// A SID that passes cryptnbd's checks (the example of docs/format.md).
 pub const TEST_SID: &str = "S-1-5-21-277731876-1789304096-451871588-1107";
 /// A directory id that passes cryptnbd's checks.
