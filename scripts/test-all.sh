@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of cryptnbd on a fresh Debian 12 machine, installing what the tests need:
 # the Debian packages of the real peers (cryptsetup, ...) and a Python virtual environment
-# with the independent AES-XTS oracle (the `cryptography` package).
+# with the independent AES-XTS oracle (the `cryptography` package) and moto, an AWS KMS API
+# server on loopback.
 # Usage: scripts/test-all.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,11 @@ if ! .venv/bin/python -c 'import cryptography' >/dev/null 2>&1; then
   echo "== creating .venv with the cryptography package"
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q 'cryptography>=42'
+fi
+# The AWS KMS API server for the AWS backend's tests: moto (with boto3 to set it up).
+if ! .venv/bin/python -c 'import moto.server, boto3' >/dev/null 2>&1; then
+  echo "== installing moto[server] into .venv"
+  .venv/bin/pip install -q 'moto[server]>=5,<6'
 fi
 export CRYPTNBD_TEST_PYTHON="$PWD/.venv/bin/python"
 

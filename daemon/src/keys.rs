@@ -322,7 +322,10 @@ impl Daemon {
             if self.ops.cancel(&a.volume).is_some() {
                 cancelled.push(a.volume.clone());
             }
-            match self.force_detach(&a.volume, "revoke", Some(caller)).await {
+            match self
+                .force_detach(&a.volume, "revoke-detach", Some(caller))
+                .await
+            {
                 Ok(_) => detached.push(a.volume.clone()),
                 // Detach drops the volume (and its key) even when the final flush fails.
                 Err(e) if self.registry.get(&a.volume).is_none() => {

@@ -138,8 +138,8 @@ impl KmsProxy {
                         drop(conn);
                         continue;
                     }
-                    let state = state.clone();
-                    std::thread::spawn(move || serve(conn, &state, upstream));
+                    let (state, down) = (state.clone(), down.clone());
+                    std::thread::spawn(move || serve(conn, &state, &down, upstream));
                 }
             });
         }
@@ -197,6 +197,8 @@ impl Drop for KmsProxy {
         let _ = TcpStream::connect(self.addr);
     }
 }
+
+type Headers = Vec<(String, String)>;
 
 struct HttpMessage {
     start: String,
@@ -293,7 +295,10 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn forward(upstream: SocketAddr, req: &HttpMessage) -> Option<(u16, Vec<(String, String)>, Vec<u8>)> {
+fn forward(
+    upstream: SocketAddr,
+    req: &HttpMessage,
+) -> Option<(u16, Headers, Vec<u8>)> {
     let mut s = TcpStream::connect(upstream).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     let mut head = format!("{}\r\n", req.start);
@@ -318,13 +323,17 @@ fn forward(upstream: SocketAddr, req: &HttpMessage) -> Option<(u16, Vec<(String,
     Some((status, resp.headers, resp.body))
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>, upstream: Option<SocketAddr>) {
+fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Option<SocketAddr>) {
     let Ok(write_half) = conn.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(conn);
     let mut writer = write_half;
     while let Some(req) = read_message(&mut reader) {
+        if down.load(Ordering::SeqCst) {
+            // Down: kept-alive connections are cut too, without an answer.
+            return;
+        }
         let action = req
             .header("x-amz-target")
             .and_then(|t| t.rsplit_once('.'))
@@ -401,13 +410,23 @@ fn serve(conn: TcpStream, state: &Mutex<State>, upstream: Option<SocketAddr>) {
                 record.request_id = Some(id.clone());
                 record.handled = format!("error {code}");
                 let body = serde_json::json!({"__type": code, "message": message});
-                write_response(&mut writer, status, &json_headers(&id), body.to_string().as_bytes())
+                write_response(
+                    &mut writer,
+                    status,
+                    &json_headers(&id),
+                    body.to_string().as_bytes(),
+                )
             }
             Some(Reply::Json(v)) => {
                 let id = ours();
                 record.request_id = Some(id.clone());
                 record.handled = "scripted".into();
-                write_response(&mut writer, 200, &json_headers(&id), v.to_string().as_bytes())
+                write_response(
+                    &mut writer,
+                    200,
+                    &json_headers(&id),
+                    v.to_string().as_bytes(),
+                )
             }
             delay @ (Some(Reply::Delay(_)) | None) => {
                 if let Some(Reply::Delay(d)) = delay {
@@ -430,7 +449,12 @@ fn serve(conn: TcpStream, state: &Mutex<State>, upstream: Option<SocketAddr>) {
                             "__type": "KMSInternalException",
                             "message": "the test proxy has no upstream for this request"
                         });
-                        write_response(&mut writer, 500, &json_headers(&id), body.to_string().as_bytes())
+                        write_response(
+                            &mut writer,
+                            500,
+                            &json_headers(&id),
+                            body.to_string().as_bytes(),
+                        )
                     }
                 }
             }

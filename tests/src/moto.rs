@@ -67,7 +67,14 @@ impl Moto {
         );
         let port = free_port();
         let child = Command::new(&python)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -76,7 +83,10 @@ impl Moto {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "moto did not listen on {addr} within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "moto did not listen on {addr} within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Self {
@@ -155,9 +165,9 @@ impl Moto {
             "out = kms.list_grants(KeyId='{}')['Grants']",
             bare(key)
         ))
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
     }
 }
 

@@ -148,8 +148,8 @@ fn generate_decrypt_reencrypt_describe_and_grants_against_moto() {
     moto.admin("enable_key", &key1);
 
     // A grant for one volume: created, used at once with its token, listed, retired.
-    let subset = EncryptionContext::from_pairs([("aws:ebs:id", "vol-0123456789abcdef0")])
-        .expect("subset");
+    let subset =
+        EncryptionContext::from_pairs([("aws:ebs:id", "vol-0123456789abcdef0")]).expect("subset");
     let grantee = "arn:aws:iam::123456789012:role/cryptnbd-host";
     let grant = rt
         .block_on(kms.create_grant(&GrantSpec {
@@ -186,11 +186,7 @@ fn generate_decrypt_reencrypt_describe_and_grants_against_moto() {
         ))
         .expect("Decrypt with the grant token");
     assert_eq!(with_token.expose(), generated.plaintext.expose());
-    let sent_token = proxy
-        .log()
-        .iter()
-        .filter(|r| r.action == "Decrypt")
-        .count();
+    let sent_token = proxy.log().iter().filter(|r| r.action == "Decrypt").count();
     assert!(sent_token >= 3);
     assert_eq!(
         rt.block_on(kms.list_grant_ids(&key1)).expect("ListGrants"),
@@ -212,11 +208,7 @@ fn generate_decrypt_reencrypt_describe_and_grants_against_moto() {
 }
 
 /// Runs a Decrypt that the endpoint answers with `reply`; returns the error.
-fn decrypt_error(
-    rt: &tokio::runtime::Runtime,
-    kms: &AwsKms,
-    key: &str,
-) -> kms_client::KmsError {
+fn decrypt_error(rt: &tokio::runtime::Runtime, kms: &AwsKms, key: &str) -> kms_client::KmsError {
     rt.block_on(kms.decrypt(b"wrapped", &context("vol-0123456789abcdef0"), key))
         .expect_err("scripted error")
 }
@@ -241,14 +233,20 @@ fn aws_error_shapes_become_precise_errors() {
             "KMSInvalidStateException",
             &format!("{key} is pending deletion."),
             KmsErrorKind::KeyPendingDeletion,
-            &["scheduled for deletion", "aws kms cancel-key-deletion --key-id"],
+            &[
+                "scheduled for deletion",
+                "aws kms cancel-key-deletion --key-id",
+            ],
         ),
         (
             400,
             "InvalidCiphertextException",
             "",
             KmsErrorKind::InvalidCiphertext,
-            &["does not match this key and encryption context", "aws:ebs:id"],
+            &[
+                "does not match this key and encryption context",
+                "aws:ebs:id",
+            ],
         ),
         (
             400,
@@ -318,7 +316,9 @@ fn throttling_and_server_errors_are_retried_with_backoff_then_reported() {
         )
         .times(2),
     );
-    let meta = rt.block_on(kms.describe_key(&key)).expect("after throttling");
+    let meta = rt
+        .block_on(kms.describe_key(&key))
+        .expect("after throttling");
     assert_eq!(meta.state, KeyState::Enabled);
     assert_eq!(proxy.count("DescribeKey"), 3);
 
@@ -347,7 +347,11 @@ fn throttling_and_server_errors_are_retried_with_backoff_then_reported() {
     let text = err.to_string();
     assert!(text.contains("throttled DescribeKey"), "{text}");
     assert!(text.contains("3 attempts"), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Dependency timeout (503) for good: retried, then reported as unavailable.
     proxy.clear();
@@ -357,7 +361,10 @@ fn throttling_and_server_errors_are_retried_with_backoff_then_reported() {
     ));
     let err = rt.block_on(kms.describe_key(&key)).expect_err("503");
     assert_eq!(err.kind(), KmsErrorKind::Unavailable);
-    assert!(err.to_string().contains("DependencyTimeoutException"), "{err}");
+    assert!(
+        err.to_string().contains("DependencyTimeoutException"),
+        "{err}"
+    );
     assert_eq!(proxy.count("DescribeKey"), 11);
 }
 
@@ -378,19 +385,30 @@ fn slow_dropped_and_unreachable_endpoints_fail_within_the_timeouts() {
 
     // Slow once: the attempt times out, the retry is served.
     proxy.push(Rule::on(&["DescribeKey"], Reply::Delay(Duration::from_secs(2))).times(1));
-    rt.block_on(kms.describe_key(&key)).expect("after one slow answer");
+    rt.block_on(kms.describe_key(&key))
+        .expect("after one slow answer");
     assert_eq!(proxy.count("DescribeKey"), 2);
 
     // Always slow: an error within the operation timeout, naming what to do.
     proxy.clear();
-    proxy.push(Rule::on(&["DescribeKey"], Reply::Delay(Duration::from_secs(10))));
+    proxy.push(Rule::on(
+        &["DescribeKey"],
+        Reply::Delay(Duration::from_secs(10)),
+    ));
     let started = Instant::now();
     let err = rt.block_on(kms.describe_key(&key)).expect_err("slow");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(err.kind(), KmsErrorKind::Unavailable, "{err}");
     let text = err.to_string();
     assert!(text.contains(&proxy.url()), "{text}");
-    assert!(text.contains("timeout") || text.contains("timed out"), "{text}");
+    assert!(
+        text.contains("timeout") || text.contains("timed out"),
+        "{text}"
+    );
 
     // Connections dropped without an answer: retried, then "cannot reach".
     proxy.clear();
@@ -409,7 +427,11 @@ fn slow_dropped_and_unreachable_endpoints_fail_within_the_timeouts() {
 
     // Failed calls are reported too (no request id when nothing answered).
     let calls = calls.lock().expect("calls");
-    assert!(calls.iter().any(|c| c.outcome.is_err() && c.request_id.is_none()));
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.outcome.is_err() && c.request_id.is_none())
+    );
 }
 
 fn credential_process_script(dir: &TestDir, marker: &Path) -> std::path::PathBuf {
@@ -476,7 +498,11 @@ fn credential_process_profile_signs_the_requests() {
             r.action,
             r.authorization
         );
-        assert!(r.authorization.contains("/eu-west-1/kms/aws4_request"), "{}", r.authorization);
+        assert!(
+            r.authorization.contains("/eu-west-1/kms/aws4_request"),
+            "{}",
+            r.authorization
+        );
     }
     // Cached until expiry: the process ran once for both calls.
     let runs = std::fs::read_to_string(&marker).expect("marker");

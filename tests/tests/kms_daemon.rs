@@ -1,0 +1,547 @@
+//! The daemon with a real KMS API over HTTP (moto, behind the scripted endpoint of
+//! `e2e_tests::kms_proxy` for what moto does not enforce), driven by the real `cryptnbdctl`,
+//! data checked through nbdcopy:
+//! - the volume lifecycle on AWS KMS: create with a per-volume grant (EBS context keys),
+//!   attach, I/O, detach, re-attach, snapshot, rebuild, rekey under a second key (the grant
+//!   follows), a changed context refused, the KMS down in the middle of a rebuild, delete
+//!   (the grant retired), and the audit trail carrying every call's request id;
+//! - key states while attached: a disabled or pending-deletion key keeps the attached volume
+//!   working, refuses new attaches and rebuilds, shows in `status`; `on_unusable_key =
+//!   "detach"` detaches at once;
+//! - `revoke --kms-key`, the kill switch, on both backends.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e_tests::daemon::{Daemon, nbdcopy};
+use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
+use e2e_tests::moto::{ACCESS_KEY_ID, Moto, REGION, SECRET_ACCESS_KEY, bare};
+use e2e_tests::{TEST_DIRECTORY, TEST_SID, TestDir, TestRng, run};
+use serde_json::Value;
+
+const MIB: usize = 1 << 20;
+
+fn read_export(d: &Daemon, export: &str, scratch: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(scratch);
+    run(Command::new(nbdcopy()).arg(d.uri(export)).arg(scratch)).assert_success();
+    std::fs::read(scratch).expect("read copy")
+}
+
+fn write_export(d: &Daemon, export: &str, data: &[u8], scratch: &Path) {
+    std::fs::write(scratch, data).expect("write scratch");
+    run(Command::new(nbdcopy()).arg(scratch).arg(d.uri(export))).assert_success();
+}
+
+/// The daemon's `[kms]` config for AWS KMS at `endpoint`, credentials from files in `dir`.
+fn aws_config(dir: &TestDir, endpoint: &str, extra_kms: &str, extra_aws: &str) -> String {
+    let config = dir.join("aws-config");
+    let credentials = dir.join("aws-credentials");
+    std::fs::write(&config, format!("[default]\nregion = {REGION}\n")).expect("config");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = {ACCESS_KEY_ID}\naws_secret_access_key = {SECRET_ACCESS_KEY}\n"
+        ),
+    )
+    .expect("credentials");
+    format!(
+        "[kms]\nbackend = \"aws\"\n{extra_kms}\n[kms.aws]\nregion = \"{REGION}\"\n\
+         endpoint_url = \"{endpoint}\"\nconfig_file = \"{}\"\ncredentials_file = \"{}\"\n\
+         max_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 100\n\
+         attempt_timeout_secs = 2.0\noperation_timeout_secs = 5.0\n{extra_aws}\n",
+        config.display(),
+        credentials.display()
+    )
+}
+
+/// No credentials from the test's own environment, no instance metadata lookups.
+const ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", ""),
+    ("AWS_SECRET_ACCESS_KEY", ""),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+fn create(d: &Daemon, name: &str, key: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--json",
+        "create",
+        name,
+        "--size",
+        "32M",
+        "--kms-key",
+        key,
+        "--sid",
+        TEST_SID,
+        "--directory",
+        TEST_DIRECTORY,
+    ];
+    args.extend_from_slice(extra);
+    d.ctl.run(&args).assert_success().json()
+}
+
+fn token(d: &Daemon, name: &str) -> serde_json::Map<String, Value> {
+    let vol = d.state_dir.join("volumes").join(format!("{name}.luks"));
+    e2e_tests::kms_token(&e2e_tests::read_primary_metadata(&vol))
+}
+
+fn status(d: &Daemon, name: &str) -> Value {
+    d.ctl
+        .run(&["--json", "status", name])
+        .assert_success()
+        .json()
+}
+
+/// Waits until `status` of `name` satisfies `cond`.
+#[track_caller]
+fn wait_status(d: &Daemon, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = status(d, name);
+        if cond(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what} never happened: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The records of `audit --json` (an array, or an object with `records`).
+fn audit_records(audit: &Value) -> Vec<Value> {
+    audit
+        .as_array()
+        .or_else(|| audit["records"].as_array())
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit records in {audit}"))
+}
+
+fn attachment(s: &Value) -> &Value {
+    s.get("attachments")
+        .and_then(|a| a.get(0))
+        .or_else(|| s.get("attachment"))
+        .unwrap_or(s)
+}
+
+#[test]
+fn volume_lifecycle_on_aws_kms_with_grants_and_request_ids() {
+    let dir = TestDir::new("kmsd-aws");
+    let moto = Moto::start();
+    let proxy = KmsProxy::start(Some(moto.addr));
+    let key1 = moto.create_key("cryptnbd volumes");
+    let key2 = moto.create_key("cryptnbd volumes, rotated");
+    // Without a configured grantee, the daemon asks STS who it is (moto answers on the same
+    // endpoint): moto's caller ARN cannot be a grantee, so the create is refused with what
+    // to set, and nothing is left behind.
+    let d = Daemon::start_env(
+        &dir,
+        &aws_config(&dir, &proxy.url(), "", "grants = true"),
+        ENV,
+    );
+    d.ctl
+        .run(&[
+            "create",
+            "v",
+            "--size",
+            "32M",
+            "--kms-key",
+            &key1,
+            "--sid",
+            TEST_SID,
+            "--directory",
+            TEST_DIRECTORY,
+        ])
+        .assert_code(2)
+        .assert_stderr_contains("set kms.aws.grantee_principal");
+    assert!(!d.state_dir.join("volumes/v.luks").exists());
+    assert!(moto.grant_ids(&key1).is_empty());
+    drop(d);
+    let dir = TestDir::new("kmsd-aws-grantee");
+    let grantee = "arn:aws:iam::123456789012:role/cryptnbd-host";
+    let d = Daemon::start_env(
+        &dir,
+        &aws_config(
+            &dir,
+            &proxy.url(),
+            "",
+            &format!("grants = true\ngrantee_principal = \"{grantee}\""),
+        ),
+        ENV,
+    );
+    let scratch = dir.join("scratch");
+    let before = proxy.log().len();
+
+    // Create: EBS's context keys, a grant on key1 for this volume only, used at once.
+    let created = create(&d, "v", &key1, &["--ebs-context"]);
+    assert_eq!(created["name"], "v", "{created}");
+    let t = token(&d, "v");
+    assert_eq!(t["backend"], "aws");
+    assert_eq!(t["key_id"], key1.as_str());
+    let volume_id = t["volume_id"].as_str().expect("volume id").to_owned();
+    assert_eq!(t["context"]["aws:ebs:id"], volume_id.as_str());
+    assert_eq!(
+        t["context"]["aws:workspaces:sid-directoryid"],
+        format!("[{TEST_SID}]@[{TEST_DIRECTORY}]")
+    );
+    let grants = moto.grants(&key1);
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(t["grant"]["grant_id"], grants[0]["GrantId"]);
+    assert_eq!(
+        grants[0]["Constraints"]["EncryptionContextSubset"]["aws:ebs:id"],
+        volume_id.as_str()
+    );
+    assert_eq!(grants[0]["GranteePrincipal"], grantee);
+    assert_eq!(grants[0]["RetiringPrincipal"], grantee);
+    let decrypts_with_token = proxy.log()[before..]
+        .iter()
+        .filter(|r| r.action == "Decrypt")
+        .count();
+    assert_eq!(
+        decrypts_with_token, 1,
+        "the grant token was not used at once"
+    );
+
+    // Attach, write, read back; detach and re-attach: same data.
+    let mut rng = TestRng::new(7);
+    let first = rng.bytes(8 * MIB);
+    d.ctl.run(&["attach", "v"]).assert_success();
+    write_export(&d, "v", &first, &scratch);
+    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    d.ctl.run(&["attach", "v"]).assert_success();
+    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+
+    // Snapshot, overwrite, then rebuild from the snapshot while attached.
+    d.ctl.run(&["snapshot", "v", "s1"]).assert_success();
+    let second = rng.bytes(8 * MIB);
+    write_export(&d, "v", &second, &scratch);
+
+    // The KMS goes down mid-operation: the rebuild's key check fails with a precise error,
+    // the volume is untouched and still served.
+    proxy.set_down(true);
+    d.ctl
+        .run(&["rebuild", "v", "--from-snapshot", "s1", "--force"])
+        .assert_code(6)
+        .assert_stderr_contains(&proxy.url());
+    proxy.set_down(false);
+    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == second[..]);
+    d.ctl
+        .run(&["rebuild", "v", "--from-snapshot", "s1", "--force"])
+        .assert_success();
+    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+
+    // Rekey under key2 (ReEncrypt): the grant moves to key2, the old one is retired, the
+    // data is untouched.
+    let r = d
+        .ctl
+        .run(&["--json", "rekey", "v", "--kms-key", &key2])
+        .assert_success()
+        .json();
+    assert_eq!(r["key_id"], key2.as_str(), "{r}");
+    assert!(
+        moto.grant_ids(&key1).is_empty(),
+        "the old grant was not retired"
+    );
+    let g2 = moto.grant_ids(&key2);
+    assert_eq!(g2.len(), 1);
+    assert_eq!(token(&d, "v")["grant"]["grant_id"], g2[0].as_str());
+    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    d.ctl.run(&["attach", "v"]).assert_success();
+    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    d.ctl.run(&["detach", "v"]).assert_success();
+
+    // A changed context is refused by the KMS, and the volume opens again once put back.
+    let vol = d.state_dir.join("volumes/v.luks");
+    let set_id = |id: &str| {
+        let file = volume::lifecycle::open_locked(&vol, false).expect("open");
+        volume::lifecycle::rewrite_token(&file, &vol, |t| {
+            let mut pairs = t.context.pairs().clone();
+            pairs.insert("aws:workspaces:sid-directoryid".into(), id.into());
+            t.context = kms_client::EncryptionContext::new(pairs).expect("context");
+        })
+        .expect("rewrite token");
+    };
+    set_id(&format!("[{TEST_SID}]@[d-9999abcd99]"));
+    d.ctl
+        .run(&["attach", "v"])
+        .assert_code(5)
+        .assert_stderr_contains("encryption context");
+    set_id(&format!("[{TEST_SID}]@[{TEST_DIRECTORY}]"));
+    d.ctl.run(&["attach", "v"]).assert_success();
+    d.ctl.run(&["detach", "v"]).assert_success();
+
+    // The audit trail has one record per KMS call with the id the KMS gave, naming the
+    // volume: the ids are those moto answered with (CloudTrail's requestID on AWS).
+    let audit = d
+        .ctl
+        .run(&["--json", "audit", "--volume", "v"])
+        .assert_success()
+        .json();
+    let records = audit_records(&audit);
+    let kms_records: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["operation"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("kms:"))
+        })
+        .collect();
+    let answered: Vec<String> = proxy
+        .log()
+        .iter()
+        .filter(|r| r.handled == "forwarded" && !r.action.is_empty())
+        .filter_map(|r| r.request_id.clone())
+        .collect();
+    for op in [
+        "kms:GenerateDataKey",
+        "kms:CreateGrant",
+        "kms:Decrypt",
+        "kms:ReEncrypt",
+        "kms:RetireGrant",
+    ] {
+        let rec = kms_records
+            .iter()
+            .find(|r| r["operation"] == op)
+            .unwrap_or_else(|| panic!("no {op} record in {kms_records:?}"));
+        let id = rec["request_id"].as_str().expect("request_id");
+        assert!(
+            answered.iter().any(|a| a == id),
+            "{op}: {id} not among {answered:?}"
+        );
+        assert_eq!(rec["volume"], "v", "{rec}");
+    }
+    let refused = kms_records
+        .iter()
+        .find(|r| {
+            r["operation"] == "kms:Decrypt"
+                && r["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("encryption context"))
+        })
+        .expect("the refused Decrypt is audited");
+    let unreachable = kms_records
+        .iter()
+        .find(|r| {
+            r["operation"] == "kms:Decrypt"
+                && r["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("cannot reach"))
+        })
+        .expect("the Decrypt that found the KMS down is audited");
+    assert!(unreachable.get("request_id").is_none(), "{unreachable}");
+    assert!(refused["request_id"].is_string(), "{refused}");
+    let text = d
+        .ctl
+        .run(&["audit", "--volume", "v"])
+        .assert_success()
+        .stdout_text();
+    assert!(text.contains("request "), "{text}");
+
+    // Delete: the volume, its snapshot, and its grant.
+    d.ctl
+        .run(&["delete", "v", "--with-snapshots", "--yes"])
+        .assert_success();
+    assert!(
+        moto.grant_ids(&key2).is_empty(),
+        "the grant outlived the volume"
+    );
+    assert!(!vol.exists());
+}
+
+#[test]
+fn key_states_while_attached_follow_ebs_and_detach_when_configured() {
+    let dir = TestDir::new("kmsd-states");
+    let moto = Moto::start();
+    let proxy = KmsProxy::start(Some(moto.addr));
+    let key = moto.create_key("states");
+    let d = Daemon::start_env(
+        &dir,
+        &aws_config(&dir, &proxy.url(), "key_check_interval_secs = 1", ""),
+        ENV,
+    );
+    let scratch = dir.join("scratch");
+    create(&d, "a", &key, &[]);
+    create(&d, "b", &key, &[]);
+    let data = TestRng::new(3).bytes(4 * MIB);
+    d.ctl.run(&["attach", "a"]).assert_success();
+    write_export(&d, "a", &data, &scratch);
+    wait_status(&d, "a", "first key check", |s| {
+        attachment(s)["key_state"] == "Enabled"
+    });
+
+    // Disabled, as AWS does it: DescribeKey says so (moto), crypto calls get
+    // DisabledException (the scripted endpoint; moto would still decrypt).
+    moto.admin("disable_key", &key);
+    proxy.push(
+        Rule::on(
+            &["Decrypt", "GenerateDataKey", "ReEncrypt"],
+            Reply::error(409, "DisabledException", &format!("{key} is disabled.")),
+        )
+        .for_key(bare(&key)),
+    );
+    let s = wait_status(&d, "a", "the disabled key seen", |s| {
+        attachment(s)["key_state"] == "Disabled"
+    });
+    assert_eq!(attachment(&s)["kms_key"], key.as_str());
+    // The attached volume keeps working (its key is in memory).
+    assert!(read_export(&d, "a", &scratch)[..4 * MIB] == data[..]);
+    write_export(&d, "a", &data, &scratch);
+    let text = d.ctl.run(&["status", "a"]).assert_success().stdout_text();
+    assert!(text.contains("Disabled"), "{text}");
+    // New attaches and rebuilds are refused with what to do.
+    d.ctl
+        .run(&["attach", "b"])
+        .assert_code(5)
+        .assert_stderr_contains("is disabled")
+        .assert_stderr_contains("aws kms enable-key");
+    d.ctl.run(&["snapshot", "a", "s"]).assert_success();
+    d.ctl
+        .run(&["rebuild", "a", "--from-snapshot", "s", "--force"])
+        .assert_code(5);
+    assert!(d.log_text().contains("not usable"), "no warning in the log");
+
+    // Pending deletion: refused with how to cancel it.
+    proxy.clear();
+    moto.admin("enable_key", &key);
+    moto.admin("schedule_key_deletion", &key);
+    proxy.push(
+        Rule::on(
+            &["Decrypt"],
+            Reply::error(
+                409,
+                "KMSInvalidStateException",
+                &format!("{key} is pending deletion."),
+            ),
+        )
+        .for_key(bare(&key)),
+    );
+    wait_status(&d, "a", "pending deletion seen", |s| {
+        attachment(s)["key_state"] == "PendingDeletion"
+    });
+    d.ctl
+        .run(&["attach", "b"])
+        .assert_code(5)
+        .assert_stderr_contains("aws kms cancel-key-deletion");
+
+    // Usable again: attaches work.
+    proxy.clear();
+    moto.admin("cancel_key_deletion", &key);
+    moto.admin("enable_key", &key);
+    wait_status(&d, "a", "the key usable again", |s| {
+        attachment(s)["key_state"] == "Enabled"
+    });
+    d.ctl.run(&["attach", "b"]).assert_success();
+    drop(d);
+
+    // With on_unusable_key = "detach", a disabled key detaches its volumes at once.
+    let dir2 = TestDir::new("kmsd-states-detach");
+    std::fs::create_dir_all(dir2.state_dir()).expect("state");
+    let d = Daemon::start_env(
+        &dir2,
+        &aws_config(
+            &dir2,
+            &proxy.url(),
+            "key_check_interval_secs = 1\non_unusable_key = \"detach\"",
+            "",
+        ),
+        ENV,
+    );
+    create(&d, "c", &key, &[]);
+    d.ctl.run(&["attach", "c"]).assert_success();
+    moto.admin("disable_key", &key);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list = d.ctl.run(&["--json", "list"]).assert_success().json();
+        let attached = list.to_string().contains("\"attached\":true");
+        if !attached {
+            break;
+        }
+        assert!(Instant::now() < deadline, "c was not detached: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let audit = d
+        .ctl
+        .run(&["--json", "audit", "--volume", "c"])
+        .assert_success()
+        .json();
+    assert!(
+        audit.to_string().contains("key-unusable-detach"),
+        "the detach is not audited: {audit}"
+    );
+}
+
+#[test]
+fn revoke_detaches_every_volume_under_a_key_on_the_local_kms() {
+    let dir = TestDir::new("kmsd-revoke");
+    let d = Daemon::start(&dir, "");
+    let scratch = dir.join("scratch");
+    let compromised = d.ctl.create_key("compromised");
+    d.ctl.create_key("other");
+    for (name, key) in [
+        ("a", "alias/compromised"),
+        ("b", "alias/compromised"),
+        ("c", "alias/other"),
+    ] {
+        create(&d, name, key, &[]);
+        d.ctl.run(&["attach", name]).assert_success();
+    }
+    let data = TestRng::new(11).bytes(MIB);
+    write_export(&d, "a", &data, &scratch);
+
+    // A client holding a connection to `a` is cut off.
+    let mut holder = Command::new(e2e_tests::require_tool("nbdsh", "libnbd-bin"))
+        .args(["-u", &d.uri("a"), "-c", "import time; time.sleep(30)"])
+        .spawn()
+        .expect("nbdsh");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let r = d
+        .ctl
+        .run(&["--json", "revoke", "--kms-key", "alias/compromised"])
+        .assert_success()
+        .json();
+    assert_eq!(r["key_id"], compromised.as_str(), "{r}");
+    let mut detached: Vec<&str> = r["detached"]
+        .as_array()
+        .expect("detached")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    detached.sort_unstable();
+    assert_eq!(detached, ["a", "b"], "{r}");
+    let list = d.ctl.run(&["--json", "list"]).assert_success().json();
+    let attached: Vec<String> = list
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter(|v| v["attached"] == true)
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(attached, ["c"], "{list}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // The audit trail names the key and the volumes.
+    let audit = d.ctl.run(&["--json", "audit"]).assert_success().json();
+    let revoke = audit_records(&audit)
+        .iter()
+        .find(|r| r["operation"] == "revoke")
+        .expect("revoke record")
+        .clone();
+    assert_eq!(revoke["key_id"], compromised.as_str());
+    assert!(
+        revoke["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("a, b")),
+        "{revoke}"
+    );
+    // Nothing to revoke: says so, exit 0.
+    let out = d
+        .ctl
+        .run(&["revoke", "--kms-key", "alias/compromised"])
+        .assert_success()
+        .stdout_text();
+    assert!(out.contains("no attached volume"), "{out}");
+    // The volumes are intact: attached again (the key is still enabled), same data.
+    d.ctl.run(&["attach", "a"]).assert_success();
+    assert!(read_export(&d, "a", &scratch)[..MIB] == data[..]);
+}
