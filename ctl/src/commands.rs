@@ -236,7 +236,7 @@ const AUDIT_KEEP: u32 = 5;
 fn audit_text(r: &serde_json::Value) -> String {
     let f = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
     format!(
-        "{}  {:<8} {:<12} uid {:<6} key {}  {}  ({} ms)",
+        "{}  {:<19} {:<12} uid {:<6} key {}  {}  ({} ms)",
         f("time"),
         f("operation"),
         f("volume"),
@@ -410,10 +410,22 @@ fn delete(
                 .into());
             }
             let token = volume::inspect(&path).ok().and_then(|i| i.token);
+            let grant = volume::lifecycle::read_token(&path)
+                .ok()
+                .and_then(|t| t.grant());
             let started = std::time::Instant::now();
             let result = volume::wipe_and_remove(&path);
             offline_audit(layout, "delete", volume, token.as_ref(), started, &result);
             result?;
+            if let Some(g) = grant {
+                // Only the daemon talks to AWS KMS; the grant outlives an offline delete.
+                eprintln!(
+                    "cryptnbdctl: warning: the volume's KMS grant {} on key {} was not retired \
+                     (no daemon running): retire it with `aws kms revoke-grant --key-id {} \
+                     --grant-id {}`",
+                    g.grant_id, g.key_id, g.key_id, g.grant_id
+                );
+            }
         }
     }
     #[derive(Serialize)]

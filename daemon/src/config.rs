@@ -132,8 +132,10 @@ pub enum UnusableKeyAction {
 pub struct AwsConfig {
     /// Region, e.g. `eu-west-1` (else AWS_REGION / the profile's region).
     pub region: Option<String>,
-    /// Endpoint URL: a VPC endpoint, or a test server on loopback.
+    /// KMS endpoint URL: a VPC endpoint, or a test server on loopback.
     pub endpoint_url: Option<String>,
+    /// STS endpoint URL (asked who the daemon is, for grants without grantee_principal).
+    pub sts_endpoint_url: Option<String>,
     /// Profile in the shared config files (else AWS_PROFILE / default).
     pub profile: Option<String>,
     /// AWS config file to read instead of AWS_CONFIG_FILE / ~/.aws/config.
@@ -172,6 +174,7 @@ impl Default for AwsConfig {
         Self {
             region: None,
             endpoint_url: None,
+            sts_endpoint_url: None,
             profile: None,
             config_file: None,
             credentials_file: None,
@@ -196,6 +199,7 @@ impl AwsConfig {
         kms_client::aws::AwsKmsConfig {
             region: self.region.clone(),
             endpoint_url: self.endpoint_url.clone(),
+            sts_endpoint_url: self.sts_endpoint_url.clone(),
             profile: self.profile.clone(),
             config_file: self.config_file.clone(),
             credentials_file: self.credentials_file.clone(),
@@ -238,13 +242,18 @@ impl AwsConfig {
                     .into(),
             ));
         }
-        if let Some(url) = &self.endpoint_url
-            && !(url.starts_with("https://") || url.starts_with("http://"))
-        {
-            return Err(ConfigError::Invalid(format!(
-                "kms.aws.endpoint_url = {url:?} must start with https:// (or http:// for a test \
-                 server)"
-            )));
+        for (name, url) in [
+            ("endpoint_url", &self.endpoint_url),
+            ("sts_endpoint_url", &self.sts_endpoint_url),
+        ] {
+            if let Some(url) = url
+                && !(url.starts_with("https://") || url.starts_with("http://"))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "kms.aws.{name} = {url:?} must start with https:// (or http:// for a test \
+                     server)"
+                )));
+            }
         }
         Ok(())
     }

@@ -746,7 +746,14 @@ impl Daemon {
         let _g = self.lifecycle.lock().await;
         for s in saved {
             let volume = s.request.volume.clone();
-            match self.attach_as(s.request, None, Some(s.owner_uid)).await {
+            let scope = AuditScope {
+                volume: Some(volume.clone()),
+                caller_uid: None,
+            };
+            let attached = AUDIT_SCOPE
+                .scope(scope, self.attach_as(s.request, None, Some(s.owner_uid)))
+                .await;
+            match attached {
                 Ok(_) => tracing::info!(volume = %volume, "re-attached"),
                 Err(e) => tracing::error!(volume = %volume, error = %e.message, "cannot re-attach"),
             }

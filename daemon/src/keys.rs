@@ -217,7 +217,7 @@ impl Daemon {
                 });
                 let was = before.and_then(|b| b.state.ok());
                 match &state {
-                    Ok(s) if !s.is_usable() => {
+                    Ok(s) if s.is_unusable() => {
                         if was != Some(*s) {
                             tracing::warn!(
                                 volume = %a.volume,
@@ -243,7 +243,7 @@ impl Daemon {
                         }
                     }
                     Ok(s) => {
-                        if was.is_some_and(|w| !w.is_usable()) {
+                        if was.is_some_and(|w| w.is_unusable()) {
                             tracing::info!(volume = %a.volume, key = %key_id, state = %s, "the volume's master key is usable again");
                         }
                     }

@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
@@ -41,8 +42,11 @@ use crate::{
 pub struct AwsKmsConfig {
     /// Region (else `AWS_REGION` / the profile's `region`).
     pub region: Option<String>,
-    /// Endpoint URL: a VPC endpoint, a test server (else the regional endpoint).
+    /// Endpoint URL of KMS: a VPC endpoint, a test server (else the regional endpoint).
     pub endpoint_url: Option<String>,
+    /// Endpoint URL of STS, asked who the daemon is when grants name it (else the regional
+    /// endpoint).
+    pub sts_endpoint_url: Option<String>,
     /// Profile in the shared config files (else `AWS_PROFILE` / `default`).
     pub profile: Option<String>,
     /// The shared config file to read instead of `AWS_CONFIG_FILE` / `~/.aws/config` (a
@@ -72,6 +76,7 @@ impl Default for AwsKmsConfig {
         Self {
             region: None,
             endpoint_url: None,
+            sts_endpoint_url: None,
             profile: None,
             config_file: None,
             credentials_file: None,
@@ -155,7 +160,13 @@ pub struct AwsKms {
     config: AwsKmsConfig,
     region: String,
     observer: Option<CallObserver>,
+    /// Tokens of the grants this process created, by key: sent with every call on that key,
+    /// so a grant works before it has propagated (AWS: up to about five minutes).
+    grant_tokens: Mutex<HashMap<String, Vec<(String, String)>>>,
 }
+
+/// AWS accepts at most this many grant tokens per request.
+const MAX_GRANT_TOKENS: usize = 10;
 
 impl fmt::Debug for AwsKms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -214,9 +225,6 @@ impl AwsKms {
             }
             loader = loader.profile_files(files.build());
         }
-        if let Some(url) = &config.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
         if config.use_fips {
             loader = loader.use_fips(true);
         }
@@ -228,9 +236,20 @@ impl AwsKms {
                  AWS_REGION, or `region` in the AWS profile",
             ));
         };
+        // Each endpoint applies to its own service only (the credential providers, which may
+        // call STS or SSO themselves, keep the standard endpoints).
+        let mut kms = aws_sdk_kms::config::Builder::from(&shared);
+        if let Some(url) = &config.endpoint_url {
+            kms = kms.endpoint_url(url);
+        }
+        let mut sts = aws_sdk_sts::config::Builder::from(&shared);
+        if let Some(url) = &config.sts_endpoint_url {
+            sts = sts.endpoint_url(url);
+        }
         Ok(Self {
-            client: aws_sdk_kms::Client::new(&shared),
-            sts: aws_sdk_sts::Client::new(&shared),
+            client: aws_sdk_kms::Client::from_conf(kms.build()),
+            sts: aws_sdk_sts::Client::from_conf(sts.build()),
+            grant_tokens: Mutex::default(),
             config,
             region,
             observer: None,
@@ -328,7 +347,7 @@ impl AwsKms {
                     &aws_message,
                     service.raw().status().as_u16(),
                 );
-                KmsError::new(kind, format!("{message}{rid}")).with_source(err)
+                KmsError::new(kind, format!("{message}{rid}"))
             }
             SdkError::TimeoutError(_) => KmsError::new(
                 KmsErrorKind::Unavailable,
@@ -344,15 +363,7 @@ impl AwsKms {
             SdkError::DispatchFailure(ref d) => {
                 let detail = error_chain(&err);
                 if is_credentials_error(&err) {
-                    KmsError::new(
-                        KmsErrorKind::AccessDenied,
-                        format!(
-                            "no AWS credentials for {operation} on key {key_id}: {detail}. \
-                             Provide them through the standard chain (environment, \
-                             ~/.aws/credentials, a profile with credential_process or SSO, \
-                             web identity, container or instance metadata)"
-                        ),
-                    )
+                    no_credentials(operation, key_id, &detail)
                 } else if d.is_timeout() {
                     KmsError::new(
                         KmsErrorKind::Unavailable,
@@ -376,15 +387,7 @@ impl AwsKms {
             other => {
                 let detail = error_chain(&other);
                 if is_credentials_error(&other) {
-                    return KmsError::new(
-                        KmsErrorKind::AccessDenied,
-                        format!(
-                            "no AWS credentials for {operation} on key {key_id}: {detail}. \
-                             Provide them through the standard chain (environment, \
-                             ~/.aws/credentials, a profile with credential_process or SSO, \
-                             web identity, container or instance metadata)"
-                        ),
-                    );
+                    return no_credentials(operation, key_id, &detail);
                 }
                 KmsError::new(
                     KmsErrorKind::Unavailable,
@@ -413,15 +416,7 @@ impl AwsKms {
             format!(" AWS said: {aws_message}")
         };
         match code {
-            "DisabledException" => (
-                KmsErrorKind::KeyDisabled,
-                format!(
-                    "KMS key {key_id} is disabled, so {operation} was refused: enable it with \
-                     `aws kms enable-key --key-id {key_id}` (an attached volume keeps working; \
-                     new attaches and rebuilds need the key enabled).{said}"
-                ),
-            ),
-            "KMSInvalidStateException"
+            "DisabledException" | "KMSInvalidStateException"
                 if aws_message
                     .to_ascii_lowercase()
                     .contains("pending deletion") =>
@@ -430,13 +425,21 @@ impl AwsKms {
                     KmsErrorKind::KeyPendingDeletion,
                     format!(
                         "KMS key {key_id} is scheduled for deletion, so {operation} was refused: \
-                     cancel it with `aws kms cancel-key-deletion --key-id {key_id}`, then \
-                     `aws kms enable-key --key-id {key_id}`.{said}"
+                         cancel it with `aws kms cancel-key-deletion --key-id {key_id}`, then \
+                         `aws kms enable-key --key-id {key_id}`.{said}"
                     ),
                 )
             }
+            "DisabledException" => (
+                KmsErrorKind::KeyDisabled,
+                format!(
+                    "KMS key {key_id} is disabled, so {operation} was refused: enable it with \
+                     `aws kms enable-key --key-id {key_id}` (an attached volume keeps working; \
+                     new attaches and rebuilds need the key enabled).{said}"
+                ),
+            ),
             "KMSInvalidStateException" => (
-                KmsErrorKind::Unavailable,
+                KmsErrorKind::KeyDisabled,
                 format!(
                     "KMS key {key_id} is not in a state that allows {operation} \
                      (see `aws kms describe-key --key-id {key_id}`).{said}"
@@ -477,7 +480,29 @@ impl AwsKms {
                     self.region
                 ),
             ),
-            "ThrottlingException" | "LimitExceededException" | "RequestLimitExceeded" => (
+            "LimitExceededException" => (
+                KmsErrorKind::InvalidRequest,
+                format!(
+                    "AWS KMS refused {operation} on key {key_id}: a quota is exhausted (for \
+                     example 50,000 grants per key; see `aws kms list-grants --key-id \
+                     {key_id}`) or the request rate is too high.{said}"
+                ),
+            ),
+            "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "ExpiredTokenException"
+            | "InvalidClientTokenId"
+            | "SignatureDoesNotMatch"
+            | "IncompleteSignature"
+            | "MissingAuthenticationToken" => (
+                KmsErrorKind::AccessDenied,
+                format!(
+                    "AWS KMS rejected the credentials signing {operation} on key {key_id} \
+                     ({code}): they are wrong, expired or for another partition; check the \
+                     profile or the credential process.{said}"
+                ),
+            ),
+            "ThrottlingException" | "RequestLimitExceeded" => (
                 KmsErrorKind::Unavailable,
                 format!(
                     "AWS KMS throttled {operation} on key {key_id} ({code}) and still did after \
@@ -546,17 +571,29 @@ impl AwsKms {
                 ),
             ));
         }
-        let plaintext = out.plaintext.clone().ok_or_else(|| {
+        // Moved out of the answer, not copied: the only copy is the zeroizing one.
+        let mut out = out;
+        let plaintext = out.plaintext.take().ok_or_else(|| {
             KmsError::new(
                 KmsErrorKind::Unavailable,
                 format!("AWS KMS answered Decrypt on key {expected_key_id} without a plaintext"),
             )
         })?;
-        drop(out);
         Ok(DataKey::new(Zeroizing::new(plaintext.into_inner())))
     }
 
-    /// CreateGrant.
+    /// The tokens of the grants this process made on `key_id`.
+    fn tokens_for(&self, key_id: &str) -> Vec<String> {
+        self.grant_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(bare_key(key_id))
+            .map(|l| l.iter().map(|(_, t)| t.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// CreateGrant (its token is kept and sent with later calls on the key until it is
+    /// retired or this process ends).
     pub async fn create_grant(&self, spec: &GrantSpec<'_>) -> Result<Grant, KmsError> {
         let request = self
             .client
@@ -580,11 +617,19 @@ impl AwsKms {
             )
             .await?;
         match (out.grant_id(), out.grant_token()) {
-            (Some(id), Some(token)) => Ok(Grant {
-                grant_id: id.to_owned(),
-                grant_token: token.to_owned(),
-                key_id: spec.key_id.to_owned(),
-            }),
+            (Some(id), Some(token)) => {
+                let mut all = self.grant_tokens.lock().unwrap_or_else(|p| p.into_inner());
+                let list = all.entry(bare_key(spec.key_id).to_owned()).or_default();
+                list.push((id.to_owned(), token.to_owned()));
+                if list.len() > MAX_GRANT_TOKENS {
+                    list.remove(0);
+                }
+                Ok(Grant {
+                    grant_id: id.to_owned(),
+                    grant_token: token.to_owned(),
+                    key_id: spec.key_id.to_owned(),
+                })
+            }
             _ => Err(KmsError::new(
                 KmsErrorKind::Unavailable,
                 format!(
@@ -599,8 +644,16 @@ impl AwsKms {
     pub async fn retire_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError> {
         let request = self.client.retire_grant().key_id(key_id).grant_id(grant_id);
         self.call("RetireGrant", key_id, None, request.send())
-            .await
-            .map(|_| ())
+            .await?;
+        if let Some(list) = self
+            .grant_tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(bare_key(key_id))
+        {
+            list.retain(|(id, _)| id != grant_id);
+        }
+        Ok(())
     }
 
     /// The ids of the grants on a key (ListGrants, every page).
@@ -676,10 +729,24 @@ pub fn principal_for_grant(arn: &str) -> Option<String> {
 /// True when two key references name the same key: equal, or one is the ARN of the other's
 /// bare id.
 pub fn same_key(a: &str, b: &str) -> bool {
-    fn bare(k: &str) -> &str {
-        k.rsplit_once(":key/").map_or(k, |(_, id)| id)
-    }
-    a == b || bare(a) == bare(b)
+    a == b || bare_key(a) == bare_key(b)
+}
+
+/// The key id of a key ARN (`arn:aws:kms:REGION:ACCOUNT:key/ID` -> `ID`); other references
+/// as they are.
+fn bare_key(k: &str) -> &str {
+    k.rsplit_once(":key/").map_or(k, |(_, id)| id)
+}
+
+fn no_credentials(operation: &str, key_id: &str, detail: &str) -> KmsError {
+    KmsError::new(
+        KmsErrorKind::AccessDenied,
+        format!(
+            "no AWS credentials for {operation} on key {key_id}: {detail}. Provide them through \
+             the standard chain (environment, ~/.aws/credentials, a profile with \
+             credential_process or SSO, web identity, container or instance metadata)"
+        ),
+    )
 }
 
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
@@ -791,7 +858,8 @@ impl Kms for AwsKms {
         context: &EncryptionContext,
         expected_key_id: &str,
     ) -> Result<DataKey, KmsError> {
-        self.decrypt_with_grant_tokens(wrapped, context, expected_key_id, &[])
+        let tokens = self.tokens_for(expected_key_id);
+        self.decrypt_with_grant_tokens(wrapped, context, expected_key_id, &tokens)
             .await
     }
 
@@ -810,6 +878,10 @@ impl Kms for AwsKms {
             .set_source_encryption_context(Some(sdk_map(context)))
             .source_key_id(key_id)
             .destination_key_id(new_key_id)
+            .set_grant_tokens({
+                let t = self.tokens_for(key_id);
+                (!t.is_empty()).then_some(t)
+            })
             .set_destination_encryption_context(Some(sdk_map(new_context)));
         let out = self
             .call("ReEncrypt", key_id, Some(context), request.send())

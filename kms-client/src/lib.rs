@@ -105,6 +105,20 @@ impl KeyState {
         matches!(self, KeyState::Enabled)
     }
 
+    /// True when the key refuses cryptographic operations until someone acts (enables it,
+    /// cancels its deletion, imports material, reconnects its key store). `Creating` and
+    /// `Updating` are passing states and do not count.
+    pub fn is_unusable(self) -> bool {
+        matches!(
+            self,
+            KeyState::Disabled
+                | KeyState::PendingDeletion
+                | KeyState::PendingReplicaDeletion
+                | KeyState::PendingImport
+                | KeyState::Unavailable
+        )
+    }
+
     /// The name AWS KMS uses (`Enabled`, `Disabled`, `PendingDeletion`, ...).
     pub fn as_str(self) -> &'static str {
         match self {

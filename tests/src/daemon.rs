@@ -249,3 +249,44 @@ pub fn nbdinfo() -> PathBuf {
 pub fn nbdcopy() -> PathBuf {
     require_tool("nbdcopy", "libnbd-bin")
 }
+
+/// An nbdsh process that connects and then holds the connection open until killed.
+pub fn hold_connection(uri: &str) -> std::process::Child {
+    let nbdsh = require_tool("nbdsh", "libnbd-bin");
+    assert!(
+        run(Command::new("/usr/bin/python3").args(["-c", "import nbd"])).code == Some(0),
+        "nbdsh needs python3-libnbd for /usr/bin/python3: apt-get install python3-libnbd"
+    );
+    Command::new(nbdsh)
+        .env("PATH", "/usr/bin:/bin")
+        .args(["-u", uri, "-c", "import time\nwhile True: time.sleep(1)"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdsh")
+}
+
+/// Waits until `volume` has `n` NBD connections.
+#[track_caller]
+pub fn wait_connections(d: &Daemon, volume: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = d
+            .ctl
+            .run(&["--json", "status", volume])
+            .assert_success()
+            .json();
+        let got = s["attachments"][0]["connections"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} connections, have {got}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -295,10 +295,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn forward(
-    upstream: SocketAddr,
-    req: &HttpMessage,
-) -> Option<(u16, Headers, Vec<u8>)> {
+fn forward(upstream: SocketAddr, req: &HttpMessage) -> Option<(u16, Headers, Vec<u8>)> {
     let mut s = TcpStream::connect(upstream).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     let mut head = format!("{}\r\n", req.start);

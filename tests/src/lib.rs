@@ -571,6 +571,20 @@ pub fn read_primary_metadata(path: &Path) -> Value {
         .unwrap_or_else(|e| panic!("the JSON area of {} does not parse: {e}", path.display()))
 }
 
+/// Sets one pair of the volume's token context in place (both header copies), leaving the
+/// wrapped key as it is: the context then no longer matches the one the key was wrapped
+/// under, unless the pair is put back.
+#[track_caller]
+pub fn set_context_pair(volume: &Path, key: &str, value: &str) {
+    let file = volume::lifecycle::open_locked(volume, false).expect("open the volume");
+    volume::lifecycle::rewrite_token(&file, volume, |t| {
+        let mut pairs = t.context.pairs().clone();
+        pairs.insert(key.into(), value.into());
+        t.context = EncryptionContext::new(pairs).expect("context");
+    })
+    .expect("rewrite the token");
+}
+
 /// The `cryptnbd-kms` token object of LUKS2 metadata (fails the test when there is none).
 #[track_caller]
 pub fn kms_token(metadata: &Value) -> Map<String, Value> {

@@ -29,6 +29,23 @@ pub fn aws_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
+/// Writes an AWS config file (region) and a credentials file (the test key) into `dir`;
+/// returns (config, credentials).
+pub fn write_aws_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let config = dir.join("aws-config");
+    let credentials = dir.join("aws-credentials");
+    std::fs::write(&config, format!("[default]\nregion = {REGION}\n")).expect("aws config");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = {ACCESS_KEY_ID}\n\
+             aws_secret_access_key = {SECRET_ACCESS_KEY}\n"
+        ),
+    )
+    .expect("aws credentials");
+    (config, credentials)
+}
+
 /// A running moto server (killed on drop).
 pub struct Moto {
     child: Child,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::TestDir;
 use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
-use e2e_tests::moto::{ACCESS_KEY_ID, Moto, REGION, SECRET_ACCESS_KEY};
+use e2e_tests::moto::{Moto, REGION, write_aws_files};
 use kms_client::aws::{AwsKms, AwsKmsConfig, GrantOp, GrantSpec};
 use kms_client::{EncryptionContext, KeyState, Kms, KmsCall, KmsErrorKind};
 
@@ -26,21 +26,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// Shared config and credentials files with a static test key.
-fn aws_files(dir: &TestDir) -> (std::path::PathBuf, std::path::PathBuf) {
-    let config = dir.join("aws-config");
-    let credentials = dir.join("aws-credentials");
-    std::fs::write(&config, format!("[default]\nregion = {REGION}\n")).expect("config");
-    std::fs::write(
-        &credentials,
-        format!(
-            "[default]\naws_access_key_id = {ACCESS_KEY_ID}\naws_secret_access_key = {SECRET_ACCESS_KEY}\n"
-        ),
-    )
-    .expect("credentials");
-    (config, credentials)
 }
 
 fn settings(endpoint: &str, files: &(std::path::PathBuf, std::path::PathBuf)) -> AwsKmsConfig {
@@ -89,7 +74,7 @@ fn generate_decrypt_reencrypt_describe_and_grants_against_moto() {
     let moto = Moto::start();
     let proxy = KmsProxy::start(Some(moto.addr));
     let rt = rt();
-    let (kms, calls) = connect(&rt, settings(&proxy.url(), &aws_files(&dir)));
+    let (kms, calls) = connect(&rt, settings(&proxy.url(), &write_aws_files(dir.path())));
     let key1 = moto.create_key("cryptnbd test 1");
     let key2 = moto.create_key("cryptnbd test 2");
     let ctx = context("vol-0123456789abcdef0");
@@ -218,7 +203,7 @@ fn aws_error_shapes_become_precise_errors() {
     let dir = TestDir::new("aws-errors");
     let proxy = KmsProxy::start(None);
     let rt = rt();
-    let (kms, _) = connect(&rt, settings(&proxy.url(), &aws_files(&dir)));
+    let (kms, _) = connect(&rt, settings(&proxy.url(), &write_aws_files(dir.path())));
     let key = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
     let cases: &[(u16, &str, &str, KmsErrorKind, &[&str])] = &[
         (
@@ -273,6 +258,34 @@ fn aws_error_shapes_become_precise_errors() {
             &["has no key", "region eu-west-1"],
         ),
         (
+            409,
+            "DisabledException",
+            &format!("{key} is pending deletion."),
+            KmsErrorKind::KeyPendingDeletion,
+            &["aws kms cancel-key-deletion --key-id"],
+        ),
+        (
+            409,
+            "KMSInvalidStateException",
+            &format!("{key} is pending import."),
+            KmsErrorKind::KeyDisabled,
+            &["not in a state that allows Decrypt", "aws kms describe-key"],
+        ),
+        (
+            400,
+            "LimitExceededException",
+            "grant quota",
+            KmsErrorKind::InvalidRequest,
+            &["quota", "list-grants"],
+        ),
+        (
+            400,
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+            KmsErrorKind::AccessDenied,
+            &["rejected the credentials"],
+        ),
+        (
             400,
             "com.amazonaws.kms#InvalidGrantTokenException",
             "",
@@ -294,8 +307,14 @@ fn aws_error_shapes_become_precise_errors() {
         let id = err.request_id().expect("request id");
         assert!(id.starts_with("proxy-"), "{id}");
         assert!(text.contains(id), "{text}");
-        // Client errors are not retried.
-        assert_eq!(proxy.count("Decrypt") - before, 1, "{code} was retried");
+        // Client errors are not retried; the SDK counts LimitExceeded as throttling and
+        // retries it up to max_attempts (3 here).
+        let attempts = if *code == "LimitExceededException" {
+            3
+        } else {
+            1
+        };
+        assert_eq!(proxy.count("Decrypt") - before, attempts, "{code}");
     }
 }
 
@@ -305,7 +324,7 @@ fn throttling_and_server_errors_are_retried_with_backoff_then_reported() {
     let moto = Moto::start();
     let proxy = KmsProxy::start(Some(moto.addr));
     let rt = rt();
-    let (kms, _) = connect(&rt, settings(&proxy.url(), &aws_files(&dir)));
+    let (kms, _) = connect(&rt, settings(&proxy.url(), &write_aws_files(dir.path())));
     let key = moto.create_key("retries");
 
     // Throttled twice, then served: the third attempt succeeds.
@@ -374,7 +393,7 @@ fn slow_dropped_and_unreachable_endpoints_fail_within_the_timeouts() {
     let moto = Moto::start();
     let proxy = KmsProxy::start(Some(moto.addr));
     let rt = rt();
-    let files = aws_files(&dir);
+    let files = write_aws_files(dir.path());
     let cfg = AwsKmsConfig {
         attempt_timeout: Duration::from_millis(500),
         operation_timeout: Duration::from_secs(3),

@@ -4,10 +4,9 @@
 //! control behave.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use e2e_tests::daemon::{Daemon, nbdcopy, nbdinfo};
+use e2e_tests::daemon::{Daemon, hold_connection, nbdcopy, nbdinfo, wait_connections};
 use e2e_tests::{Oracle, Segment, TestDir, TestRng, require_tool, run, unwrap_volume_key};
 use serde_json::Value;
 
@@ -248,46 +247,6 @@ fn qemu_clients_data_on_disk_and_restart() {
         "oracle: qemu-img data differs"
     );
     d.stop();
-}
-
-/// An nbdsh process that connects and then holds the connection open until killed.
-fn hold_connection(uri: &str) -> std::process::Child {
-    let nbdsh = require_tool("nbdsh", "libnbd-bin");
-    assert!(
-        run(Command::new("/usr/bin/python3").args(["-c", "import nbd"])).code == Some(0),
-        "nbdsh needs python3-libnbd for /usr/bin/python3: apt-get install python3-libnbd"
-    );
-    Command::new(nbdsh)
-        .env("PATH", "/usr/bin:/bin")
-        .args(["-u", uri, "-c", "import time\nwhile True: time.sleep(1)"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nbdsh")
-}
-
-#[track_caller]
-fn wait_connections(d: &Daemon, volume: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = d
-            .ctl
-            .run(&["--json", "status", volume])
-            .assert_success()
-            .json();
-        let got = s["attachments"][0]["connections"]
-            .as_array()
-            .map_or(0, Vec::len);
-        if got == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expected {n} connections, have {got}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -8,15 +8,16 @@
 //! - key states while attached: a disabled or pending-deletion key keeps the attached volume
 //!   working, refuses new attaches and rebuilds, shows in `status`; `on_unusable_key =
 //!   "detach"` detaches at once;
-//! - `revoke --kms-key`, the kill switch, on both backends.
+//! - `revoke --kms-key`, the kill switch, on both backends (AWS by bare key id, local by
+//!   alias).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::daemon::{Daemon, nbdcopy};
+use e2e_tests::daemon::{Daemon, hold_connection, nbdcopy, wait_connections};
 use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
-use e2e_tests::moto::{ACCESS_KEY_ID, Moto, REGION, SECRET_ACCESS_KEY, bare};
+use e2e_tests::moto::{Moto, REGION, bare, write_aws_files};
 use e2e_tests::{TEST_DIRECTORY, TEST_SID, TestDir, TestRng, run};
 use serde_json::Value;
 
@@ -35,16 +36,7 @@ fn write_export(d: &Daemon, export: &str, data: &[u8], scratch: &Path) {
 
 /// The daemon's `[kms]` config for AWS KMS at `endpoint`, credentials from files in `dir`.
 fn aws_config(dir: &TestDir, endpoint: &str, extra_kms: &str, extra_aws: &str) -> String {
-    let config = dir.join("aws-config");
-    let credentials = dir.join("aws-credentials");
-    std::fs::write(&config, format!("[default]\nregion = {REGION}\n")).expect("config");
-    std::fs::write(
-        &credentials,
-        format!(
-            "[default]\naws_access_key_id = {ACCESS_KEY_ID}\naws_secret_access_key = {SECRET_ACCESS_KEY}\n"
-        ),
-    )
-    .expect("credentials");
+    let (config, credentials) = write_aws_files(dir.path());
     format!(
         "[kms]\nbackend = \"aws\"\n{extra_kms}\n[kms.aws]\nregion = \"{REGION}\"\n\
          endpoint_url = \"{endpoint}\"\nconfig_file = \"{}\"\ncredentials_file = \"{}\"\n\
@@ -134,7 +126,12 @@ fn volume_lifecycle_on_aws_kms_with_grants_and_request_ids() {
     // to set, and nothing is left behind.
     let d = Daemon::start_env(
         &dir,
-        &aws_config(&dir, &proxy.url(), "", "grants = true"),
+        &aws_config(
+            &dir,
+            &proxy.url(),
+            "",
+            &format!("grants = true\nsts_endpoint_url = \"{}\"", proxy.url()),
+        ),
         ENV,
     );
     d.ctl
@@ -252,15 +249,7 @@ fn volume_lifecycle_on_aws_kms_with_grants_and_request_ids() {
 
     // A changed context is refused by the KMS, and the volume opens again once put back.
     let vol = d.state_dir.join("volumes/v.luks");
-    let set_id = |id: &str| {
-        let file = volume::lifecycle::open_locked(&vol, false).expect("open");
-        volume::lifecycle::rewrite_token(&file, &vol, |t| {
-            let mut pairs = t.context.pairs().clone();
-            pairs.insert("aws:workspaces:sid-directoryid".into(), id.into());
-            t.context = kms_client::EncryptionContext::new(pairs).expect("context");
-        })
-        .expect("rewrite token");
-    };
+    let set_id = |id: &str| e2e_tests::set_context_pair(&vol, "aws:workspaces:sid-directoryid", id);
     set_id(&format!("[{TEST_SID}]@[d-9999abcd99]"));
     d.ctl
         .run(&["attach", "v"])
@@ -431,6 +420,17 @@ fn key_states_while_attached_follow_ebs_and_detach_when_configured() {
         attachment(s)["key_state"] == "Enabled"
     });
     d.ctl.run(&["attach", "b"]).assert_success();
+
+    // Revoke on AWS KMS, by the bare key id (the tokens hold the ARN): both detached.
+    let r = d
+        .ctl
+        .run(&["--json", "revoke", "--kms-key", bare(&key)])
+        .assert_success()
+        .json();
+    assert_eq!(r["key_id"], key.as_str(), "{r}");
+    assert_eq!(r["detached"].as_array().map(Vec::len), Some(2), "{r}");
+    let s = d.ctl.run(&["--json", "status"]).assert_success().json();
+    assert!(!s.to_string().contains("\"volume\":\"a\""), "{s}");
     drop(d);
 
     // With on_unusable_key = "detach", a disabled key detaches its volumes at once.
@@ -489,11 +489,8 @@ fn revoke_detaches_every_volume_under_a_key_on_the_local_kms() {
     write_export(&d, "a", &data, &scratch);
 
     // A client holding a connection to `a` is cut off.
-    let mut holder = Command::new(e2e_tests::require_tool("nbdsh", "libnbd-bin"))
-        .args(["-u", &d.uri("a"), "-c", "import time; time.sleep(30)"])
-        .spawn()
-        .expect("nbdsh");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut holder = hold_connection(&d.uri("a"));
+    wait_connections(&d, "a", 1);
 
     let r = d
         .ctl

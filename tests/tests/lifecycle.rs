@@ -342,15 +342,7 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
     d.ctl.run(&["detach", "v"]).assert_success();
     let token = e2e_tests::kms_token(&e2e_tests::read_primary_metadata(&vol));
     assert_eq!(token["context"]["team"], "blue");
-    let set_team = |team: &str| {
-        let file = volume::lifecycle::open_locked(&vol, false).expect("open");
-        volume::lifecycle::rewrite_token(&file, &vol, |t| {
-            let mut pairs = t.context.pairs().clone();
-            pairs.insert("team".into(), team.into());
-            t.context = kms_client::EncryptionContext::new(pairs).expect("context");
-        })
-        .expect("rewrite token");
-    };
+    let set_team = |team: &str| e2e_tests::set_context_pair(&vol, "team", team);
     set_team("red");
     d.ctl
         .run(&["rebuild", "v"])

@@ -70,7 +70,11 @@ impl VolumeError {
         let kind = err.kind();
         let mut e = Self::new(
             VolumeErrorKind::Kms,
-            format!("{}: the KMS refused to {what}", path.display()),
+            if kind == kms_client::KmsErrorKind::Unavailable {
+                format!("{}: the KMS could not be asked to {what}", path.display())
+            } else {
+                format!("{}: the KMS refused to {what}", path.display())
+            },
         )
         .with_source(err);
         e.kms_kind = Some(kind);
