@@ -421,7 +421,7 @@ fn delete(
                 // Only the daemon talks to AWS KMS; the grant outlives an offline delete.
                 eprintln!(
                     "cryptnbdctl: warning: the volume's KMS grant {} on key {} was not retired \
-                     (no daemon running): retire it with `aws kms revoke-grant --key-id {} \
+                     (no daemon running): revoke it with `aws kms revoke-grant --key-id {} \
                      --grant-id {}`",
                     g.grant_id, g.key_id, g.key_id, g.grant_id
                 );

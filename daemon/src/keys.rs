@@ -180,9 +180,7 @@ impl Daemon {
             return Ok(());
         }
         let token = volume::lifecycle::read_token(path)?;
-        let wrapped = token
-            .wrapped()
-            .map_err(|e| VolumeError::new(VolumeErrorKind::Corrupt, e.to_string()))?;
+        let wrapped = token.wrapped_in(path)?;
         let grant = self
             .make_grant(path, &token.key_id, &token, &wrapped, &token.context)
             .await?;

@@ -438,9 +438,7 @@ impl Daemon {
     /// Checks that the KMS still unwraps the volume's key under its context (a disabled or
     /// pending-deletion master key, or a changed context, stops the operation here).
     async fn check_unwrap(&self, path: &Path, token: &KmsToken) -> Result<(), VolumeError> {
-        let wrapped = token.wrapped().map_err(|e| {
-            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-        })?;
+        let wrapped = token.wrapped_in(path)?;
         self.kms
             .decrypt(&wrapped, &token.context, &token.key_id)
             .await
@@ -454,9 +452,7 @@ impl Daemon {
         sector_size: u32,
         path: &Path,
     ) -> Result<CreateOptions, VolumeError> {
-        let identity = token.identity().map_err(|e| {
-            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-        })?;
+        let identity = token.identity_in(path)?;
         Ok(CreateOptions {
             size,
             sector_size,
@@ -668,9 +664,7 @@ impl Daemon {
             ));
         }
         let snap_token = lifecycle::read_token(&snap)?;
-        let wrapped = snap_token.wrapped().map_err(|e| {
-            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", snap.display()))
-        })?;
+        let wrapped = snap_token.wrapped_in(&snap)?;
         let rewrapped = self
             .kms
             .re_encrypt(
@@ -958,9 +952,7 @@ impl Daemon {
         old: &KmsToken,
     ) -> Result<KmsToken, VolumeError> {
         let invalid = |m: String| VolumeError::new(VolumeErrorKind::InvalidArgument, m);
-        let identity = old.identity().map_err(|e| {
-            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-        })?;
+        let identity = old.identity_in(path)?;
         let extra = r
             .context
             .clone()
@@ -968,9 +960,7 @@ impl Daemon {
         let new_context: EncryptionContext = identity
             .to_context(&old.context_keys, &extra)
             .map_err(|e| invalid(e.to_string()))?;
-        let wrapped = old.wrapped().map_err(|e| {
-            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-        })?;
+        let wrapped = old.wrapped_in(path)?;
         let rewrapped = self
             .kms
             .re_encrypt(
@@ -1139,9 +1129,7 @@ impl Daemon {
         let _guard = self.begin(volume, "recovery-add", caller, ctx).await?;
         let token = self.token(&path)?;
         let result = async {
-            let wrapped = token.wrapped().map_err(|e| {
-                VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-            })?;
+            let wrapped = token.wrapped_in(&path)?;
             let key = self
                 .kms
                 .decrypt(&wrapped, &token.context, &token.key_id)

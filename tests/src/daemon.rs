@@ -142,6 +142,21 @@ impl Daemon {
         self.runtime_dir.join("nbd.sock")
     }
 
+    /// The export's whole content, read with nbdcopy (through `scratch`).
+    #[track_caller]
+    pub fn read_export(&self, export: &str, scratch: &std::path::Path) -> Vec<u8> {
+        let _ = std::fs::remove_file(scratch);
+        run(Command::new(nbdcopy()).arg(self.uri(export)).arg(scratch)).assert_success();
+        std::fs::read(scratch).expect("read the copy")
+    }
+
+    /// Writes `data` over the start of the export with nbdcopy (through `scratch`).
+    #[track_caller]
+    pub fn write_export(&self, export: &str, data: &[u8], scratch: &std::path::Path) {
+        std::fs::write(scratch, data).expect("write scratch");
+        run(Command::new(nbdcopy()).arg(scratch).arg(self.uri(export))).assert_success();
+    }
+
     /// The NBD URI of `export`.
     pub fn uri(&self, export: &str) -> String {
         format!(

@@ -11,28 +11,15 @@
 //! - `revoke --kms-key`, the kill switch, on both backends (AWS by bare key id, local by
 //!   alias).
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::daemon::{Daemon, hold_connection, nbdcopy, wait_connections};
+use e2e_tests::daemon::{Daemon, hold_connection, wait_connections};
 use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
 use e2e_tests::moto::{Moto, REGION, bare, write_aws_files};
-use e2e_tests::{TEST_DIRECTORY, TEST_SID, TestDir, TestRng, run};
+use e2e_tests::{TEST_DIRECTORY, TEST_SID, TestDir, TestRng};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
-
-fn read_export(d: &Daemon, export: &str, scratch: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(scratch);
-    run(Command::new(nbdcopy()).arg(d.uri(export)).arg(scratch)).assert_success();
-    std::fs::read(scratch).expect("read copy")
-}
-
-fn write_export(d: &Daemon, export: &str, data: &[u8], scratch: &Path) {
-    std::fs::write(scratch, data).expect("write scratch");
-    run(Command::new(nbdcopy()).arg(scratch).arg(d.uri(export))).assert_success();
-}
 
 /// The daemon's `[kms]` config for AWS KMS at `endpoint`, credentials from files in `dir`.
 fn aws_config(dir: &TestDir, endpoint: &str, extra_kms: &str, extra_aws: &str) -> String {
@@ -201,16 +188,16 @@ fn volume_lifecycle_on_aws_kms_with_grants_and_request_ids() {
     let mut rng = TestRng::new(7);
     let first = rng.bytes(8 * MIB);
     d.ctl.run(&["attach", "v"]).assert_success();
-    write_export(&d, "v", &first, &scratch);
-    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    d.write_export("v", &first, &scratch);
+    assert!(d.read_export("v", &scratch)[..8 * MIB] == first[..]);
     d.ctl.run(&["detach", "v"]).assert_success();
     d.ctl.run(&["attach", "v"]).assert_success();
-    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    assert!(d.read_export("v", &scratch)[..8 * MIB] == first[..]);
 
     // Snapshot, overwrite, then rebuild from the snapshot while attached.
     d.ctl.run(&["snapshot", "v", "s1"]).assert_success();
     let second = rng.bytes(8 * MIB);
-    write_export(&d, "v", &second, &scratch);
+    d.write_export("v", &second, &scratch);
 
     // The KMS goes down mid-operation: the rebuild's key check fails with a precise error,
     // the volume is untouched and still served.
@@ -220,11 +207,11 @@ fn volume_lifecycle_on_aws_kms_with_grants_and_request_ids() {
         .assert_code(6)
         .assert_stderr_contains(&proxy.url());
     proxy.set_down(false);
-    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == second[..]);
+    assert!(d.read_export("v", &scratch)[..8 * MIB] == second[..]);
     d.ctl
         .run(&["rebuild", "v", "--from-snapshot", "s1", "--force"])
         .assert_success();
-    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    assert!(d.read_export("v", &scratch)[..8 * MIB] == first[..]);
 
     // Rekey under key2 (ReEncrypt): the grant moves to key2, the old one is retired, the
     // data is untouched.
@@ -241,10 +228,10 @@ fn volume_lifecycle_on_aws_kms_with_grants_and_request_ids() {
     let g2 = moto.grant_ids(&key2);
     assert_eq!(g2.len(), 1);
     assert_eq!(token(&d, "v")["grant"]["grant_id"], g2[0].as_str());
-    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    assert!(d.read_export("v", &scratch)[..8 * MIB] == first[..]);
     d.ctl.run(&["detach", "v"]).assert_success();
     d.ctl.run(&["attach", "v"]).assert_success();
-    assert!(read_export(&d, "v", &scratch)[..8 * MIB] == first[..]);
+    assert!(d.read_export("v", &scratch)[..8 * MIB] == first[..]);
     d.ctl.run(&["detach", "v"]).assert_success();
 
     // A changed context is refused by the KMS, and the volume opens again once put back.
@@ -353,7 +340,7 @@ fn key_states_while_attached_follow_ebs_and_detach_when_configured() {
     create(&d, "b", &key, &[]);
     let data = TestRng::new(3).bytes(4 * MIB);
     d.ctl.run(&["attach", "a"]).assert_success();
-    write_export(&d, "a", &data, &scratch);
+    d.write_export("a", &data, &scratch);
     wait_status(&d, "a", "first key check", |s| {
         attachment(s)["key_state"] == "Enabled"
     });
@@ -373,8 +360,8 @@ fn key_states_while_attached_follow_ebs_and_detach_when_configured() {
     });
     assert_eq!(attachment(&s)["kms_key"], key.as_str());
     // The attached volume keeps working (its key is in memory).
-    assert!(read_export(&d, "a", &scratch)[..4 * MIB] == data[..]);
-    write_export(&d, "a", &data, &scratch);
+    assert!(d.read_export("a", &scratch)[..4 * MIB] == data[..]);
+    d.write_export("a", &data, &scratch);
     let text = d.ctl.run(&["status", "a"]).assert_success().stdout_text();
     assert!(text.contains("Disabled"), "{text}");
     // New attaches and rebuilds are refused with what to do.
@@ -486,7 +473,7 @@ fn revoke_detaches_every_volume_under_a_key_on_the_local_kms() {
         d.ctl.run(&["attach", name]).assert_success();
     }
     let data = TestRng::new(11).bytes(MIB);
-    write_export(&d, "a", &data, &scratch);
+    d.write_export("a", &data, &scratch);
 
     // A client holding a connection to `a` is cut off.
     let mut holder = hold_connection(&d.uri("a"));
@@ -540,5 +527,5 @@ fn revoke_detaches_every_volume_under_a_key_on_the_local_kms() {
     assert!(out.contains("no attached volume"), "{out}");
     // The volumes are intact: attached again (the key is still enabled), same data.
     d.ctl.run(&["attach", "a"]).assert_success();
-    assert!(read_export(&d, "a", &scratch)[..MIB] == data[..]);
+    assert!(d.read_export("a", &scratch)[..MIB] == data[..]);
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::daemon::{Daemon, nbdcopy};
+use e2e_tests::daemon::Daemon;
 use e2e_tests::{TestDir, TestRng, cryptsetup, require_tool, run, unwrap_volume_key};
 use serde_json::Value;
 
@@ -21,21 +21,6 @@ fn write_random(path: &Path, len: u64, seed: u64) -> Vec<u8> {
     data.truncate(len as usize);
     std::fs::write(path, &data).expect("write image");
     data
-}
-
-/// The export's whole content, read with nbdcopy.
-#[track_caller]
-fn read_export(d: &Daemon, export: &str, scratch: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(scratch);
-    run(Command::new(nbdcopy()).arg(d.uri(export)).arg(scratch)).assert_success();
-    std::fs::read(scratch).expect("read copy")
-}
-
-/// Writes `data` over the start of the export with nbdcopy.
-#[track_caller]
-fn write_export(d: &Daemon, export: &str, data: &[u8], scratch: &Path) {
-    std::fs::write(scratch, data).expect("write scratch");
-    run(Command::new(nbdcopy()).arg(scratch).arg(d.uri(export))).assert_success();
 }
 
 fn padded(data: &[u8], to: usize) -> Vec<u8> {
@@ -131,11 +116,11 @@ fn import_snapshot_rebuild_from_base_and_snapshot_then_delete() {
     assert_eq!(entry["base_image"]["size"], 12 * MIB + 1000);
 
     d.ctl.run(&["attach", "v"]).assert_success();
-    assert!(read_export(&d, "v", &scratch) == padded(&base, size as usize));
+    assert!(d.read_export("v", &scratch) == padded(&base, size as usize));
 
     // Content C, snapshot s1, then content B.
     let c = TestRng::new(2).bytes(size as usize);
-    write_export(&d, "v", &c, &scratch);
+    d.write_export("v", &c, &scratch);
     let snap = d
         .ctl
         .run(&["--json", "snapshot", "v", "s1"])
@@ -153,7 +138,7 @@ fn import_snapshot_rebuild_from_base_and_snapshot_then_delete() {
         .assert_code(4)
         .assert_stderr_contains("already has a snapshot s1");
     let b = TestRng::new(3).bytes(size as usize);
-    write_export(&d, "v", &b, &scratch);
+    d.write_export("v", &b, &scratch);
     let listed = d
         .ctl
         .run(&["--json", "snapshots", "v"])
@@ -166,7 +151,7 @@ fn import_snapshot_rebuild_from_base_and_snapshot_then_delete() {
         .run(&["rebuild", "v"])
         .assert_code(4)
         .assert_stderr_contains("--force");
-    assert!(read_export(&d, "v", &scratch) == b);
+    assert!(d.read_export("v", &scratch) == b);
     // From the recorded base image.
     let r = d
         .ctl
@@ -174,12 +159,12 @@ fn import_snapshot_rebuild_from_base_and_snapshot_then_delete() {
         .assert_success()
         .json();
     assert_eq!(r["reattached"], true, "{r}");
-    assert!(read_export(&d, "v", &scratch) == padded(&base, size as usize));
+    assert!(d.read_export("v", &scratch) == padded(&base, size as usize));
     // From the snapshot.
     d.ctl
         .run(&["rebuild", "v", "--from-snapshot", "s1", "--force"])
         .assert_success();
-    assert!(read_export(&d, "v", &scratch) == c);
+    assert!(d.read_export("v", &scratch) == c);
 
     // Delete: refused while attached, then while snapshots exist.
     d.ctl.run(&["detach", "v"]).assert_success();
@@ -237,7 +222,7 @@ fn qcow2_image_is_imported_through_qemu() {
     assert_eq!(created["size"], 8 * MIB, "{created}");
     assert_eq!(list_entry(&d, "q")["base_image"]["format"], "qcow2");
     d.ctl.run(&["attach", "q"]).assert_success();
-    assert!(read_export(&d, "q", &dir.join("scratch")) == data);
+    assert!(d.read_export("q", &dir.join("scratch")) == data);
 }
 
 #[test]
@@ -282,7 +267,7 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
     // Same data key, no data rewritten.
     let kms = d.ctl.local_kms();
     assert!(rt.block_on(unwrap_volume_key(&kms, &vol)) == key_before);
-    assert!(read_export(&d, "v", &scratch) == base);
+    assert!(d.read_export("v", &scratch) == base);
 
     // Key 1 disabled: the volume (now under key 2) still attaches.
     d.ctl.run(&["detach", "v"]).assert_success();
@@ -299,11 +284,11 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
         .run(&["rebuild", "v", "--from-snapshot", "before", "--force"])
         .assert_success();
     assert_eq!(d.ctl.inspect_json(&vol)["token"]["key_id"], key2.as_str());
-    assert!(read_export(&d, "v", &scratch) == base);
+    assert!(d.read_export("v", &scratch) == base);
 
     // Rebuild is refused while key 2 is disabled or pending deletion, volume untouched.
     let other = TestRng::new(6).bytes(4 * MIB as usize);
-    write_export(&d, "v", &other, &scratch);
+    d.write_export("v", &other, &scratch);
     d.ctl
         .run(&["kms", "disable-key", "alias/second"])
         .assert_success();
@@ -311,7 +296,7 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
         .run(&["rebuild", "v", "--force"])
         .assert_code(5)
         .assert_stderr_contains("disabled");
-    assert!(read_export(&d, "v", &scratch) == other);
+    assert!(d.read_export("v", &scratch) == other);
     d.ctl
         .run(&["kms", "enable-key", "alias/second"])
         .assert_success();
@@ -325,7 +310,7 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
         ])
         .assert_success();
     d.ctl.run(&["rebuild", "v", "--force"]).assert_code(5);
-    assert!(read_export(&d, "v", &scratch) == other);
+    assert!(d.read_export("v", &scratch) == other);
     d.ctl
         .run(&["kms", "cancel-key-deletion", "alias/second"])
         .assert_success();
@@ -333,12 +318,12 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
         .run(&["kms", "enable-key", "alias/second"])
         .assert_success();
     d.ctl.run(&["rebuild", "v", "--force"]).assert_success();
-    assert!(read_export(&d, "v", &scratch) == base);
+    assert!(d.read_export("v", &scratch) == base);
 
     // A changed context: the token's context no longer matches what the key was wrapped
     // under. The rebuild is refused and the volume untouched; with the context put back it
     // is accepted.
-    write_export(&d, "v", &other, &scratch);
+    d.write_export("v", &other, &scratch);
     d.ctl.run(&["detach", "v"]).assert_success();
     let token = e2e_tests::kms_token(&e2e_tests::read_primary_metadata(&vol));
     assert_eq!(token["context"]["team"], "blue");
@@ -350,9 +335,9 @@ fn rekey_rewraps_and_key_states_gate_rebuild() {
         .assert_stderr_contains("context");
     set_team("blue");
     d.ctl.run(&["attach", "v"]).assert_success();
-    assert!(read_export(&d, "v", &scratch) == other);
+    assert!(d.read_export("v", &scratch) == other);
     d.ctl.run(&["rebuild", "v", "--force"]).assert_success();
-    assert!(read_export(&d, "v", &scratch) == base);
+    assert!(d.read_export("v", &scratch) == base);
 }
 
 #[test]
@@ -398,7 +383,7 @@ fn reencrypt_export_and_header_backup_restore() {
     assert_eq!(r["reattached"], true, "{r}");
     let new_key = rt.block_on(unwrap_volume_key(&d.ctl.local_kms(), &vol));
     assert!(old_key != new_key, "the data key did not change");
-    assert!(read_export(&d, "v", &scratch) == data);
+    assert!(d.read_export("v", &scratch) == data);
 
     // Header backup, both copies destroyed, restore.
     let backup = dir.join("v.hdr");
@@ -419,7 +404,7 @@ fn reencrypt_export_and_header_backup_restore() {
         .run(&["header", "restore", "v", "--from", &bk])
         .assert_success();
     d.ctl.run(&["attach", "v"]).assert_success();
-    assert!(read_export(&d, "v", &scratch) == data);
+    assert!(d.read_export("v", &scratch) == data);
     // A backup of another volume is refused without --force.
     import(&d, "w", &image, &[]);
     d.ctl.run(&["detach", "v"]).assert_success();
@@ -509,7 +494,7 @@ fn busy_volume_is_refused_and_operations_cancel_cleanly() {
     d.ctl.run(&["delete", "v", "--yes"]).assert_success();
     d.ctl.create_volume("v", "3G", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "v"]).assert_success();
-    write_export(&d, "v", &data, &scratch);
+    d.write_export("v", &data, &scratch);
     d.ctl.run(&["detach", "v"]).assert_success();
 
     for how in ["cancel", "ctrl-c"] {
@@ -567,7 +552,7 @@ fn busy_volume_is_refused_and_operations_cancel_cleanly() {
             leftovers(&d.state_dir)
         );
         d.ctl.run(&["attach", "v"]).assert_success();
-        let head = read_export(&d, "v", &scratch);
+        let head = d.read_export("v", &scratch);
         assert!(
             head[..data.len()] == data[..],
             "content changed after a cancelled rebuild"
@@ -596,7 +581,7 @@ fn kill_9_at_crash_points_leaves_old_or_new() {
     }
     let reset = |d: &Daemon| {
         d.ctl.run(&["attach", "v"]).assert_success();
-        write_export(d, "v", &old_data, &scratch);
+        d.write_export("v", &old_data, &scratch);
         d.ctl.run(&["detach", "v"]).assert_success();
     };
     let mut cases: Vec<(&str, Vec<&str>)> = Vec::new();
@@ -665,7 +650,7 @@ fn kill_9_at_crash_points_leaves_old_or_new() {
         );
         let d = Daemon::start(&dir, "");
         d.ctl.run(&["attach", "v"]).assert_success();
-        let content = read_export(&d, "v", &scratch);
+        let content = d.read_export("v", &scratch);
         let is_old = content == old_data;
         let is_new = content == new_data;
         if args[0] == "rebuild" {
@@ -700,7 +685,7 @@ fn kill_9_at_crash_points_leaves_old_or_new() {
     for round in 0..4 {
         let d = Daemon::start(&dir, "");
         d.ctl.run(&["attach", "v"]).assert_success();
-        write_export(&d, "v", &old_big, &scratch);
+        d.write_export("v", &old_big, &scratch);
         d.ctl.run(&["detach", "v"]).assert_success();
         let mut child = d
             .ctl
@@ -713,7 +698,7 @@ fn kill_9_at_crash_points_leaves_old_or_new() {
         let _ = child.wait();
         let d = Daemon::start(&dir, "");
         d.ctl.run(&["attach", "v"]).assert_success();
-        let content = read_export(&d, "v", &scratch);
+        let content = d.read_export("v", &scratch);
         assert!(
             content == old_big || content == big_data,
             "round {round}: content is neither old nor new"

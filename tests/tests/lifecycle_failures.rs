@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_tests::daemon::{Daemon, nbdcopy};
+use e2e_tests::daemon::Daemon;
 use e2e_tests::{Outcome, TEST_DIRECTORY, TEST_SID, TestDir, TestRng, require_tool, run};
 use serde_json::Value;
 
@@ -43,25 +43,10 @@ fn write_image(path: &Path, len: u64, seed: u64) -> Vec<u8> {
     data
 }
 
-/// The export's whole content, read with nbdcopy.
-#[track_caller]
-fn read_export(d: &Daemon, export: &str, scratch: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(scratch);
-    run(Command::new(nbdcopy()).arg(d.uri(export)).arg(scratch)).assert_success();
-    std::fs::read(scratch).expect("read copy")
-}
-
-/// Writes `data` over the start of the export with nbdcopy.
-#[track_caller]
-fn write_export(d: &Daemon, export: &str, data: &[u8], scratch: &Path) {
-    std::fs::write(scratch, data).expect("write scratch");
-    run(Command::new(nbdcopy()).arg(scratch).arg(d.uri(export))).assert_success();
-}
-
 /// Asserts that `export` holds `head` followed by zeros up to `size` (its whole content).
 #[track_caller]
 fn assert_content(d: &Daemon, export: &str, head: &[u8], size: u64, scratch: &Path, when: &str) {
-    let got = read_export(d, export, scratch);
+    let got = d.read_export(export, scratch);
     assert_eq!(
         got.len() as u64,
         size,
@@ -376,8 +361,8 @@ fn full_filesystem_stops_each_operation_and_changes_nothing() {
     d.ctl.run(&["attach", "w"]).assert_success();
     let old_v = TestRng::new(1).bytes((24 * MIB) as usize);
     let old_w = TestRng::new(2).bytes((4 * MIB) as usize);
-    write_export(&d, "v", &old_v, &scratch);
-    write_export(&d, "w", &old_w, &scratch);
+    d.write_export("v", &old_v, &scratch);
+    d.write_export("w", &old_w, &scratch);
     // The new content lives outside the tmpfs.
     let image = dir.join("new.img");
     let new_v = write_image(&image, 24 * MIB, 3);
@@ -634,7 +619,7 @@ fn json_progress_events_are_well_formed_and_stdout_is_one_document() {
     );
     d.ctl.run(&["attach", "p"]).assert_success();
     assert!(
-        read_export(&d, "p", &dir.join("scratch")) == data,
+        d.read_export("p", &dir.join("scratch")) == data,
         "content changed by the re-encryption"
     );
 }
@@ -711,7 +696,7 @@ fn image_that_shrinks_or_grows_while_read_is_refused() {
     d.ctl.create_volume("r", "256M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "r"]).assert_success();
     let old = TestRng::new(6).bytes((2 * MIB) as usize);
-    write_export(&d, "r", &old, &scratch);
+    d.write_export("r", &old, &scratch);
     d.ctl.run(&["detach", "r"]).assert_success();
     write_image(&image, size, 7);
     let mut child = spawn(
@@ -781,7 +766,7 @@ fn bad_images_are_refused_and_the_volume_is_untouched() {
     let size = base_len.div_ceil(4096) * 4096;
     d.ctl.run(&["attach", "v"]).assert_success();
     let content = TestRng::new(9).bytes(size as usize);
-    write_export(&d, "v", &content, &scratch);
+    d.write_export("v", &content, &scratch);
     let untouched = |when: &str| {
         assert_no_leftovers(&d, when);
         assert_attached(&d, "v", true);
@@ -918,7 +903,7 @@ fn existing_snapshot_name_is_refused_and_the_snapshot_kept() {
     d.ctl.create_volume("v", "4M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "v"]).assert_success();
     let a = TestRng::new(11).bytes(size as usize);
-    write_export(&d, "v", &a, &scratch);
+    d.write_export("v", &a, &scratch);
     let taken = d
         .ctl
         .run(&["--json", "snapshot", "v", "s1"])
@@ -931,7 +916,7 @@ fn existing_snapshot_name_is_refused_and_the_snapshot_kept() {
         .expect("mtime");
 
     let b = TestRng::new(12).bytes(size as usize);
-    write_export(&d, "v", &b, &scratch);
+    d.write_export("v", &b, &scratch);
     let out = d.ctl.run(&["--json", "snapshot", "v", "s1"]);
     assert_failed(
         &out,
@@ -1005,7 +990,7 @@ fn block_device_image_is_imported_with_its_size() {
     assert_eq!(created["size"], 6 * MIB, "{created}");
     d.ctl.run(&["attach", "b"]).assert_success();
     assert_content(&d, "b", &data, 6 * MIB, &scratch, "after the import");
-    write_export(&d, "b", &TestRng::new(14).bytes(MIB as usize), &scratch);
+    d.write_export("b", &TestRng::new(14).bytes(MIB as usize), &scratch);
     d.ctl
         .run(&["--json", "rebuild", "b", "--from-image", &dev, "--force"])
         .assert_success();
@@ -1045,7 +1030,7 @@ fn relative_base_image_path_is_recorded_absolute() {
     assert_eq!(e["base_image"]["path"], s(&base), "{e}");
 
     d.ctl.run(&["attach", "v"]).assert_success();
-    write_export(&d, "v", &TestRng::new(16).bytes(MIB as usize), &scratch);
+    d.write_export("v", &TestRng::new(16).bytes(MIB as usize), &scratch);
     run(d
         .ctl
         .command(&["--json", "rebuild", "v", "--force"])

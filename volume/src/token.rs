@@ -62,6 +62,13 @@ pub struct GrantRef {
     pub key_id: String,
 }
 
+fn corrupt(path: &std::path::Path, e: TokenError) -> crate::VolumeError {
+    crate::VolumeError::new(
+        crate::VolumeErrorKind::Corrupt,
+        format!("{}: {e}", path.display()),
+    )
+}
+
 /// Why a token could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -156,6 +163,19 @@ impl KmsToken {
         base64::engine::general_purpose::STANDARD
             .decode(&self.wrapped_key)
             .map_err(|_| TokenError::Malformed("wrapped_key is not base64".into()))
+    }
+
+    /// [`KmsToken::wrapped`] as a volume error naming the file the token is in.
+    pub fn wrapped_in(&self, path: &std::path::Path) -> Result<Vec<u8>, crate::VolumeError> {
+        self.wrapped().map_err(|e| corrupt(path, e))
+    }
+
+    /// [`KmsToken::identity`] as a volume error naming the file the token is in.
+    pub fn identity_in(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<IdentityContext, crate::VolumeError> {
+        self.identity().map_err(|e| corrupt(path, e))
     }
 
     /// The identity (SID, directory, volume id) in the stored context.

@@ -461,9 +461,7 @@ impl Volume {
             ));
         }
         if opts.expect_sid.is_some() || opts.expect_directory.is_some() {
-            let id = token.identity().map_err(|e| {
-                VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-            })?;
+            let id = token.identity_in(path)?;
             for (what, expected, stored) in [
                 ("SID", &opts.expect_sid, &id.sid),
                 ("directory", &opts.expect_directory, &id.directory),
@@ -481,9 +479,7 @@ impl Volume {
                 }
             }
         }
-        let wrapped = token.wrapped().map_err(|e| {
-            VolumeError::new(VolumeErrorKind::Corrupt, format!("{}: {e}", path.display()))
-        })?;
+        let wrapped = token.wrapped_in(path)?;
         let key = kms
             .decrypt(&wrapped, &token.context, &token.key_id)
             .await
