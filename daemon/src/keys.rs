@@ -267,34 +267,34 @@ impl Daemon {
         }
     }
 
-    /// Detaches now: cancels the volume's long operation, disconnects its clients (in-flight
-    /// requests finish), flushes, wipes the key.
+    /// Detaches now: cancels the volume's long operation (true when there was one), gives it
+    /// up to 5 s to stop and clean up, disconnects the clients (in-flight requests finish),
+    /// flushes, wipes the key.
     async fn force_detach(
         &self,
         volume: &str,
         operation: &str,
         caller: Option<Caller>,
-    ) -> Result<Response, ApiError> {
+    ) -> (bool, Result<Response, ApiError>) {
         let cancelled = self.ops.cancel(volume).is_some();
-        if cancelled {
-            // Give the operation its next step to stop and clean up.
-            for _ in 0..100 {
-                if self.ops.check_idle(volume).is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..100 {
+            if self.ops.check_idle(volume).is_ok() {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _g = self.lifecycle.lock().await;
-        self.detach_as(
-            DetachRequest {
-                volume: volume.into(),
-                force: true,
-            },
-            caller,
-            operation,
-        )
-        .await
+        let detached = self
+            .detach_as(
+                DetachRequest {
+                    volume: volume.into(),
+                    force: true,
+                },
+                caller,
+                operation,
+            )
+            .await;
+        (cancelled, detached)
     }
 
     /// `revoke --kms-key KEY`.
@@ -317,13 +317,13 @@ impl Daemon {
             if !matches(&a.keying().key_id) {
                 continue;
             }
-            if self.ops.cancel(&a.volume).is_some() {
+            let (was_busy, result) = self
+                .force_detach(&a.volume, "revoke-detach", Some(caller))
+                .await;
+            if was_busy {
                 cancelled.push(a.volume.clone());
             }
-            match self
-                .force_detach(&a.volume, "revoke-detach", Some(caller))
-                .await
-            {
+            match result {
                 Ok(_) => detached.push(a.volume.clone()),
                 // Detach drops the volume (and its key) even when the final flush fails.
                 Err(e) if self.registry.get(&a.volume).is_none() => {

@@ -207,6 +207,22 @@ impl Daemon {
         lifecycle::read_token(path).map_err(|e| volume_error(&e))
     }
 
+    /// Audits the outcome of an operation and maps its error for the API: the one way every
+    /// lifecycle operation ends.
+    fn audited<T>(
+        &self,
+        operation: &str,
+        volume: &str,
+        token: Option<&KmsToken>,
+        caller: Caller,
+        started: Instant,
+        result: Result<T, VolumeError>,
+    ) -> Result<T, ApiError> {
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(operation, volume, token, caller, started, &outcome);
+        result.map_err(|e| volume_error(&e))
+    }
+
     fn audit_token(
         &self,
         operation: &str,
@@ -805,16 +821,7 @@ impl Daemon {
                 )
             })
         });
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
-            "snapshot",
-            volume,
-            token.as_ref(),
-            caller,
-            started,
-            &outcome,
-        );
-        let method = result.map_err(|e| volume_error(&e))?;
+        let method = self.audited("snapshot", volume, token.as_ref(), caller, started, result)?;
         tracing::info!(volume, snapshot = %name, method = method.as_str(), "snapshot taken");
         let mut info = self.snapshot_info(volume, &name, &target);
         info.method = Some(method.as_str().into());
@@ -888,16 +895,14 @@ impl Daemon {
         self.ops.check_idle(volume)?;
         let token = lifecycle::read_token(&path).ok();
         let result = volume::wipe_and_remove(&path);
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
+        self.audited(
             "delete-snapshot",
             volume,
             token.as_ref(),
             caller,
             started,
-            &outcome,
-        );
-        result.map_err(|e| volume_error(&e))?;
+            result,
+        )?;
         let _ = std::fs::remove_dir(self.layout.snapshots_dir(volume));
         Ok(Response::SnapshotDeleted {
             volume: volume.into(),
@@ -1151,16 +1156,14 @@ impl Daemon {
             .await
         }
         .await;
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
+        let keyslot = self.audited(
             "recovery-add",
             volume,
             Some(&token),
             caller,
             started,
-            &outcome,
-        );
-        let keyslot = result.map_err(|e| volume_error(&e))?;
+            result,
+        )?;
         tracing::info!(volume, keyslot, "recovery keyslot added");
         Ok(Response::RecoveryAdded {
             volume: volume.into(),
@@ -1196,16 +1199,14 @@ impl Daemon {
             Ok(())
         })
         .await;
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
+        self.audited(
             "recovery-remove",
             volume,
             token.as_ref(),
             caller,
             started,
-            &outcome,
-        );
-        result.map_err(|e| volume_error(&e))?;
+            result,
+        )?;
         Ok(Response::RecoveryRemoved {
             volume: volume.into(),
             keyslots: ids,
@@ -1284,16 +1285,14 @@ impl Daemon {
             .map_err(explain)
         }
         .await;
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
+        let (bytes, sha256) = self.audited(
             "export-plaintext",
             &r.volume,
             token.as_ref(),
             caller,
             started,
-            &outcome,
-        );
-        let (bytes, sha256) = result.map_err(|e| volume_error(&e))?;
+            result,
+        )?;
         tracing::info!(volume = %r.volume, to = %r.to, bytes, "exported as plaintext");
         Ok(Response::Exported {
             volume: r.volume,
@@ -1332,16 +1331,14 @@ impl Daemon {
             }
             Ok(buf.len() as u64)
         })();
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
+        let bytes = self.audited(
             "header-backup",
             volume,
             token.as_ref(),
             caller,
             started,
-            &outcome,
-        );
-        let bytes = result.map_err(|e| volume_error(&e))?;
+            result,
+        )?;
         Ok(Response::HeaderBackedUp {
             volume: volume.into(),
             bytes,
@@ -1426,16 +1423,14 @@ impl Daemon {
             Ok(())
         })();
         let token = self.token(&path).ok();
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_token(
+        self.audited(
             "header-restore",
             volume,
             token.as_ref(),
             caller,
             started,
-            &outcome,
-        );
-        result.map_err(|e| volume_error(&e))?;
+            result,
+        )?;
         Ok(Response::HeaderRestored {
             volume: volume.into(),
         })

@@ -93,6 +93,8 @@ pub struct Recorded {
     pub key: Option<String>,
     /// The Authorization header (SigV4: carries the access key id).
     pub authorization: String,
+    /// The `GrantTokens` the request carried.
+    pub grant_tokens: Vec<String>,
     /// The request id the client got (ours or upstream's), if any.
     pub request_id: Option<String>,
     /// What was done: `forwarded`, `error CODE`, `dropped`, `scripted`.
@@ -364,23 +366,27 @@ fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Opt
                 action: action.clone(),
                 key: key.clone(),
                 authorization: req.header("authorization").unwrap_or_default().to_owned(),
+                grant_tokens: body
+                    .get("GrantTokens")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 request_id: None,
                 handled: "in progress".into(),
             });
             st.log.len() - 1
         };
-        let mut record = Recorded {
-            action: String::new(),
-            key: None,
-            authorization: String::new(),
-            request_id: None,
-            handled: String::new(),
-        };
-        let complete = |record: Recorded| {
+        let mut request_id = None;
+        let handled: String;
+        let complete = |request_id: Option<String>, handled: String| {
             let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
             let r = &mut st.log[index];
-            r.request_id = record.request_id;
-            r.handled = record.handled;
+            r.request_id = request_id;
+            r.handled = handled;
         };
         let ours = || format!("proxy-{:08}", REQUEST_IDS.fetch_add(1, Ordering::SeqCst));
         let json_headers = |id: &str| {
@@ -394,8 +400,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Opt
         };
         let written = match reply {
             Some(Reply::Drop) => {
-                record.handled = "dropped".into();
-                complete(record);
+                handled = "dropped".into();
+                complete(request_id, handled);
                 return;
             }
             Some(Reply::Error {
@@ -404,8 +410,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Opt
                 message,
             }) => {
                 let id = ours();
-                record.request_id = Some(id.clone());
-                record.handled = format!("error {code}");
+                request_id = Some(id.clone());
+                handled = format!("error {code}");
                 let body = serde_json::json!({"__type": code, "message": message});
                 write_response(
                     &mut writer,
@@ -416,8 +422,8 @@ fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Opt
             }
             Some(Reply::Json(v)) => {
                 let id = ours();
-                record.request_id = Some(id.clone());
-                record.handled = "scripted".into();
+                request_id = Some(id.clone());
+                handled = "scripted".into();
                 write_response(
                     &mut writer,
                     200,
@@ -431,17 +437,17 @@ fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Opt
                 }
                 match upstream.and_then(|u| forward(u, &req)) {
                     Some((status, headers, body)) => {
-                        record.request_id = headers
+                        request_id = headers
                             .iter()
                             .find(|(k, _)| k.eq_ignore_ascii_case("x-amzn-requestid"))
                             .map(|(_, v)| v.clone());
-                        record.handled = "forwarded".into();
+                        handled = "forwarded".into();
                         write_response(&mut writer, status, &headers, &body)
                     }
                     None => {
                         let id = ours();
-                        record.request_id = Some(id.clone());
-                        record.handled = "no upstream".into();
+                        request_id = Some(id.clone());
+                        handled = "no upstream".into();
                         let body = serde_json::json!({
                             "__type": "KMSInternalException",
                             "message": "the test proxy has no upstream for this request"
@@ -456,7 +462,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>, down: &AtomicBool, upstream: Opt
                 }
             }
         };
-        complete(record);
+        complete(request_id, handled);
         if written.is_err() {
             return;
         }
