@@ -337,6 +337,41 @@ pub struct AttachRequest {
     /// Also export on the daemon's TCP listener (off by default).
     #[serde(default)]
     pub tcp: bool,
+    /// Also bind a kernel NBD device to the volume: "/dev/nbdN", or "auto" for the first
+    /// free one (the daemon saves the device it got, so a restart reconnects the same one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Kernel device: connections (1..=16; the kernel spreads its queues over them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+    /// Kernel device: seconds a request may go unanswered before the kernel drops its
+    /// connection and resends it after a reconnect (0: wait for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_timeout_secs: Option<u64>,
+    /// Kernel device: seconds the kernel queues I/O while every connection is dead (the
+    /// daemon restarting) before failing it with EIO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_conn_timeout_secs: Option<u64>,
+}
+
+/// A kernel NBD device bound to an attached volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDeviceStatus {
+    /// `/dev/nbdN`.
+    pub path: String,
+    /// Connections the kernel has to the daemon.
+    pub connections: u32,
+    /// Block size (the volume's sector size).
+    pub block_size: u32,
+    /// See [`AttachRequest::io_timeout_secs`].
+    pub io_timeout_secs: u64,
+    /// See [`AttachRequest::dead_conn_timeout_secs`].
+    pub dead_conn_timeout_secs: u64,
+    /// Dead connections replaced since it was bound.
+    pub reconnects: u64,
+    /// Bound by reconnecting the kernel's existing configuration (the daemon had stopped
+    /// without detaching), not by a new connect.
+    pub resumed: bool,
 }
 
 /// `detach`.
@@ -691,6 +726,9 @@ pub struct AttachmentStatus {
     /// When the key was last checked (RFC 3339), and the error if the check failed.
     #[serde(default)]
     pub key_checked: Option<KeyCheck>,
+    /// The kernel NBD device bound to the volume, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<Box<KernelDeviceStatus>>,
 }
 
 /// The last periodic check of an attached volume's master key.

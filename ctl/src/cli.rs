@@ -332,6 +332,23 @@ pub struct AttachArgs {
     /// Also export on the daemon's TCP listener.
     #[arg(long)]
     pub tcp: bool,
+    /// Also make the volume a kernel block device: the daemon binds /dev/nbdN through the
+    /// kernel's netlink NBD interface (nbd module loaded, CAP_SYS_ADMIN); `auto` takes the
+    /// first free device.
+    #[arg(long, value_name = "/dev/nbdN|auto")]
+    pub device: Option<String>,
+    /// Kernel device: connections to the daemon (1-16; the kernel spreads its queues over
+    /// them) [default: 1].
+    #[arg(long, value_name = "N", requires = "device")]
+    pub connections: Option<u32>,
+    /// Kernel device: seconds a request may go unanswered before the kernel drops that
+    /// connection and resends it once reconnected (0: wait for ever) [default: 30].
+    #[arg(long, value_name = "SECS", requires = "device")]
+    pub io_timeout: Option<u64>,
+    /// Kernel device: seconds the kernel keeps I/O queued while the daemon is away (a
+    /// restart) before failing it with EIO [default: 120].
+    #[arg(long, value_name = "SECS", requires = "device")]
+    pub dead_conn_timeout: Option<u64>,
 }
 
 /// `kms` verbs (local KMS).

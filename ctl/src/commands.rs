@@ -288,6 +288,27 @@ fn attachment_text(a: &AttachmentStatus) -> String {
             _ => "not checked yet".into(),
         }
     ));
+    if let Some(d) = &a.device {
+        s.push_str(&format!(
+            "\n  kernel device {}: {} connection(s), block size {}, io timeout {} s, \
+             dead-connection timeout {} s{}{}",
+            d.path,
+            d.connections,
+            d.block_size,
+            d.io_timeout_secs,
+            d.dead_conn_timeout_secs,
+            if d.resumed {
+                ", reconnected at daemon start"
+            } else {
+                ""
+            },
+            if d.reconnects > 0 {
+                format!(", {} dead connection(s) replaced", d.reconnects)
+            } else {
+                String::new()
+            }
+        ));
+    }
     for u in &a.uris {
         s.push_str(&format!("\n  {u}"));
     }
@@ -319,9 +340,20 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
         allow_uids: a.allow_uids.clone(),
         allow_gids: a.allow_gids.clone(),
         tcp: a.tcp,
+        device: a.device.clone(),
+        connections: a.connections,
+        io_timeout_secs: a.io_timeout,
+        dead_conn_timeout_secs: a.dead_conn_timeout,
     };
     let r = Client::connect(socket)?.call(Request::Attach(req))?;
     out.emit(&r, || match &r {
+        Response::Attached(s) if s.device.is_some() => {
+            let dev = s.device.as_ref().map(|d| d.path.as_str()).unwrap_or_default();
+            format!(
+                "{}\n\nThe volume is the block device {dev}:\n  mkfs.ext4 {dev}   # first time only\n  mount {dev} /mnt",
+                attachment_text(s),
+            )
+        }
         Response::Attached(s) => {
             let uri = s.uris.first().cloned().unwrap_or_default();
             format!(

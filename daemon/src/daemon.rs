@@ -21,6 +21,12 @@ use crate::device::VolumeDevice;
 use crate::lifecycle::RequestContext;
 use crate::registry::{Attachment, Keying, Registry};
 
+/// Default seconds a kernel device's request may go unanswered (then resent on another
+/// connection, after a reconnect if need be).
+pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
+/// Default seconds a kernel device waits for the daemon to come back before failing I/O.
+pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 120;
+
 /// Who sent a request (from the control socket's peer credentials).
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
@@ -426,8 +432,41 @@ impl Daemon {
                 "the daemon has no TCP listener: set [nbd] tcp = \"127.0.0.1:10809\" in its configuration",
             ));
         }
+        let device_index = match &r.device {
+            Some(d) => {
+                Some(crate::kdev::parse_device(d).map_err(|m| api(ErrorCode::InvalidRequest, m))?)
+            }
+            None => None,
+        };
+        let connections = r.connections.unwrap_or(1);
+        if !(1..=crate::kdev::MAX_CONNECTIONS).contains(&connections) {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "--connections is 1 to {}, not {connections}",
+                    crate::kdev::MAX_CONNECTIONS
+                ),
+            ));
+        }
+        if r.device.is_none()
+            && (r.connections.is_some()
+                || r.io_timeout_secs.is_some()
+                || r.dead_conn_timeout_secs.is_some())
+        {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                "--connections, --io-timeout and --dead-conn-timeout are for a kernel device: add --device /dev/nbdN (or auto)",
+            ));
+        }
+        if device_index.is_some() {
+            crate::kdev::probe()
+                .await
+                .map_err(|m| api(ErrorCode::Conflict, m))?;
+        }
         // What the audit record names, read before the KMS call.
-        let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        let info = volume::inspect(&path).ok();
+        let uuid = info.as_ref().map(|i| i.uuid.clone());
+        let token = info.and_then(|i| i.token);
         let opts = OpenOptions {
             read_only: r.read_only,
             expect_sid: r.sid.clone(),
@@ -461,6 +500,7 @@ impl Daemon {
             owner_uid,
             since: SystemTime::now(),
             key_check: std::sync::Mutex::new(None),
+            kernel: std::sync::OnceLock::new(),
             keying: std::sync::Mutex::new(Keying {
                 key_id: token.as_ref().map(|t| t.key_id.clone()).unwrap_or_default(),
                 context: token.map(|t| t.context).unwrap_or_default(),
@@ -469,6 +509,43 @@ impl Daemon {
         self.registry
             .insert(Arc::clone(&attachment))
             .map_err(|m| api(ErrorCode::Conflict, m))?;
+        if let Some(index) = device_index {
+            let params = crate::kdev::BindParams {
+                index,
+                connections,
+                io_timeout_secs: r.io_timeout_secs.unwrap_or(DEFAULT_IO_TIMEOUT_SECS),
+                dead_conn_timeout_secs: r
+                    .dead_conn_timeout_secs
+                    .unwrap_or(DEFAULT_DEAD_CONN_TIMEOUT_SECS),
+                block_size: vol.sector_size(),
+                backend: format!("cryptnbd:{}", uuid.as_deref().unwrap_or(&r.volume)),
+            };
+            let bound_at = Instant::now();
+            let bound =
+                crate::kdev::KernelDevice::bind(&self.server, &attachment.export_name, params)
+                    .await;
+            let keying = attachment.keying();
+            self.audit_record(
+                "attach-device",
+                &r.volume,
+                Some(&keying.key_id),
+                Some(&keying.context),
+                caller,
+                bound_at,
+                &bound.as_ref().map(|_| ()).map_err(Clone::clone),
+            );
+            match bound {
+                Ok(dev) => {
+                    tracing::info!(volume = %r.volume, device = %dev.path(), connections, resumed = dev.resumed, "kernel device bound");
+                    let _ = attachment.kernel.set(dev);
+                }
+                Err(m) => {
+                    self.registry.remove(&r.volume);
+                    self.server.disconnect_export(&attachment.export_name).await;
+                    return Err(api(ErrorCode::Conflict, m));
+                }
+            }
+        }
         if !r.transient {
             self.save_attachments()?;
         }
@@ -509,6 +586,17 @@ impl Daemon {
             kms_key: a.keying().key_id,
             key_state,
             key_checked,
+            device: a.kernel().map(|k| {
+                Box::new(control_api::KernelDeviceStatus {
+                    path: k.path(),
+                    connections: k.params.connections,
+                    block_size: k.params.block_size,
+                    io_timeout_secs: k.params.io_timeout_secs,
+                    dead_conn_timeout_secs: k.params.dead_conn_timeout_secs,
+                    reconnects: k.reconnects(),
+                    resumed: k.resumed,
+                })
+            }),
         }
     }
 
@@ -551,7 +639,11 @@ impl Daemon {
                 format!("volume {} is not attached", r.volume),
             ));
         };
-        let connected = self.connections(&a.export_name);
+        let connected: Vec<ConnectionStatus> = self
+            .connections(&a.export_name)
+            .into_iter()
+            .filter(|c| !c.peer.starts_with("kernel "))
+            .collect();
         if !connected.is_empty() && !r.force {
             let who: Vec<String> = connected.iter().map(|c| c.peer.clone()).collect();
             return Err(api(
@@ -564,6 +656,13 @@ impl Daemon {
                     who.join(", ")
                 ),
             ));
+        }
+        if let Some(k) = a.kernel() {
+            k.release(r.force).await.map_err(|e| match e {
+                crate::kdev::ReleaseError::Busy(m) => api(ErrorCode::Conflict, m),
+                crate::kdev::ReleaseError::Failed(m) => api(ErrorCode::Io, m),
+            })?;
+            tracing::info!(volume = %r.volume, device = %k.path(), "kernel device disconnected");
         }
         self.registry.remove(&r.volume);
         self.server.disconnect_export(&a.export_name).await;
@@ -706,9 +805,16 @@ impl Daemon {
             .all()
             .iter()
             .filter(|a| !a.request.transient)
-            .map(|a| SavedAttachment {
-                request: a.request.clone(),
-                owner_uid: a.owner_uid,
+            .map(|a| {
+                let mut request = a.request.clone();
+                // "auto" is saved as the device it got: a restart reconnects that one.
+                if let Some(k) = a.kernel() {
+                    request.device = Some(k.path());
+                }
+                SavedAttachment {
+                    request,
+                    owner_uid: a.owner_uid,
+                }
             })
             .collect();
         let path = self.layout.attachments();
@@ -762,6 +868,26 @@ impl Daemon {
 
     /// Shutdown: drain every connection, flush every volume, drop them (keys wiped).
     pub async fn shutdown(&self) {
+        // Kernel devices of saved attachments stay bound: the kernel queues their I/O for
+        // the dead-connection timeout and the next start reconnects them. Transient ones
+        // will not be re-attached: they are disconnected.
+        for a in self.registry.all() {
+            if let Some(k) = a.kernel() {
+                k.stop_supervising();
+                if a.request.transient {
+                    if let Err(e) = k.release(true).await {
+                        tracing::error!(volume = %a.volume, device = %k.path(), error = %e, "cannot disconnect the kernel device");
+                    }
+                } else {
+                    tracing::warn!(
+                        volume = %a.volume,
+                        device = %k.path(),
+                        dead_conn_timeout_secs = k.params.dead_conn_timeout_secs,
+                        "kernel device left waiting for the daemon's restart; its I/O fails after the dead-connection timeout"
+                    );
+                }
+            }
+        }
         self.server.drain_all().await;
         for a in self.registry.take_all() {
             if let Err(e) = a.device.volume().flush() {

@@ -60,3 +60,17 @@ pub fn apply(require_lock: bool) -> Result<Hardening, HardeningError> {
     };
     Ok(Hardening { memory_locked })
 }
+
+/// Marks the calling thread as an I/O flusher (PR_SET_IO_FLUSHER): its memory allocations
+/// do not recurse into filesystem or block I/O and it is not throttled as a writer, so a
+/// daemon serving a kernel block device cannot deadlock waiting for memory that only its own
+/// writes would free. Threads started afterwards inherit it. Needs CAP_SYS_RESOURCE; without
+/// it the daemon still works, but a kernel device under heavy memory pressure could stall.
+pub fn set_io_flusher() -> Result<(), String> {
+    rustix::process::configure_io_flusher_behavior(true).map_err(|e| {
+        format!(
+            "cannot mark the daemon as an I/O flusher (PR_SET_IO_FLUSHER: {e}); kernel NBD \
+             devices could stall under memory pressure: give it CAP_SYS_RESOURCE"
+        )
+    })
+}

@@ -62,9 +62,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.runtime_dir.is_some() {
         config.runtime_dir = args.runtime_dir;
     }
+    // Before any thread starts, so every thread inherits it (and each runtime thread sets it
+    // again, in case it was started from elsewhere).
+    let io_flusher = cryptnbd::hardening::set_io_flusher();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(|| {
+            let _ = cryptnbd::hardening::set_io_flusher();
+        })
         .build()?;
+    match io_flusher {
+        Ok(()) => tracing::debug!("running as an I/O flusher (PR_SET_IO_FLUSHER)"),
+        Err(m) if rustix::process::geteuid().is_root() => tracing::warn!("{m}"),
+        Err(m) => tracing::debug!("{m}"),
+    }
     rt.block_on(async {
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};

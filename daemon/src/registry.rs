@@ -34,6 +34,8 @@ pub struct Attachment {
     pub keying: std::sync::Mutex<Keying>,
     /// The last periodic check of the master key's state.
     pub key_check: std::sync::Mutex<Option<KeyCheckResult>>,
+    /// The kernel NBD device bound to the volume (set once bound).
+    pub kernel: std::sync::OnceLock<Arc<crate::kdev::KernelDevice>>,
 }
 
 /// What the last key-state check found.
@@ -71,6 +73,11 @@ impl Attachment {
             .replace(result)
     }
 
+    /// The kernel device, once bound.
+    pub fn kernel(&self) -> Option<&Arc<crate::kdev::KernelDevice>> {
+        self.kernel.get()
+    }
+
     /// The keying now.
     pub fn keying(&self) -> Keying {
         self.keying
@@ -91,6 +98,8 @@ impl Attachment {
                     || self.request.allow_gids.contains(gid)
             }
             Peer::Tcp(_) => self.request.tcp,
+            // Only the daemon makes kernel sessions, for the device it binds.
+            Peer::Kernel { .. } => self.request.device.is_some(),
         }
     }
 }

@@ -130,6 +130,14 @@ pub enum Peer {
     },
     /// A TCP peer.
     Tcp(std::net::SocketAddr),
+    /// A kernel NBD device (`/dev/nbdN`) the server bound itself: one of its connections,
+    /// negotiated out of band (see [`crate::Server::serve_preconnected`]).
+    Kernel {
+        /// Device index (N in `/dev/nbdN`).
+        index: u32,
+        /// Connection number within the device (0-based).
+        connection: u32,
+    },
 }
 
 impl std::fmt::Display for Peer {
@@ -142,6 +150,9 @@ impl std::fmt::Display for Peer {
             } => write!(f, "pid {pid} (uid {uid})"),
             Peer::Unix { pid: None, uid, .. } => write!(f, "uid {uid}"),
             Peer::Tcp(a) => write!(f, "tcp {a}"),
+            Peer::Kernel { index, connection } => {
+                write!(f, "kernel /dev/nbd{index} connection {connection}")
+            }
         }
     }
 }

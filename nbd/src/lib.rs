@@ -21,4 +21,4 @@ pub use device::{
     BlockDevice, BlockSizes, DeviceError, Errno, Export, ExportRegistry, Extent, Peer,
 };
 pub use error::NbdError;
-pub use server::{ConnectionInfo, Limits, Server};
+pub use server::{ConnectionInfo, Limits, Server, SessionParams};

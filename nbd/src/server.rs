@@ -120,6 +120,18 @@ impl Limits {
     }
 }
 
+/// What the client end of a session negotiated out of band must be told
+/// ([`Server::serve_preconnected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionParams {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`) as the handshake would have sent them.
+    pub flags: u16,
+    /// Largest request payload served.
+    pub maximum: u32,
+}
+
 /// A live connection in transmission phase, as reported by [`Server::connections`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionInfo {
@@ -333,6 +345,56 @@ impl Server {
                 },
             }
         }
+    }
+
+    /// Serves `stream` as a session on `export` that is already in transmission phase: the
+    /// negotiation happened out of band, as for a kernel NBD device the caller binds itself
+    /// (the kernel speaks only the transmission phase, with simple replies and no meta
+    /// context). The session is registered like any other (it shows in
+    /// [`Server::connections`], and [`Server::disconnect_export`] and
+    /// [`Server::drain_all`] end it). Returns what the other end must be configured with,
+    /// and a handle that completes when the session ends; `None` when `peer` may not open
+    /// the export (or it does not exist) or the server is shutting down. Must be called
+    /// within the tokio runtime.
+    pub fn serve_preconnected(
+        self: &Arc<Self>,
+        stream: UnixStream,
+        export: &str,
+        peer: Peer,
+    ) -> Option<(SessionParams, tokio::task::JoinHandle<()>)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (export, registration) = self.open_export(export, &peer, id)?;
+        let geometry = handshake::geometry_for(&export, &self.limits, false, None);
+        let params = SessionParams {
+            size: geometry.size,
+            flags: geometry.flags,
+            maximum: geometry.maximum,
+        };
+        self.live.send_modify(|n| *n += 1);
+        let guard = LiveGuard(Arc::clone(self));
+        let span = tracing::debug_span!("nbd", conn = id, peer = %peer);
+        let handle = tokio::spawn(
+            async move {
+                debug!(export = %export.name, size = geometry.size, "preconnected session");
+                let server = Arc::clone(&guard.0);
+                let (rd, wr) = stream.into_halves();
+                let entry = Arc::clone(&registration.entry);
+                transmission::run(
+                    server,
+                    geometry,
+                    Arc::clone(&export.device),
+                    entry,
+                    rd,
+                    wr,
+                    ReadBuf::new(READ_BUF_LEN),
+                )
+                .await;
+                drop(registration);
+                drop(guard);
+            }
+            .instrument(span),
+        );
+        Some((params, handle))
     }
 
     /// Live connections in transmission phase on `export` (or all when None), by id.

@@ -85,6 +85,18 @@ pub(crate) fn block_sizes(dev: &dyn BlockDevice, limits: &Limits) -> (u32, u32, 
 }
 
 fn geometry(export: &Export, limits: &Limits, st: &State) -> Geometry {
+    geometry_for(export, limits, st.structured, st.meta.as_ref())
+}
+
+/// The geometry of a session on `export`: `structured` replies negotiated or not, and the
+/// meta context selected by the last `NBD_OPT_SET_META_CONTEXT` (export name, whether it
+/// chose `base:allocation`).
+pub(crate) fn geometry_for(
+    export: &Export,
+    limits: &Limits,
+    structured: bool,
+    meta: Option<&(String, bool)>,
+) -> Geometry {
     let dev = &*export.device;
     let (minimum, preferred, maximum) = block_sizes(dev, limits);
     let read_only = dev.read_only();
@@ -97,10 +109,10 @@ fn geometry(export: &Export, limits: &Limits, st: &State) -> Geometry {
     } else {
         flags |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
     }
-    if st.structured {
+    if structured {
         flags |= tf::SEND_DF;
     }
-    let meta_context = match &st.meta {
+    let meta_context = match meta {
         Some((name, true)) if *name == export.name => Some(BASE_ALLOCATION_ID),
         _ => None,
     };
@@ -111,7 +123,7 @@ fn geometry(export: &Export, limits: &Limits, st: &State) -> Geometry {
         maximum,
         read_only,
         fast_zero: dev.fast_zero(),
-        structured: st.structured,
+        structured,
         meta_context,
         flags,
     }
