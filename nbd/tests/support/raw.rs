@@ -49,6 +49,20 @@ impl RawClient {
         }
     }
 
+    /// A client on a stream already in transmission phase (negotiated out of band, as a
+    /// kernel NBD device is): simple replies.
+    pub fn preconnected(s: UnixStream, size: u64, flags: u16) -> Self {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Self {
+            s,
+            structured: false,
+            size,
+            flags,
+            pending: HashMap::new(),
+            next_handle: 1,
+        }
+    }
+
     /// Connects and reads the greeting; None if the server closed the connection instead.
     pub fn try_connect(path: &Path) -> Option<Self> {
         let mut c = Self::connect_raw(path);
