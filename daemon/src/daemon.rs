@@ -410,7 +410,16 @@ impl Daemon {
     ) -> Result<AttachmentStatus, ApiError> {
         let started = Instant::now();
         let path = self.volume_path(&r.volume)?;
-        if self.registry.get(&r.volume).is_some() {
+        if let Some(a) = self.registry.get(&r.volume) {
+            // Attaching to a kernel device is idempotent: the boot unit asks for a device the
+            // daemon may already have reconnected from its saved attachments.
+            if let (Some(want), Some(k)) = (&r.device, a.kernel())
+                && (want == "auto" || crate::kdev::parse_device(want) == Ok(Some(k.index)))
+                && r.read_only == a.request.read_only
+            {
+                tracing::info!(volume = %r.volume, device = %k.path(), "already attached to its kernel device");
+                return Ok(self.attachment_status(&a));
+            }
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
