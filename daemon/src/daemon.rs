@@ -411,13 +411,27 @@ impl Daemon {
         let started = Instant::now();
         let path = self.volume_path(&r.volume)?;
         if let Some(a) = self.registry.get(&r.volume) {
-            // Attaching to a kernel device is idempotent: the boot unit asks for a device the
-            // daemon may already have reconnected from its saved attachments.
-            if let (Some(want), Some(k)) = (&r.device, a.kernel())
-                && (want == "auto" || crate::kdev::parse_device(want) == Ok(Some(k.index)))
-                && r.read_only == a.request.read_only
-            {
-                tracing::info!(volume = %r.volume, device = %k.path(), "already attached to its kernel device");
+            // Asking again for the same attachment succeeds and changes nothing: a boot unit
+            // asks after the daemon may already have re-attached the volume (and reconnected
+            // its kernel device) from its saved attachments. "auto" matches the device got.
+            let mut have = a.request.clone();
+            let mut want = r.clone();
+            if let Some(k) = a.kernel() {
+                have.device = Some(k.path());
+                if want.device.as_deref() == Some("auto") {
+                    want.device = Some(k.path());
+                }
+            }
+            for q in [&mut have, &mut want] {
+                if let Some(d) = &q.device
+                    && let Ok(Some(i)) = crate::kdev::parse_device(d)
+                {
+                    q.device = Some(format!("/dev/nbd{i}"));
+                }
+            }
+            let same_owner = caller.is_none_or(|c| c.uid == a.owner_uid);
+            if have == want && same_owner {
+                tracing::info!(volume = %r.volume, "already attached as asked");
                 return Ok(self.attachment_status(&a));
             }
             return Err(api(
