@@ -32,8 +32,11 @@ fn main() -> std::process::ExitCode {
         1 => "debug",
         _ => "trace",
     };
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: the journal and log files get plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CRYPTNBD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
