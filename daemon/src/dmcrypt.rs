@@ -186,6 +186,14 @@ pub struct DmCryptState {
 }
 
 impl DmCryptState {
+    /// The volume held for an open as `name`, if any.
+    fn holder_of(&self, name: &str) -> Option<String> {
+        let map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(v, _)| v.clone())
+    }
+
     /// Ends the hold of `volume` by an open as `name`, if there is one; returns whether there
     /// was.
     fn release(&self, volume: &str, name: &str) -> bool {
@@ -385,6 +393,15 @@ impl Daemon {
                     "the device-mapper name {} is in use ({}): choose another name",
                     r.name,
                     m.device()
+                ),
+            ));
+        }
+        if let Some(other) = self.dm_crypt.holder_of(&r.name) {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "the device-mapper name {} is being given to volume {other} now: choose                      another name",
+                    r.name
                 ),
             ));
         }

@@ -601,6 +601,15 @@ fn a_volume_held_for_a_client_that_never_reports_is_freed_by_cancel() {
     let (r, key) = c.open(open_request("v", "v-dm"));
     assert!(matches!(r, Ok(Response::DmCryptKeySent(_))), "{r:?}");
     assert_eq!(key.len(), 64);
+    // The name is taken while the key is out, for any volume.
+    d.ctl.create_volume("w", "16M", "alias/dm", 4096, &[]);
+    let (r, bytes) = c.open(open_request("w", "v-dm"));
+    expect_error(
+        r,
+        ErrorCode::Conflict,
+        "the device-mapper name v-dm is being given to volume v now",
+    );
+    assert!(bytes.is_empty());
     drop(c);
     // Held (the client went away without reporting; no mapping can appear on this kernel)
     // until cancelled, as the refusal says.
