@@ -169,6 +169,24 @@ fn mapped_refusal(volume: &str, m: &Mapping) -> ApiError {
     )
 }
 
+/// Whether `operation` is refused while the volume is mapped by dm-crypt.
+fn refused_while_mapped(operation: &str) -> bool {
+    matches!(operation, "attach" | "delete") || REFUSED_WHILE_MAPPED.contains(&operation)
+}
+
+/// Refuses when one of `mappings` maps the volume file `path` (LUKS2 UUID `uuid`).
+fn check_not_mapped(
+    volume: &str,
+    uuid: &str,
+    path: &Path,
+    mappings: &[Mapping],
+) -> Result<(), ApiError> {
+    match mappings.iter().find(|m| serves(m, uuid, path)) {
+        Some(m) => Err(mapped_refusal(volume, m)),
+        None => Ok(()),
+    }
+}
+
 /// A volume whose key was handed out, held until its mapping appears.
 struct Pending {
     /// The operation's id (a later hold of the same volume has another).
@@ -295,7 +313,7 @@ impl Daemon {
         path: &Path,
         operation: &str,
     ) -> Result<(), ApiError> {
-        if !matches!(operation, "attach" | "delete") && !REFUSED_WHILE_MAPPED.contains(&operation) {
+        if !refused_while_mapped(operation) {
             return Ok(());
         }
         let mappings = scan(Path::new(SYS_BLOCK));
@@ -305,10 +323,7 @@ impl Daemon {
         let Ok(info) = volume::inspect(path) else {
             return Ok(());
         };
-        match mappings.iter().find(|m| serves(m, &info.uuid, path)) {
-            Some(m) => Err(mapped_refusal(volume, m)),
-            None => Ok(()),
-        }
+        check_not_mapped(volume, &info.uuid, path, &mappings)
     }
 
     /// The dm-crypt device of a volume, for `list` (None when not mapped).
@@ -834,6 +849,43 @@ mod tests {
             e.message,
             "volume v is open through dm-crypt as /dev/mapper/home; run 'cryptnbdctl close home' first"
         );
+    }
+
+    #[test]
+    fn what_a_mapping_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vol = dir.path().join("v.luks");
+        std::fs::write(&vol, b"v").expect("write");
+        for op in [
+            "attach",
+            "delete",
+            "rebuild",
+            "snapshot",
+            "reencrypt",
+            "export",
+            "header-restore",
+        ] {
+            assert!(refused_while_mapped(op), "{op}");
+        }
+        for op in [
+            "import",
+            "rekey",
+            "recovery-add",
+            "recovery-remove",
+            "header-backup",
+        ] {
+            assert!(!refused_while_mapped(op), "{op}");
+        }
+        let other = mapping(
+            "x",
+            "CRYPT-LUKS2-11111111111111111111111111111111-x",
+            vec![],
+        );
+        let lvm = mapping("vg-root", "LVM-abc", vec![]);
+        let home = mapping("home", DM_UUID, vec![vol.clone()]);
+        assert!(check_not_mapped("v", UUID, &vol, &[other.clone(), lvm.clone()]).is_ok());
+        let e = check_not_mapped("v", UUID, &vol, &[other, lvm, home]).expect_err("mapped");
+        assert!(e.message.contains("as /dev/mapper/home"), "{e}");
     }
 
     #[test]
