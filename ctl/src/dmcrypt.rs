@@ -4,9 +4,10 @@
 //! The volume key never enters this process nor a file: this CLI makes a pipe, sends its
 //! write end to the daemon (`open-dm-crypt`), which unwraps the key through the KMS (audited
 //! as `open-dm-crypt`) and writes its 64 bytes into the pipe; `cryptsetup open
-//! --volume-key-file /dev/stdin` then reads them from the read end, its standard input. The
-//! CLI reports what cryptsetup did (`dm-crypt-opened`), and the daemon checks it against the
-//! kernel. `close` asks the daemon which of its volumes the mapping serves (others are
+//! --volume-key-file /proc/self/fd/0` then reads them from the read end, its standard input
+//! (named through /proc: `/dev/stdin` is a link that udev or systemd makes, and minimal
+//! systems such as an initramfs lack it). The CLI reports what cryptsetup did
+//! (`dm-crypt-opened`), and the daemon checks it against the kernel. `close` asks the daemon which of its volumes the mapping serves (others are
 //! refused), runs `cryptsetup close` and reports (`dm-crypt-closed`).
 //!
 //! Before asking for the key, the CLI checks what it needs, so a key is never handed out for
@@ -225,7 +226,7 @@ pub fn open(socket: &Path, a: &OpenArgs, out: &Output) -> Result<()> {
         "--key-size",
         "512",
         "--volume-key-file",
-        "/dev/stdin",
+        "/proc/self/fd/0",
     ];
     if a.read_only {
         args.push("--readonly");

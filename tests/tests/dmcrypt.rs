@@ -406,7 +406,7 @@ fn stand_in(dir: &TestDir) -> PathBuf {
              printf '%s\\n' \"$@\" > '{out}/args'\n\
              for a; do path=\"${{last:-}}\"; last=\"$a\"; done\n\
              cp \"$path\" '{out}/standin.copy.luks'\n\
-             '{cs}' luksAddKey --key-size 512 --volume-key-file /dev/stdin --pbkdf pbkdf2 \
+             '{cs}' luksAddKey --key-size 512 --volume-key-file /proc/self/fd/0 --pbkdf pbkdf2 \
              --pbkdf-force-iterations 1000 --batch-mode '{out}/standin.copy.luks' '{out}/new.pass'\n\
              echo $? > '{out}/verified'\n\
              rm -f '{out}/standin.copy.luks'\n\
@@ -475,7 +475,7 @@ fn the_cli_hands_the_key_to_cryptsetup_on_its_stdin() {
             "--key-size",
             "512",
             "--volume-key-file",
-            "/dev/stdin",
+            "/proc/self/fd/0",
             path.to_str().expect("utf-8"),
             "v-dm"
         ]
