@@ -1437,7 +1437,7 @@ impl Daemon {
         })
     }
 
-    /// The snapshot count for `list`.
+    /// The snapshot count and the dm-crypt device, for `list`.
     pub(crate) fn lifecycle_summary(&self, name: &str, summary: &mut control_api::VolumeSummary) {
         summary.snapshots = self.snapshot_list(name).len();
         let mappings = crate::dmcrypt::scan(Path::new(crate::dmcrypt::SYS_BLOCK));
