@@ -16,11 +16,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dmcrypt;
 pub mod paths;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub use dmcrypt::{DmCryptMapping, OpenDmCryptRequest, validate_dm_name};
 
 /// Version of the control API spoken by this build.
 pub const API_VERSION: u32 = 1;
@@ -163,6 +166,36 @@ pub enum Request {
         /// Key id, ARN or alias.
         kms_key: String,
     },
+    /// Root only: unwrap the volume key as `attach` does and write it into the pipe passed
+    /// with the request, for `cryptsetup open`; the volume is held until its mapping exists
+    /// or the client reports with `dm-crypt-opened` (docs/control-api.md, "dm-crypt").
+    OpenDmCrypt(OpenDmCryptRequest),
+    /// Root only: what `cryptsetup open` did with the key of an `open-dm-crypt` (audited).
+    DmCryptOpened {
+        /// Volume name.
+        volume: String,
+        /// Device-mapper name.
+        name: String,
+        /// Why cryptsetup failed (its message); None when it succeeded.
+        #[serde(default)]
+        error: Option<String>,
+    },
+    /// Root only: the volume a dm-crypt mapping serves, before the client runs `cryptsetup
+    /// close` (refused for mappings that are not of a volume of this daemon).
+    CloseDmCrypt {
+        /// Device-mapper name.
+        name: String,
+    },
+    /// Root only: what `cryptsetup close` did (audited).
+    DmCryptClosed {
+        /// Volume name.
+        volume: String,
+        /// Device-mapper name.
+        name: String,
+        /// Why cryptsetup failed (its message); None when it succeeded.
+        #[serde(default)]
+        error: Option<String>,
+    },
 }
 
 impl Request {
@@ -186,11 +219,16 @@ impl Request {
             | Request::HeaderBackup { volume, .. }
             | Request::HeaderRestore { volume, .. }
             | Request::Cancel { volume } => Some(volume),
+            Request::OpenDmCrypt(r) => Some(&r.volume),
+            Request::DmCryptOpened { volume, .. } | Request::DmCryptClosed { volume, .. } => {
+                Some(volume)
+            }
             Request::Hello
             | Request::List
             | Request::Audit(_)
             | Request::Operations
-            | Request::Revoke { .. } => None,
+            | Request::Revoke { .. }
+            | Request::CloseDmCrypt { .. } => None,
         }
     }
 }
@@ -410,6 +448,9 @@ pub struct ResponseEnvelope {
 }
 
 /// Success with a payload, or an error.
+// One is built per request and encoded at once: the size of the largest answer (a volume
+// summary) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]
 pub enum Outcome {
@@ -634,6 +675,19 @@ pub enum Response {
         /// Long operations cancelled.
         cancelled: Vec<String>,
     },
+    /// For `open-dm-crypt`: the key is in the pipe; run `cryptsetup open` now.
+    DmCryptKeySent(DmCryptMapping),
+    /// For `dm-crypt-opened`: the mapping exists.
+    DmCryptOpened(DmCryptMapping),
+    /// For `close-dm-crypt`: the mapping and its volume.
+    DmCryptMapping(DmCryptMapping),
+    /// For `dm-crypt-closed`.
+    DmCryptClosed {
+        /// Volume name.
+        volume: String,
+        /// Device-mapper name.
+        name: String,
+    },
 }
 
 /// What `hello` tells.
@@ -685,6 +739,9 @@ pub struct VolumeSummary {
     /// Number of snapshots.
     #[serde(default)]
     pub snapshots: usize,
+    /// `/dev/mapper/NAME` when the volume is open through dm-crypt.
+    #[serde(default)]
+    pub dm_crypt: Option<String>,
 }
 
 /// An attached volume.

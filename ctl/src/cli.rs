@@ -186,6 +186,14 @@ pub enum Command {
     /// Manage the embedded local KMS.
     #[command(subcommand)]
     Kms(KmsCommand),
+    /// Open a volume with the kernel's dm-crypt (the fast path; root): the daemon unwraps its
+    /// key through the KMS as for attach and hands it to cryptsetup through a pipe.
+    Open(crate::dmcrypt::OpenArgs),
+    /// Close a dm-crypt mapping made by 'open --dm-crypt' (cryptsetup close).
+    Close {
+        /// The device-mapper name (/dev/mapper/NAME).
+        name: String,
+    },
 }
 
 /// `recovery` verbs.

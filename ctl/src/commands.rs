@@ -148,6 +148,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect { volume } => inspect(&layout, volume, &out),
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
         Command::Attach(a) => attach(&socket, a, &out),
+        Command::Open(a) => crate::dmcrypt::open(&socket, a, &out),
+        Command::Close { name } => crate::dmcrypt::close(&socket, name, &out),
         Command::Detach { volume, force } => {
             let r = Client::connect(&socket)?.call(Request::Detach(DetachRequest {
                 volume: volume.clone(),
@@ -385,7 +387,11 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
                     "{:<20} {:>12}  {:<8} {}{}",
                     v.name,
                     human(v.size),
-                    if v.attached { "attached" } else { "-" },
+                    match (v.attached, &v.dm_crypt) {
+                        (true, _) => "attached",
+                        (false, Some(_)) => "dm-crypt",
+                        (false, None) => "-",
+                    },
                     v.volume_id.as_deref().unwrap_or("-"),
                     v.problem
                         .as_ref()

@@ -24,6 +24,9 @@ pub const IO: u8 = 8;
 pub const NO_DAEMON: u8 = 9;
 /// The caller may not control the daemon.
 pub const DENIED: u8 = 10;
+/// dm-crypt is not available on this host: no device-mapper in the kernel, or no
+/// cryptsetup (`open --dm-crypt`); `attach` (NBD) still works.
+pub const NO_DM_CRYPT: u8 = 11;
 /// A long operation was cancelled (Ctrl-C or `cryptnbdctl cancel`); nothing was changed.
 pub const CANCELLED: u8 = 130;
 

@@ -6,6 +6,7 @@
 mod cli;
 mod client;
 mod commands;
+mod dmcrypt;
 mod exit;
 mod lifecycle;
 mod units;

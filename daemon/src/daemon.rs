@@ -66,6 +66,8 @@ pub struct Daemon {
     pub key_policy: crate::keys::KeyPolicy,
     /// The daemon's AWS principal, once asked of STS (for grants).
     pub(crate) principal: std::sync::Mutex<Option<String>>,
+    /// Volumes held while cryptsetup opens them with dm-crypt.
+    pub(crate) dm_crypt: crate::dmcrypt::DmCryptState,
 }
 
 tokio::task_local! {
@@ -164,6 +166,7 @@ impl Daemon {
             recovery_params,
             key_policy,
             principal: std::sync::Mutex::new(None),
+            dm_crypt: Default::default(),
         }
     }
 
@@ -214,9 +217,14 @@ impl Daemon {
             } => {
                 let _g = self.lifecycle.lock().await;
                 self.ops.check_idle(&volume)?;
+                self.refuse_while_dm_open(&volume, &self.volume_path(&volume)?, "delete")?;
                 self.delete(&volume, with_snapshots, caller).await
             }
             Request::Revoke { kms_key } => self.revoke(&kms_key, caller).await,
+            r @ (Request::OpenDmCrypt(_)
+            | Request::DmCryptOpened { .. }
+            | Request::CloseDmCrypt { .. }
+            | Request::DmCryptClosed { .. }) => self.dm_crypt(r, caller, ctx).await,
             Request::Rebuild(r) => self.rebuild(r, caller, ctx).await,
             Request::Snapshot { volume, name } => self.snapshot(&volume, name, caller, ctx).await,
             Request::Snapshots { volume } => self.snapshots(&volume),
@@ -442,6 +450,7 @@ impl Daemon {
                 ),
             ));
         }
+        self.refuse_while_dm_open(&r.volume, &path, "attach")?;
         let export_name = r.export_name.clone().unwrap_or_else(|| r.volume.clone());
         if export_name.is_empty() || export_name.len() > 4096 {
             return Err(api(
@@ -948,6 +957,7 @@ pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary 
                 .and_then(|t| crate::lifecycle::base_image_of(&t.extra)),
             recovery_keyslots: info.keyslot_ids.clone(),
             snapshots: 0,
+            dm_crypt: None,
             context: info.token.map(|t| t.context).unwrap_or_default(),
             attached,
             problem: info
@@ -970,6 +980,7 @@ pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary 
             base_image: None,
             recovery_keyslots: Vec::new(),
             snapshots: 0,
+            dm_crypt: None,
         },
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod dmcrypt;
 pub mod hardening;
 pub mod kdev;
 pub mod keys;

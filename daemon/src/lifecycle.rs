@@ -183,6 +183,7 @@ impl Daemon {
         ctx: &RequestContext,
     ) -> Result<crate::ops::OpGuard, ApiError> {
         let _g = self.lifecycle.lock().await;
+        self.refuse_while_dm_open(volume, &self.layout.volume_file(volume), operation)?;
         self.ops.begin(
             volume,
             operation,
@@ -1436,9 +1437,11 @@ impl Daemon {
         })
     }
 
-    /// The snapshot count for `list`.
+    /// The snapshot count and the dm-crypt device, for `list`.
     pub(crate) fn lifecycle_summary(&self, name: &str, summary: &mut control_api::VolumeSummary) {
         summary.snapshots = self.snapshot_list(name).len();
+        let mappings = crate::dmcrypt::scan(Path::new(crate::dmcrypt::SYS_BLOCK));
+        summary.dm_crypt = self.dm_crypt_device(Path::new(&summary.path), &mappings);
     }
 }
 

@@ -21,5 +21,5 @@ pub mod xts;
 
 pub use error::{VolumeError, VolumeErrorKind};
 pub use volume::{
-    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, wipe_and_remove,
+    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, unwrap_key, wipe_and_remove,
 };

@@ -268,6 +268,102 @@ pub fn inspect(path: &Path) -> Result<VolumeInfo, VolumeError> {
     })
 }
 
+/// The volume key, unwrapped exactly as [`Volume::open`] unwraps it (the token's backend, the
+/// caller's identity checked before any KMS call, KMS Decrypt with the stored context) and
+/// verified against the header's digest, without opening the volume for I/O or locking it:
+/// for handing the key to another implementation of the format (the kernel's dm-crypt).
+pub async fn unwrap_key<K: Kms>(
+    path: &Path,
+    opts: &OpenOptions,
+    kms: &K,
+) -> Result<DataKey, VolumeError> {
+    let file = File::open(path).map_err(|e| VolumeError::io(path, "opening the volume", e))?;
+    let headers = header::read_headers(&file, path)?;
+    let key = unwrap_checked(path, &headers, opts, kms).await?;
+    check_key(path, &headers, &key)?;
+    Ok(key)
+}
+
+/// Checks the token's backend and the caller's identity, then unwraps the key through the KMS
+/// with the stored context (not yet checked against the digest).
+async fn unwrap_checked<K: Kms>(
+    path: &Path,
+    headers: &HeaderSet,
+    opts: &OpenOptions,
+    kms: &K,
+) -> Result<DataKey, VolumeError> {
+    let token = token_of(headers, path)?;
+    if token.backend != kms.backend_name() {
+        return Err(VolumeError::new(
+            VolumeErrorKind::Unsupported,
+            format!(
+                "{} was wrapped by the '{}' KMS backend but this cryptnbd uses '{}': configure that backend",
+                path.display(),
+                token.backend,
+                kms.backend_name()
+            ),
+        ));
+    }
+    if opts.expect_sid.is_some() || opts.expect_directory.is_some() {
+        let id = token.identity_in(path)?;
+        for (what, expected, stored) in [
+            ("SID", &opts.expect_sid, &id.sid),
+            ("directory", &opts.expect_directory, &id.directory),
+        ] {
+            if let Some(expected) = expected
+                && expected != stored
+            {
+                return Err(VolumeError::new(
+                    VolumeErrorKind::IdentityMismatch,
+                    format!(
+                        "{} belongs to {what} {stored}, not {expected}: check --sid/--directory",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let wrapped = token.wrapped_in(path)?;
+    kms.decrypt(&wrapped, &token.context, &token.key_id)
+        .await
+        .map_err(|e| VolumeError::kms(path, "unwrap the volume key", e))
+}
+
+/// Checks that the header asks for nothing cryptnbd does not implement and that `key` matches
+/// its digest; returns the crypt segment.
+fn check_key(path: &Path, headers: &HeaderSet, key: &DataKey) -> Result<CryptSegment, VolumeError> {
+    let md = &headers.active.metadata;
+    let unsupported = |e: luks2::HeaderError| {
+        VolumeError::new(
+            VolumeErrorKind::Unsupported,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    let requirements = md.mandatory_requirements();
+    if !requirements.is_empty() {
+        return Err(VolumeError::new(
+            VolumeErrorKind::Unsupported,
+            format!(
+                "{} has requirements cryptnbd does not implement ({}): finish or cancel the operation with the tool that started it",
+                path.display(),
+                requirements.join(", ")
+            ),
+        ));
+    }
+    let segment = md.crypt_segment().map_err(unsupported)?;
+    let digest = md.segment_digest().map_err(unsupported)?;
+    if key.len() != XTS_KEY_LEN || !digest.verify(key.expose()).map_err(unsupported)? {
+        return Err(VolumeError::new(
+            VolumeErrorKind::WrongKey,
+            format!(
+                "{}: the volume key does not match the header's digest (wrong key, or the header was replaced)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(segment)
+}
+
 fn data_size(seg: &CryptSegment, file_len: u64) -> u64 {
     seg.size.unwrap_or_else(|| {
         let avail = file_len.saturating_sub(seg.offset);
@@ -448,42 +544,7 @@ impl Volume {
     ) -> Result<Volume, VolumeError> {
         let file = open_file(path, opts.read_only)?;
         let headers = header::read_headers(&file, path)?;
-        let token = token_of(&headers, path)?;
-        if token.backend != kms.backend_name() {
-            return Err(VolumeError::new(
-                VolumeErrorKind::Unsupported,
-                format!(
-                    "{} was wrapped by the '{}' KMS backend but this cryptnbd uses '{}': configure that backend",
-                    path.display(),
-                    token.backend,
-                    kms.backend_name()
-                ),
-            ));
-        }
-        if opts.expect_sid.is_some() || opts.expect_directory.is_some() {
-            let id = token.identity_in(path)?;
-            for (what, expected, stored) in [
-                ("SID", &opts.expect_sid, &id.sid),
-                ("directory", &opts.expect_directory, &id.directory),
-            ] {
-                if let Some(expected) = expected
-                    && expected != stored
-                {
-                    return Err(VolumeError::new(
-                        VolumeErrorKind::IdentityMismatch,
-                        format!(
-                            "{} belongs to {what} {stored}, not {expected}: check --sid/--directory",
-                            path.display()
-                        ),
-                    ));
-                }
-            }
-        }
-        let wrapped = token.wrapped_in(path)?;
-        let key = kms
-            .decrypt(&wrapped, &token.context, &token.key_id)
-            .await
-            .map_err(|e| VolumeError::kms(path, "unwrap the volume key", e))?;
+        let key = unwrap_checked(path, &headers, opts, kms).await?;
         Self::with_key(path, file, opts.read_only, headers, &key)
     }
 
@@ -503,35 +564,7 @@ impl Volume {
         headers: HeaderSet,
         key: &DataKey,
     ) -> Result<Volume, VolumeError> {
-        let md = &headers.active.metadata;
-        let unsupported = |e: luks2::HeaderError| {
-            VolumeError::new(
-                VolumeErrorKind::Unsupported,
-                format!("{}: {e}", path.display()),
-            )
-        };
-        let requirements = md.mandatory_requirements();
-        if !requirements.is_empty() {
-            return Err(VolumeError::new(
-                VolumeErrorKind::Unsupported,
-                format!(
-                    "{} has requirements cryptnbd does not implement ({}): finish or cancel the operation with the tool that started it",
-                    path.display(),
-                    requirements.join(", ")
-                ),
-            ));
-        }
-        let segment = md.crypt_segment().map_err(unsupported)?;
-        let digest = md.segment_digest().map_err(unsupported)?;
-        if key.len() != XTS_KEY_LEN || !digest.verify(key.expose()).map_err(unsupported)? {
-            return Err(VolumeError::new(
-                VolumeErrorKind::WrongKey,
-                format!(
-                    "{}: the volume key does not match the header's digest (wrong key, or the header was replaced)",
-                    path.display()
-                ),
-            ));
-        }
+        let segment = check_key(path, &headers, key)?;
         let cipher = XtsCipher::new(key.expose()).map_err(|e| {
             VolumeError::new(
                 VolumeErrorKind::WrongKey,
