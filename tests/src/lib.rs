@@ -971,6 +971,7 @@ pub fn assert_sectors_encrypted(volume: &Path, segment: &Segment, off: u64, len:
 }
 
 pub mod daemon;
+pub mod vm;
 
 #[cfg(test)]
 mod tests {
