@@ -36,10 +36,10 @@ use control_api::{
 };
 use volume::lifecycle::Cancel;
 use volume::token::KmsToken;
-use volume::{OpenOptions, VolumeError, VolumeErrorKind};
+use volume::{OpenOptions, VolumeError, VolumeErrorKind, VolumeInfo};
 
 use crate::audit::{AuditLog, AuditRecord, now};
-use crate::daemon::{Caller, Daemon, api, chain, volume_error};
+use crate::daemon::{Caller, Daemon, api, volume_error};
 use crate::lifecycle::RequestContext;
 use crate::ops::OpGuard;
 
@@ -157,6 +157,53 @@ pub fn serves(m: &Mapping, uuid: &str, path: &Path) -> bool {
         })
 }
 
+/// The one of `mappings` that maps the volume file `path` (LUKS2 UUID `uuid`), if any.
+fn serving<'a>(mappings: &'a [Mapping], uuid: &str, path: &Path) -> Option<&'a Mapping> {
+    mappings.iter().find(|m| serves(m, uuid, path))
+}
+
+/// The kernel's mapping `name` of the volume file `path` (LUKS2 UUID `uuid`), if it exists.
+fn mapping_named(name: &str, uuid: &str, path: &Path) -> Option<Mapping> {
+    scan(Path::new(SYS_BLOCK))
+        .into_iter()
+        .find(|m| m.name == name && serves(m, uuid, path))
+}
+
+/// The LUKS2 UUID of the volume file `path`, when one of `mappings` could map it: None
+/// when none of them is a LUKS2 mapping (the header is then not read at all) or when the
+/// header cannot be read.
+fn uuid_if_luks2_mapped(path: &Path, mappings: &[Mapping]) -> Option<String> {
+    if mappings.iter().all(|m| m.luks2_uuid().is_none()) {
+        return None;
+    }
+    volume::inspect(path).ok().map(|i| i.uuid)
+}
+
+/// Refuses a device-mapper name cryptsetup would not take.
+fn check_dm_name(name: &str) -> Result<(), ApiError> {
+    validate_dm_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))
+}
+
+/// The answer that describes the mapping `name` of `volume` (file `path`, header `info`).
+fn dm_mapping(
+    volume: &str,
+    name: &str,
+    path: &Path,
+    info: VolumeInfo,
+    read_only: bool,
+) -> DmCryptMapping {
+    DmCryptMapping {
+        volume: volume.into(),
+        name: name.into(),
+        device: device(name),
+        path: path.display().to_string(),
+        uuid: info.uuid,
+        sector_size: info.sector_size,
+        size: info.size,
+        read_only,
+    }
+}
+
 /// The refusal of an attach (or another operation) of `volume` that `m` maps.
 fn mapped_refusal(volume: &str, m: &Mapping) -> ApiError {
     api(
@@ -181,7 +228,7 @@ fn check_not_mapped(
     path: &Path,
     mappings: &[Mapping],
 ) -> Result<(), ApiError> {
-    match mappings.iter().find(|m| serves(m, uuid, path)) {
+    match serving(mappings, uuid, path) {
         Some(m) => Err(mapped_refusal(volume, m)),
         None => Ok(()),
     }
@@ -317,56 +364,39 @@ impl Daemon {
             return Ok(());
         }
         let mappings = scan(Path::new(SYS_BLOCK));
-        if mappings.iter().all(|m| m.luks2_uuid().is_none()) {
-            return Ok(());
-        }
-        let Ok(info) = volume::inspect(path) else {
+        let Some(uuid) = uuid_if_luks2_mapped(path, &mappings) else {
             return Ok(());
         };
-        check_not_mapped(volume, &info.uuid, path, &mappings)
+        check_not_mapped(volume, &uuid, path, &mappings)
     }
 
     /// The dm-crypt device of a volume, for `list` (None when not mapped).
     pub(crate) fn dm_crypt_device(&self, path: &Path, mappings: &[Mapping]) -> Option<String> {
-        if mappings.iter().all(|m| m.luks2_uuid().is_none()) {
-            return None;
-        }
-        let info = volume::inspect(path).ok()?;
-        mappings
-            .iter()
-            .find(|m| serves(m, &info.uuid, path))
-            .map(Mapping::device)
+        let uuid = uuid_if_luks2_mapped(path, mappings)?;
+        serving(mappings, &uuid, path).map(Mapping::device)
     }
 
-    fn dm_existing_volume(&self, volume: &str) -> Result<PathBuf, ApiError> {
-        let path = self.volume_path(volume)?;
-        if !path.exists() {
-            return Err(api(
-                ErrorCode::NotFound,
-                format!("no volume {volume}: see 'cryptnbdctl list'"),
-            ));
-        }
-        Ok(path)
+    /// The volume a client's report (`dm-crypt-opened`, `dm-crypt-closed`) names, with its
+    /// header: refused for a bad name or no such volume.
+    fn reported_volume(&self, volume: &str, name: &str) -> Result<(PathBuf, VolumeInfo), ApiError> {
+        check_dm_name(name)?;
+        let path = self.existing_volume(volume)?;
+        let info = volume::inspect(&path).map_err(|e| volume_error(&e))?;
+        Ok((path, info))
     }
 
-    fn dm_audit(
+    /// Audits a client's report on `volume` (file `path`), naming its key and context.
+    fn audit_report(
         &self,
         operation: &str,
         volume: &str,
-        token: Option<&KmsToken>,
+        path: &Path,
         caller: Caller,
         started: Instant,
         outcome: &Result<(), String>,
     ) {
-        self.audit_record(
-            operation,
-            volume,
-            token.map(|t| t.key_id.as_str()),
-            token.map(|t| t.context.pairs()),
-            Some(caller),
-            started,
-            outcome,
-        );
+        let token = volume::lifecycle::read_token(path).ok();
+        self.audit_token(operation, volume, token.as_ref(), caller, started, outcome);
     }
 
     /// `open-dm-crypt` (under the lifecycle lock): see the module documentation.
@@ -377,8 +407,8 @@ impl Daemon {
         ctx: &mut RequestContext,
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
-        validate_dm_name(&r.name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
-        let path = self.dm_existing_volume(&r.volume)?;
+        check_dm_name(&r.name)?;
+        let path = self.existing_volume(&r.volume)?;
         if let Some(a) = self.registry.get(&r.volume) {
             return Err(api(
                 ErrorCode::Conflict,
@@ -391,7 +421,7 @@ impl Daemon {
         }
         let info = volume::inspect(&path).map_err(|e| volume_error(&e))?;
         let mappings = scan(Path::new(SYS_BLOCK));
-        if let Some(m) = mappings.iter().find(|m| serves(m, &info.uuid, &path)) {
+        if let Some(m) = serving(&mappings, &info.uuid, &path) {
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
@@ -415,7 +445,8 @@ impl Daemon {
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
-                    "the device-mapper name {} is being given to volume {other} now: choose                      another name",
+                    "the device-mapper name {} is being given to volume {other} now: choose \
+                     another name",
                     r.name
                 ),
             ));
@@ -454,28 +485,23 @@ impl Daemon {
         }
         .await;
         drop(pipe);
-        let outcome = handed.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.dm_audit(
+        self.audited(
             "open-dm-crypt",
             &r.volume,
             token.as_ref(),
             caller,
             started,
-            &outcome,
-        );
-        handed.map_err(|e| volume_error(&e))?;
+            handed,
+        )?;
         tracing::info!(volume = %r.volume, name = %r.name, "volume key handed to cryptsetup for dm-crypt");
         self.hold(&r.volume, &r.name, guard, cancel, &info.uuid, &path, token);
-        Ok(Response::DmCryptKeySent(DmCryptMapping {
-            volume: r.volume,
-            device: device(&r.name),
-            name: r.name,
-            path: path.display().to_string(),
-            uuid: info.uuid,
-            sector_size: info.sector_size,
-            size: info.size,
-            read_only: r.read_only,
-        }))
+        Ok(Response::DmCryptKeySent(dm_mapping(
+            &r.volume,
+            &r.name,
+            &path,
+            info,
+            r.read_only,
+        )))
     }
 
     /// Holds `volume` (its key was just handed out for the mapping `name`) until its
@@ -513,9 +539,7 @@ impl Daemon {
             let started = Instant::now();
             loop {
                 tokio::time::sleep(POLL).await;
-                let mapped = scan(Path::new(SYS_BLOCK))
-                    .iter()
-                    .any(|m| m.name == name && serves(m, &uuid, &path));
+                let mapped = mapping_named(&name, &uuid, &path).is_some();
                 let expired = started.elapsed() >= HOLD_FOR;
                 if !(mapped || expired || cancel.is_cancelled()) {
                     continue;
@@ -551,13 +575,9 @@ impl Daemon {
         caller: Caller,
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
-        validate_dm_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
-        let path = self.dm_existing_volume(volume)?;
-        let info = volume::inspect(&path).map_err(|e| volume_error(&e))?;
+        let (path, info) = self.reported_volume(volume, name)?;
         let held = self.dm_crypt.release(volume, name);
-        let mapping = scan(Path::new(SYS_BLOCK))
-            .into_iter()
-            .find(|m| m.name == name && serves(m, &info.uuid, &path));
+        let mapping = mapping_named(name, &info.uuid, &path);
         if !held && mapping.is_none() {
             return Err(api(
                 ErrorCode::NotFound,
@@ -568,7 +588,6 @@ impl Daemon {
                 ),
             ));
         }
-        let token = volume::lifecycle::read_token(&path).ok();
         let outcome = match (&mapping, &error) {
             (Some(_), _) => Ok(()),
             (None, Some(e)) => Err(format!("cryptsetup open failed: {e}")),
@@ -576,27 +595,17 @@ impl Daemon {
                 "cryptsetup reported success but the kernel has no mapping {name} of this volume"
             )),
         };
-        self.dm_audit(
-            "dm-crypt-opened",
-            volume,
-            token.as_ref(),
-            caller,
-            started,
-            &outcome,
-        );
+        self.audit_report("dm-crypt-opened", volume, &path, caller, started, &outcome);
         match (mapping, outcome) {
             (Some(m), _) => {
                 tracing::info!(volume, device = %m.device(), "open through dm-crypt");
-                Ok(Response::DmCryptOpened(DmCryptMapping {
-                    volume: volume.into(),
-                    name: name.into(),
-                    device: m.device(),
-                    path: path.display().to_string(),
-                    uuid: info.uuid,
-                    sector_size: info.sector_size,
-                    size: info.size,
-                    read_only: m.read_only,
-                }))
+                Ok(Response::DmCryptOpened(dm_mapping(
+                    volume,
+                    name,
+                    &path,
+                    info,
+                    m.read_only,
+                )))
             }
             (None, outcome) => Err(api(
                 ErrorCode::Io,
@@ -611,7 +620,7 @@ impl Daemon {
     /// `close-dm-crypt`: which volume of this daemon the mapping `name` serves. Refused for
     /// mappings that are not LUKS2 dm-crypt ones or not of a volume here.
     fn close_dm_crypt(&self, name: &str) -> Result<Response, ApiError> {
-        validate_dm_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
+        check_dm_name(name)?;
         let m = scan(Path::new(SYS_BLOCK))
             .into_iter()
             .find(|m| m.name == name)
@@ -644,16 +653,13 @@ impl Daemon {
                 continue;
             };
             if serves(&m, &info.uuid, &path) {
-                return Ok(Response::DmCryptMapping(DmCryptMapping {
-                    volume: v.name,
-                    name: name.into(),
-                    device: m.device(),
-                    path: v.path,
-                    uuid: info.uuid,
-                    sector_size: info.sector_size,
-                    size: info.size,
-                    read_only: m.read_only,
-                }));
+                return Ok(Response::DmCryptMapping(dm_mapping(
+                    &v.name,
+                    name,
+                    &path,
+                    info,
+                    m.read_only,
+                )));
             }
         }
         Err(api(
@@ -676,12 +682,8 @@ impl Daemon {
         caller: Caller,
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
-        validate_dm_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
-        let path = self.dm_existing_volume(volume)?;
-        let info = volume::inspect(&path).map_err(|e| volume_error(&e))?;
-        let still = scan(Path::new(SYS_BLOCK))
-            .into_iter()
-            .any(|m| m.name == name && serves(&m, &info.uuid, &path));
+        let (path, info) = self.reported_volume(volume, name)?;
+        let still = mapping_named(name, &info.uuid, &path).is_some();
         let outcome = match (still, &error) {
             (false, None) => Ok(()),
             (_, Some(e)) => Err(format!("cryptsetup close failed: {e}")),
@@ -690,15 +692,7 @@ impl Daemon {
                 device(name)
             )),
         };
-        let token = volume::lifecycle::read_token(&path).ok();
-        self.dm_audit(
-            "close-dm-crypt",
-            volume,
-            token.as_ref(),
-            caller,
-            started,
-            &outcome,
-        );
+        self.audit_report("close-dm-crypt", volume, &path, caller, started, &outcome);
         match outcome {
             Ok(()) => {
                 tracing::info!(volume, name, "dm-crypt mapping closed");

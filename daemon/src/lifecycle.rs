@@ -193,7 +193,8 @@ impl Daemon {
         )
     }
 
-    fn existing_volume(&self, name: &str) -> Result<PathBuf, ApiError> {
+    /// The file of volume `name`, refused when there is none.
+    pub(crate) fn existing_volume(&self, name: &str) -> Result<PathBuf, ApiError> {
         let path = self.volume_path(name)?;
         if !path.exists() {
             return Err(api(
@@ -210,7 +211,7 @@ impl Daemon {
 
     /// Audits the outcome of an operation and maps its error for the API: the one way every
     /// lifecycle operation ends.
-    fn audited<T>(
+    pub(crate) fn audited<T>(
         &self,
         operation: &str,
         volume: &str,
@@ -224,7 +225,8 @@ impl Daemon {
         result.map_err(|e| volume_error(&e))
     }
 
-    fn audit_token(
+    /// Audits `outcome`, naming the key and context of `token` (when it could be read).
+    pub(crate) fn audit_token(
         &self,
         operation: &str,
         volume: &str,

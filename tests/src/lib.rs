@@ -625,6 +625,24 @@ pub async fn unwrap_volume_key(kms: &LocalKms, volume: &Path) -> Zeroizing<Vec<u
     Zeroizing::new(key.expose().to_vec())
 }
 
+/// `cryptsetup luksAddKey --key-size 512 --volume-key-file VOLUME_KEY VOLUME PASSPHRASE`
+/// (a fast pbkdf2 keyslot, batch mode): exit 0 when the key in `volume_key` matches the
+/// header's digest and the passphrase in `passphrase` is added, 2 when the key does not match.
+pub fn cryptsetup_add_key(volume: &Path, volume_key: &Path, passphrase: &Path) -> Outcome {
+    run(Command::new(cryptsetup())
+        .args(["luksAddKey", "--key-size", "512", "--volume-key-file"])
+        .arg(volume_key)
+        .args([
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--batch-mode",
+        ])
+        .arg(volume)
+        .arg(passphrase))
+}
+
 /// `cryptsetup luksDump --dump-json-metadata FILE`, parsed.
 #[track_caller]
 pub fn luks_dump_json(volume: &Path) -> Value {

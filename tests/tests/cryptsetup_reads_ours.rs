@@ -12,8 +12,8 @@ use std::process::Command;
 
 use e2e_tests::{
     Ctl, DATA_OFFSET, Model, SID_DIRECTORY_KEY, TEST_DIRECTORY, TEST_SID, TOKEN_TYPE, TestDir,
-    TestRng, VOLUME_ID_KEY, assert_bytes_eq, cryptsetup, has_line_with, kms_token, luks_dump_json,
-    read_primary_metadata, read_secret, run, unwrap_volume_key,
+    TestRng, VOLUME_ID_KEY, assert_bytes_eq, cryptsetup, cryptsetup_add_key, has_line_with,
+    kms_token, luks_dump_json, read_primary_metadata, read_secret, run, unwrap_volume_key,
 };
 use serde_json::{Value, json};
 
@@ -222,20 +222,7 @@ async fn digest_proves_the_kms_key(sector_size: u32) {
     let wrong_file = dir.write_secret("wrong.key", &e2e_tests::flip_one_byte(&key, 17));
     let pass_file = dir.write_secret("recovery.pass", b"e2e recovery passphrase");
     let bad_pass_file = dir.write_secret("bad.pass", b"not the recovery passphrase");
-    let add_key = |vk: &std::path::Path| {
-        run(Command::new(cryptsetup())
-            .args(["luksAddKey", "--key-size", "512", "--volume-key-file"])
-            .arg(vk)
-            .args([
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--batch-mode",
-            ])
-            .arg(&path)
-            .arg(&pass_file))
-    };
+    let add_key = |vk: &std::path::Path| cryptsetup_add_key(&path, vk, &pass_file);
 
     // A key one byte off is refused by the digest, and nothing changes.
     add_key(&wrong_file)
