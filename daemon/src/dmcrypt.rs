@@ -558,7 +558,16 @@ impl Daemon {
                         "cancelled".into()
                     };
                     tracing::warn!(volume = %volume, name = %name, "the volume key was handed out but no dm-crypt mapping appeared ({why}); the volume is free again");
-                    record_unmapped(&audit, &backend, &volume, &name, token.as_ref(), &why);
+                    let held_for = started.elapsed();
+                    record_unmapped(
+                        &audit,
+                        &backend,
+                        &volume,
+                        &name,
+                        token.as_ref(),
+                        &why,
+                        held_for,
+                    );
                 }
                 return;
             }
@@ -706,7 +715,8 @@ impl Daemon {
     }
 }
 
-/// The audit record of a key handed out for a mapping that never appeared.
+/// The audit record of a key handed out for a mapping that never appeared, after the
+/// volume was held for `held_for` (all of [`HOLD_FOR`], or less when cancelled).
 fn record_unmapped(
     audit: &AuditLog,
     backend: &str,
@@ -714,6 +724,7 @@ fn record_unmapped(
     name: &str,
     token: Option<&KmsToken>,
     why: &str,
+    held_for: Duration,
 ) {
     audit.record(&AuditRecord {
         time: now(),
@@ -724,7 +735,7 @@ fn record_unmapped(
         volume: Some(volume.into()),
         caller_uid: None,
         outcome: format!("no mapping {name} appeared ({why})"),
-        latency_ms: HOLD_FOR.as_millis() as u64,
+        latency_ms: held_for.as_millis() as u64,
         request_id: None,
     });
 }

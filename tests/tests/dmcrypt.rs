@@ -622,5 +622,13 @@ fn a_volume_held_for_a_client_that_never_reports_is_freed_by_cancel() {
         reported[0]["outcome"],
         "no mapping v-dm appeared (cancelled)"
     );
+    // The record's latency is how long the volume was held, not the whole hold period.
+    assert!(
+        reported[0]["latency_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < 60_000),
+        "{}",
+        reported[0]
+    );
     d.ctl.run(&["attach", "v", "--transient"]).assert_success();
 }
