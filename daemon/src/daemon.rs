@@ -550,7 +550,8 @@ impl Daemon {
                     .dead_conn_timeout_secs
                     .unwrap_or(DEFAULT_DEAD_CONN_TIMEOUT_SECS),
                 block_size: vol.sector_size(),
-                backend: format!("cryptnbd:{}", uuid.as_deref().unwrap_or(&r.volume)),
+                // The name too: a snapshot or copy shares the header UUID.
+                backend: format!("cryptnbd:{}:{}", r.volume, uuid.as_deref().unwrap_or("-")),
             };
             let bound_at = Instant::now();
             let bound =

@@ -12,7 +12,7 @@
 //! let go. When the daemon stops without detaching (a restart, a crash), the kernel keeps
 //! the device and queues its I/O for the dead-connection timeout; the daemon re-attaches the
 //! volume at start and reconnects the same device with a RECONFIGURE (the kernel checks the
-//! backend identifier, `cryptnbd:<volume uuid>`, so a device is never reconnected to another
+//! backend identifier, `cryptnbd:<volume name>:<uuid>`, so a device is never reconnected to another
 //! volume).
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -43,7 +43,7 @@ pub struct BindParams {
     pub dead_conn_timeout_secs: u64,
     /// The volume's sector size (the device's block size).
     pub block_size: u32,
-    /// `cryptnbd:<volume uuid>`.
+    /// `cryptnbd:<volume name>:<LUKS uuid>`.
     pub backend: String,
 }
 
@@ -290,9 +290,14 @@ impl KernelDevice {
         }
         self.stop_supervising();
         let index = self.index;
-        netlink(move |nl| nl.disconnect(index))
+        let done = netlink(move |nl| nl.disconnect(index))
             .await
-            .map_err(|e| ReleaseError::Failed(e.message))
+            .map_err(|e| ReleaseError::Failed(e.message));
+        if done.is_err() {
+            // Still bound: keep replacing dead connections.
+            self.stopping.store(false, Ordering::SeqCst);
+        }
+        done
     }
 }
 
