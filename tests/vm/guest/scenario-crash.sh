@@ -4,7 +4,10 @@
 #  2. not restarted, the writer gets I/O errors once the timeout has passed, and nothing
 #     hangs;
 #  3. restarted after that, the filesystem is repaired like after a power cut and every
-#     file whose fsync succeeded is intact.
+#     file whose fsync succeeded is intact;
+#  4. detach --force frees a mounted device at once; 5. a device with two connections;
+#  6. the daemon stalled past --io-timeout: the kernel drops the connection, the running
+#     daemon replaces it, and the writer sees no error.
 # Every wait is bounded.
 
 . /cryptnbd-vm/lib.sh
@@ -61,6 +64,9 @@ nbd0_usable() {
 
 step "daemon, key, volume; attach with --dead-conn-timeout $TIMEOUT"
 start_daemon
+# As root in the guest it has CAP_SYS_RESOURCE: it must have marked itself an I/O flusher.
+grep -q 'running as an I/O flusher' "$CS_LOG" ||
+  fail "the daemon did not set PR_SET_IO_FLUSHER (no 'running as an I/O flusher' in its log)"
 must cryptnbdctl kms create-key --alias alias/home
 must cryptnbdctl create home --size 256M --kms-key alias/home \
   --sid S-1-5-21-1-2-3-1001 --directory d-1234567890
@@ -151,6 +157,58 @@ must bounded 120 e2fsck -fn /dev/nbd0
 must mount /dev/nbd0 "$MNT"
 verify_set "$MNT/base" "$BASE_SUMS"
 verify_set "$MNT/w" "$FSYNCED"
+
+step "4. detach is refused while mounted; detach --force frees the mounted device at once"
+refused 4 cryptnbdctl detach home
+must bounded 60 cryptnbdctl detach home --force
+if bounded 30 dd if=/dev/zero of="$MNT/after-force" bs=65536 count=4 conv=fsync; then
+  fail "a write was fsynced on /dev/nbd0 after detach --force"
+fi
+log "  the mounted filesystem gets I/O errors, nothing hangs"
+if ! run bounded 60 umount "$MNT"; then
+  must bounded 30 umount -l "$MNT"
+fi
+# The kernel keeps the dead configuration while the filesystem holds the device open.
+wait_until 10 "/dev/nbd0 released once unmounted" dev_disconnected /dev/nbd0
+
+step "5. two connections: the kernel spreads its queues over both"
+must cryptnbdctl attach home --device /dev/nbd0 --connections 2
+capture cryptnbdctl status home
+_kconns=$(grep -c 'from kernel /dev/nbd0 connection' "$VM_DIR/out")
+[ "$_kconns" = 2 ] || fail "status shows $_kconns kernel connections, not 2"
+run bounded 120 e2fsck -fy /dev/nbd0
+[ "$_rc" -lt 4 ] || fail "e2fsck -fy after detach --force: exit $_rc"
+must mount /dev/nbd0 "$MNT"
+verify_set "$MNT/base" "$BASE_SUMS"
+verify_set "$MNT/w" "$FSYNCED"
+must umount "$MNT"
+must cryptnbdctl detach home
+wait_until 10 "/dev/nbd0 disconnected by detach" dev_disconnected /dev/nbd0
+
+step "6. the daemon stalls past --io-timeout: the kernel drops the connection, the daemon replaces it"
+must cryptnbdctl attach home --device /dev/nbd0 --io-timeout 2 --dead-conn-timeout 30
+must mount /dev/nbd0 "$MNT"
+rm -f "$STOP"
+: >"$WLOG"
+writer &
+WPID=$!
+wait_until 60 "the writer has fsynced 3 files" more_oks_than 2
+log "+ kill -STOP $DAEMON_PID; sleep 6; kill -CONT $DAEMON_PID (cryptnbd stalls for 6 s)"
+kill -STOP "$DAEMON_PID"
+sleep 6
+kill -CONT "$DAEMON_PID"
+_before=$(oks)
+wait_until 60 "the writer goes on (3 more fsynced files)" more_oks_than $((_before + 2))
+touch "$STOP"
+wait_until 30 "the writer stopped" writer_ended
+wait "$WPID"
+WPID=
+if has_err; then
+  fail "the writer saw I/O errors across the stall: $(grep '^ERR ' "$WLOG" | head -n 3 | tr '\n' ' ')"
+fi
+capture cryptnbdctl status home
+grep -q 'dead connection(s) replaced' "$VM_DIR/out" ||
+  fail "status does not show the connection the daemon replaced"
 must umount "$MNT"
 must cryptnbdctl detach home
 exit 0
