@@ -107,7 +107,8 @@ pub fn cryptnbdctl() -> PathBuf {
         .clone()
 }
 
-fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+/// The newest modification time of any file under `dir`.
+pub(crate) fn newest_mtime(dir: &Path) -> Option<SystemTime> {
     let mut newest = None;
     for entry in fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();

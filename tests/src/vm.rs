@@ -17,9 +17,9 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use crate::{TestDir, run, target_dir, workspace_root};
+use crate::{TestDir, newest_mtime, run, target_dir, workspace_root};
 
 /// The prefix of every line the guest prints for the host to read.
 pub const MARKER: &str = "CRYPTNBD-VM: ";
@@ -94,20 +94,6 @@ fn release_bin(name: &str) -> Result<PathBuf, String> {
         );
     }
     Ok(bin)
-}
-
-fn newest_mtime(dir: &Path) -> Option<SystemTime> {
-    let mut newest = None;
-    for entry in fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let t = if path.is_dir() {
-            newest_mtime(&path)
-        } else {
-            entry.metadata().and_then(|m| m.modified()).ok()
-        };
-        newest = newest.max(t);
-    }
-    newest
 }
 
 fn build_rig() -> Result<Rig, String> {
