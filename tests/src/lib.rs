@@ -644,6 +644,33 @@ pub fn cryptsetup_add_key(volume: &Path, volume_key: &Path, passphrase: &Path) -
         .arg(passphrase))
 }
 
+/// `cryptsetup open --test-passphrase --key-file PASSPHRASE VOLUME`: exit 0 when a keyslot
+/// opens with the passphrase, 2 when none does.
+pub fn cryptsetup_test_passphrase(passphrase: &Path, volume: &Path) -> Outcome {
+    run(Command::new(cryptsetup())
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(passphrase)
+        .arg(volume))
+}
+
+/// The volume key as cryptsetup itself reports it: `luksDump --dump-volume-key`, unlocked by
+/// the keyslot `passphrase` opens, written to `out` and read back.
+#[track_caller]
+pub fn cryptsetup_dump_volume_key(
+    volume: &Path,
+    passphrase: &Path,
+    out: &Path,
+) -> Zeroizing<Vec<u8>> {
+    run(Command::new(cryptsetup())
+        .args(["luksDump", "--dump-volume-key", "--volume-key-file"])
+        .arg(out)
+        .args(["--batch-mode", "--key-file"])
+        .arg(passphrase)
+        .arg(volume))
+    .assert_success();
+    read_secret(out)
+}
+
 /// `cryptsetup luksDump --dump-json-metadata FILE`, parsed.
 #[track_caller]
 pub fn luks_dump_json(volume: &Path) -> Value {

@@ -10,8 +10,8 @@ use std::process::Command;
 
 use e2e_tests::{
     Ctl, DATA_OFFSET, Oracle, Segment, TIB, TestDir, check_reads, check_with_oracle, cryptsetup,
-    exercise_volume, flip_one_byte, has_line_with, luks_dump_json, random_key, read_secret, run,
-    sparse_file,
+    cryptsetup_dump_volume_key, cryptsetup_test_passphrase, exercise_volume, flip_one_byte,
+    has_line_with, luks_dump_json, random_key, run, sparse_file,
 };
 use kms_client::local::{LocalKms, LocalKmsOptions};
 use serde_json::{Value, json};
@@ -66,16 +66,9 @@ async fn reads_cryptsetup_made_volume(sector_size: u32) {
     );
 
     // The key luksFormat was given is the volume key, as cryptsetup itself reports.
-    let dumped = dir.join("dumped.key");
-    run(Command::new(cryptsetup())
-        .args(["luksDump", "--dump-volume-key", "--volume-key-file"])
-        .arg(&dumped)
-        .args(["--batch-mode", "--key-file"])
-        .arg(&pass_file)
-        .arg(&image))
-    .assert_success();
+    let dumped = cryptsetup_dump_volume_key(&image, &pass_file, &dir.join("dumped.key"));
     assert!(
-        *read_secret(&dumped) == *key,
+        *dumped == *key,
         "cryptsetup's dumped volume key differs from the one given to luksFormat"
     );
 
@@ -152,11 +145,7 @@ async fn reads_cryptsetup_made_volume(sector_size: u32) {
 
     // Our I/O left cryptsetup's header alone: same metadata, the passphrase still opens it.
     assert_eq!(luks_dump_json(&image), md_before);
-    run(Command::new(cryptsetup())
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&pass_file)
-        .arg(&image))
-    .assert_success();
+    cryptsetup_test_passphrase(&pass_file, &image).assert_success();
     // And a fresh open reads the same data.
     let vol = volume::Volume::open_with_key(&image, &key, true).expect("reopen read-only");
     check_reads(&vol, &model);

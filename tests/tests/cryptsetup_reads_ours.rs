@@ -12,8 +12,9 @@ use std::process::Command;
 
 use e2e_tests::{
     Ctl, DATA_OFFSET, Model, SID_DIRECTORY_KEY, TEST_DIRECTORY, TEST_SID, TOKEN_TYPE, TestDir,
-    TestRng, VOLUME_ID_KEY, assert_bytes_eq, cryptsetup, cryptsetup_add_key, has_line_with,
-    kms_token, luks_dump_json, read_primary_metadata, read_secret, run, unwrap_volume_key,
+    TestRng, VOLUME_ID_KEY, assert_bytes_eq, cryptsetup, cryptsetup_add_key,
+    cryptsetup_dump_volume_key, cryptsetup_test_passphrase, has_line_with, kms_token,
+    luks_dump_json, read_primary_metadata, run, unwrap_volume_key,
 };
 use serde_json::{Value, json};
 
@@ -234,27 +235,12 @@ async fn digest_proves_the_kms_key(sector_size: u32) {
 
     // The KMS's key is accepted.
     add_key(&key_file).assert_success();
-    run(Command::new(cryptsetup())
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&pass_file)
-        .arg(&path))
-    .assert_success();
-    run(Command::new(cryptsetup())
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&bad_pass_file)
-        .arg(&path))
-    .assert_code(2);
+    cryptsetup_test_passphrase(&pass_file, &path).assert_success();
+    cryptsetup_test_passphrase(&bad_pass_file, &path).assert_code(2);
     // And the new keyslot holds that same key.
-    let dumped = dir.join("dumped.key");
-    run(Command::new(cryptsetup())
-        .args(["luksDump", "--dump-volume-key", "--volume-key-file"])
-        .arg(&dumped)
-        .args(["--batch-mode", "--key-file"])
-        .arg(&pass_file)
-        .arg(&path))
-    .assert_success();
+    let dumped = cryptsetup_dump_volume_key(&path, &pass_file, &dir.join("dumped.key"));
     assert!(
-        *read_secret(&dumped) == *key,
+        *dumped == *key,
         "cryptsetup's keyslot does not hold the KMS key"
     );
 

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e_tests::daemon::Daemon;
-use e2e_tests::{TestDir, TestRng, cryptsetup, require_tool, run, unwrap_volume_key};
+use e2e_tests::{
+    TestDir, TestRng, cryptsetup, cryptsetup_test_passphrase, require_tool, run, unwrap_volume_key,
+};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -438,11 +440,7 @@ fn recovery_passphrase_opens_in_cryptsetup() {
         .json();
     let slot = added["keyslot"].as_u64().expect("keyslot");
     let key_file = dir.write_secret("key", b"correct horse battery staple");
-    run(Command::new(cryptsetup())
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&key_file)
-        .arg(&vol))
-    .assert_success();
+    cryptsetup_test_passphrase(&key_file, &vol).assert_success();
     assert_eq!(d.ctl.inspect_json(&vol)["keyslots"], 1);
     // The volume still attaches through the KMS.
     d.ctl.run(&["attach", "v"]).assert_success();
@@ -451,10 +449,7 @@ fn recovery_passphrase_opens_in_cryptsetup() {
     d.ctl
         .run(&["recovery", "remove", "v", "--keyslot", &s])
         .assert_success();
-    let out = run(Command::new(cryptsetup())
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&key_file)
-        .arg(&vol));
+    let out = cryptsetup_test_passphrase(&key_file, &vol);
     assert_ne!(
         out.code,
         Some(0),

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use e2e_tests::{
-    Model, Oracle, Segment, TestDir, TestRng, assert_bytes_eq, cryptsetup, has_line_with,
-    luks_dump_json, read_secret, run, unwrap_volume_key,
+    Model, Oracle, Segment, TestDir, TestRng, assert_bytes_eq, cryptsetup,
+    cryptsetup_dump_volume_key, cryptsetup_test_passphrase, has_line_with, luks_dump_json, run,
+    unwrap_volume_key,
 };
 use kms_client::local::{LocalKms, LocalKmsOptions};
 use kms_client::{ContextKeys, IdentityContext};
@@ -77,14 +78,6 @@ fn open_rw(path: &Path) -> File {
         .write(true)
         .open(path)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
-}
-
-/// `cryptsetup open --test-passphrase --key-file PASS IMG`.
-fn test_passphrase(pass_file: &Path, image: &Path) -> e2e_tests::Outcome {
-    run(Command::new(cryptsetup())
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(pass_file)
-        .arg(image))
 }
 
 /// The lines of a `luksDump` section (from its title to the next unindented line).
@@ -160,20 +153,13 @@ async fn cryptsetup_opens_our_recovery_keyslot() {
     assert!(info.primary_header_problem.is_none() && info.secondary_header_problem.is_none());
 
     // cryptsetup opens it with the passphrase, refuses another one.
-    test_passphrase(&pass_file, &path).assert_success();
-    test_passphrase(&bad_pass_file, &path).assert_code(2);
+    cryptsetup_test_passphrase(&pass_file, &path).assert_success();
+    cryptsetup_test_passphrase(&bad_pass_file, &path).assert_code(2);
 
     // ... and finds the KMS's key in it.
     let dumped = dir.join("dumped.key");
-    run(Command::new(cryptsetup())
-        .args(["luksDump", "--dump-volume-key", "--volume-key-file"])
-        .arg(&dumped)
-        .args(["--batch-mode", "--key-file"])
-        .arg(&pass_file)
-        .arg(&path))
-    .assert_success();
     assert!(
-        *read_secret(&dumped) == *key,
+        *cryptsetup_dump_volume_key(&path, &pass_file, &dumped) == *key,
         "cryptsetup's dump of the recovery keyslot is not the KMS key"
     );
 
@@ -376,10 +362,10 @@ async fn we_open_keyslots_cryptsetup_made() {
         "{md}"
     );
     let our_pass = dir.write_secret("ours.pass", ours);
-    test_passphrase(&our_pass, &path).assert_success();
-    test_passphrase(&passes[0].1, &path).assert_success();
-    test_passphrase(&passes[2].1, &path).assert_success();
-    test_passphrase(&passes[1].1, &path).assert_code(2);
+    cryptsetup_test_passphrase(&our_pass, &path).assert_success();
+    cryptsetup_test_passphrase(&passes[0].1, &path).assert_success();
+    cryptsetup_test_passphrase(&passes[2].1, &path).assert_success();
+    cryptsetup_test_passphrase(&passes[1].1, &path).assert_code(2);
 }
 
 #[tokio::test]
@@ -400,7 +386,7 @@ async fn removed_keyslot_no_longer_opens() {
     )
     .expect("add");
     drop(file);
-    test_passphrase(&pass_file, &path).assert_success();
+    cryptsetup_test_passphrase(&pass_file, &path).assert_success();
     let area_before = read_area(&path, FIRST_AREA);
 
     let file = open_rw(&path);
@@ -409,7 +395,7 @@ async fn removed_keyslot_no_longer_opens() {
     keyslot::remove_keyslot(&file, &path, id).expect("remove");
     drop(file);
 
-    let out = test_passphrase(&pass_file, &path);
+    let out = cryptsetup_test_passphrase(&pass_file, &path);
     assert_ne!(
         out.code,
         Some(0),
