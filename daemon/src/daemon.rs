@@ -422,21 +422,18 @@ impl Daemon {
             // Asking again for the same attachment succeeds and changes nothing: a boot unit
             // asks after the daemon may already have re-attached the volume (and reconnected
             // its kernel device) from its saved attachments. "auto" matches the device got.
+            let device_of = |d: &Option<String>| {
+                let d = d.as_deref()?;
+                Some(match (crate::kdev::parse_device(d), a.kernel()) {
+                    (Ok(None), Some(k)) => k.path(),
+                    (Ok(Some(i)), _) => crate::kdev::device_path(i),
+                    _ => d.to_owned(),
+                })
+            };
             let mut have = a.request.clone();
+            have.device = a.kernel().map(|k| k.path());
             let mut want = r.clone();
-            if let Some(k) = a.kernel() {
-                have.device = Some(k.path());
-                if want.device.as_deref() == Some("auto") {
-                    want.device = Some(k.path());
-                }
-            }
-            for q in [&mut have, &mut want] {
-                if let Some(d) = &q.device
-                    && let Ok(Some(i)) = crate::kdev::parse_device(d)
-                {
-                    q.device = Some(format!("/dev/nbd{i}"));
-                }
-            }
+            want.device = device_of(&r.device);
             let same_owner = caller.is_none_or(|c| c.uid == a.owner_uid);
             if have == want && same_owner {
                 tracing::info!(volume = %r.volume, "already attached as asked");
@@ -634,9 +631,19 @@ impl Daemon {
     }
 
     fn connections(&self, export: &str) -> Vec<ConnectionStatus> {
+        self.connections_where(export, |_| true)
+    }
+
+    /// The connections to `export` whose peer passes `keep`.
+    fn connections_where(
+        &self,
+        export: &str,
+        keep: impl Fn(&nbd::Peer) -> bool,
+    ) -> Vec<ConnectionStatus> {
         self.server
             .connections(Some(export))
             .into_iter()
+            .filter(|c| keep(&c.peer))
             .map(|c| ConnectionStatus {
                 id: c.id,
                 peer: c.peer.to_string(),
@@ -672,11 +679,9 @@ impl Daemon {
                 format!("volume {} is not attached", r.volume),
             ));
         };
-        let connected: Vec<ConnectionStatus> = self
-            .connections(&a.export_name)
-            .into_iter()
-            .filter(|c| !c.peer.starts_with("kernel "))
-            .collect();
+        // The kernel device's own sessions are not clients: the device is checked below.
+        let connected =
+            self.connections_where(&a.export_name, |p| !matches!(p, nbd::Peer::Kernel { .. }));
         if !connected.is_empty() && !r.force {
             let who: Vec<String> = connected.iter().map(|c| c.peer.clone()).collect();
             return Err(api(

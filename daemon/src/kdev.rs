@@ -47,6 +47,11 @@ pub struct BindParams {
     pub backend: String,
 }
 
+/// `/dev/nbdN`.
+pub fn device_path(index: u32) -> String {
+    format!("/dev/nbd{index}")
+}
+
 /// Parses `--device`: "auto", "/dev/nbdN" or "nbdN".
 pub fn parse_device(s: &str) -> Result<Option<u32>, String> {
     if s == "auto" {
@@ -144,7 +149,7 @@ fn sysfs_backend(index: u32) -> String {
 impl KernelDevice {
     /// `/dev/nbdN`.
     pub fn path(&self) -> String {
-        format!("/dev/nbd{}", self.index)
+        device_path(self.index)
     }
 
     /// Dead connections replaced since bound.

@@ -146,7 +146,7 @@ impl NbdNetlink {
             })?;
         let family = replies
             .iter()
-            .find_map(|m| find_attr(m, CTRL_ATTR_FAMILY_ID).and_then(le_u16))
+            .find_map(|m| find_attr(m, CTRL_ATTR_FAMILY_ID).and_then(ne_u16))
             .ok_or_else(|| NetlinkError::new(None, "the kernel did not say the nbd family's id"))?;
         nl.family = family;
         Ok(nl)
@@ -172,13 +172,12 @@ impl NbdNetlink {
         a.u64(NBD_ATTR_CLIENT_FLAGS, 0);
         a.string(NBD_ATTR_BACKEND_IDENTIFIER, &cfg.backend);
         a.sockets(sockets);
-        let device = format!("/dev/nbd{}", cfg.index);
         let replies = self
             .call(self.family, NBD_CMD_CONNECT, NBD_GENL_VERSION, &a)
-            .map_err(|e| explain(e, "connect", &device))?;
+            .map_err(|e| explain(e, "connect", cfg.index))?;
         Ok(replies
             .iter()
-            .find_map(|m| find_attr(m, NBD_ATTR_INDEX).and_then(le_u32))
+            .find_map(|m| find_attr(m, NBD_ATTR_INDEX).and_then(ne_u32))
             .unwrap_or(cfg.index))
     }
 
@@ -195,7 +194,7 @@ impl NbdNetlink {
         a.string(NBD_ATTR_BACKEND_IDENTIFIER, backend);
         a.sockets(sockets);
         self.call(self.family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, &a)
-            .map_err(|e| explain(e, "reconnect", &format!("/dev/nbd{index}")))?;
+            .map_err(|e| explain(e, "reconnect", index))?;
         Ok(())
     }
 
@@ -205,7 +204,7 @@ impl NbdNetlink {
         let mut a = Attrs::default();
         a.u32(NBD_ATTR_INDEX, index);
         self.call(self.family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, &a)
-            .map_err(|e| explain(e, "disconnect", &format!("/dev/nbd{index}")))?;
+            .map_err(|e| explain(e, "disconnect", index))?;
         Ok(())
     }
 
@@ -227,7 +226,7 @@ impl NbdNetlink {
                 }
                 let index = AttrIter(item)
                     .find(|(t, _)| *t == NBD_DEVICE_INDEX)
-                    .and_then(|(_, v)| le_u32(v));
+                    .and_then(|(_, v)| ne_u32(v));
                 let connected = AttrIter(item)
                     .find(|(t, _)| *t == NBD_DEVICE_CONNECTED)
                     .and_then(|(_, v)| v.first().copied());
@@ -319,7 +318,9 @@ impl std::fmt::Debug for NbdNetlink {
 }
 
 /// Turns the errnos the nbd driver returns into sentences that say what to do.
-fn explain(e: NetlinkError, op: &str, device: &str) -> NetlinkError {
+fn explain(e: NetlinkError, op: &str, index: u32) -> NetlinkError {
+    let device = format!("/dev/nbd{index}");
+    let name = format!("nbd{index}");
     let message = match e.errno {
         Some(1) => format!(
             "cannot {op} {device}: binding kernel NBD devices needs CAP_SYS_ADMIN (run the \
@@ -327,11 +328,9 @@ fn explain(e: NetlinkError, op: &str, device: &str) -> NetlinkError {
         ),
         Some(16) => format!(
             "cannot {op} {device}: it is already in use by another NBD client (see \
-             /sys/block/{}/pid and backend); choose another device or --device auto",
-            device.trim_start_matches("/dev/")
+             /sys/block/{name}/pid and backend); choose another device or --device auto"
         ),
         Some(22) if op == "reconnect" => {
-            let name = device.trim_start_matches("/dev/");
             let backend = std::fs::read_to_string(format!("/sys/block/{name}/backend"))
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default();
@@ -476,11 +475,11 @@ fn find_attr(payload: &[u8], kind: u16) -> Option<&[u8]> {
     AttrIter(payload).find(|(t, _)| *t == kind).map(|(_, v)| v)
 }
 
-fn le_u16(v: &[u8]) -> Option<u16> {
+fn ne_u16(v: &[u8]) -> Option<u16> {
     Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?))
 }
 
-fn le_u32(v: &[u8]) -> Option<u32> {
+fn ne_u32(v: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
 }
 
@@ -505,7 +504,7 @@ mod tests {
         assert_eq!(attrs[1].1, (1u64 << 30).to_ne_bytes());
         let sockets = find_attr(&a.0, NBD_ATTR_SOCKETS).expect("sockets");
         let item = find_attr(sockets, NBD_SOCK_ITEM).expect("item");
-        assert_eq!(find_attr(item, NBD_SOCK_FD).and_then(le_u32), Some(7));
+        assert_eq!(find_attr(item, NBD_SOCK_FD).and_then(ne_u32), Some(7));
         // The nested flag is set on the wire and masked when read.
         assert_eq!(
             u16::from_ne_bytes([a.0[22], a.0[23]]) & NLA_F_NESTED,
@@ -533,7 +532,7 @@ mod tests {
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].kind, 0x22);
         assert_eq!(
-            find_attr(&msgs[0].payload[GENL_HDRLEN..], NBD_ATTR_INDEX).and_then(le_u32),
+            find_attr(&msgs[0].payload[GENL_HDRLEN..], NBD_ATTR_INDEX).and_then(ne_u32),
             Some(3)
         );
         assert_eq!(msgs[1].kind, NLMSG_ERROR);
