@@ -397,6 +397,19 @@ async fn watch(
                     session = handle;
                     break;
                 }
+                // EINVAL: the kernel has no configuration for the device any more (it was
+                // disconnected behind the daemon's back) or it is bound to another backend.
+                // Retrying cannot help.
+                Err(e) if e.errno == Some(22) => {
+                    handle.abort();
+                    tracing::error!(
+                        device = index,
+                        connection,
+                        error = %e.message,
+                        "cannot reconnect the kernel device, giving up: run 'cryptnbdctl detach' and attach it again"
+                    );
+                    return;
+                }
                 Err(e) => {
                     handle.abort();
                     // Right after a session ends the kernel may not have marked the
