@@ -533,6 +533,15 @@ pub struct BaseImage {
     pub format: Option<String>,
 }
 
+/// A volume whose forced detach waits for requests stuck in its backing store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DetachingStatus {
+    /// Volume name.
+    pub volume: String,
+    /// When the detach was forced (RFC 3339).
+    pub since: String,
+}
+
 /// What each request returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -549,6 +558,10 @@ pub enum Response {
         volume: String,
         /// Connections that were closed (with `force`).
         disconnected: Vec<ConnectionStatus>,
+        /// With `force`, when requests in flight were still stuck in the backing store after
+        /// the wait: what remains to happen (the key is wiped once they return).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pending: Option<String>,
     },
     /// For `list`.
     Volumes {
@@ -559,6 +572,10 @@ pub enum Response {
     Status {
         /// Attached volumes.
         attachments: Vec<AttachmentStatus>,
+        /// Volumes detached with `--force` whose requests are still stuck in the backing
+        /// store: they hold the volume (and its key) until they return.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        detaching: Vec<DetachingStatus>,
     },
     /// For `delete`.
     Deleted {

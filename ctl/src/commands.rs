@@ -159,15 +159,25 @@ pub fn run(cli: Cli) -> Result<()> {
                 Response::Detached {
                     volume,
                     disconnected,
-                } if !disconnected.is_empty() => format!(
-                    "detached {volume} (disconnected {}); key wiped",
-                    disconnected
-                        .iter()
-                        .map(|c| c.peer.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                Response::Detached { volume, .. } => format!("detached {volume}; key wiped"),
+                    pending,
+                } => {
+                    let clients = if disconnected.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (disconnected {})",
+                            disconnected
+                                .iter()
+                                .map(|c| c.peer.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    };
+                    match pending {
+                        None => format!("detached {volume}{clients}; key wiped"),
+                        Some(p) => format!("detached {volume}{clients}, not finished: {p}"),
+                    }
+                }
                 other => format!("{other:?}"),
             })
         }
@@ -177,12 +187,25 @@ pub fn run(cli: Cli) -> Result<()> {
                 volume: volume.clone(),
             })?;
             out.emit(&r, || match &r {
-                Response::Status { attachments } if attachments.is_empty() => {
+                Response::Status {
+                    attachments,
+                    detaching,
+                } if attachments.is_empty() && detaching.is_empty() => {
                     "no volume is attached ('cryptnbdctl attach VOLUME')".into()
                 }
-                Response::Status { attachments } => attachments
+                Response::Status {
+                    attachments,
+                    detaching,
+                } => attachments
                     .iter()
                     .map(attachment_text)
+                    .chain(detaching.iter().map(|d| {
+                        format!(
+                            "{}: detaching since {} (forced): requests are stuck in its \
+                             backing store; its key is wiped when they return",
+                            d.volume, d.since
+                        )
+                    }))
                     .collect::<Vec<_>>()
                     .join("\n\n"),
                 other => format!("{other:?}"),

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use control_api::paths::{StateLayout, validate_name};
 use control_api::{
     ApiError, AttachRequest, AttachmentStatus, ConnectionStatus, CreateRequest, DaemonInfo,
-    DetachRequest, ErrorCode, Request, Response, VolumeSummary,
+    DetachRequest, DetachingStatus, ErrorCode, Request, Response, VolumeSummary,
 };
 use kms_client::{ContextKeys, IdentityContext, Kms, KmsBackend, KmsErrorKind};
 use nbd::device::Export;
@@ -26,6 +26,10 @@ use crate::registry::{Attachment, Keying, Registry};
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
 /// Default seconds a kernel device waits for the daemon to come back before failing I/O.
 pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 120;
+/// How long `detach --force` waits for the volume's requests in flight (and the flush) before
+/// it answers anyway: the device and the clients are let go at once, and a backing store that
+/// hangs must not hang the command too.
+pub const FORCE_DETACH_WAIT: Duration = Duration::from_secs(5);
 
 /// Who sent a request (from the control socket's peer credentials).
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +72,9 @@ pub struct Daemon {
     pub(crate) principal: std::sync::Mutex<Option<String>>,
     /// Volumes held while cryptsetup opens them with dm-crypt.
     pub(crate) dm_crypt: crate::dmcrypt::DmCryptState,
+    /// Volumes detached with `--force` whose requests are still stuck in the backing store:
+    /// when the detach started. Their key is wiped when the requests return.
+    pub(crate) detaching: Arc<std::sync::Mutex<BTreeMap<String, SystemTime>>>,
 }
 
 tokio::task_local! {
@@ -167,6 +174,7 @@ impl Daemon {
             key_policy,
             principal: std::sync::Mutex::new(None),
             dm_crypt: Default::default(),
+            detaching: Arc::default(),
         }
     }
 
@@ -418,6 +426,7 @@ impl Daemon {
     ) -> Result<AttachmentStatus, ApiError> {
         let started = Instant::now();
         let path = self.volume_path(&r.volume)?;
+        self.refuse_if_detaching(&r.volume)?;
         if let Some(a) = self.registry.get(&r.volume) {
             // Asking again for the same attachment succeeds and changes nothing: a boot unit
             // asks after the daemon may already have re-attached the volume (and reconnected
@@ -703,13 +712,36 @@ impl Daemon {
             tracing::info!(volume = %r.volume, device = %k.path(), "kernel device disconnected");
         }
         self.registry.remove(&r.volume);
-        self.server.disconnect_export(&a.export_name).await;
-        let flushed = a.device.volume().flush();
         if let Err(e) = self.save_attachments() {
             tracing::error!(error = %e.message, "cannot save the attachment list");
         }
-        let outcome = flushed.as_ref().map(|_| ()).map_err(|e| chain(e));
         let keying = a.keying();
+        let volume = a.volume.clone();
+        let export = a.export_name.clone();
+        // Drain the connections (their requests in flight finish and are answered), flush,
+        // and drop the volume, which wipes its key: the attachment and the sessions' device
+        // handles are its last references.
+        let server = Arc::clone(&self.server);
+        let mut finish = tokio::spawn(async move {
+            server.disconnect_export(&a.export_name).await;
+            tokio::task::spawn_blocking(move || {
+                let flushed = a.device.volume().flush();
+                drop(a);
+                flushed
+            })
+            .await
+        });
+        let finished = if r.force {
+            tokio::time::timeout(FORCE_DETACH_WAIT, &mut finish)
+                .await
+                .ok()
+        } else {
+            Some((&mut finish).await)
+        };
+        let Some(finished) = finished else {
+            return Ok(self.detach_pending(r, caller, started, keying, export, connected, finish));
+        };
+        let (outcome, flushed) = finish_outcome(finished);
         self.audit_record(
             operation,
             &r.volume,
@@ -719,15 +751,111 @@ impl Daemon {
             started,
             &outcome,
         );
-        let volume = a.volume.clone();
-        // The last references: the export held by the server is gone after the drain.
-        drop(a);
         tracing::info!(volume = %volume, "detached; key wiped");
-        flushed.map_err(|e| volume_error(&e))?;
+        flushed?;
         Ok(Response::Detached {
             volume,
             disconnected: connected,
+            pending: None,
         })
+    }
+
+    /// `detach --force` whose drain did not finish within [`FORCE_DETACH_WAIT`]: the device
+    /// and the clients are gone, but device calls are stuck in the backing store, and they
+    /// hold the volume (and its key) until they return. Answers now; a task finishes the
+    /// detach (flush, key wiped, audited as `detach-finished`) when they do.
+    #[allow(clippy::too_many_arguments)]
+    fn detach_pending(
+        &self,
+        r: DetachRequest,
+        caller: Option<Caller>,
+        started: Instant,
+        keying: crate::registry::Keying,
+        export: String,
+        connected: Vec<ConnectionStatus>,
+        finish: tokio::task::JoinHandle<Result<Result<(), VolumeError>, tokio::task::JoinError>>,
+    ) -> Response {
+        let stuck = self.server.connections(Some(&export)).len();
+        let path = self
+            .volume_path(&r.volume)
+            .map_or_else(|_| r.volume.clone(), |p| p.display().to_string());
+        let pending = format!(
+            "requests on {stuck} connection(s) are still stuck in the backing store ({path}) \
+             after {} s: the device and its clients are let go, but the volume's key stays in \
+             memory until those requests return; it is then flushed and wiped \
+             ('cryptnbdctl status' lists it as detaching until then)",
+            FORCE_DETACH_WAIT.as_secs()
+        );
+        tracing::warn!(volume = %r.volume, "{pending}");
+        self.audit_record(
+            "detach",
+            &r.volume,
+            Some(&keying.key_id),
+            Some(&keying.context),
+            caller,
+            started,
+            &Err(pending.clone()),
+        );
+        self.detaching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(r.volume.clone(), SystemTime::now());
+        let detaching = Arc::clone(&self.detaching);
+        let audit = Arc::clone(&self.audit);
+        let backend = self.kms.backend_name().to_owned();
+        let volume = r.volume.clone();
+        tokio::spawn(async move {
+            let (flushed, _) = finish_outcome(finish.await);
+            detaching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&volume);
+            match &flushed {
+                Ok(()) => {
+                    tracing::info!(volume = %volume, "the stuck requests returned; flushed, detached, key wiped")
+                }
+                Err(m) => {
+                    tracing::error!(volume = %volume, "the stuck requests returned; key wiped, but {m}")
+                }
+            }
+            audit.record(&AuditRecord {
+                time: now(),
+                operation: "detach-finished".into(),
+                backend,
+                key_id: Some(keying.key_id),
+                context: Some(keying.context),
+                volume: Some(volume),
+                caller_uid: caller.map(|c| c.uid),
+                outcome: match flushed {
+                    Ok(()) => "ok".into(),
+                    Err(m) => m,
+                },
+                latency_ms: started.elapsed().as_millis() as u64,
+                request_id: None,
+            });
+        });
+        Response::Detached {
+            volume: r.volume,
+            disconnected: connected,
+            pending: Some(pending),
+        }
+    }
+
+    /// Refuses to use a volume whose forced detach still waits for its backing store.
+    pub(crate) fn refuse_if_detaching(&self, volume: &str) -> Result<(), ApiError> {
+        let map = self.detaching.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(volume) {
+            Some(since) => Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {volume} is still being detached (forced at {}): requests are stuck \
+                     in its backing store and hold the volume open; it can be used again once \
+                     they return (see 'cryptnbdctl status')",
+                    rfc3339(*since)
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn list(&self) -> Result<Response, ApiError> {
@@ -748,13 +876,28 @@ impl Daemon {
     }
 
     fn status(&self, volume: Option<&str>) -> Result<Response, ApiError> {
+        let detaching: Vec<DetachingStatus> = self
+            .detaching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(name, _)| volume.is_none_or(|v| v == name.as_str()))
+            .map(|(name, since)| DetachingStatus {
+                volume: name.clone(),
+                since: rfc3339(*since),
+            })
+            .collect();
         let attachments: Vec<AttachmentStatus> = match volume {
-            Some(v) => {
-                let a = self.registry.get(v).ok_or_else(|| {
-                    api(ErrorCode::NotFound, format!("volume {v} is not attached"))
-                })?;
-                vec![self.attachment_status(&a)]
-            }
+            Some(v) => match self.registry.get(v) {
+                Some(a) => vec![self.attachment_status(&a)],
+                None if !detaching.is_empty() => Vec::new(),
+                None => {
+                    return Err(api(
+                        ErrorCode::NotFound,
+                        format!("volume {v} is not attached"),
+                    ));
+                }
+            },
             None => self
                 .registry
                 .all()
@@ -762,7 +905,10 @@ impl Daemon {
                 .map(|a| self.attachment_status(a))
                 .collect(),
         };
-        Ok(Response::Status { attachments })
+        Ok(Response::Status {
+            attachments,
+            detaching,
+        })
     }
 
     async fn delete(
@@ -988,6 +1134,21 @@ pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary 
             snapshots: 0,
             dm_crypt: None,
         },
+    }
+}
+
+/// What a detach's drain-flush-drop task ended with: the audit outcome, and the answer.
+type FinishResult =
+    Result<Result<Result<(), VolumeError>, tokio::task::JoinError>, tokio::task::JoinError>;
+
+fn finish_outcome(r: FinishResult) -> (Result<(), String>, Result<(), ApiError>) {
+    match r {
+        Ok(Ok(Ok(()))) => (Ok(()), Ok(())),
+        Ok(Ok(Err(e))) => (Err(chain(&e)), Err(volume_error(&e))),
+        Ok(Err(e)) | Err(e) => {
+            let m = format!("the detach task failed: {e}");
+            (Err(m.clone()), Err(api(ErrorCode::Io, m)))
+        }
     }
 }
 

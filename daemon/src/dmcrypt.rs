@@ -409,6 +409,7 @@ impl Daemon {
         let started = Instant::now();
         check_dm_name(&r.name)?;
         let path = self.existing_volume(&r.volume)?;
+        self.refuse_if_detaching(&r.volume)?;
         if let Some(a) = self.registry.get(&r.volume) {
             return Err(api(
                 ErrorCode::Conflict,

@@ -183,6 +183,7 @@ impl Daemon {
         ctx: &RequestContext,
     ) -> Result<crate::ops::OpGuard, ApiError> {
         let _g = self.lifecycle.lock().await;
+        self.refuse_if_detaching(volume)?;
         self.refuse_while_dm_open(volume, &self.layout.volume_file(volume), operation)?;
         self.ops.begin(
             volume,

@@ -11,6 +11,8 @@
 //!   (`cryptnbdctl open`), each reading what the other wrote.
 //! - d, `crash`: the daemon killed (-9) under a writer, with and without a restart within
 //!   `--dead-conn-timeout`.
+//! - e, `hung-store`: the volume file's filesystem frozen under a writer: `detach --force`
+//!   still frees the device at once, and the key is wiped when the stuck requests return.
 //!
 //! Needs root (the host daemon's memory locking, as in the other daemon tests), the release
 //! binaries (`cargo build --release -p daemon -p ctl`), apt and dpkg to build the rig, and
@@ -227,5 +229,14 @@ fn d_daemon_killed_under_a_writer_with_and_without_restart() {
     run_scenario(
         &dir,
         &Scenario::new("crash").timeout(Duration::from_secs(420)),
+    );
+}
+
+#[test]
+fn e_detach_force_frees_the_device_while_the_backing_store_hangs() {
+    let dir = TestDir::new("vm-hung-store");
+    run_scenario(
+        &dir,
+        &Scenario::new("hung-store").timeout(Duration::from_secs(240)),
     );
 }

@@ -41,6 +41,63 @@ const RMW_STRIPES: usize = 1024;
 const WRITE_PIECE: usize = 4 << 10;
 /// Largest buffer write-zeroes encrypts at a time.
 const ZERO_CHUNK: u64 = 1 << 20;
+/// Plain zeros, written where the file needs zeros that are not ciphertext (a trim without
+/// hole punching, a wiped header): static, so writing them never allocates.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Buffers of [`ZERO_CHUNK`] bytes in which write-zeroes encrypts, kept for reuse. The pool
+/// only ever holds as many as were in use at once (one per concurrent call, which the NBD
+/// server's I/O threads bound), so zeroing allocates nothing once warm: a process serving a
+/// kernel block device must not need new memory to make progress.
+#[derive(Default)]
+struct ScratchPool {
+    free: Mutex<Vec<Box<[u8]>>>,
+}
+
+impl ScratchPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<[u8]>>> {
+        // A push or a pop: consistent after any panic.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take(&self) -> Scratch<'_> {
+        let buf = self
+            .lock()
+            .pop()
+            .unwrap_or_else(|| vec![0; ZERO_CHUNK as usize].into_boxed_slice());
+        Scratch {
+            pool: self,
+            buf: Some(buf),
+        }
+    }
+}
+
+/// A buffer on loan from a [`ScratchPool`]; goes back when dropped.
+struct Scratch<'a> {
+    pool: &'a ScratchPool,
+    buf: Option<Box<[u8]>>,
+}
+
+impl std::ops::Deref for Scratch<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.as_deref().unwrap_or_default()
+    }
+}
+
+impl std::ops::DerefMut for Scratch<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buf.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.lock().push(b);
+        }
+    }
+}
 
 /// What `create` needs.
 #[derive(Debug, Clone)]
@@ -84,6 +141,8 @@ pub struct Volume {
     headers: HeaderSet,
     /// Taken shared by every write to the file, exclusively by [`Volume::pause_writes`].
     write_gate: std::sync::RwLock<()>,
+    /// Write-zeroes buffers.
+    scratch: ScratchPool,
 }
 
 impl std::fmt::Debug for Volume {
@@ -613,6 +672,7 @@ impl Volume {
             failed: AtomicBool::new(false),
             headers,
             write_gate: std::sync::RwLock::new(()),
+            scratch: ScratchPool::default(),
         }
     }
 
@@ -863,7 +923,7 @@ impl Volume {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check(offset, len, true)?;
         let ss = self.ss();
-        let mut buf = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut buf = self.scratch.take();
         let mut done = 0;
         while done < len {
             let at = offset + done;
@@ -903,11 +963,10 @@ impl Volume {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) => {
                 // No hole punching here: all-zero ciphertext has the same meaning.
-                let zeros = vec![0u8; (end - start).min(ZERO_CHUNK) as usize];
                 let mut at = start;
                 while at < end {
-                    let n = (end - at).min(ZERO_CHUNK);
-                    self.write_raw(&zeros[..n as usize], at)?;
+                    let n = (end - at).min(ZEROS.len() as u64);
+                    self.write_raw(&ZEROS[..n as usize], at)?;
                     at += n;
                 }
                 Ok(())
@@ -956,11 +1015,10 @@ pub(crate) fn wipe_header_area(file: &File, path: &Path) -> Result<(), VolumeErr
     } else {
         data_offset.min(len)
     };
-    let zeros = vec![0u8; ZERO_CHUNK as usize];
     let mut at = 0;
     while at < end {
-        let n = (end - at).min(ZERO_CHUNK);
-        file.write_all_at(&zeros[..n as usize], at)
+        let n = (end - at).min(ZEROS.len() as u64);
+        file.write_all_at(&ZEROS[..n as usize], at)
             .map_err(|e| VolumeError::io(path, "wiping the header", e))?;
         at += n;
     }
