@@ -429,14 +429,28 @@ impl Daemon {
         }
         let saved = (a.request.clone(), a.owner_uid);
         drop(a);
-        self.detach(
-            DetachRequest {
-                volume: name.into(),
-                force: true,
-            },
-            Some(caller),
-        )
-        .await?;
+        let detached = self
+            .detach(
+                DetachRequest {
+                    volume: name.into(),
+                    force: true,
+                },
+                Some(caller),
+            )
+            .await?;
+        if let Response::Detached {
+            pending: Some(p), ..
+        } = detached
+        {
+            // The old volume is still open under the stuck requests: replacing its file now
+            // would lose what they write.
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name} was detached, but not finished ({p}); nothing else was done: retry once 'cryptnbdctl status' no longer lists it as detaching"
+                ),
+            ));
+        }
         Ok(Some(saved))
     }
 
