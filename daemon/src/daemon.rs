@@ -739,7 +739,9 @@ impl Daemon {
             Some((&mut finish).await)
         };
         let Some(finished) = finished else {
-            return Ok(self.detach_pending(r, caller, started, keying, export, connected, finish));
+            return Ok(self.detach_pending(
+                r, operation, caller, started, keying, export, connected, finish,
+            ));
         };
         let (outcome, flushed) = finish_outcome(finished);
         self.audit_record(
@@ -762,12 +764,14 @@ impl Daemon {
 
     /// `detach --force` whose drain did not finish within [`FORCE_DETACH_WAIT`]: the device
     /// and the clients are gone, but device calls are stuck in the backing store, and they
-    /// hold the volume (and its key) until they return. Answers now; a task finishes the
-    /// detach (flush, key wiped, audited as `detach-finished`) when they do.
+    /// hold the volume (and its key) until they return. Answers now (audited as `operation`,
+    /// with what is stuck); a task finishes the detach (flush, key wiped, audited as
+    /// `detach-finished`) when they do.
     #[allow(clippy::too_many_arguments)]
     fn detach_pending(
         &self,
         r: DetachRequest,
+        operation: &str,
         caller: Option<Caller>,
         started: Instant,
         keying: crate::registry::Keying,
@@ -788,7 +792,7 @@ impl Daemon {
         );
         tracing::warn!(volume = %r.volume, "{pending}");
         self.audit_record(
-            "detach",
+            operation,
             &r.volume,
             Some(&keying.key_id),
             Some(&keying.context),
