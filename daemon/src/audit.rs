@@ -41,6 +41,38 @@ pub struct AuditRecord {
     pub request_id: Option<String>,
 }
 
+impl AuditRecord {
+    /// A record about `volume`, stamped now, whose outcome is `ok` or the error: how the
+    /// daemon records what it does to a volume (also from tasks that outlive a request).
+    #[allow(clippy::too_many_arguments)]
+    pub fn about_volume(
+        operation: &str,
+        backend: &str,
+        volume: &str,
+        key_id: Option<&str>,
+        context: Option<&std::collections::BTreeMap<String, String>>,
+        caller_uid: Option<u32>,
+        latency: std::time::Duration,
+        outcome: &Result<(), String>,
+    ) -> Self {
+        Self {
+            time: now(),
+            operation: operation.into(),
+            backend: backend.into(),
+            key_id: key_id.map(str::to_owned),
+            context: context.cloned(),
+            volume: Some(volume.into()),
+            caller_uid,
+            outcome: match outcome {
+                Ok(()) => "ok".into(),
+                Err(e) => e.clone(),
+            },
+            latency_ms: latency.as_millis() as u64,
+            request_id: None,
+        }
+    }
+}
+
 /// An observer for a remote KMS backend that writes one record per call (operation
 /// `kms:ACTION`, with the request id), naming the volume and caller of the request being
 /// handled (see [`crate::daemon::AUDIT_SCOPE`]).

@@ -16,7 +16,7 @@ use kms_client::{ContextKeys, IdentityContext, Kms, KmsBackend, KmsErrorKind};
 use nbd::device::Export;
 use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
 
-use crate::audit::{AuditLog, AuditRecord, now};
+use crate::audit::{AuditLog, AuditRecord};
 use crate::device::VolumeDevice;
 use crate::lifecycle::RequestContext;
 use crate::registry::{Attachment, Keying, Registry};
@@ -318,21 +318,16 @@ impl Daemon {
         started: Instant,
         outcome: &Result<(), String>,
     ) {
-        self.audit.record(&AuditRecord {
-            time: now(),
-            operation: operation.into(),
-            backend: self.kms.backend_name().into(),
-            key_id: key_id.map(str::to_owned),
-            context: context.cloned(),
-            volume: Some(volume.into()),
-            caller_uid: caller.map(|c| c.uid),
-            outcome: match outcome {
-                Ok(()) => "ok".into(),
-                Err(e) => e.clone(),
-            },
-            latency_ms: started.elapsed().as_millis() as u64,
-            request_id: None,
-        });
+        self.audit.record(&AuditRecord::about_volume(
+            operation,
+            self.kms.backend_name(),
+            volume,
+            key_id,
+            context,
+            caller.map(|c| c.uid),
+            started.elapsed(),
+            outcome,
+        ));
     }
 
     async fn create(
@@ -822,21 +817,16 @@ impl Daemon {
                     tracing::error!(volume = %volume, "the stuck requests returned; key wiped, but {m}")
                 }
             }
-            audit.record(&AuditRecord {
-                time: now(),
-                operation: "detach-finished".into(),
-                backend,
-                key_id: Some(keying.key_id),
-                context: Some(keying.context),
-                volume: Some(volume),
-                caller_uid: caller.map(|c| c.uid),
-                outcome: match flushed {
-                    Ok(()) => "ok".into(),
-                    Err(m) => m,
-                },
-                latency_ms: started.elapsed().as_millis() as u64,
-                request_id: None,
-            });
+            audit.record(&AuditRecord::about_volume(
+                "detach-finished",
+                &backend,
+                &volume,
+                Some(&keying.key_id),
+                Some(&keying.context),
+                caller.map(|c| c.uid),
+                started.elapsed(),
+                &flushed,
+            ));
         });
         Response::Detached {
             volume: r.volume,

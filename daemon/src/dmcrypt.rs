@@ -38,7 +38,7 @@ use volume::lifecycle::Cancel;
 use volume::token::KmsToken;
 use volume::{OpenOptions, VolumeError, VolumeErrorKind, VolumeInfo};
 
-use crate::audit::{AuditLog, AuditRecord, now};
+use crate::audit::{AuditLog, AuditRecord};
 use crate::daemon::{Caller, Daemon, api, volume_error};
 use crate::lifecycle::RequestContext;
 use crate::ops::OpGuard;
@@ -727,18 +727,16 @@ fn record_unmapped(
     why: &str,
     held_for: Duration,
 ) {
-    audit.record(&AuditRecord {
-        time: now(),
-        operation: "dm-crypt-opened".into(),
-        backend: backend.into(),
-        key_id: token.map(|t| t.key_id.clone()),
-        context: token.map(|t| t.context.pairs().clone()),
-        volume: Some(volume.into()),
-        caller_uid: None,
-        outcome: format!("no mapping {name} appeared ({why})"),
-        latency_ms: held_for.as_millis() as u64,
-        request_id: None,
-    });
+    audit.record(&AuditRecord::about_volume(
+        "dm-crypt-opened",
+        backend,
+        volume,
+        token.map(|t| t.key_id.as_str()),
+        token.map(|t| t.context.pairs()),
+        None,
+        held_for,
+        &Err(format!("no mapping {name} appeared ({why})")),
+    ));
 }
 
 #[cfg(test)]
