@@ -65,37 +65,33 @@ impl ScratchPool {
             .lock()
             .pop()
             .unwrap_or_else(|| vec![0; ZERO_CHUNK as usize].into_boxed_slice());
-        Scratch {
-            pool: self,
-            buf: Some(buf),
-        }
+        Scratch { pool: self, buf }
     }
 }
 
 /// A buffer on loan from a [`ScratchPool`]; goes back when dropped.
 struct Scratch<'a> {
     pool: &'a ScratchPool,
-    buf: Option<Box<[u8]>>,
+    buf: Box<[u8]>,
 }
 
 impl std::ops::Deref for Scratch<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.buf.as_deref().unwrap_or_default()
+        &self.buf
     }
 }
 
 impl std::ops::DerefMut for Scratch<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.buf.as_deref_mut().unwrap_or_default()
+        &mut self.buf
     }
 }
 
 impl Drop for Scratch<'_> {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            self.pool.lock().push(b);
-        }
+        // An empty boxed slice takes no allocation.
+        self.pool.lock().push(std::mem::take(&mut self.buf));
     }
 }
 
