@@ -188,7 +188,7 @@ pub enum Command {
     Kms(KmsCommand),
     /// Open a volume with the kernel's dm-crypt (the fast path; root): the daemon unwraps its
     /// key through the KMS as for attach and hands it to cryptsetup through a pipe.
-    Open(crate::dmcrypt::OpenArgs),
+    Open(OpenArgs),
     /// Close a dm-crypt mapping made by 'open --dm-crypt' (cryptsetup close).
     Close {
         /// The device-mapper name (/dev/mapper/NAME).
@@ -444,4 +444,24 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
             "sector size '{s}' is not supported: use 512 or 4096"
         )),
     }
+}
+
+/// Arguments of `open`.
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    /// Volume name.
+    pub volume: String,
+    /// Map it with the kernel's dm-crypt as /dev/mapper/NAME (needs root, cryptsetup and a
+    /// kernel with dm-crypt).
+    #[arg(long = "dm-crypt", value_name = "NAME", required = true)]
+    pub dm_crypt: String,
+    /// Map it read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Refuse unless the volume belongs to this SID (checked before any KMS call).
+    #[arg(long)]
+    pub sid: Option<String>,
+    /// Refuse unless the volume belongs to this directory.
+    #[arg(long)]
+    pub directory: Option<String>,
 }

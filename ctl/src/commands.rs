@@ -8,13 +8,12 @@ use kms_client::{IdentityContext, KeyMetadata, Kms, KmsBackend, context};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use control_api::{
-    AttachRequest, AttachmentStatus, AuditQuery, CreateRequest, DetachRequest, Request, Response,
-};
+use control_api::{AttachRequest, AttachmentStatus, AuditQuery, DetachRequest, Request, Response};
 
 use crate::cli::{AttachArgs, Cli, Command, CreateArgs, KmsCommand};
 use crate::client::Client;
 use crate::exit::CliError;
+use crate::output::Output;
 use crate::units::human;
 use control_api::paths::{StateLayout, validate_name};
 
@@ -244,10 +243,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 })?,
             };
             if out.json {
-                println!("{}", serde_json::to_string_pretty(&records)?);
+                crate::output::print_line(&serde_json::to_string_pretty(&records)?)?;
             } else {
                 for r in &records {
-                    println!("{}", audit_text(r));
+                    crate::output::print_line(&audit_text(r))?;
                 }
             }
             Ok(())
@@ -597,35 +596,10 @@ fn audited_key_op(
     )?)
 }
 
-/// The `create` request for `args` (`from_image`: the image passed with it, if any).
-pub(crate) fn create_request(
-    args: &CreateArgs,
-    from_image: Option<control_api::ImageSource>,
-) -> Result<CreateRequest> {
-    validate_name(&args.name).map_err(CliError::usage)?;
-    let context = args
-        .context
-        .iter()
-        .map(|p| context::parse_pair(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(CreateRequest {
-        name: args.name.clone(),
-        size: args.size.unwrap_or(0),
-        sector_size: args.sector_size,
-        kms_key: args.kms_key.clone(),
-        sid: args.sid.clone(),
-        directory: args.directory.clone(),
-        context,
-        volume_id: args.volume_id.clone(),
-        sid_directory_key: Some(args.context_keys().sid_directory),
-        volume_id_key: Some(args.context_keys().volume_id),
-        from_image,
-        record_base: args.record_base,
-    })
-}
-
 fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
-    let r = client.call(Request::Create(create_request(args, None)?))?;
+    let r = client.call(Request::Create(crate::lifecycle::create_request(
+        args, None,
+    )?))?;
     created_response(r, out)
 }
 
@@ -657,25 +631,6 @@ fn created_text(c: &Created, how: &str) -> String {
         c.key_id,
         c.name
     )
-}
-
-pub(crate) struct Output {
-    pub(crate) json: bool,
-}
-
-impl Output {
-    pub(crate) fn emit<T: Serialize>(
-        &self,
-        value: &T,
-        text: impl FnOnce() -> String,
-    ) -> Result<()> {
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
-        } else {
-            println!("{}", text());
-        }
-        Ok(())
-    }
 }
 
 fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {

@@ -20,34 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output as ProcessOutput, Stdio};
 
 use anyhow::{Context as _, Result};
-use clap::Args;
 use control_api::paths::validate_name;
 use control_api::{OpenDmCryptRequest, Request, Response, validate_dm_name};
 
+use crate::cli::OpenArgs;
 use crate::client::Client;
-use crate::commands::Output;
 use crate::exit::{self, CliError};
+use crate::output::Output;
 use crate::units::human;
-
-/// Arguments of `open`.
-#[derive(Debug, Args)]
-pub struct OpenArgs {
-    /// Volume name.
-    pub volume: String,
-    /// Map it with the kernel's dm-crypt as /dev/mapper/NAME (needs root, cryptsetup and a
-    /// kernel with dm-crypt).
-    #[arg(long = "dm-crypt", value_name = "NAME", required = true)]
-    pub dm_crypt: String,
-    /// Map it read-only.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Refuse unless the volume belongs to this SID (checked before any KMS call).
-    #[arg(long)]
-    pub sid: Option<String>,
-    /// Refuse unless the volume belongs to this directory.
-    #[arg(long)]
-    pub directory: Option<String>,
-}
 
 /// The environment variable naming the cryptsetup program to run.
 const CRYPTSETUP_ENV: &str = "CRYPTNBD_CRYPTSETUP";

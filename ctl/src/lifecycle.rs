@@ -24,8 +24,8 @@ use serde::Serialize;
 
 use crate::cli::{CreateArgs, HeaderCommand, RecoveryCommand};
 use crate::client::Client;
-use crate::commands::Output;
 use crate::exit::CliError;
+use crate::output::Output;
 use crate::units::human;
 
 /// Shows progress events.
@@ -284,10 +284,7 @@ fn long_call(
 pub fn create_from_image(client: &mut Client, args: &CreateArgs, json: bool) -> Result<Response> {
     let image = args.from_image.as_deref().context("no image")?;
     let opened = open_image(image)?;
-    let request = Request::Create(crate::commands::create_request(
-        args,
-        Some(opened.source.clone()),
-    )?);
+    let request = Request::Create(create_request(args, Some(opened.source.clone()))?);
     let r = long_call(client, request, Some(&opened.fd), json)?;
     opened.finish()?;
     Ok(r)
@@ -678,5 +675,32 @@ pub fn operations(client: &mut Client, json: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n"),
         other => format!("{other:?}"),
+    })
+}
+
+/// The `create` request for `args` (`from_image`: the image passed with it, if any).
+pub(crate) fn create_request(
+    args: &CreateArgs,
+    from_image: Option<control_api::ImageSource>,
+) -> Result<control_api::CreateRequest> {
+    control_api::paths::validate_name(&args.name).map_err(CliError::usage)?;
+    let context = args
+        .context
+        .iter()
+        .map(|p| context::parse_pair(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(control_api::CreateRequest {
+        name: args.name.clone(),
+        size: args.size.unwrap_or(0),
+        sector_size: args.sector_size,
+        kms_key: args.kms_key.clone(),
+        sid: args.sid.clone(),
+        directory: args.directory.clone(),
+        context,
+        volume_id: args.volume_id.clone(),
+        sid_directory_key: Some(args.context_keys().sid_directory),
+        volume_id_key: Some(args.context_keys().volume_id),
+        from_image,
+        record_base: args.record_base,
     })
 }

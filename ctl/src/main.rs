@@ -9,6 +9,7 @@ mod commands;
 mod dmcrypt;
 mod exit;
 mod lifecycle;
+mod output;
 mod units;
 
 use clap::Parser;
@@ -29,6 +30,11 @@ fn main() -> std::process::ExitCode {
         .init();
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A reader that went away (`cryptnbdctl status | head -1`): end quietly, as a program
+        // killed by SIGPIPE would, instead of an error about our own output.
+        Err(err) if output::is_closed_stdout(&err) => {
+            std::process::ExitCode::from(output::CLOSED_STDOUT)
+        }
         Err(err) => {
             let code = exit::code_for(&err);
             eprintln!("cryptnbdctl: error: {err}");

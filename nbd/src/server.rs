@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, error, warn};
 use crate::device::{Export, ExportRegistry, Peer};
 use crate::error::NbdError;
 
+mod flow;
 mod handshake;
 mod io_pool;
 mod pool;

@@ -171,6 +171,8 @@ fn fio_random_4k_with_crc32c_verification() {
     // only reads and verifies everything the first one wrote.
     let fio_run = |verify_only: bool| {
         let mut cmd = Command::new(&fio);
+        // fio may write `local-e2e-N-verify.state` files into its working directory.
+        cmd.current_dir(dir.path());
         cmd.args([
             "--name=e2e",
             "--ioengine=nbd",

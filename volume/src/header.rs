@@ -183,7 +183,7 @@ pub fn write_headers(
         file.sync_data()
             .map_err(|e| VolumeError::io(path, "syncing the header", e))?;
         if primary {
-            crate::lifecycle::crash_point("header-primary-written");
+            crate::crash::crash_point("header-primary-written");
         }
     }
     Ok(())

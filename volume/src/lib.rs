@@ -10,6 +10,7 @@
 //!
 //! This crate must not depend on the NBD protocol, the daemon or the CLI.
 
+pub mod crash;
 pub mod error;
 pub mod header;
 pub mod keyslot;

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub use crate::crash::crash_point;
 use crate::header;
 use crate::token::{KmsToken, TOKEN_TYPE};
 use crate::volume::Volume;
@@ -98,43 +99,6 @@ impl Cancel {
             Ok(())
         }
     }
-}
-
-/// Test builds' crash injection: when the `crash-points` feature is on and the environment
-/// variable `CRYPTNBD_CRASH_AT` names this point, the process kills itself with SIGKILL here
-/// (as `kill -9` would, no cleanup). `CRYPTNBD_CRASH_AT=name:N` crashes at the Nth time the
-/// point is reached. Without the feature this does nothing.
-pub fn crash_point(name: &str) {
-    #[cfg(feature = "crash-points")]
-    {
-        static HITS: std::sync::OnceLock<Mutex<std::collections::HashMap<String, u64>>> =
-            std::sync::OnceLock::new();
-        let Ok(want) = std::env::var("CRYPTNBD_CRASH_AT") else {
-            return;
-        };
-        let (point, nth) = match want.split_once(':') {
-            Some((p, n)) => (p, n.parse::<u64>().unwrap_or(1)),
-            None => (want.as_str(), 1),
-        };
-        if point != name {
-            return;
-        }
-        let mut hits = HITS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let n = hits.entry(name.to_owned()).or_insert(0);
-        *n += 1;
-        if *n == nth {
-            eprintln!("crash point {name} reached: killing myself");
-            let _ = rustix::process::kill_process(
-                rustix::process::getpid(),
-                rustix::process::Signal::KILL,
-            );
-        }
-    }
-    #[cfg(not(feature = "crash-points"))]
-    let _ = name;
 }
 
 /// Reads until `buf` is full or the source ends; returns how much was read.

@@ -147,7 +147,7 @@ async fn need<S: AsyncRead + Unpin>(
     let mut shutdown = server.shutdown_receiver();
     tokio::select! {
         biased;
-        _ = super::transmission::stopped(&mut shutdown) => Ok(false),
+        _ = super::flow::stopped(&mut shutdown) => Ok(false),
         r = rb.fill(io, n) => Ok(r?),
     }
 }

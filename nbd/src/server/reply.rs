@@ -86,7 +86,7 @@ impl Header {
 
 /// A reply ready to be written: header bytes, optional READ data, and the budget it holds
 /// (released once written).
-pub(crate) struct Completion<P = super::transmission::Permit> {
+pub(crate) struct Completion<P = super::flow::Permit> {
     header: Header,
     payload: Option<PooledBuf>,
     _permit: Option<P>,
@@ -259,7 +259,7 @@ enum Progress {
 }
 
 /// One connection's reply queue and writer.
-pub(crate) struct Replies<W, P = super::transmission::Permit> {
+pub(crate) struct Replies<W, P = super::flow::Permit> {
     wr: W,
     state: Mutex<State<P>>,
     wake: Notify,
@@ -467,7 +467,7 @@ impl<W: ReplyWriter, P: Send + 'static> Replies<W, P> {
         tokio::pin!(w);
         tokio::select! {
             r = &mut w => r,
-            _ = super::transmission::stopped(stop) => {
+            _ = super::flow::stopped(stop) => {
                 match tokio::time::timeout(DRAIN_WRITE_TIMEOUT, &mut w).await {
                     Ok(r) => r,
                     Err(_) => Err(std::io::Error::new(

@@ -20,9 +20,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::AsyncRead;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, trace, warn};
 
+use super::flow::{Budget, Permit, stopped};
 use super::pool::{PooledBuf, class_size};
 use super::readbuf::ReadBuf;
 use super::reply::{Completion, Replies, ReplySink, ReplyWriter};
@@ -399,45 +400,6 @@ pub(crate) fn clamp_extents(extents: &[Extent], len: u32, req_one: bool) -> Vec<
 }
 
 // ---------------------------------------------------------------------------------------------
-// Budget
-// ---------------------------------------------------------------------------------------------
-
-/// Bytes in flight, held against both the connection's and the server's budget.
-pub(crate) struct Permit {
-    conn: OwnedSemaphorePermit,
-    global: OwnedSemaphorePermit,
-}
-
-impl Permit {
-    /// Gives back `n` bytes early (a WRITE's buffer once the device has it).
-    fn release(&mut self, n: usize) {
-        drop(self.conn.split(n));
-        drop(self.global.split(n));
-    }
-}
-
-struct Budget {
-    conn: Arc<Semaphore>,
-    global: Arc<Semaphore>,
-}
-
-impl Budget {
-    fn try_acquire(&self, n: u32) -> Option<Permit> {
-        let conn = Arc::clone(&self.conn).try_acquire_many_owned(n).ok()?;
-        let global = Arc::clone(&self.global).try_acquire_many_owned(n).ok()?;
-        Some(Permit { conn, global })
-    }
-
-    /// Waits for the connection's share first, so one connection waits on the global budget
-    /// with at most one request.
-    async fn acquire(&self, n: u32) -> Option<Permit> {
-        let conn = Arc::clone(&self.conn).acquire_many_owned(n).await.ok()?;
-        let global = Arc::clone(&self.global).acquire_many_owned(n).await.ok()?;
-        Some(Permit { conn, global })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Jobs (run on the I/O threads)
 // ---------------------------------------------------------------------------------------------
 
@@ -562,13 +524,6 @@ fn execute(
         Op::Trim { .. } | Op::Cache { .. } | Op::WriteZeroes { .. } => {}
     }
     Ok(None)
-}
-
-/// Resolves once the connection is told to stop (never if it cannot be).
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|s| *s).await.is_err() {
-        std::future::pending::<()>().await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
