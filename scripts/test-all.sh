@@ -97,6 +97,7 @@ phase "cargo fmt --check"
 cargo fmt --all -- --check
 phase "import cycles (scripts/check-import-cycles.py)"
 /usr/bin/python3 scripts/check-import-cycles.py --self-test
+/usr/bin/python3 scripts/check-import-cycles.py
 phase "cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 

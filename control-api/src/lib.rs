@@ -25,6 +25,19 @@ use serde::{Deserialize, Serialize};
 
 pub use dmcrypt::{DmCryptMapping, OpenDmCryptRequest, validate_dm_name};
 
+/// An error and its causes as one sentence ("a: b: c"): how an error travels in an
+/// [`ApiError`] message, an audit outcome, or the CLI's output.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Version of the control API spoken by this build.
 pub const API_VERSION: u32 = 1;
 /// Largest message (one JSON line) either side accepts.

@@ -1,6 +1,6 @@
 //! The daemon's state and one handler per control request. Lifecycle operations (create,
-//! attach, detach, delete) are serialized by one lock, so two of them never race on a volume;
-//! the data path never takes it.
+//! attach, detach, delete) take their volume's lock (locks.rs), so two of them never race on
+//! a volume while different volumes go side by side; the data path never takes it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,10 +16,11 @@ use kms_client::{ContextKeys, IdentityContext, Kms, KmsBackend, KmsErrorKind};
 use nbd::device::Export;
 use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
 
-use crate::audit::{AuditLog, AuditRecord};
 use crate::device::VolumeDevice;
 use crate::lifecycle::RequestContext;
+use crate::locks;
 use crate::registry::{Attachment, Keying, Registry};
+use state::audit::{AuditLog, AuditRecord};
 
 /// Default seconds a kernel device's request may go unanswered (then resent on another
 /// connection, after a reconnect if need be).
@@ -60,8 +61,11 @@ pub struct Daemon {
     pub nbd_tcp: Option<std::net::SocketAddr>,
     /// Whether memory is locked.
     pub memory_locked: bool,
-    /// Serializes the short lifecycle steps (registry changes).
-    pub(crate) lifecycle: tokio::sync::Mutex<()>,
+    /// Per-volume exclusion of the short lifecycle steps (create, attach, detach, delete):
+    /// never one lock for all volumes, so a slow KMS call holds up only its own volume.
+    pub(crate) locks: crate::locks::NamedLocks,
+    /// Serializes writes of the saved attachments (each writes the registry as it is then).
+    pub(crate) saving: std::sync::Mutex<()>,
     /// Long operations in flight, one per volume.
     pub ops: Arc<crate::ops::Operations>,
     /// argon2id cost of new recovery keyslots.
@@ -77,20 +81,8 @@ pub struct Daemon {
     pub(crate) detaching: Arc<std::sync::Mutex<BTreeMap<String, SystemTime>>>,
 }
 
-tokio::task_local! {
-    /// The volume and caller of the request being handled: records of KMS calls made while
-    /// handling it name them.
-    pub static AUDIT_SCOPE: AuditScope;
-}
-
-/// See [`AUDIT_SCOPE`].
-#[derive(Debug, Clone, Default)]
-pub struct AuditScope {
-    /// Volume name.
-    pub volume: Option<String>,
-    /// Caller uid.
-    pub caller_uid: Option<u32>,
-}
+pub use state::audit::{AUDIT_SCOPE, AuditScope};
+pub use state::summary::{scan_volumes, volume_summary};
 
 pub(crate) fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError::new(code, message)
@@ -119,28 +111,9 @@ pub(crate) fn volume_error(e: &VolumeError) -> ApiError {
     api(code, chain(e))
 }
 
-/// An error and its causes as one sentence ("a: b: c").
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use control_api::chain;
 
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub(crate) use state::stamp::rfc3339;
 
 impl Daemon {
     /// A daemon over already-opened parts.
@@ -168,7 +141,8 @@ impl Daemon {
             nbd_socket,
             nbd_tcp,
             memory_locked,
-            lifecycle: tokio::sync::Mutex::new(()),
+            locks: Default::default(),
+            saving: std::sync::Mutex::new(()),
             ops: Arc::default(),
             recovery_params,
             key_policy,
@@ -204,16 +178,16 @@ impl Daemon {
             Request::Hello => Ok(Response::Hello(self.info())),
             Request::Create(r) if r.from_image.is_some() => self.create(r, caller, ctx).await,
             Request::Create(r) => {
-                let _g = self.lifecycle.lock().await;
+                let _g = self.locks.lock(&[locks::volume(&r.name)]).await;
                 self.create(r, caller, ctx).await
             }
             Request::Attach(r) => {
-                let _g = self.lifecycle.lock().await;
+                let _g = self.locks.lock(&[locks::volume(&r.volume)]).await;
                 self.ops.check_idle(&r.volume)?;
                 self.attach(r, Some(caller)).await.map(Response::Attached)
             }
             Request::Detach(r) => {
-                let _g = self.lifecycle.lock().await;
+                let _g = self.locks.lock(&[locks::volume(&r.volume)]).await;
                 self.ops.check_idle(&r.volume)?;
                 self.detach(r, Some(caller)).await
             }
@@ -223,7 +197,7 @@ impl Daemon {
                 volume,
                 with_snapshots,
             } => {
-                let _g = self.lifecycle.lock().await;
+                let _g = self.locks.lock(&[locks::volume(&volume)]).await;
                 self.ops.check_idle(&volume)?;
                 self.refuse_while_dm_open(&volume, &self.volume_path(&volume)?, "delete")?;
                 self.delete(&volume, with_snapshots, caller).await
@@ -995,6 +969,7 @@ impl Daemon {
                 }
             })
             .collect();
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.layout.attachments();
         let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&saved)
@@ -1027,9 +1002,9 @@ impl Daemon {
                 return;
             }
         };
-        let _g = self.lifecycle.lock().await;
         for s in saved {
             let volume = s.request.volume.clone();
+            let _g = self.locks.lock(&[locks::volume(&volume)]).await;
             let scope = AuditScope {
                 volume: Some(volume.clone()),
                 caller_uid: None,
@@ -1085,52 +1060,6 @@ impl Daemon {
     }
 }
 
-/// A volume as `list` shows it, read from its header without the KMS (`attached` says
-/// whether it is attached now). A volume whose header cannot be read is listed with the
-/// problem.
-pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary {
-    match volume::inspect(path) {
-        Ok(info) => VolumeSummary {
-            name: name.into(),
-            path: path.display().to_string(),
-            size: info.size,
-            sector_size: info.sector_size,
-            volume_id: info.token.as_ref().map(|t| t.volume_id.clone()),
-            key_id: info.token.as_ref().map(|t| t.key_id.clone()),
-            base_image: info
-                .token
-                .as_ref()
-                .and_then(|t| crate::lifecycle::base_image_of(&t.extra)),
-            recovery_keyslots: info.keyslot_ids.clone(),
-            snapshots: 0,
-            dm_crypt: None,
-            context: info.token.map(|t| t.context).unwrap_or_default(),
-            attached,
-            problem: info
-                .primary_header_problem
-                .map(|p| format!("primary header copy: {p}"))
-                .or(info
-                    .secondary_header_problem
-                    .map(|p| format!("secondary header copy: {p}"))),
-        },
-        Err(e) => VolumeSummary {
-            name: name.into(),
-            path: path.display().to_string(),
-            size: 0,
-            sector_size: 0,
-            volume_id: None,
-            key_id: None,
-            context: BTreeMap::new(),
-            attached,
-            problem: Some(chain(&e)),
-            base_image: None,
-            recovery_keyslots: Vec::new(),
-            snapshots: 0,
-            dm_crypt: None,
-        },
-    }
-}
-
 /// What a detach's drain-flush-drop task ended with: the audit outcome, and the answer.
 type FinishResult =
     Result<Result<Result<(), VolumeError>, tokio::task::JoinError>, tokio::task::JoinError>;
@@ -1144,34 +1073,6 @@ fn finish_outcome(r: FinishResult) -> (Result<(), String>, Result<(), ApiError>)
             (Err(m.clone()), Err(api(ErrorCode::Io, m)))
         }
     }
-}
-
-/// Every `NAME.luks` with a valid name in the volumes directory, sorted by name (none when the
-/// directory does not exist yet).
-pub fn scan_volumes(
-    dir: &Path,
-    attached: impl Fn(&str) -> bool,
-) -> std::io::Result<Vec<VolumeSummary>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut volumes = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".luks"))
-            .filter(|n| validate_name(n).is_ok())
-        else {
-            continue;
-        };
-        volumes.push(volume_summary(name, &path, attached(name)));
-    }
-    volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(volumes)
 }
 
 /// What is saved per attachment to re-attach at start.

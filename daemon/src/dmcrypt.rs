@@ -38,10 +38,10 @@ use volume::lifecycle::Cancel;
 use volume::token::KmsToken;
 use volume::{OpenOptions, VolumeError, VolumeErrorKind, VolumeInfo};
 
-use crate::audit::{AuditLog, AuditRecord};
 use crate::daemon::{Caller, Daemon, api, volume_error};
 use crate::lifecycle::RequestContext;
 use crate::ops::OpGuard;
+use state::audit::{AuditLog, AuditRecord};
 
 /// Where the kernel lists block devices.
 pub const SYS_BLOCK: &str = "/sys/block";
@@ -318,7 +318,13 @@ impl Daemon {
         match request {
             Request::OpenDmCrypt(r) => {
                 require_root(caller, "open a volume with dm-crypt")?;
-                let _g = self.lifecycle.lock().await;
+                // The device-mapper name too: two volumes must not be given one name.
+                let _g = (self.locks)
+                    .lock(&[
+                        crate::locks::volume(&r.volume),
+                        crate::locks::dm_name(&r.name),
+                    ])
+                    .await;
                 self.open_dm_crypt(r, caller, ctx).await
             }
             Request::DmCryptOpened {
@@ -399,7 +405,7 @@ impl Daemon {
         self.audit_token(operation, volume, token.as_ref(), caller, started, outcome);
     }
 
-    /// `open-dm-crypt` (under the lifecycle lock): see the module documentation.
+    /// `open-dm-crypt` (under the locks of the volume and of the device-mapper name): see the module documentation.
     async fn open_dm_crypt(
         &self,
         r: OpenDmCryptRequest,

@@ -283,7 +283,7 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _g = self.lifecycle.lock().await;
+        let _g = self.locks.lock(&[crate::locks::volume(volume)]).await;
         let detached = self
             .detach_as(
                 DetachRequest {
@@ -338,8 +338,8 @@ impl Daemon {
         } else {
             Err(errors.join("; "))
         };
-        self.audit.record(&crate::audit::AuditRecord {
-            time: crate::audit::now(),
+        self.audit.record(&state::audit::AuditRecord {
+            time: state::stamp::now(),
             operation: "revoke".into(),
             backend: self.kms.backend_name().into(),
             key_id: Some(resolved.clone().unwrap_or_else(|| kms_key.to_owned())),

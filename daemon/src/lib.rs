@@ -9,7 +9,6 @@
 //!
 //! This crate must not be depended on by the libraries (nbd, volume, kms-client, control-api).
 
-pub mod audit;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -19,6 +18,7 @@ pub mod hardening;
 pub mod kdev;
 pub mod keys;
 pub mod lifecycle;
+pub mod locks;
 pub mod netlink;
 pub mod notify;
 pub mod ops;
@@ -31,6 +31,7 @@ use control_api::paths::StateLayout;
 use kms_client::KmsBackend;
 use kms_client::aws::AwsKms;
 use kms_client::local::{LocalKms, LocalKmsOptions};
+use state::audit::{AUDIT_SCOPE, AuditLog, AuditRecord};
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
 
@@ -133,7 +134,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| layout.keystore());
     let audit = Arc::new(
-        audit::AuditLog::open(
+        AuditLog::open(
             &layout.audit_log(),
             config.audit.max_bytes,
             config.audit.keep,
@@ -147,7 +148,7 @@ pub async fn run(
         "aws" => KmsBackend::Aws(
             AwsKms::connect(config.kms.aws.to_backend())
                 .await?
-                .with_observer(audit::kms_call_observer(Arc::clone(&audit))),
+                .with_observer(kms_call_observer(Arc::clone(&audit))),
         ),
         _ => KmsBackend::Local(LocalKms::open(
             &keystore,
@@ -259,4 +260,28 @@ pub async fn run(
     let _ = std::fs::remove_file(&nbd_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// An observer for a remote KMS backend that writes one record per call (operation
+/// `kms:ACTION`, with the request id), naming the volume and caller of the request being
+/// handled (see [`AUDIT_SCOPE`]).
+fn kms_call_observer(log: Arc<AuditLog>) -> kms_client::CallObserver {
+    Arc::new(move |call: &kms_client::KmsCall| {
+        let scope = AUDIT_SCOPE.try_with(Clone::clone).unwrap_or_default();
+        log.record(&AuditRecord {
+            time: state::stamp::now(),
+            operation: format!("kms:{}", call.operation),
+            backend: "aws".into(),
+            key_id: Some(call.key_id.clone()),
+            context: call.context.as_ref().map(|c| c.pairs().clone()),
+            volume: scope.volume,
+            caller_uid: scope.caller_uid,
+            outcome: match &call.outcome {
+                Ok(()) => "ok".into(),
+                Err(e) => e.clone(),
+            },
+            latency_ms: call.latency.as_millis() as u64,
+            request_id: call.request_id.clone(),
+        });
+    })
 }

@@ -87,14 +87,7 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-/// The recorded base image of a token.
-pub fn base_image_of(
-    token_extra: &serde_json::Map<String, serde_json::Value>,
-) -> Option<BaseImage> {
-    token_extra
-        .get("base_image")
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-}
+pub use state::summary::base_image_of;
 
 /// A hidden temporary next to `target` for operation `what`.
 fn temp_for(target: &Path, what: &str) -> PathBuf {
@@ -173,7 +166,7 @@ fn snapshot_created(path: &Path) -> String {
 }
 
 impl Daemon {
-    /// Takes `volume` for a long operation. Under the lifecycle lock, so that an attach,
+    /// Takes `volume` for a long operation. Under the volume's lock, so that an attach,
     /// detach or delete that checked the volume idle cannot interleave.
     async fn begin(
         &self,
@@ -182,7 +175,7 @@ impl Daemon {
         caller: Caller,
         ctx: &RequestContext,
     ) -> Result<crate::ops::OpGuard, ApiError> {
-        let _g = self.lifecycle.lock().await;
+        let _g = self.locks.lock(&[crate::locks::volume(volume)]).await;
         self.refuse_if_detaching(volume)?;
         self.refuse_while_dm_open(volume, &self.layout.volume_file(volume), operation)?;
         self.ops.begin(
@@ -414,7 +407,7 @@ impl Daemon {
         what: &str,
         caller: Caller,
     ) -> Result<Option<(AttachRequest, u32)>, ApiError> {
-        let _g = self.lifecycle.lock().await;
+        let _g = self.locks.lock(&[crate::locks::volume(name)]).await;
         let Some(a) = self.registry.get(name) else {
             return Ok(None);
         };
@@ -458,8 +451,8 @@ impl Daemon {
         let Some((request, owner)) = saved else {
             return false;
         };
-        let _g = self.lifecycle.lock().await;
         let volume = request.volume.clone();
+        let _g = self.locks.lock(&[crate::locks::volume(&volume)]).await;
         match self.attach_as(request, Some(caller), Some(owner)).await {
             Ok(_) => true,
             Err(e) => {
@@ -909,7 +902,7 @@ impl Daemon {
                 ),
             ));
         }
-        let _g = self.lifecycle.lock().await;
+        let _g = self.locks.lock(&[crate::locks::volume(volume)]).await;
         self.ops.check_idle(volume)?;
         let token = lifecycle::read_token(&path).ok();
         let result = volume::wipe_and_remove(&path);

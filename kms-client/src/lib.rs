@@ -6,7 +6,9 @@
 //!   the CLI hold;
 //! - [`EncryptionContext`], a validated map, and [`IdentityContext`], the SID / directory /
 //!   volume-id shape Amazon EBS uses for encrypted WorkSpaces;
-//! - [`local::LocalKms`], the embedded keystore-on-disk backend (the default).
+//! - [`local::LocalKms`], the embedded keystore-on-disk backend (the default);
+//! - `aws::AwsKms`, AWS KMS through the AWS SDK, behind the `aws` feature (the daemon enables
+//!   it; the CLI, whose offline verbs use only the local KMS, does not).
 //!
 //! This crate must not depend on the volume format, the NBD protocol or the daemon.
 //! Plaintext key bytes only ever live in [`DataKey`] (zeroized on drop, no `Debug` that prints
@@ -14,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod context;
 pub mod local;
@@ -307,14 +310,17 @@ pub type CallObserver = Arc<dyn Fn(&KmsCall) + Send + Sync>;
 pub enum KmsBackend {
     /// The embedded local KMS.
     Local(local::LocalKms),
-    /// AWS KMS (or an endpoint that speaks its API).
+    /// AWS KMS (or an endpoint that speaks its API); with the `aws` feature.
+    #[cfg(feature = "aws")]
     Aws(aws::AwsKms),
 }
 
+#[cfg(feature = "aws")]
 impl KmsBackend {
     /// The AWS backend, when that is the one in use (grants exist only there).
     pub fn aws(&self) -> Option<&aws::AwsKms> {
         match self {
+            #[cfg(feature = "aws")]
             KmsBackend::Aws(k) => Some(k),
             KmsBackend::Local(_) => None,
         }
@@ -325,6 +331,7 @@ impl Kms for KmsBackend {
     fn backend_name(&self) -> &'static str {
         match self {
             KmsBackend::Local(k) => k.backend_name(),
+            #[cfg(feature = "aws")]
             KmsBackend::Aws(k) => k.backend_name(),
         }
     }
@@ -337,6 +344,7 @@ impl Kms for KmsBackend {
     ) -> Result<GeneratedKey, KmsError> {
         match self {
             KmsBackend::Local(k) => k.generate_data_key(key_id, context, len).await,
+            #[cfg(feature = "aws")]
             KmsBackend::Aws(k) => k.generate_data_key(key_id, context, len).await,
         }
     }
@@ -349,6 +357,7 @@ impl Kms for KmsBackend {
     ) -> Result<DataKey, KmsError> {
         match self {
             KmsBackend::Local(k) => k.decrypt(wrapped, context, expected_key_id).await,
+            #[cfg(feature = "aws")]
             KmsBackend::Aws(k) => k.decrypt(wrapped, context, expected_key_id).await,
         }
     }
@@ -366,6 +375,7 @@ impl Kms for KmsBackend {
                 k.re_encrypt(wrapped, context, key_id, new_key_id, new_context)
                     .await
             }
+            #[cfg(feature = "aws")]
             KmsBackend::Aws(k) => {
                 k.re_encrypt(wrapped, context, key_id, new_key_id, new_context)
                     .await
@@ -376,6 +386,7 @@ impl Kms for KmsBackend {
     async fn describe_key(&self, key_id: &str) -> Result<KeyMetadata, KmsError> {
         match self {
             KmsBackend::Local(k) => k.describe_key(key_id).await,
+            #[cfg(feature = "aws")]
             KmsBackend::Aws(k) => k.describe_key(key_id).await,
         }
     }

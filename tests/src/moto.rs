@@ -29,6 +29,29 @@ pub fn aws_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
+/// The daemon's `[kms]` configuration for AWS KMS at `endpoint`, with credentials from files
+/// written in `dir`, two attempts per call and `timeouts` = (seconds per attempt, seconds per
+/// operation); `extra_kms` and `extra_aws` are more lines for `[kms]` and `[kms.aws]`.
+pub fn daemon_aws_config(
+    dir: &std::path::Path,
+    endpoint: &str,
+    extra_kms: &str,
+    extra_aws: &str,
+    timeouts: (f64, f64),
+) -> String {
+    let (config, credentials) = write_aws_files(dir);
+    format!(
+        "[kms]\nbackend = \"aws\"\n{extra_kms}\n[kms.aws]\nregion = \"{REGION}\"\n\
+         endpoint_url = \"{endpoint}\"\nconfig_file = \"{}\"\ncredentials_file = \"{}\"\n\
+         max_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 100\n\
+         attempt_timeout_secs = {:.1}\noperation_timeout_secs = {:.1}\n{extra_aws}\n",
+        config.display(),
+        credentials.display(),
+        timeouts.0,
+        timeouts.1,
+    )
+}
+
 /// Writes an AWS config file (region) and a credentials file (the test key) into `dir`;
 /// returns (config, credentials).
 pub fn write_aws_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {

@@ -15,23 +15,15 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::daemon::{Daemon, hold_connection, wait_connections};
 use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
-use e2e_tests::moto::{Moto, REGION, bare, write_aws_files};
+use e2e_tests::moto::{Moto, bare, daemon_aws_config};
 use e2e_tests::{TEST_DIRECTORY, TEST_SID, TestDir, TestRng};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 
-/// The daemon's `[kms]` config for AWS KMS at `endpoint`, credentials from files in `dir`.
+/// The daemon's `[kms]` config for AWS KMS at `endpoint` (2 s per attempt, 5 s in all).
 fn aws_config(dir: &TestDir, endpoint: &str, extra_kms: &str, extra_aws: &str) -> String {
-    let (config, credentials) = write_aws_files(dir.path());
-    format!(
-        "[kms]\nbackend = \"aws\"\n{extra_kms}\n[kms.aws]\nregion = \"{REGION}\"\n\
-         endpoint_url = \"{endpoint}\"\nconfig_file = \"{}\"\ncredentials_file = \"{}\"\n\
-         max_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 100\n\
-         attempt_timeout_secs = 2.0\noperation_timeout_secs = 5.0\n{extra_aws}\n",
-        config.display(),
-        credentials.display()
-    )
+    daemon_aws_config(dir.path(), endpoint, extra_kms, extra_aws, (2.0, 5.0))
 }
 
 /// No credentials from the test's own environment, no instance metadata lookups.
@@ -526,4 +518,93 @@ fn revoke_detaches_every_volume_under_a_key_on_the_local_kms() {
     // The volumes are intact: attached again (the key is still enabled), same data.
     d.ctl.run(&["attach", "a"]).assert_success();
     assert!(d.read_export("a", &scratch)[..MIB] == data[..]);
+}
+
+/// A slow KMS call holds up only its own volume: while volume A's Decrypt is held 5 s by the
+/// endpoint, volume B attaches, detaches and a new volume is created, each in under 1 s, and
+/// A's attach is still in flight when each of them has finished.
+#[test]
+fn a_slow_kms_call_for_one_volume_does_not_stall_the_others() {
+    let dir = TestDir::new("kmsd-slow");
+    let moto = Moto::start();
+    let proxy = KmsProxy::start(Some(moto.addr));
+    let key_a = moto.create_key("slow");
+    let key_b = moto.create_key("fast");
+    // 10 s per attempt: the 5 s delay is an answer that comes late, not a timeout.
+    let config = daemon_aws_config(dir.path(), &proxy.url(), "", "", (10.0, 20.0));
+    let d = Daemon::start_env(&dir, &config, ENV);
+    create(&d, "a", &key_a, &[]);
+    create(&d, "b", &key_b, &[]);
+
+    proxy.push(
+        Rule::on(&["Decrypt"], Reply::Delay(Duration::from_secs(5)))
+            .for_key(bare(&key_a))
+            .times(1),
+    );
+    let slow = {
+        let mut cmd = d.ctl.command(&["attach", "a"]);
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let out = cmd.output().expect("run cryptnbdctl attach a");
+            (out, started.elapsed())
+        })
+    };
+    // Only once the endpoint holds A's Decrypt do the others start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().iter().any(|r| {
+        r.action == "Decrypt" && r.key.as_deref().is_some_and(|k| k.contains(bare(&key_a)))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the endpoint never received A's Decrypt"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let timed = |what: &str, args: &[&str]| {
+        let started = Instant::now();
+        d.ctl.run(args).assert_success();
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(1),
+            "{what} took {took:?} while volume a's Decrypt was held: one lock for all volumes?"
+        );
+        assert!(
+            !slow.is_finished(),
+            "volume a's attach finished before {what} did: the test proved nothing"
+        );
+        took
+    };
+    let attach_b = timed("attach b", &["attach", "b"]);
+    let detach_b = timed("detach b", &["detach", "b"]);
+    let create_c = timed(
+        "create c",
+        &[
+            "create",
+            "c",
+            "--size",
+            "32M",
+            "--kms-key",
+            &key_b,
+            "--sid",
+            TEST_SID,
+            "--directory",
+            TEST_DIRECTORY,
+        ],
+    );
+    eprintln!(
+        "while a's Decrypt was held: attach b {attach_b:?}, detach b {detach_b:?}, create c {create_c:?}"
+    );
+
+    let (out, took) = slow.join().expect("the attach thread");
+    assert!(
+        out.status.success(),
+        "attach a failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took >= Duration::from_secs(5),
+        "attach a took {took:?}: the delay did not apply"
+    );
+    assert_eq!(attachment(&status(&d, "a"))["volume"], "a");
+    d.stop();
 }

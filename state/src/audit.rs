@@ -11,9 +11,26 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde::Serialize;
+
+pub use crate::stamp::now;
+
+tokio::task_local! {
+    /// The volume and caller of the request being handled: records of KMS calls made while
+    /// handling it name them (the daemon sets it around each request).
+    pub static AUDIT_SCOPE: AuditScope;
+}
+
+/// See [`AUDIT_SCOPE`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditScope {
+    /// Volume name.
+    pub volume: Option<String>,
+    /// Caller uid.
+    pub caller_uid: Option<u32>,
+}
 
 /// One audit record.
 #[derive(Debug, Clone, Serialize)]
@@ -56,7 +73,7 @@ impl AuditRecord {
         outcome: &Result<(), String>,
     ) -> Self {
         Self {
-            time: now(),
+            time: crate::stamp::now(),
             operation: operation.into(),
             backend: backend.into(),
             key_id: key_id.map(str::to_owned),
@@ -71,32 +88,6 @@ impl AuditRecord {
             request_id: None,
         }
     }
-}
-
-/// An observer for a remote KMS backend that writes one record per call (operation
-/// `kms:ACTION`, with the request id), naming the volume and caller of the request being
-/// handled (see [`crate::daemon::AUDIT_SCOPE`]).
-pub fn kms_call_observer(log: Arc<AuditLog>) -> kms_client::CallObserver {
-    Arc::new(move |call: &kms_client::KmsCall| {
-        let scope = crate::daemon::AUDIT_SCOPE
-            .try_with(Clone::clone)
-            .unwrap_or_default();
-        log.record(&AuditRecord {
-            time: now(),
-            operation: format!("kms:{}", call.operation),
-            backend: "aws".into(),
-            key_id: Some(call.key_id.clone()),
-            context: call.context.as_ref().map(|c| c.pairs().clone()),
-            volume: scope.volume,
-            caller_uid: scope.caller_uid,
-            outcome: match &call.outcome {
-                Ok(()) => "ok".into(),
-                Err(e) => e.clone(),
-            },
-            latency_ms: call.latency.as_millis() as u64,
-            request_id: call.request_id.clone(),
-        });
-    })
 }
 
 /// The audit log files.
@@ -120,16 +111,6 @@ fn rotated(path: &Path, n: u32) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(format!(".{n}"));
     PathBuf::from(s)
-}
-
-/// The current time as RFC 3339 UTC with milliseconds.
-pub fn now() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    let t = t
-        .replace_nanosecond(t.millisecond() as u32 * 1_000_000)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
 impl AuditLog {
@@ -256,7 +237,7 @@ mod tests {
 
     fn rec(op: &str, vol: &str) -> AuditRecord {
         AuditRecord {
-            time: now(),
+            time: crate::stamp::now(),
             operation: op.into(),
             backend: "local".into(),
             key_id: Some("k".into()),
