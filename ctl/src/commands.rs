@@ -701,11 +701,7 @@ fn open_local_kms(cli: &Cli, layout: &StateLayout, create: bool) -> Result<Local
 }
 
 fn make_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    store::durable::create_private_dir(dir)
         .with_context(|| format!("cannot create the directory {}", dir.display()))
 }
 

@@ -971,17 +971,14 @@ impl Daemon {
             .collect();
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.layout.attachments();
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&saved)
             .map_err(|e| api(ErrorCode::Internal, e.to_string()))?;
-        write_file_synced(&tmp, &body)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| {
-                api(
-                    ErrorCode::Io,
-                    format!("cannot save {}: {e}", path.display()),
-                )
-            })
+        store::durable::write_atomic(&path, &body, store::durable::Existing::Replace).map_err(|e| {
+            api(
+                ErrorCode::Io,
+                format!("cannot save {}: {e}", path.display()),
+            )
+        })
     }
 
     /// Re-attaches what was attached when the daemon stopped. Failures are logged and audited;
@@ -1082,29 +1079,11 @@ struct SavedAttachment {
     owner_uid: u32,
 }
 
-fn write_file_synced(path: &Path, body: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(body)?;
-    f.sync_all()
-}
-
 pub(crate) fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            api(
-                ErrorCode::Io,
-                format!("cannot create {}: {e}", dir.display()),
-            )
-        })
+    store::durable::create_private_dir(dir).map_err(|e| {
+        api(
+            ErrorCode::Io,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })
 }

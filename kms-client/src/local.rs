@@ -76,7 +76,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -273,10 +273,7 @@ impl LocalKms {
             Ok(!p.try_exists().map_err(io_error("look for", p))?)
         };
         if options.create_if_missing && missing(dir)? {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
+            store::durable::create_private_dir(dir)
                 .map_err(io_error("create the keystore directory", dir))?;
         }
         let kms = Self {
@@ -1531,45 +1528,16 @@ impl Write for SecretBuf {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file (0600) in the same directory, fsync,
-/// then rename (`replace`) or hard link (never replaces; fails with `AlreadyExists`), then
-/// fsync of the directory.
+/// Writes `bytes` to `path` atomically and durably (store's one helper: temporary file 0600,
+/// fsync, rename (`replace`) or hard link (never replaces; fails with `AlreadyExists`), fsync
+/// of the directory).
 fn write_atomic(path: &Path, bytes: &[u8], replace: bool) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
+    let existing = if replace {
+        store::durable::Existing::Replace
+    } else {
+        store::durable::Existing::Keep
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"))?;
-    let suffix: [u8; 8] = random_array().map_err(|_| io::Error::other("no random bytes"))?;
-    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{suffix}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        if replace {
-            fs::rename(&tmp, path)?;
-        } else {
-            fs::hard_link(&tmp, path)?;
-            fs::remove_file(&tmp)?;
-        }
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        // Best effort: the temporary file may not exist.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    store::durable::write_atomic(path, bytes, existing)
 }
 
 /// Serde for key material: base64 text, decoded straight into zeroized memory.
@@ -1618,7 +1586,7 @@ mod secret_base64 {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests fail loudly on purpose
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
     use proptest::prelude::*;
 

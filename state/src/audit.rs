@@ -117,11 +117,7 @@ impl AuditLog {
     /// Opens (creates) the log at `path` (directory 0700, file 0600).
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+            store::durable::create_private_dir(dir)?;
         }
         Ok(Self {
             path: path.into(),

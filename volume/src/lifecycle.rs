@@ -400,8 +400,7 @@ pub fn replace_file(tmp: &Path, dst: &Path) -> Result<(), VolumeError> {
     std::fs::rename(tmp, dst).map_err(|e| VolumeError::io(dst, "replacing the volume file", e))?;
     crash_point("replace-after-rename");
     if let Some(dir) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
+        store::durable::sync_dir(dir)
             .map_err(|e| VolumeError::io(dst, "syncing the directory", e))?;
     }
     if let Some(old) = old
