@@ -387,3 +387,34 @@ fn json_outputs_parse() {
         "{by_path}"
     );
 }
+
+/// `cryptnbdctl kms list-keys | head -0`: a reader that closed the pipe before anything was
+/// written ends the command quietly with 141 (128 + SIGPIPE), not a panic (which was exit 134
+/// with "failed printing to stdout: Broken pipe").
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let dir = TestDir::new("closed-stdout");
+    let ctl = Ctl::new(&dir.state_dir());
+    ctl.create_key("e2e");
+    for args in [
+        &["kms", "list-keys"][..],
+        &["--json", "kms", "list-keys"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = ctl
+            .command(args)
+            .stdout(writer)
+            .output()
+            .expect("run cryptnbdctl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} printed on stderr: {stderr}");
+    }
+    // The same command with a reader prints the key.
+    let listed = ctl
+        .run(&["kms", "list-keys"])
+        .assert_success()
+        .stdout_text();
+    assert!(listed.contains("alias/e2e"), "{listed}");
+}
