@@ -224,8 +224,10 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>, acl: ControlAcl) {
                 };
                 fds.clear();
                 let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
-                let handled = daemon.handle(env.request, caller, &mut ctx);
-                tokio::pin!(handled);
+                // Boxed: the handlers' futures nest deep (a handler awaits the volume, which
+                // awaits the KMS), and one allocation per control request keeps the
+                // connection's own future small.
+                let mut handled = Box::pin(daemon.handle(env.request, caller, &mut ctx));
                 let mut tick = tokio::time::interval(PROGRESS_EVERY);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut last = None;

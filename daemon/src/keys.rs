@@ -185,7 +185,7 @@ impl Daemon {
             .make_grant(path, &token.key_id, &token, &wrapped, &token.context)
             .await?;
         let file = volume::lifecycle::open_locked(path, false)?;
-        let written = volume::lifecycle::rewrite_token(&file, path, |t| t.set_grant(grant.clone()));
+        let written = volume::lifecycle::rewrite_token(&file, |t| t.set_grant(grant.clone()));
         if written.is_err()
             && let Some(g) = &grant
         {

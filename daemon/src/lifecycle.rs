@@ -26,6 +26,8 @@ use control_api::{
     RebuildRequest, RebuildSource, RekeyRequest, Response, SnapshotInfo,
 };
 use kms_client::{EncryptionContext, Kms};
+use store::BackingStore;
+use store::file::{Access, FileStore};
 use volume::lifecycle::{self, Cancel, Progress};
 use volume::token::KmsToken;
 use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
@@ -63,13 +65,13 @@ enum HeaderFile {
     /// The attached volume's descriptor.
     Attached(Arc<Volume>),
     /// Opened (and locked) for this change.
-    Own(File),
+    Own(FileStore),
 }
 
 impl HeaderFile {
-    fn get(&self) -> &File {
+    fn get(&self) -> &dyn BackingStore {
         match self {
-            HeaderFile::Attached(v) => v.file(),
+            HeaderFile::Attached(v) => v.store(),
             HeaderFile::Own(f) => f,
         }
     }
@@ -331,7 +333,7 @@ impl Daemon {
                     sha256,
                     format: src.format.clone(),
                 };
-                lifecycle::rewrite_token(vol.file(), &tmp, |t| {
+                lifecycle::rewrite_token(vol.store(), |t| {
                     t.extra.insert(
                         "base_image".into(),
                         serde_json::to_value(&base).unwrap_or_default(),
@@ -620,7 +622,7 @@ impl Daemon {
                         }
                         // Keep what the old token recorded beyond the key (the base image).
                         let extra = token.extra.clone();
-                        let kept = lifecycle::rewrite_token(vol.file(), &tmp, |t| {
+                        let kept = lifecycle::rewrite_token(vol.store(), |t| {
                             t.extra = extra;
                         });
                         kept.map(|_| len)
@@ -721,9 +723,11 @@ impl Daemon {
                 .mode(0o600)
                 .open(&tmp2)
                 .map_err(|e| VolumeError::io(&tmp2, "creating", e))?;
-            lifecycle::clone_file(&src, &dst, &tmp2, &progress, &cancel)?;
+            lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?;
             let len = dst.metadata().map(|m| m.len()).unwrap_or(0);
-            lifecycle::rewrite_token(&dst, &tmp2, |t| {
+            let dst = FileStore::from_file(dst, &tmp2)
+                .map_err(|e| VolumeError::io(&tmp2, "opening the copy", e))?;
+            lifecycle::rewrite_token(&dst, |t| {
                 t.rewrap(
                     &rewrapped.key_id,
                     &rewrapped.wrapped,
@@ -733,7 +737,7 @@ impl Daemon {
                 // The volume's grant is the current one, not the snapshot's.
                 t.set_grant(current.grant());
             })?;
-            dst.sync_all()
+            dst.flush()
                 .map_err(|e| VolumeError::io(&tmp2, "syncing", e))?;
             Ok(len)
         })
@@ -798,11 +802,14 @@ impl Daemon {
                     // before is flushed into the file first.
                     let _paused = vol.pause_writes();
                     vol.flush()?;
-                    lifecycle::clone_file(vol.file(), &dst, &tmp2, &progress, &cancel)?
+                    // A second descriptor of the attached file (no lock: the attachment
+                    // holds it), for the reflink or the copy.
+                    let src = volume::open_file_store(&path2, Access::Inspect)?;
+                    lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?
                 }
                 None => {
                     let src = lifecycle::open_locked(&path2, true)?;
-                    lifecycle::clone_file(&src, &dst, &tmp2, &progress, &cancel)?
+                    lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?
                 }
             };
             std::fs::hard_link(&tmp2, &target2)
@@ -1007,7 +1014,7 @@ impl Daemon {
             .await?
         };
         let file = self.header_file(&r.volume, path)?;
-        let written = lifecycle::rewrite_token(file.get(), path, |t| {
+        let written = lifecycle::rewrite_token(file.get(), |t| {
             t.rewrap(&rewrapped.key_id, &rewrapped.wrapped, new_context);
             t.set_grant(new_grant.clone());
         });
@@ -1094,7 +1101,7 @@ impl Daemon {
             let (o, n) = (Arc::clone(&old), Arc::clone(&new));
             let bytes = blocking(move || copy_allocated(&o, &n, &progress, &cancel)).await?;
             let extra = token.extra.clone();
-            lifecycle::rewrite_token(new.file(), &tmp, |t| t.extra = extra)?;
+            lifecycle::rewrite_token(new.store(), |t| t.extra = extra)?;
             Ok::<u64, VolumeError>(bytes)
         }
         .await;
@@ -1154,15 +1161,9 @@ impl Daemon {
             let params = self.recovery_params;
             let pass = zeroize::Zeroizing::new(passphrase.0.clone().into_bytes());
             let file = self.header_file(volume, &path)?;
-            let path2 = path.clone();
+
             blocking(move || {
-                volume::keyslot::add_recovery_keyslot(
-                    file.get(),
-                    &path2,
-                    key.expose(),
-                    &pass,
-                    &params,
-                )
+                volume::keyslot::add_recovery_keyslot(file.get(), key.expose(), &pass, &params)
             })
             .await
         }
@@ -1201,11 +1202,11 @@ impl Daemon {
                 .unwrap_or_default(),
         };
         let file = self.header_file(volume, &path);
-        let (path2, ids2) = (path.clone(), ids.clone());
+        let ids2 = ids.clone();
         let result = blocking(move || {
             let file = file?;
             for id in ids2 {
-                volume::keyslot::remove_keyslot(file.get(), &path2, id)?;
+                volume::keyslot::remove_keyslot(file.get(), id)?;
             }
             Ok(())
         })
@@ -1387,14 +1388,11 @@ impl Daemon {
             let bad = |m: String| {
                 VolumeError::new(VolumeErrorKind::InvalidArgument, format!("{from}: {m}"))
             };
-            // Parsed exactly as a volume file is, from memory.
-            let mem = File::from(
-                rustix::fs::memfd_create("header-backup", rustix::fs::MemfdFlags::CLOEXEC)
-                    .map_err(|e| VolumeError::io(&path, "making a memory file", e.into()))?,
-            );
-            mem.write_all_at(&backup, 0)
-                .map_err(|e| VolumeError::io(&path, "making a memory file", e))?;
-            let restored = volume::header::read_headers(&mem, Path::new(from))?;
+            // Parsed exactly as a volume is, on the memory engine.
+            let mem = store::memory::MemStore::at(Path::new(from));
+            mem.write_at(&backup, 0)
+                .map_err(|e| VolumeError::io(&path, "reading the backup into memory", e))?;
+            let restored = volume::header::read_headers(&mem)?;
             let seg = restored
                 .active
                 .metadata
@@ -1427,9 +1425,9 @@ impl Daemon {
                     ));
                 }
             }
-            file.write_all_at(&backup, 0)
+            file.write_at(&backup, 0)
                 .map_err(|e| VolumeError::io(&path, "writing the header area", e))?;
-            file.sync_all()
+            file.flush()
                 .map_err(|e| VolumeError::io(&path, "syncing the header area", e))?;
             Ok(())
         })();

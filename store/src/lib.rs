@@ -1,13 +1,153 @@
-//! cryptnbd's storage layer: where bytes live and how they are made durable.
+//! cryptnbd's storage layer: where the bytes under a volume live, and how they are made
+//! durable. The volume format (headers, keys, sector crypto) sits on top of it and never sees
+//! which engine holds its bytes.
 //!
-//! Today it holds [`durable`], the one place that replaces a small file atomically (temporary
-//! file, fsync, rename, directory fsync) and makes private directories: the saved
-//! attachments, the local keystore, volume files replaced by a lifecycle operation. The
-//! backing stores under volumes and the catalogs of volumes (issue 13) grow here next.
+//! - [`BackingStore`]: the bytes under one volume, with its contract written down. Engines:
+//!   [`file::FileStore`] (a regular file or block device, buffered I/O) and
+//!   [`memory::MemStore`] (in memory, for tests). Every engine passes the same contract
+//!   suite ([`contract`]).
+//! - [`durable`]: the one place that replaces a small file atomically (temporary file, fsync,
+//!   rename, directory fsync) and makes private directories.
+//!
+//! ## Engines that complete on other threads
+//!
+//! [`BackingStore`] is synchronous: a call blocks its thread (one of the NBD server's I/O
+//! threads) until the engine is done, and it borrows the caller's buffer only for the call,
+//! so a cancelled request or a dropped connection can never free memory an engine still
+//! writes into. The `O_DIRECT` + io_uring engine and the Ceph RBD engine (librbd's aio API,
+//! whose completions arrive on librbd's threads) will add a submission interface beside it:
+//! requests carry buffers the engine owns (aligned, from a pool) until their completion hands
+//! them back, and completions are delivered to a queue instead of a blocked thread. Such an
+//! engine still implements [`BackingStore`] (submit, then wait), which the header code and the
+//! long operations use; only the data path submits without waiting.
 //!
 //! It must not depend on any other crate of the workspace: everything above it (the volume
 //! format, the KMS, the daemon, the CLI) may use it.
 
 #![forbid(unsafe_code)]
 
+pub mod contract;
 pub mod durable;
+pub mod file;
+pub mod memory;
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// A run of a store's allocation map: `len` bytes that hold data (`allocated`) or are a hole
+/// (read as zeros, take no space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Whether the range holds data (false: a hole).
+    pub allocated: bool,
+}
+
+/// What [`BackingStore::discard`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discarded {
+    /// The range is a hole now: it reads as zeros and its space is freed.
+    Hole,
+    /// The engine cannot free space: nothing was changed (the caller may write zeros).
+    Unsupported,
+}
+
+/// The bytes under one volume: a flat, byte-addressed range that the volume format lays its
+/// headers and encrypted sectors on.
+///
+/// The contract every engine keeps (checked by [`contract::check`]):
+/// - **Zeros where nothing was written.** A range never written, or discarded into a hole,
+///   reads as zeros.
+/// - **Reads are exact.** [`read_at`](Self::read_at) fills the whole buffer or fails; a range
+///   past [`len`](Self::len) fails with [`io::ErrorKind::UnexpectedEof`] and reads nothing.
+/// - **Writes may grow the store.** A write past the end extends [`len`](Self::len) to the
+///   end of the write (the bytes between read as zeros).
+/// - **A flush makes every completed write durable.** Once [`flush`](Self::flush) returns
+///   `Ok`, every write that returned before it was called survives a crash or power cut.
+///   Writes not yet flushed may be lost, in whole or in part (any subset of their sectors).
+/// - **What an error leaves behind.** A failed write may have written any part of its range
+///   (the old bytes, the new ones, or a mix, sector by sector); the rest of the store is
+///   untouched. A failed flush means writes since the last successful flush may be lost:
+///   the caller must stop acknowledging writes (the volume then refuses I/O until reopened).
+/// - **Concurrency.** Calls may come from many threads at once. Calls on disjoint ranges do
+///   not affect each other; overlapping writes land in some order, whole sectors at a time
+///   for sector-aligned writes.
+pub trait BackingStore: Send + Sync + fmt::Debug {
+    /// Where the bytes are, for messages and logs: a path for files, `engine:name` for others.
+    fn location(&self) -> &Path;
+
+    /// The length in bytes.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the store is empty (length 0).
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `data` at `offset`.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every write that completed before the call durable (for a file: fdatasync).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Frees the space of `offset..offset+len`, which then reads as zeros, if the engine can.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<Discarded>;
+
+    /// The allocation map of `offset..offset+len` (which must lie within the store): runs
+    /// that cover the range exactly, in order. An engine without holes reports one allocated
+    /// run.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+
+    /// Sets the length: growing adds zeros (a hole where the engine can), shrinking drops the
+    /// bytes past the new end.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// A range check shared by the engines: `offset..offset+len` within `size`, else
+/// `UnexpectedEof` naming the store.
+pub(crate) fn check_range(location: &Path, offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "{}: range {offset}+{len} is past the end ({size} bytes)",
+                location.display()
+            ),
+        )),
+    }
+}
+
+/// A shared store is a store: a test can keep a handle on the memory engine that a volume
+/// owns, and reopen the volume on it.
+impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
+    fn location(&self) -> &Path {
+        (**self).location()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(data, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<Discarded> {
+        (**self).discard(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        (**self).extents(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}

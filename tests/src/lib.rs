@@ -578,7 +578,7 @@ pub fn read_primary_metadata(path: &Path) -> Value {
 #[track_caller]
 pub fn set_context_pair(volume: &Path, key: &str, value: &str) {
     let file = volume::lifecycle::open_locked(volume, false).expect("open the volume");
-    volume::lifecycle::rewrite_token(&file, volume, |t| {
+    volume::lifecycle::rewrite_token(&file, |t| {
         let mut pairs = t.context.pairs().clone();
         pairs.insert(key.into(), value.into());
         t.context = EncryptionContext::new(pairs).expect("context");

@@ -14,7 +14,7 @@
 //! cryptsetup and the oracle's Python are required: a missing tool fails the test with its
 //! name. Keys and passphrases go to the tools by 0600 files only.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +27,7 @@ use e2e_tests::{
 use kms_client::local::{LocalKms, LocalKmsOptions};
 use kms_client::{ContextKeys, IdentityContext};
 use serde_json::json;
+use store::file::{Access, FileStore};
 use volume::keyslot::{self, Argon2Params};
 use volume::{CreateOptions, Volume, VolumeErrorKind};
 
@@ -72,11 +73,15 @@ async fn new_volume(dir: &TestDir, sector_size: u32) -> (LocalKms, PathBuf) {
     (kms, path)
 }
 
-fn open_rw(path: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
+/// The volume's file engine, opened for writing (under its exclusive lock).
+fn open_rw(path: &Path) -> FileStore {
+    volume::open_file_store(path, Access::ReadWrite)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
+}
+
+/// The volume's file engine, opened for reading without a lock.
+fn open_ro(path: &Path) -> FileStore {
+    volume::open_file_store(path, Access::Inspect)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
 }
 
@@ -129,7 +134,6 @@ async fn cryptsetup_opens_our_recovery_keyslot() {
         let wrong = e2e_tests::flip_one_byte(&key, 9);
         let err = keyslot::add_recovery_keyslot(
             &file,
-            &path,
             &wrong,
             passphrase,
             &Argon2Params::for_tests(TEST_MEMORY_KIB),
@@ -138,7 +142,6 @@ async fn cryptsetup_opens_our_recovery_keyslot() {
         assert_eq!(err.kind(), VolumeErrorKind::WrongKey, "{err}");
         keyslot::add_recovery_keyslot(
             &file,
-            &path,
             &key,
             passphrase,
             &Argon2Params::for_tests(TEST_MEMORY_KIB),
@@ -226,10 +229,10 @@ async fn cryptsetup_opens_our_recovery_keyslot() {
     assert_eq!(md["tokens"]["0"]["keyslots"], json!([]), "{md}");
 
     // Our own readers agree.
-    let file = File::open(&path).expect("open");
-    let unlocked = keyslot::unlock_keyslot(&file, &path, passphrase).expect("unlock");
+    let file = open_ro(&path);
+    let unlocked = keyslot::unlock_keyslot(&file, passphrase).expect("unlock");
     assert!(*unlocked == *key, "unlock_keyslot returned another key");
-    let err = keyslot::unlock_keyslot(&file, &path, b"not it").expect_err("wrong passphrase");
+    let err = keyslot::unlock_keyslot(&file, b"not it").expect_err("wrong passphrase");
     assert_eq!(err.kind(), VolumeErrorKind::WrongKey, "{err}");
     drop(file);
 
@@ -310,15 +313,15 @@ async fn we_open_keyslots_cryptsetup_made() {
 
     let file = open_rw(&path);
     for (pass, _) in &passes {
-        let unlocked = keyslot::unlock_keyslot(&file, &path, pass.as_bytes())
+        let unlocked = keyslot::unlock_keyslot(&file, pass.as_bytes())
             .unwrap_or_else(|e| panic!("unlock_keyslot with a cryptsetup passphrase: {e}"));
         assert!(*unlocked == *key, "a cryptsetup keyslot gave another key");
     }
-    let err = keyslot::unlock_keyslot(&file, &path, b"none of them").expect_err("wrong");
+    let err = keyslot::unlock_keyslot(&file, b"none of them").expect_err("wrong");
     assert_eq!(err.kind(), VolumeErrorKind::WrongKey, "{err}");
     assert!(err.to_string().contains("tried 0, 1, 2"), "{err}");
     let listed = keyslot::keyslots(
-        &volume::header::read_headers(&file, &path)
+        &volume::header::read_headers(&file)
             .expect("headers")
             .active
             .metadata,
@@ -337,17 +340,12 @@ async fn we_open_keyslots_cryptsetup_made() {
 
     // Our keyslot goes next to theirs: id 3, in the first free area after theirs.
     let ours = b"our recovery passphrase";
-    let id = keyslot::add_recovery_keyslot(
-        &file,
-        &path,
-        &key,
-        ours,
-        &Argon2Params::for_tests(TEST_MEMORY_KIB),
-    )
-    .expect("add next to cryptsetup's keyslots");
+    let id =
+        keyslot::add_recovery_keyslot(&file, &key, ours, &Argon2Params::for_tests(TEST_MEMORY_KIB))
+            .expect("add next to cryptsetup's keyslots");
     assert_eq!(id, 3);
     // And one of theirs goes.
-    keyslot::remove_keyslot(&file, &path, 1).expect("remove cryptsetup's keyslot 1");
+    keyslot::remove_keyslot(&file, 1).expect("remove cryptsetup's keyslot 1");
     drop(file);
 
     let md = luks_dump_json(&path);
@@ -379,7 +377,6 @@ async fn removed_keyslot_no_longer_opens() {
     let file = open_rw(&path);
     let id = keyslot::add_recovery_keyslot(
         &file,
-        &path,
         &key,
         passphrase,
         &Argon2Params::for_tests(TEST_MEMORY_KIB),
@@ -390,9 +387,9 @@ async fn removed_keyslot_no_longer_opens() {
     let area_before = read_area(&path, FIRST_AREA);
 
     let file = open_rw(&path);
-    let err = keyslot::remove_keyslot(&file, &path, id + 1).expect_err("no such keyslot");
+    let err = keyslot::remove_keyslot(&file, id + 1).expect_err("no such keyslot");
     assert_eq!(err.kind(), VolumeErrorKind::NotFound, "{err}");
-    keyslot::remove_keyslot(&file, &path, id).expect("remove");
+    keyslot::remove_keyslot(&file, id).expect("remove");
     drop(file);
 
     let out = cryptsetup_test_passphrase(&pass_file, &path);
@@ -410,8 +407,8 @@ async fn removed_keyslot_no_longer_opens() {
     let md = luks_dump_json(&path);
     assert_eq!(md["keyslots"], json!({}), "{md}");
     assert_eq!(md["digests"]["0"]["keyslots"], json!([]), "{md}");
-    let file = File::open(&path).expect("open");
-    let err = keyslot::unlock_keyslot(&file, &path, passphrase).expect_err("removed");
+    let file = open_ro(&path);
+    let err = keyslot::unlock_keyslot(&file, passphrase).expect_err("removed");
     assert_eq!(err.kind(), VolumeErrorKind::NotFound, "{err}");
     drop(file);
 

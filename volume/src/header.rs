@@ -1,13 +1,11 @@
-//! Reading and writing the two LUKS2 header copies of a volume file.
+//! Reading and writing the two LUKS2 header copies of a volume, on its backing store.
 //!
 //! Reading takes both copies; a copy that is damaged (bad magic, bad checksum, bad JSON) is
 //! reported and the other is used, as LUKS2 does. When both are valid the one with the higher
 //! `seqid` wins. Writing writes the primary copy, syncs, then the secondary, syncs: a crash
 //! in between leaves one valid copy of the old or the new header, never none.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use store::BackingStore;
 
 use crate::error::{VolumeError, VolumeErrorKind};
 use crate::luks2::{self, ALLOWED_HDR_SIZES, BINARY_HEADER_LEN, HeaderCopy, HeaderError, Metadata};
@@ -30,19 +28,11 @@ impl HeaderSet {
     }
 }
 
-/// The size of a volume file or block device (whose metadata says 0): seek to the end.
-pub fn device_size(file: &File, meta: &std::fs::Metadata) -> std::io::Result<u64> {
-    use std::io::Seek as _;
-    use std::os::unix::fs::FileTypeExt as _;
-    if meta.file_type().is_block_device() {
-        let mut f = file;
-        f.seek(std::io::SeekFrom::End(0))
-    } else {
-        Ok(meta.len())
-    }
-}
-
-fn read_copy(file: &File, offset: u64, file_len: u64) -> Result<HeaderCopy, HeaderError> {
+fn read_copy(
+    store: &dyn BackingStore,
+    offset: u64,
+    file_len: u64,
+) -> Result<HeaderCopy, HeaderError> {
     if file_len < offset + BINARY_HEADER_LEN as u64 {
         return Err(HeaderError::Truncated {
             needed: offset + BINARY_HEADER_LEN as u64,
@@ -50,7 +40,8 @@ fn read_copy(file: &File, offset: u64, file_len: u64) -> Result<HeaderCopy, Head
         });
     }
     let mut bin = vec![0u8; BINARY_HEADER_LEN];
-    file.read_exact_at(&mut bin, offset)
+    store
+        .read_at(&mut bin, offset)
         .map_err(|e| HeaderError::Invalid(format!("cannot read: {e}")))?;
     let b = luks2::decode_binary(&bin, offset)?;
     if file_len < offset + b.hdr_size {
@@ -60,35 +51,29 @@ fn read_copy(file: &File, offset: u64, file_len: u64) -> Result<HeaderCopy, Head
         });
     }
     let mut whole = vec![0u8; b.hdr_size as usize];
-    file.read_exact_at(&mut whole, offset)
+    store
+        .read_at(&mut whole, offset)
         .map_err(|e| HeaderError::Invalid(format!("cannot read: {e}")))?;
     luks2::decode_copy(&whole, offset)
 }
 
-/// Reads both header copies of `file` (named `path` in errors) and picks the one in force.
-pub fn read_headers(file: &File, path: &Path) -> Result<HeaderSet, VolumeError> {
-    let meta = file
-        .metadata()
-        .map_err(|e| VolumeError::io(path, "reading the file size", e))?;
-    if meta.is_dir() {
-        return Err(VolumeError::new(
-            VolumeErrorKind::InvalidArgument,
-            format!("{} is a directory, not a volume file", path.display()),
-        ));
-    }
-    let file_len =
-        device_size(file, &meta).map_err(|e| VolumeError::io(path, "reading the size", e))?;
-    let primary = read_copy(file, 0, file_len);
+/// Reads both header copies of the volume in `store` and picks the one in force.
+pub fn read_headers(store: &dyn BackingStore) -> Result<HeaderSet, VolumeError> {
+    let path = store.location();
+    let file_len = store
+        .len()
+        .map_err(|e| VolumeError::io(path, "reading the size", e))?;
+    let primary = read_copy(store, 0, file_len);
     // The secondary copy sits right after the primary; when the primary is unreadable its
     // size is unknown, so probe every offset LUKS2 allows.
     let secondary = match &primary {
-        Ok(p) => read_copy(file, p.binary.hdr_size, file_len),
+        Ok(p) => read_copy(store, p.binary.hdr_size, file_len),
         Err(_) => {
             let mut last = Err(HeaderError::BadMagic {
                 offset: ALLOWED_HDR_SIZES[0],
             });
             for off in ALLOWED_HDR_SIZES {
-                last = read_copy(file, off, file_len);
+                last = read_copy(store, off, file_len);
                 if last.is_ok() {
                     break;
                 }
@@ -159,12 +144,12 @@ pub fn read_headers(file: &File, path: &Path) -> Result<HeaderSet, VolumeError> 
 /// Writes both copies of a header with `seqid`, fresh per-copy salts, primary first, syncing
 /// after each so that a crash leaves at least one valid copy.
 pub fn write_headers(
-    file: &File,
-    path: &Path,
+    store: &dyn BackingStore,
     template: &luks2::BinaryHeader,
     seqid: u64,
     metadata: &Metadata,
 ) -> Result<(), VolumeError> {
+    let path = store.location();
     let corrupt = |e: HeaderError| {
         VolumeError::new(
             VolumeErrorKind::InvalidArgument,
@@ -178,9 +163,11 @@ pub fn write_headers(
         b.label.clone_from(&template.label);
         b.subsystem.clone_from(&template.subsystem);
         let bytes = luks2::encode_copy(&b, metadata).map_err(corrupt)?;
-        file.write_all_at(&bytes, b.hdr_offset)
+        store
+            .write_at(&bytes, b.hdr_offset)
             .map_err(|e| VolumeError::io(path, "writing the header", e))?;
-        file.sync_data()
+        store
+            .flush()
             .map_err(|e| VolumeError::io(path, "syncing the header", e))?;
         if primary {
             crate::crash::crash_point("header-primary-written");

@@ -58,14 +58,13 @@
 //! Key material (the volume key, the KEK, the split material) lives only in [`Zeroizing`]
 //! buffers; errors and `Debug` output never hold key bytes.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use aws_lc_rs::digest;
 use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
+use store::BackingStore;
 use zeroize::Zeroizing;
 
 use crate::error::{VolumeError, VolumeErrorKind};
@@ -730,21 +729,6 @@ fn random(buf: &mut [u8]) -> Result<(), VolumeError> {
     })
 }
 
-/// Takes the exclusive lock on `file` (kept until the file is closed), as `Volume::open`
-/// does for writing: a volume attached elsewhere has its header cached and must not change
-/// under it.
-fn lock(file: &File, path: &Path) -> Result<(), VolumeError> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(err(
-            VolumeErrorKind::InUse,
-            path,
-            "is open elsewhere (attached to a running cryptnbd?): detach it first",
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(VolumeError::io(path, "locking the volume", e)),
-    }
-}
-
 fn refuse_requirements(md: &Metadata, path: &Path) -> Result<(), VolumeError> {
     let requirements = md.mandatory_requirements();
     if requirements.is_empty() {
@@ -763,7 +747,8 @@ fn refuse_requirements(md: &Metadata, path: &Path) -> Result<(), VolumeError> {
 }
 
 /// Writes both header copies with `md` and the next seqid.
-fn commit(file: &File, path: &Path, headers: &HeaderSet, md: &Metadata) -> Result<(), VolumeError> {
+fn commit(store: &dyn BackingStore, headers: &HeaderSet, md: &Metadata) -> Result<(), VolumeError> {
+    let path = store.location();
     let seqid = headers.active.binary.seqid.checked_add(1).ok_or_else(|| {
         err(
             VolumeErrorKind::Corrupt,
@@ -771,7 +756,7 @@ fn commit(file: &File, path: &Path, headers: &HeaderSet, md: &Metadata) -> Resul
             "the header seqid cannot grow any more",
         )
     })?;
-    header::write_headers(file, path, &headers.active.binary, seqid, md)
+    header::write_headers(store, &headers.active.binary, seqid, md)
 }
 
 /// Adds a `luks2` keyslot (argon2id, AF sha256 × 4000, aes-xts-plain64 area) holding
@@ -785,17 +770,16 @@ fn commit(file: &File, path: &Path, headers: &HeaderSet, md: &Metadata) -> Resul
 /// so a crash leaves either the old header or the new one, never a keyslot without its area.
 /// Takes as long as the argon2 derivation (seconds with the default parameters).
 pub fn add_recovery_keyslot(
-    file: &File,
-    path: &Path,
+    store: &dyn BackingStore,
     volume_key: &[u8],
     passphrase: &[u8],
     params: &Argon2Params,
 ) -> Result<u32, VolumeError> {
+    let path = store.location();
     params
         .validate()
         .map_err(|m| err(VolumeErrorKind::InvalidArgument, path, m))?;
-    lock(file, path)?;
-    let headers = header::read_headers(file, path)?;
+    let headers = header::read_headers(store)?;
     let md = &headers.active.metadata;
     refuse_requirements(md, path)?;
     let unsupported = header_err(VolumeErrorKind::Unsupported, path);
@@ -889,12 +873,14 @@ pub fn add_recovery_keyslot(
     }
     cipher.encrypt_sectors(&mut area[..material_len], AREA_SECTOR, 0);
     random(&mut area[material_len..])?;
-    file.write_all_at(&area, area_offset)
+    store
+        .write_at(&area, area_offset)
         .map_err(|e| VolumeError::io(path, "writing the keyslot area", e))?;
-    file.sync_data()
+    store
+        .flush()
         .map_err(|e| VolumeError::io(path, "syncing the keyslot area", e))?;
 
-    commit(file, path, &headers, &new_md)?;
+    commit(store, &headers, &new_md)?;
     tracing::info!(volume = %path.display(), keyslot = id, area_offset, "recovery keyslot added");
     Ok(id)
 }
@@ -909,9 +895,9 @@ pub fn add_recovery_keyslot(
 /// `NotFound` if there is no such keyslot. Refuses (`InvalidArgument`) to remove the last
 /// keyslot of a volume without a `cryptnbd-kms` token: that would leave no way to open it.
 /// Takes the exclusive lock like [`add_recovery_keyslot`].
-pub fn remove_keyslot(file: &File, path: &Path, id: u32) -> Result<(), VolumeError> {
-    lock(file, path)?;
-    let headers = header::read_headers(file, path)?;
+pub fn remove_keyslot(store: &dyn BackingStore, id: u32) -> Result<(), VolumeError> {
+    let path = store.location();
+    let headers = header::read_headers(store)?;
     let md = &headers.active.metadata;
     refuse_requirements(md, path)?;
     let key = id.to_string();
@@ -950,7 +936,7 @@ pub fn remove_keyslot(file: &File, path: &Path, id: u32) -> Result<(), VolumeErr
     });
     let corrupt = header_err(VolumeErrorKind::Corrupt, path);
     let new_md = md.without_keyslot(id).map_err(&corrupt)?;
-    commit(file, path, &headers, &new_md)?;
+    commit(store, &headers, &new_md)?;
 
     match wipe {
         Some((off, len)) => {
@@ -963,9 +949,11 @@ pub fn remove_keyslot(file: &File, path: &Path, id: u32) -> Result<(), VolumeErr
             })?;
             let mut noise = vec![0u8; len];
             random(&mut noise)?;
-            file.write_all_at(&noise, off)
+            store
+                .write_at(&noise, off)
                 .map_err(|e| VolumeError::io(path, "overwriting the keyslot area", e))?;
-            file.sync_data()
+            store
+                .flush()
                 .map_err(|e| VolumeError::io(path, "syncing the keyslot area", e))?;
         }
         None => tracing::warn!(
@@ -980,7 +968,7 @@ pub fn remove_keyslot(file: &File, path: &Path, id: u32) -> Result<(), VolumeErr
 
 /// Opens keyslot `ks` with `passphrase`: the key it holds, whether or not it is the right one.
 fn open_one(
-    file: &File,
+    store: &dyn BackingStore,
     ks: &LuksKeyslot,
     passphrase: &[u8],
     file_len: u64,
@@ -1002,7 +990,8 @@ fn open_one(
     let cipher =
         XtsCipher::new(kek.as_slice()).map_err(|e| format!("unusable derived key ({e})"))?;
     let mut material = Zeroizing::new(vec![0u8; material_len]);
-    file.read_exact_at(&mut material, ks.area_offset)
+    store
+        .read_at(&mut material, ks.area_offset)
         .map_err(|e| format!("cannot read its area: {e}"))?;
     cipher.decrypt_sectors(&mut material, AREA_SECTOR, 0);
     af_merge(&material, ks.key_size, AF_STRIPES, ks.af_hash)
@@ -1018,11 +1007,11 @@ fn open_one(
 /// takes no lock. Each keyslot tried costs one key derivation (seconds with strong argon2
 /// parameters).
 pub fn unlock_keyslot(
-    file: &File,
-    path: &Path,
+    store: &dyn BackingStore,
     passphrase: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, VolumeError> {
-    let headers = header::read_headers(file, path)?;
+    let path = store.location();
+    let headers = header::read_headers(store)?;
     let md = &headers.active.metadata;
     let unsupported = header_err(VolumeErrorKind::Unsupported, path);
     let segment = md.crypt_segment().map_err(&unsupported)?;
@@ -1030,9 +1019,8 @@ pub fn unlock_keyslot(
     let digest_id = md.segment_digest_id().map_err(&unsupported)?;
     let bounds =
         area_bounds(md, segment.offset).map_err(header_err(VolumeErrorKind::Corrupt, path))?;
-    let file_len = file
-        .metadata()
-        .and_then(|m| header::device_size(file, &m))
+    let file_len = store
+        .len()
         .map_err(|e| VolumeError::io(path, "reading the size", e))?;
 
     let mut candidates = Vec::new();
@@ -1066,7 +1054,7 @@ pub fn unlock_keyslot(
     candidates.sort_by_key(|(_, ks)| std::cmp::Reverse(ks.priority));
     let mut tried = Vec::new();
     for (id, ks) in &candidates {
-        match open_one(file, ks, passphrase, file_len, bounds) {
+        match open_one(store, ks, passphrase, file_len, bounds) {
             Ok(key) => {
                 if digest.verify(&key).map_err(&unsupported)? {
                     tracing::info!(volume = %path.display(), keyslot = %id, "keyslot opened");
@@ -1094,6 +1082,7 @@ pub fn unlock_keyslot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use store::file::FileStore;
 
     fn unhex(s: &str) -> Vec<u8> {
         (0..s.len())
@@ -1410,7 +1399,7 @@ mod tests {
     }
 
     /// A volume file with our header and no keyslot, the way `Volume::create` lays it out.
-    fn volume_file(key: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, File) {
+    fn volume_file(key: &[u8]) -> (tempfile::TempDir, std::path::PathBuf, FileStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("v.luks");
         let file = std::fs::OpenOptions::new()
@@ -1423,7 +1412,8 @@ mod tests {
         let md = Metadata::new_volume(0x4000, 16 << 20, 1 << 20, 4096, &digest).expect("md");
         let uuid = luks2::random_uuid().expect("uuid");
         let bin = luks2::new_binary(true, 0x4000, 1, &uuid).expect("binary");
-        header::write_headers(&file, &path, &bin, 1, &md).expect("headers");
+        let file = FileStore::from_file(file, &path).expect("store");
+        header::write_headers(&file, &bin, 1, &md).expect("headers");
         file.set_len((16 << 20) + (1 << 20)).expect("size");
         (dir, path, file)
     }
@@ -1431,26 +1421,26 @@ mod tests {
     #[test]
     fn add_unlock_remove_on_a_file() {
         let key: Vec<u8> = (0..64u8).collect();
-        let (_dir, path, file) = volume_file(&key);
+        let (_dir, _path, file) = volume_file(&key);
         let params = Argon2Params::for_tests(64);
 
         // A wrong volume key is refused before anything is written.
         let mut wrong = key.clone();
         wrong[3] ^= 1;
-        let e = add_recovery_keyslot(&file, &path, &wrong, b"pass", &params).expect_err("wrong");
+        let e = add_recovery_keyslot(&file, &wrong, b"pass", &params).expect_err("wrong");
         assert_eq!(e.kind(), VolumeErrorKind::WrongKey, "{e}");
-        let e = unlock_keyslot(&file, &path, b"pass").expect_err("no keyslot yet");
+        let e = unlock_keyslot(&file, b"pass").expect_err("no keyslot yet");
         assert_eq!(e.kind(), VolumeErrorKind::NotFound, "{e}");
 
         assert_eq!(
-            add_recovery_keyslot(&file, &path, &key, b"pass", &params).expect("add"),
+            add_recovery_keyslot(&file, &key, b"pass", &params).expect("add"),
             0
         );
         assert_eq!(
-            add_recovery_keyslot(&file, &path, &key, b"other", &params).expect("add"),
+            add_recovery_keyslot(&file, &key, b"other", &params).expect("add"),
             1
         );
-        let headers = header::read_headers(&file, &path).expect("headers");
+        let headers = header::read_headers(&file).expect("headers");
         assert!(headers.healthy());
         assert_eq!(headers.active.binary.seqid, 3);
         let info = keyslots(&headers.active.metadata);
@@ -1460,55 +1450,47 @@ mod tests {
         assert!(info.iter().all(|k| k.unlocks_data));
 
         assert_eq!(
-            unlock_keyslot(&file, &path, b"pass")
-                .expect("unlock")
-                .as_slice(),
+            unlock_keyslot(&file, b"pass").expect("unlock").as_slice(),
             key.as_slice()
         );
         assert_eq!(
-            unlock_keyslot(&file, &path, b"other")
-                .expect("unlock")
-                .as_slice(),
+            unlock_keyslot(&file, b"other").expect("unlock").as_slice(),
             key.as_slice()
         );
-        let e = unlock_keyslot(&file, &path, b"nope").expect_err("wrong passphrase");
+        let e = unlock_keyslot(&file, b"nope").expect_err("wrong passphrase");
         assert_eq!(e.kind(), VolumeErrorKind::WrongKey, "{e}");
         assert!(e.to_string().contains("tried 0, 1"), "{e}");
 
         // Removing keyslot 0 wipes its area and frees its id and space for the next add.
         let mut before = vec![0u8; 258_048];
-        file.read_exact_at(&mut before, 32_768).expect("read");
-        remove_keyslot(&file, &path, 0).expect("remove");
+        file.read_at(&mut before, 32_768).expect("read");
+        remove_keyslot(&file, 0).expect("remove");
         let mut after = vec![0u8; 258_048];
-        file.read_exact_at(&mut after, 32_768).expect("read");
+        file.read_at(&mut after, 32_768).expect("read");
         assert_ne!(before, after);
         assert_eq!(
-            unlock_keyslot(&file, &path, b"pass")
-                .expect_err("removed")
-                .kind(),
+            unlock_keyslot(&file, b"pass").expect_err("removed").kind(),
             VolumeErrorKind::WrongKey
         );
         assert_eq!(
-            remove_keyslot(&file, &path, 0).expect_err("gone").kind(),
+            remove_keyslot(&file, 0).expect_err("gone").kind(),
             VolumeErrorKind::NotFound
         );
         assert_eq!(
-            add_recovery_keyslot(&file, &path, &key, b"again", &params).expect("add"),
+            add_recovery_keyslot(&file, &key, b"again", &params).expect("add"),
             0
         );
-        let md = header::read_headers(&file, &path)
+        let md = header::read_headers(&file)
             .expect("headers")
             .active
             .metadata;
         assert_eq!(keyslots(&md)[0].area_offset, Some(32_768));
         // Without a cryptnbd-kms token, the last keyslot stays.
-        remove_keyslot(&file, &path, 1).expect("remove 1");
-        let e = remove_keyslot(&file, &path, 0).expect_err("last one");
+        remove_keyslot(&file, 1).expect("remove 1");
+        let e = remove_keyslot(&file, 0).expect_err("last one");
         assert_eq!(e.kind(), VolumeErrorKind::InvalidArgument, "{e}");
         assert_eq!(
-            unlock_keyslot(&file, &path, b"again")
-                .expect("unlock")
-                .as_slice(),
+            unlock_keyslot(&file, b"again").expect("unlock").as_slice(),
             key.as_slice()
         );
     }
@@ -1516,39 +1498,35 @@ mod tests {
     #[test]
     fn a_damaged_area_or_header_field_is_wrong_key_not_a_panic() {
         let key: Vec<u8> = (100..164u8).collect();
-        let (_dir, path, file) = volume_file(&key);
-        add_recovery_keyslot(&file, &path, &key, b"pass", &Argon2Params::for_tests(64))
-            .expect("add");
+        let (_dir, _path, file) = volume_file(&key);
+        add_recovery_keyslot(&file, &key, b"pass", &Argon2Params::for_tests(64)).expect("add");
         let mut byte = [0u8];
-        file.read_exact_at(&mut byte, 32_768 + 100_000)
-            .expect("read");
-        file.write_all_at(&[byte[0] ^ 0x01], 32_768 + 100_000)
+        file.read_at(&mut byte, 32_768 + 100_000).expect("read");
+        file.write_at(&[byte[0] ^ 0x01], 32_768 + 100_000)
             .expect("damage");
-        let e = unlock_keyslot(&file, &path, b"pass").expect_err("damaged area");
+        let e = unlock_keyslot(&file, b"pass").expect_err("damaged area");
         assert_eq!(e.kind(), VolumeErrorKind::WrongKey, "{e}");
         // An area moved outside the keyslot area is skipped with the reason.
-        let headers = header::read_headers(&file, &path).expect("headers");
+        let headers = header::read_headers(&file).expect("headers");
         let mut v = headers.active.metadata.value().clone();
         v["keyslots"]["0"]["area"]["offset"] = json!((16u64 << 20).to_string());
         let md = Metadata::from_value(v).expect("md");
-        header::write_headers(&file, &path, &headers.active.binary, 9, &md).expect("write");
-        let e = unlock_keyslot(&file, &path, b"pass").expect_err("outside");
+        header::write_headers(&file, &headers.active.binary, 9, &md).expect("write");
+        let e = unlock_keyslot(&file, b"pass").expect_err("outside");
         assert_eq!(e.kind(), VolumeErrorKind::WrongKey, "{e}");
         assert!(e.to_string().contains("outside"), "{e}");
         // Removing it does not overwrite the data segment (a second keyslot first, so that
         // the first is not the last).
-        file.write_all_at(&[0xab; 16], 16 << 20).expect("data");
-        let second = add_recovery_keyslot(&file, &path, &key, b"two", &Argon2Params::for_tests(64))
-            .expect("add");
+        file.write_at(&[0xab; 16], 16 << 20).expect("data");
+        let second =
+            add_recovery_keyslot(&file, &key, b"two", &Argon2Params::for_tests(64)).expect("add");
         assert_eq!(second, 1);
-        remove_keyslot(&file, &path, 0).expect("remove");
+        remove_keyslot(&file, 0).expect("remove");
         let mut data = [0u8; 16];
-        file.read_exact_at(&mut data, 16 << 20).expect("read");
+        file.read_at(&mut data, 16 << 20).expect("read");
         assert_eq!(data, [0xab; 16], "the data segment was overwritten");
         assert_eq!(
-            unlock_keyslot(&file, &path, b"two")
-                .expect("unlock")
-                .as_slice(),
+            unlock_keyslot(&file, b"two").expect("unlock").as_slice(),
             key.as_slice()
         );
     }

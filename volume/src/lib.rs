@@ -1,14 +1,16 @@
 //! cryptnbd volumes on disk.
 //!
 //! - [`luks2`]: the LUKS2 header codec (pure, over byte buffers);
-//! - [`header`]: reading and writing the two header copies of a file;
+//! - [`header`]: reading and writing the two header copies on a backing store;
 //! - [`token`]: the `cryptnbd-kms` token that records the KMS-wrapped volume key;
 //! - [`keyslot`]: LUKS2 passphrase keyslots (argon2id), the break-glass copy of the volume key;
 //! - [`xts`]: AES-256-XTS sector encryption with dm-crypt's plain64 IVs;
 //! - [`lifecycle`]: building blocks of long operations (import, export, clone, rekey, swap);
-//! - [`volume`]: [`Volume`], byte-addressed encrypted I/O on a volume file.
+//! - [`volume`]: [`Volume`], byte-addressed encrypted I/O on a backing store (the `store`
+//!   crate's file engine when opened by path, any engine through `create_on`/`open_store`).
 //!
-//! This crate must not depend on the NBD protocol, the daemon or the CLI.
+//! This crate must not depend on the NBD protocol, the daemon or the CLI; it sees its bytes
+//! only through `store::BackingStore`.
 
 pub mod crash;
 pub mod error;
@@ -22,5 +24,6 @@ pub mod xts;
 
 pub use error::{VolumeError, VolumeErrorKind};
 pub use volume::{
-    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, unwrap_key, wipe_and_remove,
+    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, inspect_store,
+    open_file_store, unwrap_key, wipe_and_remove,
 };

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use crate::crash::crash_point;
+use store::BackingStore;
+use store::file::{Access, FileStore};
+
 use crate::header;
 use crate::token::{KmsToken, TOKEN_TYPE};
 use crate::volume::Volume;
@@ -341,19 +344,24 @@ fn sparse_copy(
 
 /// Opens a volume file read-write (or read-only) under its lock, for header operations on a
 /// volume that is not attached. Refuses a volume another process holds.
-pub fn open_locked(path: &Path, read_only: bool) -> Result<File, VolumeError> {
-    crate::volume::open_file(path, read_only)
+pub fn open_locked(path: &Path, read_only: bool) -> Result<FileStore, VolumeError> {
+    let access = if read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    crate::volume::open_file_store(path, access)
 }
 
-/// Rewrites the `cryptnbd-kms` token of the volume in `file` with `edit` and writes both
+/// Rewrites the `cryptnbd-kms` token of the volume in `store` with `edit` and writes both
 /// header copies with the next sequence id (primary first, each synced): a crash leaves the
 /// old or the new header, both valid. Returns the token as written.
 pub fn rewrite_token(
-    file: &File,
-    path: &Path,
+    store: &dyn BackingStore,
     edit: impl FnOnce(&mut KmsToken),
 ) -> Result<KmsToken, VolumeError> {
-    let headers = header::read_headers(file, path)?;
+    let path = store.location();
+    let headers = header::read_headers(store)?;
     let mut metadata = headers.active.metadata.clone();
     let (id, obj) = metadata.token(TOKEN_TYPE).ok_or_else(|| {
         VolumeError::new(
@@ -373,8 +381,7 @@ pub fn rewrite_token(
     })?;
     crash_point("token-before-header-write");
     header::write_headers(
-        file,
-        path,
+        store,
         &headers.active.binary,
         headers.active.binary.seqid + 1,
         &metadata,
@@ -395,7 +402,8 @@ pub fn replace_file(tmp: &Path, dst: &Path) -> Result<(), VolumeError> {
         .read(true)
         .write(true)
         .open(dst)
-        .ok();
+        .ok()
+        .and_then(|f| FileStore::from_file(f, dst).ok());
     crash_point("replace-before-rename");
     std::fs::rename(tmp, dst).map_err(|e| VolumeError::io(dst, "replacing the volume file", e))?;
     crash_point("replace-after-rename");
@@ -404,7 +412,7 @@ pub fn replace_file(tmp: &Path, dst: &Path) -> Result<(), VolumeError> {
             .map_err(|e| VolumeError::io(dst, "syncing the directory", e))?;
     }
     if let Some(old) = old
-        && let Err(e) = crate::volume::wipe_header_area(&old, dst)
+        && let Err(e) = crate::volume::wipe_header_area(&old)
     {
         tracing::warn!(volume = %dst.display(), error = %e, "could not wipe the replaced file's header");
     }
@@ -414,8 +422,8 @@ pub fn replace_file(tmp: &Path, dst: &Path) -> Result<(), VolumeError> {
 /// Reads the `cryptnbd-kms` token of a volume file (no lock, no KMS; works on an attached
 /// volume).
 pub fn read_token(path: &Path) -> Result<KmsToken, VolumeError> {
-    let file = File::open(path).map_err(|e| VolumeError::io(path, "opening the volume", e))?;
-    let headers = header::read_headers(&file, path)?;
+    let store = crate::volume::open_file_store(path, Access::Inspect)?;
+    let headers = header::read_headers(&store)?;
     crate::volume::token_of(&headers, path)
 }
 

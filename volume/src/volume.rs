@@ -1,4 +1,4 @@
-//! `Volume` = header + unwrapped key + backing file: byte-addressed encrypted I/O.
+//! `Volume` = header + unwrapped key + backing store: byte-addressed encrypted I/O.
 //!
 //! Layout of a volume file (docs/format.md has every byte): two LUKS2 header copies, the
 //! keyslot area (unused), then the data segment at 16 MiB, `size` bytes of AES-256-XTS
@@ -14,16 +14,21 @@
 //!   different bytes of one sector never lose each other's bytes.
 //! - A failed fdatasync puts the volume in a failed state: every later request fails, so a
 //!   write that may be lost is never acknowledged by a later successful flush.
-//! - The volume file is locked with flock: exclusive for read-write, shared for read-only.
+//! - A volume file is locked with flock: exclusive for read-write, shared for read-only
+//!   (store's file engine does it at open).
+//! - The volume sees its bytes only through a [`BackingStore`]: a file here, memory in tests;
+//!   opening by path picks the file engine.
 
-use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::OpenOptions as FsOpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kms_client::{ContextKeys, DataKey, IdentityContext, Kms};
 use serde::Serialize;
+use store::file::{Access, FileStore, OpenError};
+use store::{BackingStore, Discarded};
 use zeroize::Zeroizing;
 
 use crate::error::{VolumeError, VolumeErrorKind};
@@ -37,8 +42,6 @@ use crate::xts::{XTS_KEY_LEN, XtsCipher};
 /// Number of stripes of the read-modify-write lock table. Sectors map to stripes by index, so
 /// neighbouring sectors never share a stripe.
 const RMW_STRIPES: usize = 1024;
-/// Largest single buffered write to the volume file (see `write_raw`).
-const WRITE_PIECE: usize = 4 << 10;
 /// Largest buffer write-zeroes encrypts at a time.
 const ZERO_CHUNK: u64 = 1 << 20;
 /// Plain zeros, written where the file needs zeros that are not ciphertext (a trim without
@@ -126,8 +129,10 @@ pub struct OpenOptions {
 
 /// An open, unlocked (key in memory) volume.
 pub struct Volume {
+    /// The store's location, for messages.
     path: PathBuf,
-    file: File,
+    /// Where the header and the encrypted sectors are.
+    store: Box<dyn BackingStore>,
     read_only: bool,
     segment: CryptSegment,
     size: u64,
@@ -223,27 +228,33 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
-pub(crate) fn open_file(path: &Path, read_only: bool) -> Result<File, VolumeError> {
-    let file = FsOpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| VolumeError::io(path, "opening the volume", e))?;
-    let locked = if read_only {
-        file.try_lock_shared()
-    } else {
-        file.try_lock()
-    };
-    match locked {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(VolumeError::new(
+/// Opens the volume file at `path` with the file engine: `Access::ReadWrite` takes the
+/// exclusive lock, `ReadOnly` a shared one, `Inspect` none. A volume another process holds is
+/// refused with `InUse`.
+pub fn open_file_store(path: &Path, access: Access) -> Result<FileStore, VolumeError> {
+    if path.is_dir() {
+        return Err(VolumeError::new(
+            VolumeErrorKind::InvalidArgument,
+            format!("{} is a directory, not a volume file", path.display()),
+        ));
+    }
+    FileStore::open(path, access).map_err(|e| match e {
+        OpenError::Locked => VolumeError::new(
             VolumeErrorKind::InUse,
             format!(
                 "{} is open in another process (attached to a running cryptnbd?): detach it first",
                 path.display()
             ),
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(VolumeError::io(path, "locking the volume", e)),
+        ),
+        OpenError::Io(e) => VolumeError::io(path, "opening the volume", e),
+    })
+}
+
+fn access_for(read_only: bool) -> Access {
+    if read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
     }
 }
 
@@ -272,8 +283,13 @@ pub(crate) fn token_of(headers: &HeaderSet, path: &Path) -> Result<KmsToken, Vol
 /// Reads the header and token of a volume without the KMS and without locking (it works on
 /// an attached volume).
 pub fn inspect(path: &Path) -> Result<VolumeInfo, VolumeError> {
-    let file = File::open(path).map_err(|e| VolumeError::io(path, "opening the volume", e))?;
-    let headers = header::read_headers(&file, path)?;
+    inspect_store(&open_file_store(path, Access::Inspect)?)
+}
+
+/// [`inspect`] on any backing store.
+pub fn inspect_store(store: &dyn BackingStore) -> Result<VolumeInfo, VolumeError> {
+    let path = store.location();
+    let headers = header::read_headers(store)?;
     let md = &headers.active.metadata;
     let seg = md.crypt_segment().map_err(|e| {
         VolumeError::new(
@@ -281,9 +297,8 @@ pub fn inspect(path: &Path) -> Result<VolumeInfo, VolumeError> {
             format!("{}: {e}", path.display()),
         )
     })?;
-    let file_len = file
-        .metadata()
-        .and_then(|m| header::device_size(&file, &m))
+    let file_len = store
+        .len()
         .map_err(|e| VolumeError::io(path, "reading the size", e))?;
     let token = match md.token(TOKEN_TYPE) {
         Some(_) => {
@@ -332,8 +347,8 @@ pub async fn unwrap_key<K: Kms>(
     opts: &OpenOptions,
     kms: &K,
 ) -> Result<DataKey, VolumeError> {
-    let file = File::open(path).map_err(|e| VolumeError::io(path, "opening the volume", e))?;
-    let headers = header::read_headers(&file, path)?;
+    let store = open_file_store(path, Access::Inspect)?;
+    let headers = header::read_headers(&store)?;
     let key = unwrap_checked(path, &headers, opts, kms).await?;
     check_key(path, &headers, &key)?;
     Ok(key)
@@ -419,6 +434,33 @@ fn check_key(path: &Path, headers: &HeaderSet, key: &DataKey) -> Result<CryptSeg
     Ok(segment)
 }
 
+/// Checks the size and sector size of a new volume; returns the store length it needs.
+fn check_create(opts: &CreateOptions) -> Result<u64, VolumeError> {
+    if opts.sector_size != 512 && opts.sector_size != 4096 {
+        return Err(invalid(format!(
+            "sector size {} is not supported: use 512 or 4096",
+            opts.sector_size
+        )));
+    }
+    if opts.size == 0 || !opts.size.is_multiple_of(u64::from(opts.sector_size)) {
+        return Err(invalid(format!(
+            "volume size {} must be a positive multiple of the sector size {}",
+            opts.size, opts.sector_size
+        )));
+    }
+    // File offsets are signed 64-bit on Linux.
+    DEFAULT_DATA_OFFSET
+        .checked_add(opts.size)
+        .filter(|&t| i64::try_from(t).is_ok())
+        .ok_or_else(|| {
+            invalid(format!(
+                "volume size {} is too large: the largest is {} bytes",
+                opts.size,
+                i64::MAX as u64 - DEFAULT_DATA_OFFSET
+            ))
+        })
+}
+
 fn data_size(seg: &CryptSegment, file_len: u64) -> u64 {
     seg.size.unwrap_or_else(|| {
         let avail = file_len.saturating_sub(seg.offset);
@@ -436,29 +478,7 @@ impl Volume {
         opts: &CreateOptions,
         kms: &K,
     ) -> Result<Volume, VolumeError> {
-        if opts.sector_size != 512 && opts.sector_size != 4096 {
-            return Err(invalid(format!(
-                "sector size {} is not supported: use 512 or 4096",
-                opts.sector_size
-            )));
-        }
-        if opts.size == 0 || !opts.size.is_multiple_of(u64::from(opts.sector_size)) {
-            return Err(invalid(format!(
-                "volume size {} must be a positive multiple of the sector size {}",
-                opts.size, opts.sector_size
-            )));
-        }
-        // File offsets are signed 64-bit on Linux.
-        let total = DEFAULT_DATA_OFFSET
-            .checked_add(opts.size)
-            .filter(|&t| i64::try_from(t).is_ok())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "volume size {} is too large: the largest is {} bytes",
-                    opts.size,
-                    i64::MAX as u64 - DEFAULT_DATA_OFFSET
-                ))
-            })?;
+        check_create(opts)?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -482,6 +502,79 @@ impl Volume {
                 ),
             ));
         }
+        // A bad context is refused before any file is made or the KMS is asked.
+        opts.identity
+            .to_context(&opts.context_keys, &opts.extra_context)
+            .map_err(|e| invalid(e.to_string()))?;
+
+        // Build the file under a temporary name, then link it into place (link fails if the
+        // name exists, so nothing is overwritten) and remove the temporary name.
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| invalid(format!("{} is not a file path", path.display())))?;
+        let tmp = dir.join(format!(
+            ".{}.creating-{}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let made = (|| {
+            let file = FsOpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| VolumeError::io(path, "creating the volume file", e))?;
+            file.try_lock().map_err(|_| {
+                VolumeError::new(
+                    VolumeErrorKind::InUse,
+                    format!("{}: cannot lock the new file", path.display()),
+                )
+            })?;
+            // Messages name the volume's final path, not the temporary one.
+            FileStore::from_file(file, path)
+                .map_err(|e| VolumeError::io(path, "creating the volume file", e))
+        })();
+        let built = match made {
+            Ok(store) => Self::create_on(Box::new(store), opts, kms).await,
+            Err(e) => Err(e),
+        }
+        .and_then(|vol| {
+            std::fs::hard_link(&tmp, path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    VolumeError::new(
+                        VolumeErrorKind::AlreadyExists,
+                        format!(
+                            "{} already exists: choose another name or delete it first",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    VolumeError::io(path, "linking the new volume into place", e)
+                }
+            })?;
+            Ok(vol)
+        });
+        // The temporary name goes in every case; on success the file lives on under `path`.
+        let _ = std::fs::remove_file(&tmp);
+        let vol = built?;
+        store::durable::sync_dir(dir)
+            .map_err(|e| VolumeError::io(path, "syncing the directory", e))?;
+        Ok(vol)
+    }
+
+    /// Formats the empty `store` as a new volume: asks the KMS for a 64-byte data key under
+    /// the identity context, writes both header copies with the digest and the token, sizes
+    /// the store (sparsely where the engine can) and flushes. Returns the volume opened
+    /// read-write.
+    pub async fn create_on<K: Kms>(
+        store: Box<dyn BackingStore>,
+        opts: &CreateOptions,
+        kms: &K,
+    ) -> Result<Volume, VolumeError> {
+        let total = check_create(opts)?;
+        let path = store.location().to_path_buf();
+        let path = path.as_path();
         let context = opts
             .identity
             .to_context(&opts.context_keys, &opts.extra_context)
@@ -524,60 +617,14 @@ impl Volume {
         let uuid = luks2::random_uuid().map_err(|e| invalid(e.to_string()))?;
         let template = luks2::new_binary(true, DEFAULT_HDR_SIZE, 1, &uuid)
             .map_err(|e| invalid(e.to_string()))?;
-
-        // Build the file under a temporary name, then link it into place (link fails if the
-        // name exists, so nothing is overwritten) and remove the temporary name.
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| invalid(format!("{} is not a file path", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.creating-{}",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
-        let build = || -> Result<File, VolumeError> {
-            let file = FsOpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| VolumeError::io(path, "creating the volume file", e))?;
-            file.try_lock().map_err(|_| {
-                VolumeError::new(
-                    VolumeErrorKind::InUse,
-                    format!("{}: cannot lock the new file", path.display()),
-                )
-            })?;
-            header::write_headers(&file, path, &template, 1, &metadata)?;
-            file.set_len(total)
-                .map_err(|e| VolumeError::io(path, "sizing the volume file", e))?;
-            file.sync_all()
-                .map_err(|e| VolumeError::io(path, "syncing the volume file", e))?;
-            std::fs::hard_link(&tmp, path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    VolumeError::new(
-                        VolumeErrorKind::AlreadyExists,
-                        format!(
-                            "{} already exists: choose another name or delete it first",
-                            path.display()
-                        ),
-                    )
-                } else {
-                    VolumeError::io(path, "linking the new volume into place", e)
-                }
-            })?;
-            Ok(file)
-        };
-        let built = build();
-        // The temporary name goes in every case; on success the file lives on under `path`.
-        let _ = std::fs::remove_file(&tmp);
-        let file = built?;
-        if let Ok(d) = File::open(dir) {
-            d.sync_all()
-                .map_err(|e| VolumeError::io(path, "syncing the directory", e))?;
-        }
-        let headers = header::read_headers(&file, path)?;
+        header::write_headers(&*store, &template, 1, &metadata)?;
+        store
+            .set_len(total)
+            .map_err(|e| VolumeError::io(path, "sizing the volume file", e))?;
+        store
+            .flush()
+            .map_err(|e| VolumeError::io(path, "syncing the volume file", e))?;
+        let headers = header::read_headers(&*store)?;
         let segment = headers
             .active
             .metadata
@@ -585,7 +632,7 @@ impl Volume {
             .map_err(|e| invalid(e.to_string()))?;
         tracing::info!(volume = %path.display(), key_id = %generated.key_id, size = opts.size, "volume created");
         Ok(Self::assemble(
-            path, file, false, segment, opts.size, cipher, headers,
+            store, false, segment, opts.size, cipher, headers,
         ))
     }
 
@@ -597,28 +644,46 @@ impl Volume {
         opts: &OpenOptions,
         kms: &K,
     ) -> Result<Volume, VolumeError> {
-        let file = open_file(path, opts.read_only)?;
-        let headers = header::read_headers(&file, path)?;
-        let key = unwrap_checked(path, &headers, opts, kms).await?;
-        Self::with_key(path, file, opts.read_only, headers, &key)
+        let store = open_file_store(path, access_for(opts.read_only))?;
+        Self::open_store(Box::new(store), opts, kms).await
+    }
+
+    /// [`Volume::open`] on any backing store.
+    pub async fn open_store<K: Kms>(
+        store: Box<dyn BackingStore>,
+        opts: &OpenOptions,
+        kms: &K,
+    ) -> Result<Volume, VolumeError> {
+        let headers = header::read_headers(&*store)?;
+        let key = unwrap_checked(store.location(), &headers, opts, kms).await?;
+        Self::with_key(store, opts.read_only, headers, &key)
     }
 
     /// Opens a volume with its plaintext volume key (recovery, and volumes cryptsetup made):
     /// no KMS, the key is checked against the LUKS2 digest.
     pub fn open_with_key(path: &Path, key: &[u8], read_only: bool) -> Result<Volume, VolumeError> {
-        let file = open_file(path, read_only)?;
-        let headers = header::read_headers(&file, path)?;
+        let store = open_file_store(path, access_for(read_only))?;
+        Self::open_store_with_key(Box::new(store), key, read_only)
+    }
+
+    /// [`Volume::open_with_key`] on any backing store.
+    pub fn open_store_with_key(
+        store: Box<dyn BackingStore>,
+        key: &[u8],
+        read_only: bool,
+    ) -> Result<Volume, VolumeError> {
+        let headers = header::read_headers(&*store)?;
         let key = DataKey::new(Zeroizing::new(key.to_vec()));
-        Self::with_key(path, file, read_only, headers, &key)
+        Self::with_key(store, read_only, headers, &key)
     }
 
     fn with_key(
-        path: &Path,
-        file: File,
+        store: Box<dyn BackingStore>,
         read_only: bool,
         headers: HeaderSet,
         key: &DataKey,
     ) -> Result<Volume, VolumeError> {
+        let path = store.location();
         let segment = check_key(path, &headers, key)?;
         let cipher = XtsCipher::new(key.expose()).map_err(|e| {
             VolumeError::new(
@@ -626,9 +691,8 @@ impl Volume {
                 format!("{}: unusable volume key ({e})", path.display()),
             )
         })?;
-        let file_len = file
-            .metadata()
-            .and_then(|m| header::device_size(&file, &m))
+        let file_len = store
+            .len()
             .map_err(|e| VolumeError::io(path, "reading the size", e))?;
         let size = data_size(&segment, file_len);
         let needed = segment.offset.saturating_add(size);
@@ -644,13 +708,12 @@ impl Volume {
         }
         tracing::info!(volume = %path.display(), size, read_only, "volume opened");
         Ok(Self::assemble(
-            path, file, read_only, segment, size, cipher, headers,
+            store, read_only, segment, size, cipher, headers,
         ))
     }
 
     fn assemble(
-        path: &Path,
-        file: File,
+        store: Box<dyn BackingStore>,
         read_only: bool,
         segment: CryptSegment,
         size: u64,
@@ -658,8 +721,8 @@ impl Volume {
         headers: HeaderSet,
     ) -> Volume {
         Volume {
-            path: path.to_path_buf(),
-            file,
+            path: store.location().to_path_buf(),
+            store,
             read_only,
             segment,
             size,
@@ -687,9 +750,10 @@ impl Volume {
         self.read_only
     }
 
-    /// The open volume file (for snapshots: clone it while writes are paused).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The backing store (its header area, for token rewrites on an attached volume). Data
+    /// written through it bypasses the encryption: only header code uses it.
+    pub fn store(&self) -> &dyn BackingStore {
+        &*self.store
     }
 
     /// Waits for the writes in progress, then holds new ones back until the guard is dropped
@@ -770,25 +834,16 @@ impl Volume {
     }
 
     fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
-        self.file
-            .read_exact_at(buf, self.segment.offset + offset)
+        self.store
+            .read_at(buf, self.segment.offset + offset)
             .map_err(|e| VolumeError::io(&self.path, "reading", e))
     }
 
     fn write_raw(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
-        // Buffered writes are issued in pieces of at most WRITE_PIECE bytes: the kernel sizes
-        // the page-cache folios it creates after the write, and a later 4 KiB random write
-        // into a large folio dirties (and writes back) all of it (docs/benchmarks.md).
-        let base = self.segment.offset + offset;
         let _gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
-        let mut done = 0;
-        for piece in buf.chunks(WRITE_PIECE) {
-            self.file
-                .write_all_at(piece, base + done)
-                .map_err(|e| VolumeError::io(&self.path, "writing", e))?;
-            done += piece.len() as u64;
-        }
-        Ok(())
+        self.store
+            .write_at(buf, self.segment.offset + offset)
+            .map_err(|e| VolumeError::io(&self.path, "writing", e))
     }
 
     /// Reads `buf.len()` bytes at data offset `offset` (any alignment).
@@ -872,45 +927,16 @@ impl Volume {
         self.write_raw(data, offset)
     }
 
-    /// Allocation of the data range `offset..offset+len` in the file: `(length, allocated)`
-    /// runs covering the range, from SEEK_DATA/SEEK_HOLE. Unallocated runs are holes (they
-    /// read as zeros through cryptnbd, but not through dm-crypt).
+    /// Allocation of the data range `offset..offset+len` in the store: `(length, allocated)`
+    /// runs covering the range (a file: from SEEK_DATA/SEEK_HOLE). Unallocated runs are holes
+    /// (they read as zeros through cryptnbd, but not through dm-crypt).
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, VolumeError> {
-        use rustix::fs::SeekFrom;
         self.check(offset, len, false)?;
-        let base = self.segment.offset;
-        let end = offset + len;
-        let mut out = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let pos = base + at;
-            let data = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
-                Ok(d) => d.max(pos),
-                // ENXIO: no data after `pos`: the rest is a hole.
-                Err(rustix::io::Errno::NXIO) => base + end,
-                Err(e) => {
-                    return Err(VolumeError::io(
-                        &self.path,
-                        "finding allocated ranges",
-                        e.into(),
-                    ));
-                }
-            };
-            if data > pos {
-                let n = (data - pos).min(end - at);
-                out.push((n, false));
-                at += n;
-                continue;
-            }
-            let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(pos)) {
-                Ok(h) => h,
-                Err(e) => return Err(VolumeError::io(&self.path, "finding holes", e.into())),
-            };
-            let n = (hole.saturating_sub(pos)).clamp(1, end - at);
-            out.push((n, true));
-            at += n;
-        }
-        Ok(out)
+        let map = self
+            .store
+            .extents(self.segment.offset + offset, len)
+            .map_err(|e| VolumeError::io(&self.path, "finding allocated ranges", e))?;
+        Ok(map.into_iter().map(|e| (e.len, e.allocated)).collect())
     }
 
     /// Writes encrypted zeros over the range (never punches holes, so dm-crypt reads zeros).
@@ -950,14 +976,12 @@ impl Volume {
         if end <= start {
             return Ok(());
         }
-        let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
         let gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
-        let punched =
-            rustix::fs::fallocate(&self.file, flags, self.segment.offset + start, end - start);
+        let punched = self.store.discard(self.segment.offset + start, end - start);
         drop(gate);
         match punched {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) => {
+            Ok(Discarded::Hole) => Ok(()),
+            Ok(Discarded::Unsupported) => {
                 // No hole punching here: all-zero ciphertext has the same meaning.
                 let mut at = start;
                 while at < end {
@@ -967,7 +991,7 @@ impl Volume {
                 }
                 Ok(())
             }
-            Err(e) => Err(VolumeError::io(&self.path, "trimming", e.into())),
+            Err(e) => Err(VolumeError::io(&self.path, "trimming", e)),
         }
     }
 
@@ -978,7 +1002,7 @@ impl Volume {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| {
+        self.store.flush().map_err(|e| {
             self.failed.store(true, Ordering::Release);
             tracing::error!(volume = %self.path.display(), error = %e, "flush failed; volume marked failed");
             let kind = VolumeError::io(&self.path, "flushing", std::io::Error::from(e.kind())).kind();
@@ -999,26 +1023,23 @@ impl Volume {
 /// Overwrites everything before the data (both header copies and the keyslot area) with
 /// zeros and syncs. The data offset comes from the header when it can be read, else the
 /// default (16 MiB).
-pub(crate) fn wipe_header_area(file: &File, path: &Path) -> Result<(), VolumeError> {
-    let data_offset = header::read_headers(file, path)
+pub(crate) fn wipe_header_area(store: &dyn BackingStore) -> Result<(), VolumeError> {
+    let path = store.location();
+    let data_offset = header::read_headers(store)
         .ok()
         .and_then(|h| h.active.metadata.crypt_segment().ok())
         .map_or(DEFAULT_DATA_OFFSET, |s| s.offset);
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    // A block device reports length 0: wipe up to the data offset.
-    let end = if len == 0 {
-        data_offset
-    } else {
-        data_offset.min(len)
-    };
+    let end = data_offset.min(store.len().unwrap_or(data_offset));
     let mut at = 0;
     while at < end {
         let n = (end - at).min(ZEROS.len() as u64);
-        file.write_all_at(&ZEROS[..n as usize], at)
+        store
+            .write_at(&ZEROS[..n as usize], at)
             .map_err(|e| VolumeError::io(path, "wiping the header", e))?;
         at += n;
     }
-    file.sync_all()
+    store
+        .flush()
         .map_err(|e| VolumeError::io(path, "syncing the wiped header", e))
 }
 
@@ -1027,14 +1048,12 @@ pub(crate) fn wipe_header_area(file: &File, path: &Path) -> Result<(), VolumeErr
 /// (everything before the data segment) with zeros, syncs, then removes the file and syncs
 /// the directory. Without the header the data is unreadable, even with the KMS.
 pub fn wipe_and_remove(path: &Path) -> Result<(), VolumeError> {
-    let file = open_file(path, false)?;
-    header::read_headers(&file, path)?;
-    wipe_header_area(&file, path)?;
+    let store = open_file_store(path, Access::ReadWrite)?;
+    header::read_headers(&store)?;
+    wipe_header_area(&store)?;
     std::fs::remove_file(path).map_err(|e| VolumeError::io(path, "removing the volume file", e))?;
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = store::durable::sync_dir(dir);
     }
     tracing::info!(volume = %path.display(), "volume wiped and removed");
     Ok(())

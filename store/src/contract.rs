@@ -1,0 +1,199 @@
+//! The contract suite of [`BackingStore`]: one set of checks that every engine must pass
+//! (the file and memory engines in this crate's tests, and each engine added later). It
+//! panics with what broke, so it is meant for tests; it needs a fresh, empty store.
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+
+use crate::{BackingStore, Discarded};
+
+const MIB: u64 = 1 << 20;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+fn read(store: &dyn BackingStore, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0xEE; len];
+    store
+        .read_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("{}: read {offset}+{len}: {e}", store.location().display()));
+    buf
+}
+
+fn covered(store: &dyn BackingStore, offset: u64, len: u64) -> Vec<crate::Extent> {
+    let map = store.extents(offset, len).expect("extents");
+    assert_eq!(
+        map.iter().map(|e| e.len).sum::<u64>(),
+        len,
+        "the extents of {offset}+{len} do not cover it exactly: {map:?}"
+    );
+    assert!(map.iter().all(|e| e.len > 0), "an empty extent: {map:?}");
+    map
+}
+
+/// Runs every check on `store`, which must be new and empty.
+pub fn check(store: Arc<dyn BackingStore>) {
+    let s = &*store;
+    assert_eq!(s.len().expect("len"), 0, "a new store is empty");
+
+    // Zeros where nothing was written; exact reads; nothing read past the end.
+    s.set_len(4 * MIB).expect("set_len");
+    assert_eq!(s.len().expect("len"), 4 * MIB);
+    assert!(read(s, 0, 4096).iter().all(|&b| b == 0));
+    assert!(read(s, 4 * MIB - 7, 7).iter().all(|&b| b == 0));
+    let mut past = vec![0u8; 8];
+    let err = s
+        .read_at(&mut past, 4 * MIB - 4)
+        .expect_err("a read past the end");
+    assert_eq!(err.kind(), ErrorKind::UnexpectedEof, "{err}");
+
+    // Round trips at any alignment, and writes that do not disturb their neighbours.
+    let a = pattern(10_000, 1);
+    s.write_at(&a, 12_345).expect("write");
+    assert_eq!(read(s, 12_345, a.len()), a);
+    assert!(read(s, 12_345 - 100, 100).iter().all(|&b| b == 0));
+    assert!(
+        read(s, 12_345 + a.len() as u64, 100)
+            .iter()
+            .all(|&b| b == 0)
+    );
+    let b = pattern(512, 2);
+    s.write_at(&b, 12_345 + 1000).expect("overwrite");
+    let mut expect = a.clone();
+    expect[1000..1512].copy_from_slice(&b);
+    assert_eq!(read(s, 12_345, a.len()), expect);
+
+    // A write past the end grows the store; the gap reads as zeros.
+    let tail = pattern(100, 3);
+    s.write_at(&tail, 5 * MIB).expect("write past the end");
+    assert_eq!(s.len().expect("len"), 5 * MIB + 100);
+    assert!(read(s, 4 * MIB, 4096).iter().all(|&b| b == 0));
+    assert_eq!(read(s, 5 * MIB, 100), tail);
+
+    // Discard: a hole that reads as zeros, or nothing changed when unsupported.
+    let d = pattern(256 << 10, 4);
+    s.write_at(&d, MIB).expect("write");
+    let map = covered(s, MIB, 256 << 10);
+    assert!(
+        map.iter().all(|e| e.allocated),
+        "written data shows as a hole: {map:?}"
+    );
+    match s.discard(MIB + (64 << 10), 128 << 10).expect("discard") {
+        Discarded::Hole => {
+            let got = read(s, MIB, 256 << 10);
+            assert_eq!(
+                got[..64 << 10],
+                d[..64 << 10],
+                "discard touched bytes before it"
+            );
+            assert!(
+                got[64 << 10..192 << 10].iter().all(|&b| b == 0),
+                "a discarded range reads non-zero"
+            );
+            assert_eq!(
+                got[192 << 10..],
+                d[192 << 10..],
+                "discard touched bytes after it"
+            );
+            let map = covered(s, MIB, 256 << 10);
+            assert!(
+                map.iter().any(|e| !e.allocated),
+                "a discarded range shows no hole: {map:?}"
+            );
+        }
+        Discarded::Unsupported => assert_eq!(read(s, MIB, 256 << 10), d),
+    }
+    covered(s, 0, s.len().expect("len"));
+
+    // A flush succeeds; shrinking drops bytes, growing again reads zeros there.
+    s.flush().expect("flush");
+    s.set_len(12_345 + 500).expect("shrink");
+    assert_eq!(read(s, 12_345, 500), expect[..500]);
+    s.set_len(4 * MIB).expect("grow");
+    assert!(
+        read(s, 12_345 + 500, 1000).iter().all(|&b| b == 0),
+        "bytes came back after a shrink"
+    );
+
+    // Writers on disjoint ranges from many threads lose nothing.
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                for i in 0..32u64 {
+                    let at = MIB + (u64::from(t) * 32 + i) * 4096;
+                    store
+                        .write_at(&pattern(4096, t ^ i as u8), at)
+                        .expect("write");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("writer thread");
+    }
+    for t in 0..4u8 {
+        for i in 0..32u64 {
+            let at = MIB + (u64::from(t) * 32 + i) * 4096;
+            assert_eq!(
+                read(s, at, 4096),
+                pattern(4096, t ^ i as u8),
+                "thread {t} block {i}"
+            );
+        }
+    }
+    s.flush().expect("flush");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::file::{Access, FileStore};
+    use crate::memory::MemStore;
+
+    #[test]
+    fn the_file_engine_keeps_the_contract() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.luks");
+        std::fs::File::create(&path).expect("create");
+        let store = FileStore::open(&path, Access::ReadWrite).expect("open");
+        check(Arc::new(store));
+    }
+
+    #[test]
+    fn the_memory_engine_keeps_the_contract() {
+        check(Arc::new(MemStore::new("contract")));
+    }
+
+    #[test]
+    fn a_file_locked_for_writing_refuses_a_second_writer_and_readers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.luks");
+        std::fs::File::create(&path).expect("create");
+        let _w = FileStore::open(&path, Access::ReadWrite).expect("open");
+        for access in [Access::ReadWrite, Access::ReadOnly] {
+            assert!(matches!(
+                FileStore::open(&path, access),
+                Err(crate::file::OpenError::Locked)
+            ));
+        }
+        FileStore::open(&path, Access::Inspect).expect("inspect needs no lock");
+    }
+
+    #[test]
+    fn a_memory_crash_keeps_exactly_what_was_flushed() {
+        let s = MemStore::new("crash");
+        s.write_at(&pattern(4096, 1), 0).expect("write");
+        s.flush().expect("flush");
+        s.write_at(&pattern(4096, 2), 0).expect("overwrite");
+        s.write_at(&pattern(4096, 3), 1 << 20).expect("write");
+        let after = s.crashed();
+        assert_eq!(after.len().expect("len"), 4096, "unflushed growth survived");
+        assert_eq!(read(&after, 0, 4096), pattern(4096, 1));
+        // The live store still has the unflushed writes.
+        assert_eq!(read(&s, 0, 4096), pattern(4096, 2));
+    }
+}
