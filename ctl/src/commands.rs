@@ -230,7 +230,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     Response::Audit { records } => records,
                     other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
                 },
-                None => state::audit::AuditLog::read(
+                None => statedir::audit::AuditLog::read(
                     &layout.audit_log(),
                     AUDIT_KEEP,
                     q.volume.as_deref(),
@@ -395,7 +395,7 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
             Response::Volumes { volumes } => volumes,
             other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
         },
-        None => state::summary::scan_volumes(&layout.volumes(), |_| false)
+        None => statedir::summary::scan_volumes(&layout.volumes(), |_| false)
             .with_context(|| format!("cannot list {}", layout.volumes().display()))?,
     };
     out.emit(&volumes, || {
@@ -509,15 +509,15 @@ fn record(
     started: std::time::Instant,
     outcome: Result<(), String>,
 ) {
-    let log = match state::audit::AuditLog::open(&layout.audit_log(), 10 << 20, AUDIT_KEEP) {
+    let log = match statedir::audit::AuditLog::open(&layout.audit_log(), 10 << 20, AUDIT_KEEP) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "cannot open the audit trail");
             return;
         }
     };
-    log.record(&state::audit::AuditRecord {
-        time: state::stamp::now(),
+    log.record(&statedir::audit::AuditRecord {
+        time: statedir::stamp::now(),
         operation: operation.into(),
         backend: backend.into(),
         key_id,

@@ -20,7 +20,7 @@ use crate::device::VolumeDevice;
 use crate::lifecycle::RequestContext;
 use crate::locks;
 use crate::registry::{Attachment, Keying, Registry};
-use state::audit::{AuditLog, AuditRecord};
+use statedir::audit::{AuditLog, AuditRecord};
 
 /// Default seconds a kernel device's request may go unanswered (then resent on another
 /// connection, after a reconnect if need be).
@@ -81,8 +81,8 @@ pub struct Daemon {
     pub(crate) detaching: Arc<std::sync::Mutex<BTreeMap<String, SystemTime>>>,
 }
 
-pub use state::audit::{AUDIT_SCOPE, AuditScope};
-pub use state::summary::{scan_volumes, volume_summary};
+pub use statedir::audit::{AUDIT_SCOPE, AuditScope};
+pub use statedir::summary::{scan_volumes, volume_summary};
 
 pub(crate) fn api(code: ErrorCode, message: impl Into<String>) -> ApiError {
     ApiError::new(code, message)
@@ -113,7 +113,7 @@ pub(crate) fn volume_error(e: &VolumeError) -> ApiError {
 
 pub use control_api::chain;
 
-pub(crate) use state::stamp::rfc3339;
+pub(crate) use statedir::stamp::rfc3339;
 
 impl Daemon {
     /// A daemon over already-opened parts.

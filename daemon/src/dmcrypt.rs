@@ -41,7 +41,7 @@ use volume::{OpenOptions, VolumeError, VolumeErrorKind, VolumeInfo};
 use crate::daemon::{Caller, Daemon, api, volume_error};
 use crate::lifecycle::RequestContext;
 use crate::ops::OpGuard;
-use state::audit::{AuditLog, AuditRecord};
+use statedir::audit::{AuditLog, AuditRecord};
 
 /// Where the kernel lists block devices.
 pub const SYS_BLOCK: &str = "/sys/block";

@@ -338,8 +338,8 @@ impl Daemon {
         } else {
             Err(errors.join("; "))
         };
-        self.audit.record(&state::audit::AuditRecord {
-            time: state::stamp::now(),
+        self.audit.record(&statedir::audit::AuditRecord {
+            time: statedir::stamp::now(),
             operation: "revoke".into(),
             backend: self.kms.backend_name().into(),
             key_id: Some(resolved.clone().unwrap_or_else(|| kms_key.to_owned())),

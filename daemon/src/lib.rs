@@ -31,7 +31,7 @@ use control_api::paths::StateLayout;
 use kms_client::KmsBackend;
 use kms_client::aws::AwsKms;
 use kms_client::local::{LocalKms, LocalKmsOptions};
-use state::audit::{AUDIT_SCOPE, AuditLog, AuditRecord};
+use statedir::audit::{AUDIT_SCOPE, AuditLog, AuditRecord};
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
 
@@ -269,7 +269,7 @@ fn kms_call_observer(log: Arc<AuditLog>) -> kms_client::CallObserver {
     Arc::new(move |call: &kms_client::KmsCall| {
         let scope = AUDIT_SCOPE.try_with(Clone::clone).unwrap_or_default();
         log.record(&AuditRecord {
-            time: state::stamp::now(),
+            time: statedir::stamp::now(),
             operation: format!("kms:{}", call.operation),
             backend: "aws".into(),
             key_id: Some(call.key_id.clone()),

@@ -89,7 +89,7 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-pub use state::summary::base_image_of;
+pub use statedir::summary::base_image_of;
 
 /// A hidden temporary next to `target` for operation `what`.
 fn temp_for(target: &Path, what: &str) -> PathBuf {
