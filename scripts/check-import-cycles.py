@@ -359,35 +359,19 @@ def main():
     else:
         members = re.search(r"members\s*=\s*\[([^\]]*)\]", (repo / "Cargo.toml").read_text())
         dirs = [repo / m / "src" for m in re.findall(r'"([^"]+)"', members.group(1))]
-    # Cycles being taken apart, one line each: the files of the cycle, relative to the repo.
-    # A cycle listed there is reported but tolerated only while it is exactly that set; a new
-    # or grown cycle fails, and so does a listed one that is gone (take its line out).
-    known_file = repo / "scripts" / "import-cycles.known"
-    known = set()
-    if known_file.exists() and len(sys.argv) == 1:
-        for line in known_file.read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                known.add(tuple(sorted(line.split())))
     rel = lambda p: str(p.relative_to(repo)) if p.is_relative_to(repo) else str(p)
-    found, seen = 0, set()
+    found = 0
     for d in dirs:
         for crate, scc, edges in check(d):
-            key = tuple(sorted(rel(p) for p in scc))
-            seen.add(key)
-            tolerated = key in known
-            found += 0 if tolerated else 1
-            label = "known import cycle (scripts/import-cycles.known)" if tolerated else "import cycle"
-            print(f"{label} in {rel(d)}: " + ", ".join(p.name for p in scc))
+            found += 1
+            print(f"import cycle in {rel(d)}: " + ", ".join(p.name for p in scc))
             path = one_cycle(scc, edges)
             for a, b in zip(path, path[1:]):
                 print(f"    {rel(a)} -> {rel(b)}   (`{edges[a][b]}`)")
-    for gone in sorted(known - seen):
-        found += 1
-        print(f"listed in scripts/import-cycles.known but gone: {' '.join(gone)} (remove the line)")
     if found:
-        print(f"{found} import cycle problem(s): move what both files need into a third, or merge them")
+        print(f"{found} import cycle(s): move what both files need into a third, or merge them")
         sys.exit(1)
-    print(f"no new import cycles in {len(dirs)} crate(s), {len(known)} known")
+    print(f"no import cycles in {len(dirs)} crate(s)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ use control_api::{
 use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::daemon::{Caller, Daemon};
-use crate::lifecycle::RequestContext;
+use crate::caller::Caller;
+use crate::daemon::Daemon;
+use crate::request::RequestContext;
 
 /// Who may use the control socket.
 #[derive(Debug, Clone)]

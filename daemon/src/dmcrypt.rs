@@ -24,11 +24,10 @@
 //! rebuild, snapshot, reencrypt, export and header restore are refused while a mapping of the
 //! volume exists ([`Daemon::refuse_while_dm_open`]).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_api::{
@@ -38,9 +37,12 @@ use volume::lifecycle::Cancel;
 use volume::token::KmsToken;
 use volume::{OpenOptions, VolumeError, VolumeErrorKind, VolumeInfo};
 
-use crate::daemon::{Caller, Daemon, api, volume_error};
-use crate::lifecycle::RequestContext;
+use crate::caller::Caller;
+use crate::daemon::Daemon;
+use crate::error::{api, volume_error};
 use crate::ops::OpGuard;
+use crate::request::RequestContext;
+use crate::state::Pending;
 use statedir::audit::{AuditLog, AuditRecord};
 
 /// Where the kernel lists block devices.
@@ -234,44 +236,6 @@ fn check_not_mapped(
     }
 }
 
-/// A volume whose key was handed out, held until its mapping appears.
-struct Pending {
-    /// The operation's id (a later hold of the same volume has another).
-    id: u64,
-    /// The device-mapper name the client said it would use.
-    name: String,
-    /// Holds the volume in [`crate::ops::Operations`].
-    _guard: OpGuard,
-}
-
-/// The volumes held by `open-dm-crypt`, by volume name.
-#[derive(Default)]
-pub struct DmCryptState {
-    pending: Arc<Mutex<HashMap<String, Pending>>>,
-}
-
-impl DmCryptState {
-    /// The volume held for an open as `name`, if any.
-    fn holder_of(&self, name: &str) -> Option<String> {
-        let map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .find(|(_, p)| p.name == name)
-            .map(|(v, _)| v.clone())
-    }
-
-    /// Ends the hold of `volume` by an open as `name`, if there is one; returns whether there
-    /// was.
-    fn release(&self, volume: &str, name: &str) -> bool {
-        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(volume).is_some_and(|p| p.name == name) {
-            map.remove(volume);
-            true
-        } else {
-            false
-        }
-    }
-}
-
 fn require_root(caller: Caller, what: &str) -> Result<(), ApiError> {
     if caller.uid == 0 {
         return Ok(());
@@ -319,7 +283,7 @@ impl Daemon {
             Request::OpenDmCrypt(r) => {
                 require_root(caller, "open a volume with dm-crypt")?;
                 // The device-mapper name too: two volumes must not be given one name.
-                let _g = (self.locks)
+                let _g = (self.state.locks)
                     .lock(&[
                         crate::locks::volume(&r.volume),
                         crate::locks::dm_name(&r.name),
@@ -416,7 +380,7 @@ impl Daemon {
         check_dm_name(&r.name)?;
         let path = self.existing_volume(&r.volume)?;
         self.refuse_if_detaching(&r.volume)?;
-        if let Some(a) = self.registry.get(&r.volume) {
+        if let Some(a) = self.state.registry.get(&r.volume) {
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
@@ -448,7 +412,7 @@ impl Daemon {
                 ),
             ));
         }
-        if let Some(other) = self.dm_crypt.holder_of(&r.name) {
+        if let Some(other) = self.state.dm_crypt.holder_of(&r.name) {
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
@@ -460,7 +424,7 @@ impl Daemon {
         }
         let pipe = take_pipe(ctx)?;
         let cancel = Cancel::default();
-        let guard = self.ops.begin(
+        let guard = self.state.ops.begin(
             &r.volume,
             "open-dm-crypt",
             caller.uid,
@@ -475,7 +439,7 @@ impl Daemon {
             expect_directory: r.directory.clone(),
         };
         let handed = async {
-            let key = volume::unwrap_key(&path, &opts, &self.kms).await?;
+            let key = volume::unwrap_key(&path, &opts, &self.services.kms).await?;
             use std::io::Write as _;
             (&pipe).write_all(key.expose()).map_err(|e| {
                 let why = match e.kind() {
@@ -525,13 +489,13 @@ impl Daemon {
         token: Option<KmsToken>,
     ) {
         let id = guard.running().id;
-        let pending = Arc::clone(&self.dm_crypt.pending);
+        let pending = Arc::clone(&self.state.dm_crypt.pending);
         pending.lock().unwrap_or_else(|p| p.into_inner()).insert(
             volume.into(),
             Pending {
                 id,
                 name: name.into(),
-                _guard: guard,
+                guard,
             },
         );
         let (volume, name, uuid, path) = (
@@ -540,8 +504,8 @@ impl Daemon {
             uuid.to_owned(),
             path.to_owned(),
         );
-        let audit = Arc::clone(&self.audit);
-        let backend = kms_client::Kms::backend_name(&self.kms).to_owned();
+        let audit = Arc::clone(&self.services.audit);
+        let backend = kms_client::Kms::backend_name(&self.services.kms).to_owned();
         tokio::spawn(async move {
             let started = Instant::now();
             loop {
@@ -592,7 +556,7 @@ impl Daemon {
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
         let (path, info) = self.reported_volume(volume, name)?;
-        let held = self.dm_crypt.release(volume, name);
+        let held = self.state.dm_crypt.release(volume, name);
         let mapping = mapping_named(name, &info.uuid, &path);
         if !held && mapping.is_none() {
             return Err(api(
@@ -661,7 +625,7 @@ impl Daemon {
                 ),
             ));
         }
-        let volumes = crate::daemon::scan_volumes(&self.layout.volumes(), |_| false)
+        let volumes = crate::daemon::scan_volumes(&self.services.layout.volumes(), |_| false)
             .map_err(|e| api(ErrorCode::Io, format!("cannot list the volumes: {e}")))?;
         for v in volumes {
             let path = PathBuf::from(&v.path);

@@ -25,39 +25,12 @@ use kms_client::{EncryptionContext, Kms, KmsError};
 use volume::token::{GrantRef, KmsToken};
 use volume::{VolumeError, VolumeErrorKind};
 
+use crate::caller::Caller;
 use crate::config::UnusableKeyAction;
-use crate::daemon::{Caller, Daemon, api};
+use crate::daemon::Daemon;
+use crate::error::api;
 use crate::registry::KeyCheckResult;
-
-/// The daemon's key policy (from `[kms]` and `[kms.aws]`).
-#[derive(Debug, Clone)]
-pub struct KeyPolicy {
-    /// Time between key-state checks (None: never).
-    pub check_interval: Option<Duration>,
-    /// What an unusable key does to its attached volumes.
-    pub on_unusable: UnusableKeyAction,
-    /// Per-volume grants (AWS only).
-    pub grants: Option<GrantPolicy>,
-}
-
-impl Default for KeyPolicy {
-    fn default() -> Self {
-        Self {
-            check_interval: None,
-            on_unusable: UnusableKeyAction::Report,
-            grants: None,
-        }
-    }
-}
-
-/// Who grants name.
-#[derive(Debug, Clone, Default)]
-pub struct GrantPolicy {
-    /// Grantee (None: the daemon's principal, asked of STS on first use).
-    pub grantee: Option<String>,
-    /// Retiring principal (None: the grantee).
-    pub retiring: Option<String>,
-}
+use crate::services::GrantPolicy;
 
 fn kms_error(path: &Path, what: &str, e: KmsError) -> VolumeError {
     VolumeError::kms(path, what, e)
@@ -73,6 +46,7 @@ impl Daemon {
             Some(g) => g.clone(),
             None => {
                 let cached = self
+                    .services
                     .principal
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -80,7 +54,7 @@ impl Daemon {
                 match cached {
                     Some(p) => p,
                     None => {
-                        let aws = self.kms.aws().ok_or_else(|| {
+                        let aws = self.services.kms.aws().ok_or_else(|| {
                             VolumeError::new(
                                 VolumeErrorKind::InvalidArgument,
                                 "grants need the AWS KMS backend",
@@ -90,7 +64,11 @@ impl Daemon {
                             .caller_principal()
                             .await
                             .map_err(|e| kms_error(path, "name the grantee principal", e))?;
-                        *self.principal.lock().unwrap_or_else(|p| p.into_inner()) = Some(p.clone());
+                        *self
+                            .services
+                            .principal
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(p.clone());
                         p
                     }
                 }
@@ -110,7 +88,8 @@ impl Daemon {
         wrapped: &[u8],
         context: &EncryptionContext,
     ) -> Result<Option<GrantRef>, VolumeError> {
-        let (Some(policy), Some(aws)) = (&self.key_policy.grants, self.kms.aws()) else {
+        let (Some(policy), Some(aws)) = (&self.services.key_policy.grants, self.services.kms.aws())
+        else {
             return Ok(None);
         };
         let (grantee, retiring) = self.grantee(policy, path).await?;
@@ -161,7 +140,9 @@ impl Daemon {
     /// Retires a grant; a failure is logged and audited (the grant stays until an
     /// administrator revokes it), never fatal.
     pub(crate) async fn retire(&self, grant: &GrantRef) {
-        let Some(aws) = self.kms.aws() else { return };
+        let Some(aws) = self.services.kms.aws() else {
+            return;
+        };
         match aws.retire_grant(&grant.key_id, &grant.grant_id).await {
             Ok(()) => tracing::info!(key = %grant.key_id, grant = %grant.grant_id, "grant retired"),
             Err(e) => tracing::warn!(
@@ -176,7 +157,7 @@ impl Daemon {
     /// After `create`: the grant, recorded in the token. On failure the caller removes the
     /// new volume.
     pub(crate) async fn grant_new_volume(&self, path: &Path) -> Result<(), VolumeError> {
-        if self.key_policy.grants.is_none() || self.kms.aws().is_none() {
+        if self.services.key_policy.grants.is_none() || self.services.kms.aws().is_none() {
             return Ok(());
         }
         let token = volume::lifecycle::read_token(path)?;
@@ -196,13 +177,14 @@ impl Daemon {
 
     /// Checks the master keys of the attached volumes once.
     pub async fn check_keys(&self) {
-        let attached = self.registry.all();
+        let attached = self.state.registry.all();
         let mut by_key: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for a in attached {
             by_key.entry(a.keying().key_id).or_default().push(a);
         }
         for (key_id, volumes) in by_key {
             let state = self
+                .services
                 .kms
                 .describe_key(&key_id)
                 .await
@@ -234,7 +216,7 @@ impl Daemon {
                                 &Err(format!("master key is {s}")),
                             );
                         }
-                        if self.key_policy.on_unusable == UnusableKeyAction::Detach {
+                        if self.services.key_policy.on_unusable == UnusableKeyAction::Detach {
                             let _ = self
                                 .force_detach(&a.volume, "key-unusable-detach", None)
                                 .await;
@@ -255,7 +237,7 @@ impl Daemon {
 
     /// Runs [`Daemon::check_keys`] every interval until the daemon stops.
     pub async fn key_checker(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let Some(every) = self.key_policy.check_interval else {
+        let Some(every) = self.services.key_policy.check_interval else {
             return;
         };
         loop {
@@ -276,14 +258,14 @@ impl Daemon {
         operation: &str,
         caller: Option<Caller>,
     ) -> (bool, Result<Response, ApiError>) {
-        let cancelled = self.ops.cancel(volume).is_some();
+        let cancelled = self.state.ops.cancel(volume).is_some();
         for _ in 0..100 {
-            if self.ops.check_idle(volume).is_ok() {
+            if self.state.ops.check_idle(volume).is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _g = self.locks.lock(&[crate::locks::volume(volume)]).await;
+        let _g = self.state.locks.lock(&[crate::locks::volume(volume)]).await;
         let detached = self
             .detach_as(
                 DetachRequest {
@@ -300,7 +282,7 @@ impl Daemon {
     /// `revoke --kms-key KEY`.
     pub(crate) async fn revoke(&self, kms_key: &str, caller: Caller) -> Result<Response, ApiError> {
         let started = Instant::now();
-        let resolved = match self.kms.describe_key(kms_key).await {
+        let resolved = match self.services.kms.describe_key(kms_key).await {
             Ok(m) => Some(m.key_id),
             Err(e) => {
                 tracing::warn!(key = %kms_key, error = %e, "revoke: the KMS cannot resolve the key; matching the id as given");
@@ -313,7 +295,7 @@ impl Daemon {
         let mut detached = Vec::new();
         let mut cancelled = Vec::new();
         let mut errors = Vec::new();
-        for a in self.registry.all() {
+        for a in self.state.registry.all() {
             if !matches(&a.keying().key_id) {
                 continue;
             }
@@ -326,7 +308,7 @@ impl Daemon {
             match result {
                 Ok(_) => detached.push(a.volume.clone()),
                 // Detach drops the volume (and its key) even when the final flush fails.
-                Err(e) if self.registry.get(&a.volume).is_none() => {
+                Err(e) if self.state.registry.get(&a.volume).is_none() => {
                     detached.push(a.volume.clone());
                     errors.push(format!("{}: {}", a.volume, e.message));
                 }
@@ -338,10 +320,10 @@ impl Daemon {
         } else {
             Err(errors.join("; "))
         };
-        self.audit.record(&statedir::audit::AuditRecord {
+        self.services.audit.record(&statedir::audit::AuditRecord {
             time: statedir::stamp::now(),
             operation: "revoke".into(),
-            backend: self.kms.backend_name().into(),
+            backend: self.services.kms.backend_name().into(),
             key_id: Some(resolved.clone().unwrap_or_else(|| kms_key.to_owned())),
             context: None,
             volume: None,
@@ -376,7 +358,7 @@ pub(crate) fn key_check_status(
     match check {
         None => (None, None),
         Some(c) => {
-            let at = crate::daemon::rfc3339(c.at);
+            let at = statedir::stamp::rfc3339(c.at);
             match c.state {
                 Ok(s) => (
                     Some(s.to_string()),

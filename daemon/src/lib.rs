@@ -9,11 +9,14 @@
 //!
 //! This crate must not be depended on by the libraries (nbd, volume, kms-client, control-api).
 
+pub mod attach;
+pub mod caller;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
 pub mod dmcrypt;
+pub mod error;
 pub mod hardening;
 pub mod kdev;
 pub mod keys;
@@ -23,6 +26,10 @@ pub mod netlink;
 pub mod notify;
 pub mod ops;
 pub mod registry;
+pub mod request;
+pub mod services;
+pub mod state;
+pub mod volumes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,13 +166,15 @@ pub async fn run(
             },
         )?),
     };
-    let key_policy = keys::KeyPolicy {
+    let key_policy = services::KeyPolicy {
         check_interval: (config.kms.key_check_interval_secs > 0)
             .then(|| std::time::Duration::from_secs(config.kms.key_check_interval_secs)),
         on_unusable: config.kms.on_unusable_key,
-        grants: (config.kms.backend == "aws" && config.kms.aws.grants).then(|| keys::GrantPolicy {
-            grantee: config.kms.aws.grantee_principal.clone(),
-            retiring: config.kms.aws.retiring_principal.clone(),
+        grants: (config.kms.backend == "aws" && config.kms.aws.grants).then(|| {
+            services::GrantPolicy {
+                grantee: config.kms.aws.grantee_principal.clone(),
+                retiring: config.kms.aws.retiring_principal.clone(),
+            }
         }),
     };
 

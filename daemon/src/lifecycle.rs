@@ -14,7 +14,6 @@
 //! - Every operation writes one audit record with its outcome.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,33 +31,12 @@ use volume::lifecycle::{self, Cancel, Progress};
 use volume::token::KmsToken;
 use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
 
-use crate::daemon::{Caller, Daemon, api, chain, rfc3339, volume_error};
+use statedir::stamp::rfc3339;
 
-/// What a request brings besides its JSON: a passed descriptor, and the progress and
-/// cancellation shared with the connection that sent it.
-#[derive(Default)]
-pub struct RequestContext {
-    /// The descriptor passed with the request (SCM_RIGHTS), if any.
-    pub fd: Option<OwnedFd>,
-    /// Where the operation reports progress.
-    pub progress: Arc<Progress>,
-    /// Set when the client goes away or `cancel` is called.
-    pub cancel: Cancel,
-}
-
-impl RequestContext {
-    fn take_fd(&mut self, what: &str) -> Result<File, ApiError> {
-        self.fd.take().map(File::from).ok_or_else(|| {
-            api(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "{what} needs a file descriptor passed with the request (SCM_RIGHTS); \
-                     cryptnbdctl does this"
-                ),
-            )
-        })
-    }
-}
+use crate::caller::Caller;
+use crate::daemon::Daemon;
+use crate::error::{api, chain, volume_error};
+use crate::request::RequestContext;
 
 /// A volume file to change the header of (see [`Daemon::header_file`]).
 enum HeaderFile {
@@ -177,10 +155,10 @@ impl Daemon {
         caller: Caller,
         ctx: &RequestContext,
     ) -> Result<crate::ops::OpGuard, ApiError> {
-        let _g = self.locks.lock(&[crate::locks::volume(volume)]).await;
+        let _g = self.state.locks.lock(&[crate::locks::volume(volume)]).await;
         self.refuse_if_detaching(volume)?;
-        self.refuse_while_dm_open(volume, &self.layout.volume_file(volume), operation)?;
-        self.ops.begin(
+        self.refuse_while_dm_open(volume, &self.services.layout.volume_file(volume), operation)?;
+        self.state.ops.begin(
             volume,
             operation,
             caller.uid,
@@ -245,8 +223,8 @@ impl Daemon {
     /// Wipes the temporaries a crash left behind (`.NAME.*.luks` and `.NAME.luks.creating-*`
     /// in the volume and snapshot directories). Called at start, before anything is attached.
     pub fn clean_leftovers(&self) {
-        let mut dirs = vec![self.layout.volumes()];
-        if let Ok(rd) = std::fs::read_dir(self.layout.state_dir.join("snapshots")) {
+        let mut dirs = vec![self.services.layout.volumes()];
+        if let Ok(rd) = std::fs::read_dir(self.services.layout.state_dir.join("snapshots")) {
             dirs.extend(rd.flatten().map(|e| e.path()));
         }
         for dir in dirs {
@@ -388,7 +366,7 @@ impl Daemon {
         src: &ImageSource,
         ctx: &RequestContext,
     ) -> Result<(Arc<Volume>, String), VolumeError> {
-        let vol = Arc::new(Volume::create(tmp, opts, &self.kms).await?);
+        let vol = Arc::new(Volume::create(tmp, opts, &self.services.kms).await?);
         let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
         let what = format!("the image {}", src.path);
         let v = Arc::clone(&vol);
@@ -409,8 +387,8 @@ impl Daemon {
         what: &str,
         caller: Caller,
     ) -> Result<Option<(AttachRequest, u32)>, ApiError> {
-        let _g = self.locks.lock(&[crate::locks::volume(name)]).await;
-        let Some(a) = self.registry.get(name) else {
+        let _g = self.state.locks.lock(&[crate::locks::volume(name)]).await;
+        let Some(a) = self.state.registry.get(name) else {
             return Ok(None);
         };
         if !force {
@@ -454,7 +432,11 @@ impl Daemon {
             return false;
         };
         let volume = request.volume.clone();
-        let _g = self.locks.lock(&[crate::locks::volume(&volume)]).await;
+        let _g = self
+            .state
+            .locks
+            .lock(&[crate::locks::volume(&volume)])
+            .await;
         match self.attach_as(request, Some(caller), Some(owner)).await {
             Ok(_) => true,
             Err(e) => {
@@ -468,7 +450,8 @@ impl Daemon {
     /// pending-deletion master key, or a changed context, stops the operation here).
     async fn check_unwrap(&self, path: &Path, token: &KmsToken) -> Result<(), VolumeError> {
         let wrapped = token.wrapped_in(path)?;
-        self.kms
+        self.services
+            .kms
             .decrypt(&wrapped, &token.context, &token.key_id)
             .await
             .map(drop)
@@ -537,7 +520,7 @@ impl Daemon {
     ) -> Result<(u64, bool), ApiError> {
         // Attached without --force: refused now, not after building a whole new copy (the
         // swap would refuse it then anyway).
-        if !r.force && self.registry.get(&r.volume).is_some() {
+        if !r.force && self.state.registry.get(&r.volume).is_some() {
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
@@ -683,7 +666,7 @@ impl Daemon {
         tmp: &Path,
         ctx: &RequestContext,
     ) -> Result<u64, VolumeError> {
-        let snap = self.layout.snapshot_file(volume, name);
+        let snap = self.services.layout.snapshot_file(volume, name);
         if validate_name(name).is_err() || !snap.exists() {
             return Err(VolumeError::new(
                 VolumeErrorKind::NotFound,
@@ -695,6 +678,7 @@ impl Daemon {
         let snap_token = lifecycle::read_token(&snap)?;
         let wrapped = snap_token.wrapped_in(&snap)?;
         let rewrapped = self
+            .services
             .kms
             .re_encrypt(
                 &wrapped,
@@ -769,7 +753,7 @@ impl Daemon {
         validate_name(&name)
             .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
         let _guard = self.begin(volume, "snapshot", caller, ctx).await?;
-        let target = self.layout.snapshot_file(volume, &name);
+        let target = self.services.layout.snapshot_file(volume, &name);
         if target.exists() {
             return Err(api(
                 ErrorCode::Conflict,
@@ -778,11 +762,12 @@ impl Daemon {
                 ),
             ));
         }
-        crate::daemon::make_private_dir(&self.layout.snapshots_dir(volume))?;
+        crate::volumes::make_private_dir(&self.services.layout.snapshots_dir(volume))?;
         let token = self.token(&path).ok();
         let tmp = temp_for(&target, "taking");
         discard(&tmp);
         let attached = self
+            .state
             .registry
             .get(volume)
             .map(|a| Arc::clone(a.device.volume()));
@@ -859,7 +844,7 @@ impl Daemon {
 
     /// The snapshots of `volume`, oldest first.
     pub fn snapshot_list(&self, volume: &str) -> Vec<SnapshotInfo> {
-        let dir = self.layout.snapshots_dir(volume);
+        let dir = self.services.layout.snapshots_dir(volume);
         let mut out: Vec<(std::time::SystemTime, SnapshotInfo)> = std::fs::read_dir(&dir)
             .into_iter()
             .flatten()
@@ -900,7 +885,7 @@ impl Daemon {
         validate_name(volume).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
         validate_name(name)
             .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
-        let path = self.layout.snapshot_file(volume, name);
+        let path = self.services.layout.snapshot_file(volume, name);
         if !path.exists() {
             return Err(api(
                 ErrorCode::NotFound,
@@ -909,8 +894,8 @@ impl Daemon {
                 ),
             ));
         }
-        let _g = self.locks.lock(&[crate::locks::volume(volume)]).await;
-        self.ops.check_idle(volume)?;
+        let _g = self.state.locks.lock(&[crate::locks::volume(volume)]).await;
+        self.state.ops.check_idle(volume)?;
         let token = lifecycle::read_token(&path).ok();
         let result = volume::wipe_and_remove(&path);
         self.audited(
@@ -921,7 +906,7 @@ impl Daemon {
             started,
             result,
         )?;
-        let _ = std::fs::remove_dir(self.layout.snapshots_dir(volume));
+        let _ = std::fs::remove_dir(self.services.layout.snapshots_dir(volume));
         Ok(Response::SnapshotDeleted {
             volume: volume.into(),
             name: name.into(),
@@ -953,7 +938,7 @@ impl Daemon {
             &outcome,
         );
         let token = result.map_err(|e| volume_error(&e))?;
-        if let Some(a) = self.registry.get(&r.volume) {
+        if let Some(a) = self.state.registry.get(&r.volume) {
             *a.keying.lock().unwrap_or_else(|p| p.into_inner()) = crate::registry::Keying {
                 key_id: token.key_id.clone(),
                 context: token.context.pairs().clone(),
@@ -985,6 +970,7 @@ impl Daemon {
             .map_err(|e| invalid(e.to_string()))?;
         let wrapped = old.wrapped_in(path)?;
         let rewrapped = self
+            .services
             .kms
             .re_encrypt(
                 &wrapped,
@@ -1029,7 +1015,7 @@ impl Daemon {
     /// The volume file for a header change: the attached volume's own descriptor (it holds
     /// the lock), or the file opened under its lock when detached.
     fn header_file(&self, volume: &str, path: &Path) -> Result<HeaderFile, VolumeError> {
-        Ok(match self.registry.get(volume) {
+        Ok(match self.state.registry.get(volume) {
             Some(a) => HeaderFile::Attached(Arc::clone(a.device.volume())),
             None => HeaderFile::Own(lifecycle::open_locked(path, false)?),
         })
@@ -1091,12 +1077,12 @@ impl Daemon {
                         read_only: true,
                         ..OpenOptions::default()
                     },
-                    &self.kms,
+                    &self.services.kms,
                 )
                 .await?,
             );
             let opts = Self::create_options_like(token, old.size(), old.sector_size(), path)?;
-            let new = Arc::new(Volume::create(&tmp, &opts, &self.kms).await?);
+            let new = Arc::new(Volume::create(&tmp, &opts, &self.services.kms).await?);
             let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
             let (o, n) = (Arc::clone(&old), Arc::clone(&new));
             let bytes = blocking(move || copy_allocated(&o, &n, &progress, &cancel)).await?;
@@ -1154,11 +1140,12 @@ impl Daemon {
         let result = async {
             let wrapped = token.wrapped_in(&path)?;
             let key = self
+                .services
                 .kms
                 .decrypt(&wrapped, &token.context, &token.key_id)
                 .await
                 .map_err(|e| VolumeError::kms(&path, "unwrap the volume key", e))?;
-            let params = self.recovery_params;
+            let params = self.services.recovery_params;
             let pass = zeroize::Zeroizing::new(passphrase.0.clone().into_bytes());
             let file = self.header_file(volume, &path)?;
 
@@ -1244,7 +1231,7 @@ impl Daemon {
         let _guard = self.begin(&r.volume, "export", caller, ctx).await?;
         let token = self.token(&path).ok();
         let result = async {
-            let vol = match self.registry.get(&r.volume) {
+            let vol = match self.state.registry.get(&r.volume) {
                 Some(a) if a.device.read_only_export() => Arc::clone(a.device.volume()),
                 Some(_) => {
                     return Err(VolumeError::new(
@@ -1264,7 +1251,7 @@ impl Daemon {
                             read_only: true,
                             ..OpenOptions::default()
                         },
-                        &self.kms,
+                        &self.services.kms,
                     )
                     .await?,
                 ),
@@ -1372,7 +1359,7 @@ impl Daemon {
         let src = ctx.take_fd("header restore")?;
         // Held first: while it is, the volume cannot be attached.
         let _guard = self.begin(volume, "header-restore", caller, ctx).await?;
-        if self.registry.get(volume).is_some() {
+        if self.state.registry.get(volume).is_some() {
             return Err(api(
                 ErrorCode::Conflict,
                 format!("volume {volume} is attached: detach it before restoring its header"),

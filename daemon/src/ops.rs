@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use control_api::{ApiError, ErrorCode, OperationStatus};
 use volume::lifecycle::{Cancel, Progress};
 
-use crate::daemon::rfc3339;
+use statedir::stamp::rfc3339;
 
 /// One running operation.
 pub struct Running {

@@ -1,0 +1,240 @@
+//! Handlers of the volume verbs that need no long operation: `create`, `delete`, `list`,
+//! `status`, and the name → path rules they share.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use control_api::paths::validate_name;
+use control_api::{
+    ApiError, AttachmentStatus, CreateRequest, DetachingStatus, ErrorCode, Response, VolumeSummary,
+};
+use kms_client::{ContextKeys, IdentityContext};
+use statedir::stamp::rfc3339;
+use statedir::summary::{scan_volumes, volume_summary};
+use volume::{CreateOptions, Volume};
+
+use crate::caller::Caller;
+use crate::daemon::Daemon;
+use crate::error::{api, chain, volume_error};
+use crate::request::RequestContext;
+
+impl Daemon {
+    pub(crate) fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
+        validate_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
+        Ok(self.services.layout.volume_file(name))
+    }
+
+    pub(crate) async fn create(
+        &self,
+        r: CreateRequest,
+        caller: Caller,
+        ctx: &mut RequestContext,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.volume_path(&r.name)?;
+        let invalid = |m: String| api(ErrorCode::InvalidRequest, m);
+        let volume_id = r
+            .volume_id
+            .clone()
+            .unwrap_or_else(IdentityContext::generate_volume_id);
+        let identity = IdentityContext::new(&r.sid, &r.directory, &volume_id)
+            .map_err(|e| invalid(e.to_string()))?;
+        let defaults = ContextKeys::default();
+        let context_keys = ContextKeys {
+            sid_directory: r
+                .sid_directory_key
+                .clone()
+                .unwrap_or(defaults.sid_directory),
+            volume_id: r.volume_id_key.clone().unwrap_or(defaults.volume_id),
+        };
+        let context = identity
+            .to_context(&context_keys, &r.context)
+            .map_err(|e| invalid(e.to_string()))?;
+        make_private_dir(&self.services.layout.volumes())?;
+        let opts = CreateOptions {
+            size: r.size,
+            sector_size: r.sector_size,
+            key_id: r.kms_key.clone(),
+            identity,
+            context_keys,
+            extra_context: r.context.clone(),
+        };
+        let result = match &r.from_image {
+            Some(_) => self.create_from_image(opts, &r, &path, caller, ctx).await,
+            None => Volume::create(&path, &opts, &self.services.kms)
+                .await
+                .map(drop),
+        };
+        let result = match result {
+            Ok(()) => match self.grant_new_volume(&path).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // A volume whose grant could not be made is not half-created.
+                    let _ = volume::wipe_and_remove(&path);
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_record(
+            if r.from_image.is_some() {
+                "create-from-image"
+            } else {
+                "create"
+            },
+            &r.name,
+            Some(&r.kms_key),
+            Some(context.pairs()),
+            Some(caller),
+            started,
+            &outcome,
+        );
+        result.map_err(|e| volume_error(&e))?;
+        Ok(Response::Created(self.summary(&r.name, &path)))
+    }
+
+    pub(crate) fn summary(&self, name: &str, path: &Path) -> VolumeSummary {
+        let mut s = volume_summary(name, path, self.state.registry.get(name).is_some());
+        self.lifecycle_summary(name, &mut s);
+        s
+    }
+
+    pub(crate) fn list(&self) -> Result<Response, ApiError> {
+        let mut volumes = scan_volumes(&self.services.layout.volumes(), |name| {
+            self.state.registry.get(name).is_some()
+        })
+        .map_err(|e| {
+            api(
+                ErrorCode::Io,
+                format!(
+                    "cannot list {}: {e}",
+                    self.services.layout.volumes().display()
+                ),
+            )
+        })?;
+        for v in &mut volumes {
+            let name = v.name.clone();
+            self.lifecycle_summary(&name, v);
+        }
+        Ok(Response::Volumes { volumes })
+    }
+
+    pub(crate) fn status(&self, volume: Option<&str>) -> Result<Response, ApiError> {
+        let detaching: Vec<DetachingStatus> = self
+            .state
+            .detaching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(name, _)| volume.is_none_or(|v| v == name.as_str()))
+            .map(|(name, since)| DetachingStatus {
+                volume: name.clone(),
+                since: rfc3339(*since),
+            })
+            .collect();
+        let attachments: Vec<AttachmentStatus> = match volume {
+            Some(v) => match self.state.registry.get(v) {
+                Some(a) => vec![self.attachment_status(&a)],
+                None if !detaching.is_empty() => Vec::new(),
+                None => {
+                    return Err(api(
+                        ErrorCode::NotFound,
+                        format!("volume {v} is not attached"),
+                    ));
+                }
+            },
+            None => self
+                .state
+                .registry
+                .all()
+                .iter()
+                .map(|a| self.attachment_status(a))
+                .collect(),
+        };
+        Ok(Response::Status {
+            attachments,
+            detaching,
+        })
+    }
+
+    pub(crate) async fn delete(
+        &self,
+        name: &str,
+        with_snapshots: bool,
+        caller: Caller,
+    ) -> Result<Response, ApiError> {
+        let started = Instant::now();
+        let path = self.volume_path(name)?;
+        if self.state.registry.get(name).is_some() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!("volume {name} is attached: detach it first ('cryptnbdctl detach {name}')"),
+            ));
+        }
+        let snapshots = self.snapshot_list(name);
+        if !snapshots.is_empty() && !with_snapshots {
+            let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name} has {} snapshot(s) ({}), each holding the same wrapped key: \
+                     delete them first ('cryptnbdctl delete-snapshot {name} NAME') or use \
+                     --with-snapshots",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+        if path.exists() {
+            for s in &snapshots {
+                let snap = Path::new(&s.path);
+                let result = volume::wipe_and_remove(snap);
+                let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+                self.audit_record(
+                    "delete-snapshot",
+                    name,
+                    None,
+                    None,
+                    Some(caller),
+                    started,
+                    &outcome,
+                );
+                result.map_err(|e| volume_error(&e))?;
+            }
+            let _ = std::fs::remove_dir(self.services.layout.snapshots_dir(name));
+        }
+        let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        let grant = volume::lifecycle::read_token(&path)
+            .ok()
+            .and_then(|t| t.grant());
+        let result = volume::wipe_and_remove(&path);
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_record(
+            "delete",
+            name,
+            token.as_ref().map(|t| t.key_id.as_str()),
+            token.as_ref().map(|t| &t.context),
+            Some(caller),
+            started,
+            &outcome,
+        );
+        result.map_err(|e| volume_error(&e))?;
+        if let Some(grant) = grant {
+            self.retire(&grant).await;
+        }
+        tracing::info!(volume = name, "deleted (headers and keyslot area wiped)");
+        Ok(Response::Deleted {
+            volume: name.into(),
+        })
+    }
+}
+
+pub(crate) fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
+    store::durable::create_private_dir(dir).map_err(|e| {
+        api(
+            ErrorCode::Io,
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })
+}
