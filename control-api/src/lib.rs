@@ -737,6 +737,10 @@ pub struct DaemonInfo {
     pub nbd_tcp: Option<String>,
     /// Whether memory is locked (key material never swapped).
     pub memory_locked: bool,
+    /// The local KMS's keystore (absent with another backend): where `cryptnbdctl kms`
+    /// manages keys for this daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystore: Option<String>,
 }
 
 /// A volume as `list` and `create` show it.

@@ -145,7 +145,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Inspect { volume } => inspect(&layout, volume, &out),
-        Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, cmd, &out)),
+        Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, &socket, cmd, &out)),
         Command::Attach(a) => attach(&socket, a, &out),
         Command::Open(a) => crate::dmcrypt::open(&socket, a, &out),
         Command::Close { name } => crate::dmcrypt::close(&socket, name, &out),
@@ -678,7 +678,12 @@ fn keystore_options(cli: &Cli, create: bool) -> Result<LocalKmsOptions> {
 }
 
 fn open_local_kms(cli: &Cli, layout: &StateLayout, create: bool) -> Result<LocalKms> {
-    let dir = layout.keystore();
+    open_keystore(cli, layout, &layout.keystore(), create)
+}
+
+/// Opens the local KMS's keystore `dir` (creating it, and the state directory of `layout`,
+/// when `create`).
+fn open_keystore(cli: &Cli, layout: &StateLayout, dir: &Path, create: bool) -> Result<LocalKms> {
     if create {
         make_private_dir(&layout.state_dir)?;
     } else if !dir.exists() {
@@ -689,7 +694,7 @@ fn open_local_kms(cli: &Cli, layout: &StateLayout, create: bool) -> Result<Local
         ))
         .into());
     }
-    LocalKms::open(&dir, keystore_options(cli, create)?).map_err(|e| {
+    LocalKms::open(dir, keystore_options(cli, create)?).map_err(|e| {
         if e.kind() == kms_client::KmsErrorKind::AccessDenied {
             anyhow::Error::new(e).context(
                 "cannot open the sealed keystore: give its passphrase with --kms-passphrase-file FILE or CRYPTNBD_KMS_PASSPHRASE",
@@ -848,7 +853,86 @@ fn key_text(k: &KeyMetadata) -> String {
     s
 }
 
-async fn kms(cli: &Cli, layout: &StateLayout, cmd: &KmsCommand, out: &Output) -> Result<()> {
+/// The keystore the `kms` verbs work on, and the state directory whose audit trail records
+/// them.
+struct KmsTarget {
+    layout: StateLayout,
+    keystore: PathBuf,
+}
+
+/// Which keystore `kms` manages: the one of the daemon that answers on `socket` (so
+/// `--socket` names the daemon whose keys change), else the state directory's. A daemon on
+/// another KMS backend is refused, and so is a `--state-dir` that is not the answering
+/// daemon's: the user pointed at two places. The keystore used is named on stderr.
+fn kms_target(cli: &Cli, layout: &StateLayout, socket: &Path) -> Result<KmsTarget> {
+    let Some(mut client) = Client::try_connect(socket)? else {
+        let keystore = layout.keystore();
+        eprintln!(
+            "cryptnbdctl: note: no daemon answers on {}: using the keystore in {}",
+            socket.display(),
+            keystore.display()
+        );
+        return Ok(KmsTarget {
+            layout: layout.clone(),
+            keystore,
+        });
+    };
+    let Response::Hello(info) = client.call(Request::Hello)? else {
+        anyhow::bail!("unexpected answer from the daemon on {}", socket.display());
+    };
+    let Some(keystore) = info.keystore.map(PathBuf::from) else {
+        return Err(CliError::new(
+            crate::exit::CONFLICT,
+            format!(
+                "the daemon on {} uses the {} KMS, whose keys are managed there (AWS KMS: the \
+                 aws CLI or console); 'cryptnbdctl kms' manages the embedded local KMS",
+                socket.display(),
+                info.kms_backend
+            ),
+        )
+        .into());
+    };
+    let daemon = StateLayout::new(Some(PathBuf::from(&info.state_dir)), None);
+    if cli.state_dir.is_some() && daemon.state_dir != layout.state_dir {
+        return Err(CliError::new(
+            crate::exit::CONFLICT,
+            format!(
+                "--state-dir {} is not the state directory of the daemon on {} ({}): leave out \
+                 --state-dir to manage that daemon's keys, or point --socket at no daemon to \
+                 manage the keystore in {} without one",
+                layout.state_dir.display(),
+                socket.display(),
+                daemon.state_dir.display(),
+                layout.state_dir.display()
+            ),
+        )
+        .into());
+    }
+    if keystore != layout.keystore() {
+        eprintln!(
+            "cryptnbdctl: note: using the keystore of the daemon on {}: {}",
+            socket.display(),
+            keystore.display()
+        );
+    }
+    Ok(KmsTarget {
+        layout: daemon,
+        keystore,
+    })
+}
+
+async fn kms(
+    cli: &Cli,
+    layout: &StateLayout,
+    socket: &Path,
+    cmd: &KmsCommand,
+    out: &Output,
+) -> Result<()> {
+    let target = kms_target(cli, layout, socket)?;
+    let layout = &target.layout;
+    let open_local_kms = |cli: &Cli, layout: &StateLayout, create| {
+        open_keystore(cli, layout, &target.keystore, create)
+    };
     match cmd {
         KmsCommand::CreateKey { alias, description } => {
             let kms = open_local_kms(cli, layout, true)?;

@@ -51,6 +51,7 @@ impl Daemon {
         memory_locked: bool,
         recovery_params: volume::keyslot::Argon2Params,
         key_policy: KeyPolicy,
+        keystore: Option<PathBuf>,
     ) -> Self {
         Self {
             state: State {
@@ -73,6 +74,7 @@ impl Daemon {
                 recovery_params,
                 key_policy,
                 principal: std::sync::Mutex::new(None),
+                keystore,
             },
         }
     }
@@ -198,6 +200,11 @@ impl Daemon {
             nbd_socket: self.services.nbd_socket.display().to_string(),
             nbd_tcp: self.services.nbd_tcp.map(|a| a.to_string()),
             memory_locked: self.services.memory_locked,
+            keystore: self
+                .services
+                .keystore
+                .as_ref()
+                .map(|k| k.display().to_string()),
         }
     }
 

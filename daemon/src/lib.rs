@@ -215,6 +215,7 @@ pub async fn run(
         hardening.memory_locked,
         config.recovery.params(),
         key_policy,
+        (config.kms.backend != "aws").then(|| keystore.clone()),
     ));
     daemon.clean_leftovers();
 

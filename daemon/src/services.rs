@@ -35,6 +35,8 @@ pub struct Services {
     pub key_policy: KeyPolicy,
     /// The daemon's AWS principal, once asked of STS (for grants).
     pub principal: Mutex<Option<String>>,
+    /// The local KMS's keystore (None with AWS KMS), told to `cryptnbdctl kms`.
+    pub keystore: Option<PathBuf>,
 }
 
 /// The daemon's key policy (from `[kms]` and `[kms.aws]`).

@@ -608,3 +608,92 @@ fn a_slow_kms_call_for_one_volume_does_not_stall_the_others() {
     assert_eq!(attachment(&status(&d, "a"))["volume"], "a");
     d.stop();
 }
+
+/// `cryptnbdctl kms` manages the keystore of the daemon that answers on `--socket`: never a
+/// keystore of its own default state directory beside it. A `--state-dir` that is not that
+/// daemon's is refused (the user pointed at two places), and without a daemon the keystore
+/// used is named.
+#[test]
+fn kms_verbs_use_the_keystore_of_the_daemon_that_answers() {
+    let dir = TestDir::new("kms-target");
+    let d = Daemon::start(&dir, "");
+    let socket = d.ctl.socket.clone().expect("the daemon's socket");
+
+    // --socket to the daemon, --state-dir elsewhere: refused, nothing created there.
+    let elsewhere = dir.join("elsewhere");
+    let other = e2e_tests::Ctl {
+        socket: Some(socket.clone()),
+        ..e2e_tests::Ctl::new(&elsewhere)
+    };
+    other
+        .run(&["kms", "create-key", "--alias", "alias/x"])
+        .assert_code(4)
+        .assert_stderr_contains("is not the state directory of the daemon");
+    assert!(
+        !elsewhere.exists(),
+        "a keystore was made beside the daemon's"
+    );
+
+    // --socket alone: the daemon's keystore, named on stderr when it is not the default one.
+    let default_keystore = std::path::Path::new("/var/lib/cryptnbd/keystore");
+    let had_default = default_keystore.exists();
+    let out = std::process::Command::new(&d.ctl.bin)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--json", "kms", "create-key", "--alias", "alias/via-socket"])
+        .env_remove("CRYPTNBD_STATE_DIR")
+        .env_remove("CRYPTNBD_SOCKET")
+        .env("XDG_STATE_HOME", dir.join("xdg"))
+        .output()
+        .expect("run cryptnbdctl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The CLI's default state directory (/var/lib/cryptnbd as root, else under
+    // XDG_STATE_HOME) is never the test daemon's, so the daemon's keystore is named.
+    assert!(
+        stderr.contains("using the keystore of the daemon"),
+        "the keystore used was not named: {stderr}"
+    );
+    assert_eq!(
+        default_keystore.exists(),
+        had_default,
+        "a default keystore was made"
+    );
+    assert!(
+        !dir.join("xdg").exists(),
+        "a keystore was made under XDG_STATE_HOME"
+    );
+    let listed = d
+        .ctl
+        .run(&["kms", "list-keys"])
+        .assert_success()
+        .stdout_text();
+    assert!(listed.contains("alias/via-socket"), "{listed}");
+    d.stop();
+
+    // No daemon: the state directory's keystore, named.
+    let offline = e2e_tests::Ctl::new(&dir.state_dir());
+    let out = offline.run(&["kms", "list-keys"]);
+    out.assert_success();
+    assert!(out.stdout_text().contains("alias/via-socket"));
+    out.assert_stderr_contains("no daemon answers")
+        .assert_stderr_contains(&dir.state_dir().join("keystore").display().to_string());
+}
+
+/// A daemon on AWS KMS has no local keystore: `cryptnbdctl kms` says where its keys are
+/// managed instead of making a local keystore nobody uses.
+#[test]
+fn kms_verbs_are_refused_for_a_daemon_on_aws_kms() {
+    let dir = TestDir::new("kms-target-aws");
+    let moto = Moto::start();
+    let d = Daemon::start_env(&dir, &aws_config(&dir, &moto.url(), "", ""), ENV);
+    d.ctl
+        .run(&["kms", "create-key", "--alias", "alias/x"])
+        .assert_code(4)
+        .assert_stderr_contains("uses the aws KMS");
+    assert!(
+        !d.state_dir.join("keystore").exists(),
+        "a local keystore was made"
+    );
+    d.stop();
+}
