@@ -395,8 +395,11 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
             Response::Volumes { volumes } => volumes,
             other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
         },
-        None => statedir::summary::scan_volumes(&layout.volumes(), |_| false)
-            .with_context(|| format!("cannot list {}", layout.volumes().display()))?,
+        None => statedir::summary::scan_volumes(
+            &store::catalog::DirCatalog::new(&layout.volumes()),
+            |_| false,
+        )
+        .with_context(|| format!("cannot list {}", layout.volumes().display()))?,
     };
     out.emit(&volumes, || {
         if volumes.is_empty() {

@@ -34,7 +34,6 @@ pub struct Daemon {
 }
 
 pub use statedir::audit::{AUDIT_SCOPE, AuditScope};
-pub use statedir::summary::{scan_volumes, volume_summary};
 
 impl Daemon {
     /// A daemon over already-opened parts.
@@ -63,6 +62,7 @@ impl Daemon {
                 detaching: Arc::default(),
             },
             services: Services {
+                catalog: Arc::new(store::catalog::DirCatalog::new(&layout.volumes())),
                 layout,
                 kms,
                 server,

@@ -625,7 +625,7 @@ impl Daemon {
                 ),
             ));
         }
-        let volumes = crate::daemon::scan_volumes(&self.services.layout.volumes(), |_| false)
+        let volumes = statedir::summary::scan_volumes(&*self.services.catalog, |_| false)
             .map_err(|e| api(ErrorCode::Io, format!("cannot list the volumes: {e}")))?;
         for v in volumes {
             let path = PathBuf::from(&v.path);

@@ -26,6 +26,7 @@ use control_api::{
 };
 use kms_client::{EncryptionContext, Kms};
 use store::BackingStore;
+use store::catalog::{Catalog, DirCatalog};
 use store::file::{Access, FileStore};
 use volume::lifecycle::{self, Cancel, Progress};
 use volume::token::KmsToken;
@@ -223,23 +224,22 @@ impl Daemon {
     /// Wipes the temporaries a crash left behind (`.NAME.*.luks` and `.NAME.luks.creating-*`
     /// in the volume and snapshot directories). Called at start, before anything is attached.
     pub fn clean_leftovers(&self) {
-        let mut dirs = vec![self.services.layout.volumes()];
+        let mut catalogs: Vec<Arc<dyn Catalog>> = vec![Arc::clone(&self.services.catalog)];
         if let Ok(rd) = std::fs::read_dir(self.services.layout.state_dir.join("snapshots")) {
-            dirs.extend(rd.flatten().map(|e| e.path()));
+            catalogs.extend(
+                rd.flatten()
+                    .map(|e| Arc::new(DirCatalog::new(&e.path())) as Arc<dyn Catalog>),
+            );
         }
-        for dir in dirs {
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // `.NAME.OP.luks` (an operation's new file) and `.NAME.luks.creating-PID`
-                // (a volume file being created).
-                if name.starts_with('.')
-                    && (name.ends_with(".luks") || name.contains(".luks.creating-"))
-                {
-                    tracing::warn!(path = %e.path().display(), "removing the leftover of an interrupted operation");
-                    discard(&e.path());
+        for catalog in catalogs {
+            for left in catalog.leftovers().unwrap_or_default() {
+                tracing::warn!(path = %left.location.display(), "removing the leftover of an interrupted operation");
+                // It may hold a header with a wrapped key: wiped before it goes.
+                if let Ok(store) = catalog.open_staged(&left) {
+                    let _ = volume::wipe_header_area(&*store);
+                }
+                if let Err(e) = catalog.discard(left) {
+                    tracing::warn!(error = %e, "cannot remove a leftover");
                 }
             }
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use control_api::paths::StateLayout;
 use kms_client::KmsBackend;
 use statedir::audit::AuditLog;
+use store::catalog::Catalog;
 
 use crate::config::UnusableKeyAction;
 
@@ -35,6 +36,8 @@ pub struct Services {
     pub key_policy: KeyPolicy,
     /// The daemon's AWS principal, once asked of STS (for grants).
     pub principal: Mutex<Option<String>>,
+    /// Where the volumes live, by name (the volumes directory).
+    pub catalog: Arc<dyn Catalog>,
     /// The local KMS's keystore (None with AWS KMS), told to `cryptnbdctl kms`.
     pub keystore: Option<PathBuf>,
 }

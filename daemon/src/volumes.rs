@@ -21,7 +21,61 @@ use crate::request::RequestContext;
 impl Daemon {
     pub(crate) fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
         validate_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
-        Ok(self.services.layout.volume_file(name))
+        Ok(self.services.catalog.location(name))
+    }
+
+    /// Creates volume `name` in the catalog: formatted (one KMS call) in a staged store that
+    /// becomes the volume only when complete; on any failure the staged store is wiped and
+    /// discarded, and an existing volume is never touched.
+    async fn create_in_catalog(
+        &self,
+        name: &str,
+        opts: &CreateOptions,
+    ) -> Result<(), volume::VolumeError> {
+        use volume::{VolumeError, VolumeErrorKind};
+        let catalog = &self.services.catalog;
+        let path = catalog.location(name);
+        if catalog.exists(name) {
+            return Err(VolumeError::new(
+                VolumeErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists: choose another name or delete it first",
+                    path.display()
+                ),
+            ));
+        }
+        let mut staged = catalog
+            .stage(name, "creating")
+            .map_err(|e| VolumeError::io(&path, "creating the volume file", e))?;
+        let store = staged.take_store().ok_or_else(|| {
+            VolumeError::new(VolumeErrorKind::Io, "the catalog gave no staged store")
+        })?;
+        let handle = staged.handle();
+        let created = Volume::create_on(store, opts, &self.services.kms).await;
+        let failed = match created {
+            Ok(vol) => {
+                let published = catalog.publish(staged, store::durable::Existing::Keep);
+                drop(vol);
+                match published {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => VolumeError::new(
+                        VolumeErrorKind::AlreadyExists,
+                        format!(
+                            "{} already exists: choose another name or delete it first",
+                            path.display()
+                        ),
+                    ),
+                    Err(e) => VolumeError::io(&path, "linking the new volume into place", e),
+                }
+            }
+            Err(e) => e,
+        };
+        // What failed may have written a header with the wrapped key: wipe it, then discard.
+        if let Ok(s) = catalog.open_staged(&handle) {
+            let _ = volume::wipe_header_area(&*s);
+        }
+        let _ = catalog.discard(handle);
+        Err(failed)
     }
 
     pub(crate) async fn create(
@@ -61,16 +115,14 @@ impl Daemon {
         };
         let result = match &r.from_image {
             Some(_) => self.create_from_image(opts, &r, &path, caller, ctx).await,
-            None => Volume::create(&path, &opts, &self.services.kms)
-                .await
-                .map(drop),
+            None => self.create_in_catalog(&r.name, &opts).await,
         };
         let result = match result {
             Ok(()) => match self.grant_new_volume(&path).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // A volume whose grant could not be made is not half-created.
-                    let _ = volume::wipe_and_remove(&path);
+                    let _ = volume::wipe_and_remove_in(&*self.services.catalog, &r.name);
                     Err(e)
                 }
             },
@@ -91,17 +143,21 @@ impl Daemon {
             &outcome,
         );
         result.map_err(|e| volume_error(&e))?;
-        Ok(Response::Created(self.summary(&r.name, &path)))
+        Ok(Response::Created(self.summary(&r.name)))
     }
 
-    pub(crate) fn summary(&self, name: &str, path: &Path) -> VolumeSummary {
-        let mut s = volume_summary(name, path, self.state.registry.get(name).is_some());
+    pub(crate) fn summary(&self, name: &str) -> VolumeSummary {
+        let mut s = volume_summary(
+            &*self.services.catalog,
+            name,
+            self.state.registry.get(name).is_some(),
+        );
         self.lifecycle_summary(name, &mut s);
         s
     }
 
     pub(crate) fn list(&self) -> Result<Response, ApiError> {
-        let mut volumes = scan_volumes(&self.services.layout.volumes(), |name| {
+        let mut volumes = scan_volumes(&*self.services.catalog, |name| {
             self.state.registry.get(name).is_some()
         })
         .map_err(|e| {
@@ -208,7 +264,7 @@ impl Daemon {
         let grant = volume::lifecycle::read_token(&path)
             .ok()
             .and_then(|t| t.grant());
-        let result = volume::wipe_and_remove(&path);
+        let result = volume::wipe_and_remove_in(&*self.services.catalog, name);
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_record(
             "delete",

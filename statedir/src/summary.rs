@@ -1,11 +1,13 @@
 //! What `list` and `status` show of a volume, read from its header without the KMS, and the
-//! scan of the volumes directory that the CLI's offline `list` shares with the daemon.
+//! scan of a catalog of volumes that the CLI's offline `list` shares with the daemon.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use control_api::paths::validate_name;
 use control_api::{BaseImage, VolumeSummary, chain};
+use store::catalog::Catalog;
+use store::file::{Access, OpenError};
+use volume::{VolumeError, VolumeErrorKind};
 
 /// The recorded base image of a token.
 pub fn base_image_of(
@@ -19,8 +21,16 @@ pub fn base_image_of(
 /// A volume as `list` shows it, read from its header without the KMS (`attached` says
 /// whether it is attached now). A volume whose header cannot be read is listed with the
 /// problem.
-pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary {
-    match volume::inspect(path) {
+pub fn volume_summary(catalog: &dyn Catalog, name: &str, attached: bool) -> VolumeSummary {
+    let path = catalog.location(name);
+    let inspected = catalog
+        .open(name, Access::Inspect)
+        .map_err(|e| match e {
+            OpenError::Locked => VolumeError::new(VolumeErrorKind::InUse, "locked"),
+            OpenError::Io(e) => VolumeError::io(&path, "opening the volume", e),
+        })
+        .and_then(|store| volume::inspect_store(&*store));
+    match inspected {
         Ok(info) => VolumeSummary {
             name: name.into(),
             path: path.display().to_string(),
@@ -59,30 +69,18 @@ pub fn volume_summary(name: &str, path: &Path, attached: bool) -> VolumeSummary 
     }
 }
 
-/// Every `NAME.luks` with a valid name in the volumes directory, sorted by name (none when the
-/// directory does not exist yet).
+/// Every volume of `catalog` with a valid name, sorted by name (none when there is none yet).
 pub fn scan_volumes(
-    dir: &Path,
+    catalog: &dyn Catalog,
     attached: impl Fn(&str) -> bool,
 ) -> std::io::Result<Vec<VolumeSummary>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut volumes = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".luks"))
-            .filter(|n| validate_name(n).is_ok())
-        else {
-            continue;
-        };
-        volumes.push(volume_summary(name, &path, attached(name)));
-    }
-    volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(volumes)
+    Ok(catalog
+        .list()?
+        .into_iter()
+        .filter(|n| validate_name(n).is_ok())
+        .map(|name| {
+            let attached = attached(&name);
+            volume_summary(catalog, &name, attached)
+        })
+        .collect())
 }

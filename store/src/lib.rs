@@ -26,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod contract;
 pub mod durable;
 pub mod file;

@@ -25,5 +25,5 @@ pub mod xts;
 pub use error::{VolumeError, VolumeErrorKind};
 pub use volume::{
     CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, inspect_store,
-    open_file_store, unwrap_key, wipe_and_remove,
+    open_file_store, open_in, unwrap_key, wipe_and_remove, wipe_and_remove_in, wipe_header_area,
 };

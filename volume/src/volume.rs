@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kms_client::{ContextKeys, DataKey, IdentityContext, Kms};
 use serde::Serialize;
+use store::catalog::Catalog;
 use store::file::{Access, FileStore, OpenError};
 use store::{BackingStore, Discarded};
 use zeroize::Zeroizing;
@@ -238,7 +239,23 @@ pub fn open_file_store(path: &Path, access: Access) -> Result<FileStore, VolumeE
             format!("{} is a directory, not a volume file", path.display()),
         ));
     }
-    FileStore::open(path, access).map_err(|e| match e {
+    FileStore::open(path, access).map_err(|e| open_error(path, e))
+}
+
+/// Opens volume `name` of `catalog` with `access`, with the same errors as
+/// [`open_file_store`].
+pub fn open_in(
+    catalog: &dyn Catalog,
+    name: &str,
+    access: Access,
+) -> Result<Box<dyn BackingStore>, VolumeError> {
+    catalog
+        .open(name, access)
+        .map_err(|e| open_error(&catalog.location(name), e))
+}
+
+fn open_error(path: &Path, e: OpenError) -> VolumeError {
+    match e {
         OpenError::Locked => VolumeError::new(
             VolumeErrorKind::InUse,
             format!(
@@ -247,7 +264,23 @@ pub fn open_file_store(path: &Path, access: Access) -> Result<FileStore, VolumeE
             ),
         ),
         OpenError::Io(e) => VolumeError::io(path, "opening the volume", e),
-    })
+    }
+}
+
+/// Deletes volume `name` of `catalog` for good, as [`wipe_and_remove`] does a file: under
+/// the exclusive lock (a volume in use is refused), checked to be a LUKS2 volume, its header
+/// area wiped and flushed, then removed from the catalog.
+pub fn wipe_and_remove_in(catalog: &dyn Catalog, name: &str) -> Result<(), VolumeError> {
+    let path = catalog.location(name);
+    let store = open_in(catalog, name, Access::ReadWrite)?;
+    header::read_headers(&*store)?;
+    wipe_header_area(&*store)?;
+    drop(store);
+    catalog
+        .remove(name)
+        .map_err(|e| VolumeError::io(&path, "removing the volume file", e))?;
+    tracing::info!(volume = %path.display(), "volume wiped and removed");
+    Ok(())
 }
 
 fn access_for(read_only: bool) -> Access {
@@ -1023,7 +1056,7 @@ impl Volume {
 /// Overwrites everything before the data (both header copies and the keyslot area) with
 /// zeros and syncs. The data offset comes from the header when it can be read, else the
 /// default (16 MiB).
-pub(crate) fn wipe_header_area(store: &dyn BackingStore) -> Result<(), VolumeError> {
+pub fn wipe_header_area(store: &dyn BackingStore) -> Result<(), VolumeError> {
     let path = store.location();
     let data_offset = header::read_headers(store)
         .ok()
