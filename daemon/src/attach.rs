@@ -11,7 +11,7 @@ use kms_client::Kms;
 use nbd::device::Export;
 use statedir::audit::{AUDIT_SCOPE, AuditRecord, AuditScope};
 use statedir::stamp::rfc3339;
-use volume::{OpenOptions, Volume, VolumeError};
+use volume::{OpenOptions, VolumeError};
 
 use crate::caller::Caller;
 use crate::daemon::Daemon;
@@ -124,7 +124,7 @@ impl Daemon {
                 .map_err(|m| api(ErrorCode::Conflict, m))?;
         }
         // What the audit record names, read before the KMS call.
-        let info = volume::inspect(&path).ok();
+        let info = self.inspect_volume(&r.volume).ok();
         let uuid = info.as_ref().map(|i| i.uuid.clone());
         let token = info.and_then(|i| i.token);
         let opts = OpenOptions {
@@ -132,7 +132,7 @@ impl Daemon {
             expect_sid: r.sid.clone(),
             expect_directory: r.directory.clone(),
         };
-        let opened = Volume::open(&path, &opts, &self.services.kms).await;
+        let opened = self.open_volume(&r.volume, &opts).await;
         let outcome = opened.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_record(
             "attach",

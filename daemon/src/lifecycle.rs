@@ -43,15 +43,15 @@ use crate::request::RequestContext;
 enum HeaderFile {
     /// The attached volume's descriptor.
     Attached(Arc<Volume>),
-    /// Opened (and locked) for this change.
-    Own(FileStore),
+    /// Opened (and locked) for this change, through the catalog.
+    Own(Box<dyn BackingStore>),
 }
 
 impl HeaderFile {
     fn get(&self) -> &dyn BackingStore {
         match self {
             HeaderFile::Attached(v) => v.store(),
-            HeaderFile::Own(f) => f,
+            HeaderFile::Own(f) => &**f,
         }
     }
 }
@@ -168,10 +168,10 @@ impl Daemon {
         )
     }
 
-    /// The file of volume `name`, refused when there is none.
+    /// Where volume `name` is, refused when the catalog has no such volume.
     pub(crate) fn existing_volume(&self, name: &str) -> Result<PathBuf, ApiError> {
         let path = self.volume_path(name)?;
-        if !path.exists() {
+        if !self.services.catalog.exists(name) {
             return Err(api(
                 ErrorCode::NotFound,
                 format!("no volume {name}: see 'cryptnbdctl list'"),
@@ -999,7 +999,7 @@ impl Daemon {
             )
             .await?
         };
-        let file = self.header_file(&r.volume, path)?;
+        let file = self.header_file(&r.volume)?;
         let written = lifecycle::rewrite_token(file.get(), |t| {
             t.rewrap(&rewrapped.key_id, &rewrapped.wrapped, new_context);
             t.set_grant(new_grant.clone());
@@ -1014,10 +1014,14 @@ impl Daemon {
 
     /// The volume file for a header change: the attached volume's own descriptor (it holds
     /// the lock), or the file opened under its lock when detached.
-    fn header_file(&self, volume: &str, path: &Path) -> Result<HeaderFile, VolumeError> {
+    fn header_file(&self, volume: &str) -> Result<HeaderFile, VolumeError> {
         Ok(match self.state.registry.get(volume) {
             Some(a) => HeaderFile::Attached(Arc::clone(a.device.volume())),
-            None => HeaderFile::Own(lifecycle::open_locked(path, false)?),
+            None => HeaderFile::Own(volume::open_in(
+                &*self.services.catalog,
+                volume,
+                Access::ReadWrite,
+            )?),
         })
     }
 
@@ -1071,13 +1075,12 @@ impl Daemon {
         discard(&tmp);
         let built = async {
             let old = Arc::new(
-                Volume::open(
-                    path,
+                self.open_volume(
+                    volume,
                     &OpenOptions {
                         read_only: true,
                         ..OpenOptions::default()
                     },
-                    &self.services.kms,
                 )
                 .await?,
             );
@@ -1147,7 +1150,7 @@ impl Daemon {
                 .map_err(|e| VolumeError::kms(&path, "unwrap the volume key", e))?;
             let params = self.services.recovery_params;
             let pass = zeroize::Zeroizing::new(passphrase.0.clone().into_bytes());
-            let file = self.header_file(volume, &path)?;
+            let file = self.header_file(volume)?;
 
             blocking(move || {
                 volume::keyslot::add_recovery_keyslot(file.get(), key.expose(), &pass, &params)
@@ -1188,7 +1191,7 @@ impl Daemon {
                 .map(|i| i.keyslot_ids)
                 .unwrap_or_default(),
         };
-        let file = self.header_file(volume, &path);
+        let file = self.header_file(volume);
         let ids2 = ids.clone();
         let result = blocking(move || {
             let file = file?;
@@ -1245,13 +1248,12 @@ impl Daemon {
                     ));
                 }
                 None => Arc::new(
-                    Volume::open(
-                        &path,
+                    self.open_volume(
+                        &r.volume,
                         &OpenOptions {
                             read_only: true,
                             ..OpenOptions::default()
                         },
-                        &self.services.kms,
                     )
                     .await?,
                 ),

@@ -11,7 +11,8 @@ use control_api::{
 use kms_client::{ContextKeys, IdentityContext};
 use statedir::stamp::rfc3339;
 use statedir::summary::{scan_volumes, volume_summary};
-use volume::{CreateOptions, Volume};
+use store::file::Access;
+use volume::{CreateOptions, OpenOptions, Volume};
 
 use crate::caller::Caller;
 use crate::daemon::Daemon;
@@ -22,6 +23,31 @@ impl Daemon {
     pub(crate) fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
         validate_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
         Ok(self.services.catalog.location(name))
+    }
+
+    /// Reads the header of volume `name` through the catalog (no lock, no KMS).
+    pub(crate) fn inspect_volume(
+        &self,
+        name: &str,
+    ) -> Result<volume::VolumeInfo, volume::VolumeError> {
+        let store = volume::open_in(&*self.services.catalog, name, Access::Inspect)?;
+        volume::inspect_store(&*store)
+    }
+
+    /// Opens volume `name` through the catalog (under its lock: shared when read-only) and
+    /// unwraps its key through the KMS.
+    pub(crate) async fn open_volume(
+        &self,
+        name: &str,
+        opts: &OpenOptions,
+    ) -> Result<Volume, volume::VolumeError> {
+        let access = if opts.read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        let store = volume::open_in(&*self.services.catalog, name, access)?;
+        Volume::open_store(store, opts, &self.services.kms).await
     }
 
     /// Creates volume `name` in the catalog: formatted (one KMS call) in a staged store that
@@ -260,7 +286,7 @@ impl Daemon {
             }
             let _ = std::fs::remove_dir(self.services.layout.snapshots_dir(name));
         }
-        let token = volume::inspect(&path).ok().and_then(|i| i.token);
+        let token = self.inspect_volume(name).ok().and_then(|i| i.token);
         let grant = volume::lifecycle::read_token(&path)
             .ok()
             .and_then(|t| t.grant());
