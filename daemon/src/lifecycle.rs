@@ -14,7 +14,7 @@
 //! - Every operation writes one audit record with its outcome.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +26,8 @@ use control_api::{
 };
 use kms_client::{EncryptionContext, Kms};
 use store::BackingStore;
-use store::catalog::{Catalog, DirCatalog};
+use store::catalog::{Catalog, DirCatalog, Staged};
+use store::durable::Existing;
 use store::file::{Access, FileStore};
 use volume::lifecycle::{self, Cancel, Progress};
 use volume::token::KmsToken;
@@ -70,25 +71,78 @@ async fn blocking<T: Send + 'static>(
 
 pub use statedir::summary::base_image_of;
 
-/// A hidden temporary next to `target` for operation `what`.
-fn temp_for(target: &Path, what: &str) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name.strip_suffix(".luks").unwrap_or(&name);
-    target.with_file_name(format!(".{stem}.{what}.luks"))
+/// A new store staged in `catalog` to become volume `name` by `operation`. Staged stores of
+/// that name left by an earlier failure are wiped and discarded first (the volume's operation
+/// guard keeps any other operation out).
+fn stage_in(catalog: &dyn Catalog, name: &str, operation: &str) -> Result<Staged, VolumeError> {
+    for left in catalog.leftovers().unwrap_or_default() {
+        if left.name == name {
+            discard_in(catalog, left);
+        }
+    }
+    catalog
+        .stage(name, operation)
+        .map_err(|e| VolumeError::io(&catalog.location(name), "creating a new volume file", e))
 }
 
-/// Removes a temporary volume file left by a failed or cancelled operation, wiping its
-/// header (it holds a wrapped key) when it has one.
-fn discard(tmp: &Path) {
-    if !tmp.exists() {
-        return;
+/// Wipes (its header may hold a wrapped key) and removes a staged store that will not be
+/// published.
+fn discard_in(catalog: &dyn Catalog, staged: Staged) {
+    if let Ok(store) = catalog.open_staged(&staged) {
+        let _ = volume::wipe_header_area(&*store);
     }
-    if let Err(e) = volume::wipe_and_remove(tmp) {
-        tracing::debug!(path = %tmp.display(), error = %chain(&e), "wipe of a temporary failed; removing it");
-        let _ = std::fs::remove_file(tmp);
+    if let Err(e) = catalog.discard(staged) {
+        tracing::debug!(error = %e, "cannot remove a staged volume file");
+    }
+}
+
+/// Publishes `staged` as a new volume of `catalog` (refused if the name was taken meanwhile).
+fn publish_new_in(catalog: &dyn Catalog, staged: Staged) -> Result<(), VolumeError> {
+    let path = catalog.location(&staged.name);
+    match catalog.publish(staged, Existing::Keep) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(VolumeError::new(
+            VolumeErrorKind::AlreadyExists,
+            format!("{} already exists", path.display()),
+        )),
+        Err(e) => Err(VolumeError::io(
+            &path,
+            "linking the new volume into place",
+            e,
+        )),
+    }
+}
+
+/// Swaps `staged` in for its volume, atomically (a crash leaves the old volume or the new
+/// one), then wipes the header of the replaced store so its freed blocks do not keep the old
+/// wrapped key.
+fn publish_replacing_in(catalog: &dyn Catalog, staged: Staged) -> Result<(), VolumeError> {
+    let path = catalog.location(&staged.name);
+    let old = catalog
+        .publish(staged, Existing::Replace)
+        .map_err(|e| VolumeError::io(&path, "replacing the volume file", e))?;
+    if let Some(old) = old
+        && let Err(e) = volume::wipe_header_area(&*old)
+    {
+        tracing::warn!(volume = %path.display(), error = %chain(&e), "could not wipe the replaced file's header");
+    }
+    Ok(())
+}
+
+/// Discards a staged store when dropped: after a publish there is nothing left to discard
+/// (the hidden name is gone), so it only acts on the ways out before one.
+struct DiscardOnDrop<'a> {
+    catalog: &'a dyn Catalog,
+    staged: Option<Staged>,
+}
+
+impl Drop for DiscardOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(staged) = self.staged.take()
+            && self.catalog.open_staged(&staged).is_ok()
+        {
+            discard_in(self.catalog, staged);
+        }
     }
 }
 
@@ -166,6 +220,26 @@ impl Daemon {
             Arc::clone(&ctx.progress),
             ctx.cancel.clone(),
         )
+    }
+
+    /// A new store staged in the volumes catalog (see [`stage_in`]).
+    fn stage(&self, name: &str, operation: &str) -> Result<Staged, VolumeError> {
+        stage_in(&*self.services.catalog, name, operation)
+    }
+
+    /// Wipes and discards a staged store of the volumes catalog (see [`discard_in`]).
+    fn discard_staged(&self, staged: Staged) {
+        discard_in(&*self.services.catalog, staged);
+    }
+
+    /// Publishes `staged` as a new volume (see [`publish_new_in`]).
+    fn publish_new(&self, staged: Staged) -> Result<(), VolumeError> {
+        publish_new_in(&*self.services.catalog, staged)
+    }
+
+    /// Swaps `staged` in for its volume (see [`publish_replacing_in`]).
+    fn publish_replacing(&self, staged: Staged) -> Result<(), VolumeError> {
+        publish_replacing_in(&*self.services.catalog, staged)
     }
 
     /// Where volume `name` is, refused when the catalog has no such volume.
@@ -297,10 +371,11 @@ impl Daemon {
                 ),
             ));
         }
-        let tmp = temp_for(path, "importing");
-        discard(&tmp);
+        let mut staged = self.stage(name, "importing")?;
+        let handle = staged.handle();
+        let store = staged.take_store();
         let built = self
-            .build_from_image(&tmp, &opts, file, len, src, ctx)
+            .build_from_image(store, &opts, file, len, src, ctx)
             .await;
         let result = (|| -> Result<_, VolumeError> {
             let (vol, sha256) = built?;
@@ -319,26 +394,10 @@ impl Daemon {
                 })?;
             }
             drop(vol);
-            std::fs::hard_link(&tmp, path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    VolumeError::new(
-                        VolumeErrorKind::AlreadyExists,
-                        format!("{} already exists", path.display()),
-                    )
-                } else {
-                    VolumeError::io(path, "linking the new volume into place", e)
-                }
-            })?;
-            std::fs::remove_file(&tmp).map_err(|e| VolumeError::io(&tmp, "removing", e))?;
-            if let Some(d) = path.parent() {
-                File::open(d)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| VolumeError::io(path, "syncing the directory", e))?;
-            }
-            Ok(())
+            self.publish_new(staged)
         })();
         if result.is_err() {
-            discard(&tmp);
+            self.discard_staged(handle);
         }
         result.map_err(|e| {
             explain_no_space(e, || {
@@ -354,19 +413,22 @@ impl Daemon {
         })
     }
 
-    /// A new volume at `tmp` (a fresh data key per `opts`) filled with `len` bytes of the
-    /// image `file`; returns it with the image's SHA-256. On error `tmp` may remain: the
-    /// caller discards it.
+    /// A new volume formatted on the staged `store` (a fresh data key per `opts`) filled with
+    /// `len` bytes of the image `file`; returns it with the image's SHA-256. On error the
+    /// staged store remains: the caller discards it.
     async fn build_from_image(
         &self,
-        tmp: &Path,
+        store: Option<Box<dyn BackingStore>>,
         opts: &CreateOptions,
         file: File,
         len: u64,
         src: &ImageSource,
         ctx: &RequestContext,
     ) -> Result<(Arc<Volume>, String), VolumeError> {
-        let vol = Arc::new(Volume::create(tmp, opts, &self.services.kms).await?);
+        let store = store.ok_or_else(|| {
+            VolumeError::new(VolumeErrorKind::Io, "the staged store was already taken")
+        })?;
+        let vol = Arc::new(Volume::create_on(store, opts, &self.services.kms).await?);
         let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
         let what = format!("the image {}", src.path);
         let v = Arc::clone(&vol);
@@ -536,8 +598,15 @@ impl Daemon {
             .await
             .map_err(|e| volume_error(&e))?;
         let info = volume::inspect(path).map_err(|e| volume_error(&e))?;
-        let tmp = temp_for(path, "rebuilding");
-        discard(&tmp);
+        let mut staged = self
+            .stage(&r.volume, "rebuilding")
+            .map_err(|e| volume_error(&e))?;
+        // Every way out before the swap (a refused image, a failed build, a cancel) discards
+        // the staged file.
+        let _cleanup = DiscardOnDrop {
+            catalog: &*self.services.catalog,
+            staged: Some(staged.handle()),
+        };
         // Build the new file completely while the volume may still be attached.
         let built: Result<u64, VolumeError> = match &r.source {
             RebuildSource::BaseImage(src) | RebuildSource::Image(src) => {
@@ -584,7 +653,7 @@ impl Daemon {
                 let opts = Self::create_options_like(token, info.size, info.sector_size, path)
                     .map_err(|e| volume_error(&e))?;
                 match self
-                    .build_from_image(&tmp, &opts, file, len, src, ctx)
+                    .build_from_image(staged.take_store(), &opts, file, len, src, ctx)
                     .await
                 {
                     Ok((vol, sha)) => {
@@ -592,7 +661,6 @@ impl Daemon {
                             && b.sha256 != sha
                         {
                             drop(vol);
-                            discard(&tmp);
                             return Err(api(
                                 ErrorCode::Conflict,
                                 format!(
@@ -614,14 +682,13 @@ impl Daemon {
                 }
             }
             RebuildSource::Snapshot { name } => {
-                self.restore_snapshot_into(&r.volume, name, token, &tmp, ctx)
+                self.restore_snapshot_into(&r.volume, name, token, &staged.location.clone(), ctx)
                     .await
             }
         };
         let bytes = match built {
             Ok(b) => b,
             Err(e) => {
-                discard(&tmp);
                 let e = explain_no_space(e, || {
                     format!(
                         "rebuilding volume {} needs room for a second copy of it (up to {}) \
@@ -637,7 +704,6 @@ impl Daemon {
             }
         };
         if let Err(e) = ctx.cancel.check("the rebuild") {
-            discard(&tmp);
             return Err(volume_error(&e));
         }
         let saved = match self
@@ -645,19 +711,16 @@ impl Daemon {
             .await
         {
             Ok(s) => s,
-            Err(e) => {
-                discard(&tmp);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
-        let swapped = lifecycle::replace_file(&tmp, path);
+        let swapped = self.publish_replacing(staged);
         let reattached = self.reattach(saved, caller).await;
         swapped.map_err(|e| volume_error(&e))?;
         Ok((bytes, reattached))
     }
 
-    /// Clones snapshot `name` into `tmp` and re-wraps its key under the volume's current
-    /// master key and context (so a restore never undoes a rekey).
+    /// Clones snapshot `name` into the staged (empty) file `tmp` and re-wraps its key under
+    /// the volume's current master key and context (so a restore never undoes a rekey).
     async fn restore_snapshot_into(
         &self,
         volume: &str,
@@ -703,10 +766,8 @@ impl Daemon {
             let dst = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create_new(true)
-                .mode(0o600)
                 .open(&tmp2)
-                .map_err(|e| VolumeError::io(&tmp2, "creating", e))?;
+                .map_err(|e| VolumeError::io(&tmp2, "opening the staged file", e))?;
             lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?;
             let len = dst.metadata().map(|m| m.len()).unwrap_or(0);
             let dst = FileStore::from_file(dst, &tmp2)
@@ -764,23 +825,24 @@ impl Daemon {
         }
         crate::volumes::make_private_dir(&self.services.layout.snapshots_dir(volume))?;
         let token = self.token(&path).ok();
-        let tmp = temp_for(&target, "taking");
-        discard(&tmp);
+        // The volume's snapshots are a catalog of their own (its snapshots directory).
+        let snaps = DirCatalog::new(&self.services.layout.snapshots_dir(volume));
+        let staged = stage_in(&snaps, &name, "taking").map_err(|e| volume_error(&e))?;
+        let handle = staged.handle();
         let attached = self
             .state
             .registry
             .get(volume)
             .map(|a| Arc::clone(a.device.volume()));
         let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
-        let (tmp2, target2, path2) = (tmp.clone(), target.clone(), path.clone());
+        let (tmp2, path2, snaps2) = (handle.location.clone(), path.clone(), snaps.clone());
         let result = blocking(move || {
+            // The staged file, empty: a reflink or a copy of the volume goes into it.
             let dst = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create_new(true)
-                .mode(0o600)
                 .open(&tmp2)
-                .map_err(|e| VolumeError::io(&tmp2, "creating the snapshot", e))?;
+                .map_err(|e| VolumeError::io(&tmp2, "opening the staged snapshot", e))?;
             let method = match &attached {
                 Some(vol) => {
                     // Writes wait from here until the clone is done; what was acknowledged
@@ -797,19 +859,13 @@ impl Daemon {
                     lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?
                 }
             };
-            std::fs::hard_link(&tmp2, &target2)
-                .map_err(|e| VolumeError::io(&target2, "linking the snapshot into place", e))?;
-            std::fs::remove_file(&tmp2).map_err(|e| VolumeError::io(&tmp2, "removing", e))?;
-            if let Some(d) = target2.parent() {
-                File::open(d)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| VolumeError::io(&target2, "syncing the directory", e))?;
-            }
+            drop(dst);
+            publish_new_in(&snaps2, staged)?;
             Ok(method)
         })
         .await;
         if result.is_err() {
-            discard(&tmp);
+            discard_in(&snaps, handle);
         }
         let result = result.map_err(|e| {
             explain_no_space(e, || {
@@ -1071,8 +1127,15 @@ impl Daemon {
         let saved = self
             .detach_for(volume, force, "re-encrypt it", caller)
             .await?;
-        let tmp = temp_for(path, "reencrypting");
-        discard(&tmp);
+        let mut staged = match self.stage(volume, "reencrypting") {
+            Ok(s) => s,
+            Err(e) => {
+                self.reattach(saved, caller).await;
+                return Err(volume_error(&e));
+            }
+        };
+        let handle = staged.handle();
+        let store = staged.take_store();
         let built = async {
             let old = Arc::new(
                 self.open_volume(
@@ -1085,7 +1148,10 @@ impl Daemon {
                 .await?,
             );
             let opts = Self::create_options_like(token, old.size(), old.sector_size(), path)?;
-            let new = Arc::new(Volume::create(&tmp, &opts, &self.services.kms).await?);
+            let store = store.ok_or_else(|| {
+                VolumeError::new(VolumeErrorKind::Io, "the staged store was already taken")
+            })?;
+            let new = Arc::new(Volume::create_on(store, &opts, &self.services.kms).await?);
             let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
             let (o, n) = (Arc::clone(&old), Arc::clone(&new));
             let bytes = blocking(move || copy_allocated(&o, &n, &progress, &cancel)).await?;
@@ -1096,13 +1162,13 @@ impl Daemon {
         .await;
         let result = match built {
             Ok(bytes) => match ctx.cancel.check("the re-encryption") {
-                Ok(()) => lifecycle::replace_file(&tmp, path).map(|()| bytes),
+                Ok(()) => self.publish_replacing(staged).map(|()| bytes),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         };
         if result.is_err() {
-            discard(&tmp);
+            self.discard_staged(handle);
         }
         let result = result.map_err(|e| {
             explain_no_space(e, || {

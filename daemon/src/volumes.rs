@@ -83,7 +83,7 @@ impl Daemon {
                 let published = catalog.publish(staged, store::durable::Existing::Keep);
                 drop(vol);
                 match published {
-                    Ok(()) => return Ok(()),
+                    Ok(_) => return Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => VolumeError::new(
                         VolumeErrorKind::AlreadyExists,
                         format!(

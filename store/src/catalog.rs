@@ -74,8 +74,14 @@ pub trait Catalog: Send + Sync + fmt::Debug {
 
     /// Makes `staged` volume `name`, durably: as a new volume (`Existing::Keep`: refused with
     /// `AlreadyExists` if the name is taken) or in place of the old one (`Existing::Replace`,
-    /// atomic: a crash leaves the old volume or the new one).
-    fn publish(&self, staged: Staged, existing: Existing) -> io::Result<()>;
+    /// atomic: a crash leaves the old volume or the new one). A replaced volume's store is
+    /// handed back, still open for reading and writing until dropped, so the caller can wipe
+    /// what must not linger in the space it frees (a header with a wrapped key).
+    fn publish(
+        &self,
+        staged: Staged,
+        existing: Existing,
+    ) -> io::Result<Option<Box<dyn BackingStore>>>;
 
     /// Opens a staged store again (to wipe it before a discard).
     fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>>;
@@ -174,19 +180,37 @@ impl Catalog for DirCatalog {
         })
     }
 
-    fn publish(&self, staged: Staged, existing: Existing) -> io::Result<()> {
+    fn publish(
+        &self,
+        staged: Staged,
+        existing: Existing,
+    ) -> io::Result<Option<Box<dyn BackingStore>>> {
         let target = self.location(&staged.name);
         if let Some(store) = &staged.store {
             store.flush()?;
         }
+        let mut replaced = None;
         match existing {
-            Existing::Replace => std::fs::rename(&staged.location, &target)?,
+            Existing::Replace => {
+                // Kept open across the rename: the caller wipes it once it is unlinked.
+                replaced = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&target)
+                    .ok()
+                    .and_then(|f| FileStore::from_file(f, &target).ok())
+                    .map(|s| Box::new(s) as Box<dyn BackingStore>);
+                crate::crash::crash_point("replace-before-rename");
+                std::fs::rename(&staged.location, &target)?;
+                crate::crash::crash_point("replace-after-rename");
+            }
             Existing::Keep => {
                 std::fs::hard_link(&staged.location, &target)?;
                 std::fs::remove_file(&staged.location)?;
             }
         }
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        Ok(replaced)
     }
 
     fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
@@ -290,7 +314,11 @@ impl Catalog for MemCatalog {
         })
     }
 
-    fn publish(&self, staged: Staged, existing: Existing) -> io::Result<()> {
+    fn publish(
+        &self,
+        staged: Staged,
+        existing: Existing,
+    ) -> io::Result<Option<Box<dyn BackingStore>>> {
         let store = Self::lock(&self.staged)
             .remove(&staged.location)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such staged store"))?;
@@ -302,8 +330,9 @@ impl Catalog for MemCatalog {
                 format!("memory:{}: exists", staged.name),
             ));
         }
-        volumes.insert(staged.name, store);
-        Ok(())
+        Ok(volumes
+            .insert(staged.name, store)
+            .map(|old| Box::new(old) as Box<dyn BackingStore>))
     }
 
     fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
@@ -352,7 +381,8 @@ pub fn check(catalog: &dyn Catalog) {
     store.write_at(b"first", 0).expect("write");
     assert!(!catalog.exists("a"), "a staged store shows as a volume");
     assert_eq!(catalog.list().expect("list"), Vec::<String>::new());
-    catalog.publish(staged, Existing::Keep).expect("publish");
+    let replaced = catalog.publish(staged, Existing::Keep).expect("publish");
+    assert!(replaced.is_none(), "a new volume replaced something");
     // The store goes on as the volume's (a file engine keeps its lock until it is dropped).
     drop(store);
     assert!(catalog.exists("a"));
@@ -389,16 +419,20 @@ pub fn check(catalog: &dyn Catalog) {
     }
     assert!(catalog.leftovers().expect("leftovers").is_empty());
 
-    // Replacing swaps the whole volume.
+    // Replacing swaps the whole volume, and hands back the old store, still usable.
     let mut rebuilt = catalog.stage("a", "rebuilding").expect("stage");
-    rebuilt
-        .take_store()
-        .expect("store")
-        .write_at(b"newer", 0)
-        .expect("write");
-    catalog
+    let store = rebuilt.take_store().expect("store");
+    store.write_at(b"newer", 0).expect("write");
+    drop(store);
+    let old = catalog
         .publish(rebuilt, Existing::Replace)
-        .expect("replace");
+        .expect("replace")
+        .expect("the replaced store");
+    let mut buf = [0u8; 5];
+    old.read_at(&mut buf, 0).expect("read the replaced store");
+    assert_eq!(&buf, b"first");
+    old.write_at(b"wiped", 0).expect("write the replaced store");
+    drop(old);
     assert_eq!(read("a"), b"newer");
     assert_eq!(catalog.list().expect("list"), ["a"]);
 

@@ -28,6 +28,7 @@
 
 pub mod catalog;
 pub mod contract;
+pub mod crash;
 pub mod durable;
 pub mod file;
 pub mod memory;

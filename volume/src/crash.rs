@@ -1,43 +1,5 @@
-//! Crash injection for the crash-consistency tests: [`crash_point`] marks the places where a
-//! test build may be killed (the `crash-points` feature), so the tests can prove that every
-//! multi-step change leaves either the old or the new state. A leaf: it imports nothing.
+//! Crash injection for the crash-consistency tests: the storage layer's
+//! [`store::crash::crash_point`], so the points of the volume format and of the catalogs are
+//! one set, switched on by this crate's `crash-points` feature (which turns on store's).
 
-#[cfg(feature = "crash-points")]
-use std::sync::Mutex;
-
-/// Test builds' crash injection: when the `crash-points` feature is on and the environment
-/// variable `CRYPTNBD_CRASH_AT` names this point, the process kills itself with SIGKILL here
-/// (as `kill -9` would, no cleanup). `CRYPTNBD_CRASH_AT=name:N` crashes at the Nth time the
-/// point is reached. Without the feature this does nothing.
-pub fn crash_point(name: &str) {
-    #[cfg(feature = "crash-points")]
-    {
-        static HITS: std::sync::OnceLock<Mutex<std::collections::HashMap<String, u64>>> =
-            std::sync::OnceLock::new();
-        let Ok(want) = std::env::var("CRYPTNBD_CRASH_AT") else {
-            return;
-        };
-        let (point, nth) = match want.split_once(':') {
-            Some((p, n)) => (p, n.parse::<u64>().unwrap_or(1)),
-            None => (want.as_str(), 1),
-        };
-        if point != name {
-            return;
-        }
-        let mut hits = HITS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let n = hits.entry(name.to_owned()).or_insert(0);
-        *n += 1;
-        if *n == nth {
-            eprintln!("crash point {name} reached: killing myself");
-            let _ = rustix::process::kill_process(
-                rustix::process::getpid(),
-                rustix::process::Signal::KILL,
-            );
-        }
-    }
-    #[cfg(not(feature = "crash-points"))]
-    let _ = name;
-}
+pub use store::crash::crash_point;

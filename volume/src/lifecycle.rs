@@ -390,35 +390,6 @@ pub fn rewrite_token(
     Ok(token)
 }
 
-/// Replaces `dst` with the complete, synced file `tmp` in one rename, then syncs the
-/// directory: a crash leaves the old file or the new one, never a mix.
-///
-/// The replaced file is kept open across the rename and its header area (which holds a
-/// wrapped key) is overwritten once it is unlinked, so its blocks are not freed with the key
-/// in them. A crash between the rename and that wipe leaves them unwiped (the file is gone
-/// either way).
-pub fn replace_file(tmp: &Path, dst: &Path) -> Result<(), VolumeError> {
-    let old = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dst)
-        .ok()
-        .and_then(|f| FileStore::from_file(f, dst).ok());
-    crash_point("replace-before-rename");
-    std::fs::rename(tmp, dst).map_err(|e| VolumeError::io(dst, "replacing the volume file", e))?;
-    crash_point("replace-after-rename");
-    if let Some(dir) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
-        store::durable::sync_dir(dir)
-            .map_err(|e| VolumeError::io(dst, "syncing the directory", e))?;
-    }
-    if let Some(old) = old
-        && let Err(e) = crate::volume::wipe_header_area(&old)
-    {
-        tracing::warn!(volume = %dst.display(), error = %e, "could not wipe the replaced file's header");
-    }
-    Ok(())
-}
-
 /// Reads the `cryptnbd-kms` token of a volume file (no lock, no KMS; works on an attached
 /// volume).
 pub fn read_token(path: &Path) -> Result<KmsToken, VolumeError> {
