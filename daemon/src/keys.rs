@@ -156,17 +156,23 @@ impl Daemon {
 
     /// After `create`: the grant, recorded in the token. On failure the caller removes the
     /// new volume.
-    pub(crate) async fn grant_new_volume(&self, path: &Path) -> Result<(), VolumeError> {
+    pub(crate) async fn grant_new_volume(&self, name: &str) -> Result<(), VolumeError> {
         if self.services.key_policy.grants.is_none() || self.services.kms.aws().is_none() {
             return Ok(());
         }
-        let token = volume::lifecycle::read_token(path)?;
+        let catalog = &*self.services.catalog;
+        let path = &catalog.location(name);
+        let token = volume::lifecycle::read_token_in(&*volume::open_in(
+            catalog,
+            name,
+            store::file::Access::Inspect,
+        )?)?;
         let wrapped = token.wrapped_in(path)?;
         let grant = self
             .make_grant(path, &token.key_id, &token, &wrapped, &token.context)
             .await?;
-        let file = volume::lifecycle::open_locked(path, false)?;
-        let written = volume::lifecycle::rewrite_token(&file, |t| t.set_grant(grant.clone()));
+        let file = volume::open_in(catalog, name, store::file::Access::ReadWrite)?;
+        let written = volume::lifecycle::rewrite_token(&*file, |t| t.set_grant(grant.clone()));
         if written.is_err()
             && let Some(g) = &grant
         {

@@ -254,8 +254,11 @@ impl Daemon {
         Ok(path)
     }
 
-    fn token(&self, path: &Path) -> Result<KmsToken, ApiError> {
-        lifecycle::read_token(path).map_err(|e| volume_error(&e))
+    /// The `cryptnbd-kms` token of volume `name`, read through the catalog (no lock, no KMS).
+    fn token(&self, name: &str) -> Result<KmsToken, ApiError> {
+        volume::open_in(&*self.services.catalog, name, Access::Inspect)
+            .and_then(|store| lifecycle::read_token_in(&*store))
+            .map_err(|e| volume_error(&e))
     }
 
     /// Audits the outcome of an operation and maps its error for the API: the one way every
@@ -547,7 +550,7 @@ impl Daemon {
         let started = Instant::now();
         let path = self.existing_volume(&r.volume)?;
         let _guard = self.begin(&r.volume, "rebuild", caller, ctx).await?;
-        let token = self.token(&path)?;
+        let token = self.token(&r.volume)?;
         let source_name = match &r.source {
             RebuildSource::BaseImage(s) | RebuildSource::Image(s) => format!("image {}", s.path),
             RebuildSource::Snapshot { name } => format!("snapshot {name}"),
@@ -824,7 +827,7 @@ impl Daemon {
             ));
         }
         crate::volumes::make_private_dir(&self.services.layout.snapshots_dir(volume))?;
-        let token = self.token(&path).ok();
+        let token = self.token(volume).ok();
         // The volume's snapshots are a catalog of their own (its snapshots directory).
         let snaps = DirCatalog::new(&self.services.layout.snapshots_dir(volume));
         let staged = stage_in(&snaps, &name, "taking").map_err(|e| volume_error(&e))?;
@@ -953,7 +956,8 @@ impl Daemon {
         let _g = self.state.locks.lock(&[crate::locks::volume(volume)]).await;
         self.state.ops.check_idle(volume)?;
         let token = lifecycle::read_token(&path).ok();
-        let result = volume::wipe_and_remove(&path);
+        let snaps = DirCatalog::new(&self.services.layout.snapshots_dir(volume));
+        let result = volume::wipe_and_remove_in(&snaps, name);
         self.audited(
             "delete-snapshot",
             volume,
@@ -980,7 +984,7 @@ impl Daemon {
         let started = Instant::now();
         let path = self.existing_volume(&r.volume)?;
         let _guard = self.begin(&r.volume, "rekey", caller, ctx).await?;
-        let old = self.token(&path)?;
+        let old = self.token(&r.volume)?;
         let result = self.rekey_inner(&r, &path, &old).await;
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         // The record names the new keying (the old one is in the message on failure).
@@ -1093,7 +1097,7 @@ impl Daemon {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let _guard = self.begin(volume, "reencrypt", caller, ctx).await?;
-        let token = self.token(&path)?;
+        let token = self.token(volume)?;
         let recovery = volume::inspect(&path)
             .map(|i| i.keyslot_ids)
             .unwrap_or_default();
@@ -1205,7 +1209,7 @@ impl Daemon {
             ));
         }
         let _guard = self.begin(volume, "recovery-add", caller, ctx).await?;
-        let token = self.token(&path)?;
+        let token = self.token(volume)?;
         let result = async {
             let wrapped = token.wrapped_in(&path)?;
             let key = self
@@ -1250,7 +1254,7 @@ impl Daemon {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let _guard = self.begin(volume, "recovery-remove", caller, ctx).await?;
-        let token = self.token(&path).ok();
+        let token = self.token(volume).ok();
         let ids: Vec<u32> = match keyslot {
             Some(id) => vec![id],
             None => volume::inspect(&path)
@@ -1295,10 +1299,10 @@ impl Daemon {
                 "export writes the volume decrypted: say so with --plaintext",
             ));
         }
-        let path = self.existing_volume(&r.volume)?;
+        self.existing_volume(&r.volume)?;
         let dst = ctx.take_fd("export")?;
         let _guard = self.begin(&r.volume, "export", caller, ctx).await?;
-        let token = self.token(&path).ok();
+        let token = self.token(&r.volume).ok();
         let result = async {
             let vol = match self.state.registry.get(&r.volume) {
                 Some(a) if a.device.read_only_export() => Arc::clone(a.device.volume()),
@@ -1381,7 +1385,7 @@ impl Daemon {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let dst = ctx.take_fd("header backup")?;
-        let token = self.token(&path).ok();
+        let token = self.token(volume).ok();
         let result = (|| -> Result<_, VolumeError> {
             let info = volume::inspect(&path)?;
             let src = File::open(&path).map_err(|e| VolumeError::io(&path, "opening", e))?;
@@ -1486,7 +1490,7 @@ impl Daemon {
                 .map_err(|e| VolumeError::io(&path, "syncing the header area", e))?;
             Ok(())
         })();
-        let token = self.token(&path).ok();
+        let token = self.token(volume).ok();
         self.audited(
             "header-restore",
             volume,

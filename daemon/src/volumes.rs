@@ -144,7 +144,7 @@ impl Daemon {
             None => self.create_in_catalog(&r.name, &opts).await,
         };
         let result = match result {
-            Ok(()) => match self.grant_new_volume(&path).await {
+            Ok(()) => match self.grant_new_volume(&r.name).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     // A volume whose grant could not be made is not half-created.
@@ -268,10 +268,10 @@ impl Daemon {
                 ),
             ));
         }
-        if path.exists() {
+        if self.services.catalog.exists(name) {
+            let snaps = store::catalog::DirCatalog::new(&self.services.layout.snapshots_dir(name));
             for s in &snapshots {
-                let snap = Path::new(&s.path);
-                let result = volume::wipe_and_remove(snap);
+                let result = volume::wipe_and_remove_in(&snaps, &s.name);
                 let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
                 self.audit_record(
                     "delete-snapshot",

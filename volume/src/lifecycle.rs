@@ -393,9 +393,13 @@ pub fn rewrite_token(
 /// Reads the `cryptnbd-kms` token of a volume file (no lock, no KMS; works on an attached
 /// volume).
 pub fn read_token(path: &Path) -> Result<KmsToken, VolumeError> {
-    let store = crate::volume::open_file_store(path, Access::Inspect)?;
-    let headers = header::read_headers(&store)?;
-    crate::volume::token_of(&headers, path)
+    read_token_in(&crate::volume::open_file_store(path, Access::Inspect)?)
+}
+
+/// Reads the `cryptnbd-kms` token of the volume in `store` (no KMS).
+pub fn read_token_in(store: &dyn BackingStore) -> Result<KmsToken, VolumeError> {
+    let headers = header::read_headers(store)?;
+    crate::volume::token_of(&headers, store.location())
 }
 
 /// The extra context pairs of a token: its context without the two identity pairs.
