@@ -25,6 +25,9 @@ use crate::registry::{Attachment, Keying};
 pub const DEFAULT_IO_TIMEOUT_SECS: u64 = 30;
 /// Default seconds a kernel device waits for the daemon to come back before failing I/O.
 pub const DEFAULT_DEAD_CONN_TIMEOUT_SECS: u64 = 120;
+/// How long a detach waits for connections that are closing before it refuses the volume
+/// as having connected clients.
+const CLIENT_TEARDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long `detach --force` waits for the volume's requests in flight (and the flush) before
 /// it answers anyway: the device and the clients are let go at once, and a backing store that
 /// hangs must not hang the command too.
@@ -319,8 +322,17 @@ impl Daemon {
             ));
         };
         // The kernel device's own sessions are not clients: the device is checked below.
-        let connected =
-            self.connections_where(&a.export_name, |p| !matches!(p, nbd::Peer::Kernel { .. }));
+        let clients =
+            || self.connections_where(&a.export_name, |p| !matches!(p, nbd::Peer::Kernel { .. }));
+        let mut connected = clients();
+        // A client that has just hung up (nbdcopy exits right after its disconnect) may still
+        // be in its session's teardown: give the connections a moment to go before calling
+        // them connected.
+        let grace_ends = Instant::now() + CLIENT_TEARDOWN_GRACE;
+        while !connected.is_empty() && !r.force && Instant::now() < grace_ends {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            connected = clients();
+        }
         if !connected.is_empty() && !r.force {
             let who: Vec<String> = connected.iter().map(|c| c.peer.clone()).collect();
             return Err(api(

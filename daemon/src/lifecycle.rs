@@ -14,7 +14,6 @@
 //! - Every operation writes one audit record with its outcome.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -600,7 +599,9 @@ impl Daemon {
         self.check_unwrap(path, token)
             .await
             .map_err(|e| volume_error(&e))?;
-        let info = volume::inspect(path).map_err(|e| volume_error(&e))?;
+        let info = self
+            .inspect_volume(&r.volume)
+            .map_err(|e| volume_error(&e))?;
         let mut staged = self
             .stage(&r.volume, "rebuilding")
             .map_err(|e| volume_error(&e))?;
@@ -1098,7 +1099,8 @@ impl Daemon {
         let path = self.existing_volume(volume)?;
         let _guard = self.begin(volume, "reencrypt", caller, ctx).await?;
         let token = self.token(volume)?;
-        let recovery = volume::inspect(&path)
+        let recovery = self
+            .inspect_volume(volume)
             .map(|i| i.keyslot_ids)
             .unwrap_or_default();
         let result = self
@@ -1252,12 +1254,13 @@ impl Daemon {
         ctx: &RequestContext,
     ) -> Result<Response, ApiError> {
         let started = Instant::now();
-        let path = self.existing_volume(volume)?;
+        self.existing_volume(volume)?;
         let _guard = self.begin(volume, "recovery-remove", caller, ctx).await?;
         let token = self.token(volume).ok();
         let ids: Vec<u32> = match keyslot {
             Some(id) => vec![id],
-            None => volume::inspect(&path)
+            None => self
+                .inspect_volume(volume)
                 .map(|i| i.keyslot_ids)
                 .unwrap_or_default(),
         };
@@ -1387,10 +1390,10 @@ impl Daemon {
         let dst = ctx.take_fd("header backup")?;
         let token = self.token(volume).ok();
         let result = (|| -> Result<_, VolumeError> {
-            let info = volume::inspect(&path)?;
-            let src = File::open(&path).map_err(|e| VolumeError::io(&path, "opening", e))?;
+            let src = volume::open_in(&*self.services.catalog, volume, Access::Inspect)?;
+            let info = volume::inspect_store(&*src)?;
             let mut buf = vec![0u8; info.data_offset as usize];
-            src.read_exact_at(&mut buf, 0)
+            src.read_at(&mut buf, 0)
                 .map_err(|e| VolumeError::io(&path, "reading the header area", e))?;
             use std::io::Write as _;
             (&dst)
@@ -1464,9 +1467,9 @@ impl Daemon {
                     seg.offset
                 )));
             }
-            let file = lifecycle::open_locked(&path, false)?;
+            let file = volume::open_in(&*self.services.catalog, volume, Access::ReadWrite)?;
             // The current header may be damaged beyond reading; compare when it can be read.
-            if let Ok(current) = volume::inspect(&path) {
+            if let Ok(current) = volume::inspect_store(&*file) {
                 if current.data_offset != seg.offset {
                     return Err(bad(format!(
                         "puts the data at byte {} but this volume's data starts at byte {}",
