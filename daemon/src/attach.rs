@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use control_api::{
-    ApiError, AttachRequest, AttachmentStatus, ConnectionStatus, DetachRequest, ErrorCode, Response,
+    AttachRequest, AttachmentStatus, ConnectionStatus, DetachRequest, ErrorCode, Response,
 };
 use kms_client::Kms;
 use nbd::device::Export;
@@ -16,7 +16,7 @@ use volume::{OpenOptions, VolumeError};
 use crate::caller::Caller;
 use crate::daemon::Daemon;
 use crate::device::VolumeDevice;
-use crate::error::{api, chain, volume_error};
+use crate::error::{Error, api, chain};
 use crate::locks;
 use crate::registry::{Attachment, Keying};
 
@@ -39,7 +39,7 @@ impl Daemon {
         &self,
         r: AttachRequest,
         caller: Option<Caller>,
-    ) -> Result<AttachmentStatus, ApiError> {
+    ) -> Result<AttachmentStatus, Error> {
         self.attach_as(r, caller, None).await
     }
 
@@ -48,7 +48,7 @@ impl Daemon {
         r: AttachRequest,
         caller: Option<Caller>,
         saved_owner: Option<u32>,
-    ) -> Result<AttachmentStatus, ApiError> {
+    ) -> Result<AttachmentStatus, Error> {
         let started = Instant::now();
         let path = self.volume_path(&r.volume)?;
         self.refuse_if_detaching(&r.volume)?;
@@ -146,7 +146,7 @@ impl Daemon {
             started,
             &outcome,
         );
-        let vol = Arc::new(opened.map_err(|e| volume_error(&e))?);
+        let vol = Arc::new(opened.map_err(Error::from)?);
         let device = Arc::new(VolumeDevice::new(Arc::clone(&vol), r.read_only));
         let export = Arc::new(Export {
             name: export_name.clone(),
@@ -303,7 +303,7 @@ impl Daemon {
         &self,
         r: DetachRequest,
         caller: Option<Caller>,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         self.detach_as(r, caller, "detach").await
     }
 
@@ -313,7 +313,7 @@ impl Daemon {
         r: DetachRequest,
         caller: Option<Caller>,
         operation: &str,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let Some(a) = self.state.registry.get(&r.volume) else {
             return Err(api(
@@ -355,7 +355,7 @@ impl Daemon {
         }
         self.state.registry.remove(&r.volume);
         if let Err(e) = self.save_attachments() {
-            tracing::error!(error = %e.message, "cannot save the attachment list");
+            tracing::error!(error = %e.message(), "cannot save the attachment list");
         }
         let keying = a.keying();
         let volume = a.volume.clone();
@@ -484,7 +484,7 @@ impl Daemon {
     }
 
     /// Refuses to use a volume whose forced detach still waits for its backing store.
-    pub(crate) fn refuse_if_detaching(&self, volume: &str) -> Result<(), ApiError> {
+    pub(crate) fn refuse_if_detaching(&self, volume: &str) -> Result<(), Error> {
         let map = self
             .state
             .detaching
@@ -505,7 +505,7 @@ impl Daemon {
     }
 
     /// Writes the persistent attachments (atomically).
-    pub(crate) fn save_attachments(&self) -> Result<(), ApiError> {
+    pub(crate) fn save_attachments(&self) -> Result<(), Error> {
         let saved: Vec<SavedAttachment> = self
             .state
             .registry
@@ -566,7 +566,9 @@ impl Daemon {
                 .await;
             match attached {
                 Ok(_) => tracing::info!(volume = %volume, "re-attached"),
-                Err(e) => tracing::error!(volume = %volume, error = %e.message, "cannot re-attach"),
+                Err(e) => {
+                    tracing::error!(volume = %volume, error = %e.message(), "cannot re-attach")
+                }
             }
         }
     }
@@ -616,10 +618,10 @@ impl Daemon {
 type FinishResult =
     Result<Result<Result<(), VolumeError>, tokio::task::JoinError>, tokio::task::JoinError>;
 
-fn finish_outcome(r: FinishResult) -> (Result<(), String>, Result<(), ApiError>) {
+fn finish_outcome(r: FinishResult) -> (Result<(), String>, Result<(), Error>) {
     match r {
         Ok(Ok(Ok(()))) => (Ok(()), Ok(())),
-        Ok(Ok(Err(e))) => (Err(chain(&e)), Err(volume_error(&e))),
+        Ok(Ok(Err(e))) => (Err(chain(&e)), Err(Error::from(e))),
         Ok(Err(e)) | Err(e) => {
             let m = format!("the detach task failed: {e}");
             (Err(m.clone()), Err(api(ErrorCode::Io, m)))

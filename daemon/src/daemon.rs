@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use control_api::paths::StateLayout;
-use control_api::{ApiError, DaemonInfo, ErrorCode, Request, Response};
+use control_api::{DaemonInfo, ErrorCode, Request, Response};
 use kms_client::{Kms, KmsBackend};
 
 use statedir::audit::{AuditLog, AuditRecord};
 
 use crate::caller::Caller;
-use crate::error::api;
+use crate::error::{Error, api};
 use crate::locks;
 use crate::registry::Registry;
 use crate::request::RequestContext;
@@ -79,13 +79,13 @@ impl Daemon {
         }
     }
 
-    /// Runs one request for `caller`.
+    /// Runs one request for `caller`; the answer as the control socket sends it.
     pub async fn handle(
         &self,
         request: Request,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, control_api::ApiError> {
         let scope = AuditScope {
             volume: request.volume().map(str::to_owned),
             caller_uid: Some(caller.uid),
@@ -93,6 +93,8 @@ impl Daemon {
         AUDIT_SCOPE
             .scope(scope, self.handle_in_scope(request, caller, ctx))
             .await
+            // The one place a handler's error becomes the wire's (error.rs has the mapping).
+            .map_err(control_api::ApiError::from)
     }
 
     async fn handle_in_scope(
@@ -100,7 +102,7 @@ impl Daemon {
         request: Request,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         match request {
             Request::Hello => Ok(Response::Hello(self.info())),
             Request::Create(r) if r.from_image.is_some() => self.create(r, caller, ctx).await,

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_api::{
-    ApiError, DmCryptMapping, ErrorCode, OpenDmCryptRequest, Request, Response, validate_dm_name,
+    DmCryptMapping, ErrorCode, OpenDmCryptRequest, Request, Response, validate_dm_name,
 };
 use volume::lifecycle::Cancel;
 use volume::token::KmsToken;
@@ -39,7 +39,7 @@ use volume::{OpenOptions, VolumeError, VolumeErrorKind, VolumeInfo};
 
 use crate::caller::Caller;
 use crate::daemon::Daemon;
-use crate::error::{api, volume_error};
+use crate::error::{Error, api};
 use crate::ops::OpGuard;
 use crate::request::RequestContext;
 use crate::state::Pending;
@@ -182,7 +182,7 @@ fn uuid_if_luks2_mapped(path: &Path, mappings: &[Mapping]) -> Option<String> {
 }
 
 /// Refuses a device-mapper name cryptsetup would not take.
-fn check_dm_name(name: &str) -> Result<(), ApiError> {
+fn check_dm_name(name: &str) -> Result<(), Error> {
     validate_dm_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))
 }
 
@@ -207,7 +207,7 @@ fn dm_mapping(
 }
 
 /// The refusal of an attach (or another operation) of `volume` that `m` maps.
-fn mapped_refusal(volume: &str, m: &Mapping) -> ApiError {
+fn mapped_refusal(volume: &str, m: &Mapping) -> Error {
     api(
         ErrorCode::Conflict,
         format!(
@@ -229,14 +229,14 @@ fn check_not_mapped(
     uuid: &str,
     path: &Path,
     mappings: &[Mapping],
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     match serving(mappings, uuid, path) {
         Some(m) => Err(mapped_refusal(volume, m)),
         None => Ok(()),
     }
 }
 
-fn require_root(caller: Caller, what: &str) -> Result<(), ApiError> {
+fn require_root(caller: Caller, what: &str) -> Result<(), Error> {
     if caller.uid == 0 {
         return Ok(());
     }
@@ -252,7 +252,7 @@ fn require_root(caller: Caller, what: &str) -> Result<(), ApiError> {
 
 /// The pipe passed with `open-dm-crypt`, checked to be a pipe (the key never goes into a
 /// file) and made non-blocking (a full pipe is an error, not a hang).
-fn take_pipe(ctx: &mut RequestContext) -> Result<File, ApiError> {
+fn take_pipe(ctx: &mut RequestContext) -> Result<File, Error> {
     let not_pipe = || {
         api(
             ErrorCode::InvalidRequest,
@@ -278,7 +278,7 @@ impl Daemon {
         request: Request,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         match request {
             Request::OpenDmCrypt(r) => {
                 require_root(caller, "open a volume with dm-crypt")?;
@@ -329,7 +329,7 @@ impl Daemon {
         volume: &str,
         path: &Path,
         operation: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         if !refused_while_mapped(operation) {
             return Ok(());
         }
@@ -348,10 +348,10 @@ impl Daemon {
 
     /// The volume a client's report (`dm-crypt-opened`, `dm-crypt-closed`) names, with its
     /// header: refused for a bad name or no such volume.
-    fn reported_volume(&self, volume: &str, name: &str) -> Result<(PathBuf, VolumeInfo), ApiError> {
+    fn reported_volume(&self, volume: &str, name: &str) -> Result<(PathBuf, VolumeInfo), Error> {
         check_dm_name(name)?;
         let path = self.existing_volume(volume)?;
-        let info = volume::inspect(&path).map_err(|e| volume_error(&e))?;
+        let info = volume::inspect(&path).map_err(Error::from)?;
         Ok((path, info))
     }
 
@@ -375,7 +375,7 @@ impl Daemon {
         r: OpenDmCryptRequest,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         check_dm_name(&r.name)?;
         let path = self.existing_volume(&r.volume)?;
@@ -390,7 +390,7 @@ impl Daemon {
                 ),
             ));
         }
-        let info = volume::inspect(&path).map_err(|e| volume_error(&e))?;
+        let info = volume::inspect(&path).map_err(Error::from)?;
         let mappings = scan(Path::new(SYS_BLOCK));
         if let Some(m) = serving(&mappings, &info.uuid, &path) {
             return Err(api(
@@ -553,7 +553,7 @@ impl Daemon {
         name: &str,
         error: Option<String>,
         caller: Caller,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let (path, info) = self.reported_volume(volume, name)?;
         let held = self.state.dm_crypt.release(volume, name);
@@ -599,7 +599,7 @@ impl Daemon {
 
     /// `close-dm-crypt`: which volume of this daemon the mapping `name` serves. Refused for
     /// mappings that are not LUKS2 dm-crypt ones or not of a volume here.
-    fn close_dm_crypt(&self, name: &str) -> Result<Response, ApiError> {
+    fn close_dm_crypt(&self, name: &str) -> Result<Response, Error> {
         check_dm_name(name)?;
         let m = scan(Path::new(SYS_BLOCK))
             .into_iter()
@@ -660,7 +660,7 @@ impl Daemon {
         name: &str,
         error: Option<String>,
         caller: Caller,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let (path, info) = self.reported_volume(volume, name)?;
         let still = mapping_named(name, &info.uuid, &path).is_some();
@@ -818,9 +818,9 @@ mod tests {
         ));
         let m = mapping("home", DM_UUID, vec![]);
         let e = mapped_refusal("v", &m);
-        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(e.code(), ErrorCode::Conflict);
         assert_eq!(
-            e.message,
+            e.message(),
             "volume v is open through dm-crypt as /dev/mapper/home; run 'cryptnbdctl close home' first"
         );
     }
@@ -859,7 +859,7 @@ mod tests {
         let home = mapping("home", DM_UUID, vec![vol.clone()]);
         assert!(check_not_mapped("v", UUID, &vol, &[other.clone(), lvm.clone()]).is_ok());
         let e = check_not_mapped("v", UUID, &vol, &[other, lvm, home]).expect_err("mapped");
-        assert!(e.message.contains("as /dev/mapper/home"), "{e}");
+        assert!(e.message().contains("as /dev/mapper/home"), "{e}");
     }
 
     #[test]
@@ -872,9 +872,9 @@ mod tests {
             "open a volume with dm-crypt",
         )
         .expect_err("uid 1000 refused");
-        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        assert_eq!(e.code(), ErrorCode::PermissionDenied);
         assert!(
-            e.message.contains("only root") && e.message.contains("uid 1000"),
+            e.message().contains("only root") && e.message().contains("uid 1000"),
             "{e}"
         );
         assert!(require_root(Caller { uid: 0, gid: 0 }, "x").is_ok());
@@ -889,8 +889,8 @@ mod tests {
             ..RequestContext::default()
         };
         let e = take_pipe(&mut ctx).expect_err("a file is refused");
-        assert_eq!(e.code, ErrorCode::InvalidRequest);
-        assert!(e.message.contains("never into a file"), "{e}");
+        assert_eq!(e.code(), ErrorCode::InvalidRequest);
+        assert!(e.message().contains("never into a file"), "{e}");
         let mut none = RequestContext::default();
         assert!(take_pipe(&mut none).is_err());
         let (_reader, writer) = std::io::pipe().expect("pipe");

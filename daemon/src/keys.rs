@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use control_api::{ApiError, DetachRequest, ErrorCode, Response};
+use control_api::{DetachRequest, ErrorCode, Response};
 use kms_client::aws::{GrantOp, GrantSpec, same_key};
 use kms_client::{EncryptionContext, Kms, KmsError};
 use volume::token::{GrantRef, KmsToken};
@@ -28,7 +28,7 @@ use volume::{VolumeError, VolumeErrorKind};
 use crate::caller::Caller;
 use crate::config::UnusableKeyAction;
 use crate::daemon::Daemon;
-use crate::error::api;
+use crate::error::{Error, api};
 use crate::registry::KeyCheckResult;
 use crate::services::GrantPolicy;
 
@@ -263,7 +263,7 @@ impl Daemon {
         volume: &str,
         operation: &str,
         caller: Option<Caller>,
-    ) -> (bool, Result<Response, ApiError>) {
+    ) -> (bool, Result<Response, Error>) {
         let cancelled = self.state.ops.cancel(volume).is_some();
         for _ in 0..100 {
             if self.state.ops.check_idle(volume).is_ok() {
@@ -286,7 +286,7 @@ impl Daemon {
     }
 
     /// `revoke --kms-key KEY`.
-    pub(crate) async fn revoke(&self, kms_key: &str, caller: Caller) -> Result<Response, ApiError> {
+    pub(crate) async fn revoke(&self, kms_key: &str, caller: Caller) -> Result<Response, Error> {
         let started = Instant::now();
         let resolved = match self.services.kms.describe_key(kms_key).await {
             Ok(m) => Some(m.key_id),
@@ -316,9 +316,9 @@ impl Daemon {
                 // Detach drops the volume (and its key) even when the final flush fails.
                 Err(e) if self.state.registry.get(&a.volume).is_none() => {
                     detached.push(a.volume.clone());
-                    errors.push(format!("{}: {}", a.volume, e.message));
+                    errors.push(format!("{}: {}", a.volume, e.message()));
                 }
-                Err(e) => errors.push(format!("{}: {}", a.volume, e.message)),
+                Err(e) => errors.push(format!("{}: {}", a.volume, e.message())),
             }
         }
         let outcome = if errors.is_empty() {

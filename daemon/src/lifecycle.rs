@@ -20,8 +20,8 @@ use std::time::Instant;
 
 use control_api::paths::validate_name;
 use control_api::{
-    ApiError, AttachRequest, BaseImage, DetachRequest, ErrorCode, ExportRequest, ImageSource,
-    RebuildRequest, RebuildSource, RekeyRequest, Response, SnapshotInfo,
+    AttachRequest, BaseImage, DetachRequest, ErrorCode, ExportRequest, ImageSource, RebuildRequest,
+    RebuildSource, RekeyRequest, Response, SnapshotInfo,
 };
 use kms_client::{EncryptionContext, Kms};
 use store::BackingStore;
@@ -36,7 +36,7 @@ use statedir::stamp::rfc3339;
 
 use crate::caller::Caller;
 use crate::daemon::Daemon;
-use crate::error::{api, chain, volume_error};
+use crate::error::{Error, api, chain};
 use crate::request::RequestContext;
 
 /// A volume file to change the header of (see [`Daemon::header_file`]).
@@ -147,7 +147,7 @@ impl Drop for DiscardOnDrop<'_> {
 
 /// Size of a passed image: the file's size for a regular file (it must agree with a size the
 /// client gave), else the client's size.
-fn image_size(file: &File, src: &ImageSource) -> Result<u64, ApiError> {
+fn image_size(file: &File, src: &ImageSource) -> Result<u64, Error> {
     let meta = file
         .metadata()
         .map_err(|e| api(ErrorCode::Io, format!("cannot stat {}: {e}", src.path)))?;
@@ -208,7 +208,7 @@ impl Daemon {
         operation: &'static str,
         caller: Caller,
         ctx: &RequestContext,
-    ) -> Result<crate::ops::OpGuard, ApiError> {
+    ) -> Result<crate::ops::OpGuard, Error> {
         let _g = self.state.locks.lock(&[crate::locks::volume(volume)]).await;
         self.refuse_if_detaching(volume)?;
         self.refuse_while_dm_open(volume, &self.services.layout.volume_file(volume), operation)?;
@@ -242,7 +242,7 @@ impl Daemon {
     }
 
     /// Where volume `name` is, refused when the catalog has no such volume.
-    pub(crate) fn existing_volume(&self, name: &str) -> Result<PathBuf, ApiError> {
+    pub(crate) fn existing_volume(&self, name: &str) -> Result<PathBuf, Error> {
         let path = self.volume_path(name)?;
         if !self.services.catalog.exists(name) {
             return Err(api(
@@ -254,10 +254,10 @@ impl Daemon {
     }
 
     /// The `cryptnbd-kms` token of volume `name`, read through the catalog (no lock, no KMS).
-    fn token(&self, name: &str) -> Result<KmsToken, ApiError> {
+    fn token(&self, name: &str) -> Result<KmsToken, Error> {
         volume::open_in(&*self.services.catalog, name, Access::Inspect)
             .and_then(|store| lifecycle::read_token_in(&*store))
-            .map_err(|e| volume_error(&e))
+            .map_err(Error::from)
     }
 
     /// Audits the outcome of an operation and maps its error for the API: the one way every
@@ -270,10 +270,10 @@ impl Daemon {
         caller: Caller,
         started: Instant,
         result: Result<T, VolumeError>,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, Error> {
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_token(operation, volume, token, caller, started, &outcome);
-        result.map_err(|e| volume_error(&e))
+        result.map_err(Error::from)
     }
 
     /// Audits `outcome`, naming the key and context of `token` (when it could be read).
@@ -338,9 +338,9 @@ impl Daemon {
             .ok_or_else(|| VolumeError::new(VolumeErrorKind::InvalidArgument, "no image given"))?;
         let file = ctx
             .take_fd("--from-image")
-            .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message))?;
+            .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message()))?;
         let len = image_size(&file, src)
-            .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message))?;
+            .map_err(|e| VolumeError::new(VolumeErrorKind::InvalidArgument, e.message()))?;
         let mut opts = opts;
         let ss = u64::from(opts.sector_size);
         if opts.size == 0 {
@@ -363,7 +363,7 @@ impl Daemon {
         let _guard = self
             .begin(name, "import", caller, ctx)
             .await
-            .map_err(|e| VolumeError::new(VolumeErrorKind::InUse, e.message))?;
+            .map_err(|e| VolumeError::new(VolumeErrorKind::InUse, e.message()))?;
         if path.exists() {
             return Err(VolumeError::new(
                 VolumeErrorKind::AlreadyExists,
@@ -450,7 +450,7 @@ impl Daemon {
         force: bool,
         what: &str,
         caller: Caller,
-    ) -> Result<Option<(AttachRequest, u32)>, ApiError> {
+    ) -> Result<Option<(AttachRequest, u32)>, Error> {
         let _g = self.state.locks.lock(&[crate::locks::volume(name)]).await;
         let Some(a) = self.state.registry.get(name) else {
             return Ok(None);
@@ -504,7 +504,7 @@ impl Daemon {
         match self.attach_as(request, Some(caller), Some(owner)).await {
             Ok(_) => true,
             Err(e) => {
-                tracing::error!(volume = %volume, error = %e.message, "cannot re-attach after the operation");
+                tracing::error!(volume = %volume, error = %e.message(), "cannot re-attach after the operation");
                 false
             }
         }
@@ -545,7 +545,7 @@ impl Daemon {
         r: RebuildRequest,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(&r.volume)?;
         let _guard = self.begin(&r.volume, "rebuild", caller, ctx).await?;
@@ -555,7 +555,7 @@ impl Daemon {
             RebuildSource::Snapshot { name } => format!("snapshot {name}"),
         };
         let result = self.rebuild_inner(&r, &path, &token, caller, ctx).await;
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message.clone());
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message().clone());
         self.audit_token(
             "rebuild",
             &r.volume,
@@ -581,7 +581,7 @@ impl Daemon {
         token: &KmsToken,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<(u64, bool), ApiError> {
+    ) -> Result<(u64, bool), Error> {
         // Attached without --force: refused now, not after building a whole new copy (the
         // swap would refuse it then anyway).
         if !r.force && self.state.registry.get(&r.volume).is_some() {
@@ -596,15 +596,9 @@ impl Daemon {
             ));
         }
         // The KMS first: nothing is touched if it refuses.
-        self.check_unwrap(path, token)
-            .await
-            .map_err(|e| volume_error(&e))?;
-        let info = self
-            .inspect_volume(&r.volume)
-            .map_err(|e| volume_error(&e))?;
-        let mut staged = self
-            .stage(&r.volume, "rebuilding")
-            .map_err(|e| volume_error(&e))?;
+        self.check_unwrap(path, token).await.map_err(Error::from)?;
+        let info = self.inspect_volume(&r.volume).map_err(Error::from)?;
+        let mut staged = self.stage(&r.volume, "rebuilding").map_err(Error::from)?;
         // Every way out before the swap (a refused image, a failed build, a cancel) discards
         // the staged file.
         let _cleanup = DiscardOnDrop {
@@ -655,7 +649,7 @@ impl Daemon {
                     ));
                 }
                 let opts = Self::create_options_like(token, info.size, info.sector_size, path)
-                    .map_err(|e| volume_error(&e))?;
+                    .map_err(Error::from)?;
                 match self
                     .build_from_image(staged.take_store(), &opts, file, len, src, ctx)
                     .await
@@ -704,11 +698,11 @@ impl Daemon {
                         r.volume
                     )
                 });
-                return Err(volume_error(&e));
+                return Err(Error::from(e));
             }
         };
         if let Err(e) = ctx.cancel.check("the rebuild") {
-            return Err(volume_error(&e));
+            return Err(Error::from(e));
         }
         let saved = match self
             .detach_for(&r.volume, r.force, "rebuild it", caller)
@@ -719,7 +713,7 @@ impl Daemon {
         };
         let swapped = self.publish_replacing(staged);
         let reattached = self.reattach(saved, caller).await;
-        swapped.map_err(|e| volume_error(&e))?;
+        swapped.map_err(Error::from)?;
         Ok((bytes, reattached))
     }
 
@@ -800,7 +794,7 @@ impl Daemon {
         name: Option<String>,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let name = name.unwrap_or_else(|| {
@@ -831,7 +825,7 @@ impl Daemon {
         let token = self.token(volume).ok();
         // The volume's snapshots are a catalog of their own (its snapshots directory).
         let snaps = DirCatalog::new(&self.services.layout.snapshots_dir(volume));
-        let staged = stage_in(&snaps, &name, "taking").map_err(|e| volume_error(&e))?;
+        let staged = stage_in(&snaps, &name, "taking").map_err(Error::from)?;
         let handle = staged.handle();
         let attached = self
             .state
@@ -926,7 +920,7 @@ impl Daemon {
     }
 
     /// `snapshots`.
-    pub(crate) fn snapshots(&self, volume: &str) -> Result<Response, ApiError> {
+    pub(crate) fn snapshots(&self, volume: &str) -> Result<Response, Error> {
         self.existing_volume(volume)?;
         Ok(Response::Snapshots {
             volume: volume.into(),
@@ -940,7 +934,7 @@ impl Daemon {
         volume: &str,
         name: &str,
         caller: Caller,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         validate_name(volume).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
         validate_name(name)
@@ -981,7 +975,7 @@ impl Daemon {
         r: RekeyRequest,
         caller: Caller,
         ctx: &RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(&r.volume)?;
         let _guard = self.begin(&r.volume, "rekey", caller, ctx).await?;
@@ -998,7 +992,7 @@ impl Daemon {
             started,
             &outcome,
         );
-        let token = result.map_err(|e| volume_error(&e))?;
+        let token = result.map_err(Error::from)?;
         if let Some(a) = self.state.registry.get(&r.volume) {
             *a.keying.lock().unwrap_or_else(|p| p.into_inner()) = crate::registry::Keying {
                 key_id: token.key_id.clone(),
@@ -1094,7 +1088,7 @@ impl Daemon {
         force: bool,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let _guard = self.begin(volume, "reencrypt", caller, ctx).await?;
@@ -1106,7 +1100,7 @@ impl Daemon {
         let result = self
             .reencrypt_inner(volume, &path, &token, force, caller, ctx)
             .await;
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message.clone());
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message().clone());
         self.audit_token("reencrypt", volume, Some(&token), caller, started, &outcome);
         let (bytes, reattached) = result?;
         tracing::info!(volume, "re-encrypted under a new data key; old key wiped");
@@ -1126,10 +1120,8 @@ impl Daemon {
         force: bool,
         caller: Caller,
         ctx: &RequestContext,
-    ) -> Result<(u64, bool), ApiError> {
-        self.check_unwrap(path, token)
-            .await
-            .map_err(|e| volume_error(&e))?;
+    ) -> Result<(u64, bool), Error> {
+        self.check_unwrap(path, token).await.map_err(Error::from)?;
         let saved = self
             .detach_for(volume, force, "re-encrypt it", caller)
             .await?;
@@ -1137,7 +1129,7 @@ impl Daemon {
             Ok(s) => s,
             Err(e) => {
                 self.reattach(saved, caller).await;
-                return Err(volume_error(&e));
+                return Err(Error::from(e));
             }
         };
         let handle = staged.handle();
@@ -1189,9 +1181,7 @@ impl Daemon {
             })
         });
         let reattached = self.reattach(saved, caller).await;
-        result
-            .map(|b| (b, reattached))
-            .map_err(|e| volume_error(&e))
+        result.map(|b| (b, reattached)).map_err(Error::from)
     }
 
     /// `recovery add`: unwraps the key through the KMS, then adds an argon2id keyslot.
@@ -1201,7 +1191,7 @@ impl Daemon {
         passphrase: &control_api::Secret,
         caller: Caller,
         ctx: &RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         if passphrase.0.len() < 8 {
@@ -1252,7 +1242,7 @@ impl Daemon {
         keyslot: Option<u32>,
         caller: Caller,
         ctx: &RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         self.existing_volume(volume)?;
         let _guard = self.begin(volume, "recovery-remove", caller, ctx).await?;
@@ -1294,7 +1284,7 @@ impl Daemon {
         r: ExportRequest,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         if !r.plaintext {
             return Err(api(
@@ -1384,7 +1374,7 @@ impl Daemon {
         to: &str,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let dst = ctx.take_fd("header backup")?;
@@ -1428,7 +1418,7 @@ impl Daemon {
         force: bool,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.existing_volume(volume)?;
         let src = ctx.take_fd("header restore")?;

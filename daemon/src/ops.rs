@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use control_api::{ApiError, ErrorCode, OperationStatus};
+use control_api::{ErrorCode, OperationStatus};
 use volume::lifecycle::{Cancel, Progress};
 
 use statedir::stamp::rfc3339;
+
+use crate::error::Error;
 
 /// One running operation.
 pub struct Running {
@@ -78,8 +80,8 @@ impl Drop for OpGuard {
     }
 }
 
-fn busy(r: &Running) -> ApiError {
-    ApiError::new(
+fn busy(r: &Running) -> Error {
+    crate::error::api(
         ErrorCode::Conflict,
         format!(
             "volume {} is busy: {} (operation {}) started by uid {} at {}; wait for it to \
@@ -103,7 +105,7 @@ impl Operations {
         caller_uid: u32,
         progress: Arc<Progress>,
         cancel: Cancel,
-    ) -> Result<OpGuard, ApiError> {
+    ) -> Result<OpGuard, Error> {
         let mut map = self.by_volume.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = map.get(volume) {
             return Err(busy(r));
@@ -125,7 +127,7 @@ impl Operations {
     }
 
     /// Refuses when an operation holds `volume`.
-    pub fn check_idle(&self, volume: &str) -> Result<(), ApiError> {
+    pub fn check_idle(&self, volume: &str) -> Result<(), Error> {
         match self
             .by_volume
             .lock()
@@ -169,9 +171,9 @@ mod tests {
             .begin("v", "snapshot", 8, Progress::new(), Cancel::default())
             .err()
             .expect("second refused");
-        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(e.code(), ErrorCode::Conflict);
         assert!(
-            e.message.contains("rebuild") && e.message.contains("uid 7"),
+            e.message().contains("rebuild") && e.message().contains("uid 7"),
             "{e}"
         );
         assert!(ops.check_idle("other").is_ok());

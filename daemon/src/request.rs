@@ -5,10 +5,10 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use control_api::{ApiError, ErrorCode};
+use control_api::ErrorCode;
 use volume::lifecycle::{Cancel, Progress};
 
-use crate::error::api;
+use crate::error::{Error, api};
 
 /// What a request brings besides its JSON: a passed descriptor, and the progress and
 /// cancellation shared with the connection that sent it.
@@ -24,7 +24,7 @@ pub struct RequestContext {
 
 impl RequestContext {
     /// The descriptor passed with the request, for `what` (refused when there is none).
-    pub fn take_fd(&mut self, what: &str) -> Result<File, ApiError> {
+    pub fn take_fd(&mut self, what: &str) -> Result<File, Error> {
         self.fd.take().map(File::from).ok_or_else(|| {
             api(
                 ErrorCode::InvalidRequest,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use control_api::paths::validate_name;
 use control_api::{
-    ApiError, AttachmentStatus, CreateRequest, DetachingStatus, ErrorCode, Response, VolumeSummary,
+    AttachmentStatus, CreateRequest, DetachingStatus, ErrorCode, Response, VolumeSummary,
 };
 use kms_client::{ContextKeys, IdentityContext};
 use statedir::stamp::rfc3339;
@@ -16,11 +16,11 @@ use volume::{CreateOptions, OpenOptions, Volume};
 
 use crate::caller::Caller;
 use crate::daemon::Daemon;
-use crate::error::{api, chain, volume_error};
+use crate::error::{Error, api, chain};
 use crate::request::RequestContext;
 
 impl Daemon {
-    pub(crate) fn volume_path(&self, name: &str) -> Result<PathBuf, ApiError> {
+    pub(crate) fn volume_path(&self, name: &str) -> Result<PathBuf, Error> {
         validate_name(name).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
         Ok(self.services.catalog.location(name))
     }
@@ -109,7 +109,7 @@ impl Daemon {
         r: CreateRequest,
         caller: Caller,
         ctx: &mut RequestContext,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.volume_path(&r.name)?;
         let invalid = |m: String| api(ErrorCode::InvalidRequest, m);
@@ -168,7 +168,7 @@ impl Daemon {
             started,
             &outcome,
         );
-        result.map_err(|e| volume_error(&e))?;
+        result.map_err(Error::from)?;
         Ok(Response::Created(self.summary(&r.name)))
     }
 
@@ -182,7 +182,7 @@ impl Daemon {
         s
     }
 
-    pub(crate) fn list(&self) -> Result<Response, ApiError> {
+    pub(crate) fn list(&self) -> Result<Response, Error> {
         let mut volumes = scan_volumes(&*self.services.catalog, |name| {
             self.state.registry.get(name).is_some()
         })
@@ -202,7 +202,7 @@ impl Daemon {
         Ok(Response::Volumes { volumes })
     }
 
-    pub(crate) fn status(&self, volume: Option<&str>) -> Result<Response, ApiError> {
+    pub(crate) fn status(&self, volume: Option<&str>) -> Result<Response, Error> {
         let detaching: Vec<DetachingStatus> = self
             .state
             .detaching
@@ -245,7 +245,7 @@ impl Daemon {
         name: &str,
         with_snapshots: bool,
         caller: Caller,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, Error> {
         let started = Instant::now();
         let path = self.volume_path(name)?;
         if self.state.registry.get(name).is_some() {
@@ -282,7 +282,7 @@ impl Daemon {
                     started,
                     &outcome,
                 );
-                result.map_err(|e| volume_error(&e))?;
+                result.map_err(Error::from)?;
             }
             let _ = std::fs::remove_dir(self.services.layout.snapshots_dir(name));
         }
@@ -301,7 +301,7 @@ impl Daemon {
             started,
             &outcome,
         );
-        result.map_err(|e| volume_error(&e))?;
+        result.map_err(Error::from)?;
         if let Some(grant) = grant {
             self.retire(&grant).await;
         }
@@ -312,7 +312,7 @@ impl Daemon {
     }
 }
 
-pub(crate) fn make_private_dir(dir: &Path) -> Result<(), ApiError> {
+pub(crate) fn make_private_dir(dir: &Path) -> Result<(), Error> {
     store::durable::create_private_dir(dir).map_err(|e| {
         api(
             ErrorCode::Io,
