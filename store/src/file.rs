@@ -159,10 +159,7 @@ impl BackingStore for FileStore {
                 let hole = rustix::fs::seek(&self.file, SeekFrom::Hole(at))?;
                 (hole.saturating_sub(at).clamp(1, end - at), true)
             };
-            match out.last_mut() {
-                Some(last) if last.allocated == allocated => last.len += n,
-                _ => out.push(Extent { len: n, allocated }),
-            }
+            Extent::push_run(&mut out, n, allocated);
             at += n;
         }
         Ok(out)

@@ -47,6 +47,17 @@ pub struct Extent {
     pub allocated: bool,
 }
 
+impl Extent {
+    /// Appends a run of `len` bytes to an allocation map, merged into the last run when that
+    /// one is of the same kind.
+    pub fn push_run(map: &mut Vec<Extent>, len: u64, allocated: bool) {
+        match map.last_mut() {
+            Some(last) if last.allocated == allocated => last.len += len,
+            _ => map.push(Extent { len, allocated }),
+        }
+    }
+}
+
 /// What [`BackingStore::discard`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Discarded {

@@ -178,10 +178,7 @@ impl BackingStore for MemStore {
         while at < end {
             let n = (CHUNK - at % CHUNK).min(end - at);
             let allocated = inner.live.chunks.contains_key(&(at / CHUNK));
-            match out.last_mut() {
-                Some(last) if last.allocated == allocated => last.len += n,
-                _ => out.push(Extent { len: n, allocated }),
-            }
+            Extent::push_run(&mut out, n, allocated);
             at += n;
         }
         Ok(out)
