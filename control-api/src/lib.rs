@@ -172,6 +172,8 @@ pub enum Request {
     },
     /// The long operations running now.
     Operations,
+    /// A `kms ...` key verb on the daemon's local KMS (root or the daemon's own user only).
+    Kms(KmsKeyRequest),
     /// The incident-response kill switch: detach every attached volume whose key is wrapped
     /// under `kms_key` now (clients disconnected, no drain), wipe their keys, and cancel the
     /// long operations on them.
@@ -237,6 +239,7 @@ impl Request {
                 Some(volume)
             }
             Request::Hello
+            | Request::Kms(_)
             | Request::List
             | Request::Audit(_)
             | Request::Operations
@@ -555,6 +558,54 @@ pub struct DetachingStatus {
     pub since: String,
 }
 
+/// The `kms` key verbs the daemon runs on its local KMS. The keystore's sealing, backup and
+/// restore stay with the CLI (they take passphrases and files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "verb", rename_all = "kebab-case")]
+pub enum KmsKeyRequest {
+    /// A new master key.
+    CreateKey {
+        /// `alias/NAME`, if any.
+        alias: Option<String>,
+        /// Free-form description.
+        description: String,
+    },
+    /// Every key.
+    ListKeys,
+    /// One key.
+    DescribeKey {
+        /// Key id or `alias/NAME`.
+        key: String,
+    },
+    /// Enable a key.
+    EnableKey {
+        /// Key id or `alias/NAME`.
+        key: String,
+    },
+    /// Disable a key.
+    DisableKey {
+        /// Key id or `alias/NAME`.
+        key: String,
+    },
+    /// Schedule a key's deletion after `days`.
+    ScheduleKeyDeletion {
+        /// Key id or `alias/NAME`.
+        key: String,
+        /// Waiting period in days (7-30).
+        days: u32,
+    },
+    /// Cancel a scheduled deletion.
+    CancelKeyDeletion {
+        /// Key id or `alias/NAME`.
+        key: String,
+    },
+    /// A new backing-key version.
+    RotateKey {
+        /// Key id or `alias/NAME`.
+        key: String,
+    },
+}
+
 /// What each request returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -693,6 +744,12 @@ pub enum Response {
     Operations {
         /// Running now.
         operations: Vec<OperationStatus>,
+    },
+    /// For `kms`: the keys the verb returns (one, or all for `list-keys`), each the KMS's key
+    /// metadata as JSON (never key material).
+    KmsKeys {
+        /// The keys.
+        keys: Vec<serde_json::Value>,
     },
     /// For `revoke`.
     Revoked {

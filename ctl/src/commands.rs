@@ -8,7 +8,9 @@ use kms_client::{IdentityContext, KeyMetadata, Kms, KmsBackend, context};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use control_api::{AttachRequest, AttachmentStatus, AuditQuery, DetachRequest, Request, Response};
+use control_api::{
+    AttachRequest, AttachmentStatus, AuditQuery, DetachRequest, KmsKeyRequest, Request, Response,
+};
 
 use crate::cli::{AttachArgs, Cli, Command, CreateArgs, KmsCommand};
 use crate::client::Client;
@@ -861,6 +863,8 @@ fn key_text(k: &KeyMetadata) -> String {
 struct KmsTarget {
     layout: StateLayout,
     keystore: PathBuf,
+    /// The control socket of the daemon that answered (None: no daemon).
+    daemon: Option<PathBuf>,
 }
 
 /// Which keystore `kms` manages: the one of the daemon that answers on `socket` (so
@@ -878,6 +882,7 @@ fn kms_target(cli: &Cli, layout: &StateLayout, socket: &Path) -> Result<KmsTarge
         return Ok(KmsTarget {
             layout: layout.clone(),
             keystore,
+            daemon: None,
         });
     };
     let Response::Hello(info) = client.call(Request::Hello)? else {
@@ -921,7 +926,15 @@ fn kms_target(cli: &Cli, layout: &StateLayout, socket: &Path) -> Result<KmsTarge
     Ok(KmsTarget {
         layout: daemon,
         keystore,
+        daemon: Some(socket.to_path_buf()),
     })
+}
+
+/// The one key a key verb returns.
+fn one_key(keys: Vec<KeyMetadata>) -> Result<KeyMetadata> {
+    keys.into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the daemon returned no key"))
 }
 
 async fn kms(
@@ -936,17 +949,45 @@ async fn kms(
     let open_local_kms = |cli: &Cli, layout: &StateLayout, create| {
         open_keystore(cli, layout, &target.keystore, create)
     };
+    // The key verbs go to the daemon when one answers: it runs them on its own KMS, checks
+    // the caller and audits them. None: no daemon, run them here.
+    let via_daemon = |request: KmsKeyRequest| -> Result<Option<Vec<KeyMetadata>>> {
+        let Some(socket) = &target.daemon else {
+            return Ok(None);
+        };
+        let r = Client::connect(socket)?.call(Request::Kms(request))?;
+        let Response::KmsKeys { keys } = r else {
+            anyhow::bail!("unexpected answer from the daemon: {r:?}");
+        };
+        let keys = keys
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<Vec<KeyMetadata>, _>>()
+            .context("the daemon sent key metadata this CLI cannot read")?;
+        Ok(Some(keys))
+    };
     match cmd {
         KmsCommand::CreateKey { alias, description } => {
-            let kms = open_local_kms(cli, layout, true)?;
-            let k = audited_key_op(layout, "kms-create-key", None, || {
-                kms.create_key(alias.as_deref(), description)
-            })?;
+            let request = KmsKeyRequest::CreateKey {
+                alias: alias.clone(),
+                description: description.clone(),
+            };
+            let k = match via_daemon(request)? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    let kms = open_local_kms(cli, layout, true)?;
+                    audited_key_op(layout, "kms-create-key", None, || {
+                        kms.create_key(alias.as_deref(), description)
+                    })?
+                }
+            };
             out.emit(&k, || format!("created key {}", key_text(&k)))
         }
         KmsCommand::ListKeys => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let keys = kms.list_keys()?;
+            let keys = match via_daemon(KmsKeyRequest::ListKeys)? {
+                Some(keys) => keys,
+                None => open_local_kms(cli, layout, false)?.list_keys()?,
+            };
             out.emit(&keys, || {
                 if keys.is_empty() {
                     "no keys (create one with 'cryptnbdctl kms create-key --alias NAME')".into()
@@ -956,27 +997,52 @@ async fn kms(
             })
         }
         KmsCommand::DescribeKey { key } => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let k = kms.describe_key(key).await?;
+            let k = match via_daemon(KmsKeyRequest::DescribeKey { key: key.clone() })? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    open_local_kms(cli, layout, false)?
+                        .describe_key(key)
+                        .await?
+                }
+            };
             out.emit(&k, || key_text(&k))
         }
         KmsCommand::EnableKey { key } => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let k = audited_key_op(layout, "kms-enable-key", Some(key), || kms.enable_key(key))?;
+            let k = match via_daemon(KmsKeyRequest::EnableKey { key: key.clone() })? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    let kms = open_local_kms(cli, layout, false)?;
+                    audited_key_op(layout, "kms-enable-key", Some(key), || kms.enable_key(key))?
+                }
+            };
             out.emit(&k, || format!("enabled {}", key_text(&k)))
         }
         KmsCommand::DisableKey { key } => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let k = audited_key_op(layout, "kms-disable-key", Some(key), || {
-                kms.disable_key(key)
-            })?;
+            let k = match via_daemon(KmsKeyRequest::DisableKey { key: key.clone() })? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    let kms = open_local_kms(cli, layout, false)?;
+                    audited_key_op(layout, "kms-disable-key", Some(key), || {
+                        kms.disable_key(key)
+                    })?
+                }
+            };
             out.emit(&k, || format!("disabled {}", key_text(&k)))
         }
         KmsCommand::ScheduleKeyDeletion { key, days } => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let k = audited_key_op(layout, "kms-schedule-key-deletion", Some(key), || {
-                kms.schedule_key_deletion(key, *days)
-            })?;
+            let request = KmsKeyRequest::ScheduleKeyDeletion {
+                key: key.clone(),
+                days: *days,
+            };
+            let k = match via_daemon(request)? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    let kms = open_local_kms(cli, layout, false)?;
+                    audited_key_op(layout, "kms-schedule-key-deletion", Some(key), || {
+                        kms.schedule_key_deletion(key, *days)
+                    })?
+                }
+            };
             out.emit(&k, || {
                 format!(
                     "scheduled for deletion: {}\nEvery volume wrapped by this key becomes unreadable when it is deleted; \
@@ -987,10 +1053,15 @@ async fn kms(
             })
         }
         KmsCommand::CancelKeyDeletion { key } => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let k = audited_key_op(layout, "kms-cancel-key-deletion", Some(key), || {
-                kms.cancel_key_deletion(key)
-            })?;
+            let k = match via_daemon(KmsKeyRequest::CancelKeyDeletion { key: key.clone() })? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    let kms = open_local_kms(cli, layout, false)?;
+                    audited_key_op(layout, "kms-cancel-key-deletion", Some(key), || {
+                        kms.cancel_key_deletion(key)
+                    })?
+                }
+            };
             out.emit(&k, || {
                 format!(
                     "deletion cancelled; the key is disabled until enabled: {}",
@@ -999,8 +1070,13 @@ async fn kms(
             })
         }
         KmsCommand::RotateKey { key } => {
-            let kms = open_local_kms(cli, layout, false)?;
-            let k = audited_key_op(layout, "kms-rotate-key", Some(key), || kms.rotate_key(key))?;
+            let k = match via_daemon(KmsKeyRequest::RotateKey { key: key.clone() })? {
+                Some(keys) => one_key(keys)?,
+                None => {
+                    let kms = open_local_kms(cli, layout, false)?;
+                    audited_key_op(layout, "kms-rotate-key", Some(key), || kms.rotate_key(key))?
+                }
+            };
             out.emit(&k, || format!("rotated {}", key_text(&k)))
         }
         KmsCommand::Seal {

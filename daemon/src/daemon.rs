@@ -174,6 +174,7 @@ impl Daemon {
             Request::Operations => Ok(Response::Operations {
                 operations: self.state.ops.list(),
             }),
+            Request::Kms(r) => self.kms_keys(r, caller),
             Request::Audit(q) => AuditLog::read(
                 &self.services.layout.audit_log(),
                 self.services.audit_keep,

@@ -19,16 +19,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use control_api::{DetachRequest, ErrorCode, Response};
+use control_api::{DetachRequest, ErrorCode, KmsKeyRequest, Response};
 use kms_client::aws::{GrantOp, GrantSpec, same_key};
-use kms_client::{EncryptionContext, Kms, KmsError};
+use kms_client::{EncryptionContext, Kms, KmsBackend, KmsError, KmsErrorKind};
 use volume::token::{GrantRef, KmsToken};
 use volume::{VolumeError, VolumeErrorKind};
 
 use crate::caller::Caller;
 use crate::config::UnusableKeyAction;
 use crate::daemon::Daemon;
-use crate::error::{Error, api};
+use crate::error::{Error, api, chain};
 use crate::registry::KeyCheckResult;
 use crate::services::GrantPolicy;
 
@@ -373,5 +373,115 @@ pub(crate) fn key_check_status(
                 Err(e) => (None, Some(control_api::KeyCheck { at, error: Some(e) })),
             }
         }
+    }
+}
+
+impl Daemon {
+    /// `kms ...` key verbs on the local KMS, for root or the daemon's own user only (a key
+    /// disabled or scheduled for deletion takes every volume under it down), each audited
+    /// with its caller.
+    pub(crate) fn kms_keys(&self, r: KmsKeyRequest, caller: Caller) -> Result<Response, Error> {
+        let KmsBackend::Local(local) = &self.services.kms else {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "this daemon uses the {} KMS, whose keys are managed there (AWS KMS: the aws \
+                     CLI or console); 'cryptnbdctl kms' manages the embedded local KMS",
+                    self.services.kms.backend_name()
+                ),
+            ));
+        };
+        if caller.uid != 0 && caller.uid != rustix::process::getuid().as_raw() {
+            return Err(api(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "only root or the daemon's own user may manage its master keys (uid {} \
+                     asked): run cryptnbdctl as root",
+                    caller.uid
+                ),
+            ));
+        }
+        let started = Instant::now();
+        let (operation, key, result) = match &r {
+            KmsKeyRequest::CreateKey { alias, description } => (
+                "kms-create-key",
+                None,
+                local
+                    .create_key(alias.as_deref(), description)
+                    .map(|k| vec![k]),
+            ),
+            KmsKeyRequest::ListKeys => ("kms-list-keys", None, local.list_keys()),
+            KmsKeyRequest::DescribeKey { key } => (
+                "kms-describe-key",
+                Some(key),
+                local.describe(key).map(|k| vec![k]),
+            ),
+            KmsKeyRequest::EnableKey { key } => (
+                "kms-enable-key",
+                Some(key),
+                local.enable_key(key).map(|k| vec![k]),
+            ),
+            KmsKeyRequest::DisableKey { key } => (
+                "kms-disable-key",
+                Some(key),
+                local.disable_key(key).map(|k| vec![k]),
+            ),
+            KmsKeyRequest::ScheduleKeyDeletion { key, days } => (
+                "kms-schedule-key-deletion",
+                Some(key),
+                local.schedule_key_deletion(key, *days).map(|k| vec![k]),
+            ),
+            KmsKeyRequest::CancelKeyDeletion { key } => (
+                "kms-cancel-key-deletion",
+                Some(key),
+                local.cancel_key_deletion(key).map(|k| vec![k]),
+            ),
+            KmsKeyRequest::RotateKey { key } => (
+                "kms-rotate-key",
+                Some(key),
+                local.rotate_key(key).map(|k| vec![k]),
+            ),
+        };
+        // Reads are not audited offline either; changes are, with the key they changed.
+        if !matches!(
+            r,
+            KmsKeyRequest::ListKeys | KmsKeyRequest::DescribeKey { .. }
+        ) {
+            self.services.audit.record(&statedir::audit::AuditRecord {
+                time: statedir::stamp::now(),
+                operation: operation.into(),
+                backend: "local".into(),
+                key_id: result
+                    .as_ref()
+                    .ok()
+                    .and_then(|k| k.first())
+                    .map(|k| k.key_id.clone())
+                    .or_else(|| key.cloned()),
+                context: None,
+                volume: None,
+                caller_uid: Some(caller.uid),
+                outcome: match &result {
+                    Ok(_) => "ok".into(),
+                    Err(e) => chain(e),
+                },
+                latency_ms: started.elapsed().as_millis() as u64,
+                request_id: None,
+            });
+        }
+        let keys = result.map_err(|e| {
+            let code = match e.kind() {
+                KmsErrorKind::KeyNotFound => ErrorCode::NotFound,
+                KmsErrorKind::InvalidRequest => ErrorCode::InvalidRequest,
+                KmsErrorKind::Keystore => ErrorCode::Io,
+                _ => ErrorCode::KmsRefused,
+            };
+            api(code, chain(&e))
+        })?;
+        Ok(Response::KmsKeys {
+            keys: keys
+                .iter()
+                .map(|k| serde_json::to_value(k).unwrap_or_default())
+                .collect(),
+        })
     }
 }

@@ -697,3 +697,69 @@ fn kms_verbs_are_refused_for_a_daemon_on_aws_kms() {
     );
     d.stop();
 }
+
+/// With a daemon running, the key verbs run in the daemon, on its open KMS: a sealed keystore
+/// is managed without giving the CLI its passphrase, and each change is audited by the daemon
+/// with the caller. Without the daemon the same verbs need the passphrase.
+#[test]
+fn kms_key_verbs_run_in_the_daemon_that_answers() {
+    let dir = TestDir::new("kms-via-daemon");
+    let offline = e2e_tests::Ctl::new(&dir.state_dir());
+    offline.create_key("first");
+    let pass = dir.write_secret("keystore.pass", b"keystore passphrase for the daemon");
+    let pass_arg = pass.display().to_string();
+    offline
+        .run(&["kms", "seal", "--new-passphrase-file", &pass_arg])
+        .assert_success();
+    // Sealed: the CLI alone cannot use it without the passphrase.
+    offline
+        .run(&["kms", "list-keys"])
+        .assert_code(5)
+        .assert_stderr_contains("sealed");
+
+    let d = Daemon::start(&dir, &format!("[kms]\npassphrase_file = \"{pass_arg}\"\n"));
+    let created = d
+        .ctl
+        .run(&[
+            "--json",
+            "kms",
+            "create-key",
+            "--alias",
+            "alias/through-daemon",
+        ])
+        .assert_success()
+        .json();
+    let key_id = created["key_id"].as_str().expect("key id").to_owned();
+    d.ctl
+        .run(&["kms", "disable-key", "alias/through-daemon"])
+        .assert_success();
+    let described = d
+        .ctl
+        .run(&["--json", "kms", "describe-key", &key_id])
+        .assert_success()
+        .json();
+    assert_eq!(described["state"], "Disabled", "{described}");
+    let listed = d
+        .ctl
+        .run(&["kms", "list-keys"])
+        .assert_success()
+        .stdout_text();
+    assert!(
+        listed.contains("alias/first") && listed.contains("alias/through-daemon"),
+        "{listed}"
+    );
+    let audit = d.ctl.run(&["--json", "audit"]).assert_success().json();
+    let records = audit_records(&audit);
+    for op in ["kms-create-key", "kms-disable-key"] {
+        let r = records
+            .iter()
+            .find(|r| r["operation"] == op && r["key_id"] == key_id.as_str())
+            .unwrap_or_else(|| panic!("no {op} record of {key_id} in {audit}"));
+        assert_eq!(r["outcome"], "ok", "{r}");
+        assert!(
+            r["caller_uid"].is_u64(),
+            "the daemon's record names no caller: {r}"
+        );
+    }
+    d.stop();
+}
