@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use kms_client::local::{LocalKms, LocalKmsOptions};
-use kms_client::{IdentityContext, KeyMetadata, Kms, KmsBackend, context};
+use kms_client::{IdentityContext, KeyMetadata, KmsBackend, context};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -514,25 +514,30 @@ fn record(
     started: std::time::Instant,
     outcome: Result<(), String>,
 ) {
-    let log = match statedir::audit::AuditLog::open(&layout.audit_log(), 10 << 20, AUDIT_KEEP) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot open the audit trail");
-            return;
-        }
-    };
-    log.record(&statedir::audit::AuditRecord {
-        time: statedir::stamp::now(),
-        operation: operation.into(),
-        backend: backend.into(),
-        key_id,
-        context,
-        volume: volume.map(str::to_owned),
-        caller_uid: Some(rustix::process::getuid().as_raw()),
-        outcome: outcome.map_or_else(|e| e, |()| "ok".into()),
-        latency_ms: started.elapsed().as_millis() as u64,
-        request_id: None,
-    });
+    append_audit(
+        layout,
+        &statedir::audit::AuditRecord {
+            time: statedir::stamp::now(),
+            operation: operation.into(),
+            backend: backend.into(),
+            key_id,
+            context,
+            volume: volume.map(str::to_owned),
+            caller_uid: Some(rustix::process::getuid().as_raw()),
+            outcome: outcome.map_or_else(|e| e, |()| "ok".into()),
+            latency_ms: started.elapsed().as_millis() as u64,
+            request_id: None,
+        },
+    );
+}
+
+/// Appends `record` to the audit trail of `layout` (a trail that cannot be opened is
+/// reported, and the command goes on).
+fn append_audit(layout: &StateLayout, record: &statedir::audit::AuditRecord) {
+    match statedir::audit::AuditLog::open(&layout.audit_log(), 10 << 20, AUDIT_KEEP) {
+        Ok(log) => log.record(record),
+        Err(e) => tracing::warn!(error = %e, "cannot open the audit trail"),
+    }
 }
 
 /// Audits an offline volume operation.
@@ -583,22 +588,6 @@ fn audited<T>(
         layout, operation, None, "local", key_id, None, started, outcome,
     );
     result
-}
-
-/// [`audited`] for the verbs that return a key's metadata.
-fn audited_key_op(
-    layout: &StateLayout,
-    operation: &str,
-    key: Option<&str>,
-    op: impl FnOnce() -> Result<KeyMetadata, kms_client::KmsError>,
-) -> Result<KeyMetadata> {
-    Ok(audited(
-        layout,
-        operation,
-        key,
-        |k: &KeyMetadata| Some(k.key_id.clone()),
-        op,
-    )?)
 }
 
 fn create_via_daemon(mut client: Client, args: &CreateArgs, out: &Output) -> Result<()> {
@@ -930,13 +919,6 @@ fn kms_target(cli: &Cli, layout: &StateLayout, socket: &Path) -> Result<KmsTarge
     })
 }
 
-/// The one key a key verb returns.
-fn one_key(keys: Vec<KeyMetadata>) -> Result<KeyMetadata> {
-    keys.into_iter()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("the daemon returned no key"))
-}
-
 async fn kms(
     cli: &Cli,
     layout: &StateLayout,
@@ -949,155 +931,43 @@ async fn kms(
     let open_local_kms = |cli: &Cli, layout: &StateLayout, create| {
         open_keystore(cli, layout, &target.keystore, create)
     };
-    // The key verbs go to the daemon when one answers: it runs them on its own KMS, checks
-    // the caller and audits them. None: no daemon, run them here.
-    let via_daemon = |request: KmsKeyRequest| -> Result<Option<Vec<KeyMetadata>>> {
-        let Some(socket) = &target.daemon else {
-            return Ok(None);
-        };
-        let r = Client::connect(socket)?.call(Request::Kms(request))?;
-        let Response::KmsKeys { keys } = r else {
-            anyhow::bail!("unexpected answer from the daemon: {r:?}");
-        };
-        let keys = keys
-            .into_iter()
-            .map(serde_json::from_value)
-            .collect::<Result<Vec<KeyMetadata>, _>>()
-            .context("the daemon sent key metadata this CLI cannot read")?;
-        Ok(Some(keys))
-    };
-    match cmd {
-        KmsCommand::CreateKey { alias, description } => {
-            let request = KmsKeyRequest::CreateKey {
-                alias: alias.clone(),
-                description: description.clone(),
-            };
-            let k = match via_daemon(request)? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    let kms = open_local_kms(cli, layout, true)?;
-                    audited_key_op(layout, "kms-create-key", None, || {
-                        kms.create_key(alias.as_deref(), description)
-                    })?
-                }
-            };
-            out.emit(&k, || format!("created key {}", key_text(&k)))
-        }
-        KmsCommand::ListKeys => {
-            let keys = match via_daemon(KmsKeyRequest::ListKeys)? {
-                Some(keys) => keys,
-                None => open_local_kms(cli, layout, false)?.list_keys()?,
-            };
-            out.emit(&keys, || {
-                if keys.is_empty() {
-                    "no keys (create one with 'cryptnbdctl kms create-key --alias NAME')".into()
-                } else {
-                    keys.iter().map(key_text).collect::<Vec<_>>().join("\n")
-                }
-            })
-        }
-        KmsCommand::DescribeKey { key } => {
-            let k = match via_daemon(KmsKeyRequest::DescribeKey { key: key.clone() })? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    open_local_kms(cli, layout, false)?
-                        .describe_key(key)
-                        .await?
-                }
-            };
-            out.emit(&k, || key_text(&k))
-        }
-        KmsCommand::EnableKey { key } => {
-            let k = match via_daemon(KmsKeyRequest::EnableKey { key: key.clone() })? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    let kms = open_local_kms(cli, layout, false)?;
-                    audited_key_op(layout, "kms-enable-key", Some(key), || kms.enable_key(key))?
-                }
-            };
-            out.emit(&k, || format!("enabled {}", key_text(&k)))
-        }
-        KmsCommand::DisableKey { key } => {
-            let k = match via_daemon(KmsKeyRequest::DisableKey { key: key.clone() })? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    let kms = open_local_kms(cli, layout, false)?;
-                    audited_key_op(layout, "kms-disable-key", Some(key), || {
-                        kms.disable_key(key)
-                    })?
-                }
-            };
-            out.emit(&k, || format!("disabled {}", key_text(&k)))
-        }
-        KmsCommand::ScheduleKeyDeletion { key, days } => {
-            let request = KmsKeyRequest::ScheduleKeyDeletion {
-                key: key.clone(),
-                days: *days,
-            };
-            let k = match via_daemon(request)? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    let kms = open_local_kms(cli, layout, false)?;
-                    audited_key_op(layout, "kms-schedule-key-deletion", Some(key), || {
-                        kms.schedule_key_deletion(key, *days)
-                    })?
-                }
-            };
-            out.emit(&k, || {
-                format!(
-                    "scheduled for deletion: {}\nEvery volume wrapped by this key becomes unreadable when it is deleted; \
-                     'cryptnbdctl kms cancel-key-deletion {}' undoes this until then.",
-                    key_text(&k),
-                    k.key_id
-                )
-            })
-        }
+    let request = match cmd {
+        KmsCommand::CreateKey { alias, description } => KmsKeyRequest::CreateKey {
+            alias: alias.clone(),
+            description: description.clone(),
+        },
+        KmsCommand::ListKeys => KmsKeyRequest::ListKeys,
+        KmsCommand::DescribeKey { key } => KmsKeyRequest::DescribeKey { key: key.clone() },
+        KmsCommand::EnableKey { key } => KmsKeyRequest::EnableKey { key: key.clone() },
+        KmsCommand::DisableKey { key } => KmsKeyRequest::DisableKey { key: key.clone() },
+        KmsCommand::ScheduleKeyDeletion { key, days } => KmsKeyRequest::ScheduleKeyDeletion {
+            key: key.clone(),
+            days: *days,
+        },
         KmsCommand::CancelKeyDeletion { key } => {
-            let k = match via_daemon(KmsKeyRequest::CancelKeyDeletion { key: key.clone() })? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    let kms = open_local_kms(cli, layout, false)?;
-                    audited_key_op(layout, "kms-cancel-key-deletion", Some(key), || {
-                        kms.cancel_key_deletion(key)
-                    })?
-                }
-            };
-            out.emit(&k, || {
-                format!(
-                    "deletion cancelled; the key is disabled until enabled: {}",
-                    key_text(&k)
-                )
-            })
+            KmsKeyRequest::CancelKeyDeletion { key: key.clone() }
         }
-        KmsCommand::RotateKey { key } => {
-            let k = match via_daemon(KmsKeyRequest::RotateKey { key: key.clone() })? {
-                Some(keys) => one_key(keys)?,
-                None => {
-                    let kms = open_local_kms(cli, layout, false)?;
-                    audited_key_op(layout, "kms-rotate-key", Some(key), || kms.rotate_key(key))?
-                }
-            };
-            out.emit(&k, || format!("rotated {}", key_text(&k)))
-        }
+        KmsCommand::RotateKey { key } => KmsKeyRequest::RotateKey { key: key.clone() },
         KmsCommand::Seal {
             new_passphrase_file,
         } => {
-            let pass = secret_from(new_passphrase_file.as_ref(), "CRYPTNBD_NEW_KMS_PASSPHRASE")?
+            return {
+                let pass = secret_from(new_passphrase_file.as_ref(), "CRYPTNBD_NEW_KMS_PASSPHRASE")?
                 .ok_or_else(|| {
                     CliError::usage(
                         "give the new passphrase with --new-passphrase-file or CRYPTNBD_NEW_KMS_PASSPHRASE",
                     )
                 })?;
-            let kms = open_local_kms(cli, layout, false)?;
-            let was_sealed = kms.is_sealed();
-            audited(layout, "kms-seal", None, |_| None, || kms.seal(&pass))?;
-            #[derive(Serialize)]
-            struct Sealed<'a> {
-                keystore: &'a Path,
-                sealed: bool,
-                passphrase_changed: bool,
-            }
-            out.emit(
+                let kms = open_local_kms(cli, layout, false)?;
+                let was_sealed = kms.is_sealed();
+                audited(layout, "kms-seal", None, |_| None, || kms.seal(&pass))?;
+                #[derive(Serialize)]
+                struct Sealed<'a> {
+                    keystore: &'a Path,
+                    sealed: bool,
+                    passphrase_changed: bool,
+                }
+                out.emit(
                 &Sealed { keystore: kms.dir(), sealed: true, passphrase_changed: was_sealed },
                 || {
                     format!(
@@ -1108,27 +978,29 @@ async fn kms(
                     )
                 },
             )
+            };
         }
         KmsCommand::Backup {
             to,
             passphrase_file,
         } => {
-            let pass = backup_passphrase(passphrase_file.as_ref())?;
-            let kms = open_local_kms(cli, layout, false)?;
-            audited(
-                layout,
-                "kms-backup",
-                None,
-                |_| None,
-                || kms.backup(to, &pass),
-            )?;
-            let n = kms.list_keys()?.len();
-            #[derive(Serialize)]
-            struct Backup<'a> {
-                file: &'a Path,
-                keys: usize,
-            }
-            out.emit(&Backup { file: to, keys: n }, || {
+            return {
+                let pass = backup_passphrase(passphrase_file.as_ref())?;
+                let kms = open_local_kms(cli, layout, false)?;
+                audited(
+                    layout,
+                    "kms-backup",
+                    None,
+                    |_| None,
+                    || kms.backup(to, &pass),
+                )?;
+                let n = kms.list_keys()?.len();
+                #[derive(Serialize)]
+                struct Backup<'a> {
+                    file: &'a Path,
+                    keys: usize,
+                }
+                out.emit(&Backup { file: to, keys: n }, || {
                 format!(
                     "wrote {} keys to {} (encrypted with the passphrase). Keep it apart from this machine: \
                      without the keystore every volume is lost.",
@@ -1136,29 +1008,91 @@ async fn kms(
                     to.display()
                 )
             })
+            };
         }
         KmsCommand::Restore {
             from,
             passphrase_file,
         } => {
-            let pass = backup_passphrase(passphrase_file.as_ref())?;
-            make_private_dir(&layout.state_dir)?;
-            let options = keystore_options(cli, true)?;
-            let kms = audited(
-                layout,
-                "kms-restore",
-                None,
-                |_| None,
-                || LocalKms::restore(&layout.keystore(), from, &pass, options),
-            )?;
-            let keys = kms.list_keys()?;
-            out.emit(&keys, || {
-                format!(
-                    "restored {} keys into {}",
-                    keys.len(),
-                    layout.keystore().display()
-                )
-            })
+            return {
+                let pass = backup_passphrase(passphrase_file.as_ref())?;
+                make_private_dir(&layout.state_dir)?;
+                let options = keystore_options(cli, true)?;
+                let kms = audited(
+                    layout,
+                    "kms-restore",
+                    None,
+                    |_| None,
+                    || LocalKms::restore(&layout.keystore(), from, &pass, options),
+                )?;
+                let keys = kms.list_keys()?;
+                out.emit(&keys, || {
+                    format!(
+                        "restored {} keys into {}",
+                        keys.len(),
+                        layout.keystore().display()
+                    )
+                })
+            };
         }
+    };
+    // The key verbs run in the daemon when one answers (it checks the caller and audits),
+    // else here, on the keystore named above, audited the same way.
+    let keys = match &target.daemon {
+        Some(socket) => {
+            let r = Client::connect(socket)?.call(Request::Kms(request.clone()))?;
+            let Response::KmsKeys { keys } = r else {
+                anyhow::bail!("unexpected answer from the daemon: {r:?}");
+            };
+            keys.into_iter()
+                .map(serde_json::from_value)
+                .collect::<Result<Vec<KeyMetadata>, _>>()
+                .context("the daemon sent key metadata this CLI cannot read")?
+        }
+        None => {
+            let create = matches!(request, KmsKeyRequest::CreateKey { .. });
+            let kms = open_local_kms(cli, layout, create)?;
+            let uid = rustix::process::getuid().as_raw();
+            let (result, record) = statedir::keys::run(&kms, &request, uid);
+            if let Some(record) = record {
+                append_audit(layout, &record);
+            }
+            result?
+        }
+    };
+    print_keys(&request, keys, out)
+}
+
+/// Prints what a key verb answered: the list for `list-keys`, else its one key.
+fn print_keys(request: &KmsKeyRequest, keys: Vec<KeyMetadata>, out: &Output) -> Result<()> {
+    if let KmsKeyRequest::ListKeys = request {
+        return out.emit(&keys, || {
+            if keys.is_empty() {
+                "no keys (create one with 'cryptnbdctl kms create-key --alias NAME')".into()
+            } else {
+                keys.iter().map(key_text).collect::<Vec<_>>().join("\n")
+            }
+        });
     }
+    let k = keys
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the KMS returned no key"))?;
+    out.emit(&k, || match request {
+        KmsKeyRequest::CreateKey { .. } => format!("created key {}", key_text(&k)),
+        KmsKeyRequest::EnableKey { .. } => format!("enabled {}", key_text(&k)),
+        KmsKeyRequest::DisableKey { .. } => format!("disabled {}", key_text(&k)),
+        KmsKeyRequest::ScheduleKeyDeletion { .. } => format!(
+            "scheduled for deletion: {}\nEvery volume wrapped by this key becomes unreadable when it is deleted; \
+             'cryptnbdctl kms cancel-key-deletion {}' undoes this until then.",
+            key_text(&k),
+            k.key_id
+        ),
+        KmsKeyRequest::CancelKeyDeletion { .. } => format!(
+            "deletion cancelled; the key is disabled until enabled: {}",
+            key_text(&k)
+        ),
+        KmsKeyRequest::RotateKey { .. } => format!("rotated {}", key_text(&k)),
+        KmsKeyRequest::ListKeys | KmsKeyRequest::DescribeKey { .. } => key_text(&k),
+    })
 }

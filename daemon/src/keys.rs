@@ -401,72 +401,9 @@ impl Daemon {
                 ),
             ));
         }
-        let started = Instant::now();
-        let (operation, key, result) = match &r {
-            KmsKeyRequest::CreateKey { alias, description } => (
-                "kms-create-key",
-                None,
-                local
-                    .create_key(alias.as_deref(), description)
-                    .map(|k| vec![k]),
-            ),
-            KmsKeyRequest::ListKeys => ("kms-list-keys", None, local.list_keys()),
-            KmsKeyRequest::DescribeKey { key } => (
-                "kms-describe-key",
-                Some(key),
-                local.describe(key).map(|k| vec![k]),
-            ),
-            KmsKeyRequest::EnableKey { key } => (
-                "kms-enable-key",
-                Some(key),
-                local.enable_key(key).map(|k| vec![k]),
-            ),
-            KmsKeyRequest::DisableKey { key } => (
-                "kms-disable-key",
-                Some(key),
-                local.disable_key(key).map(|k| vec![k]),
-            ),
-            KmsKeyRequest::ScheduleKeyDeletion { key, days } => (
-                "kms-schedule-key-deletion",
-                Some(key),
-                local.schedule_key_deletion(key, *days).map(|k| vec![k]),
-            ),
-            KmsKeyRequest::CancelKeyDeletion { key } => (
-                "kms-cancel-key-deletion",
-                Some(key),
-                local.cancel_key_deletion(key).map(|k| vec![k]),
-            ),
-            KmsKeyRequest::RotateKey { key } => (
-                "kms-rotate-key",
-                Some(key),
-                local.rotate_key(key).map(|k| vec![k]),
-            ),
-        };
-        // Reads are not audited offline either; changes are, with the key they changed.
-        if !matches!(
-            r,
-            KmsKeyRequest::ListKeys | KmsKeyRequest::DescribeKey { .. }
-        ) {
-            self.services.audit.record(&statedir::audit::AuditRecord {
-                time: statedir::stamp::now(),
-                operation: operation.into(),
-                backend: "local".into(),
-                key_id: result
-                    .as_ref()
-                    .ok()
-                    .and_then(|k| k.first())
-                    .map(|k| k.key_id.clone())
-                    .or_else(|| key.cloned()),
-                context: None,
-                volume: None,
-                caller_uid: Some(caller.uid),
-                outcome: match &result {
-                    Ok(_) => "ok".into(),
-                    Err(e) => chain(e),
-                },
-                latency_ms: started.elapsed().as_millis() as u64,
-                request_id: None,
-            });
+        let (result, record) = statedir::keys::run(local, &r, caller.uid);
+        if let Some(record) = record {
+            self.services.audit.record(&record);
         }
         let keys = result.map_err(|e| {
             let code = match e.kind() {

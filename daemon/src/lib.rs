@@ -28,6 +28,7 @@ pub mod ops;
 pub mod registry;
 pub mod request;
 pub mod services;
+pub mod staging;
 pub mod state;
 pub mod volumes;
 

@@ -26,7 +26,6 @@ use control_api::{
 use kms_client::{EncryptionContext, Kms};
 use store::BackingStore;
 use store::catalog::{Catalog, DirCatalog, Staged};
-use store::durable::Existing;
 use store::file::{Access, FileStore};
 use volume::lifecycle::{self, Cancel, Progress};
 use volume::token::KmsToken;
@@ -38,6 +37,7 @@ use crate::caller::Caller;
 use crate::daemon::Daemon;
 use crate::error::{Error, api, chain};
 use crate::request::RequestContext;
+use crate::staging::{DiscardOnDrop, discard_in, publish_new_in, publish_replacing_in, stage_in};
 
 /// A volume file to change the header of (see [`Daemon::header_file`]).
 enum HeaderFile {
@@ -69,81 +69,6 @@ async fn blocking<T: Send + 'static>(
 }
 
 pub use statedir::summary::base_image_of;
-
-/// A new store staged in `catalog` to become volume `name` by `operation`. Staged stores of
-/// that name left by an earlier failure are wiped and discarded first (the volume's operation
-/// guard keeps any other operation out).
-fn stage_in(catalog: &dyn Catalog, name: &str, operation: &str) -> Result<Staged, VolumeError> {
-    for left in catalog.leftovers().unwrap_or_default() {
-        if left.name == name {
-            discard_in(catalog, left);
-        }
-    }
-    catalog
-        .stage(name, operation)
-        .map_err(|e| VolumeError::io(&catalog.location(name), "creating a new volume file", e))
-}
-
-/// Wipes (its header may hold a wrapped key) and removes a staged store that will not be
-/// published.
-fn discard_in(catalog: &dyn Catalog, staged: Staged) {
-    if let Ok(store) = catalog.open_staged(&staged) {
-        let _ = volume::wipe_header_area(&*store);
-    }
-    if let Err(e) = catalog.discard(staged) {
-        tracing::debug!(error = %e, "cannot remove a staged volume file");
-    }
-}
-
-/// Publishes `staged` as a new volume of `catalog` (refused if the name was taken meanwhile).
-fn publish_new_in(catalog: &dyn Catalog, staged: Staged) -> Result<(), VolumeError> {
-    let path = catalog.location(&staged.name);
-    match catalog.publish(staged, Existing::Keep) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(VolumeError::new(
-            VolumeErrorKind::AlreadyExists,
-            format!("{} already exists", path.display()),
-        )),
-        Err(e) => Err(VolumeError::io(
-            &path,
-            "linking the new volume into place",
-            e,
-        )),
-    }
-}
-
-/// Swaps `staged` in for its volume, atomically (a crash leaves the old volume or the new
-/// one), then wipes the header of the replaced store so its freed blocks do not keep the old
-/// wrapped key.
-fn publish_replacing_in(catalog: &dyn Catalog, staged: Staged) -> Result<(), VolumeError> {
-    let path = catalog.location(&staged.name);
-    let old = catalog
-        .publish(staged, Existing::Replace)
-        .map_err(|e| VolumeError::io(&path, "replacing the volume file", e))?;
-    if let Some(old) = old
-        && let Err(e) = volume::wipe_header_area(&*old)
-    {
-        tracing::warn!(volume = %path.display(), error = %chain(&e), "could not wipe the replaced file's header");
-    }
-    Ok(())
-}
-
-/// Discards a staged store when dropped: after a publish there is nothing left to discard
-/// (the hidden name is gone), so it only acts on the ways out before one.
-struct DiscardOnDrop<'a> {
-    catalog: &'a dyn Catalog,
-    staged: Option<Staged>,
-}
-
-impl Drop for DiscardOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(staged) = self.staged.take()
-            && self.catalog.open_staged(&staged).is_ok()
-        {
-            discard_in(self.catalog, staged);
-        }
-    }
-}
 
 /// Size of a passed image: the file's size for a regular file (it must agree with a size the
 /// client gave), else the client's size.

@@ -70,38 +70,19 @@ impl Daemon {
                 ),
             ));
         }
-        let mut staged = catalog
-            .stage(name, "creating")
-            .map_err(|e| VolumeError::io(&path, "creating the volume file", e))?;
+        let mut staged = crate::staging::stage_in(&**catalog, name, "creating")?;
+        let cleanup = crate::staging::DiscardOnDrop {
+            catalog: &**catalog,
+            staged: Some(staged.handle()),
+        };
         let store = staged.take_store().ok_or_else(|| {
             VolumeError::new(VolumeErrorKind::Io, "the catalog gave no staged store")
         })?;
-        let handle = staged.handle();
-        let created = Volume::create_on(store, opts, &self.services.kms).await;
-        let failed = match created {
-            Ok(vol) => {
-                let published = catalog.publish(staged, store::durable::Existing::Keep);
-                drop(vol);
-                match published {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => VolumeError::new(
-                        VolumeErrorKind::AlreadyExists,
-                        format!(
-                            "{} already exists: choose another name or delete it first",
-                            path.display()
-                        ),
-                    ),
-                    Err(e) => VolumeError::io(&path, "linking the new volume into place", e),
-                }
-            }
-            Err(e) => e,
-        };
-        // What failed may have written a header with the wrapped key: wipe it, then discard.
-        if let Ok(s) = catalog.open_staged(&handle) {
-            let _ = volume::wipe_header_area(&*s);
-        }
-        let _ = catalog.discard(handle);
-        Err(failed)
+        let vol = Volume::create_on(store, opts, &self.services.kms).await?;
+        drop(vol);
+        let published = crate::staging::publish_new_in(&**catalog, staged);
+        drop(cleanup);
+        published
     }
 
     pub(crate) async fn create(

@@ -8,5 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod keys;
 pub mod stamp;
 pub mod summary;
