@@ -852,8 +852,8 @@ fn key_text(k: &KeyMetadata) -> String {
 struct KmsTarget {
     layout: StateLayout,
     keystore: PathBuf,
-    /// The control socket of the daemon that answered (None: no daemon).
-    daemon: Option<PathBuf>,
+    /// The connection to the daemon that answered (None: no daemon); the key verbs use it.
+    daemon: Option<Client>,
 }
 
 /// Which keystore `kms` manages: the one of the daemon that answers on `socket` (so
@@ -915,7 +915,7 @@ fn kms_target(cli: &Cli, layout: &StateLayout, socket: &Path) -> Result<KmsTarge
     Ok(KmsTarget {
         layout: daemon,
         keystore,
-        daemon: Some(socket.to_path_buf()),
+        daemon: Some(client),
     })
 }
 
@@ -1038,9 +1038,9 @@ async fn kms(
     };
     // The key verbs run in the daemon when one answers (it checks the caller and audits),
     // else here, on the keystore named above, audited the same way.
-    let keys = match &target.daemon {
-        Some(socket) => {
-            let r = Client::connect(socket)?.call(Request::Kms(request.clone()))?;
+    let keys = match target.daemon {
+        Some(mut client) => {
+            let r = client.call(Request::Kms(request.clone()))?;
             let Response::KmsKeys { keys } = r else {
                 anyhow::bail!("unexpected answer from the daemon: {r:?}");
             };

@@ -156,21 +156,7 @@ impl Catalog for DirCatalog {
         crate::durable::create_private_dir(&self.dir)?;
         let location = self.staged_path(name, operation);
         let _ = std::fs::remove_file(&location);
-        let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&location)?
-        };
-        file.try_lock().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::ResourceBusy,
-                format!("{}: cannot lock the new file", location.display()),
-            )
-        })?;
+        let file = crate::durable::create_locked(&location)?;
         // Messages about the store name the volume it becomes, not the hidden file.
         let store = FileStore::from_file(file, &self.location(name))?;
         Ok(Staged {
@@ -189,26 +175,21 @@ impl Catalog for DirCatalog {
         if let Some(store) = &staged.store {
             store.flush()?;
         }
-        let mut replaced = None;
-        match existing {
-            Existing::Replace => {
-                // Kept open across the rename: the caller wipes it once it is unlinked.
-                replaced = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&target)
-                    .ok()
-                    .and_then(|f| FileStore::from_file(f, &target).ok())
-                    .map(|s| Box::new(s) as Box<dyn BackingStore>);
-                crate::crash::crash_point("replace-before-rename");
-                std::fs::rename(&staged.location, &target)?;
-                crate::crash::crash_point("replace-after-rename");
-            }
-            Existing::Keep => {
-                std::fs::hard_link(&staged.location, &target)?;
-                std::fs::remove_file(&staged.location)?;
-            }
+        if existing == Existing::Keep {
+            crate::durable::link_new(&staged.location, &target)?;
+            return Ok(None);
         }
+        // Kept open across the rename: the caller wipes it once it is unlinked.
+        let replaced = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&target)
+            .ok()
+            .and_then(|f| FileStore::from_file(f, &target).ok())
+            .map(|s| Box::new(s) as Box<dyn BackingStore>);
+        crate::crash::crash_point("replace-before-rename");
+        std::fs::rename(&staged.location, &target)?;
+        crate::crash::crash_point("replace-after-rename");
         sync_dir(&self.dir)?;
         Ok(replaced)
     }

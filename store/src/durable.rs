@@ -91,6 +91,33 @@ pub fn rename_durable(tmp: &Path, dst: &Path) -> io::Result<()> {
     sync_dir(parent_of(dst))
 }
 
+/// Creates the new file `path` (0600, refused if it exists) for reading and writing, under
+/// an exclusive lock: a file to be built and then put in place with [`link_new`].
+pub fn create_locked(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.try_lock().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{}: cannot lock the new file", path.display()),
+        )
+    })?;
+    Ok(file)
+}
+
+/// Puts the complete, synced file `tmp` in place as the new file `target` (refused with
+/// `AlreadyExists` if `target` exists: a hard link never replaces), removes the name `tmp`
+/// and fsyncs the directory.
+pub fn link_new(tmp: &Path, target: &Path) -> io::Result<()> {
+    std::fs::hard_link(tmp, target)?;
+    std::fs::remove_file(tmp)?;
+    sync_dir(parent_of(target))
+}
+
 /// Creates `dir` and its missing parents with mode 0700 (owner only); an existing directory
 /// is left as it is.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {

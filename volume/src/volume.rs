@@ -19,8 +19,6 @@
 //! - The volume sees its bytes only through a [`BackingStore`]: a file here, memory in tests;
 //!   opening by path picks the file engine.
 
-use std::fs::OpenOptions as FsOpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -272,10 +270,7 @@ fn open_error(path: &Path, e: OpenError) -> VolumeError {
 /// area wiped and flushed, then removed from the catalog.
 pub fn wipe_and_remove_in(catalog: &dyn Catalog, name: &str) -> Result<(), VolumeError> {
     let path = catalog.location(name);
-    let store = open_in(catalog, name, Access::ReadWrite)?;
-    header::read_headers(&*store)?;
-    wipe_header_area(&*store)?;
-    drop(store);
+    wipe_volume(&*open_in(catalog, name, Access::ReadWrite)?)?;
     catalog
         .remove(name)
         .map_err(|e| VolumeError::io(&path, "removing the volume file", e))?;
@@ -550,30 +545,16 @@ impl Volume {
             file_name.to_string_lossy(),
             std::process::id()
         ));
-        let made = (|| {
-            let file = FsOpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| VolumeError::io(path, "creating the volume file", e))?;
-            file.try_lock().map_err(|_| {
-                VolumeError::new(
-                    VolumeErrorKind::InUse,
-                    format!("{}: cannot lock the new file", path.display()),
-                )
-            })?;
+        let made = store::durable::create_locked(&tmp)
             // Messages name the volume's final path, not the temporary one.
-            FileStore::from_file(file, path)
-                .map_err(|e| VolumeError::io(path, "creating the volume file", e))
-        })();
+            .and_then(|file| FileStore::from_file(file, path))
+            .map_err(|e| VolumeError::io(path, "creating the volume file", e));
         let built = match made {
             Ok(store) => Self::create_on(Box::new(store), opts, kms).await,
             Err(e) => Err(e),
         }
         .and_then(|vol| {
-            std::fs::hard_link(&tmp, path).map_err(|e| {
+            store::durable::link_new(&tmp, path).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::AlreadyExists {
                     VolumeError::new(
                         VolumeErrorKind::AlreadyExists,
@@ -588,12 +569,11 @@ impl Volume {
             })?;
             Ok(vol)
         });
-        // The temporary name goes in every case; on success the file lives on under `path`.
-        let _ = std::fs::remove_file(&tmp);
-        let vol = built?;
-        store::durable::sync_dir(dir)
-            .map_err(|e| VolumeError::io(path, "syncing the directory", e))?;
-        Ok(vol)
+        if built.is_err() {
+            // Never linked: the temporary name goes.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        built
     }
 
     /// Formats the empty `store` as a new volume: asks the KMS for a 64-byte data key under
@@ -1076,14 +1056,19 @@ pub fn wipe_header_area(store: &dyn BackingStore) -> Result<(), VolumeError> {
         .map_err(|e| VolumeError::io(path, "syncing the wiped header", e))
 }
 
+/// Checks that `store` holds a LUKS2 volume (a foreign file is refused, untouched), then
+/// wipes its header area: what both deletions do before the store goes.
+fn wipe_volume(store: &dyn BackingStore) -> Result<(), VolumeError> {
+    header::read_headers(store)?;
+    wipe_header_area(store)
+}
+
 /// Deletes a volume file for good: takes the exclusive lock (refusing a volume in use),
 /// checks that it is a LUKS2 volume, overwrites both header copies and the keyslot area
 /// (everything before the data segment) with zeros, syncs, then removes the file and syncs
 /// the directory. Without the header the data is unreadable, even with the KMS.
 pub fn wipe_and_remove(path: &Path) -> Result<(), VolumeError> {
-    let store = open_file_store(path, Access::ReadWrite)?;
-    header::read_headers(&store)?;
-    wipe_header_area(&store)?;
+    wipe_volume(&open_file_store(path, Access::ReadWrite)?)?;
     std::fs::remove_file(path).map_err(|e| VolumeError::io(path, "removing the volume file", e))?;
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = store::durable::sync_dir(dir);
