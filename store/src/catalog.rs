@@ -112,11 +112,6 @@ impl DirCatalog {
         }
     }
 
-    /// Its directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn staged_path(&self, name: &str, operation: &str) -> PathBuf {
         self.dir.join(format!(".{name}.{operation}{SUFFIX}"))
     }

@@ -82,11 +82,6 @@ impl FileStore {
     pub fn file(&self) -> &File {
         &self.file
     }
-
-    /// The path the file was opened at.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl BackingStore for FileStore {

@@ -68,11 +68,6 @@ impl MemStore {
         let durable = self.lock().durable.clone();
         Self::from_image(self.name.clone(), durable)
     }
-
-    /// How many chunks hold data (for tests of discard).
-    pub fn allocated_chunks(&self) -> usize {
-        self.lock().live.chunks.len()
-    }
 }
 
 impl Image {
