@@ -60,9 +60,14 @@ impl StateLayout {
         self.volumes().join(format!("{name}.luks"))
     }
 
+    /// Where the snapshot directories live, one per volume.
+    pub fn snapshots(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
+    }
+
     /// Where the snapshots of volume `name` live (each a LUKS2 volume file).
     pub fn snapshots_dir(&self, name: &str) -> PathBuf {
-        self.state_dir.join("snapshots").join(name)
+        self.snapshots().join(name)
     }
 
     /// The file of snapshot `snapshot` of volume `name`.

@@ -18,6 +18,8 @@ use crate::exit::CliError;
 use crate::output::Output;
 use crate::units::human;
 use control_api::paths::{StateLayout, validate_name};
+use store::catalog::Catalog as _;
+use store::file::Access;
 
 /// Runs one verb.
 pub fn run(cli: Cli) -> Result<()> {
@@ -398,7 +400,7 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
             other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
         },
         None => statedir::summary::scan_volumes(
-            &store::catalog::DirCatalog::new(&layout.volumes()),
+            &store::catalog::DirCatalog::new(&layout.volumes(), &layout.snapshots()),
             |_| false,
         )
         .with_context(|| format!("cannot list {}", layout.volumes().display()))?,
@@ -463,8 +465,12 @@ fn delete(
             })?;
         }
         None => {
-            let path = layout.volume_file(volume);
-            if layout.snapshots_dir(volume).exists() {
+            let catalog = store::catalog::DirCatalog::new(&layout.volumes(), &layout.snapshots());
+            if catalog
+                .snapshots(volume)
+                .and_then(|snaps| snaps.list())
+                .is_ok_and(|names| !names.is_empty())
+            {
                 return Err(CliError::new(
                     crate::exit::NO_DAEMON,
                     format!(
@@ -474,12 +480,20 @@ fn delete(
                 )
                 .into());
             }
-            let token = volume::inspect(&path).ok().and_then(|i| i.token);
-            let grant = volume::lifecycle::read_token(&path)
+            let store = volume::open_in(&catalog, volume, Access::Inspect);
+            let token = store
+                .as_ref()
                 .ok()
+                .and_then(|s| volume::inspect_store(&**s).ok())
+                .and_then(|i| i.token);
+            let grant = store
+                .as_ref()
+                .ok()
+                .and_then(|s| volume::lifecycle::read_token_in(&**s).ok())
                 .and_then(|t| t.grant());
+            drop(store);
             let started = std::time::Instant::now();
-            let result = volume::wipe_and_remove(&path);
+            let result = volume::wipe_and_remove_in(&catalog, volume);
             offline_audit(layout, "delete", volume, token.as_ref(), started, &result);
             result?;
             if let Some(g) = grant {

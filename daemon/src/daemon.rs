@@ -62,7 +62,10 @@ impl Daemon {
                 detaching: Arc::default(),
             },
             services: Services {
-                catalog: Arc::new(store::catalog::DirCatalog::new(&layout.volumes())),
+                catalog: Arc::new(store::catalog::DirCatalog::new(
+                    &layout.volumes(),
+                    &layout.snapshots(),
+                )),
                 layout,
                 kms,
                 server,

@@ -25,8 +25,8 @@ use control_api::{
 };
 use kms_client::{EncryptionContext, Kms};
 use store::BackingStore;
-use store::catalog::{Catalog, DirCatalog, Staged};
-use store::file::{Access, FileStore};
+use store::catalog::{Catalog, Staged};
+use store::file::Access;
 use volume::lifecycle::{self, Cancel, Progress};
 use volume::token::KmsToken;
 use volume::{CreateOptions, OpenOptions, Volume, VolumeError, VolumeErrorKind};
@@ -117,11 +117,19 @@ fn explain_no_space(e: VolumeError, explain: impl FnOnce() -> String) -> VolumeE
     }
 }
 
-fn snapshot_created(path: &Path) -> String {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .map(rfc3339)
-        .unwrap_or_default()
+/// What `snapshots` tells of snapshot `name` (of `volume`, in its catalog of snapshots).
+fn snapshot_info(snaps: &dyn Catalog, volume: &str, name: &str) -> SnapshotInfo {
+    SnapshotInfo {
+        volume: volume.into(),
+        name: name.into(),
+        path: snaps.location(name).display().to_string(),
+        created: snaps.modified(name).map(rfc3339).unwrap_or_default(),
+        size: volume::open_in(snaps, name, Access::Inspect)
+            .and_then(|s| volume::inspect_store(&*s))
+            .map(|i| i.size)
+            .unwrap_or(0),
+        method: None,
+    }
 }
 
 impl Daemon {
@@ -179,7 +187,7 @@ impl Daemon {
     }
 
     /// The `cryptnbd-kms` token of volume `name`, read through the catalog (no lock, no KMS).
-    fn token(&self, name: &str) -> Result<KmsToken, Error> {
+    pub(crate) fn token(&self, name: &str) -> Result<KmsToken, Error> {
         volume::open_in(&*self.services.catalog, name, Access::Inspect)
             .and_then(|store| lifecycle::read_token_in(&*store))
             .map_err(Error::from)
@@ -225,13 +233,15 @@ impl Daemon {
     /// Wipes the temporaries a crash left behind (`.NAME.*.luks` and `.NAME.luks.creating-*`
     /// in the volume and snapshot directories). Called at start, before anything is attached.
     pub fn clean_leftovers(&self) {
-        let mut catalogs: Vec<Arc<dyn Catalog>> = vec![Arc::clone(&self.services.catalog)];
-        if let Ok(rd) = std::fs::read_dir(self.services.layout.state_dir.join("snapshots")) {
-            catalogs.extend(
-                rd.flatten()
-                    .map(|e| Arc::new(DirCatalog::new(&e.path())) as Arc<dyn Catalog>),
-            );
-        }
+        let volumes = &self.services.catalog;
+        let mut catalogs: Vec<Arc<dyn Catalog>> = vec![Arc::clone(volumes)];
+        catalogs.extend(
+            volumes
+                .list()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|name| volumes.snapshots(name).ok()),
+        );
         for catalog in catalogs {
             for left in catalog.leftovers().unwrap_or_default() {
                 tracing::warn!(path = %left.location.display(), "removing the leftover of an interrupted operation");
@@ -289,7 +299,7 @@ impl Daemon {
             .begin(name, "import", caller, ctx)
             .await
             .map_err(|e| VolumeError::new(VolumeErrorKind::InUse, e.message()))?;
-        if path.exists() {
+        if self.services.catalog.exists(name) {
             return Err(VolumeError::new(
                 VolumeErrorKind::AlreadyExists,
                 format!(
@@ -605,7 +615,7 @@ impl Daemon {
                 }
             }
             RebuildSource::Snapshot { name } => {
-                self.restore_snapshot_into(&r.volume, name, token, &staged.location.clone(), ctx)
+                self.restore_snapshot_into(&r.volume, name, token, &staged, ctx)
                     .await
             }
         };
@@ -642,18 +652,38 @@ impl Daemon {
         Ok((bytes, reattached))
     }
 
-    /// Clones snapshot `name` into the staged (empty) file `tmp` and re-wraps its key under
-    /// the volume's current master key and context (so a restore never undoes a rekey).
+    /// The length of volume `name`'s store (0 if it cannot be read), for messages.
+    fn stored_len(&self, name: &str) -> u64 {
+        volume::open_in(&*self.services.catalog, name, Access::Inspect)
+            .ok()
+            .and_then(|s| s.len().ok())
+            .unwrap_or(0)
+    }
+
+    /// The catalog of `volume`'s snapshots.
+    fn snapshots_of(&self, volume: &str) -> Result<Arc<dyn Catalog>, VolumeError> {
+        self.services.catalog.snapshots(volume).map_err(|e| {
+            VolumeError::io(
+                &self.services.catalog.location(volume),
+                "finding the snapshots",
+                e,
+            )
+        })
+    }
+
+    /// Clones snapshot `name` into `staged` (empty, in the volumes catalog) and re-wraps its
+    /// key under the volume's current master key and context (so a restore never undoes a
+    /// rekey).
     async fn restore_snapshot_into(
         &self,
         volume: &str,
         name: &str,
         current: &KmsToken,
-        tmp: &Path,
+        staged: &Staged,
         ctx: &RequestContext,
     ) -> Result<u64, VolumeError> {
-        let snap = self.services.layout.snapshot_file(volume, name);
-        if validate_name(name).is_err() || !snap.exists() {
+        let snaps = self.snapshots_of(volume)?;
+        if validate_name(name).is_err() || !snaps.exists(name) {
             return Err(VolumeError::new(
                 VolumeErrorKind::NotFound,
                 format!(
@@ -661,7 +691,9 @@ impl Daemon {
                 ),
             ));
         }
-        let snap_token = lifecycle::read_token(&snap)?;
+        let snap = snaps.location(name);
+        let src = volume::open_in(&*snaps, name, Access::ReadOnly)?;
+        let snap_token = lifecycle::read_token_in(&*src)?;
         let wrapped = snap_token.wrapped_in(&snap)?;
         let rewrapped = self
             .services
@@ -682,20 +714,16 @@ impl Daemon {
                 )
             })?;
         let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
-        let (snap2, tmp2) = (snap.clone(), tmp.to_path_buf());
-        let current = current.clone();
+        let catalog = Arc::clone(&self.services.catalog);
+        let (staged, current) = (staged.handle(), current.clone());
         blocking(move || {
-            let src = lifecycle::open_locked(&snap2, true)?;
-            let dst = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&tmp2)
-                .map_err(|e| VolumeError::io(&tmp2, "opening the staged file", e))?;
-            lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?;
-            let len = dst.metadata().map(|m| m.len()).unwrap_or(0);
-            let dst = FileStore::from_file(dst, &tmp2)
-                .map_err(|e| VolumeError::io(&tmp2, "opening the copy", e))?;
-            lifecycle::rewrite_token(&dst, |t| {
+            lifecycle::clone_in(&*catalog, &*src, &staged, "the rebuild", &progress, &cancel)?;
+            let location = catalog.location(&staged.name);
+            let dst = catalog
+                .open_staged(&staged)
+                .map_err(|e| VolumeError::io(&location, "opening the copy", e))?;
+            let len = dst.len().unwrap_or(0);
+            lifecycle::rewrite_token(&*dst, |t| {
                 t.rewrap(
                     &rewrapped.key_id,
                     &rewrapped.wrapped,
@@ -706,13 +734,15 @@ impl Daemon {
                 t.set_grant(current.grant());
             })?;
             dst.flush()
-                .map_err(|e| VolumeError::io(&tmp2, "syncing", e))?;
+                .map_err(|e| VolumeError::io(&location, "syncing", e))?;
             Ok(len)
         })
         .await
     }
 
-    /// `snapshot`.
+    /// `snapshot`: a clone of the volume published in its catalog of snapshots (a reflink
+    /// where the store can share blocks, else a sparse copy). An attached volume's writes
+    /// wait while it is cloned.
     pub(crate) async fn snapshot(
         &self,
         volume: &str,
@@ -721,7 +751,7 @@ impl Daemon {
         ctx: &mut RequestContext,
     ) -> Result<Response, Error> {
         let started = Instant::now();
-        let path = self.existing_volume(volume)?;
+        self.existing_volume(volume)?;
         let name = name.unwrap_or_else(|| {
             let t = time::OffsetDateTime::now_utc();
             format!(
@@ -737,8 +767,8 @@ impl Daemon {
         validate_name(&name)
             .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
         let _guard = self.begin(volume, "snapshot", caller, ctx).await?;
-        let target = self.services.layout.snapshot_file(volume, &name);
-        if target.exists() {
+        let snaps = self.snapshots_of(volume).map_err(Error::from)?;
+        if snaps.exists(&name) {
             return Err(api(
                 ErrorCode::Conflict,
                 format!(
@@ -746,11 +776,8 @@ impl Daemon {
                 ),
             ));
         }
-        crate::volumes::make_private_dir(&self.services.layout.snapshots_dir(volume))?;
         let token = self.token(volume).ok();
-        // The volume's snapshots are a catalog of their own (its snapshots directory).
-        let snaps = DirCatalog::new(&self.services.layout.snapshots_dir(volume));
-        let staged = stage_in(&snaps, &name, "taking").map_err(Error::from)?;
+        let staged = stage_in(&*snaps, &name, "taking").map_err(Error::from)?;
         let handle = staged.handle();
         let attached = self
             .state
@@ -758,86 +785,66 @@ impl Daemon {
             .get(volume)
             .map(|a| Arc::clone(a.device.volume()));
         let (progress, cancel) = (Arc::clone(&ctx.progress), ctx.cancel.clone());
-        let (tmp2, path2, snaps2) = (handle.location.clone(), path.clone(), snaps.clone());
+        let (catalog, snaps2, volume2) = (
+            Arc::clone(&self.services.catalog),
+            Arc::clone(&snaps),
+            volume.to_owned(),
+        );
         let result = blocking(move || {
-            // The staged file, empty: a reflink or a copy of the volume goes into it.
-            let dst = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&tmp2)
-                .map_err(|e| VolumeError::io(&tmp2, "opening the staged snapshot", e))?;
+            let what = "the snapshot";
             let method = match &attached {
                 Some(vol) => {
                     // Writes wait from here until the clone is done; what was acknowledged
-                    // before is flushed into the file first.
+                    // before is flushed into the store first.
                     let _paused = vol.pause_writes();
                     vol.flush()?;
-                    // A second descriptor of the attached file (no lock: the attachment
-                    // holds it), for the reflink or the copy.
-                    let src = volume::open_file_store(&path2, Access::Inspect)?;
-                    lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?
+                    lifecycle::clone_in(&*snaps2, vol.store(), &staged, what, &progress, &cancel)?
                 }
                 None => {
-                    let src = lifecycle::open_locked(&path2, true)?;
-                    lifecycle::clone_file(src.file(), &dst, &tmp2, &progress, &cancel)?
+                    let src = volume::open_in(&*catalog, &volume2, Access::ReadOnly)?;
+                    lifecycle::clone_in(&*snaps2, &*src, &staged, what, &progress, &cancel)?
                 }
             };
-            drop(dst);
-            publish_new_in(&snaps2, staged)?;
+            publish_new_in(&*snaps2, staged)?;
             Ok(method)
         })
         .await;
         if result.is_err() {
-            discard_in(&snaps, handle);
+            discard_in(&*snaps, handle);
         }
         let result = result.map_err(|e| {
             explain_no_space(e, || {
-                let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let size = self.stored_len(volume);
                 format!(
                     "snapshot {name} of volume {volume} needs up to {} in {} (a copy: this \
                      filesystem cannot share blocks with a reflink), and that filesystem is \
                      full: free space there or delete old snapshots, and retry; no snapshot \
                      was made and the volume is unchanged",
                     mib(size),
-                    dir_of(&target)
+                    dir_of(&snaps.location(&name))
                 )
             })
         });
         let method = self.audited("snapshot", volume, token.as_ref(), caller, started, result)?;
         tracing::info!(volume, snapshot = %name, method = method.as_str(), "snapshot taken");
-        let mut info = self.snapshot_info(volume, &name, &target);
+        let mut info = snapshot_info(&*snaps, volume, &name);
         info.method = Some(method.as_str().into());
         Ok(Response::SnapshotTaken(info))
     }
 
-    fn snapshot_info(&self, volume: &str, name: &str, path: &Path) -> SnapshotInfo {
-        SnapshotInfo {
-            volume: volume.into(),
-            name: name.into(),
-            path: path.display().to_string(),
-            created: snapshot_created(path),
-            size: volume::inspect(path).map(|i| i.size).unwrap_or(0),
-            method: None,
-        }
-    }
-
     /// The snapshots of `volume`, oldest first.
     pub fn snapshot_list(&self, volume: &str) -> Vec<SnapshotInfo> {
-        let dir = self.services.layout.snapshots_dir(volume);
-        let mut out: Vec<(std::time::SystemTime, SnapshotInfo)> = std::fs::read_dir(&dir)
+        let Ok(snaps) = self.snapshots_of(volume) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(std::time::SystemTime, SnapshotInfo)> = snaps
+            .list()
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let path = e.path();
-                let name = path
-                    .file_name()?
-                    .to_str()?
-                    .strip_suffix(".luks")?
-                    .to_owned();
-                validate_name(&name).ok()?;
-                let t = e.metadata().and_then(|m| m.modified()).ok()?;
-                Some((t, self.snapshot_info(volume, &name, &path)))
+            .filter(|name| validate_name(name).is_ok())
+            .filter_map(|name| {
+                let t = snaps.modified(&name).ok()?;
+                Some((t, snapshot_info(&*snaps, volume, &name)))
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.name.cmp(&b.1.name)));
@@ -864,8 +871,8 @@ impl Daemon {
         validate_name(volume).map_err(|m| api(ErrorCode::InvalidRequest, m))?;
         validate_name(name)
             .map_err(|m| api(ErrorCode::InvalidRequest, format!("snapshot name: {m}")))?;
-        let path = self.services.layout.snapshot_file(volume, name);
-        if !path.exists() {
+        let snaps = self.snapshots_of(volume).map_err(Error::from)?;
+        if !snaps.exists(name) {
             return Err(api(
                 ErrorCode::NotFound,
                 format!(
@@ -875,22 +882,38 @@ impl Daemon {
         }
         let _g = self.state.locks.lock(&[crate::locks::volume(volume)]).await;
         self.state.ops.check_idle(volume)?;
-        let token = lifecycle::read_token(&path).ok();
-        let snaps = DirCatalog::new(&self.services.layout.snapshots_dir(volume));
-        let result = volume::wipe_and_remove_in(&snaps, name);
-        self.audited(
+        let result = self.delete_snapshot_in(&*snaps, volume, name, caller, started);
+        result.map_err(Error::from)?;
+        Ok(Response::SnapshotDeleted {
+            volume: volume.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Wipes and removes snapshot `name` from `snaps` (the catalog of `volume`'s snapshots),
+    /// with its audit record.
+    pub(crate) fn delete_snapshot_in(
+        &self,
+        snaps: &dyn Catalog,
+        volume: &str,
+        name: &str,
+        caller: Caller,
+        started: Instant,
+    ) -> Result<(), VolumeError> {
+        let token = volume::open_in(snaps, name, Access::Inspect)
+            .and_then(|s| lifecycle::read_token_in(&*s))
+            .ok();
+        let result = volume::wipe_and_remove_in(snaps, name);
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
+        self.audit_token(
             "delete-snapshot",
             volume,
             token.as_ref(),
             caller,
             started,
-            result,
-        )?;
-        let _ = std::fs::remove_dir(self.services.layout.snapshots_dir(volume));
-        Ok(Response::SnapshotDeleted {
-            volume: volume.into(),
-            name: name.into(),
-        })
+            &outcome,
+        );
+        result
     }
 
     /// `rekey`: KMS ReEncrypt of the wrapped key to the new master key and context, then one
@@ -1095,7 +1118,7 @@ impl Daemon {
         }
         let result = result.map_err(|e| {
             explain_no_space(e, || {
-                let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                let size = self.stored_len(volume);
                 format!(
                     "re-encrypting volume {volume} needs room for a second copy of it (up to \
                      {}) in {} until the swap, and that filesystem is full: free space there \

@@ -228,7 +228,7 @@ impl Daemon {
         caller: Caller,
     ) -> Result<Response, Error> {
         let started = Instant::now();
-        let path = self.volume_path(name)?;
+        self.volume_path(name)?;
         if self.state.registry.get(name).is_some() {
             return Err(api(
                 ErrorCode::Conflict,
@@ -249,39 +249,22 @@ impl Daemon {
                 ),
             ));
         }
-        if self.services.catalog.exists(name) {
-            let snaps = store::catalog::DirCatalog::new(&self.services.layout.snapshots_dir(name));
+        if !snapshots.is_empty() {
+            let snaps = self
+                .services
+                .catalog
+                .snapshots(name)
+                .map_err(|e| api(ErrorCode::Io, format!("volume {name}'s snapshots: {e}")))?;
             for s in &snapshots {
-                let result = volume::wipe_and_remove_in(&snaps, &s.name);
-                let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-                self.audit_record(
-                    "delete-snapshot",
-                    name,
-                    None,
-                    None,
-                    Some(caller),
-                    started,
-                    &outcome,
-                );
-                result.map_err(Error::from)?;
+                self.delete_snapshot_in(&*snaps, name, &s.name, caller, started)
+                    .map_err(Error::from)?;
             }
-            let _ = std::fs::remove_dir(self.services.layout.snapshots_dir(name));
         }
-        let token = self.inspect_volume(name).ok().and_then(|i| i.token);
-        let grant = volume::lifecycle::read_token(&path)
-            .ok()
-            .and_then(|t| t.grant());
+        let token = self.token(name).ok();
+        let grant = token.as_ref().and_then(|t| t.grant());
         let result = volume::wipe_and_remove_in(&*self.services.catalog, name);
         let outcome = result.as_ref().map(|_| ()).map_err(|e| chain(e));
-        self.audit_record(
-            "delete",
-            name,
-            token.as_ref().map(|t| t.key_id.as_str()),
-            token.as_ref().map(|t| &t.context),
-            Some(caller),
-            started,
-            &outcome,
-        );
+        self.audit_token("delete", name, token.as_ref(), caller, started, &outcome);
         result.map_err(Error::from)?;
         if let Some(grant) = grant {
             self.retire(&grant).await;

@@ -6,9 +6,16 @@
 //! or the new one, never a half-built one under the real name. Staged stores left by a crash
 //! are found again with [`leftovers`](Catalog::leftovers).
 //!
+//! Snapshots and clones go through the catalog too: [`clone_store`](Catalog::clone_store)
+//! fills a staged store with a copy of a volume, the cheapest way the engine has (a reflink
+//! between files, a sparse copy otherwise), and [`snapshots`](Catalog::snapshots) is the
+//! catalog a volume's snapshots live in. A snapshot is taken by staging in that catalog,
+//! cloning the volume into it and publishing; a rebuild from a snapshot clones the other
+//! way and replaces the volume.
+//!
 //! Engines: [`DirCatalog`] (a directory of `NAME.luks` files: hidden temporary files, fsync,
-//! link or rename, directory fsync, flock through the file engine) and [`MemCatalog`]
-//! (memory, for tests). Both pass [`check`].
+//! link or rename, directory fsync, flock through the file engine, FICLONE) and
+//! [`MemCatalog`] (memory, for tests). Both pass [`check`].
 //!
 //! A catalog knows nothing of the volume format: wiping a header before a discard, say, is
 //! the caller's (it opens the staged store first).
@@ -18,8 +25,10 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use crate::BackingStore;
+use crate::copy::{self, CloneMethod, Watch};
 use crate::durable::{Existing, sync_dir};
 use crate::file::{Access, FileStore, OpenError};
 use crate::memory::MemStore;
@@ -39,6 +48,11 @@ impl Staged {
     /// The staged store, to format or fill (taken once; a volume then owns it).
     pub fn take_store(&mut self) -> Option<Box<dyn BackingStore>> {
         self.store.take()
+    }
+
+    /// The staged store, while it has not been taken.
+    pub fn store(&self) -> Option<&dyn BackingStore> {
+        self.store.as_deref()
     }
 
     /// Another handle on the same staged store, without the store itself: to wipe and
@@ -94,21 +108,75 @@ pub trait Catalog: Send + Sync + fmt::Debug {
 
     /// Staged stores that a crash left behind, to wipe and discard.
     fn leftovers(&self) -> io::Result<Vec<Staged>>;
+
+    /// When volume `name` last changed (for a snapshot, never written once taken: when it
+    /// was taken).
+    fn modified(&self, name: &str) -> io::Result<SystemTime>;
+
+    /// The catalog that volume `name`'s snapshots live in: each a volume of its own there,
+    /// a whole copy of `name` as it was. They are not volumes of this catalog, and they do
+    /// not go with `name`: the caller removes them first. `Unsupported` in a catalog of
+    /// snapshots.
+    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>>;
+
+    /// Fills `staged` (new and empty, of this catalog) with a copy of `source` (of this
+    /// catalog or any other, which must not change during the call) and makes it durable,
+    /// the cheapest way the engine has. `watch` follows it and may stop it; a stopped or
+    /// failed clone leaves `staged` for the caller to discard. The default is a sparse copy
+    /// ([`copy::sparse`]), which works between any two engines.
+    fn clone_store(
+        &self,
+        source: &dyn BackingStore,
+        staged: &Staged,
+        watch: &dyn Watch,
+    ) -> io::Result<CloneMethod> {
+        let opened;
+        let dst = match staged.store() {
+            Some(s) => s,
+            None => {
+                opened = self.open_staged(staged)?;
+                &*opened
+            }
+        };
+        copy::sparse(source, dst, watch, None)?;
+        Ok(CloneMethod::Copy)
+    }
 }
 
 /// `NAME.luks` files in one directory (created 0700 on the first stage).
 #[derive(Debug, Clone)]
 pub struct DirCatalog {
     dir: PathBuf,
+    /// Where the snapshot directories are (`ROOT/NAME/SNAPSHOT.luks`); None in a catalog of
+    /// snapshots.
+    snapshots: Option<PathBuf>,
 }
 
 const SUFFIX: &str = ".luks";
 
 impl DirCatalog {
-    /// The catalog of the files in `dir`.
-    pub fn new(dir: &Path) -> Self {
+    /// The catalog of the files in `dir`, whose snapshots live in `snapshots/NAME/`.
+    pub fn new(dir: &Path, snapshots: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            snapshots: Some(snapshots.to_path_buf()),
+        }
+    }
+
+    /// A catalog of snapshots: the files in `dir`, a directory that goes when its last
+    /// snapshot does.
+    fn of_snapshots(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            snapshots: None,
+        }
+    }
+
+    /// The directory of a catalog of snapshots goes once empty (the error of a directory
+    /// that still holds something is ignored).
+    fn prune(&self) {
+        if self.snapshots.is_none() {
+            let _ = std::fs::remove_dir(&self.dir);
         }
     }
 
@@ -200,13 +268,18 @@ impl Catalog for DirCatalog {
     fn discard(&self, staged: Staged) -> io::Result<()> {
         match std::fs::remove_file(&staged.location) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            _ => {
+                self.prune();
+                Ok(())
+            }
         }
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
         std::fs::remove_file(self.location(name))?;
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        self.prune();
+        Ok(())
     }
 
     fn leftovers(&self) -> io::Result<Vec<Staged>> {
@@ -240,17 +313,130 @@ impl Catalog for DirCatalog {
         out.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(out)
     }
+
+    fn modified(&self, name: &str) -> io::Result<SystemTime> {
+        std::fs::metadata(self.location(name))?.modified()
+    }
+
+    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
+        match &self.snapshots {
+            Some(root) => Ok(Arc::new(Self::of_snapshots(&root.join(name)))),
+            None => Err(no_nested_snapshots(&self.location(name))),
+        }
+    }
+
+    /// A reflink (FICLONE) when both are files on a filesystem that shares blocks (XFS with
+    /// reflink, btrfs); else a sparse copy, each piece by `copy_file_range` where the kernel
+    /// can, by read and write otherwise.
+    fn clone_store(
+        &self,
+        source: &dyn BackingStore,
+        staged: &Staged,
+        watch: &dyn Watch,
+    ) -> io::Result<CloneMethod> {
+        let opened;
+        let dst = match staged.store() {
+            Some(s) => s,
+            None => {
+                opened = self.open_staged(staged)?;
+                &*opened
+            }
+        };
+        let (Some(from), Some(to)) = (
+            source.as_any().downcast_ref::<FileStore>(),
+            dst.as_any().downcast_ref::<FileStore>(),
+        ) else {
+            copy::sparse(source, dst, watch, None)?;
+            return Ok(CloneMethod::Copy);
+        };
+        let len = source.len()?;
+        watch.phase("cloning", len);
+        match rustix::fs::ioctl_ficlone(to.file(), from.file()) {
+            Ok(()) => {
+                watch.add(len);
+                watch.phase("syncing", 0);
+                dst.flush()?;
+                return Ok(CloneMethod::Reflink);
+            }
+            // This filesystem, or this pair of files, cannot share blocks: copy.
+            Err(
+                rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOTTY
+                | rustix::io::Errno::PERM,
+            ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let piece = |at: u64, n: usize| -> io::Result<usize> {
+            let (mut off_in, mut off_out) = (at, at);
+            match rustix::fs::copy_file_range(
+                from.file(),
+                Some(&mut off_in),
+                to.file(),
+                Some(&mut off_out),
+                n,
+            ) {
+                Ok(c) => Ok(c),
+                // Not between these files: read and write.
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS,
+                ) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        };
+        copy::sparse(source, dst, watch, Some(&piece))?;
+        Ok(CloneMethod::Copy)
+    }
+}
+
+fn no_nested_snapshots(location: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "{}: a snapshot has no snapshots of its own",
+            location.display()
+        ),
+    )
 }
 
 /// Volumes in memory, for tests: names to [`MemStore`]s, published by moving the staged
 /// store under its name. Locks are not modelled: every open succeeds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemCatalog {
-    volumes: Mutex<BTreeMap<String, Arc<MemStore>>>,
+    /// Each volume's store, and when it was published.
+    volumes: Mutex<BTreeMap<String, (Arc<MemStore>, SystemTime)>>,
     staged: Mutex<BTreeMap<PathBuf, Arc<MemStore>>>,
+    /// The catalogs of snapshots, by volume (None in a catalog of snapshots).
+    snapshots: Option<Mutex<BTreeMap<String, Arc<MemCatalog>>>>,
+}
+
+impl Default for MemCatalog {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemCatalog {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        Self {
+            volumes: Mutex::default(),
+            staged: Mutex::default(),
+            snapshots: Some(Mutex::default()),
+        }
+    }
+
+    fn of_snapshots() -> Self {
+        Self {
+            snapshots: None,
+            ..Self::new()
+        }
+    }
+
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -271,7 +457,7 @@ impl Catalog for MemCatalog {
 
     fn open(&self, name: &str, _access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
         match Self::lock(&self.volumes).get(name) {
-            Some(s) => Ok(Box::new(Arc::clone(s))),
+            Some((s, _)) => Ok(Box::new(Arc::clone(s))),
             None => Err(OpenError::Io(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("memory:{name}: no such volume"),
@@ -307,8 +493,8 @@ impl Catalog for MemCatalog {
             ));
         }
         Ok(volumes
-            .insert(staged.name, store)
-            .map(|old| Box::new(old) as Box<dyn BackingStore>))
+            .insert(staged.name, (store, SystemTime::now()))
+            .map(|(old, _)| Box::new(old) as Box<dyn BackingStore>))
     }
 
     fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
@@ -343,6 +529,25 @@ impl Catalog for MemCatalog {
                 store: None,
             })
             .collect())
+    }
+
+    fn modified(&self, name: &str) -> io::Result<SystemTime> {
+        Self::lock(&self.volumes)
+            .get(name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("memory:{name}")))
+    }
+
+    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
+        let Some(all) = &self.snapshots else {
+            return Err(no_nested_snapshots(&self.location(name)));
+        };
+        let catalog = Arc::clone(
+            Self::lock(all)
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(Self::of_snapshots())),
+        );
+        Ok(catalog)
     }
 }
 
@@ -417,6 +622,102 @@ pub fn check(catalog: &dyn Catalog) {
     assert!(!catalog.exists("a"));
     assert!(catalog.open("a", Access::ReadOnly).is_err());
     assert!(catalog.remove("a").is_err());
+
+    check_clones(catalog);
+}
+
+/// Snapshots and clones: a snapshot is a whole, sparse copy in the volume's catalog of
+/// snapshots, and a volume can be rebuilt from it.
+fn check_clones(catalog: &dyn Catalog) {
+    const MIB: u64 = 1 << 20;
+    let mut staged = catalog.stage("b", "creating").expect("stage");
+    let store = staged.take_store().expect("store");
+    store.set_len(8 * MIB).expect("size");
+    store.write_at(b"head", 0).expect("write");
+    store.write_at(b"tail", 6 * MIB + 5).expect("write");
+    catalog.publish(staged, Existing::Keep).expect("publish");
+    drop(store);
+    let modified = catalog.modified("b").expect("when b changed");
+    assert!(modified <= SystemTime::now());
+
+    let snaps = catalog
+        .snapshots("b")
+        .expect("the catalog of b's snapshots");
+    assert_eq!(snaps.list().expect("list"), Vec::<String>::new());
+    let source = catalog.open("b", Access::ReadOnly).expect("open b");
+    let snap = snaps.stage("s1", "taking").expect("stage a snapshot");
+    snaps
+        .clone_store(&*source, &snap, &copy::Unwatched)
+        .expect("clone b");
+    snaps.publish(snap, Existing::Keep).expect("publish s1");
+    drop(source);
+    assert_eq!(snaps.list().expect("list"), ["s1"]);
+    assert_eq!(
+        catalog.list().expect("list"),
+        ["b"],
+        "a snapshot shows as a volume"
+    );
+    assert!(snaps.modified("s1").is_ok());
+    assert!(
+        snaps.snapshots("s1").is_err(),
+        "a snapshot has snapshots of its own"
+    );
+    let read = |c: &dyn Catalog, name: &str, at: u64| {
+        let s = c.open(name, Access::ReadOnly).expect("open");
+        let mut buf = vec![0u8; 4];
+        s.read_at(&mut buf, at).expect("read");
+        (
+            buf,
+            s.len().expect("len"),
+            s.extents(0, 8 * MIB).expect("map"),
+        )
+    };
+    let (tail, len, map) = read(&*snaps, "s1", 6 * MIB + 5);
+    assert_eq!((tail.as_slice(), len), (&b"tail"[..], 8 * MIB));
+    assert!(
+        map.iter().any(|e| !e.allocated),
+        "the snapshot of a sparse volume has no holes: {map:?}"
+    );
+
+    // The volume changes; a rebuild from the snapshot brings back what it was.
+    catalog
+        .open("b", Access::ReadWrite)
+        .expect("open")
+        .write_at(b"HEAD", 0)
+        .expect("write");
+    let source = snaps.open("s1", Access::ReadOnly).expect("open s1");
+    let rebuilt = catalog.stage("b", "rebuilding").expect("stage");
+    catalog
+        .clone_store(&*source, &rebuilt, &copy::Unwatched)
+        .expect("clone s1");
+    drop(source);
+    catalog
+        .publish(rebuilt, Existing::Replace)
+        .expect("replace b");
+    assert_eq!(read(catalog, "b", 0).0, b"head");
+
+    // A clone that is stopped leaves a staged store to discard, and no volume.
+    let source = catalog.open("b", Access::ReadOnly).expect("open b");
+    let stopped = snaps.stage("s2", "taking").expect("stage");
+    struct Stop;
+    impl Watch for Stop {
+        fn phase(&self, _: &'static str, _: u64) {}
+        fn add(&self, _: u64) {}
+        fn check(&self) -> io::Result<()> {
+            Err(io::Error::new(io::ErrorKind::Interrupted, "stopped"))
+        }
+    }
+    let err = snaps
+        .clone_store(&*source, &stopped, &Stop)
+        .expect_err("a stopped clone");
+    assert_eq!(err.kind(), io::ErrorKind::Interrupted);
+    snaps.discard(stopped).expect("discard");
+    drop(source);
+    assert_eq!(snaps.list().expect("list"), ["s1"]);
+
+    snaps.remove("s1").expect("remove s1");
+    assert_eq!(snaps.list().expect("list"), Vec::<String>::new());
+    catalog.remove("b").expect("remove b");
 }
 
 #[cfg(test)]
@@ -426,18 +727,23 @@ mod tests {
     #[test]
     fn the_directory_catalog_keeps_the_contract() {
         let dir = tempfile::tempdir().expect("tempdir");
-        check(&DirCatalog::new(&dir.path().join("volumes")));
+        check(&DirCatalog::new(
+            &dir.path().join("volumes"),
+            &dir.path().join("snapshots"),
+        ));
+        // A volume's snapshot directory goes with its last snapshot.
+        assert!(!dir.path().join("snapshots").join("b").exists());
     }
 
     #[test]
     fn the_memory_catalog_keeps_the_contract() {
-        check(&MemCatalog::default());
+        check(&MemCatalog::new());
     }
 
     #[test]
     fn directory_leftovers_include_interrupted_creates() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cat = DirCatalog::new(dir.path());
+        let cat = DirCatalog::new(dir.path(), &dir.path().join("snapshots"));
         for f in [
             ".v.luks.creating-123",
             ".w.rebuilding.luks",
@@ -454,5 +760,25 @@ mod tests {
             .collect();
         assert_eq!(left, ["v", "w"]);
         assert_eq!(cat.list().expect("list"), ["x"]);
+    }
+
+    #[test]
+    fn a_directory_catalog_clones_any_engine_s_store() {
+        // The copy works between engines: a memory store into a file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cat = DirCatalog::new(&dir.path().join("v"), &dir.path().join("s"));
+        let source = MemStore::new("test");
+        source.set_len(3 << 20).expect("size");
+        source.write_at(b"memory", (2 << 20) + 1).expect("write");
+        let staged = cat.stage("m", "importing").expect("stage");
+        let method = cat
+            .clone_store(&source, &staged, &copy::Unwatched)
+            .expect("clone");
+        assert_eq!(method, CloneMethod::Copy);
+        cat.publish(staged, Existing::Keep).expect("publish");
+        let s = cat.open("m", Access::ReadOnly).expect("open");
+        let mut buf = [0u8; 6];
+        s.read_at(&mut buf, (2 << 20) + 1).expect("read");
+        assert_eq!((&buf, s.len().expect("len")), (b"memory", 3 << 20));
     }
 }

@@ -79,7 +79,7 @@ impl FileStore {
     }
 
     /// The open file, for what only files can do (a reflink clone by the file catalog).
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 }
@@ -162,5 +162,9 @@ impl BackingStore for FileStore {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

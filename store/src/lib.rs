@@ -6,6 +6,9 @@
 //!   [`file::FileStore`] (a regular file or block device, buffered I/O) and
 //!   [`memory::MemStore`] (in memory, for tests). Every engine passes the same contract
 //!   suite ([`contract`]).
+//! - [`catalog`]: where volumes live by name, and their whole-volume changes (create,
+//!   atomic replace, snapshots, clones, removal). [`copy`]: the sparse copy between any two
+//!   stores that a catalog falls back on.
 //! - [`durable`]: the one place that replaces a small file atomically (temporary file, fsync,
 //!   rename, directory fsync) and makes private directories.
 //!
@@ -28,6 +31,7 @@
 
 pub mod catalog;
 pub mod contract;
+pub mod copy;
 pub mod crash;
 pub mod durable;
 pub mod file;
@@ -119,6 +123,10 @@ pub trait BackingStore: Send + Sync + fmt::Debug {
     /// Sets the length: growing adds zeros (a hole where the engine can), shrinking drops the
     /// bytes past the new end.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// The engine's own type, for its catalog to recognise its stores (the file catalog
+    /// reflinks one file into another). Nothing above the storage layer uses it.
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// A range check shared by the engines: `offset..offset+len` within `size`, else
@@ -162,5 +170,8 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        (**self).as_any()
     }
 }

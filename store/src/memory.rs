@@ -195,4 +195,8 @@ impl BackingStore for MemStore {
         inner.live.len = len;
         Ok(())
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }

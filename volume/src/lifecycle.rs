@@ -1,6 +1,6 @@
 //! Building blocks of the long volume operations (import, export, snapshot, rebuild,
 //! re-encryption, rekey): progress and cancellation, streaming an image into a volume and a
-//! volume out to a raw image, cloning a volume file (reflink or sparse copy), rewriting the
+//! volume out to a raw image, cloning a volume in its catalog (reflink or sparse copy), rewriting the
 //! header's token, and replacing a file atomically.
 //!
 //! Every loop here checks its [`Cancel`] between steps of at most [`STEP`] bytes and reports
@@ -8,15 +8,14 @@
 //! removes what it was building. Nothing here touches the file it replaces until the new one
 //! is complete and synced.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use crate::crash::crash_point;
 use store::BackingStore;
+use store::catalog::{Catalog, Staged};
 use store::file::{Access, FileStore};
 
 use crate::header;
@@ -221,125 +220,52 @@ pub fn export_to(
     Ok(hex(hasher.finish().as_ref()))
 }
 
-/// How a file was cloned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloneMethod {
-    /// FICLONE: the new file shares the old one's blocks (copy on write).
-    Reflink,
-    /// A sparse copy: data ranges copied (copy_file_range), holes kept.
-    Copy,
-}
+pub use store::copy::CloneMethod;
 
-impl CloneMethod {
-    /// `reflink` or `copy`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloneMethod::Reflink => "reflink",
-            CloneMethod::Copy => "copy",
-        }
-    }
-}
-
-/// Makes `dst` (new, empty) a copy of `src`: a reflink where the filesystem supports it
-/// (XFS with reflink, btrfs), else a sparse copy of the data ranges. Syncs `dst`.
-pub fn clone_file(
-    src: &File,
-    dst: &File,
-    path: &Path,
+/// Fills `staged` (new and empty, of `catalog`) with a clone of `source`, the catalog's
+/// cheapest way (a reflink between files, else a sparse copy), reporting to `progress` and
+/// stopping when `cancel`led. The clone is durable when this returns; `source` must not
+/// change meanwhile (the caller pauses writes to an attached volume).
+pub fn clone_in(
+    catalog: &dyn Catalog,
+    source: &dyn BackingStore,
+    staged: &Staged,
+    what: &str,
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<CloneMethod, VolumeError> {
-    let len = src
-        .metadata()
-        .map_err(|e| VolumeError::io(path, "reading the size", e))?
-        .len();
-    progress.phase("cloning", len);
-    let method = match rustix::fs::ioctl_ficlone(dst, src) {
-        Ok(()) => {
-            progress.add(len);
-            CloneMethod::Reflink
-        }
-        Err(
-            rustix::io::Errno::OPNOTSUPP
-            | rustix::io::Errno::XDEV
-            | rustix::io::Errno::INVAL
-            | rustix::io::Errno::NOTTY
-            | rustix::io::Errno::PERM,
-        ) => {
-            sparse_copy(src, dst, len, path, progress, cancel)?;
-            CloneMethod::Copy
-        }
-        Err(e) => return Err(VolumeError::io(path, "cloning", e.into())),
+    let watch = Watched {
+        progress,
+        cancel,
+        what,
     };
-    progress.phase("syncing", 0);
-    dst.sync_all()
-        .map_err(|e| VolumeError::io(path, "syncing the copy", e))?;
-    Ok(method)
+    catalog
+        .clone_store(source, staged, &watch)
+        .map_err(|e| match cancel.check(what) {
+            Err(cancelled) => cancelled,
+            Ok(()) => VolumeError::io(&catalog.location(&staged.name), "cloning", e),
+        })
 }
 
-fn sparse_copy(
-    src: &File,
-    dst: &File,
-    len: u64,
-    path: &Path,
-    progress: &Progress,
-    cancel: &Cancel,
-) -> Result<(), VolumeError> {
-    use rustix::fs::SeekFrom;
-    let io = |what: &str, e: rustix::io::Errno| VolumeError::io(path, what, e.into());
-    dst.set_len(len)
-        .map_err(|e| VolumeError::io(path, "sizing the copy", e))?;
-    let mut at = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
-    while at < len {
-        cancel.check("the copy")?;
-        let data = match rustix::fs::seek(src, SeekFrom::Data(at)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(io("finding data", e)),
-        };
-        let hole = rustix::fs::seek(src, SeekFrom::Hole(data))
-            .map_err(|e| io("finding holes", e))?
-            .min(len);
-        progress.add(data - at);
-        let mut pos = data;
-        while pos < hole {
-            cancel.check("the copy")?;
-            let n = (hole - pos).min(STEP as u64) as usize;
-            let (mut off_in, mut off_out) = (pos, pos);
-            let copied = match rustix::fs::copy_file_range(
-                src,
-                Some(&mut off_in),
-                dst,
-                Some(&mut off_out),
-                n,
-            ) {
-                Ok(0) => 0,
-                Ok(c) => c,
-                // Not between these files: read and write.
-                Err(
-                    rustix::io::Errno::XDEV
-                    | rustix::io::Errno::OPNOTSUPP
-                    | rustix::io::Errno::INVAL,
-                ) => 0,
-                Err(e) => return Err(io("copying", e)),
-            };
-            let copied = if copied == 0 {
-                buf.resize(n, 0);
-                src.read_exact_at(&mut buf[..n], pos)
-                    .map_err(|e| VolumeError::io(path, "reading for the copy", e))?;
-                dst.write_all_at(&buf[..n], pos)
-                    .map_err(|e| VolumeError::io(path, "writing the copy", e))?;
-                n
-            } else {
-                copied
-            };
-            pos += copied as u64;
-            progress.add(copied as u64);
-        }
-        at = hole;
+/// A long operation's progress and cancel flag, as a copy's watch.
+struct Watched<'a> {
+    progress: &'a Progress,
+    cancel: &'a Cancel,
+    what: &'a str,
+}
+
+impl store::copy::Watch for Watched<'_> {
+    fn phase(&self, phase: &'static str, total: u64) {
+        self.progress.phase(phase, total);
     }
-    Ok(())
+    fn add(&self, bytes: u64) {
+        self.progress.add(bytes);
+    }
+    fn check(&self) -> std::io::Result<()> {
+        self.cancel
+            .check(self.what)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::Interrupted, e.to_string()))
+    }
 }
 
 /// Opens a volume file read-write (or read-only) under its lock, for header operations on a
