@@ -106,6 +106,57 @@ fn only_allowed_users_see_and_open_an_export() {
     d.stop();
 }
 
+#[test]
+fn an_allowed_user_who_is_not_root_may_not_manage_master_keys() {
+    let setpriv = require_tool("setpriv", "util-linux");
+    let dir = TestDir::new("kms-acl");
+    let mut p = dir.path().to_path_buf();
+    loop {
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+        if !p.pop() || p.as_os_str() == "/tmp" || p.as_os_str() == "/" {
+            break;
+        }
+    }
+    let d = Daemon::start(&dir, "[control]\nallow_uids = [65534]\n");
+    d.ctl.create_key("e2e");
+    let socket = d.runtime_dir.join("control.sock");
+    // Past the socket's mode: the daemon's own check is what is tested.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let as_nobody = |args: &[&str]| {
+        run(Command::new(&setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&d.ctl.bin)
+            .arg("--state-dir")
+            .arg(&d.state_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(args))
+    };
+    // Allowed on the control socket: status works.
+    as_nobody(&["status"]).assert_success();
+    // But the master keys are root's: every key verb is refused with exit 10, naming why.
+    for verb in [
+        &["kms", "create-key", "--alias", "alias/mine"][..],
+        &["kms", "list-keys"],
+        &["kms", "disable-key", "alias/e2e"],
+    ] {
+        let out = as_nobody(verb);
+        assert_eq!(out.code, Some(10), "{verb:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("only root or the daemon's own user"),
+            "{verb:?}: {}",
+            out.stderr
+        );
+    }
+    // Nothing changed: the key is still enabled and no key `mine` exists.
+    let keys = d.ctl.run(&["--json", "kms", "list-keys"]).assert_success().json();
+    let text = keys.to_string();
+    assert!(!text.contains("alias/mine"), "{text}");
+    assert!(text.contains("alias/e2e"), "{text}");
+    assert!(!text.to_lowercase().contains("disabled"), "{text}");
+    d.stop();
+}
+
 fn proc_status_field(pid: u32, field: &str) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     text.lines()
