@@ -351,21 +351,20 @@ impl Daemon {
     fn reported_volume(&self, volume: &str, name: &str) -> Result<(PathBuf, VolumeInfo), Error> {
         check_dm_name(name)?;
         let path = self.existing_volume(volume)?;
-        let info = volume::inspect(&path).map_err(Error::from)?;
+        let info = self.inspect_volume(volume).map_err(Error::from)?;
         Ok((path, info))
     }
 
-    /// Audits a client's report on `volume` (file `path`), naming its key and context.
+    /// Audits a client's report on `volume`, naming its key and context.
     fn audit_report(
         &self,
         operation: &str,
         volume: &str,
-        path: &Path,
         caller: Caller,
         started: Instant,
         outcome: &Result<(), String>,
     ) {
-        let token = volume::lifecycle::read_token(path).ok();
+        let token = self.token(volume).ok();
         self.audit_token(operation, volume, token.as_ref(), caller, started, outcome);
     }
 
@@ -390,7 +389,7 @@ impl Daemon {
                 ),
             ));
         }
-        let info = volume::inspect(&path).map_err(Error::from)?;
+        let info = self.inspect_volume(&r.volume).map_err(Error::from)?;
         let mappings = scan(Path::new(SYS_BLOCK));
         if let Some(m) = serving(&mappings, &info.uuid, &path) {
             return Err(api(
@@ -432,7 +431,7 @@ impl Daemon {
             cancel.clone(),
         )?;
         // What the audit record names, read before the KMS call (as attach does).
-        let token = volume::lifecycle::read_token(&path).ok();
+        let token = self.token(&r.volume).ok();
         let opts = OpenOptions {
             read_only: r.read_only,
             expect_sid: r.sid.clone(),
@@ -575,7 +574,7 @@ impl Daemon {
                 "cryptsetup reported success but the kernel has no mapping {name} of this volume"
             )),
         };
-        self.audit_report("dm-crypt-opened", volume, &path, caller, started, &outcome);
+        self.audit_report("dm-crypt-opened", volume, caller, started, &outcome);
         match (mapping, outcome) {
             (Some(m), _) => {
                 tracing::info!(volume, device = %m.device(), "open through dm-crypt");
@@ -629,7 +628,7 @@ impl Daemon {
             .map_err(|e| api(ErrorCode::Io, format!("cannot list the volumes: {e}")))?;
         for v in volumes {
             let path = PathBuf::from(&v.path);
-            let Ok(info) = volume::inspect(&path) else {
+            let Ok(info) = self.inspect_volume(&v.name) else {
                 continue;
             };
             if serves(&m, &info.uuid, &path) {
@@ -672,7 +671,7 @@ impl Daemon {
                 device(name)
             )),
         };
-        self.audit_report("close-dm-crypt", volume, &path, caller, started, &outcome);
+        self.audit_report("close-dm-crypt", volume, caller, started, &outcome);
         match outcome {
             Ok(()) => {
                 tracing::info!(volume, name, "dm-crypt mapping closed");

@@ -149,7 +149,11 @@ fn an_allowed_user_who_is_not_root_may_not_manage_master_keys() {
         );
     }
     // Nothing changed: the key is still enabled and no key `mine` exists.
-    let keys = d.ctl.run(&["--json", "kms", "list-keys"]).assert_success().json();
+    let keys = d
+        .ctl
+        .run(&["--json", "kms", "list-keys"])
+        .assert_success()
+        .json();
     let text = keys.to_string();
     assert!(!text.contains("alias/mine"), "{text}");
     assert!(text.contains("alias/e2e"), "{text}");
