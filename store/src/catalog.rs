@@ -130,14 +130,8 @@ pub trait Catalog: Send + Sync + fmt::Debug {
         staged: &Staged,
         watch: &dyn Watch,
     ) -> io::Result<CloneMethod> {
-        let opened;
-        let dst = match staged.store() {
-            Some(s) => s,
-            None => {
-                opened = self.open_staged(staged)?;
-                &*opened
-            }
-        };
+        let mut opened = None;
+        let dst = staged_store(self, staged, &mut opened)?;
         copy::sparse(source, dst, watch, None)?;
         Ok(CloneMethod::Copy)
     }
@@ -334,14 +328,8 @@ impl Catalog for DirCatalog {
         staged: &Staged,
         watch: &dyn Watch,
     ) -> io::Result<CloneMethod> {
-        let opened;
-        let dst = match staged.store() {
-            Some(s) => s,
-            None => {
-                opened = self.open_staged(staged)?;
-                &*opened
-            }
-        };
+        let mut opened = None;
+        let dst = staged_store(self, staged, &mut opened)?;
         let (Some(from), Some(to)) = (
             source.as_any().downcast_ref::<FileStore>(),
             dst.as_any().downcast_ref::<FileStore>(),
@@ -391,6 +379,19 @@ impl Catalog for DirCatalog {
         copy::sparse(source, dst, watch, Some(&piece))?;
         Ok(CloneMethod::Copy)
     }
+}
+
+/// The store of `staged`: its own while not taken, else opened again through `catalog`
+/// (into `opened`).
+fn staged_store<'a, C: Catalog + ?Sized>(
+    catalog: &C,
+    staged: &'a Staged,
+    opened: &'a mut Option<Box<dyn BackingStore>>,
+) -> io::Result<&'a dyn BackingStore> {
+    if let Some(s) = staged.store() {
+        return Ok(s);
+    }
+    Ok(&**opened.insert(catalog.open_staged(staged)?))
 }
 
 fn no_nested_snapshots(location: &Path) -> io::Error {

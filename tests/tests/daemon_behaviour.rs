@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -48,11 +49,8 @@ fn tcp_exports_are_opt_in_per_volume() {
     d.stop();
 }
 
-#[test]
-fn only_allowed_users_see_and_open_an_export() {
-    let setpriv = require_tool("setpriv", "util-linux");
-    let dir = TestDir::new("acl");
-    // The unprivileged client must be able to reach the socket through the directories.
+/// Lets an unprivileged client reach the sockets under `dir` through its directories.
+fn open_to_all(dir: &TestDir) {
     let mut p = dir.path().to_path_buf();
     loop {
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
@@ -60,18 +58,27 @@ fn only_allowed_users_see_and_open_an_export() {
             break;
         }
     }
+}
+
+/// `program` run as nobody (uid and gid 65534, no groups), by `setpriv`.
+fn as_nobody(program: &Path) -> Command {
+    let mut c = Command::new(require_tool("setpriv", "util-linux"));
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(program);
+    c
+}
+
+#[test]
+fn only_allowed_users_see_and_open_an_export() {
+    let dir = TestDir::new("acl");
+    open_to_all(&dir);
     let d = Daemon::start(&dir, "");
     d.ctl.create_key("e2e");
     d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
     d.ctl.run(&["attach", "vol"]).assert_success();
-    let as_nobody = |args: &[&str]| {
-        run(Command::new(&setpriv)
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(nbdinfo())
-            .args(args))
-    };
+    let nbdinfo_as_nobody = |args: &[&str]| run(as_nobody(&nbdinfo()).args(args));
     let socket_uri = format!("nbd+unix:///?socket={}", d.nbd_socket().display());
-    let list = as_nobody(&["--list", "--json", &socket_uri]);
+    let list = nbdinfo_as_nobody(&["--list", "--json", &socket_uri]);
     list.assert_success();
     assert_eq!(
         list.json()["exports"].as_array().map_or(0, Vec::len),
@@ -79,7 +86,7 @@ fn only_allowed_users_see_and_open_an_export() {
         "nobody sees the export"
     );
     assert_ne!(
-        as_nobody(&[&d.uri("vol")]).code,
+        nbdinfo_as_nobody(&[&d.uri("vol")]).code,
         Some(0),
         "nobody opened the export"
     );
@@ -88,11 +95,9 @@ fn only_allowed_users_see_and_open_an_export() {
     d.ctl
         .run(&["attach", "vol", "--allow-uid", "65534"])
         .assert_success();
-    as_nobody(&[&d.uri("vol")]).assert_success();
+    nbdinfo_as_nobody(&[&d.uri("vol")]).assert_success();
     // The control socket (0660, root's) refuses nobody even if it could connect.
-    let ctl_as_nobody = run(Command::new(&setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&d.ctl.bin)
+    let ctl_as_nobody = run(as_nobody(&d.ctl.bin)
         .arg("--state-dir")
         .arg(&d.state_dir)
         .arg("--socket")
@@ -108,24 +113,15 @@ fn only_allowed_users_see_and_open_an_export() {
 
 #[test]
 fn an_allowed_user_who_is_not_root_may_not_manage_master_keys() {
-    let setpriv = require_tool("setpriv", "util-linux");
     let dir = TestDir::new("kms-acl");
-    let mut p = dir.path().to_path_buf();
-    loop {
-        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
-        if !p.pop() || p.as_os_str() == "/tmp" || p.as_os_str() == "/" {
-            break;
-        }
-    }
+    open_to_all(&dir);
     let d = Daemon::start(&dir, "[control]\nallow_uids = [65534]\n");
     d.ctl.create_key("e2e");
     let socket = d.runtime_dir.join("control.sock");
     // Past the socket's mode: the daemon's own check is what is tested.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let as_nobody = |args: &[&str]| {
-        run(Command::new(&setpriv)
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&d.ctl.bin)
+    let ctl_as_nobody = |args: &[&str]| {
+        run(as_nobody(&d.ctl.bin)
             .arg("--state-dir")
             .arg(&d.state_dir)
             .arg("--socket")
@@ -133,14 +129,14 @@ fn an_allowed_user_who_is_not_root_may_not_manage_master_keys() {
             .args(args))
     };
     // Allowed on the control socket: status works.
-    as_nobody(&["status"]).assert_success();
+    ctl_as_nobody(&["status"]).assert_success();
     // But the master keys are root's: every key verb is refused with exit 10, naming why.
     for verb in [
         &["kms", "create-key", "--alias", "alias/mine"][..],
         &["kms", "list-keys"],
         &["kms", "disable-key", "alias/e2e"],
     ] {
-        let out = as_nobody(verb);
+        let out = ctl_as_nobody(verb);
         assert_eq!(out.code, Some(10), "{verb:?}: {}", out.stderr);
         assert!(
             out.stderr.contains("only root or the daemon's own user"),
