@@ -40,6 +40,8 @@ TEST_DEPS=(
   "util-linux|nsenter --version"
   "util-linux|flock --version"
   "coreutils|sha256sum --version"
+  # Certificates for the TLS tests (tests/src/pki.rs).
+  "openssl|openssl version"
   # The systemd units: systemd-analyze verify/security, and the daemon under systemd (nspawn).
   "systemd|systemd-analyze --version"
   "systemd|systemd-tmpfiles --version"

@@ -391,6 +391,10 @@ pub struct AttachRequest {
     /// Also export on the daemon's TCP listener (off by default).
     #[serde(default)]
     pub tcp: bool,
+    /// Serve the export only over TLS (on listeners where TLS is optional it is left out
+    /// of LIST and refused until the client upgrades).
+    #[serde(default)]
+    pub tls_only: bool,
     /// Also bind a kernel NBD device to the volume: "/dev/nbdN", or "auto" for the first
     /// free one (the daemon saves the device it got, so a restart reconnects the same one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -848,6 +852,9 @@ pub struct AttachmentStatus {
     pub transient: bool,
     /// Also on TCP.
     pub tcp: bool,
+    /// Only over TLS.
+    #[serde(default)]
+    pub tls_only: bool,
     /// Size in bytes.
     pub size: u64,
     /// When it was attached (RFC 3339).

@@ -340,6 +340,9 @@ pub struct AttachArgs {
     /// Also export on the daemon's TCP listener.
     #[arg(long)]
     pub tcp: bool,
+    /// Serve the export only over TLS (the daemon's [nbd.tls] mode must be on or require).
+    #[arg(long)]
+    pub tls_only: bool,
     /// Also make the volume a kernel block device: the daemon binds /dev/nbdN through the
     /// kernel's netlink NBD interface (nbd module loaded, CAP_SYS_ADMIN); `auto` takes the
     /// first free device.

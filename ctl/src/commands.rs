@@ -368,6 +368,7 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
         allow_uids: a.allow_uids.clone(),
         allow_gids: a.allow_gids.clone(),
         tcp: a.tcp,
+        tls_only: a.tls_only,
         device: a.device.clone(),
         connections: a.connections,
         io_timeout_secs: a.io_timeout,

@@ -9,6 +9,7 @@ use control_api::{
 };
 use kms_client::Kms;
 use nbd::device::Export;
+use nbd::server::TlsMode;
 use statedir::audit::{AUDIT_SCOPE, AuditRecord, AuditScope};
 use statedir::stamp::rfc3339;
 use volume::{OpenOptions, VolumeError};
@@ -89,6 +90,14 @@ impl Daemon {
                 "an export name is 1 to 4096 bytes",
             ));
         }
+        let tls = self.services.server.tls();
+        if r.tls_only && tls.tcp == TlsMode::Off && tls.unix == TlsMode::Off {
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                "--tls-only needs TLS on a listener: set [nbd.tls] mode = \"on\" or \"require\" \
+                 (and the certificates) in the daemon's configuration, see docs/tls.md",
+            ));
+        }
         if r.tcp && self.services.nbd_tcp.is_none() {
             return Err(api(
                 ErrorCode::InvalidRequest,
@@ -152,6 +161,7 @@ impl Daemon {
             name: export_name.clone(),
             description: format!("cryptnbd volume {}", r.volume),
             device: device.clone(),
+            tls_only: r.tls_only,
         });
         let owner_uid = saved_owner.or(caller.map(|c| c.uid)).unwrap_or(0);
         let attachment = Arc::new(Attachment {
@@ -224,16 +234,20 @@ impl Daemon {
         Ok(self.attachment_status(&attachment))
     }
 
+    /// How clients reach the export: `nbds` where the listener speaks TLS.
     pub(crate) fn uris(&self, a: &Attachment) -> Vec<String> {
+        let tls = self.services.server.tls();
+        let s = |mode: TlsMode| if mode == TlsMode::Off { "" } else { "s" };
         let mut uris = vec![format!(
-            "nbd+unix:///{}?socket={}",
+            "nbd{}+unix:///{}?socket={}",
+            s(tls.unix),
             a.export_name,
             self.services.nbd_socket.display()
         )];
         if a.request.tcp
             && let Some(addr) = self.services.nbd_tcp
         {
-            uris.push(format!("nbd://{addr}/{}", a.export_name));
+            uris.push(format!("nbd{}://{addr}/{}", s(tls.tcp), a.export_name));
         }
         uris
     }
@@ -246,6 +260,7 @@ impl Daemon {
             read_only: a.device.read_only_export(),
             transient: a.request.transient,
             tcp: a.request.tcp,
+            tls_only: a.request.tls_only,
             size: a.device.volume().size(),
             since: rfc3339(a.since),
             owner_uid: a.owner_uid,

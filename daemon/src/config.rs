@@ -65,9 +65,62 @@ pub struct NbdConfig {
     /// A TCP listener, e.g. "127.0.0.1:10809". Off by default; loopback only unless
     /// `allow_non_loopback`. Volumes are reachable on it only when attached with `--tcp`.
     pub tcp: Option<SocketAddr>,
-    /// Allow a TCP listener on a non-loopback address (data travels unencrypted on the
-    /// network until TLS lands).
+    /// Allow a TCP listener on a non-loopback address without TLS that checks clients
+    /// (`[nbd.tls] mode = "require"` with `verify_peer`), where it is allowed anyway.
     pub allow_non_loopback: bool,
+    /// `[nbd.tls]`.
+    pub tls: TlsConfig,
+}
+
+/// How a listener treats TLS: `off`, `on` (offered; `--tls-only` exports need it) or
+/// `require` (nothing without it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsModeConfig {
+    /// No TLS.
+    #[default]
+    Off,
+    /// TLS offered.
+    On,
+    /// TLS required.
+    Require,
+}
+
+impl From<TlsModeConfig> for nbd::server::TlsMode {
+    fn from(m: TlsModeConfig) -> Self {
+        match m {
+            TlsModeConfig::Off => Self::Off,
+            TlsModeConfig::On => Self::On,
+            TlsModeConfig::Require => Self::Require,
+        }
+    }
+}
+
+/// `[nbd.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The TCP listener's mode.
+    pub mode: TlsModeConfig,
+    /// The certificate directory: ca-cert.pem, server-cert.pem, server-key.pem, optional
+    /// ca-crl.pem (nbdkit's and qemu's layout).
+    pub certificates: PathBuf,
+    /// Client certificates required and checked against ca-cert.pem and the CRL (else
+    /// checked only when a client sends one).
+    pub verify_peer: bool,
+    /// The unix socket's mode (for `nbds+unix://`).
+    pub unix_mode: TlsModeConfig,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            mode: TlsModeConfig::Off,
+            certificates: PathBuf::from("/etc/cryptnbd/pki"),
+            verify_peer: true,
+            unix_mode: TlsModeConfig::Off,
+        }
+    }
 }
 
 /// `[control]`.
@@ -400,13 +453,17 @@ impl Config {
                 )));
             }
         }
+        let checked_tls = self.nbd.tls.mode == TlsModeConfig::Require && self.nbd.tls.verify_peer;
         if let Some(addr) = self.nbd.tcp
             && !addr.ip().is_loopback()
             && !self.nbd.allow_non_loopback
+            && !checked_tls
         {
             return Err(ConfigError::Invalid(format!(
-                "nbd.tcp = \"{addr}\" is not a loopback address; NBD data is not encrypted on the \
-                 network: set nbd.allow_non_loopback = true to do it anyway"
+                "nbd.tcp = \"{addr}\" is not a loopback address, and without TLS that checks \
+                 client certificates anyone on the network could read and write the volumes \
+                 exported there: set [nbd.tls] mode = \"require\" with verify_peer = true \
+                 (docs/tls.md), or nbd.allow_non_loopback = true to do it anyway"
             )));
         }
         if self.limits.max_payload < 4096 || self.limits.max_payload > (32 << 20) {

@@ -30,6 +30,7 @@ pub mod request;
 pub mod services;
 pub mod staging;
 pub mod state;
+pub mod tls;
 pub mod volumes;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,9 @@ pub enum DaemonError {
     /// The KMS could not be opened.
     #[error("cannot open the KMS")]
     Kms(#[from] kms_client::KmsError),
+    /// The TLS certificates cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Anything about files and sockets.
     #[error("{what}")]
     Io {
@@ -130,6 +134,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     config.validate()?;
+    // Certificates are checked before anything else is opened.
+    let tls = tls::settings(&config.nbd.tls)?;
     let layout = StateLayout::new(config.state_dir.clone(), config.runtime_dir.clone());
     let is_root = rustix::process::geteuid().is_root();
     let hardening = hardening::apply(config.memory.require_lock.unwrap_or(is_root))?;
@@ -204,6 +210,7 @@ pub async fn run(
 
     let registry = Arc::new(registry::Registry::default());
     let server = nbd::server::Server::new(registry.clone(), config.limits.to_limits());
+    server.set_tls(tls);
     let daemon = Arc::new(daemon::Daemon::new(
         layout.clone(),
         kms,

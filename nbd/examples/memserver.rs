@@ -48,6 +48,7 @@ fn main() {
         name: "mem".into(),
         description: format!("{mib} MiB in memory"),
         device,
+        tls_only: false,
     });
     let mut limits = Limits::default();
     if let Some(n) = env_usize("NBD_IO_THREADS") {

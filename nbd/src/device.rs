@@ -165,6 +165,9 @@ pub struct Export {
     pub description: String,
     /// The device.
     pub device: Arc<dyn BlockDevice>,
+    /// Served only over TLS: on a listener where TLS is optional, left out of LIST and
+    /// refused with `NBD_REP_ERR_TLS_REQD` before the client upgrades.
+    pub tls_only: bool,
 }
 
 /// Where the server looks up exports. The daemon implements it over its registry of attached

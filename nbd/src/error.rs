@@ -44,6 +44,10 @@ pub enum NbdError {
     /// The handshake did not finish in time.
     #[error("handshake did not finish within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    /// The TLS handshake failed (a client that does not speak TLS, an untrusted, expired or
+    /// revoked certificate, no certificate where one is required).
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(std::io::Error),
     /// The transport failed.
     #[error("connection I/O failed")]
     Io(#[from] std::io::Error),

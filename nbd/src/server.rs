@@ -35,7 +35,10 @@ mod io_pool;
 mod pool;
 mod readbuf;
 mod reply;
+mod tls;
 mod transmission;
+
+pub use tls::{TlsClient, TlsMode};
 
 use io_pool::IoPool;
 use pool::BufferPool;
@@ -225,7 +228,7 @@ impl Drop for LiveGuard {
 }
 
 /// A stream the server can serve: read and write, then split into halves for transmission.
-/// Implemented for unix and TCP sockets; a TLS stream would implement it too.
+/// Implemented for unix and TCP sockets and for a TLS session over either.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Reading half.
     type Reader: AsyncRead + Unpin + Send + 'static;
@@ -251,10 +254,36 @@ impl Transport for TcpStream {
     }
 }
 
+/// The TLS settings of a [`Server`]: the rustls configuration and the mode of each kind of
+/// listener. A mode other than [`TlsMode::Off`] without a configuration serves no TLS:
+/// STARTTLS is refused, and a `Require` listener then serves nothing.
+#[derive(Clone, Default)]
+pub struct TlsSettings {
+    /// Certificates, key and client verification.
+    pub config: Option<Arc<rustls::ServerConfig>>,
+    /// The mode of the TCP listeners.
+    pub tcp: TlsMode,
+    /// The mode of the unix-socket listeners.
+    pub unix: TlsMode,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("config", &self.config.is_some())
+            .field("tcp", &self.tcp)
+            .field("unix", &self.unix)
+            .finish()
+    }
+}
+
 /// The NBD server. Create it with [`Server::new`], run [`Server::serve_unix`] and/or
 /// [`Server::serve_tcp`], and manage connections through the other methods.
 pub struct Server {
     registry: Arc<dyn ExportRegistry>,
+    /// Read at each accept (the mode) and each STARTTLS (the configuration): a change
+    /// applies to new connections at once.
+    tls: Mutex<TlsSettings>,
     limits: Limits,
     next_id: AtomicU64,
     /// Connections in transmission phase.
@@ -278,6 +307,7 @@ impl Server {
         let io = IoPool::new(limits.io_threads);
         Arc::new(Self {
             registry,
+            tls: Mutex::new(TlsSettings::default()),
             next_id: AtomicU64::new(1),
             table: Mutex::new(HashMap::new()),
             closed_gen: watch::Sender::new(0),
@@ -293,6 +323,16 @@ impl Server {
     /// The limits in force (after normalisation).
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Sets the TLS settings; new connections and new TLS handshakes use them at once.
+    pub fn set_tls(&self, settings: TlsSettings) {
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = settings;
+    }
+
+    /// The TLS settings in force.
+    pub fn tls(&self) -> TlsSettings {
+        self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Accepts on a unix listener until `shutdown` resolves; peers identified by SO_PEERCRED
@@ -312,7 +352,7 @@ impl Server {
                     Ok((stream, _)) => match stream.peer_cred() {
                         Ok(c) => {
                             let peer = Peer::Unix { pid: c.pid(), uid: c.uid(), gid: c.gid() };
-                            self.spawn_connection(stream, peer);
+                            self.spawn_connection(stream, peer, self.tls().unix);
                         }
                         Err(e) => warn!("cannot read the peer credentials of a unix client: {e}"),
                     },
@@ -340,7 +380,7 @@ impl Server {
                         if let Err(e) = stream.set_nodelay(true) {
                             debug!("cannot set TCP_NODELAY for {addr}: {e}");
                         }
-                        self.spawn_connection(stream, Peer::Tcp(addr));
+                        self.spawn_connection(stream, Peer::Tcp(addr), self.tls().tcp);
                     }
                     Err(e) => accept_failed(e).await,
                 },
@@ -493,7 +533,12 @@ impl Server {
         ))
     }
 
-    fn spawn_connection<T: Transport>(self: &Arc<Self>, stream: T, peer: Peer) {
+    fn spawn_connection<T: Transport + tls::Socket>(
+        self: &Arc<Self>,
+        stream: T,
+        peer: Peer,
+        mode: TlsMode,
+    ) {
         let live = *self.live.borrow();
         if live >= self.limits.max_connections {
             warn!(
@@ -510,43 +555,76 @@ impl Server {
         tokio::spawn(
             async move {
                 let server = Arc::clone(&guard.0);
-                server.handle(stream, peer, id).await;
+                server.handle(stream, peer, id, mode).await;
                 drop(guard);
             }
             .instrument(span),
         );
     }
 
-    async fn handle<T: Transport>(self: Arc<Self>, mut stream: T, peer: Peer, id: u64) {
+    async fn handle<T: Transport + tls::Socket>(
+        self: Arc<Self>,
+        mut stream: T,
+        peer: Peer,
+        id: u64,
+        mode: TlsMode,
+    ) {
         debug!("connection accepted");
-        let mut rb = ReadBuf::new(READ_BUF_LEN);
         let timeout = self.limits.handshake_timeout;
-        let negotiated = tokio::time::timeout(
-            timeout,
-            handshake::negotiate(&self, &mut stream, &mut rb, &peer, id),
-        )
+        let negotiated = tokio::time::timeout(timeout, async {
+            let mut rb = ReadBuf::new(READ_BUF_LEN);
+            let plain = handshake::Phase::Plain;
+            let outcome =
+                handshake::negotiate(&self, &mut stream, &mut rb, &peer, id, mode, plain).await?;
+            let handshake::Outcome::StartTls { no_zeroes } = outcome else {
+                return Ok(Negotiated::Plain(stream, rb, outcome));
+            };
+            let Some(config) = self.tls().config else {
+                return Ok(Negotiated::Plain(
+                    stream,
+                    rb,
+                    handshake::Outcome::Closed("TLS was turned off during the negotiation"),
+                ));
+            };
+            let (mut tls, client) = tls::accept(stream, config)
+                .await
+                .map_err(NbdError::TlsHandshake)?;
+            debug!(version = %client.version, certificate = client.certificate.is_some(), "TLS established");
+            let phase = handshake::Phase::Tls { no_zeroes };
+            let outcome =
+                handshake::negotiate(&self, &mut tls, &mut rb, &peer, id, mode, phase).await?;
+            Ok(Negotiated::Tls(tls, rb, outcome))
+        })
         .await
         .unwrap_or(Err(NbdError::HandshakeTimeout(timeout)));
-        let (export, geometry, registration) = match negotiated {
-            Ok(handshake::Outcome::Transmission {
+        match negotiated {
+            Ok(Negotiated::Plain(stream, rb, outcome)) => self.serve(stream, rb, outcome).await,
+            Ok(Negotiated::Tls(stream, rb, outcome)) => self.serve(stream, rb, outcome).await,
+            Err(NbdError::Io(e)) => debug!("connection failed during the handshake: {e}"),
+            Err(e @ NbdError::UnexpectedEof(_)) => debug!("{e}; connection closed"),
+            Err(e) => warn!("handshake failed, connection closed: {e}"),
+        }
+    }
+
+    /// Serves a negotiated session until it ends.
+    async fn serve<T: Transport>(
+        self: Arc<Self>,
+        stream: T,
+        rb: ReadBuf,
+        outcome: handshake::Outcome,
+    ) {
+        let (export, geometry, registration) = match outcome {
+            handshake::Outcome::Transmission {
                 export,
                 geometry,
                 registration,
-            }) => (export, geometry, registration),
-            Ok(handshake::Outcome::Closed(reason)) => {
+            } => (export, geometry, registration),
+            handshake::Outcome::Closed(reason) => {
                 debug!("{reason}; connection closed");
                 return;
             }
-            Err(NbdError::Io(e)) => {
-                debug!("connection failed during the handshake: {e}");
-                return;
-            }
-            Err(e @ NbdError::UnexpectedEof(_)) => {
-                debug!("{e}; connection closed");
-                return;
-            }
-            Err(e) => {
-                warn!("handshake failed, connection closed: {e}");
+            handshake::Outcome::StartTls { .. } => {
+                warn!("a second TLS upgrade was asked for; connection closed");
                 return;
             }
         };
@@ -572,6 +650,12 @@ impl Server {
         .await;
         drop(registration);
     }
+}
+
+/// A negotiation's end, with the stream it continues on.
+enum Negotiated<T> {
+    Plain(T, ReadBuf, handshake::Outcome),
+    Tls(tls::TlsStream<T>, ReadBuf, handshake::Outcome),
 }
 
 /// Logs a failed accept; waits a little when descriptors or memory ran out, so the loop does

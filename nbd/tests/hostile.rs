@@ -96,8 +96,12 @@ fn unknown_options_are_refused_and_the_session_goes_on() {
         data: vec![],
     });
     assert!(unsup(&r), "{r:?}");
+    // A server without TLS refuses the upgrade by policy (issue 14).
     let r = c.option(&ClientOption::StartTls);
-    assert!(unsup(&r), "{r:?}");
+    assert!(
+        matches!(&r[..], [OptionReply::Error { reply_type, .. }] if *reply_type == rep::ERR_POLICY),
+        "{r:?}"
+    );
     // NBD_OPT_LIST must not carry data.
     let r = c.option(&ClientOption::Unknown {
         option: opt::LIST,

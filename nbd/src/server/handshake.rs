@@ -7,11 +7,14 @@
 //! and answered `NBD_REP_ERR_TOO_BIG`; anything longer closes the connection. Nothing is
 //! allocated from a length the client sent.
 //!
-//! TLS: `NBD_OPT_STARTTLS` is answered `NBD_REP_ERR_UNSUP` for now. When TLS comes, the
-//! upgrade belongs where that option is handled: answer `NBD_REP_ACK`, wrap the stream in the
-//! TLS acceptor, reset the negotiated state (structured replies, meta contexts) as the spec
-//! requires, and go on negotiating over the wrapped stream; `negotiate` is generic over the
-//! stream for that reason.
+//! TLS (proto.md "TLS support"): on a listener whose [`TlsMode`] is not `Off`,
+//! `NBD_OPT_STARTTLS` is acknowledged and [`negotiate`] returns [`Outcome::StartTls`]; the
+//! caller runs the TLS handshake on the socket and calls [`negotiate`] again over the TLS
+//! stream with [`Phase::Tls`], which starts from a clean state (structured replies and meta
+//! contexts negotiated before TLS are forgotten, as the spec requires). Before TLS, a
+//! `Require` listener serves only STARTTLS and ABORT (`NBD_REP_ERR_TLS_REQD` for the rest),
+//! and an `On` listener keeps TLS-only exports out of LIST and refuses them the same way.
+//! `NBD_OPT_EXPORT_NAME`, which has no error reply, closes the connection in those cases.
 
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::readbuf::ReadBuf;
+use super::tls::TlsMode;
 use super::transmission::{BASE_ALLOCATION_ID, Geometry};
 use super::{Limits, Registration, Server};
 use crate::device::{BlockDevice, Export, Peer};
@@ -46,6 +50,24 @@ pub(crate) enum Outcome {
     },
     /// The session ended without a protocol error.
     Closed(&'static str),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next, then negotiation
+    /// goes on with [`Phase::Tls`].
+    StartTls {
+        /// The client's flags said NO_ZEROES (they stay in force after TLS).
+        no_zeroes: bool,
+    },
+}
+
+/// Where a negotiation starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// A new connection: greeting and client flags first.
+    Plain,
+    /// After the TLS handshake: options again, from a clean state.
+    Tls {
+        /// Carried over from the client flags.
+        no_zeroes: bool,
+    },
 }
 
 struct State {
@@ -152,32 +174,43 @@ async fn need<S: AsyncRead + Unpin>(
     }
 }
 
-/// Runs the negotiation on a fresh connection.
+/// Runs the negotiation: on a fresh connection ([`Phase::Plain`]) or over TLS after
+/// `NBD_OPT_STARTTLS` ([`Phase::Tls`]), on a listener in TLS mode `mode`.
 pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     server: &Arc<Server>,
     io: &mut S,
     rb: &mut ReadBuf,
     peer: &Peer,
     conn_id: u64,
+    mode: TlsMode,
+    phase: Phase,
 ) -> Result<Outcome, NbdError> {
     const OFFERED: u16 = handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
     let mut out = Vec::with_capacity(512);
-    Greeting { flags: OFFERED }.encode(&mut out);
-    send(io, &mut out).await?;
-
-    if !need(server, io, rb, 4).await? {
-        return Ok(Outcome::Closed("client left before sending its flags"));
-    }
-    let flags = match ClientFlags::decode(rb.data(), OFFERED)? {
-        Decoded::Complete { value, consumed } => {
-            rb.consume(consumed);
-            value.0
+    let no_zeroes = match phase {
+        Phase::Tls { no_zeroes } => no_zeroes,
+        Phase::Plain => {
+            Greeting { flags: OFFERED }.encode(&mut out);
+            send(io, &mut out).await?;
+            if !need(server, io, rb, 4).await? {
+                return Ok(Outcome::Closed("client left before sending its flags"));
+            }
+            let flags = match ClientFlags::decode(rb.data(), OFFERED)? {
+                Decoded::Complete { value, consumed } => {
+                    rb.consume(consumed);
+                    value.0
+                }
+                Decoded::Incomplete { .. } => {
+                    return Err(NbdError::UnexpectedEof("client flags"));
+                }
+            };
+            flags & client_flags::NO_ZEROES != 0
         }
-        Decoded::Incomplete { .. } => return Err(NbdError::UnexpectedEof("client flags")),
     };
+    let tls = matches!(phase, Phase::Tls { .. });
     let mut st = State {
         structured: false,
-        no_zeroes: flags & client_flags::NO_ZEROES != 0,
+        no_zeroes,
         meta: None,
     };
 
@@ -243,6 +276,24 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             send(io, &mut out).await?;
             continue;
         }
+        if mode == TlsMode::Require
+            && !tls
+            && !matches!(option, ClientOption::StartTls | ClientOption::Abort)
+        {
+            if code == opt::EXPORT_NAME {
+                return Ok(Outcome::Closed(
+                    "NBD_OPT_EXPORT_NAME before TLS on a listener that requires TLS",
+                ));
+            }
+            reply_error(
+                code,
+                rep::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+                &mut out,
+            );
+            send(io, &mut out).await?;
+            continue;
+        }
         match option {
             ClientOption::Abort => {
                 OptionReply::Ack.encode(code, &mut out);
@@ -250,13 +301,30 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = send(io, &mut out).await;
                 return Ok(Outcome::Closed("client sent NBD_OPT_ABORT"));
             }
-            ClientOption::StartTls => {
+            ClientOption::StartTls if mode == TlsMode::Off => {
                 reply_error(
                     code,
-                    rep::ERR_UNSUP,
-                    "TLS is not supported by this server yet",
+                    rep::ERR_POLICY,
+                    "TLS is not enabled on this listener",
                     &mut out,
                 );
+            }
+            ClientOption::StartTls if tls => {
+                reply_error(code, rep::ERR_INVALID, "TLS is already active", &mut out);
+            }
+            ClientOption::StartTls => {
+                OptionReply::Ack.encode(code, &mut out);
+                send(io, &mut out).await?;
+                if rb.len() > 0 {
+                    // The client must wait for the answer before its ClientHello.
+                    return Err(NbdError::invalid(
+                        "NBD_OPT_STARTTLS",
+                        "the client sent data before the TLS handshake could start",
+                    ));
+                }
+                return Ok(Outcome::StartTls {
+                    no_zeroes: st.no_zeroes,
+                });
             }
             ClientOption::StructuredReply => {
                 st.structured = true;
@@ -264,6 +332,15 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             }
             ClientOption::List => {
                 for (name, description) in server.registry.list(peer) {
+                    // TLS-only exports are not shown before TLS.
+                    if !tls
+                        && server
+                            .registry
+                            .lookup(&name, peer)
+                            .is_some_and(|e| e.tls_only)
+                    {
+                        continue;
+                    }
                     OptionReply::Server { name, description }.encode(code, &mut out);
                 }
                 OptionReply::Ack.encode(code, &mut out);
@@ -309,6 +386,7 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             ClientOption::Info(req) => {
                 let name = server.resolve_name(&req.name);
                 match server.registry.lookup(&name, peer) {
+                    Some(export) if export.tls_only && !tls => tls_required(code, &mut out),
                     Some(export) => {
                         let g = geometry(&export, &server.limits, &st);
                         info_replies(code, &export, &g, &req.requests, &mut out);
@@ -320,6 +398,9 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             ClientOption::Go(req) => {
                 let name = server.resolve_name(&req.name);
                 match server.open_export(&name, peer, conn_id) {
+                    Some((export, _)) if export.tls_only && !tls => {
+                        tls_required(code, &mut out);
+                    }
                     Some((export, registration)) => {
                         let g = geometry(&export, &server.limits, &st);
                         info_replies(code, &export, &g, &req.requests, &mut out);
@@ -341,6 +422,11 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                         "client asked for an unknown export with NBD_OPT_EXPORT_NAME",
                     ));
                 };
+                if export.tls_only && !tls {
+                    return Ok(Outcome::Closed(
+                        "NBD_OPT_EXPORT_NAME of a TLS-only export before TLS",
+                    ));
+                }
                 let g = geometry(&export, &server.limits, &st);
                 ExportNameReply {
                     size: g.size,
@@ -365,6 +451,15 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         "negotiation",
         "too many options on one connection",
     ))
+}
+
+fn tls_required(option: u32, out: &mut Vec<u8>) {
+    reply_error(
+        option,
+        rep::ERR_TLS_REQD,
+        "this export requires TLS: send NBD_OPT_STARTTLS first",
+        out,
+    );
 }
 
 fn reply_error(option: u32, reply_type: u32, message: &str, out: &mut Vec<u8>) {

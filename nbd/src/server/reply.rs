@@ -32,13 +32,23 @@ const FLUSH_ROUNDS: usize = 4;
 const DRAIN_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The writing half of a transport, usable from any thread: non-blocking writes plus a way
-/// to wait until writing can make progress. Implemented by the unix and TCP socket halves; a
-/// TLS stream would implement it over its own buffer.
+/// to wait until writing can make progress. Implemented by the unix and TCP socket halves,
+/// and by a TLS session ([`super::tls`]), which takes bytes into its own buffer of records.
 pub(crate) trait ReplyWriter: Send + Sync + 'static {
-    /// Writes what the socket takes now; `WouldBlock` if nothing.
+    /// Takes what it can now (the socket, or a buffer that [`try_flush`](Self::try_flush)
+    /// empties); `WouldBlock` if nothing.
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize>;
+    /// Sends what was taken but is still buffered; `WouldBlock` while some is left. A
+    /// socket buffers nothing of its own.
+    fn try_flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Resolves when a write may make progress.
     fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_;
+    /// Ends the stream in order once every reply is out (TLS: close_notify).
+    fn finish(&self) -> impl Future<Output = std::io::Result<()>> + Send + '_ {
+        std::future::ready(Ok(()))
+    }
 }
 
 impl ReplyWriter for tokio::net::unix::OwnedWriteHalf {
@@ -305,7 +315,11 @@ impl<W: ReplyWriter, P: Send + 'static> Replies<W, P> {
     ) -> std::io::Result<Progress> {
         loop {
             if batch.is_empty() {
-                return Ok(Progress::Done);
+                return match self.wr.try_flush() {
+                    Ok(()) => Ok(Progress::Done),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Progress::Blocked),
+                    Err(e) => Err(e),
+                };
             }
             let result = {
                 let mut slices = [IoSlice::new(&[]); MAX_SLICES];
@@ -415,13 +429,22 @@ impl<W: ReplyWriter, P: Send + 'static> Replies<W, P> {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let taken = {
+            let (taken, done) = {
                 let mut st = self.lock();
-                if st.broken || (st.closed && st.owner == Owner::Nobody && st.pending.is_empty()) {
+                if st.broken {
                     return;
                 }
-                (st.owner == Owner::Task).then(|| Self::take(&mut st))
+                let done = st.closed && st.owner == Owner::Nobody && st.pending.is_empty();
+                let taken = (!done && st.owner == Owner::Task).then(|| Self::take(&mut st));
+                (taken, done)
             };
+            if done {
+                let finished = tokio::time::timeout(DRAIN_WRITE_TIMEOUT, self.wr.finish());
+                if let Ok(Err(e)) = finished.await {
+                    debug!("ending the stream failed: {e}");
+                }
+                return;
+            }
             let Some((mut batch, mut skip)) = taken else {
                 notified.await;
                 continue;

@@ -37,6 +37,7 @@ impl MemRegistry {
                 name: name.to_owned(),
                 description: description.to_owned(),
                 device,
+                tls_only: false,
             }),
         );
     }

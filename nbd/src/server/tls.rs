@@ -1,0 +1,337 @@
+//! TLS for the NBD server (proto.md "TLS support"): the modes a listener runs in, the
+//! handshake after `NBD_OPT_STARTTLS`, and a TLS stream the server serves like a socket.
+//!
+//! One rustls `ServerConnection` per session, behind a mutex, shared by the task that reads
+//! requests (it decrypts) and the threads that write replies (they encrypt, as a socket's
+//! writers would write). A writer encrypts a reply into rustls's outgoing buffer and sends
+//! what the socket takes; what it does not take stays in that buffer, and the reply path
+//! sees the writer as blocked until [`ReplyWriter::try_flush`] has sent it all. The socket is
+//! used through shared references only (`try_read`, `try_write`, readiness), so the reader
+//! and the writers never wait for each other except for the mutex, which is held for one
+//! encryption or decryption at a time, never across an await.
+
+use std::future::Future;
+use std::io::{self, IoSlice, Read, Write};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+
+use rustls::ServerConnection;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+use super::Transport;
+use super::reply::ReplyWriter;
+
+/// How a listener treats TLS (proto.md: "NOTLS", "SELECTIVETLS" and "FORCEDTLS").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+    #[default]
+    Off,
+    /// TLS offered: clients may upgrade; exports marked TLS-only need it.
+    On,
+    /// TLS required: before the upgrade only `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` are
+    /// served.
+    Require,
+}
+
+impl TlsMode {
+    /// `off`, `on` or `require`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        }
+    }
+}
+
+/// A socket TLS runs over, used through shared references.
+pub(crate) trait Socket: Send + Sync + Unpin + 'static {
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
+}
+
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$t>::try_read(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$t>::try_write_vectored(self, bufs)
+            }
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$t>::poll_write_ready(self, cx)
+            }
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+                <$t>::readable(self)
+            }
+            fn writable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+                <$t>::writable(self)
+            }
+        }
+    };
+}
+socket!(TcpStream);
+socket!(UnixStream);
+
+/// `std::io` faces of a socket's non-blocking calls, for rustls.
+struct SockIo<'a, S>(&'a S);
+
+impl<S: Socket> Read for SockIo<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl<S: Socket> Write for SockIo<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write_vectored(&[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Shared<S> {
+    sock: S,
+    conn: Mutex<ServerConnection>,
+}
+
+impl<S: Socket> Shared<S> {
+    fn lock(&self) -> MutexGuard<'_, ServerConnection> {
+        // A panic mid-record would leave the session unusable, not inconsistent memory: the
+        // next call fails with rustls's own error.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends what rustls has queued, as far as the socket takes it now: true when all of it
+    /// went out.
+    fn send_queued(&self, conn: &mut ServerConnection) -> io::Result<bool> {
+        while conn.wants_write() {
+            match conn.write_tls(&mut SockIo(&self.sock)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads what the socket has into rustls and processes it. `Ok(false)` at end of
+    /// stream; `WouldBlock` when there was nothing to read.
+    fn receive(&self, conn: &mut ServerConnection) -> io::Result<bool> {
+        if conn.read_tls(&mut SockIo(&self.sock))? == 0 {
+            return Ok(false);
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // The alert rustls queued tells the client why; then the session is over.
+            let _ = self.send_queued(conn);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        // A handshake message or a key update may need an answer now.
+        let _ = self.send_queued(conn)?;
+        Ok(true)
+    }
+}
+
+/// What the TLS handshake established about the client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsClient {
+    /// The protocol version (`TLSv1_3`, `TLSv1_2`).
+    pub version: String,
+    /// The client's certificate (DER), when it sent one.
+    pub certificate: Option<Vec<u8>>,
+}
+
+/// A session after a completed TLS handshake, served like a socket.
+pub(crate) struct TlsStream<S>(Arc<Shared<S>>);
+
+/// The writing half of a [`TlsStream`], shared by the threads that write replies.
+pub(crate) struct TlsWriter<S>(Arc<Shared<S>>);
+
+/// Runs the server side of a TLS handshake on `sock` (just after `NBD_OPT_STARTTLS` was
+/// acknowledged). A failure is final: the caller closes the connection.
+pub(crate) async fn accept<S: Socket>(
+    sock: S,
+    config: Arc<rustls::ServerConfig>,
+) -> io::Result<(TlsStream<S>, TlsClient)> {
+    let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+    let shared = Arc::new(Shared {
+        sock,
+        conn: Mutex::new(conn),
+    });
+    loop {
+        let (sent, handshaking) = {
+            let mut conn = shared.lock();
+            (shared.send_queued(&mut conn)?, conn.is_handshaking())
+        };
+        if !sent {
+            shared.sock.writable().await?;
+            continue;
+        }
+        if !handshaking {
+            break;
+        }
+        shared.sock.readable().await?;
+        let received = {
+            let mut conn = shared.lock();
+            shared.receive(&mut conn)
+        };
+        match received {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client closed the connection during the TLS handshake",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let client = {
+        let conn = shared.lock();
+        TlsClient {
+            version: conn
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            certificate: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c: &CertificateDer<'_>| c.to_vec()),
+        }
+    };
+    Ok((TlsStream(shared), client))
+}
+
+impl<S: Socket> AsyncRead for TlsStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let shared = &*self.0;
+        loop {
+            let mut conn = shared.lock();
+            match conn.reader().read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Closed without close_notify: an end of stream like any other (a client
+                // that vanished mid-request is told apart by the caller).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            match shared.receive(&mut conn) {
+                // At the end of the stream rustls's reader reports how the session ended.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(conn);
+                    ready!(shared.sock.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl<S: Socket> AsyncWrite for TlsStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let shared = &*self.0;
+        loop {
+            let mut conn = shared.lock();
+            if !shared.send_queued(&mut conn)? {
+                drop(conn);
+                ready!(shared.sock.poll_write_ready(cx))?;
+                continue;
+            }
+            let n = conn.writer().write(buf)?;
+            shared.send_queued(&mut conn)?;
+            return Poll::Ready(Ok(n));
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let shared = &*self.0;
+        loop {
+            if shared.send_queued(&mut shared.lock())? {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(shared.sock.poll_write_ready(cx))?;
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.lock().send_close_notify();
+        self.poll_flush(cx)
+    }
+}
+
+impl<S: Socket> ReplyWriter for TlsWriter<S> {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let shared = &*self.0;
+        let mut conn = shared.lock();
+        // Records already made go first; new ones only once the socket took them.
+        if !shared.send_queued(&mut conn)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = conn.writer().write_vectored(bufs)?;
+        shared.send_queued(&mut conn)?;
+        Ok(n)
+    }
+
+    fn try_flush(&self) -> io::Result<()> {
+        let shared = &*self.0;
+        if shared.send_queued(&mut shared.lock())? {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        self.0.sock.writable()
+    }
+
+    async fn finish(&self) -> io::Result<()> {
+        self.0.lock().send_close_notify();
+        loop {
+            match self.try_flush() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.0.sock.writable().await?,
+                other => return other,
+            }
+        }
+    }
+}
+
+impl<S: Socket> Transport for TlsStream<S> {
+    type Reader = TlsStream<S>;
+    type Writer = TlsWriter<S>;
+    fn into_halves(self) -> (Self::Reader, Self::Writer) {
+        let writer = TlsWriter(Arc::clone(&self.0));
+        (self, writer)
+    }
+}

@@ -1,0 +1,273 @@
+//! Certificates for the TLS tests, made with `openssl` the way docs/tls.md tells users to:
+//! a CA, the server's certificate (for 127.0.0.1, 10.0.2.2 and localhost) and key, client
+//! certificates (good, expired, revoked, from another CA) and the CA's CRL.
+//!
+//! Directories use the layout nbdkit, qemu and libnbd share: the server's has `ca-cert.pem`,
+//! `server-cert.pem`, `server-key.pem` and `ca-crl.pem`; each client's has `ca-cert.pem`,
+//! `client-cert.pem` and `client-key.pem`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{TestDir, require_tool, run};
+
+/// A CA and what it signed.
+pub struct Pki {
+    /// The server's certificate directory.
+    pub server: PathBuf,
+    root: PathBuf,
+    ca: PathBuf,
+}
+
+fn openssl() -> PathBuf {
+    require_tool("openssl", "openssl")
+}
+
+const CONFIG: &str = r#"
+[ ca ]
+default_ca = ca_default
+[ ca_default ]
+dir = .
+database = $dir/index.txt
+new_certs_dir = $dir/newcerts
+serial = $dir/serial
+crlnumber = $dir/crlnumber
+default_md = sha256
+default_days = 30
+default_crl_days = 30
+policy = policy_any
+copy_extensions = none
+unique_subject = no
+[ policy_any ]
+commonName = supplied
+organizationName = optional
+organizationalUnitName = optional
+[ req ]
+distinguished_name = dn
+prompt = no
+[ dn ]
+CN = unused
+[ ca_ext ]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[ server_ext ]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, IP:10.0.2.2, DNS:localhost
+[ client_ext ]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+"#;
+
+impl Pki {
+    /// A new CA under `dir/NAME`, with a server certificate (and an empty CRL) in
+    /// `dir/NAME/server`.
+    pub fn new(dir: &TestDir, name: &str) -> Self {
+        let root = dir.join(name);
+        let ca = root.join("ca");
+        std::fs::create_dir_all(ca.join("newcerts")).expect("mkdir");
+        std::fs::write(ca.join("openssl.cnf"), CONFIG).expect("config");
+        std::fs::write(ca.join("index.txt"), "").expect("index");
+        std::fs::write(ca.join("serial"), "1000\n").expect("serial");
+        std::fs::write(ca.join("crlnumber"), "1000\n").expect("crlnumber");
+        let pki = Self {
+            server: root.join("server"),
+            root,
+            ca,
+        };
+        pki.openssl(&[
+            "req",
+            "-x509",
+            "-config",
+            "openssl.cnf",
+            "-extensions",
+            "ca_ext",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "30",
+            "-subj",
+            &format!("/O=cryptnbd tests/CN={name} CA"),
+        ]);
+        std::fs::create_dir_all(&pki.server).expect("mkdir");
+        pki.copy_ca(&pki.server);
+        let (cert, key) = pki.sign("server", "/CN=localhost", "server_ext", None);
+        std::fs::copy(cert, pki.server.join("server-cert.pem")).expect("copy");
+        std::fs::copy(key, pki.server.join("server-key.pem")).expect("copy");
+        std::fs::set_permissions(
+            pki.server.join("server-key.pem"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        pki.write_crl();
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        run(Command::new(openssl()).current_dir(&self.ca).args(args)).assert_success();
+    }
+
+    fn copy_ca(&self, to: &Path) {
+        std::fs::copy(self.ca.join("ca-cert.pem"), to.join("ca-cert.pem")).expect("copy CA");
+    }
+
+    /// Signs a new key for `subject` with `extensions`; `dates` (start, end as
+    /// YYYYMMDDHHMMSSZ) instead of 30 days from now. Returns the certificate and key files.
+    fn sign(
+        &self,
+        name: &str,
+        subject: &str,
+        extensions: &str,
+        dates: Option<(&str, &str)>,
+    ) -> (PathBuf, PathBuf) {
+        let (key, csr, cert) = (
+            format!("{name}-key.pem"),
+            format!("{name}.csr"),
+            format!("{name}-cert.pem"),
+        );
+        self.openssl(&[
+            "req",
+            "-new",
+            "-config",
+            "openssl.cnf",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            subject,
+        ]);
+        let mut args = vec![
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            "openssl.cnf",
+            "-cert",
+            "ca-cert.pem",
+            "-keyfile",
+            "ca-key.pem",
+            "-extensions",
+            extensions,
+            "-in",
+            &csr,
+            "-out",
+            &cert,
+        ];
+        if let Some((start, end)) = dates {
+            args.extend(["-startdate", start, "-enddate", end]);
+        }
+        self.openssl(&args);
+        (self.ca.join(cert), self.ca.join(key))
+    }
+
+    /// A client's certificate directory, `subject` e.g. `/O=Example/CN=host1`.
+    pub fn client(&self, name: &str, subject: &str) -> PathBuf {
+        self.client_with(name, subject, None)
+    }
+
+    /// A client certificate that expired long ago.
+    pub fn expired_client(&self, name: &str, subject: &str) -> PathBuf {
+        self.client_with(name, subject, Some(("20200101000000Z", "20200201000000Z")))
+    }
+
+    fn client_with(&self, name: &str, subject: &str, dates: Option<(&str, &str)>) -> PathBuf {
+        let dir = self.root.join(format!("client-{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let (cert, key) = self.sign(name, subject, "client_ext", dates);
+        std::fs::copy(cert, dir.join("client-cert.pem")).expect("copy");
+        std::fs::copy(key, dir.join("client-key.pem")).expect("copy");
+        std::fs::set_permissions(
+            dir.join("client-key.pem"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        self.copy_ca(&dir);
+        dir
+    }
+
+    /// Revokes the client whose directory is `client` and rewrites the server's CRL.
+    pub fn revoke(&self, client: &Path) {
+        let cert = client.join("client-cert.pem");
+        self.openssl(&[
+            "ca",
+            "-config",
+            "openssl.cnf",
+            "-cert",
+            "ca-cert.pem",
+            "-keyfile",
+            "ca-key.pem",
+            "-revoke",
+            &cert.display().to_string(),
+        ]);
+        self.write_crl();
+    }
+
+    fn write_crl(&self) {
+        self.openssl(&[
+            "ca",
+            "-gencrl",
+            "-config",
+            "openssl.cnf",
+            "-cert",
+            "ca-cert.pem",
+            "-keyfile",
+            "ca-key.pem",
+            "-out",
+            "ca-crl.pem",
+        ]);
+        std::fs::copy(self.ca.join("ca-crl.pem"), self.server.join("ca-crl.pem")).expect("copy");
+    }
+
+    /// A directory with only the CA certificate: a client that sends no certificate.
+    pub fn anonymous_client(&self) -> PathBuf {
+        let dir = self.root.join("client-anonymous");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        self.copy_ca(&dir);
+        dir
+    }
+
+    /// A server certificate directory like the good one, with `server-cert.pem` replaced by
+    /// one from `dates` (start, end), or signed by `other`'s CA.
+    pub fn server_variant(
+        &self,
+        name: &str,
+        dates: Option<(&str, &str)>,
+        other: Option<&Pki>,
+    ) -> PathBuf {
+        let dir = self.root.join(format!("server-{name}"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        self.copy_ca(&dir);
+        let signer = other.unwrap_or(self);
+        let (cert, key) = signer.sign(
+            &format!("server-{name}"),
+            "/CN=localhost",
+            "server_ext",
+            dates,
+        );
+        std::fs::copy(cert, dir.join("server-cert.pem")).expect("copy");
+        std::fs::copy(key, dir.join("server-key.pem")).expect("copy");
+        std::fs::set_permissions(
+            dir.join("server-key.pem"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        dir
+    }
+}

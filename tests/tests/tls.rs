@@ -1,0 +1,504 @@
+//! NBD over TLS (issue 14), with real clients: libnbd's nbdinfo and nbdcopy (GnuTLS) and
+//! qemu-img, against certificates the test makes with openssl (tests/src/pki.rs). Each bad
+//! client is refused while a good one goes on being served.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e_tests::daemon::{Daemon, cryptnbd_bin, nbdcopy, nbdinfo};
+use e2e_tests::pki::Pki;
+use e2e_tests::{TestDir, require_tool, run};
+
+/// A daemon with a TCP listener on loopback in TLS `mode`, serving `pki`'s certificates.
+fn tls_daemon(dir: &TestDir, pki: &Pki, mode: &str, extra: &str) -> Daemon {
+    Daemon::start(
+        dir,
+        &format!(
+            "[nbd]\ntcp = \"127.0.0.1:0\"\n[nbd.tls]\nmode = \"{mode}\"\ncertificates = \"{}\"\n{extra}",
+            pki.server.display()
+        ),
+    )
+}
+
+/// Attaches `volume` on TCP (with `flags`) and returns its TCP URI.
+fn attach_tcp(d: &Daemon, volume: &str, flags: &[&str]) -> String {
+    let mut args = vec!["--json", "attach", volume, "--tcp"];
+    args.extend_from_slice(flags);
+    let a = d.ctl.run(&args).assert_success().json();
+    a["uris"][1].as_str().expect("a TCP URI").to_owned()
+}
+
+/// `uri` with the client certificate directory `certs` (libnbd's query parameter).
+fn with_certs(uri: &str, certs: &std::path::Path) -> String {
+    format!("{uri}?tls-certificates={}", certs.display())
+}
+
+fn port_of(uri: &str) -> u16 {
+    let hostport = uri
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("host");
+    hostport
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+fn nbdinfo_ok(uri: &str) -> serde_json::Value {
+    run(Command::new(nbdinfo()).args(["--json", uri]))
+        .assert_success()
+        .json()
+}
+
+#[test]
+fn require_mode_serves_libnbd_and_qemu_over_tls_and_refuses_plaintext() {
+    let dir = TestDir::new("tls-require");
+    let pki = Pki::new(&dir, "main");
+    let client = pki.client("host1", "/O=Example/CN=host1.example.com");
+    let d = tls_daemon(&dir, &pki, "require", "");
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "256M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    assert!(uri.starts_with("nbds://127.0.0.1:"), "{uri}");
+
+    // nbdinfo over TLS shows the export; --list over TLS lists it.
+    let info = nbdinfo_ok(&with_certs(&uri, &client));
+    assert_eq!(info["exports"][0]["export-size"], 256 << 20, "{info}");
+    let list_uri = with_certs(&uri.replace("/vol", "/"), &client);
+    let list = run(Command::new(nbdinfo()).args(["--list", "--json", &list_uri]))
+        .assert_success()
+        .json();
+    let names: Vec<&str> = list["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .filter_map(|e| e["export-name"].as_str())
+        .collect();
+    assert_eq!(names, ["vol"], "{list}");
+
+    // Plaintext against a require-mode listener fails.
+    let plain = uri.replace("nbds://", "nbd://");
+    let refused = run(Command::new(nbdinfo()).arg(&plain));
+    assert_ne!(refused.code, Some(0), "a plaintext client was served");
+
+    // 256 MiB round trip with nbdcopy over nbds://.
+    let data: Vec<u8> = (0..256u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = dir.join("src.img");
+    std::fs::write(&src, &data).expect("write");
+    let started = Instant::now();
+    run(Command::new(nbdcopy())
+        .arg(&src)
+        .arg(with_certs(&uri, &client)))
+    .assert_success();
+    let back = dir.join("back.img");
+    run(Command::new(nbdcopy())
+        .arg(with_certs(&uri, &client))
+        .arg(&back))
+    .assert_success();
+    eprintln!(
+        "256 MiB nbdcopy there and back over TLS: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        std::fs::read(&back).expect("read") == data,
+        "the copy over TLS differs"
+    );
+
+    // qemu-img with x509 credentials: info, convert, compare.
+    let qemu_img = require_tool("qemu-img", "qemu-utils");
+    let port = port_of(&uri);
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        client.display()
+    );
+    let image = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=vol,tls-creds=tls0"
+    );
+    let info =
+        run(Command::new(&qemu_img).args(["info", "--object", &object, "--image-opts", &image]))
+            .assert_success()
+            .stdout_text();
+    assert!(info.contains("256 MiB"), "{info}");
+    run(Command::new(&qemu_img).args([
+        "compare",
+        "--object",
+        &object,
+        "--image-opts",
+        &image,
+        &format!("driver=raw,file.filename={}", src.display()),
+    ]))
+    .assert_success();
+    let converted = dir.join("converted.img");
+    run(Command::new(&qemu_img)
+        .args([
+            "convert",
+            "--object",
+            &object,
+            "--image-opts",
+            &image,
+            "-O",
+            "raw",
+        ])
+        .arg(&converted))
+    .assert_success();
+    assert!(
+        std::fs::read(&converted).expect("read") == data,
+        "qemu-img convert over TLS differs"
+    );
+
+    // qemu-nbd -L with TLS credentials lists the export.
+    let qemu_nbd = require_tool("qemu-nbd", "qemu-utils");
+    let listed = run(Command::new(qemu_nbd).args([
+        "-L",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--object",
+        &object,
+        "--tls-creds",
+        "tls0",
+    ]))
+    .assert_success()
+    .stdout_text();
+    assert!(listed.contains("vol"), "{listed}");
+    d.stop();
+}
+
+#[test]
+fn untrusted_expired_revoked_and_missing_client_certificates_are_refused() {
+    let dir = TestDir::new("tls-bad-clients");
+    let pki = Pki::new(&dir, "main");
+    let other = Pki::new(&dir, "other");
+    let good = pki.client("good", "/CN=good.example.com");
+    let revoked = pki.client("revoked", "/CN=revoked.example.com");
+    pki.revoke(&revoked);
+    let expired = pki.expired_client("expired", "/CN=expired.example.com");
+    let foreign = other.client("foreign", "/CN=good.example.com");
+    // The foreign client trusts our server's CA, so only its own certificate is wrong.
+    std::fs::copy(good.join("ca-cert.pem"), foreign.join("ca-cert.pem")).expect("copy");
+    let anonymous = pki.anonymous_client();
+
+    let d = tls_daemon(&dir, &pki, "require", "");
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    nbdinfo_ok(&with_certs(&uri, &good));
+    for (what, certs) in [
+        ("another CA's certificate", &foreign),
+        ("an expired certificate", &expired),
+        ("a revoked certificate", &revoked),
+        ("no certificate", &anonymous),
+    ] {
+        let out = run(Command::new(nbdinfo()).arg(with_certs(&uri, certs)));
+        assert_ne!(out.code, Some(0), "a client with {what} was served");
+        // The daemon goes on serving the good client.
+        nbdinfo_ok(&with_certs(&uri, &good));
+    }
+    let log = d.stop();
+    assert!(log.contains("TLS handshake failed"), "{log}");
+}
+
+#[test]
+fn on_mode_keeps_tls_only_exports_behind_tls() {
+    let dir = TestDir::new("tls-on");
+    let pki = Pki::new(&dir, "main");
+    let client = pki.client("host1", "/CN=host1.example.com");
+    let d = tls_daemon(&dir, &pki, "on", "");
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("open", "16M", "alias/e2e", 4096, &[]);
+    d.ctl.create_volume("secret", "16M", "alias/e2e", 4096, &[]);
+    let open = attach_tcp(&d, "open", &[]);
+    let secret = attach_tcp(&d, "secret", &["--tls-only"]);
+    let status = d
+        .ctl
+        .run(&["--json", "status", "secret"])
+        .assert_success()
+        .json();
+    assert_eq!(status["attachments"][0]["tls_only"], true, "{status}");
+
+    // Plaintext: the open export is served and listed; the TLS-only one is neither.
+    let plain = |u: &str| u.replace("nbds://", "nbd://");
+    nbdinfo_ok(&plain(&open));
+    let refused = run(Command::new(nbdinfo()).arg(plain(&secret)));
+    assert_ne!(
+        refused.code,
+        Some(0),
+        "a TLS-only export was served in plaintext"
+    );
+    // What the server answered: NBD_REP_ERR_TLS_REQD to NBD_OPT_INFO (libnbd words it as
+    // "Operation not supported").
+    let mut r = Raw::connect(port_of(&secret));
+    let mut info = Vec::new();
+    info.extend_from_slice(&6u32.to_be_bytes());
+    info.extend_from_slice(b"secret");
+    info.extend_from_slice(&0u16.to_be_bytes());
+    r.option(OPT_INFO, &info);
+    assert_eq!(r.reply(OPT_INFO), REP_ERR_TLS_REQD);
+    let listed = |u: String| {
+        let l = run(Command::new(nbdinfo()).args(["--list", "--json", &u]))
+            .assert_success()
+            .json();
+        let mut names: Vec<String> = l["exports"]
+            .as_array()
+            .expect("exports")
+            .iter()
+            .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listed(plain(&open).replace("/open", "/")), ["open"]);
+    // Over TLS: both.
+    nbdinfo_ok(&with_certs(&secret, &client));
+    assert_eq!(
+        listed(with_certs(&open.replace("/open", "/"), &client)),
+        ["open", "secret"]
+    );
+    d.stop();
+}
+
+/// A raw NBD client for what no real client does on purpose: the newstyle greeting read,
+/// client flags sent, then options written by hand.
+struct Raw(TcpStream);
+
+const OPT_MAGIC: u64 = 0x4948_4156_454F_5054;
+const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const OPT_STARTTLS: u32 = 5;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const REP_ACK: u32 = 1;
+const REP_ERR_POLICY: u32 = 0x8000_0002;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
+
+impl Raw {
+    fn connect(port: u16) -> Self {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).expect("greeting");
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        s.write_all(&1u32.to_be_bytes()).expect("client flags"); // FIXED_NEWSTYLE
+        Self(s)
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).expect("option");
+    }
+
+    /// The next reply's type (its data read and dropped).
+    fn reply(&mut self, option: u32) -> u32 {
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h).expect("reply header");
+        let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        assert_eq!((u64::from(be32(0)) << 32) | u64::from(be32(4)), REP_MAGIC);
+        assert_eq!(be32(8), option);
+        let mut data = vec![0u8; be32(16) as usize];
+        self.0.read_exact(&mut data).expect("reply data");
+        be32(12)
+    }
+
+    /// True once the server closed the connection (within the read timeout).
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1024];
+        loop {
+            match self.0.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => return matches!(e.kind(), std::io::ErrorKind::ConnectionReset),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_negotiation_follows_the_spec_before_and_around_starttls() {
+    let dir = TestDir::new("tls-raw");
+    let pki = Pki::new(&dir, "main");
+    let client = pki.client("host1", "/CN=host1.example.com");
+    let d = tls_daemon(
+        &dir,
+        &pki,
+        "require",
+        "[limits]\nhandshake_timeout_secs = 2\n",
+    );
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    let port = port_of(&uri);
+
+    // Before TLS, a require-mode listener answers everything but STARTTLS with TLS_REQD.
+    let mut r = Raw::connect(port);
+    r.option(OPT_LIST, &[]);
+    assert_eq!(r.reply(OPT_LIST), REP_ERR_TLS_REQD);
+    // STARTTLS with data is invalid.
+    r.option(OPT_STARTTLS, b"x");
+    assert_eq!(r.reply(OPT_STARTTLS), REP_ERR_INVALID);
+    // NBD_OPT_EXPORT_NAME before TLS closes the connection (it has no error reply).
+    r.option(1, b"vol");
+    assert!(
+        r.closed(),
+        "EXPORT_NAME before TLS left the connection open"
+    );
+
+    // Garbage instead of a ClientHello: a hard disconnect.
+    let mut r = Raw::connect(port);
+    r.option(OPT_STARTTLS, &[]);
+    assert_eq!(r.reply(OPT_STARTTLS), REP_ACK);
+    r.0.write_all(&[0x47; 600]).expect("garbage");
+    assert!(
+        r.closed(),
+        "garbage instead of a ClientHello was not disconnected"
+    );
+
+    // A client that stops mid-handshake is timed out.
+    let mut r = Raw::connect(port);
+    r.option(OPT_STARTTLS, &[]);
+    assert_eq!(r.reply(OPT_STARTTLS), REP_ACK);
+    let started = Instant::now();
+    assert!(r.closed(), "a stalled handshake was not closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // 200 handshakes left hanging at once hold no slot for ever: all are closed, and a good
+    // client is served meanwhile.
+    let stalled: Vec<Raw> = (0..200)
+        .map(|_| {
+            let mut r = Raw::connect(port);
+            r.option(OPT_STARTTLS, &[]);
+            r
+        })
+        .collect();
+    nbdinfo_ok(&with_certs(&uri, &client));
+    for mut r in stalled {
+        assert_eq!(r.reply(OPT_STARTTLS), REP_ACK);
+        assert!(r.closed());
+    }
+    nbdinfo_ok(&with_certs(&uri, &client));
+    d.stop();
+
+    // With TLS off, STARTTLS is refused by policy.
+    let dir2 = TestDir::new("tls-off");
+    let d = Daemon::start(&dir2, "[nbd]\ntcp = \"127.0.0.1:0\"\n");
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    assert!(uri.starts_with("nbd://"), "{uri}");
+    let mut r = Raw::connect(port_of(&uri));
+    r.option(OPT_STARTTLS, &[]);
+    assert_eq!(r.reply(OPT_STARTTLS), REP_ERR_POLICY);
+    r.option(OPT_LIST, &[]);
+    let mut kinds = Vec::new();
+    loop {
+        let k = r.reply(OPT_LIST);
+        kinds.push(k);
+        if k == REP_ACK {
+            break;
+        }
+    }
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    d.stop();
+}
+
+/// Runs the daemon on `config` and returns its stderr, asserting it refused to start.
+fn refused_start(dir: &TestDir, name: &str, tls: &str) -> String {
+    let config = dir.join(&format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\nruntime_dir = \"{}\"\n[nbd]\ntcp = \"127.0.0.1:0\"\n[nbd.tls]\n{tls}\n",
+            dir.join(&format!("{name}-state")).display(),
+            dir.join(&format!("{name}-run")).display()
+        ),
+    )
+    .expect("config");
+    let out = run(Command::new(cryptnbd_bin()).arg("--config").arg(&config));
+    assert_ne!(out.code, Some(0), "cryptnbd started with {tls}");
+    out.stderr
+}
+
+#[test]
+fn the_daemon_refuses_to_start_with_unusable_certificates() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new("tls-start");
+    let pki = Pki::new(&dir, "main");
+    let other = Pki::new(&dir, "other");
+    let conf = |certs: &std::path::Path| {
+        format!("mode = \"require\"\ncertificates = \"{}\"", certs.display())
+    };
+
+    // A key others can read.
+    let loose = pki.server_variant("loose", None, None);
+    std::fs::set_permissions(
+        loose.join("server-key.pem"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let e = refused_start(&dir, "loose", &conf(&loose));
+    assert!(
+        e.contains("server-key.pem") && e.contains("chmod 600"),
+        "{e}"
+    );
+
+    // A missing file.
+    let missing = pki.server_variant("missing", None, None);
+    std::fs::remove_file(missing.join("ca-cert.pem")).expect("rm");
+    let e = refused_start(&dir, "missing", &conf(&missing));
+    assert!(e.contains("ca-cert.pem"), "{e}");
+
+    // A key that is not the certificate's.
+    let mismatched = pki.server_variant("mismatched", None, None);
+    std::fs::copy(
+        pki.server.join("server-key.pem"),
+        mismatched.join("server-key.pem"),
+    )
+    .expect("copy");
+    let e = refused_start(&dir, "mismatched", &conf(&mismatched));
+    assert!(e.contains("is not the key of"), "{e}");
+
+    // An expired server certificate.
+    let expired = pki.server_variant(
+        "expired",
+        Some(("20200101000000Z", "20200201000000Z")),
+        None,
+    );
+    let e = refused_start(&dir, "expired", &conf(&expired));
+    assert!(e.contains("server-cert.pem has expired"), "{e}");
+
+    // A server certificate the CA did not sign.
+    let foreign = pki.server_variant("foreign", None, Some(&other));
+    let e = refused_start(&dir, "foreign", &conf(&foreign));
+    assert!(e.contains("was not signed by the CA"), "{e}");
+
+    // A non-loopback listener needs TLS that checks clients (or the explicit opt-out).
+    let config = dir.join("public.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\nruntime_dir = \"{}\"\n[nbd]\ntcp = \"0.0.0.0:0\"\n[nbd.tls]\nmode = \"on\"\ncertificates = \"{}\"\n",
+            dir.join("public-state").display(),
+            dir.join("public-run").display(),
+            pki.server.display()
+        ),
+    )
+    .expect("config");
+    let out = run(Command::new(cryptnbd_bin()).arg("--config").arg(&config));
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("mode = \"require\""), "{}", out.stderr);
+}
