@@ -395,6 +395,10 @@ pub struct AttachRequest {
     /// of LIST and refused until the client upgrades).
     #[serde(default)]
     pub tls_only: bool,
+    /// Client certificates that may open the export (any one of them); empty: any the CA
+    /// signed and did not revoke. Clients without TLS may not open an export that has some.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_certs: Vec<CertRule>,
     /// Also bind a kernel NBD device to the volume: "/dev/nbdN", or "auto" for the first
     /// free one (the daemon saves the device it got, so a restart reconnects the same one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -855,6 +859,9 @@ pub struct AttachmentStatus {
     /// Only over TLS.
     #[serde(default)]
     pub tls_only: bool,
+    /// The client certificates that may open it (empty: any the CA signed).
+    #[serde(default)]
+    pub allow_certs: Vec<CertRule>,
     /// Size in bytes.
     pub size: u64,
     /// When it was attached (RFC 3339).
@@ -902,12 +909,45 @@ pub struct ConnectionStatus {
     pub id: u64,
     /// Who: `pid 123 (uid 1000)` or `tcp 127.0.0.1:5555`.
     pub peer: String,
+    /// Over TLS: the client certificate's subject (RFC 4514), or `(no certificate)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
     /// Connected since (RFC 3339).
     pub since: String,
     /// Bytes read.
     pub bytes_read: u64,
     /// Bytes written.
     pub bytes_written: u64,
+}
+
+/// A client certificate an export admits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertRule {
+    /// The subject matches this RFC 4514 name, written the way `certtool -i` prints it
+    /// (`CN=host1.example.com,O=Example`; `*` matches within one value).
+    Subject(String),
+    /// This issuer (RFC 4514) and serial number (hex).
+    IssuerSerial {
+        /// The issuer's name.
+        issuer: String,
+        /// The serial number, hex.
+        serial: String,
+    },
+    /// The certificate's SHA-256 fingerprint (hex; colons allowed).
+    Sha256(String),
+}
+
+impl std::fmt::Display for CertRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertRule::Subject(s) => write!(f, "subject {s}"),
+            CertRule::IssuerSerial { issuer, serial } => {
+                write!(f, "issuer {issuer} serial {serial}")
+            }
+            CertRule::Sha256(h) => write!(f, "sha256 {h}"),
+        }
+    }
 }
 
 /// Error classes a client branches on (and maps to exit codes).

@@ -343,6 +343,29 @@ pub struct AttachArgs {
     /// Serve the export only over TLS (the daemon's [nbd.tls] mode must be on or require).
     #[arg(long)]
     pub tls_only: bool,
+    /// A client certificate subject that may open the export, as `certtool -i` prints it,
+    /// e.g. `CN=host1.example.com,O=Example` (`*` matches within a value; repeatable).
+    /// Without any --allow-cert*, every certificate the CA signed may.
+    #[arg(long = "allow-cert", value_name = "DN")]
+    pub allow_certs: Vec<String>,
+    /// A client certificate by issuer and serial: give --allow-cert-serial with it
+    /// (repeatable, in pairs).
+    #[arg(
+        long = "allow-cert-issuer",
+        value_name = "DN",
+        requires = "allow_cert_serials"
+    )]
+    pub allow_cert_issuers: Vec<String>,
+    /// The serial number (hex) that goes with --allow-cert-issuer.
+    #[arg(
+        long = "allow-cert-serial",
+        value_name = "HEX",
+        requires = "allow_cert_issuers"
+    )]
+    pub allow_cert_serials: Vec<String>,
+    /// A client certificate by its SHA-256 fingerprint (hex, colons allowed; repeatable).
+    #[arg(long = "allow-cert-sha256", value_name = "FINGERPRINT")]
+    pub allow_cert_sha256: Vec<String>,
     /// Also make the volume a kernel block device: the daemon binds /dev/nbdN through the
     /// kernel's netlink NBD interface (nbd module loaded, CAP_SYS_ADMIN); `auto` takes the
     /// first free device.

@@ -340,20 +340,85 @@ fn attachment_text(a: &AttachmentStatus) -> String {
     for u in &a.uris {
         s.push_str(&format!("\n  {u}"));
     }
+    if a.tls_only {
+        s.push_str("\n  served only over TLS");
+    }
+    if a.uris.iter().any(|u| u.starts_with("nbds")) || a.tls_only {
+        if a.allow_certs.is_empty() {
+            s.push_str("\n  admits any client certificate the CA signed and did not revoke");
+        } else {
+            let rules: Vec<String> = a.allow_certs.iter().map(ToString::to_string).collect();
+            s.push_str(&format!(
+                "\n  admits only client certificates with: {}",
+                rules.join("; ")
+            ));
+        }
+    }
     if a.connections.is_empty() {
         s.push_str("\n  no connections");
     }
     for c in &a.connections {
         s.push_str(&format!(
-            "\n  connection {} from {} since {}: read {} / written {}",
+            "\n  connection {} from {}{} since {}: read {} / written {}",
             c.id,
             c.peer,
+            c.certificate
+                .as_ref()
+                .map(|dn| format!(" (TLS, certificate {dn})"))
+                .unwrap_or_default(),
             c.since,
             human(c.bytes_read),
             human(c.bytes_written)
         ));
     }
     s
+}
+
+/// How each client reaches a TLS export at `uri` (`nbds://HOST:PORT/EXPORT`), with the
+/// client's certificate directory (ca-cert.pem, client-cert.pem, client-key.pem) as CERTS.
+fn tls_client_lines(uri: &str, export: &str) -> String {
+    let hostport = uri
+        .trim_start_matches("nbds://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "10809"));
+    format!(
+        "Reach it over TLS with a client certificate directory CERTS (ca-cert.pem, \
+         client-cert.pem, client-key.pem; docs/tls.md):\n  \
+         nbdinfo '{uri}?tls-certificates=CERTS'\n  \
+         qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=CERTS --image-opts \
+         driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},tls-creds=tls0\n  \
+         nbd-client {host} {port} /dev/nbd0 -N {export} -A CERTS/ca-cert.pem -F CERTS/client-cert.pem -K CERTS/client-key.pem"
+    )
+}
+
+/// The certificate allow-list of `attach`, from its --allow-cert* flags.
+fn cert_rules(a: &AttachArgs) -> Result<Vec<control_api::CertRule>> {
+    use control_api::CertRule;
+    if a.allow_cert_issuers.len() != a.allow_cert_serials.len() {
+        return Err(CliError::usage(
+            "--allow-cert-issuer and --allow-cert-serial go in pairs: give each issuer its serial",
+        )
+        .into());
+    }
+    let mut rules: Vec<CertRule> = a
+        .allow_certs
+        .iter()
+        .cloned()
+        .map(CertRule::Subject)
+        .collect();
+    rules.extend(
+        a.allow_cert_issuers
+            .iter()
+            .zip(&a.allow_cert_serials)
+            .map(|(issuer, serial)| CertRule::IssuerSerial {
+                issuer: issuer.clone(),
+                serial: serial.clone(),
+            }),
+    );
+    rules.extend(a.allow_cert_sha256.iter().cloned().map(CertRule::Sha256));
+    Ok(rules)
 }
 
 fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
@@ -369,6 +434,7 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
         allow_gids: a.allow_gids.clone(),
         tcp: a.tcp,
         tls_only: a.tls_only,
+        allow_certs: cert_rules(a)?,
         device: a.device.clone(),
         connections: a.connections,
         io_timeout_secs: a.io_timeout,
@@ -383,13 +449,16 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
                 attachment_text(s),
             )
         }
-        Response::Attached(s) => {
-            let uri = s.uris.first().cloned().unwrap_or_default();
-            format!(
-                "{}\n\nReach it with:\n  nbdinfo '{uri}'\n  qemu-img info '{uri}'\n  nbdfuse DIR/disk '{uri}' &   # then losetup, mkfs, mount",
-                attachment_text(s),
-            )
-        }
+        Response::Attached(s) => match s.uris.iter().find(|u| u.starts_with("nbds://")) {
+            Some(uri) => format!("{}\n\n{}", attachment_text(s), tls_client_lines(uri, &s.export_name)),
+            None => {
+                let uri = s.uris.first().cloned().unwrap_or_default();
+                format!(
+                    "{}\n\nReach it with:\n  nbdinfo '{uri}'\n  qemu-img info '{uri}'\n  nbdfuse DIR/disk '{uri}' &   # then losetup, mkfs, mount",
+                    attachment_text(s),
+                )
+            }
+        },
         other => format!("{other:?}"),
     })
 }

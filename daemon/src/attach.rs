@@ -98,6 +98,17 @@ impl Daemon {
                  (and the certificates) in the daemon's configuration, see docs/tls.md",
             ));
         }
+        if !r.allow_certs.is_empty() {
+            crate::certpolicy::check_rules(&r.allow_certs)
+                .map_err(|m| api(ErrorCode::InvalidRequest, m))?;
+            if tls.tcp == TlsMode::Off && tls.unix == TlsMode::Off {
+                return Err(api(
+                    ErrorCode::InvalidRequest,
+                    "--allow-cert needs TLS on a listener: set [nbd.tls] mode (and the \
+                     certificates) in the daemon's configuration, see docs/tls.md",
+                ));
+            }
+        }
         if r.tcp && self.services.nbd_tcp.is_none() {
             return Err(api(
                 ErrorCode::InvalidRequest,
@@ -261,6 +272,7 @@ impl Daemon {
             transient: a.request.transient,
             tcp: a.request.tcp,
             tls_only: a.request.tls_only,
+            allow_certs: a.request.allow_certs.clone(),
             size: a.device.volume().size(),
             since: rfc3339(a.since),
             owner_uid: a.owner_uid,
@@ -307,6 +319,7 @@ impl Daemon {
                 since: rfc3339(c.since),
                 bytes_read: c.bytes_read,
                 bytes_written: c.bytes_written,
+                certificate: c.tls.as_ref().map(|t| t.subject().to_owned()),
             })
             .collect()
     }

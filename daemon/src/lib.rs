@@ -11,6 +11,7 @@
 
 pub mod attach;
 pub mod caller;
+pub mod certpolicy;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -209,6 +210,7 @@ pub async fn run(
     let tcp_addr = nbd_tcp.as_ref().and_then(|l| l.local_addr().ok());
 
     let registry = Arc::new(registry::Registry::default());
+    registry.set_audit(Arc::clone(&audit), kms_client::Kms::backend_name(&kms));
     let server = nbd::server::Server::new(registry.clone(), config.limits.to_limits());
     server.set_tls(tls);
     let daemon = Arc::new(daemon::Daemon::new(

@@ -7,10 +7,12 @@
 //! may not open looks exactly like an unknown one.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use nbd::device::{Export, ExportRegistry, Peer};
+use nbd::server::TlsClient;
+use statedir::audit::{AuditLog, AuditRecord};
 
 use crate::device::VolumeDevice;
 
@@ -108,9 +110,16 @@ impl Attachment {
 #[derive(Default)]
 pub struct Registry {
     by_volume: RwLock<BTreeMap<String, Arc<Attachment>>>,
+    /// Where refused clients are recorded, and the KMS backend's name for the records.
+    audit: OnceLock<(Arc<AuditLog>, &'static str)>,
 }
 
 impl Registry {
+    /// Sets the audit trail that records the clients refused by an allow-list.
+    pub fn set_audit(&self, audit: Arc<AuditLog>, backend: &'static str) {
+        let _ = self.audit.set((audit, backend));
+    }
+
     /// Adds an attachment; fails if the volume or the export name is taken.
     pub fn insert(&self, a: Arc<Attachment>) -> Result<(), String> {
         let mut map = self.by_volume.write().unwrap_or_else(|p| p.into_inner());
@@ -168,6 +177,50 @@ impl ExportRegistry for Registry {
         map.values()
             .find(|a| a.export_name == name && a.allows(peer))
             .map(|a| Arc::clone(&a.export))
+    }
+
+    fn admit(
+        &self,
+        export: &Export,
+        peer: &Peer,
+        tls: Option<&TlsClient>,
+        opening: bool,
+    ) -> Result<(), String> {
+        let Some(a) = self
+            .all()
+            .into_iter()
+            .find(|a| a.export_name == export.name)
+        else {
+            return Err("no such export".into());
+        };
+        let decision = crate::certpolicy::admit(&a.request.allow_certs, tls);
+        if !opening || a.request.allow_certs.is_empty() {
+            return decision;
+        }
+        let subject = tls.map_or("(no TLS)", TlsClient::subject);
+        match &decision {
+            Ok(()) => tracing::info!(
+                export = %a.export_name, %peer, certificate = subject,
+                "client certificate on the export's allow-list: admitted"
+            ),
+            Err(why) => {
+                tracing::warn!(export = %a.export_name, %peer, certificate = subject, "refused: {why}");
+                if let Some((audit, backend)) = self.audit.get() {
+                    let outcome = Err(format!("refused {peer} (certificate {subject}): {why}"));
+                    audit.record(&AuditRecord::about_volume(
+                        "nbd-open",
+                        backend,
+                        &a.volume,
+                        None,
+                        None,
+                        None,
+                        std::time::Duration::ZERO,
+                        &outcome,
+                    ));
+                }
+            }
+        }
+        decision
     }
 
     fn list(&self, peer: &Peer) -> Vec<(String, String)> {

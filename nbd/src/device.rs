@@ -182,4 +182,18 @@ pub trait ExportRegistry: Send + Sync + 'static {
     fn default_export(&self) -> Option<String> {
         None
     }
+    /// Whether a client whose TLS session is `tls` (None: no TLS) may use `export`, which
+    /// [`lookup`](Self::lookup) found for it: `Err` with the reason if not. Asked when the
+    /// client opens or asks about the export (`opening`: NBD_OPT_INFO, GO and EXPORT_NAME;
+    /// the client is answered `NBD_REP_ERR_POLICY`) and when it lists exports (the export is
+    /// then left out). The default admits everyone.
+    fn admit(
+        &self,
+        _export: &Export,
+        _peer: &Peer,
+        _tls: Option<&crate::server::TlsClient>,
+        _opening: bool,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -16,6 +16,7 @@ pub mod device;
 mod error;
 pub mod proto;
 pub mod server;
+pub mod x509;
 
 pub use device::{
     BlockDevice, BlockSizes, DeviceError, Errno, Export, ExportRegistry, Extent, Peer,

@@ -153,6 +153,8 @@ pub struct ConnectionInfo {
     pub bytes_written: u64,
     /// Requests received (including refused ones).
     pub requests: u64,
+    /// The TLS session, when the connection upgraded.
+    pub tls: Option<Arc<TlsClient>>,
 }
 
 /// A connection in the table: what [`ConnectionInfo`] reports, plus the switch that stops it.
@@ -165,14 +167,16 @@ pub(crate) struct ConnEntry {
     bytes_written: AtomicU64,
     requests: AtomicU64,
     stop: watch::Sender<bool>,
+    tls: Option<Arc<TlsClient>>,
 }
 
 impl ConnEntry {
-    fn new(id: u64, export: String, peer: Peer) -> Self {
+    fn new(id: u64, export: String, peer: Peer, tls: Option<Arc<TlsClient>>) -> Self {
         Self {
             id,
             export,
             peer,
+            tls,
             since: SystemTime::now(),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
@@ -199,6 +203,7 @@ impl ConnEntry {
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -404,7 +409,7 @@ impl Server {
         peer: Peer,
     ) -> Option<(SessionParams, tokio::task::JoinHandle<()>)> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (export, registration) = self.open_export(export, &peer, id)?;
+        let (export, registration) = self.open_export(export, &peer, id, None)?;
         let geometry = handshake::geometry_for(&export, &self.limits, false, None);
         let params = SessionParams {
             size: geometry.size,
@@ -472,6 +477,18 @@ impl Server {
         }
     }
 
+    /// Gracefully ends connection `id` (as [`Server::disconnect_export`] does for a whole
+    /// export) without waiting; false if there is no such connection.
+    pub fn stop_connection(&self, id: u64) -> bool {
+        match self.table().get(&id) {
+            Some(e) => {
+                e.stop();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Same for every connection (shutdown): after `serve_*` returned, drain everything.
     /// Connections still negotiating are closed; new negotiations are refused.
     pub async fn drain_all(&self) {
@@ -515,13 +532,14 @@ impl Server {
         name: &str,
         peer: &Peer,
         id: u64,
+        tls: Option<Arc<TlsClient>>,
     ) -> Option<(Arc<Export>, Registration)> {
         let mut table = self.table();
         if self.is_shutting_down() {
             return None;
         }
         let export = self.registry.lookup(name, peer)?;
-        let entry = Arc::new(ConnEntry::new(id, export.name.clone(), peer.clone()));
+        let entry = Arc::new(ConnEntry::new(id, export.name.clone(), peer.clone(), tls));
         table.insert(id, Arc::clone(&entry));
         drop(table);
         Some((
@@ -589,8 +607,9 @@ impl Server {
             let (mut tls, client) = tls::accept(stream, config)
                 .await
                 .map_err(NbdError::TlsHandshake)?;
-            debug!(version = %client.version, certificate = client.certificate.is_some(), "TLS established");
-            let phase = handshake::Phase::Tls { no_zeroes };
+            debug!(version = %client.version, subject = %client.subject(), "TLS established");
+            let client = Arc::new(client);
+            let phase = handshake::Phase::Tls { no_zeroes, client };
             let outcome =
                 handshake::negotiate(&self, &mut tls, &mut rb, &peer, id, mode, phase).await?;
             Ok(Negotiated::Tls(tls, rb, outcome))

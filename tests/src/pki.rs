@@ -40,9 +40,9 @@ policy = policy_any
 copy_extensions = none
 unique_subject = no
 [ policy_any ]
-commonName = supplied
 organizationName = optional
 organizationalUnitName = optional
+commonName = supplied
 [ req ]
 distinguished_name = dn
 prompt = no

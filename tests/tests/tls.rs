@@ -502,3 +502,184 @@ fn the_daemon_refuses_to_start_with_unusable_certificates() {
     assert_ne!(out.code, Some(0));
     assert!(out.stderr.contains("mode = \"require\""), "{}", out.stderr);
 }
+
+/// `openssl x509 -noout FLAGS` of a client's certificate: the value after `=`.
+fn cert_field(client: &std::path::Path, flags: &[&str]) -> String {
+    let out = run(Command::new(require_tool("openssl", "openssl"))
+        .args(["x509", "-noout"])
+        .args(flags)
+        .arg("-in")
+        .arg(client.join("client-cert.pem")))
+    .assert_success()
+    .stdout_text();
+    out.trim()
+        .split_once('=')
+        .map(|(_, v)| v.to_owned())
+        .expect("field")
+}
+
+#[test]
+fn allow_lists_admit_only_the_named_certificates() {
+    let dir = TestDir::new("tls-allow");
+    let pki = Pki::new(&dir, "main");
+    let host1 = pki.client("host1", "/O=Example/CN=host1.example.com");
+    let host2 = pki.client("host2", "/O=Example/CN=host2.example.com");
+    let d = tls_daemon(&dir, &pki, "on", "");
+    d.ctl.create_key("e2e");
+    for v in ["vol", "any", "wild", "fp", "ser"] {
+        d.ctl.create_volume(v, "16M", "alias/e2e", 4096, &[]);
+    }
+    let attached = d
+        .ctl
+        .run(&[
+            "--json",
+            "attach",
+            "vol",
+            "--tcp",
+            "--allow-cert",
+            "CN=host1.example.com,O=Example",
+        ])
+        .assert_success()
+        .json();
+    assert_eq!(
+        attached["allow_certs"],
+        serde_json::json!([{"subject": "CN=host1.example.com,O=Example"}]),
+        "{attached}"
+    );
+    let vol = attached["uris"][1].as_str().expect("uri").to_owned();
+    let any = attach_tcp(&d, "any", &[]);
+    let wild = attach_tcp(&d, "wild", &["--allow-cert", "cn=*.example.com,o=Example"]);
+    let fp = attach_tcp(
+        &d,
+        "fp",
+        &[
+            "--allow-cert-sha256",
+            &cert_field(&host1, &["-fingerprint", "-sha256"]),
+        ],
+    );
+    let ser = attach_tcp(
+        &d,
+        "ser",
+        &[
+            "--allow-cert-issuer",
+            "CN=main CA,O=cryptnbd tests",
+            "--allow-cert-serial",
+            &cert_field(&host1, &["-serial"]),
+        ],
+    );
+    let opens = |uri: &str, certs: &std::path::Path| {
+        run(Command::new(nbdinfo()).arg(with_certs(uri, certs))).code == Some(0)
+    };
+    assert!(
+        opens(&vol, &host1),
+        "host1 refused on its own export; the daemon's log:\n{}",
+        d.log_text()
+    );
+    assert!(
+        !opens(&vol, &host2),
+        "host2 opened an export that lists only host1"
+    );
+    assert!(
+        opens(&any, &host2),
+        "an export without a list refused a CA-signed client"
+    );
+    assert!(
+        opens(&wild, &host1) && opens(&wild, &host2),
+        "the wildcard did not match"
+    );
+    assert!(
+        opens(&fp, &host1) && !opens(&fp, &host2),
+        "the fingerprint rule is wrong"
+    );
+    assert!(
+        opens(&ser, &host1) && !opens(&ser, &host2),
+        "the issuer/serial rule is wrong"
+    );
+
+    // Without TLS, an export with a list is refused by policy.
+    let mut r = Raw::connect(port_of(&vol));
+    let mut info = Vec::new();
+    info.extend_from_slice(&3u32.to_be_bytes());
+    info.extend_from_slice(b"vol");
+    info.extend_from_slice(&0u16.to_be_bytes());
+    r.option(OPT_INFO, &info);
+    assert_eq!(r.reply(OPT_INFO), REP_ERR_POLICY);
+
+    // LIST shows a certificate only what it may open.
+    let listed = |certs: &std::path::Path| {
+        let l = run(Command::new(nbdinfo())
+            .args(["--list", "--json"])
+            .arg(with_certs(&any.replace("/any", "/"), certs)))
+        .assert_success()
+        .json();
+        let mut names: Vec<String> = l["exports"]
+            .as_array()
+            .expect("exports")
+            .iter()
+            .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listed(&host1), ["any", "fp", "ser", "vol", "wild"]);
+    assert_eq!(listed(&host2), ["any", "wild"]);
+
+    // status names the certificate of a live connection, as GnuTLS prints it.
+    // nbdsh, which (unlike nbdinfo) must be told that a URI may name local files.
+    let script = format!(
+        "h.set_uri_allow_local_file(True)\nh.connect_uri({:?})\nimport time\nwhile True: time.sleep(1)",
+        with_certs(&vol, &host1)
+    );
+    let mut held = Command::new(require_tool("nbdsh", "python3-libnbd"))
+        .env("PATH", "/usr/bin:/bin")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("nbdsh");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dn = loop {
+        let s = d
+            .ctl
+            .run(&["--json", "status", "vol"])
+            .assert_success()
+            .json();
+        if let Some(c) = s["attachments"][0]["connections"][0]["certificate"].as_str() {
+            break c.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TLS connection in status: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(dn, "CN=host1.example.com,O=Example");
+    let text = d.ctl.run(&["status", "vol"]).assert_success().stdout_text();
+    assert!(
+        text.contains("certificate CN=host1.example.com,O=Example"),
+        "{text}"
+    );
+    assert!(
+        text.contains("admits only client certificates with"),
+        "{text}"
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+
+    // Every refusal is audited with the certificate and the address.
+    let audit =
+        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let refusal = audit
+        .lines()
+        .find(|l| l.contains("\"nbd-open\"") && l.contains("CN=host2.example.com,O=Example"))
+        .unwrap_or_else(|| panic!("no audit record of host2's refusal:\n{audit}"));
+    assert!(refusal.contains("tcp 127.0.0.1:"), "{refusal}");
+
+    // A pattern that is no name is refused at attach.
+    d.ctl.create_volume("bad", "16M", "alias/e2e", 4096, &[]);
+    let out = d
+        .ctl
+        .run(&["attach", "bad", "--tcp", "--allow-cert", "host1"]);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("TYPE=VALUE"), "{}", out.stderr);
+    d.stop();
+}

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::readbuf::ReadBuf;
-use super::tls::TlsMode;
+use super::tls::{TlsClient, TlsMode};
 use super::transmission::{BASE_ALLOCATION_ID, Geometry};
 use super::{Limits, Registration, Server};
 use crate::device::{BlockDevice, Export, Peer};
@@ -59,7 +59,7 @@ pub(crate) enum Outcome {
 }
 
 /// Where a negotiation starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Phase {
     /// A new connection: greeting and client flags first.
     Plain,
@@ -67,6 +67,8 @@ pub(crate) enum Phase {
     Tls {
         /// Carried over from the client flags.
         no_zeroes: bool,
+        /// What the handshake established.
+        client: Arc<TlsClient>,
     },
 }
 
@@ -187,8 +189,8 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Outcome, NbdError> {
     const OFFERED: u16 = handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
     let mut out = Vec::with_capacity(512);
-    let no_zeroes = match phase {
-        Phase::Tls { no_zeroes } => no_zeroes,
+    let no_zeroes = match &phase {
+        Phase::Tls { no_zeroes, .. } => *no_zeroes,
         Phase::Plain => {
             Greeting { flags: OFFERED }.encode(&mut out);
             send(io, &mut out).await?;
@@ -207,7 +209,16 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             flags & client_flags::NO_ZEROES != 0
         }
     };
-    let tls = matches!(phase, Phase::Tls { .. });
+    let client = match &phase {
+        Phase::Tls { client, .. } => Some(client),
+        Phase::Plain => None,
+    };
+    let tls = client.is_some();
+    let admit = |export: &Export, opening: bool| {
+        server
+            .registry
+            .admit(export, peer, client.map(|c| &**c), opening)
+    };
     let mut st = State {
         structured: false,
         no_zeroes,
@@ -332,13 +343,13 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             }
             ClientOption::List => {
                 for (name, description) in server.registry.list(peer) {
-                    // TLS-only exports are not shown before TLS.
-                    if !tls
-                        && server
-                            .registry
-                            .lookup(&name, peer)
-                            .is_some_and(|e| e.tls_only)
-                    {
+                    // TLS-only exports are not shown before TLS, nor exports this client's
+                    // certificate may not open.
+                    let hidden = server
+                        .registry
+                        .lookup(&name, peer)
+                        .is_some_and(|e| (e.tls_only && !tls) || admit(&e, false).is_err());
+                    if hidden {
                         continue;
                     }
                     OptionReply::Server { name, description }.encode(code, &mut out);
@@ -387,6 +398,7 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 let name = server.resolve_name(&req.name);
                 match server.registry.lookup(&name, peer) {
                     Some(export) if export.tls_only && !tls => tls_required(code, &mut out),
+                    Some(export) if admit(&export, true).is_err() => refused(code, &mut out),
                     Some(export) => {
                         let g = geometry(&export, &server.limits, &st);
                         info_replies(code, &export, &g, &req.requests, &mut out);
@@ -397,10 +409,11 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             }
             ClientOption::Go(req) => {
                 let name = server.resolve_name(&req.name);
-                match server.open_export(&name, peer, conn_id) {
+                match server.open_export(&name, peer, conn_id, client.cloned()) {
                     Some((export, _)) if export.tls_only && !tls => {
                         tls_required(code, &mut out);
                     }
+                    Some((export, _)) if admit(&export, true).is_err() => refused(code, &mut out),
                     Some((export, registration)) => {
                         let g = geometry(&export, &server.limits, &st);
                         info_replies(code, &export, &g, &req.requests, &mut out);
@@ -417,7 +430,8 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             }
             ClientOption::ExportName(name) => {
                 let name = server.resolve_name(&name);
-                let Some((export, registration)) = server.open_export(&name, peer, conn_id) else {
+                let opened = server.open_export(&name, peer, conn_id, client.cloned());
+                let Some((export, registration)) = opened else {
                     return Ok(Outcome::Closed(
                         "client asked for an unknown export with NBD_OPT_EXPORT_NAME",
                     ));
@@ -425,6 +439,11 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 if export.tls_only && !tls {
                     return Ok(Outcome::Closed(
                         "NBD_OPT_EXPORT_NAME of a TLS-only export before TLS",
+                    ));
+                }
+                if admit(&export, true).is_err() {
+                    return Ok(Outcome::Closed(
+                        "NBD_OPT_EXPORT_NAME of an export this client may not open",
                     ));
                 }
                 let g = geometry(&export, &server.limits, &st);
@@ -451,6 +470,16 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         "negotiation",
         "too many options on one connection",
     ))
+}
+
+fn refused(option: u32, out: &mut Vec<u8>) {
+    reply_error(
+        option,
+        rep::ERR_POLICY,
+        "this client may not open this export (its certificate is not on the export's \
+         allow-list)",
+        out,
+    );
 }
 
 fn tls_required(option: u32, out: &mut Vec<u8>) {

@@ -574,6 +574,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
             },
+            None,
         ))
     }
 

@@ -155,8 +155,19 @@ impl<S: Socket> Shared<S> {
 pub struct TlsClient {
     /// The protocol version (`TLSv1_3`, `TLSv1_2`).
     pub version: String,
-    /// The client's certificate (DER), when it sent one.
+    /// The client's certificate (DER), when it sent one (verified by the handshake).
     pub certificate: Option<Vec<u8>>,
+    /// Its subject, issuer and serial.
+    pub names: Option<crate::x509::CertNames>,
+}
+
+impl TlsClient {
+    /// The certificate's subject, or `(no certificate)`, for messages.
+    pub fn subject(&self) -> &str {
+        self.names
+            .as_ref()
+            .map_or("(no certificate)", |n| n.subject.as_str())
+    }
 }
 
 /// A session after a completed TLS handshake, served like a socket.
@@ -207,15 +218,17 @@ pub(crate) async fn accept<S: Socket>(
     }
     let client = {
         let conn = shared.lock();
+        let certificate = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c: &CertificateDer<'_>| c.to_vec());
         TlsClient {
             version: conn
                 .protocol_version()
                 .map(|v| format!("{v:?}"))
                 .unwrap_or_default(),
-            certificate: conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c: &CertificateDer<'_>| c.to_vec()),
+            names: certificate.as_deref().and_then(crate::x509::names),
+            certificate,
         }
     };
     Ok((TlsStream(shared), client))
