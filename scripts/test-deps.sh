@@ -42,6 +42,8 @@ TEST_DEPS=(
   "coreutils|sha256sum --version"
   # Certificates for the TLS tests (tests/src/pki.rs).
   "openssl|openssl version"
+  # The daemon unit's ExecReload (systemd_units).
+  "procps|/usr/bin/kill --version"
   # The systemd units: systemd-analyze verify/security, and the daemon under systemd (nspawn).
   "systemd|systemd-analyze --version"
   "systemd|systemd-tmpfiles --version"

@@ -174,6 +174,9 @@ pub enum Request {
     Operations,
     /// A `kms ...` key verb on the daemon's local KMS (root or the daemon's own user only).
     Kms(KmsKeyRequest),
+    /// Re-read the TLS certificates and CRL, then check every live TLS session again
+    /// (revoked, expired or no longer allowed: disconnected). Root or the daemon's user.
+    TlsReload,
     /// The incident-response kill switch: detach every attached volume whose key is wrapped
     /// under `kms_key` now (clients disconnected, no drain), wipe their keys, and cancel the
     /// long operations on them.
@@ -240,6 +243,7 @@ impl Request {
             }
             Request::Hello
             | Request::Kms(_)
+            | Request::TlsReload
             | Request::List
             | Request::Audit(_)
             | Request::Operations
@@ -759,6 +763,17 @@ pub enum Response {
         /// The keys.
         keys: Vec<serde_json::Value>,
     },
+    /// For `tls reload`.
+    TlsReloaded {
+        /// The TCP listener's mode (`off`, `on`, `require`).
+        tcp: String,
+        /// The unix socket's mode.
+        unix: String,
+        /// Live TLS sessions checked again.
+        sessions_checked: usize,
+        /// Those disconnected.
+        disconnected: Vec<TlsDisconnect>,
+    },
     /// For `revoke`.
     Revoked {
         /// The key as given.
@@ -918,6 +933,21 @@ pub struct ConnectionStatus {
     pub bytes_read: u64,
     /// Bytes written.
     pub bytes_written: u64,
+}
+
+/// A TLS session a reload ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsDisconnect {
+    /// The volume it used.
+    pub volume: String,
+    /// The connection id.
+    pub connection: u64,
+    /// Who (`tcp 192.0.2.7:51234`).
+    pub peer: String,
+    /// The client certificate's subject.
+    pub certificate: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// A client certificate an export admits.

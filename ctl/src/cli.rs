@@ -186,6 +186,9 @@ pub enum Command {
     /// Manage the embedded local KMS.
     #[command(subcommand)]
     Kms(KmsCommand),
+    /// TLS of the NBD listeners (docs/tls.md).
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Open a volume with the kernel's dm-crypt (the fast path; root): the daemon unwraps its
     /// key through the KMS as for attach and hands it to cryptsetup through a pipe.
     Open(OpenArgs),
@@ -383,6 +386,15 @@ pub struct AttachArgs {
     /// restart) before failing it with EIO [default: 120].
     #[arg(long, value_name = "SECS", requires = "device")]
     pub dead_conn_timeout: Option<u64>,
+}
+
+/// `tls` verbs.
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Re-read the certificates and the CRL (as SIGHUP does), then check every live TLS
+    /// session again: those whose certificate is now revoked, expired or no longer allowed
+    /// are disconnected. A configuration that fails its checks is not used.
+    Reload,
 }
 
 /// `kms` verbs (local KMS).

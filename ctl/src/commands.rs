@@ -150,6 +150,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { volume } => inspect(&layout, volume, &out),
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, &socket, cmd, &out)),
+        Command::Tls(crate::cli::TlsCommand::Reload) => tls_reload(&socket, &out),
         Command::Attach(a) => attach(&socket, a, &out),
         Command::Open(a) => crate::dmcrypt::open(&socket, a, &out),
         Command::Close { name } => crate::dmcrypt::close(&socket, name, &out),
@@ -391,6 +392,32 @@ fn tls_client_lines(uri: &str, export: &str) -> String {
          driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},tls-creds=tls0\n  \
          nbd-client {host} {port} /dev/nbd0 -N {export} -A CERTS/ca-cert.pem -F CERTS/client-cert.pem -K CERTS/client-key.pem"
     )
+}
+
+fn tls_reload(socket: &Path, out: &Output) -> Result<()> {
+    let r = Client::connect(socket)?.call(Request::TlsReload)?;
+    out.emit(&r, || match &r {
+        Response::TlsReloaded {
+            tcp,
+            unix,
+            sessions_checked,
+            disconnected,
+        } => {
+            let mut s = format!(
+                "TLS reloaded (tcp: {tcp}, unix socket: {unix}); {sessions_checked} live TLS \
+                 session(s) checked, {} disconnected",
+                disconnected.len()
+            );
+            for d in disconnected {
+                s.push_str(&format!(
+                    "\n  volume {}: connection {} from {} (certificate {}): {}",
+                    d.volume, d.connection, d.peer, d.certificate, d.reason
+                ));
+            }
+            s
+        }
+        other => format!("{other:?}"),
+    })
 }
 
 /// The certificate allow-list of `attach`, from its --allow-cert* flags.

@@ -78,6 +78,7 @@ impl Daemon {
                 key_policy,
                 principal: std::sync::Mutex::new(None),
                 keystore,
+                tls: Default::default(),
             },
         }
     }
@@ -178,6 +179,7 @@ impl Daemon {
                 operations: self.state.ops.list(),
             }),
             Request::Kms(r) => self.kms_keys(r, caller),
+            Request::TlsReload => self.tls_reload(Some(caller)),
             Request::Audit(q) => AuditLog::read(
                 &self.services.layout.audit_log(),
                 self.services.audit_keep,

@@ -27,6 +27,7 @@ pub mod netlink;
 pub mod notify;
 pub mod ops;
 pub mod registry;
+pub mod reload;
 pub mod request;
 pub mod services;
 pub mod staging;
@@ -136,7 +137,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     config.validate()?;
     // Certificates are checked before anything else is opened.
-    let tls = tls::settings(&config.nbd.tls)?;
+    let tls = tls::load(&config.nbd.tls)?;
     let layout = StateLayout::new(config.state_dir.clone(), config.runtime_dir.clone());
     let is_root = rustix::process::geteuid().is_root();
     let hardening = hardening::apply(config.memory.require_lock.unwrap_or(is_root))?;
@@ -212,8 +213,8 @@ pub async fn run(
     let registry = Arc::new(registry::Registry::default());
     registry.set_audit(Arc::clone(&audit), kms_client::Kms::backend_name(&kms));
     let server = nbd::server::Server::new(registry.clone(), config.limits.to_limits());
-    server.set_tls(tls);
-    let daemon = Arc::new(daemon::Daemon::new(
+    server.set_tls(tls.settings.clone());
+    let mut daemon = daemon::Daemon::new(
         layout.clone(),
         kms,
         registry,
@@ -226,7 +227,12 @@ pub async fn run(
         config.recovery.params(),
         key_policy,
         (config.kms.backend != "aws").then(|| keystore.clone()),
-    ));
+    );
+    daemon.services.tls = tls::TlsService {
+        config: config.nbd.tls.clone(),
+        loaded: std::sync::Mutex::new(tls),
+    };
+    let daemon = Arc::new(daemon);
     daemon.clean_leftovers();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -255,6 +261,7 @@ pub async fn run(
 
     daemon.restore_attachments().await;
     tasks.spawn(Arc::clone(&daemon).key_checker(stop_rx.clone()));
+    tasks.spawn(Arc::clone(&daemon).reload_on_sighup(stop_rx.clone()));
     tracing::info!(
         state = %layout.state_dir.display(),
         control = %control_path.display(),

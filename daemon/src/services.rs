@@ -40,6 +40,8 @@ pub struct Services {
     pub catalog: Arc<dyn Catalog>,
     /// The local KMS's keystore (None with AWS KMS), told to `cryptnbdctl kms`.
     pub keystore: Option<PathBuf>,
+    /// `[nbd.tls]` and what it loaded to (changed by `tls reload` and SIGHUP).
+    pub tls: crate::tls::TlsService,
 }
 
 /// The daemon's key policy (from `[kms]` and `[kms.aws]`).

@@ -22,6 +22,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 
 use crate::config::TlsConfig;
 
@@ -43,22 +44,48 @@ fn err(message: impl Into<String>) -> TlsError {
     TlsError(message.into())
 }
 
-/// The TLS settings of the NBD server from `[nbd.tls]`: none when both modes are off.
-pub fn settings(cfg: &TlsConfig) -> Result<TlsSettings, TlsError> {
+/// What `[nbd.tls]` loads to: the NBD server's settings, and the verifier of client
+/// certificates (to check live sessions again after a reload).
+#[derive(Clone, Default)]
+pub struct Loaded {
+    /// For [`nbd::server::Server::set_tls`].
+    pub settings: TlsSettings,
+    /// Checks client certificates against the CA and the CRL (None without TLS).
+    pub verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+/// The TLS configuration a daemon runs with: `[nbd.tls]`, read again on reload.
+#[derive(Default)]
+pub struct TlsService {
+    /// `[nbd.tls]` as configured.
+    pub config: TlsConfig,
+    /// What it loaded to last.
+    pub loaded: std::sync::Mutex<Loaded>,
+}
+
+/// Loads `[nbd.tls]`: nothing when both modes are off.
+pub fn load(cfg: &TlsConfig) -> Result<Loaded, TlsError> {
     let tcp = cfg.mode.into();
     let unix = cfg.unix_mode.into();
     if tcp == TlsMode::Off && unix == TlsMode::Off {
-        return Ok(TlsSettings::default());
+        return Ok(Loaded::default());
     }
-    Ok(TlsSettings {
-        config: Some(server_config(&cfg.certificates, cfg.verify_peer)?),
-        tcp,
-        unix,
+    let (config, verifier) = server_config(&cfg.certificates, cfg.verify_peer)?;
+    Ok(Loaded {
+        settings: TlsSettings {
+            config: Some(config),
+            tcp,
+            unix,
+        },
+        verifier: Some(verifier),
     })
 }
 
-/// The rustls configuration from the certificate directory `dir`.
-pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The rustls configuration from the certificate directory `dir`, and its client verifier.
+pub fn server_config(
+    dir: &Path,
+    verify_peer: bool,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<dyn ClientCertVerifier>), TlsError> {
     let file = |name: &str| dir.join(name);
     let (ca_path, cert_path, key_path, crl_path) = (
         file(CA_CERT),
@@ -113,7 +140,7 @@ pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<rustls::Server
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| err(format!("no TLS version to offer: {e}")))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::clone(&verifier))
         .with_single_cert(chain, key)
         .map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => err(format!(
@@ -127,7 +154,7 @@ pub fn server_config(dir: &Path, verify_peer: bool) -> Result<Arc<rustls::Server
                 key_path.display()
             )),
         })?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), verifier))
 }
 
 /// The key must be readable by its owner only (as ssh and nbdkit's users expect).

@@ -132,13 +132,18 @@ fn binaries_in(dir: &Path) {
 
 /// A root for `systemd-analyze verify --root=`: this machine's unit tree (the units ours
 /// depend on: modprobe@.service, blockdev@.target, remote-fs.target, ...), the built binaries
-/// in /usr/local/bin, and our units in /etc/systemd/system.
+/// in /usr/local/bin, `kill` in /usr/bin, and our units in /etc/systemd/system.
 #[track_caller]
 fn verify_root(dir: &TestDir) -> PathBuf {
     let root = dir.join("root");
     let host_units = systemd_file(&["/usr/lib/systemd/system", "/lib/systemd/system"]);
     copy_tree(&host_units, &root.join("usr/lib/systemd/system"));
     binaries_in(&root.join(BIN_DIR));
+    // ExecReload sends SIGHUP with procps's kill.
+    let usr_bin = root.join("usr/bin");
+    fs::create_dir_all(&usr_bin)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", usr_bin.display()));
+    link_or_copy(&require_tool("kill", "procps"), &usr_bin.join("kill"));
     let etc = root.join("etc/systemd/system");
     fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("cannot create {}: {e}", etc.display()));
     for unit in UNITS {

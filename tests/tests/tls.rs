@@ -48,6 +48,51 @@ fn port_of(uri: &str) -> u16 {
         .expect("port")
 }
 
+/// An nbdsh that opens `uri` with the certificates in `certs` and holds the connection until
+/// killed (nbdsh, unlike nbdinfo, must be told that a URI may name local files).
+fn hold_tls(uri: &str, certs: &std::path::Path) -> std::process::Child {
+    let script = format!(
+        "h.set_uri_allow_local_file(True)\nh.connect_uri({:?})\nimport time\nwhile True: time.sleep(1)",
+        with_certs(uri, certs)
+    );
+    Command::new(require_tool("nbdsh", "python3-libnbd"))
+        .env("PATH", "/usr/bin:/bin")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nbdsh")
+}
+
+/// The certificate subjects of `volume`'s live connections, once there are `n` of them.
+fn wait_sessions(d: &Daemon, volume: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = d
+            .ctl
+            .run(&["--json", "status", volume])
+            .assert_success()
+            .json();
+        let mut dns: Vec<String> = s["attachments"][0]["connections"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| c["certificate"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if dns.len() == n {
+            dns.sort();
+            return dns;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {n} TLS sessions on {volume}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn nbdinfo_ok(uri: &str) -> serde_json::Value {
     run(Command::new(nbdinfo()).args(["--json", uri]))
         .assert_success()
@@ -625,17 +670,7 @@ fn allow_lists_admit_only_the_named_certificates() {
     assert_eq!(listed(&host2), ["any", "wild"]);
 
     // status names the certificate of a live connection, as GnuTLS prints it.
-    // nbdsh, which (unlike nbdinfo) must be told that a URI may name local files.
-    let script = format!(
-        "h.set_uri_allow_local_file(True)\nh.connect_uri({:?})\nimport time\nwhile True: time.sleep(1)",
-        with_certs(&vol, &host1)
-    );
-    let mut held = Command::new(require_tool("nbdsh", "python3-libnbd"))
-        .env("PATH", "/usr/bin:/bin")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("nbdsh");
+    let mut held = hold_tls(&vol, &host1);
     let deadline = Instant::now() + Duration::from_secs(20);
     let dn = loop {
         let s = d
@@ -681,5 +716,92 @@ fn allow_lists_admit_only_the_named_certificates() {
         .run(&["attach", "bad", "--tcp", "--allow-cert", "host1"]);
     assert_eq!(out.code, Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("TYPE=VALUE"), "{}", out.stderr);
+    d.stop();
+}
+
+#[test]
+fn a_reload_cuts_revoked_sessions_and_a_broken_one_changes_nothing() {
+    let dir = TestDir::new("tls-reload");
+    let pki = Pki::new(&dir, "main");
+    let host1 = pki.client("host1", "/O=Example/CN=host1.example.com");
+    let host2 = pki.client("host2", "/O=Example/CN=host2.example.com");
+    let d = tls_daemon(&dir, &pki, "require", "");
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    let mut one = hold_tls(&uri, &host1);
+    let mut two = hold_tls(&uri, &host2);
+    assert_eq!(
+        wait_sessions(&d, "vol", 2),
+        [
+            "CN=host1.example.com,O=Example",
+            "CN=host2.example.com,O=Example"
+        ]
+    );
+
+    // host2 is revoked: one reload cuts its live session, and only its.
+    pki.revoke(&host2);
+    let r = d
+        .ctl
+        .run(&["--json", "tls", "reload"])
+        .assert_success()
+        .json();
+    assert_eq!(r["sessions_checked"], 2, "{r}");
+    let cut = r["disconnected"].as_array().expect("disconnected");
+    assert_eq!(cut.len(), 1, "{r}");
+    assert_eq!(
+        cut[0]["certificate"], "CN=host2.example.com,O=Example",
+        "{r}"
+    );
+    assert!(
+        cut[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no longer accepted"),
+        "{r}"
+    );
+    assert_eq!(
+        wait_sessions(&d, "vol", 1),
+        ["CN=host1.example.com,O=Example"]
+    );
+    assert_ne!(
+        run(Command::new(nbdinfo()).arg(with_certs(&uri, &host2))).code,
+        Some(0)
+    );
+    let audit =
+        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"nbd-disconnect\"") && l.contains("CN=host2.example.com")),
+        "{audit}"
+    );
+
+    // A broken certificate: the reload is refused, naming the file, and nothing changes.
+    let key = pki.server.join("server-key.pem");
+    let good_key = std::fs::read(&key).expect("key");
+    std::fs::write(&key, b"not a key").expect("break the key");
+    let out = d.ctl.run(&["tls", "reload"]);
+    assert_eq!(out.code, Some(7), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("server-key.pem") && out.stderr.contains("unchanged"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        wait_sessions(&d, "vol", 1),
+        ["CN=host1.example.com,O=Example"]
+    );
+    nbdinfo_ok(&with_certs(&uri, &host1));
+
+    // SIGHUP reloads too: host1 revoked, its session cut without a cryptnbdctl call.
+    std::fs::write(&key, &good_key).expect("restore the key");
+    pki.revoke(&host1);
+    run(Command::new("kill").args(["-HUP", &d.pid().to_string()])).assert_success();
+    wait_sessions(&d, "vol", 0);
+    for c in [&mut one, &mut two] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     d.stop();
 }

@@ -157,6 +157,8 @@ pub struct TlsClient {
     pub version: String,
     /// The client's certificate (DER), when it sent one (verified by the handshake).
     pub certificate: Option<Vec<u8>>,
+    /// The intermediate certificates it sent after its own (DER).
+    pub intermediates: Vec<Vec<u8>>,
     /// Its subject, issuer and serial.
     pub names: Option<crate::x509::CertNames>,
 }
@@ -218,10 +220,14 @@ pub(crate) async fn accept<S: Socket>(
     }
     let client = {
         let conn = shared.lock();
-        let certificate = conn
+        let chain: Vec<Vec<u8>> = conn
             .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c: &CertificateDer<'_>| c.to_vec());
+            .unwrap_or_default()
+            .iter()
+            .map(|c: &CertificateDer<'_>| c.to_vec())
+            .collect();
+        let mut chain = chain.into_iter();
+        let certificate = chain.next();
         TlsClient {
             version: conn
                 .protocol_version()
@@ -229,6 +235,7 @@ pub(crate) async fn accept<S: Socket>(
                 .unwrap_or_default(),
             names: certificate.as_deref().and_then(crate::x509::names),
             certificate,
+            intermediates: chain.collect(),
         }
     };
     Ok((TlsStream(shared), client))
