@@ -390,7 +390,7 @@ fn tls_client_lines(uri: &str, export: &str) -> String {
          nbdinfo '{uri}?tls-certificates=CERTS'\n  \
          qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=CERTS --image-opts \
          driver=nbd,server.type=inet,server.host={host},server.port={port},export={export},tls-creds=tls0\n  \
-         nbd-client {host} {port} /dev/nbd0 -N {export} -A CERTS/ca-cert.pem -F CERTS/client-cert.pem -K CERTS/client-key.pem"
+         nbd-client {host} {port} /dev/nbd0 -N {export} -cacertfile CERTS/ca-cert.pem -certfile CERTS/client-cert.pem -keyfile CERTS/client-key.pem"
     )
 }
 

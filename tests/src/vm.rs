@@ -167,6 +167,8 @@ pub struct Scenario {
     params: Vec<(String, String)>,
     net: bool,
     timeout: Duration,
+    /// Files put in the guest: its path (under `/cryptnbd-vm/`), the host file.
+    files: Vec<(String, PathBuf)>,
 }
 
 impl Scenario {
@@ -177,7 +179,15 @@ impl Scenario {
             params: Vec::new(),
             net: false,
             timeout: Duration::from_secs(300),
+            files: Vec::new(),
         }
+    }
+
+    /// Puts the host file `host` in the guest as `/cryptnbd-vm/files/NAME` (certificates, for
+    /// instance: too large for the kernel command line).
+    pub fn file(mut self, name: &str, host: &Path) -> Self {
+        self.files.push((name.to_owned(), host.to_path_buf()));
+        self
     }
 
     /// A parameter: `cryptnbd.KEY=VALUE` on the kernel command line, `VM_KEY` in the guest.
@@ -285,10 +295,17 @@ impl Vm {
         } else {
             cmd.args(["-nic", "none"]);
         }
+        let initrd = if scenario.files.is_empty() {
+            rig.initrd.clone()
+        } else {
+            let initrd = dir.join(&format!("initrd-{}.img", scenario.name));
+            with_files(&rig.initrd, &scenario.files, &initrd);
+            initrd
+        };
         cmd.arg("-kernel")
             .arg(&rig.kernel)
             .arg("-initrd")
-            .arg(&rig.initrd)
+            .arg(&initrd)
             .arg("-append")
             .arg(scenario.kernel_command_line());
         let child = cmd
@@ -381,6 +398,56 @@ impl Drop for Vm {
             let _ = child.wait();
         }
     }
+}
+
+/// Writes `out`: the initramfs `base`, then (at a 4-byte boundary; the kernel skips the zero
+/// padding between archives) an uncompressed newc cpio archive holding `files` under
+/// `cryptnbd-vm/files/`.
+#[track_caller]
+fn with_files(base: &Path, files: &[(String, PathBuf)], out: &Path) {
+    let mut image =
+        fs::read(base).unwrap_or_else(|e| panic!("cannot read {}: {e}", base.display()));
+    image.resize(image.len().next_multiple_of(4), 0);
+    let mut ino = 0x00c0_0000u32;
+    let mut entry = |image: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]| {
+        ino += 1;
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            u32::try_from(data.len()).expect("a small file"),
+            0,
+            0,
+            0,
+            0,
+            u32::try_from(name.len() + 1).expect("a short name"),
+            0,
+        ];
+        image.extend_from_slice(b"070701");
+        for f in fields {
+            image.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        image.extend_from_slice(name.as_bytes());
+        image.push(0);
+        image.resize(image.len().next_multiple_of(4), 0);
+        image.extend_from_slice(data);
+        image.resize(image.len().next_multiple_of(4), 0);
+    };
+    entry(&mut image, "cryptnbd-vm/files", 0o040_755, &[]);
+    for (name, host) in files {
+        let data = fs::read(host).unwrap_or_else(|e| panic!("cannot read {}: {e}", host.display()));
+        entry(
+            &mut image,
+            &format!("cryptnbd-vm/files/{name}"),
+            0o100_600,
+            &data,
+        );
+    }
+    entry(&mut image, "TRAILER!!!", 0, &[]);
+    fs::write(out, image).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
 }
 
 fn read_log(path: &Path) -> String {

@@ -13,6 +13,9 @@
 //!   `--dead-conn-timeout`.
 //! - e, `hung-store`: the volume file's filesystem frozen under a writer: `detach --force`
 //!   still frees the device at once, and the key is wiped when the stuck requests return.
+//! - f, `host-tls`: the daemon on the host requiring TLS, the guest's kernel client
+//!   (`nbd-client -A/-F/-K`) on an export with a certificate allow-list; ext4 written, read
+//!   back and checked; a certificate not on the list refused by policy.
 //!
 //! Needs root (the host daemon's memory locking, as in the other daemon tests), the release
 //! binaries (`cargo build --release -p daemon -p ctl`), apt and dpkg to build the rig, and
@@ -239,4 +242,101 @@ fn e_detach_force_frees_the_device_while_the_backing_store_hangs() {
         &dir,
         &Scenario::new("hung-store").timeout(Duration::from_secs(240)),
     );
+}
+
+#[test]
+fn f_guest_kernel_client_over_tls_with_a_certificate_allow_list() {
+    let dir = TestDir::new("vm-host-tls");
+    let pki = e2e_tests::pki::Pki::new(&dir, "vm");
+    let guest = pki.client("guest", "/O=Example/CN=guest.example.com");
+    let other = pki.client("other", "/O=Example/CN=other.example.com");
+    let d = Daemon::start(
+        &dir,
+        &format!(
+            "[nbd]\ntcp = \"127.0.0.1:0\"\n[nbd.tls]\nmode = \"require\"\ncertificates = \"{}\"\n",
+            pki.server.display()
+        ),
+    );
+    d.ctl.create_key("vm");
+    let created = d.ctl.create_volume("home", "256M", "alias/vm", 4096, &[]);
+    let attached = d
+        .ctl
+        .run(&[
+            "--json",
+            "attach",
+            "home",
+            "--tcp",
+            "--allow-cert",
+            "CN=guest.example.com,O=Example",
+        ])
+        .assert_success()
+        .json();
+    let uri = attached["uris"][1].as_str().expect("a TCP URI").to_owned();
+    let port: u16 = uri
+        .strip_prefix("nbds://127.0.0.1:")
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no nbds://127.0.0.1 URI: {attached}"));
+    let scenario = Scenario::new("host-tls")
+        .with_network()
+        .param("port", port)
+        .param("export", "home")
+        .param(
+            "blocksize",
+            created["sector_size"].as_u64().expect("sector size"),
+        )
+        .param("size", created["size"].as_u64().expect("size"))
+        .file("ca-cert.pem", &guest.join("ca-cert.pem"))
+        .file("guest-cert.pem", &guest.join("client-cert.pem"))
+        .file("guest-key.pem", &guest.join("client-key.pem"))
+        .file("other-cert.pem", &other.join("client-cert.pem"))
+        .file("other-key.pem", &other.join("client-key.pem"))
+        .timeout(Duration::from_secs(300));
+    let mut subjects = std::collections::BTreeSet::new();
+    let finished = Vm::start(&dir, &scenario).wait_observing(|| {
+        let out = d.ctl.run_quiet(&["--json", "status", "home"]);
+        if out.code == Some(0) {
+            for c in out.json()["attachments"][0]["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(dn) = c["certificate"].as_str() {
+                    subjects.insert(dn.to_owned());
+                }
+            }
+        }
+    });
+    finished.assert_pass();
+    assert_eq!(
+        subjects.into_iter().collect::<Vec<_>>(),
+        ["CN=guest.example.com,O=Example"],
+        "the daemon's status did not show the guest's TLS sessions with its certificate"
+    );
+    let refusal = finished.reports("REFUSAL").join(" ");
+    assert!(
+        refusal.to_lowercase().contains("policy"),
+        "nbd-client did not report a refusal by policy: {refusal}"
+    );
+    let status = d
+        .ctl
+        .run(&["--json", "status", "home"])
+        .assert_success()
+        .json();
+    let written = status["attachments"][0]["bytes_written"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        written >= WRITTEN,
+        "the guest wrote {written} bytes over TLS, expected {WRITTEN}"
+    );
+    let audit =
+        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"nbd-open\"") && l.contains("CN=other.example.com")),
+        "the refusal of the other certificate is not in the audit trail"
+    );
+    d.stop();
 }
