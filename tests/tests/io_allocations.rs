@@ -218,6 +218,8 @@ MIX = (
 
 uri, measured, io_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 h = nbd.NBD()
+# The URI may name the TLS certificate directory (tls-certificates=DIR).
+h.set_uri_allow_local_file(True)
 h.connect_uri(uri)
 size = h.get_size()
 rng = random.Random(7)
@@ -429,8 +431,21 @@ impl Drop for Client {
 // The test
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn steady_state_io_makes_no_heap_allocation() {
+/// What one measurement found.
+struct Measured {
+    /// Allocations in the last window.
+    allocations: u64,
+    /// Requests in it.
+    requests: u64,
+    elapsed: Duration,
+    /// Allocations in each window.
+    windows: Vec<u64>,
+}
+
+/// Runs the daemon in this process with `extra` config, attaches a volume, and counts the
+/// allocations while the client sends the mix over the URI that `uri` picks from attach's
+/// URIs (the unix socket's), with `query` appended.
+fn measure(extra: &str, query: &str) -> Measured {
     // The daemon's own log, as `main` installs it (info): a per-request log line would be
     // caught here too.
     let _ = tracing_subscriber::fmt()
@@ -442,7 +457,7 @@ fn steady_state_io_makes_no_heap_allocation() {
     let state_dir = dir.state_dir();
     let runtime_dir = dir.join("run");
     let config = cryptnbd::Config::parse(&format!(
-        "state_dir = \"{}\"\nruntime_dir = \"{}\"\n",
+        "state_dir = \"{}\"\nruntime_dir = \"{}\"\n{extra}",
         state_dir.display(),
         runtime_dir.display()
     ))
@@ -462,7 +477,8 @@ fn steady_state_io_makes_no_heap_allocation() {
     let uri = attached["uris"][0]
         .as_str()
         .unwrap_or_else(|| panic!("attach --json has no uris[0]: {attached}"))
-        .to_owned();
+        .to_owned()
+        + query;
 
     let mut client = Client::start(&uri, MEASURED_REQUESTS, io_threads);
     let warm = client.read_line();
@@ -475,7 +491,7 @@ fn steady_state_io_makes_no_heap_allocation() {
     // window must then find none. An allocation per request, even in one kind of request in
     // the mix, makes hundreds in every window.
     let mut windows = Vec::new();
-    let (in_window, requests, elapsed) = loop {
+    let (allocations, requests, elapsed) = loop {
         let before = allocations();
         let started = Instant::now();
         client.proceed();
@@ -493,23 +509,76 @@ fn steady_state_io_makes_no_heap_allocation() {
     };
     client.finish();
     daemon.stop();
-
-    let per_request = in_window as f64 / requests as f64;
-    println!(
-        "io_allocations: {in_window} heap allocations during {requests} NBD requests \
-         ({per_request:.4} per request) in {:.2} s ({:.0} requests/s); allocations in each \
-         window: {windows:?}",
-        elapsed.as_secs_f64(),
-        requests as f64 / elapsed.as_secs_f64()
-    );
     assert!(
         requests >= MEASURED_REQUESTS,
         "the client sent only {requests} requests"
     );
+    let m = Measured {
+        allocations,
+        requests,
+        elapsed,
+        windows,
+    };
+    println!(
+        "io_allocations{}: {} heap allocations during {} NBD requests ({:.4} per request) in \
+         {:.2} s ({:.0} requests/s); allocations in each window: {:?}",
+        if query.is_empty() { "" } else { " over TLS" },
+        m.allocations,
+        m.requests,
+        m.per_request(),
+        m.elapsed.as_secs_f64(),
+        m.requests as f64 / m.elapsed.as_secs_f64(),
+        m.windows
+    );
+    m
+}
+
+impl Measured {
+    fn per_request(&self) -> f64 {
+        self.allocations as f64 / self.requests as f64
+    }
+}
+
+#[test]
+fn steady_state_io_makes_no_heap_allocation() {
+    let m = measure("", "");
     assert_eq!(
-        in_window, 0,
-        "the daemon's I/O path allocated {in_window} times in steady state \
-         ({per_request:.4} per request over {requests} requests); `heaptrack` on this test's \
-         binary shows where"
+        m.allocations,
+        0,
+        "the daemon's I/O path allocated {} times in steady state ({:.4} per request over {} \
+         requests); `heaptrack` on this test's binary shows where",
+        m.allocations,
+        m.per_request(),
+        m.requests
+    );
+}
+
+/// Most allocations per request over TLS (docs/tls.md, "Allocations"): rustls's buffered
+/// API keeps each record it receives in a vector of its own and builds each record it sends
+/// in one; a request with a payload and its reply are one record each way (a 1 MiB one up
+/// to 64 records each way, as records carry at most 16 KiB), so the mix averages a few. A
+/// per-request allocation of the server's own (a buffer, a log line) adds at least one more
+/// per request on top.
+const TLS_ALLOCATIONS_PER_REQUEST: f64 = 12.0;
+
+#[test]
+fn steady_state_io_over_tls_allocates_only_what_rustls_does() {
+    let dir = TestDir::new("io-alloc-pki");
+    let pki = e2e_tests::pki::Pki::new(&dir, "alloc");
+    let client = pki.client("client", "/CN=client.example.com");
+    let m = measure(
+        &format!(
+            "[nbd.tls]\nunix_mode = \"require\"\ncertificates = \"{}\"\n",
+            pki.server.display()
+        ),
+        &format!("&tls-certificates={}", client.display()),
+    );
+    assert!(
+        m.per_request() <= TLS_ALLOCATIONS_PER_REQUEST,
+        "over TLS the I/O path allocated {} times in {} requests ({:.2} per request), more \
+         than rustls's records explain ({TLS_ALLOCATIONS_PER_REQUEST} at most)",
+        m.allocations,
+        m.requests,
+        m.per_request()
     );
 }
