@@ -309,6 +309,38 @@ fn on_mode_keeps_tls_only_exports_behind_tls() {
     d.stop();
 }
 
+/// Sends an option (over the socket or over TLS).
+fn send_option(w: &mut impl Write, option: u32, data: &[u8]) {
+    let mut m = Vec::new();
+    m.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    w.write_all(&m).expect("option");
+    w.flush().expect("flush");
+}
+
+/// The next reply's type (its data read and dropped).
+fn read_reply(r: &mut impl Read, option: u32) -> u32 {
+    let mut h = [0u8; 20];
+    r.read_exact(&mut h).expect("reply header");
+    let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    assert_eq!((u64::from(be32(0)) << 32) | u64::from(be32(4)), REP_MAGIC);
+    assert_eq!(be32(8), option);
+    let mut data = vec![0u8; be32(16) as usize];
+    r.read_exact(&mut data).expect("reply data");
+    be32(12)
+}
+
+/// NBD_OPT_INFO data for `export` (no information requests).
+fn info_request(export: &str) -> Vec<u8> {
+    let mut info = Vec::new();
+    info.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    info.extend_from_slice(export.as_bytes());
+    info.extend_from_slice(&0u16.to_be_bytes());
+    info
+}
+
 /// A raw NBD client for what no real client does on purpose: the newstyle greeting read,
 /// client flags sent, then options written by hand.
 struct Raw(TcpStream);
@@ -336,24 +368,12 @@ impl Raw {
     }
 
     fn option(&mut self, option: u32, data: &[u8]) {
-        let mut m = Vec::new();
-        m.extend_from_slice(&OPT_MAGIC.to_be_bytes());
-        m.extend_from_slice(&option.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        self.0.write_all(&m).expect("option");
+        send_option(&mut self.0, option, data);
     }
 
     /// The next reply's type (its data read and dropped).
     fn reply(&mut self, option: u32) -> u32 {
-        let mut h = [0u8; 20];
-        self.0.read_exact(&mut h).expect("reply header");
-        let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-        assert_eq!((u64::from(be32(0)) << 32) | u64::from(be32(4)), REP_MAGIC);
-        assert_eq!(be32(8), option);
-        let mut data = vec![0u8; be32(16) as usize];
-        self.0.read_exact(&mut data).expect("reply data");
-        be32(12)
+        read_reply(&mut self.0, option)
     }
 
     /// True once the server closed the connection (within the read timeout).
@@ -803,5 +823,95 @@ fn a_reload_cuts_revoked_sessions_and_a_broken_one_changes_nothing() {
         let _ = c.kill();
         let _ = c.wait();
     }
+    d.stop();
+}
+
+/// A rustls client configuration with the certificates of the client directory `certs`.
+fn client_config(certs: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(certs.join("ca-cert.pem")).expect("CA") {
+        roots.add(ca.expect("CA")).expect("add the CA");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join("client-cert.pem"))
+            .expect("cert")
+            .map(|c| c.expect("cert"))
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(certs.join("client-key.pem")).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate"),
+    )
+}
+
+#[test]
+fn a_thousand_handshakes_at_once_are_all_served() {
+    const N: usize = 1000;
+    let dir = TestDir::new("tls-many");
+    let pki = Pki::new(&dir, "main");
+    let client = pki.client("host1", "/CN=host1.example.com");
+    let d = tls_daemon(
+        &dir,
+        &pki,
+        "require",
+        "[limits]\nhandshake_timeout_secs = 120\n",
+    );
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    let port = port_of(&uri);
+    let config = client_config(&client);
+    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+
+    // N connections upgrade; every ClientHello is sent before any handshake completes, so
+    // the daemon has N handshakes in progress at once.
+    let started = Instant::now();
+    let mut raws: Vec<Raw> = (0..N)
+        .map(|_| {
+            let mut r = Raw::connect(port);
+            r.option(OPT_STARTTLS, &[]);
+            r
+        })
+        .collect();
+    let mut sessions = Vec::with_capacity(N);
+    for r in &mut raws {
+        assert_eq!(r.reply(OPT_STARTTLS), REP_ACK);
+        let mut tls = rustls::ClientConnection::new(config.clone(), server_name.clone())
+            .expect("client session");
+        tls.write_tls(&mut r.0).expect("ClientHello");
+        sessions.push(tls);
+    }
+    // Meanwhile a real client is served.
+    nbdinfo_ok(&with_certs(&uri, &client));
+    for (r, tls) in raws.iter_mut().zip(&mut sessions) {
+        while tls.is_handshaking() {
+            tls.complete_io(&mut r.0).expect("handshake");
+        }
+        let mut s = rustls::Stream::new(tls, &mut r.0);
+        send_option(&mut s, OPT_INFO, &info_request("vol"));
+        let mut kinds = Vec::new();
+        loop {
+            let k = read_reply(&mut s, OPT_INFO);
+            kinds.push(k);
+            if k == REP_ACK || k >= 0x8000_0000 {
+                break;
+            }
+        }
+        assert_eq!(kinds.last(), Some(&REP_ACK), "{kinds:?}");
+    }
+    eprintln!(
+        "{N} TLS handshakes at once, each then served: {:?}",
+        started.elapsed()
+    );
+    drop(sessions);
+    drop(raws);
+    nbdinfo_ok(&with_certs(&uri, &client));
     d.stop();
 }
