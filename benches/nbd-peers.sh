@@ -10,6 +10,13 @@
 #   qemu-nbd-luks  qemu-nbd on the same kind of LUKS1 image
 #   nbdkit-file    nbdkit file plugin, unencrypted
 #   nbdkit-memory  nbdkit memory plugin: the transport ceiling (no disk, no crypto)
+# and, over TCP on loopback (not in the default list):
+#   cryptnbd-tcp   cryptnbd, plaintext TCP
+#   cryptnbd-tls   cryptnbd, TLS required, client certificates checked
+#   nbdkit-tls     nbdkit file plugin, unencrypted volume, --tls=require --tls-verify-peer (GnuTLS)
+# The TLS servers use certificates made here with openssl (WORKDIR/pki). Their clients run as
+# nobody with HOME=WORKDIR/tls-home, where libnbd finds its certificates (.pki/libnbd): fio's
+# nbd engine cannot name them in the URI, and for root libnbd looks only in /etc/pki/libnbd.
 #
 # Four figures per server, each the median [min-max] of RUNS runs (default 3):
 #   seq write MB/s    nbdcopy SOURCE URI (the whole export, random data)
@@ -37,7 +44,7 @@ shift $((OPTIND - 1))
 SERVERS=("$@")
 ((${#SERVERS[@]})) || SERVERS=(cryptnbd nbdkit-luks qemu-nbd-luks nbdkit-file nbdkit-memory)
 OUT=${OUT:-$WORK/results.md}
-for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3; do
+for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3 openssl setpriv; do
   command -v $tool >/dev/null || { echo "missing $tool: apt-get install nbdkit libnbd-bin fio qemu-utils cryptsetup-bin" >&2; exit 1; }
 done
 SIZE=$((SIZE_MIB << 20))
@@ -66,8 +73,68 @@ fi
 PLAIN=$WORK/plain.img
 [[ -s $PLAIN ]] || truncate -s "$SIZE" "$PLAIN"
 
+# A CA, the server's certificate (127.0.0.1) and a client's, for the TLS servers.
+PKI=$WORK/pki
+make_pki() {
+  [[ -s $PKI/server/server-key.pem ]] && return 0
+  rm -rf "$PKI" && mkdir -p "$PKI/ca/newcerts" "$PKI/server" "$WORK/tls-home/.pki/libnbd"
+  (
+    cd "$PKI/ca"
+    : >index.txt && echo 1000 >serial && echo 1000 >crlnumber
+    cat >openssl.cnf <<'CNF'
+[ ca ]
+default_ca = ca_default
+[ ca_default ]
+dir = .
+database = $dir/index.txt
+new_certs_dir = $dir/newcerts
+serial = $dir/serial
+crlnumber = $dir/crlnumber
+default_md = sha256
+default_days = 30
+policy = policy_any
+[ policy_any ]
+organizationName = optional
+commonName = supplied
+[ req ]
+distinguished_name = dn
+prompt = no
+[ dn ]
+CN = unused
+[ ca_ext ]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+[ server_ext ]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+[ client_ext ]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+CNF
+    ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+    openssl req -x509 -config openssl.cnf -extensions ca_ext "${ec[@]}" -keyout ca-key.pem \
+      -out ca-cert.pem -days 30 -subj "/CN=bench CA" 2>/dev/null
+    for who in server client; do
+      openssl req -new -config openssl.cnf "${ec[@]}" -keyout $who-key.pem -out $who.csr \
+        -subj "/CN=bench $who" 2>/dev/null
+      openssl ca -batch -notext -config openssl.cnf -cert ca-cert.pem -keyfile ca-key.pem \
+        -extensions ${who}_ext -in $who.csr -out $who-cert.pem 2>/dev/null
+    done
+    install -m 0644 ca-cert.pem server-cert.pem "$PKI/server/"
+    install -m 0600 server-key.pem "$PKI/server/"
+    install -m 0644 ca-cert.pem client-cert.pem "$WORK/tls-home/.pki/libnbd/"
+    install -m 0600 -o 65534 client-key.pem "$WORK/tls-home/.pki/libnbd/"
+  )
+}
+PORT=10899
+
 SPID=""
 URI=""
+TLS_CLIENT=""
+chmod 0777 "$LOGS"
 stop_server() {
   if [[ -n $SPID ]]; then
     kill -TERM "$SPID" 2>/dev/null || true
@@ -79,7 +146,7 @@ trap stop_server EXIT
 
 wait_uri() {
   for _ in $(seq 1 300); do
-    nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
+    client nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
     kill -0 "$SPID" 2>/dev/null || { echo "the server died; see $LOGS" >&2; return 1; }
     sleep 0.1
   done
@@ -87,22 +154,61 @@ wait_uri() {
   return 1
 }
 
+# Runs a client: as nobody with HOME=WORKDIR/tls-home for the TLS servers.
+client() {
+  if [[ -n $TLS_CLIENT ]]; then
+    setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$WORK/tls-home" "$@"
+  else
+    "$@"
+  fi
+}
+
 start_server() {
   local name=$1
+  TLS_CLIENT=""
   rm -f "$SOCK"
   case $name in
-    cryptnbd)
-      local state=$WORK/cryptnbd-state run=$WORK/cryptnbd-run
+    cryptnbd | cryptnbd-tcp | cryptnbd-tls)
+      local state=$WORK/cryptnbd-state run=$WORK/cryptnbd-run config=$WORK/cryptnbd.toml
       rm -rf "$state" "$run"
-      "$BIN/cryptnbd" --state-dir "$state" --runtime-dir "$run" >"$LOGS/$name.log" 2>&1 &
+      {
+        echo "state_dir = \"$state\""
+        echo "runtime_dir = \"$run\""
+        if [[ $name != cryptnbd ]]; then
+          printf '[nbd]\ntcp = "127.0.0.1:%s"\n' "$PORT"
+        fi
+        if [[ $name == cryptnbd-tls ]]; then
+          make_pki
+          printf '[nbd.tls]\nmode = "require"\ncertificates = "%s"\n' "$PKI/server"
+        fi
+      } >"$config"
+      "$BIN/cryptnbd" --config "$config" >"$LOGS/$name.log" 2>&1 &
       SPID=$!
       local ctl=("$BIN/cryptnbdctl" --state-dir "$state" --socket "$run/control.sock")
       for _ in $(seq 1 300); do "${ctl[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
       "${ctl[@]}" kms create-key --alias alias/bench >/dev/null
       "${ctl[@]}" create bench --size "${SIZE_MIB}M" --kms-key alias/bench \
         --sid S-1-5-21-277731876-1789304096-451871588-1107 --directory d-1234abcd01 >/dev/null
-      "${ctl[@]}" attach bench --transient >/dev/null
-      URI="nbd+unix:///bench?socket=$run/nbd.sock"
+      case $name in
+        cryptnbd)
+          "${ctl[@]}" attach bench --transient >/dev/null
+          URI="nbd+unix:///bench?socket=$run/nbd.sock" ;;
+        cryptnbd-tcp)
+          "${ctl[@]}" attach bench --transient --tcp >/dev/null
+          URI="nbd://127.0.0.1:$PORT/bench" ;;
+        cryptnbd-tls)
+          "${ctl[@]}" attach bench --transient --tcp >/dev/null
+          URI="nbds://127.0.0.1:$PORT/bench"
+          TLS_CLIENT=1 ;;
+      esac
+      ;;
+    nbdkit-tls)
+      make_pki
+      nbdkit -f -i 127.0.0.1 -p "$PORT" --tls=require --tls-certificates="$PKI/server" \
+        --tls-verify-peer file "$PLAIN" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbds://127.0.0.1:$PORT/"
+      TLS_CLIENT=1
       ;;
     nbdkit-luks)
       nbdkit -f -U "$SOCK" --filter=luks file "$LUKS1" passphrase="$PASS" >"$LOGS/$name.log" 2>&1 &
@@ -136,14 +242,15 @@ ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
 # measure KIND RUN: prints "VALUE CORES"
 measure() {
   local kind=$1 run=$2 log="$LOGS/$CURRENT.$1.$2" t0 t1 s0 s1 value
+  rm -f "$log.json"
   sync
   s0=$(ticks)
   t0=$(date +%s.%N)
   case $kind in
-    write) nbdcopy --no-extents "$SRC" "$URI" >"$log" 2>&1 ;;
-    read) nbdcopy --no-extents "$URI" null: >"$log" 2>&1 ;;
+    write) client nbdcopy --no-extents "$SRC" "$URI" >"$log" 2>&1 ;;
+    read) client nbdcopy --no-extents "$URI" null: >"$log" 2>&1 ;;
     randread | randwrite)
-      fio --name="$kind" --ioengine=nbd --uri="$URI" --rw="$kind" --bs=4k --iodepth=32 --numjobs=1 \
+      client fio --name="$kind" --ioengine=nbd --uri="$URI" --rw="$kind" --bs=4k --iodepth=32 --numjobs=1 \
         --time_based --runtime="$FIO_SECONDS" --ramp_time=2 --size="$SIZE" \
         --output-format=json --output="$log.json" >"$log" 2>&1 ;;
   esac
