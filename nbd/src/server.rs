@@ -607,7 +607,12 @@ impl Server {
             let (mut tls, client) = tls::accept(stream, config)
                 .await
                 .map_err(NbdError::TlsHandshake)?;
-            debug!(version = %client.version, subject = %client.subject(), "TLS established");
+            debug!(
+                version = %client.version,
+                suite = %client.cipher_suite,
+                subject = %client.subject(),
+                "TLS established"
+            );
             let client = Arc::new(client);
             let phase = handshake::Phase::Tls { no_zeroes, client };
             let outcome =

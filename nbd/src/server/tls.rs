@@ -155,6 +155,8 @@ impl<S: Socket> Shared<S> {
 pub struct TlsClient {
     /// The protocol version (`TLSv1_3`, `TLSv1_2`).
     pub version: String,
+    /// The cipher suite (`TLS13_AES_128_GCM_SHA256`, ...).
+    pub cipher_suite: String,
     /// The client's certificate (DER), when it sent one (verified by the handshake).
     pub certificate: Option<Vec<u8>>,
     /// The intermediate certificates it sent after its own (DER).
@@ -232,6 +234,10 @@ pub(crate) async fn accept<S: Socket>(
             version: conn
                 .protocol_version()
                 .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            cipher_suite: conn
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
                 .unwrap_or_default(),
             names: certificate.as_deref().and_then(crate::x509::names),
             certificate,
