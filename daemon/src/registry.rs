@@ -179,6 +179,25 @@ impl ExportRegistry for Registry {
             .map(|a| Arc::clone(&a.export))
     }
 
+    fn tls_refused(&self, peer: &Peer, subject: Option<&str>, reason: &str) {
+        if let Some((audit, backend)) = self.audit.get() {
+            let outcome = Err(format!(
+                "refused {peer} (certificate {}): TLS handshake failed: {reason}",
+                subject.unwrap_or("none")
+            ));
+            audit.record(&AuditRecord::about_volume(
+                "nbd-tls",
+                backend,
+                "-",
+                None,
+                None,
+                None,
+                std::time::Duration::ZERO,
+                &outcome,
+            ));
+        }
+    }
+
     fn admit(
         &self,
         export: &Export,

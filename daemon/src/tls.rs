@@ -140,7 +140,7 @@ pub fn server_config(
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| err(format!("no TLS version to offer: {e}")))?
-        .with_client_cert_verifier(Arc::clone(&verifier))
+        .with_client_cert_verifier(Arc::new(nbd::server::NamingVerifier(Arc::clone(&verifier))))
         .with_single_cert(chain, key)
         .map_err(|e| match e {
             rustls::Error::InconsistentKeys(_) => err(format!(

@@ -182,6 +182,11 @@ pub trait ExportRegistry: Send + Sync + 'static {
     fn default_export(&self) -> Option<String> {
         None
     }
+    /// A TLS handshake with `peer` failed on the server's side: `subject` is the client
+    /// certificate it rejected, if that was the reason, and `reason` rustls's. The default
+    /// does nothing (the server logs it).
+    fn tls_refused(&self, _peer: &Peer, _subject: Option<&str>, _reason: &str) {}
+
     /// Whether a client whose TLS session is `tls` (None: no TLS) may use `export`, which
     /// [`lookup`](Self::lookup) found for it: `Err` with the reason if not. Asked when the
     /// client opens or asks about the export (`opening`: NBD_OPT_INFO, GO and EXPORT_NAME;

@@ -47,7 +47,7 @@ pub enum NbdError {
     /// The TLS handshake failed (a client that does not speak TLS, an untrusted, expired or
     /// revoked certificate, no certificate where one is required).
     #[error("TLS handshake failed: {0}")]
-    TlsHandshake(std::io::Error),
+    TlsHandshake(crate::server::TlsHandshakeError),
     /// The transport failed.
     #[error("connection I/O failed")]
     Io(#[from] std::io::Error),

@@ -38,7 +38,7 @@ mod reply;
 mod tls;
 mod transmission;
 
-pub use tls::{TlsClient, TlsMode};
+pub use tls::{HandshakeError as TlsHandshakeError, NamingVerifier, TlsClient, TlsMode};
 
 use io_pool::IoPool;
 use pool::BufferPool;
@@ -626,6 +626,11 @@ impl Server {
             Ok(Negotiated::Tls(stream, rb, outcome)) => self.serve(stream, rb, outcome).await,
             Err(NbdError::Io(e)) => debug!("connection failed during the handshake: {e}"),
             Err(e @ NbdError::UnexpectedEof(_)) => debug!("{e}; connection closed"),
+            Err(NbdError::TlsHandshake(e)) if e.is_refusal() => {
+                warn!("TLS handshake refused, connection closed: {e}");
+                self.registry
+                    .tls_refused(&peer, e.subject.as_deref(), &e.error.to_string());
+            }
             Err(e) => warn!("handshake failed, connection closed: {e}"),
         }
     }

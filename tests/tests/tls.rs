@@ -246,8 +246,27 @@ fn untrusted_expired_revoked_and_missing_client_certificates_are_refused() {
         // The daemon goes on serving the good client.
         nbdinfo_ok(&with_certs(&uri, &good));
     }
+    // Every refusal is audited, with the address and the rejected certificate's subject.
+    let audit =
+        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let refusals: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"nbd-tls\""))
+        .collect();
+    for who in [
+        "certificate CN=expired.example.com",
+        "certificate CN=revoked.example.com",
+        "certificate none",
+    ] {
+        assert!(
+            refusals
+                .iter()
+                .any(|l| l.contains(who) && l.contains("refused tcp 127.0.0.1:")),
+            "no audit record of the refusal of {who}: {refusals:#?}"
+        );
+    }
     let log = d.stop();
-    assert!(log.contains("TLS handshake failed"), "{log}");
+    assert!(log.contains("TLS handshake refused"), "{log}");
 }
 
 #[test]

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConnection;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -150,6 +152,90 @@ impl<S: Socket> Shared<S> {
     }
 }
 
+/// A client verifier that remembers the subject of a certificate it rejects, so that a failed
+/// handshake can be logged and audited with it (rustls keeps no certificate it rejected).
+/// Wrap the server configuration's verifier in it.
+#[derive(Debug)]
+pub struct NamingVerifier(pub Arc<dyn ClientCertVerifier>);
+
+thread_local! {
+    /// The subject of the certificate the last verification on this thread rejected. rustls
+    /// verifies within `process_new_packets`, on the thread that runs the handshake, which
+    /// reads this right after.
+    static REJECTED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+impl ClientCertVerifier for NamingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.0.verify_client_cert(end_entity, intermediates, now);
+        if verified.is_err() {
+            let subject = crate::x509::names(end_entity).map(|n| n.subject);
+            REJECTED.with(|r| *r.borrow_mut() = subject);
+        }
+        verified
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// Why a TLS handshake failed: rustls's reason, and the subject of the client certificate it
+/// rejected, if it was one.
+#[derive(Debug)]
+pub struct HandshakeError {
+    /// The I/O error (`InvalidData` with rustls's error for a refusal).
+    pub error: io::Error,
+    /// The rejected certificate's subject.
+    pub subject: Option<String>,
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.subject {
+            Some(s) => write!(f, "{} (client certificate {s})", self.error),
+            None => write!(f, "{}", self.error),
+        }
+    }
+}
+
+impl HandshakeError {
+    /// Whether the server refused the client (a bad certificate, no certificate, not TLS),
+    /// as opposed to the client going away or timing out.
+    pub fn is_refusal(&self) -> bool {
+        self.error.kind() == io::ErrorKind::InvalidData
+    }
+}
+
 /// What the TLS handshake established about the client.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsClient {
@@ -183,6 +269,19 @@ pub(crate) struct TlsWriter<S>(Arc<Shared<S>>);
 /// Runs the server side of a TLS handshake on `sock` (just after `NBD_OPT_STARTTLS` was
 /// acknowledged). A failure is final: the caller closes the connection.
 pub(crate) async fn accept<S: Socket>(
+    sock: S,
+    config: Arc<rustls::ServerConfig>,
+) -> Result<(TlsStream<S>, TlsClient), HandshakeError> {
+    REJECTED.with(|r| r.borrow_mut().take());
+    handshake(sock, config)
+        .await
+        .map_err(|error| HandshakeError {
+            subject: REJECTED.with(|r| r.borrow_mut().take()),
+            error,
+        })
+}
+
+async fn handshake<S: Socket>(
     sock: S,
     config: Arc<rustls::ServerConfig>,
 ) -> io::Result<(TlsStream<S>, TlsClient)> {
