@@ -111,13 +111,43 @@ impl<S: Socket> Write for SockIo<'_, S> {
 struct Shared<S> {
     sock: S,
     conn: Mutex<ServerConnection>,
+    /// What sharing the session costs: acquisitions, those that found it taken, and the
+    /// time they waited (logged when the connection closes).
+    locks: std::sync::atomic::AtomicU64,
+    contended: std::sync::atomic::AtomicU64,
+    waited_ns: std::sync::atomic::AtomicU64,
+}
+
+impl<S> Drop for Shared<S> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        tracing::debug!(
+            locks = self.locks.load(Relaxed),
+            contended = self.contended.load(Relaxed),
+            waited_ms = self.waited_ns.load(Relaxed) / 1_000_000,
+            "TLS session closed"
+        );
+    }
 }
 
 impl<S: Socket> Shared<S> {
     fn lock(&self) -> MutexGuard<'_, ServerConnection> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.locks.fetch_add(1, Relaxed);
         // A panic mid-record would leave the session unusable, not inconsistent memory: the
         // next call fails with rustls's own error.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        match self.conn.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let started = std::time::Instant::now();
+                let g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+                self.contended.fetch_add(1, Relaxed);
+                let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.waited_ns.fetch_add(waited, Relaxed);
+                g
+            }
+        }
     }
 
     /// Sends what rustls has queued, as far as the socket takes it now: true when all of it
@@ -289,6 +319,9 @@ async fn handshake<S: Socket>(
     let shared = Arc::new(Shared {
         sock,
         conn: Mutex::new(conn),
+        locks: Default::default(),
+        contended: Default::default(),
+        waited_ns: Default::default(),
     });
     loop {
         let (sent, handshaking) = {
