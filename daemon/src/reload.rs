@@ -7,11 +7,9 @@
 use std::time::Instant;
 
 use control_api::{ErrorCode, Response, TlsDisconnect};
-use kms_client::Kms;
 use nbd::server::{ConnectionInfo, TlsClient};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
-use statedir::audit::AuditRecord;
 
 use crate::caller::Caller;
 use crate::daemon::Daemon;
@@ -40,7 +38,15 @@ impl Daemon {
             Ok(l) => l,
             Err(e) => {
                 let message = format!("{e}; the TLS configuration in force is unchanged");
-                self.audit_tls("tls-reload", "-", caller, started, &Err(message.clone()));
+                self.audit_record(
+                    "tls-reload",
+                    "-",
+                    None,
+                    None,
+                    caller,
+                    started,
+                    &Err(message.clone()),
+                );
                 tracing::warn!("TLS reload refused: {message}");
                 return Err(api(ErrorCode::Damaged, message));
             }
@@ -60,7 +66,7 @@ impl Daemon {
                 disconnected.push(self.audit_disconnect(&a, &c, client, &reason, caller));
             }
         }
-        self.audit_tls("tls-reload", "-", caller, started, &Ok(()));
+        self.audit_record("tls-reload", "-", None, None, caller, started, &Ok(()));
         tracing::info!(
             tcp = loaded.settings.tcp.as_str(),
             unix = loaded.settings.unix.as_str(),
@@ -93,9 +99,11 @@ impl Daemon {
             c.peer,
             client.subject()
         ));
-        self.audit_tls(
+        self.audit_record(
             "nbd-disconnect",
             &a.volume,
+            None,
+            None,
             caller,
             Instant::now(),
             &outcome,
@@ -107,26 +115,6 @@ impl Daemon {
             certificate: client.subject().to_owned(),
             reason: reason.to_owned(),
         }
-    }
-
-    fn audit_tls(
-        &self,
-        operation: &str,
-        volume: &str,
-        caller: Option<Caller>,
-        started: Instant,
-        outcome: &Result<(), String>,
-    ) {
-        self.services.audit.record(&AuditRecord::about_volume(
-            operation,
-            self.services.kms.backend_name(),
-            volume,
-            None,
-            None,
-            caller.map(|c| c.uid),
-            started.elapsed(),
-            outcome,
-        ));
     }
 
     /// Reloads the TLS configuration on every SIGHUP until `stop`.

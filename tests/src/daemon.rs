@@ -265,7 +265,8 @@ pub fn nbdcopy() -> PathBuf {
     require_tool("nbdcopy", "libnbd-bin")
 }
 
-/// An nbdsh process that connects and then holds the connection open until killed.
+/// An nbdsh process that connects and then holds the connection open until killed. The URI
+/// may name local files (`tls-certificates=DIR`), which nbdsh must be told to allow.
 pub fn hold_connection(uri: &str) -> std::process::Child {
     let nbdsh = require_tool("nbdsh", "libnbd-bin");
     assert!(
@@ -274,7 +275,12 @@ pub fn hold_connection(uri: &str) -> std::process::Child {
     );
     Command::new(nbdsh)
         .env("PATH", "/usr/bin:/bin")
-        .args(["-u", uri, "-c", "import time\nwhile True: time.sleep(1)"])
+        .args([
+            "-c",
+            &format!(
+                "h.set_uri_allow_local_file(True)\nh.connect_uri({uri:?})\nimport time\nwhile True: time.sleep(1)"
+            ),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -282,9 +288,9 @@ pub fn hold_connection(uri: &str) -> std::process::Child {
         .expect("nbdsh")
 }
 
-/// Waits until `volume` has `n` NBD connections.
+/// Waits until `volume` has `n` NBD connections; returns them as `status --json` shows them.
 #[track_caller]
-pub fn wait_connections(d: &Daemon, volume: &str, n: usize) {
+pub fn wait_connections(d: &Daemon, volume: &str, n: usize) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = d
@@ -292,11 +298,13 @@ pub fn wait_connections(d: &Daemon, volume: &str, n: usize) {
             .run(&["--json", "status", volume])
             .assert_success()
             .json();
-        let got = s["attachments"][0]["connections"]
+        let connections = s["attachments"][0]["connections"]
             .as_array()
-            .map_or(0, Vec::len);
+            .cloned()
+            .unwrap_or_default();
+        let got = connections.len();
         if got == n {
-            return;
+            return connections;
         }
         assert!(
             Instant::now() < deadline,

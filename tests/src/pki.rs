@@ -102,14 +102,8 @@ impl Pki {
         ]);
         std::fs::create_dir_all(&pki.server).expect("mkdir");
         pki.copy_ca(&pki.server);
-        let (cert, key) = pki.sign("server", "/CN=localhost", "server_ext", None);
-        std::fs::copy(cert, pki.server.join("server-cert.pem")).expect("copy");
-        std::fs::copy(key, pki.server.join("server-key.pem")).expect("copy");
-        std::fs::set_permissions(
-            pki.server.join("server-key.pem"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .expect("chmod");
+        let signed = pki.sign("server", "/CN=localhost", "server_ext", None);
+        install(signed, &pki.server, "server");
         pki.write_crl();
         pki
     }
@@ -190,14 +184,11 @@ impl Pki {
     fn client_with(&self, name: &str, subject: &str, dates: Option<(&str, &str)>) -> PathBuf {
         let dir = self.root.join(format!("client-{name}"));
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let (cert, key) = self.sign(name, subject, "client_ext", dates);
-        std::fs::copy(cert, dir.join("client-cert.pem")).expect("copy");
-        std::fs::copy(key, dir.join("client-key.pem")).expect("copy");
-        std::fs::set_permissions(
-            dir.join("client-key.pem"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .expect("chmod");
+        install(
+            self.sign(name, subject, "client_ext", dates),
+            &dir,
+            "client",
+        );
         self.copy_ca(&dir);
         dir
     }
@@ -255,19 +246,22 @@ impl Pki {
         std::fs::create_dir_all(&dir).expect("mkdir");
         self.copy_ca(&dir);
         let signer = other.unwrap_or(self);
-        let (cert, key) = signer.sign(
+        let signed = signer.sign(
             &format!("server-{name}"),
             "/CN=localhost",
             "server_ext",
             dates,
         );
-        std::fs::copy(cert, dir.join("server-cert.pem")).expect("copy");
-        std::fs::copy(key, dir.join("server-key.pem")).expect("copy");
-        std::fs::set_permissions(
-            dir.join("server-key.pem"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .expect("chmod");
+        install(signed, &dir, "server");
         dir
     }
+}
+
+/// Copies a signed certificate and its key into `dir` as `WHO-cert.pem` and `WHO-key.pem`
+/// (0600).
+fn install((cert, key): (PathBuf, PathBuf), dir: &Path, who: &str) {
+    std::fs::copy(cert, dir.join(format!("{who}-cert.pem"))).expect("copy the certificate");
+    let key_file = dir.join(format!("{who}-key.pem"));
+    std::fs::copy(key, &key_file).expect("copy the key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }

@@ -22,6 +22,33 @@ fn tls_daemon(dir: &TestDir, pki: &Pki, mode: &str, extra: &str) -> Daemon {
     )
 }
 
+/// A daemon in TLS `mode` (with `extra` config) serving a 16 MiB volume `vol` on TCP, with
+/// a client `host1` of its CA.
+struct Served {
+    dir: TestDir,
+    pki: Pki,
+    host1: std::path::PathBuf,
+    d: Daemon,
+    uri: String,
+}
+
+fn served(label: &str, mode: &str, extra: &str) -> Served {
+    let dir = TestDir::new(label);
+    let pki = Pki::new(&dir, "main");
+    let host1 = pki.client("host1", "/O=Example/CN=host1.example.com");
+    let d = tls_daemon(&dir, &pki, mode, extra);
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    let uri = attach_tcp(&d, "vol", &[]);
+    Served {
+        dir,
+        pki,
+        host1,
+        d,
+        uri,
+    }
+}
+
 /// Attaches `volume` on TCP (with `flags`) and returns its TCP URI.
 fn attach_tcp(d: &Daemon, volume: &str, flags: &[&str]) -> String {
     let mut args = vec!["--json", "attach", volume, "--tcp"];
@@ -49,48 +76,34 @@ fn port_of(uri: &str) -> u16 {
 }
 
 /// An nbdsh that opens `uri` with the certificates in `certs` and holds the connection until
-/// killed (nbdsh, unlike nbdinfo, must be told that a URI may name local files).
+/// killed.
 fn hold_tls(uri: &str, certs: &std::path::Path) -> std::process::Child {
-    let script = format!(
-        "h.set_uri_allow_local_file(True)\nh.connect_uri({:?})\nimport time\nwhile True: time.sleep(1)",
-        with_certs(uri, certs)
-    );
-    Command::new(require_tool("nbdsh", "python3-libnbd"))
-        .env("PATH", "/usr/bin:/bin")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nbdsh")
+    e2e_tests::daemon::hold_connection(&with_certs(uri, certs))
 }
 
 /// The certificate subjects of `volume`'s live connections, once there are `n` of them.
 fn wait_sessions(d: &Daemon, volume: &str, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = d
-            .ctl
-            .run(&["--json", "status", volume])
-            .assert_success()
-            .json();
-        let mut dns: Vec<String> = s["attachments"][0]["connections"]
-            .as_array()
-            .map(|cs| {
-                cs.iter()
-                    .filter_map(|c| c["certificate"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if dns.len() == n {
-            dns.sort();
-            return dns;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not {n} TLS sessions on {volume}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut dns: Vec<String> = e2e_tests::daemon::wait_connections(d, volume, n)
+        .iter()
+        .map(|c| c["certificate"].as_str().unwrap_or("(no TLS)").to_owned())
+        .collect();
+    dns.sort();
+    dns
+}
+
+/// The export names `nbdinfo --list` shows at `uri`, sorted.
+fn export_names(uri: &str) -> Vec<String> {
+    let l = run(Command::new(nbdinfo()).args(["--list", "--json", uri]))
+        .assert_success()
+        .json();
+    let mut names: Vec<String> = l["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
 }
 
 fn nbdinfo_ok(uri: &str) -> serde_json::Value {
@@ -113,17 +126,10 @@ fn require_mode_serves_libnbd_and_qemu_over_tls_and_refuses_plaintext() {
     // nbdinfo over TLS shows the export; --list over TLS lists it.
     let info = nbdinfo_ok(&with_certs(&uri, &client));
     assert_eq!(info["exports"][0]["export-size"], 256 << 20, "{info}");
-    let list_uri = with_certs(&uri.replace("/vol", "/"), &client);
-    let list = run(Command::new(nbdinfo()).args(["--list", "--json", &list_uri]))
-        .assert_success()
-        .json();
-    let names: Vec<&str> = list["exports"]
-        .as_array()
-        .expect("exports")
-        .iter()
-        .filter_map(|e| e["export-name"].as_str())
-        .collect();
-    assert_eq!(names, ["vol"], "{list}");
+    assert_eq!(
+        export_names(&with_certs(&uri.replace("/vol", "/"), &client)),
+        ["vol"]
+    );
 
     // Plaintext against a require-mode listener fails.
     let plain = uri.replace("nbds://", "nbd://");
@@ -218,10 +224,14 @@ fn require_mode_serves_libnbd_and_qemu_over_tls_and_refuses_plaintext() {
 
 #[test]
 fn untrusted_expired_revoked_and_missing_client_certificates_are_refused() {
-    let dir = TestDir::new("tls-bad-clients");
-    let pki = Pki::new(&dir, "main");
+    let Served {
+        dir,
+        pki,
+        host1: good,
+        d,
+        uri,
+    } = served("tls-bad-clients", "require", "");
     let other = Pki::new(&dir, "other");
-    let good = pki.client("good", "/CN=good.example.com");
     let revoked = pki.client("revoked", "/CN=revoked.example.com");
     pki.revoke(&revoked);
     let expired = pki.expired_client("expired", "/CN=expired.example.com");
@@ -229,11 +239,8 @@ fn untrusted_expired_revoked_and_missing_client_certificates_are_refused() {
     // The foreign client trusts our server's CA, so only its own certificate is wrong.
     std::fs::copy(good.join("ca-cert.pem"), foreign.join("ca-cert.pem")).expect("copy");
     let anonymous = pki.anonymous_client();
-
-    let d = tls_daemon(&dir, &pki, "require", "");
-    d.ctl.create_key("e2e");
-    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
-    let uri = attach_tcp(&d, "vol", &[]);
+    // The daemon started before the revocation: it reads the new CRL.
+    d.ctl.run(&["tls", "reload"]).assert_success();
     nbdinfo_ok(&with_certs(&uri, &good));
     for (what, certs) in [
         ("another CA's certificate", &foreign),
@@ -299,25 +306,9 @@ fn on_mode_keeps_tls_only_exports_behind_tls() {
     // What the server answered: NBD_REP_ERR_TLS_REQD to NBD_OPT_INFO (libnbd words it as
     // "Operation not supported").
     let mut r = Raw::connect(port_of(&secret));
-    let mut info = Vec::new();
-    info.extend_from_slice(&6u32.to_be_bytes());
-    info.extend_from_slice(b"secret");
-    info.extend_from_slice(&0u16.to_be_bytes());
-    r.option(OPT_INFO, &info);
+    r.option(OPT_INFO, &info_request("secret"));
     assert_eq!(r.reply(OPT_INFO), REP_ERR_TLS_REQD);
-    let listed = |u: String| {
-        let l = run(Command::new(nbdinfo()).args(["--list", "--json", &u]))
-            .assert_success()
-            .json();
-        let mut names: Vec<String> = l["exports"]
-            .as_array()
-            .expect("exports")
-            .iter()
-            .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names
-    };
+    let listed = |u: String| export_names(&u);
     assert_eq!(listed(plain(&open).replace("/open", "/")), ["open"]);
     // Over TLS: both.
     nbdinfo_ok(&with_certs(&secret, &client));
@@ -410,18 +401,18 @@ impl Raw {
 
 #[test]
 fn the_negotiation_follows_the_spec_before_and_around_starttls() {
-    let dir = TestDir::new("tls-raw");
-    let pki = Pki::new(&dir, "main");
-    let client = pki.client("host1", "/CN=host1.example.com");
-    let d = tls_daemon(
-        &dir,
-        &pki,
+    // `_dir` keeps the daemon's directory (a `..` would drop it at once).
+    let Served {
+        dir: _dir,
+        host1: client,
+        d,
+        uri,
+        ..
+    } = served(
+        "tls-raw",
         "require",
         "[limits]\nhandshake_timeout_secs = 2\n",
     );
-    d.ctl.create_key("e2e");
-    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
-    let uri = attach_tcp(&d, "vol", &[]);
     let port = port_of(&uri);
 
     // Before TLS, a require-mode listener answers everything but STARTTLS with TLS_REQD.
@@ -682,29 +673,12 @@ fn allow_lists_admit_only_the_named_certificates() {
 
     // Without TLS, an export with a list is refused by policy.
     let mut r = Raw::connect(port_of(&vol));
-    let mut info = Vec::new();
-    info.extend_from_slice(&3u32.to_be_bytes());
-    info.extend_from_slice(b"vol");
-    info.extend_from_slice(&0u16.to_be_bytes());
-    r.option(OPT_INFO, &info);
+    r.option(OPT_INFO, &info_request("vol"));
     assert_eq!(r.reply(OPT_INFO), REP_ERR_POLICY);
 
     // LIST shows a certificate only what it may open.
-    let listed = |certs: &std::path::Path| {
-        let l = run(Command::new(nbdinfo())
-            .args(["--list", "--json"])
-            .arg(with_certs(&any.replace("/any", "/"), certs)))
-        .assert_success()
-        .json();
-        let mut names: Vec<String> = l["exports"]
-            .as_array()
-            .expect("exports")
-            .iter()
-            .filter_map(|e| e["export-name"].as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names
-    };
+    let listed =
+        |certs: &std::path::Path| export_names(&with_certs(&any.replace("/any", "/"), certs));
     assert_eq!(listed(&host1), ["any", "fp", "ser", "vol", "wild"]);
     assert_eq!(listed(&host2), ["any", "wild"]);
 
@@ -760,14 +734,14 @@ fn allow_lists_admit_only_the_named_certificates() {
 
 #[test]
 fn a_reload_cuts_revoked_sessions_and_a_broken_one_changes_nothing() {
-    let dir = TestDir::new("tls-reload");
-    let pki = Pki::new(&dir, "main");
-    let host1 = pki.client("host1", "/O=Example/CN=host1.example.com");
+    let Served {
+        dir: _dir,
+        pki,
+        host1,
+        d,
+        uri,
+    } = served("tls-reload", "require", "");
     let host2 = pki.client("host2", "/O=Example/CN=host2.example.com");
-    let d = tls_daemon(&dir, &pki, "require", "");
-    d.ctl.create_key("e2e");
-    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
-    let uri = attach_tcp(&d, "vol", &[]);
     let mut one = hold_tls(&uri, &host1);
     let mut two = hold_tls(&uri, &host2);
     assert_eq!(
@@ -873,18 +847,18 @@ fn client_config(certs: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig
 #[test]
 fn a_thousand_handshakes_at_once_are_all_served() {
     const N: usize = 1000;
-    let dir = TestDir::new("tls-many");
-    let pki = Pki::new(&dir, "main");
-    let client = pki.client("host1", "/CN=host1.example.com");
-    let d = tls_daemon(
-        &dir,
-        &pki,
+    // `_dir` keeps the daemon's directory (a `..` would drop it at once).
+    let Served {
+        dir: _dir,
+        host1: client,
+        d,
+        uri,
+        ..
+    } = served(
+        "tls-many",
         "require",
         "[limits]\nhandshake_timeout_secs = 120\n",
     );
-    d.ctl.create_key("e2e");
-    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
-    let uri = attach_tcp(&d, "vol", &[]);
     let port = port_of(&uri);
     let config = client_config(&client);
     let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
