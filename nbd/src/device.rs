@@ -157,6 +157,30 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// What the TLS handshake established about the client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsClient {
+    /// The protocol version (`TLSv1_3`, `TLSv1_2`).
+    pub version: String,
+    /// The cipher suite (`TLS13_AES_128_GCM_SHA256`, ...).
+    pub cipher_suite: String,
+    /// The client's certificate (DER), when it sent one (verified by the handshake).
+    pub certificate: Option<Vec<u8>>,
+    /// The intermediate certificates it sent after its own (DER).
+    pub intermediates: Vec<Vec<u8>>,
+    /// Its subject, issuer and serial.
+    pub names: Option<crate::x509::CertNames>,
+}
+
+impl TlsClient {
+    /// The certificate's subject, or `(no certificate)`, for messages.
+    pub fn subject(&self) -> &str {
+        self.names
+            .as_ref()
+            .map_or("(no certificate)", |n| n.subject.as_str())
+    }
+}
+
 /// An export: a named device plus what is advertised for it.
 pub struct Export {
     /// Export name clients ask for.
@@ -196,7 +220,7 @@ pub trait ExportRegistry: Send + Sync + 'static {
         &self,
         _export: &Export,
         _peer: &Peer,
-        _tls: Option<&crate::server::TlsClient>,
+        _tls: Option<&TlsClient>,
         _opening: bool,
     ) -> Result<(), String> {
         Ok(())

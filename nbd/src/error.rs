@@ -47,7 +47,7 @@ pub enum NbdError {
     /// The TLS handshake failed (a client that does not speak TLS, an untrusted, expired or
     /// revoked certificate, no certificate where one is required).
     #[error("TLS handshake failed: {0}")]
-    TlsHandshake(crate::server::TlsHandshakeError),
+    TlsHandshake(TlsHandshakeError),
     /// The transport failed.
     #[error("connection I/O failed")]
     Io(#[from] std::io::Error),
@@ -56,5 +56,32 @@ pub enum NbdError {
 impl NbdError {
     pub(crate) const fn invalid(what: &'static str, reason: &'static str) -> Self {
         Self::Invalid { what, reason }
+    }
+}
+
+/// Why a TLS handshake failed: rustls's reason, and the subject of the client certificate it
+/// rejected, if it was one.
+#[derive(Debug)]
+pub struct TlsHandshakeError {
+    /// The I/O error (`InvalidData` with rustls's error for a refusal).
+    pub error: std::io::Error,
+    /// The rejected certificate's subject.
+    pub subject: Option<String>,
+}
+
+impl std::fmt::Display for TlsHandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.subject {
+            Some(s) => write!(f, "{} (client certificate {s})", self.error),
+            None => write!(f, "{}", self.error),
+        }
+    }
+}
+
+impl TlsHandshakeError {
+    /// Whether the server refused the client (a bad certificate, no certificate, not TLS),
+    /// as opposed to the client going away or timing out.
+    pub fn is_refusal(&self) -> bool {
+        self.error.kind() == std::io::ErrorKind::InvalidData
     }
 }

@@ -38,7 +38,9 @@ mod reply;
 mod tls;
 mod transmission;
 
-pub use tls::{HandshakeError as TlsHandshakeError, NamingVerifier, TlsClient, TlsMode};
+pub use crate::device::TlsClient;
+pub use crate::error::TlsHandshakeError;
+pub use tls::{NamingVerifier, TlsMode};
 
 use io_pool::IoPool;
 use pool::BufferPool;

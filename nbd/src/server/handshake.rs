@@ -22,9 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::readbuf::ReadBuf;
-use super::tls::{TlsClient, TlsMode};
+use super::tls::TlsMode;
 use super::transmission::{BASE_ALLOCATION_ID, Geometry};
 use super::{Limits, Registration, Server};
+use crate::device::TlsClient;
 use crate::device::{BlockDevice, Export, Peer};
 use crate::error::NbdError;
 use crate::proto::{

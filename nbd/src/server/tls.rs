@@ -25,6 +25,8 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::Transport;
 use super::reply::ReplyWriter;
+use crate::device::TlsClient;
+use crate::error::TlsHandshakeError as HandshakeError;
 
 /// How a listener treats TLS (proto.md: "NOTLS", "SELECTIVETLS" and "FORCEDTLS").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -236,57 +238,6 @@ impl ClientCertVerifier for NamingVerifier {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
-    }
-}
-
-/// Why a TLS handshake failed: rustls's reason, and the subject of the client certificate it
-/// rejected, if it was one.
-#[derive(Debug)]
-pub struct HandshakeError {
-    /// The I/O error (`InvalidData` with rustls's error for a refusal).
-    pub error: io::Error,
-    /// The rejected certificate's subject.
-    pub subject: Option<String>,
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.subject {
-            Some(s) => write!(f, "{} (client certificate {s})", self.error),
-            None => write!(f, "{}", self.error),
-        }
-    }
-}
-
-impl HandshakeError {
-    /// Whether the server refused the client (a bad certificate, no certificate, not TLS),
-    /// as opposed to the client going away or timing out.
-    pub fn is_refusal(&self) -> bool {
-        self.error.kind() == io::ErrorKind::InvalidData
-    }
-}
-
-/// What the TLS handshake established about the client.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsClient {
-    /// The protocol version (`TLSv1_3`, `TLSv1_2`).
-    pub version: String,
-    /// The cipher suite (`TLS13_AES_128_GCM_SHA256`, ...).
-    pub cipher_suite: String,
-    /// The client's certificate (DER), when it sent one (verified by the handshake).
-    pub certificate: Option<Vec<u8>>,
-    /// The intermediate certificates it sent after its own (DER).
-    pub intermediates: Vec<Vec<u8>>,
-    /// Its subject, issuer and serial.
-    pub names: Option<crate::x509::CertNames>,
-}
-
-impl TlsClient {
-    /// The certificate's subject, or `(no certificate)`, for messages.
-    pub fn subject(&self) -> &str {
-        self.names
-            .as_ref()
-            .map_or("(no certificate)", |n| n.subject.as_str())
     }
 }
 
