@@ -446,6 +446,11 @@ struct Measured {
 /// allocations while the client sends the mix over the URI that `uri` picks from attach's
 /// URIs (the unix socket's), with `query` appended.
 fn measure(extra: &str, query: &str) -> Measured {
+    // The allocation counter is the whole process's: one measurement at a time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The daemon's own log, as `main` installs it (info): a per-request log line would be
     // caught here too.
     let _ = tracing_subscriber::fmt()
