@@ -205,11 +205,15 @@ impl ExportRegistry for Registry {
         tls: Option<&TlsClient>,
         opening: bool,
     ) -> Result<(), String> {
-        let Some(a) = self
-            .all()
-            .into_iter()
+        // Looked up under the read lock, without copying the list of every attachment.
+        let found = self
+            .by_volume
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
             .find(|a| a.export_name == export.name)
-        else {
+            .cloned();
+        let Some(a) = found else {
             return Err("no such export".into());
         };
         let decision = crate::certpolicy::admit(&a.request.allow_certs, tls);
