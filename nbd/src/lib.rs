@@ -2,7 +2,8 @@
 //! tokio server ([`server`]) generic over a small blocking [`device::BlockDevice`] trait.
 //!
 //! This crate must not depend on the volume format, the KMS or the daemon: it knows byte
-//! ranges, exports and peers, nothing about encryption or keys. The daemon adapts its volumes
+//! ranges, exports and peers, nothing about the volumes' encryption or keys (it
+//! does encrypt its own transport, with TLS). The daemon adapts its volumes
 //! to [`device::BlockDevice`] and its registry of attached volumes to
 //! [`device::ExportRegistry`].
 //!

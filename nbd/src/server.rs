@@ -333,7 +333,16 @@ impl Server {
     }
 
     /// Sets the TLS settings; new connections and new TLS handshakes use them at once.
-    pub fn set_tls(&self, settings: TlsSettings) {
+    ///
+    /// The server seals and opens records itself once a handshake is over, so it needs the
+    /// traffic keys from rustls: a configuration without `enable_secret_extraction` is copied
+    /// once with it set.
+    pub fn set_tls(&self, mut settings: TlsSettings) {
+        if let Some(config) = settings.config.as_mut()
+            && !config.enable_secret_extraction
+        {
+            Arc::make_mut(config).enable_secret_extraction = true;
+        }
         *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = settings;
     }
 

@@ -908,3 +908,201 @@ fn a_thousand_handshakes_at_once_are_all_served() {
     nbdinfo_ok(&with_certs(&uri, &client));
     d.stop();
 }
+
+/// A rustls client configuration for `certs` that offers only `version` and the suites
+/// `suites` (one AEAD, with both kinds of server key for TLS 1.2).
+fn client_config_for(
+    certs: &std::path::Path,
+    version: &'static rustls::SupportedProtocolVersion,
+    suites: &[rustls::CipherSuite],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(certs.join("ca-cert.pem")).expect("CA") {
+        roots.add(ca.expect("CA")).expect("add the CA");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join("client-cert.pem"))
+            .expect("cert")
+            .map(|c| c.expect("cert"))
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(certs.join("client-key.pem")).expect("key");
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| suites.contains(&s.suite()));
+    assert!(!provider.cipher_suites.is_empty(), "{suites:?}");
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate"),
+    )
+}
+
+const OPT_GO: u32 = 7;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+/// Sends one transmission request (and its data) and reads its simple reply: the error
+/// and, for a READ, the data.
+fn command(
+    s: &mut (impl Read + Write),
+    kind: u16,
+    handle: u64,
+    offset: u64,
+    data: &[u8],
+    read_len: u32,
+) -> (u32, Vec<u8>) {
+    let mut m = Vec::with_capacity(28 + data.len());
+    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&handle.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    let len = if kind == 1 {
+        data.len() as u32
+    } else {
+        read_len
+    };
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).expect("request");
+    s.flush().expect("flush");
+    if kind == 2 {
+        return (0, Vec::new());
+    }
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).expect("reply");
+    assert_eq!(
+        u32::from_be_bytes([h[0], h[1], h[2], h[3]]),
+        SIMPLE_REPLY_MAGIC
+    );
+    assert_eq!(
+        u64::from_be_bytes(h[8..].try_into().expect("8 bytes")),
+        handle
+    );
+    let error = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    let mut out = vec![
+        0u8;
+        if kind == 0 && error == 0 {
+            read_len as usize
+        } else {
+            0
+        }
+    ];
+    s.read_exact(&mut out).expect("read data");
+    (error, out)
+}
+
+/// The server's own record layer (it seals and opens records itself after rustls's
+/// handshake) against rustls clients of every version and AEAD rustls offers: data both
+/// ways in records of every size, TLS 1.3 key updates the client asks the server to answer,
+/// and close_notify after NBD_CMD_DISC.
+#[test]
+fn every_tls_version_and_cipher_carries_data_through_key_updates_and_close_notify() {
+    use rustls::CipherSuite as C;
+    let Served {
+        dir: _dir,
+        host1,
+        d,
+        uri,
+        ..
+    } = served("tls-suites", "require", "");
+    let port = port_of(&uri);
+    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let cases: [(&str, &'static rustls::SupportedProtocolVersion, Vec<C>); 6] = [
+        (
+            "1.3 AES-128-GCM",
+            &rustls::version::TLS13,
+            vec![C::TLS13_AES_128_GCM_SHA256],
+        ),
+        (
+            "1.3 AES-256-GCM",
+            &rustls::version::TLS13,
+            vec![C::TLS13_AES_256_GCM_SHA384],
+        ),
+        (
+            "1.3 ChaCha20-Poly1305",
+            &rustls::version::TLS13,
+            vec![C::TLS13_CHACHA20_POLY1305_SHA256],
+        ),
+        (
+            "1.2 AES-128-GCM",
+            &rustls::version::TLS12,
+            vec![
+                C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            ],
+        ),
+        (
+            "1.2 AES-256-GCM",
+            &rustls::version::TLS12,
+            vec![
+                C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ],
+        ),
+        (
+            "1.2 ChaCha20-Poly1305",
+            &rustls::version::TLS12,
+            vec![
+                C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+        ),
+    ];
+    for (n, (label, version, suites)) in cases.into_iter().enumerate() {
+        let config = client_config_for(&host1, version, &suites);
+        let mut raw = Raw::connect(port);
+        raw.option(OPT_STARTTLS, &[]);
+        assert_eq!(raw.reply(OPT_STARTTLS), REP_ACK, "{label}");
+        let tls = rustls::ClientConnection::new(config, server_name.clone()).expect("session");
+        let mut s = rustls::StreamOwned::new(tls, raw.0);
+        send_option(&mut s, OPT_GO, &info_request("vol"));
+        while read_reply(&mut s, OPT_GO) != REP_ACK {}
+        let negotiated = s.conn.negotiated_cipher_suite().expect("a suite").suite();
+        assert!(suites.contains(&negotiated), "{label}: {negotiated:?}");
+
+        // Sizes around a record's 16 KiB, and many records in one request.
+        let base = (n as u64) << 21;
+        let mut offset = base;
+        for (i, len) in [
+            512usize,
+            16 * 1024 - 16,
+            16 * 1024,
+            16 * 1024 + 512,
+            1 << 20,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|b| (b * 31 + i + n) as u8).collect();
+            if *version == rustls::version::TLS13 && i % 2 == 1 {
+                // The client moves to new keys and asks the server to move too.
+                s.conn.refresh_traffic_keys().expect("key update");
+            }
+            assert_eq!(
+                command(&mut s, 1, 2 * i as u64, offset, &data, 0).0,
+                0,
+                "{label}"
+            );
+            let (error, back) = command(&mut s, 0, 2 * i as u64 + 1, offset, &[], len as u32);
+            assert_eq!(error, 0, "{label}");
+            assert!(back == data, "{label}: {len} bytes read back differ");
+            offset += len.next_multiple_of(4096) as u64;
+        }
+        command(&mut s, 2, 99, 0, &[], 0);
+        // close_notify: rustls reports a clean end (0 bytes), not an unexpected EOF.
+        let mut rest = Vec::new();
+        let end = s.read_to_end(&mut rest);
+        assert!(
+            matches!(end, Ok(0)),
+            "{label}: the session did not end with close_notify: {end:?}"
+        );
+    }
+    d.stop();
+}

@@ -1,25 +1,36 @@
 //! TLS for the NBD server (proto.md "TLS support"): the modes a listener runs in, the
 //! handshake after `NBD_OPT_STARTTLS`, and a TLS stream the server serves like a socket.
 //!
-//! One rustls `ServerConnection` per session, behind a mutex, shared by the task that reads
-//! requests (it decrypts) and the threads that write replies (they encrypt, as a socket's
-//! writers would write). A writer encrypts a reply into rustls's outgoing buffer and sends
-//! what the socket takes; what it does not take stays in that buffer, and the reply path
-//! sees the writer as blocked until [`ReplyWriter::try_flush`] has sent it all. The socket is
-//! used through shared references only (`try_read`, `try_write`, readiness), so the reader
-//! and the writers never wait for each other except for the mutex, which is held for one
-//! encryption or decryption at a time, never across an await.
+//! rustls runs the handshake (through its unbuffered API) and keeps deriving keys; once the
+//! handshake is over, records are sealed and opened here ([`record`]), each way on its own:
+//! - the task that reads requests owns the opening way and its buffer: it reads whole
+//!   records from the socket and opens them in place, without a lock;
+//! - the threads that write replies share the sealing way behind a mutex that only they
+//!   take (the reply queue already has one writer at a time). A write copies the reply's
+//!   pieces into whole records in one reusable buffer, seals them in place, and sends what
+//!   the socket takes; what it does not take stays buffered, and the reply path sees the
+//!   writer as blocked until [`ReplyWriter::try_flush`] has sent it all.
+//!
+//! TLS 1.3 key updates from the client are honoured (and answered when asked for), and our
+//! own key is updated before it reaches its cipher's confidentiality limit.
 
 use std::future::Future;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice};
+use std::ops::Range;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
-use rustls::ServerConnection;
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, ProtocolVersion, SignatureScheme,
+    SupportedCipherSuite,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -27,6 +38,9 @@ use super::Transport;
 use super::reply::ReplyWriter;
 use crate::device::TlsClient;
 use crate::error::TlsHandshakeError as HandshakeError;
+
+mod record;
+use record::{Direction, HEADER, MAX_PLAINTEXT, MAX_RECORD, Version, content};
 
 /// How a listener treats TLS (proto.md: "NOTLS", "SELECTIVETLS" and "FORCEDTLS").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -89,101 +103,6 @@ macro_rules! socket {
 socket!(TcpStream);
 socket!(UnixStream);
 
-/// `std::io` faces of a socket's non-blocking calls, for rustls.
-struct SockIo<'a, S>(&'a S);
-
-impl<S: Socket> Read for SockIo<'_, S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
-
-impl<S: Socket> Write for SockIo<'_, S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write_vectored(&[IoSlice::new(buf)])
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-struct Shared<S> {
-    sock: S,
-    conn: Mutex<ServerConnection>,
-    /// What sharing the session costs: acquisitions, those that found it taken, and the
-    /// time they waited (logged when the connection closes).
-    locks: std::sync::atomic::AtomicU64,
-    contended: std::sync::atomic::AtomicU64,
-    waited_ns: std::sync::atomic::AtomicU64,
-}
-
-impl<S> Drop for Shared<S> {
-    fn drop(&mut self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        tracing::debug!(
-            locks = self.locks.load(Relaxed),
-            contended = self.contended.load(Relaxed),
-            waited_ms = self.waited_ns.load(Relaxed) / 1_000_000,
-            "TLS session closed"
-        );
-    }
-}
-
-impl<S: Socket> Shared<S> {
-    fn lock(&self) -> MutexGuard<'_, ServerConnection> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.locks.fetch_add(1, Relaxed);
-        // A panic mid-record would leave the session unusable, not inconsistent memory: the
-        // next call fails with rustls's own error.
-        match self.conn.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                let started = std::time::Instant::now();
-                let g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-                self.contended.fetch_add(1, Relaxed);
-                let waited = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                self.waited_ns.fetch_add(waited, Relaxed);
-                g
-            }
-        }
-    }
-
-    /// Sends what rustls has queued, as far as the socket takes it now: true when all of it
-    /// went out.
-    fn send_queued(&self, conn: &mut ServerConnection) -> io::Result<bool> {
-        while conn.wants_write() {
-            match conn.write_tls(&mut SockIo(&self.sock)) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
-    }
-
-    /// Reads what the socket has into rustls and processes it. `Ok(false)` at end of
-    /// stream; `WouldBlock` when there was nothing to read.
-    fn receive(&self, conn: &mut ServerConnection) -> io::Result<bool> {
-        if conn.read_tls(&mut SockIo(&self.sock))? == 0 {
-            return Ok(false);
-        }
-        if let Err(e) = conn.process_new_packets() {
-            // The alert rustls queued tells the client why; then the session is over.
-            let _ = self.send_queued(conn);
-            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-        }
-        // A handshake message or a key update may need an answer now.
-        let _ = self.send_queued(conn)?;
-        Ok(true)
-    }
-}
-
 /// A client verifier that remembers the subject of a certificate it rejects, so that a failed
 /// handshake can be logged and audited with it (rustls keeps no certificate it rejected).
 /// Wrap the server configuration's verifier in it.
@@ -241,14 +160,144 @@ impl ClientCertVerifier for NamingVerifier {
     }
 }
 
-/// A session after a completed TLS handshake, served like a socket.
-pub(crate) struct TlsStream<S>(Arc<Shared<S>>);
+/// Socket reads take up to this much: a few whole records.
+const RX_BUF: usize = 4 * MAX_RECORD;
+/// Plaintext one write seals at most (8 full records) before it sends them.
+const TX_BATCH: usize = 8 * MAX_PLAINTEXT;
+/// A key update goes out this many records before the cipher's limit.
+const LIMIT_MARGIN: u64 = 1 << 10;
 
-/// The writing half of a [`TlsStream`], shared by the threads that write replies.
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic mid-record leaves a session whose next record fails authentication at the
+    // client, not memory in an unsafe state.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What both halves of a session share.
+struct Shared<S> {
+    sock: S,
+    /// The sealing way: its keys, sequence and the records not yet sent.
+    tx: Mutex<Tx>,
+    /// rustls's side of the session, which derives the keys of a TLS 1.3 key update. Taken
+    /// only for a key update, and never while waiting for the sealing way's lock.
+    keys: Mutex<KernelConnection<ServerConnectionData>>,
+    version: Version,
+    /// The client asked for a key update: ours goes out before our next record.
+    update_requested: AtomicBool,
+    /// Records one key may seal (the cipher suite's confidentiality limit).
+    limit: u64,
+}
+
+struct Tx {
+    dir: Direction,
+    /// Sealed records; `buf[sent..]` is still to be sent.
+    buf: Vec<u8>,
+    sent: usize,
+    /// close_notify is sealed: nothing follows it.
+    closed: bool,
+}
+
+impl<S: Socket> Shared<S> {
+    /// Sends sealed records as far as the socket takes them now: true when all went out.
+    fn send(&self, tx: &mut Tx) -> io::Result<bool> {
+        while tx.sent < tx.buf.len() {
+            match self
+                .sock
+                .try_write_vectored(&[IoSlice::new(&tx.buf[tx.sent..])])
+            {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => tx.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        tx.buf.clear();
+        tx.sent = 0;
+        Ok(true)
+    }
+
+    /// Seals one record of `payload` after those already buffered.
+    fn seal(tx: &mut Tx, typ: u8, payload: &[u8]) -> io::Result<()> {
+        let Tx { dir, buf, .. } = tx;
+        let start = dir.begin(buf);
+        buf.extend_from_slice(payload);
+        dir.seal(typ, buf, start)
+    }
+
+    /// Seals close_notify; nothing is sealed after it.
+    fn close(tx: &mut Tx) -> io::Result<()> {
+        if tx.closed {
+            return Ok(());
+        }
+        tx.closed = true;
+        Self::seal(tx, content::ALERT, &[ALERT_WARNING, ALERT_CLOSE_NOTIFY])
+    }
+
+    /// Before application data: our key update, if the client asked for one or the key is
+    /// close to its limit (RFC 8446 §4.6.3, §5.5).
+    fn update_keys_if_due(&self, tx: &mut Tx) -> io::Result<()> {
+        let requested = self.update_requested.swap(false, Ordering::Relaxed);
+        let worn = tx.dir.seq() >= self.limit.saturating_sub(LIMIT_MARGIN);
+        if !requested && !worn {
+            return Ok(());
+        }
+        if self.version == Version::Tls12 {
+            // TLS 1.2 has no key update: the session ends before its key wears out, as
+            // rustls's own record layer does it.
+            Self::close(tx)?;
+            return Err(io::Error::other(
+                "the TLS 1.2 session sealed as many records as its cipher allows; \
+                 the client must connect again",
+            ));
+        }
+        Self::seal(tx, content::HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 0])?;
+        let (seq, secrets) = lock(&self.keys)
+            .update_tx_secret()
+            .map_err(io::Error::other)?;
+        tx.dir = Direction::new(self.version, seq, secrets)?;
+        Ok(())
+    }
+}
+
+const ALERT_WARNING: u8 = 1;
+const ALERT_CLOSE_NOTIFY: u8 = 0;
+const ALERT_USER_CANCELED: u8 = 90;
+const HS_KEY_UPDATE: u8 = 24;
+
+/// The reading half: opens the client's records in its own buffer.
+pub(crate) struct TlsReader<S> {
+    shared: Arc<Shared<S>>,
+    dir: Direction,
+    buf: Box<[u8]>,
+    /// `buf[start..end]`: received bytes not yet opened.
+    start: usize,
+    end: usize,
+    /// Opened plaintext not yet handed out.
+    plain: Range<usize>,
+    /// Application data rustls opened while finishing the handshake: handed out first.
+    early: Vec<u8>,
+    early_at: usize,
+    /// close_notify received.
+    eof: bool,
+}
+
+/// The writing half of a session, shared by the threads that write replies.
 pub(crate) struct TlsWriter<S>(Arc<Shared<S>>);
 
+/// A session after a completed TLS handshake, served like a socket.
+pub(crate) struct TlsStream<S> {
+    reader: TlsReader<S>,
+    writer: TlsWriter<S>,
+}
+
 /// Runs the server side of a TLS handshake on `sock` (just after `NBD_OPT_STARTTLS` was
-/// acknowledged). A failure is final: the caller closes the connection.
+/// acknowledged). A failure is final: the caller closes the connection. `config` must have
+/// `enable_secret_extraction` set ([`crate::server::Server::set_tls`] sees to it).
 pub(crate) async fn accept<S: Socket>(
     sock: S,
     config: Arc<rustls::ServerConfig>,
@@ -262,159 +311,364 @@ pub(crate) async fn accept<S: Socket>(
         })
 }
 
+/// Writes all of `bytes`, waiting for the socket as needed.
+async fn write_all<S: Socket>(sock: &S, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match sock.try_write_vectored(&[IoSlice::new(bytes)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 async fn handshake<S: Socket>(
     sock: S,
     config: Arc<rustls::ServerConfig>,
 ) -> io::Result<(TlsStream<S>, TlsClient)> {
-    let conn = ServerConnection::new(config).map_err(io::Error::other)?;
-    let shared = Arc::new(Shared {
-        sock,
-        conn: Mutex::new(conn),
-        locks: Default::default(),
-        contended: Default::default(),
-        waited_ns: Default::default(),
-    });
+    let mut conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
+    let mut buf = vec![0u8; RX_BUF].into_boxed_slice();
+    let (mut start, mut end) = (0, 0);
+    let mut out = Vec::new();
+    let mut early = Vec::new();
     loop {
-        let (sent, handshaking) = {
-            let mut conn = shared.lock();
-            (shared.send_queued(&mut conn)?, conn.is_handshaking())
+        let status = conn.process_tls_records(&mut buf[start..end]);
+        let mut discard = status.discard;
+        let state = match status.state {
+            Ok(state) => state,
+            Err(e) => {
+                // rustls has an alert for the client: send it, best effort, then give up.
+                let failed = invalid(e.to_string());
+                let status = conn.process_tls_records(&mut []);
+                if let Ok(ConnectionState::EncodeTlsData(mut alert)) = status.state {
+                    let mut scratch = [0u8; 64];
+                    if let Ok(n) = alert.encode(&mut scratch) {
+                        let _ = sock.try_write_vectored(&[IoSlice::new(&scratch[..n])]);
+                    }
+                }
+                return Err(failed);
+            }
         };
-        if !sent {
-            shared.sock.writable().await?;
-            continue;
-        }
-        if !handshaking {
-            break;
-        }
-        shared.sock.readable().await?;
-        let received = {
-            let mut conn = shared.lock();
-            shared.receive(&mut conn)
-        };
-        match received {
-            Ok(true) => {}
-            Ok(false) => {
+        match state {
+            ConnectionState::EncodeTlsData(mut data) => {
+                let at = out.len();
+                out.resize(at + MAX_RECORD, 0);
+                let n = match data.encode(&mut out[at..]) {
+                    Ok(n) => n,
+                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                        out.resize(at + required_size, 0);
+                        data.encode(&mut out[at..])
+                            .map_err(|e| io::Error::other(e.to_string()))?
+                    }
+                    Err(e) => return Err(io::Error::other(e.to_string())),
+                };
+                out.truncate(at + n);
+            }
+            ConnectionState::TransmitTlsData(data) => {
+                write_all(&sock, &out).await?;
+                out.clear();
+                data.done();
+            }
+            ConnectionState::ReadTraffic(mut records) => {
+                while let Some(record) = records.next_record() {
+                    let record = record.map_err(|e| invalid(e.to_string()))?;
+                    discard += record.discard;
+                    early.extend_from_slice(record.payload);
+                }
+            }
+            ConnectionState::WriteTraffic(_) => {
+                start += discard;
+                break;
+            }
+            ConnectionState::BlockedHandshake => {
+                start += discard;
+                if start == end {
+                    (start, end) = (0, 0);
+                } else if end == buf.len() {
+                    if start == 0 {
+                        return Err(invalid(
+                            "a TLS handshake message from the client is too large",
+                        ));
+                    }
+                    buf.copy_within(start..end, 0);
+                    (start, end) = (0, end - start);
+                }
+                loop {
+                    match sock.try_read(&mut buf[end..]) {
+                        Ok(0) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the client closed the connection during the TLS handshake",
+                            ));
+                        }
+                        Ok(n) => {
+                            end += n;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.readable().await?,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                continue;
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "the client closed the connection during the TLS handshake",
+                    "the client closed the TLS session during the handshake",
                 ));
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            _ => {
+                return Err(invalid(
+                    "the client sent early data, which this server refuses",
+                ));
+            }
         }
+        start += discard;
     }
-    let client = {
-        let conn = shared.lock();
-        let chain: Vec<Vec<u8>> = conn
-            .peer_certificates()
-            .unwrap_or_default()
-            .iter()
-            .map(|c: &CertificateDer<'_>| c.to_vec())
-            .collect();
-        let mut chain = chain.into_iter();
-        let certificate = chain.next();
-        TlsClient {
-            version: conn
-                .protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default(),
-            cipher_suite: conn
-                .negotiated_cipher_suite()
-                .map(|s| format!("{:?}", s.suite()))
-                .unwrap_or_default(),
-            names: certificate.as_deref().and_then(crate::x509::names),
-            certificate,
-            intermediates: chain.collect(),
-        }
+
+    let chain: Vec<Vec<u8>> = conn
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c: &CertificateDer<'_>| c.to_vec())
+        .collect();
+    let mut chain = chain.into_iter();
+    let certificate = chain.next();
+    let client = TlsClient {
+        version: conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        cipher_suite: conn
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default(),
+        names: certificate.as_deref().and_then(crate::x509::names),
+        certificate,
+        intermediates: chain.collect(),
     };
-    Ok((TlsStream(shared), client))
+    let (secrets, keys) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(io::Error::other)?;
+    let version = match keys.protocol_version() {
+        ProtocolVersion::TLSv1_3 => Version::Tls13,
+        ProtocolVersion::TLSv1_2 => Version::Tls12,
+        v => return Err(io::Error::other(format!("{v:?} is not supported"))),
+    };
+    let limit = match keys.negotiated_cipher_suite() {
+        SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+        SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+    };
+    let (tx_seq, tx_secrets) = secrets.tx;
+    let (rx_seq, rx_secrets) = secrets.rx;
+    let shared = Arc::new(Shared {
+        sock,
+        tx: Mutex::new(Tx {
+            dir: Direction::new(version, tx_seq, tx_secrets)?,
+            buf: Vec::new(),
+            sent: 0,
+            closed: false,
+        }),
+        keys: Mutex::new(keys),
+        version,
+        update_requested: AtomicBool::new(false),
+        limit,
+    });
+    let reader = TlsReader {
+        shared: Arc::clone(&shared),
+        dir: Direction::new(version, rx_seq, rx_secrets)?,
+        buf,
+        start,
+        end,
+        plain: 0..0,
+        early,
+        early_at: 0,
+        eof: false,
+    };
+    let writer = TlsWriter(shared);
+    Ok((TlsStream { reader, writer }, client))
 }
 
-impl<S: Socket> AsyncRead for TlsStream<S> {
+impl<S: Socket> TlsReader<S> {
+    /// Opens the next whole record in the buffer, if there is one: `Ok(false)` when more
+    /// bytes are needed first.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let have = self.end - self.start;
+        if have < HEADER {
+            return Ok(false);
+        }
+        let at = self.start;
+        let len = usize::from(u16::from_be_bytes([self.buf[at + 3], self.buf[at + 4]]));
+        if HEADER + len > MAX_RECORD {
+            return Err(invalid(
+                "the client sent a TLS record over the size limit (record_overflow)",
+            ));
+        }
+        if have < HEADER + len {
+            return Ok(false);
+        }
+        self.start += HEADER + len;
+        let (typ, range) = self.dir.open(&mut self.buf[at..at + HEADER + len])?;
+        let range = at + range.start..at + range.end;
+        match typ {
+            content::APPLICATION_DATA => self.plain = range,
+            content::ALERT => self.alert(range)?,
+            content::HANDSHAKE => self.handshake_message(range)?,
+            t => {
+                return Err(invalid(format!(
+                    "the client sent a TLS record of type {t} after the handshake"
+                )));
+            }
+        }
+        Ok(true)
+    }
+
+    fn alert(&mut self, range: Range<usize>) -> io::Result<()> {
+        match self.buf[range] {
+            [_, ALERT_CLOSE_NOTIFY] => self.eof = true,
+            [_, ALERT_USER_CANCELED] => {}
+            [ALERT_WARNING, _] if self.shared.version == Version::Tls12 => {}
+            [_, description] => {
+                return Err(invalid(format!(
+                    "the client ended the TLS session with alert {description}"
+                )));
+            }
+            _ => return Err(invalid("the client sent a malformed TLS alert")),
+        }
+        Ok(())
+    }
+
+    /// After the handshake a client may only send a TLS 1.3 KeyUpdate, which ends its
+    /// record (RFC 8446 §4.6.3, §5.1). TLS 1.2 renegotiation is refused, as rustls does.
+    fn handshake_message(&mut self, range: Range<usize>) -> io::Result<()> {
+        if self.shared.version == Version::Tls12 {
+            return Err(invalid(
+                "the client tried to renegotiate the TLS 1.2 session, which this server refuses",
+            ));
+        }
+        let request = match self.buf[range] {
+            [HS_KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => request,
+            _ => {
+                return Err(invalid(
+                    "the client sent a TLS handshake message other than KeyUpdate after the handshake",
+                ));
+            }
+        };
+        let (seq, secrets) = lock(&self.shared.keys)
+            .update_rx_secret()
+            .map_err(io::Error::other)?;
+        self.dir = Direction::new(Version::Tls13, seq, secrets)?;
+        if request == 1 {
+            self.shared.update_requested.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl<S: Socket> AsyncRead for TlsReader<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let shared = &*self.0;
-        loop {
-            let mut conn = shared.lock();
-            match conn.reader().read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // Closed without close_notify: an end of stream like any other (a client
-                // that vanished mid-request is told apart by the caller).
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(())),
-                Err(e) => return Poll::Ready(Err(e)),
+        let this = self.get_mut();
+        if this.early_at < this.early.len() {
+            let n = out.remaining().min(this.early.len() - this.early_at);
+            out.put_slice(&this.early[this.early_at..this.early_at + n]);
+            this.early_at += n;
+            if this.early_at == this.early.len() {
+                this.early = Vec::new();
+                this.early_at = 0;
             }
-            match shared.receive(&mut conn) {
-                // At the end of the stream rustls's reader reports how the session ended.
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drop(conn);
-                    ready!(shared.sock.poll_read_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+            return Poll::Ready(Ok(()));
         }
-    }
-}
-
-impl<S: Socket> AsyncWrite for TlsStream<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let shared = &*self.0;
         loop {
-            let mut conn = shared.lock();
-            if !shared.send_queued(&mut conn)? {
-                drop(conn);
-                ready!(shared.sock.poll_write_ready(cx))?;
-                continue;
-            }
-            let n = conn.writer().write(buf)?;
-            shared.send_queued(&mut conn)?;
-            return Poll::Ready(Ok(n));
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let shared = &*self.0;
-        loop {
-            if shared.send_queued(&mut shared.lock())? {
+            if !this.plain.is_empty() {
+                let n = out.remaining().min(this.plain.len());
+                out.put_slice(&this.buf[this.plain.start..this.plain.start + n]);
+                this.plain.start += n;
                 return Poll::Ready(Ok(()));
             }
-            ready!(shared.sock.poll_write_ready(cx))?;
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            if this.open_next()? {
+                continue;
+            }
+            // Room for at least one more whole record after what is kept.
+            if this.start == this.end {
+                (this.start, this.end) = (0, 0);
+            } else if this.buf.len() - this.start < MAX_RECORD {
+                this.buf.copy_within(this.start..this.end, 0);
+                (this.start, this.end) = (0, this.end - this.start);
+            }
+            match this.shared.sock.try_read(&mut this.buf[this.end..]) {
+                // Closed without close_notify: an end of stream like any other (a client that
+                // vanished mid-request is told apart by the caller).
+                Ok(0) => {
+                    this.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => this.end += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(this.shared.sock.poll_read_ready(cx))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.lock().send_close_notify();
-        self.poll_flush(cx)
     }
 }
 
 impl<S: Socket> ReplyWriter for TlsWriter<S> {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let shared = &*self.0;
-        let mut conn = shared.lock();
-        // Records already made go first; new ones only once the socket took them.
-        if !shared.send_queued(&mut conn)? {
+        let mut tx = lock(&shared.tx);
+        if tx.closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the TLS session is closed",
+            ));
+        }
+        // Records already sealed go first; new ones only once the socket took them.
+        if !shared.send(&mut tx)? {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = conn.writer().write_vectored(bufs)?;
-        shared.send_queued(&mut conn)?;
-        Ok(n)
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(TX_BATCH);
+        if total == 0 {
+            return Ok(0);
+        }
+        shared.update_keys_if_due(&mut tx)?;
+        let Tx { dir, buf, .. } = &mut *tx;
+        let mut slices = bufs.iter();
+        let mut current: &[u8] = &[];
+        let mut taken = 0;
+        while taken < total {
+            let start = dir.begin(buf);
+            let mut room = MAX_PLAINTEXT.min(total - taken);
+            while room > 0 {
+                while current.is_empty() {
+                    current = slices.next().map_or(&[][..], |s| &s[..]);
+                }
+                let n = room.min(current.len());
+                buf.extend_from_slice(&current[..n]);
+                current = &current[n..];
+                room -= n;
+                taken += n;
+            }
+            dir.seal(content::APPLICATION_DATA, buf, start)?;
+        }
+        shared.send(&mut tx)?;
+        Ok(taken)
     }
 
     fn try_flush(&self) -> io::Result<()> {
         let shared = &*self.0;
-        if shared.send_queued(&mut shared.lock())? {
+        if shared.send(&mut lock(&shared.tx))? {
             Ok(())
         } else {
             Err(io::ErrorKind::WouldBlock.into())
@@ -426,7 +680,7 @@ impl<S: Socket> ReplyWriter for TlsWriter<S> {
     }
 
     async fn finish(&self) -> io::Result<()> {
-        self.0.lock().send_close_notify();
+        Shared::<S>::close(&mut lock(&self.0.tx))?;
         loop {
             match self.try_flush() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.0.sock.writable().await?,
@@ -436,11 +690,53 @@ impl<S: Socket> ReplyWriter for TlsWriter<S> {
     }
 }
 
+impl<S: Socket> AsyncRead for TlsStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.reader).poll_read(cx, buf)
+    }
+}
+
+impl<S: Socket> AsyncWrite for TlsStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.writer.try_write_vectored(&[IoSlice::new(buf)]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.writer.0.sock.poll_write_ready(cx))?;
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.writer.try_flush() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.writer.0.sock.poll_write_ready(cx))?;
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Shared::<S>::close(&mut lock(&self.writer.0.tx))?;
+        self.poll_flush(cx)
+    }
+}
+
 impl<S: Socket> Transport for TlsStream<S> {
-    type Reader = TlsStream<S>;
+    type Reader = TlsReader<S>;
     type Writer = TlsWriter<S>;
     fn into_halves(self) -> (Self::Reader, Self::Writer) {
-        let writer = TlsWriter(Arc::clone(&self.0));
-        (self, writer)
+        (self.reader, self.writer)
     }
 }
