@@ -39,8 +39,11 @@ use super::reply::ReplyWriter;
 use crate::device::TlsClient;
 use crate::error::TlsHandshakeError as HandshakeError;
 
+mod gcm;
 mod record;
-use record::{Direction, HEADER, MAX_PLAINTEXT, MAX_RECORD, Version, content};
+use record::{
+    Direction, HEADER, MAX_OVERHEAD, MAX_PLAINTEXT, MAX_RECORD, Pieces, Version, Way, content,
+};
 
 /// How a listener treats TLS (proto.md: "NOTLS", "SELECTIVETLS" and "FORCEDTLS").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -164,6 +167,9 @@ impl ClientCertVerifier for NamingVerifier {
 const RX_BUF: usize = 4 * MAX_RECORD;
 /// Plaintext one write seals at most (8 full records) before it sends them.
 const TX_BATCH: usize = 8 * MAX_PLAINTEXT;
+/// The send buffer: a batch of records, and room for the small records (key update,
+/// close_notify) that may follow.
+const TX_BUF: usize = 8 * (MAX_PLAINTEXT + MAX_OVERHEAD) + 4 * MAX_OVERHEAD + 64;
 /// A key update goes out this many records before the cipher's limit.
 const LIMIT_MARGIN: u64 = 1 << 10;
 
@@ -194,8 +200,10 @@ struct Shared<S> {
 
 struct Tx {
     dir: Direction,
-    /// Sealed records; `buf[sent..]` is still to be sent.
-    buf: Vec<u8>,
+    /// Sealed records in `buf[..len]`, made once per session (at the first write);
+    /// `buf[sent..len]` is still to be sent.
+    buf: Box<[u8]>,
+    len: usize,
     sent: usize,
     /// close_notify is sealed: nothing follows it.
     closed: bool,
@@ -204,10 +212,10 @@ struct Tx {
 impl<S: Socket> Shared<S> {
     /// Sends sealed records as far as the socket takes them now: true when all went out.
     fn send(&self, tx: &mut Tx) -> io::Result<bool> {
-        while tx.sent < tx.buf.len() {
+        while tx.sent < tx.len {
             match self
                 .sock
-                .try_write_vectored(&[IoSlice::new(&tx.buf[tx.sent..])])
+                .try_write_vectored(&[IoSlice::new(&tx.buf[tx.sent..tx.len])])
             {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => tx.sent += n,
@@ -216,17 +224,23 @@ impl<S: Socket> Shared<S> {
                 Err(e) => return Err(e),
             }
         }
-        tx.buf.clear();
+        tx.len = 0;
         tx.sent = 0;
         Ok(true)
     }
 
-    /// Seals one record of `payload` after those already buffered.
+    /// Seals one small record of `payload` after those already buffered.
     fn seal(tx: &mut Tx, typ: u8, payload: &[u8]) -> io::Result<()> {
-        let Tx { dir, buf, .. } = tx;
-        let start = dir.begin(buf);
-        buf.extend_from_slice(payload);
-        dir.seal(typ, buf, start)
+        tx.make_room();
+        let slices = [IoSlice::new(payload)];
+        let n = tx.dir.seal_into(
+            typ,
+            &mut Pieces::new(&slices),
+            payload.len(),
+            &mut tx.buf[tx.len..],
+        )?;
+        tx.len += n;
+        Ok(())
     }
 
     /// Seals close_notify; nothing is sealed after it.
@@ -259,8 +273,18 @@ impl<S: Socket> Shared<S> {
         let (seq, secrets) = lock(&self.keys)
             .update_tx_secret()
             .map_err(io::Error::other)?;
-        tx.dir = Direction::new(self.version, seq, secrets)?;
+        tx.dir = Direction::new(self.version, Way::Seal, seq, secrets)?;
         Ok(())
+    }
+}
+
+impl Tx {
+    /// The send buffer, made at the first write: a session that never writes (a refused
+    /// client) never pays for it.
+    fn make_room(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; TX_BUF].into_boxed_slice();
+        }
     }
 }
 
@@ -468,8 +492,9 @@ async fn handshake<S: Socket>(
     let shared = Arc::new(Shared {
         sock,
         tx: Mutex::new(Tx {
-            dir: Direction::new(version, tx_seq, tx_secrets)?,
-            buf: Vec::new(),
+            dir: Direction::new(version, Way::Seal, tx_seq, tx_secrets)?,
+            buf: Box::default(),
+            len: 0,
             sent: 0,
             closed: false,
         }),
@@ -480,7 +505,7 @@ async fn handshake<S: Socket>(
     });
     let reader = TlsReader {
         shared: Arc::clone(&shared),
-        dir: Direction::new(version, rx_seq, rx_secrets)?,
+        dir: Direction::new(version, Way::Open, rx_seq, rx_secrets)?,
         buf,
         start,
         end,
@@ -495,29 +520,49 @@ async fn handshake<S: Socket>(
 
 impl<S: Socket> TlsReader<S> {
     /// Opens the next whole record in the buffer, if there is one: `Ok(false)` when more
-    /// bytes are needed first.
-    fn open_next(&mut self) -> io::Result<bool> {
+    /// bytes are needed first. Application data goes straight into `out` when all of the
+    /// record fits there (no copy after the cipher's); otherwise it is opened in place and
+    /// handed out from [`plain`](Self::plain).
+    fn open_next(&mut self, out: &mut tokio::io::ReadBuf<'_>) -> io::Result<bool> {
         let have = self.end - self.start;
         if have < HEADER {
             return Ok(false);
         }
         let at = self.start;
-        let len = usize::from(u16::from_be_bytes([self.buf[at + 3], self.buf[at + 4]]));
-        if HEADER + len > MAX_RECORD {
+        let len = HEADER + usize::from(u16::from_be_bytes([self.buf[at + 3], self.buf[at + 4]]));
+        if len > MAX_RECORD {
             return Err(invalid(
                 "the client sent a TLS record over the size limit (record_overflow)",
             ));
         }
-        if have < HEADER + len {
+        if have < len {
             return Ok(false);
         }
-        self.start += HEADER + len;
-        let (typ, range) = self.dir.open(&mut self.buf[at..at + HEADER + len])?;
-        let range = at + range.start..at + range.end;
+        self.start += len;
+        let record = &mut self.buf[at..at + len];
+        let inner = self.dir.inner_len(len);
+        // Alerts and key updates are a few bytes; they are handled from a copy.
+        let mut control = [0u8; 8];
+        let (typ, control_len) = if inner > 0 && out.remaining() >= inner {
+            let dest = out.initialize_unfilled_to(inner);
+            let (typ, range) = self.dir.open(record, Some(dest))?;
+            if typ == content::APPLICATION_DATA {
+                out.advance(range.end);
+                return Ok(true);
+            }
+            (typ, copy_control(&mut control, &dest[range])?)
+        } else {
+            let (typ, range) = self.dir.open(record, None)?;
+            if typ == content::APPLICATION_DATA {
+                self.plain = at + range.start..at + range.end;
+                return Ok(true);
+            }
+            (typ, copy_control(&mut control, &record[range])?)
+        };
+        let message = &control[..control_len];
         match typ {
-            content::APPLICATION_DATA => self.plain = range,
-            content::ALERT => self.alert(range)?,
-            content::HANDSHAKE => self.handshake_message(range)?,
+            content::ALERT => self.alert(message)?,
+            content::HANDSHAKE => self.handshake_message(message)?,
             t => {
                 return Err(invalid(format!(
                     "the client sent a TLS record of type {t} after the handshake"
@@ -527,8 +572,8 @@ impl<S: Socket> TlsReader<S> {
         Ok(true)
     }
 
-    fn alert(&mut self, range: Range<usize>) -> io::Result<()> {
-        match self.buf[range] {
+    fn alert(&mut self, message: &[u8]) -> io::Result<()> {
+        match *message {
             [_, ALERT_CLOSE_NOTIFY] => self.eof = true,
             [_, ALERT_USER_CANCELED] => {}
             [ALERT_WARNING, _] if self.shared.version == Version::Tls12 => {}
@@ -544,13 +589,13 @@ impl<S: Socket> TlsReader<S> {
 
     /// After the handshake a client may only send a TLS 1.3 KeyUpdate, which ends its
     /// record (RFC 8446 §4.6.3, §5.1). TLS 1.2 renegotiation is refused, as rustls does.
-    fn handshake_message(&mut self, range: Range<usize>) -> io::Result<()> {
+    fn handshake_message(&mut self, message: &[u8]) -> io::Result<()> {
         if self.shared.version == Version::Tls12 {
             return Err(invalid(
                 "the client tried to renegotiate the TLS 1.2 session, which this server refuses",
             ));
         }
-        let request = match self.buf[range] {
+        let request = match *message {
             [HS_KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => request,
             _ => {
                 return Err(invalid(
@@ -561,12 +606,25 @@ impl<S: Socket> TlsReader<S> {
         let (seq, secrets) = lock(&self.shared.keys)
             .update_rx_secret()
             .map_err(io::Error::other)?;
-        self.dir = Direction::new(Version::Tls13, seq, secrets)?;
+        self.dir = Direction::new(Version::Tls13, Way::Open, seq, secrets)?;
         if request == 1 {
             self.shared.update_requested.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
+}
+
+/// Copies a control message (an alert, a key update) out of a record: it is never longer
+/// than `into`.
+fn copy_control(into: &mut [u8; 8], message: &[u8]) -> io::Result<usize> {
+    let Some(slot) = into.get_mut(..message.len()) else {
+        return Err(invalid(
+            "the client sent a TLS alert or handshake message this server does not accept \
+             after the handshake",
+        ));
+    };
+    slot.copy_from_slice(message);
+    Ok(message.len())
 }
 
 impl<S: Socket> AsyncRead for TlsReader<S> {
@@ -596,7 +654,11 @@ impl<S: Socket> AsyncRead for TlsReader<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            if this.open_next()? {
+            let before = out.filled().len();
+            if this.open_next(out)? {
+                if out.filled().len() > before {
+                    return Poll::Ready(Ok(()));
+                }
                 continue;
             }
             // Room for at least one more whole record after what is kept.
@@ -643,24 +705,14 @@ impl<S: Socket> ReplyWriter for TlsWriter<S> {
             return Ok(0);
         }
         shared.update_keys_if_due(&mut tx)?;
-        let Tx { dir, buf, .. } = &mut *tx;
-        let mut slices = bufs.iter();
-        let mut current: &[u8] = &[];
+        tx.make_room();
+        let Tx { dir, buf, len, .. } = &mut *tx;
+        let mut pieces = Pieces::new(bufs);
         let mut taken = 0;
         while taken < total {
-            let start = dir.begin(buf);
-            let mut room = MAX_PLAINTEXT.min(total - taken);
-            while room > 0 {
-                while current.is_empty() {
-                    current = slices.next().map_or(&[][..], |s| &s[..]);
-                }
-                let n = room.min(current.len());
-                buf.extend_from_slice(&current[..n]);
-                current = &current[n..];
-                room -= n;
-                taken += n;
-            }
-            dir.seal(content::APPLICATION_DATA, buf, start)?;
+            let n = MAX_PLAINTEXT.min(total - taken);
+            *len += dir.seal_into(content::APPLICATION_DATA, &mut pieces, n, &mut buf[*len..])?;
+            taken += n;
         }
         shared.send(&mut tx)?;
         Ok(taken)
