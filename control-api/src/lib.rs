@@ -177,6 +177,16 @@ pub enum Request {
     /// Re-read the TLS certificates and CRL, then check every live TLS session again
     /// (revoked, expired or no longer allowed: disconnected). Root or the daemon's user.
     TlsReload,
+    /// Replace the certificate allow-list of an attached export (root, the daemon's user or
+    /// whoever attached it). Live TLS sessions of the export that the new list refuses are
+    /// disconnected, as by a reload; a persistent attachment keeps the new list across
+    /// restarts.
+    TlsAllow {
+        /// Volume name.
+        volume: String,
+        /// The new list; empty admits every certificate the CA signed and did not revoke.
+        allow_certs: Vec<CertRule>,
+    },
     /// The incident-response kill switch: detach every attached volume whose key is wrapped
     /// under `kms_key` now (clients disconnected, no drain), wipe their keys, and cancel the
     /// long operations on them.
@@ -236,7 +246,8 @@ impl Request {
             | Request::RecoveryRemove { volume, .. }
             | Request::HeaderBackup { volume, .. }
             | Request::HeaderRestore { volume, .. }
-            | Request::Cancel { volume } => Some(volume),
+            | Request::Cancel { volume }
+            | Request::TlsAllow { volume, .. } => Some(volume),
             Request::OpenDmCrypt(r) => Some(&r.volume),
             Request::DmCryptOpened { volume, .. } | Request::DmCryptClosed { volume, .. } => {
                 Some(volume)
@@ -774,6 +785,17 @@ pub enum Response {
         /// Those disconnected.
         disconnected: Vec<TlsDisconnect>,
     },
+    /// For `tls allow`.
+    TlsAllowed {
+        /// The volume.
+        volume: String,
+        /// Its allow-list now (empty: every certificate the CA signed).
+        allow_certs: Vec<CertRule>,
+        /// Live TLS sessions of the export checked against it.
+        sessions_checked: usize,
+        /// Those disconnected.
+        disconnected: Vec<TlsDisconnect>,
+    },
     /// For `revoke`.
     Revoked {
         /// The key as given.
@@ -935,7 +957,7 @@ pub struct ConnectionStatus {
     pub bytes_written: u64,
 }
 
-/// A TLS session a reload ended.
+/// A TLS session a reload, an allow-list change or the expiry check ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsDisconnect {
     /// The volume it used.

@@ -346,6 +346,31 @@ pub struct AttachArgs {
     /// Serve the export only over TLS (the daemon's [nbd.tls] mode must be on or require).
     #[arg(long)]
     pub tls_only: bool,
+    /// Who may open the export over TLS.
+    #[command(flatten)]
+    pub certs: CertRuleArgs,
+    /// Also make the volume a kernel block device: the daemon binds /dev/nbdN through the
+    /// kernel's netlink NBD interface (nbd module loaded, CAP_SYS_ADMIN); `auto` takes the
+    /// first free device.
+    #[arg(long, value_name = "/dev/nbdN|auto")]
+    pub device: Option<String>,
+    /// Kernel device: connections to the daemon (1-16; the kernel spreads its queues over
+    /// them) [default: 1].
+    #[arg(long, value_name = "N", requires = "device")]
+    pub connections: Option<u32>,
+    /// Kernel device: seconds a request may go unanswered before the kernel drops that
+    /// connection and resends it once reconnected (0: wait for ever) [default: 30].
+    #[arg(long, value_name = "SECS", requires = "device")]
+    pub io_timeout: Option<u64>,
+    /// Kernel device: seconds the kernel keeps I/O queued while the daemon is away (a
+    /// restart) before failing it with EIO [default: 120].
+    #[arg(long, value_name = "SECS", requires = "device")]
+    pub dead_conn_timeout: Option<u64>,
+}
+
+/// The `--allow-cert*` flags of `attach` and `tls allow`.
+#[derive(Debug, Args)]
+pub struct CertRuleArgs {
     /// A client certificate subject that may open the export, as `certtool -i` prints it,
     /// e.g. `CN=host1.example.com,O=Example` (`*` matches within a value; repeatable).
     /// Without any --allow-cert*, every certificate the CA signed may.
@@ -369,23 +394,6 @@ pub struct AttachArgs {
     /// A client certificate by its SHA-256 fingerprint (hex, colons allowed; repeatable).
     #[arg(long = "allow-cert-sha256", value_name = "FINGERPRINT")]
     pub allow_cert_sha256: Vec<String>,
-    /// Also make the volume a kernel block device: the daemon binds /dev/nbdN through the
-    /// kernel's netlink NBD interface (nbd module loaded, CAP_SYS_ADMIN); `auto` takes the
-    /// first free device.
-    #[arg(long, value_name = "/dev/nbdN|auto")]
-    pub device: Option<String>,
-    /// Kernel device: connections to the daemon (1-16; the kernel spreads its queues over
-    /// them) [default: 1].
-    #[arg(long, value_name = "N", requires = "device")]
-    pub connections: Option<u32>,
-    /// Kernel device: seconds a request may go unanswered before the kernel drops that
-    /// connection and resends it once reconnected (0: wait for ever) [default: 30].
-    #[arg(long, value_name = "SECS", requires = "device")]
-    pub io_timeout: Option<u64>,
-    /// Kernel device: seconds the kernel keeps I/O queued while the daemon is away (a
-    /// restart) before failing it with EIO [default: 120].
-    #[arg(long, value_name = "SECS", requires = "device")]
-    pub dead_conn_timeout: Option<u64>,
 }
 
 /// `tls` verbs.
@@ -395,6 +403,23 @@ pub enum TlsCommand {
     /// session again: those whose certificate is now revoked, expired or no longer allowed
     /// are disconnected. A configuration that fails its checks is not used.
     Reload,
+    /// Replace the certificate allow-list of an attached export, without detaching it: its
+    /// live TLS sessions that the new list refuses are disconnected. A persistent attachment
+    /// keeps the new list when the daemon restarts.
+    Allow(TlsAllowArgs),
+}
+
+/// Arguments of `tls allow`.
+#[derive(Debug, Args)]
+pub struct TlsAllowArgs {
+    /// Volume name (attached).
+    pub volume: String,
+    /// The new list.
+    #[command(flatten)]
+    pub certs: CertRuleArgs,
+    /// Admit every certificate the CA signed and did not revoke (an empty list).
+    #[arg(long, conflicts_with_all = ["allow_certs", "allow_cert_issuers", "allow_cert_sha256"])]
+    pub any: bool,
 }
 
 /// `kms` verbs (local KMS).

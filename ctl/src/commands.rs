@@ -151,6 +151,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect { volume } => inspect(&layout, volume, &out),
         Command::Kms(cmd) => rt.block_on(kms(&cli, &layout, &socket, cmd, &out)),
         Command::Tls(crate::cli::TlsCommand::Reload) => tls_reload(&socket, &out),
+        Command::Tls(crate::cli::TlsCommand::Allow(a)) => tls_allow(&socket, a, &out),
         Command::Attach(a) => attach(&socket, a, &out),
         Command::Open(a) => crate::dmcrypt::open(&socket, a, &out),
         Command::Close { name } => crate::dmcrypt::close(&socket, name, &out),
@@ -420,8 +421,55 @@ fn tls_reload(socket: &Path, out: &Output) -> Result<()> {
     })
 }
 
-/// The certificate allow-list of `attach`, from its --allow-cert* flags.
-fn cert_rules(a: &AttachArgs) -> Result<Vec<control_api::CertRule>> {
+fn tls_allow(socket: &Path, a: &crate::cli::TlsAllowArgs, out: &Output) -> Result<()> {
+    validate_name(&a.volume).map_err(CliError::usage)?;
+    let allow_certs = cert_rules(&a.certs)?;
+    if allow_certs.is_empty() && !a.any {
+        return Err(CliError::usage(
+            "say which certificates may open the export (--allow-cert, --allow-cert-issuer with \
+             --allow-cert-serial, --allow-cert-sha256), or --any for every certificate the CA signed",
+        )
+        .into());
+    }
+    let r = Client::connect(socket)?.call(Request::TlsAllow {
+        volume: a.volume.clone(),
+        allow_certs,
+    })?;
+    out.emit(&r, || match &r {
+        Response::TlsAllowed {
+            volume,
+            allow_certs,
+            sessions_checked,
+            disconnected,
+        } => {
+            let who = if allow_certs.is_empty() {
+                "any certificate the CA signed".to_owned()
+            } else {
+                allow_certs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            let mut s = format!(
+                "volume {volume} now admits {who}; {sessions_checked} live TLS session(s) \
+                 checked, {} disconnected",
+                disconnected.len()
+            );
+            for d in disconnected {
+                s.push_str(&format!(
+                    "\n  connection {} from {} (certificate {}): {}",
+                    d.connection, d.peer, d.certificate, d.reason
+                ));
+            }
+            s
+        }
+        other => format!("{other:?}"),
+    })
+}
+
+/// A certificate allow-list, from the --allow-cert* flags.
+fn cert_rules(a: &crate::cli::CertRuleArgs) -> Result<Vec<control_api::CertRule>> {
     use control_api::CertRule;
     if a.allow_cert_issuers.len() != a.allow_cert_serials.len() {
         return Err(CliError::usage(
@@ -461,7 +509,7 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
         allow_gids: a.allow_gids.clone(),
         tcp: a.tcp,
         tls_only: a.tls_only,
-        allow_certs: cert_rules(a)?,
+        allow_certs: cert_rules(&a.certs)?,
         device: a.device.clone(),
         connections: a.connections,
         io_timeout_secs: a.io_timeout,

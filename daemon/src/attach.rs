@@ -181,6 +181,7 @@ impl Daemon {
             export,
             device,
             request: r.clone(),
+            allow_certs: std::sync::RwLock::new(r.allow_certs.clone()),
             owner_uid,
             since: SystemTime::now(),
             key_check: std::sync::Mutex::new(None),
@@ -272,7 +273,7 @@ impl Daemon {
             transient: a.request.transient,
             tcp: a.request.tcp,
             tls_only: a.request.tls_only,
-            allow_certs: a.request.allow_certs.clone(),
+            allow_certs: a.allow_certs(),
             size: a.device.volume().size(),
             since: rfc3339(a.since),
             owner_uid: a.owner_uid,
@@ -542,6 +543,8 @@ impl Daemon {
             .filter(|a| !a.request.transient)
             .map(|a| {
                 let mut request = a.request.clone();
+                // The allow-list in force, which `tls allow` may have changed since.
+                request.allow_certs = a.allow_certs();
                 // "auto" is saved as the device it got: a restart reconnects that one.
                 if let Some(k) = a.kernel() {
                     request.device = Some(k.path());

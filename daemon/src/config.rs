@@ -110,6 +110,9 @@ pub struct TlsConfig {
     pub verify_peer: bool,
     /// The unix socket's mode (for `nbds+unix://`).
     pub unix_mode: TlsModeConfig,
+    /// How often live TLS sessions are checked again between reloads, so that one whose
+    /// certificate expires is disconnected within this many seconds (0: only at reloads).
+    pub session_check_interval_secs: u64,
 }
 
 impl Default for TlsConfig {
@@ -119,6 +122,7 @@ impl Default for TlsConfig {
             certificates: PathBuf::from("/etc/cryptnbd/pki"),
             verify_peer: true,
             unix_mode: TlsModeConfig::Off,
+            session_check_interval_secs: 60,
         }
     }
 }

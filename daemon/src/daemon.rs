@@ -180,6 +180,13 @@ impl Daemon {
             }),
             Request::Kms(r) => self.kms_keys(r, caller),
             Request::TlsReload => self.tls_reload(Some(caller)),
+            Request::TlsAllow {
+                volume,
+                allow_certs,
+            } => {
+                let _g = self.state.locks.lock(&[locks::volume(&volume)]).await;
+                self.tls_allow(&volume, allow_certs, caller)
+            }
             Request::Audit(q) => AuditLog::read(
                 &self.services.layout.audit_log(),
                 self.services.audit_keep,

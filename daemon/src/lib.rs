@@ -262,6 +262,7 @@ pub async fn run(
     daemon.restore_attachments().await;
     tasks.spawn(Arc::clone(&daemon).key_checker(stop_rx.clone()));
     tasks.spawn(Arc::clone(&daemon).reload_on_sighup(stop_rx.clone()));
+    tasks.spawn(Arc::clone(&daemon).session_checker(stop_rx.clone()));
     tracing::info!(
         state = %layout.state_dir.display(),
         control = %control_path.display(),

@@ -399,7 +399,10 @@ impl Daemon {
                 ),
             ));
         }
-        let saved = (a.request.clone(), a.owner_uid);
+        let mut request = a.request.clone();
+        // Re-attached with the allow-list in force, which `tls allow` may have changed.
+        request.allow_certs = a.allow_certs();
+        let saved = (request, a.owner_uid);
         drop(a);
         let detached = self
             .detach(

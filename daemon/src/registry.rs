@@ -26,8 +26,11 @@ pub struct Attachment {
     pub export: Arc<Export>,
     /// The adapter (byte counters, the volume).
     pub device: Arc<VolumeDevice>,
-    /// How it was attached (re-used when re-attaching at start).
+    /// How it was attached (re-used when re-attaching at start). Its `allow_certs` is the
+    /// list given at attach; the list in force is [`Attachment::allow_certs`].
     pub request: control_api::AttachRequest,
+    /// The certificates that may open the export now (`tls allow` replaces it).
+    pub allow_certs: std::sync::RwLock<Vec<control_api::CertRule>>,
     /// Who attached it.
     pub owner_uid: u32,
     /// When.
@@ -90,6 +93,14 @@ impl Attachment {
 }
 
 impl Attachment {
+    /// The allow-list in force.
+    pub fn allow_certs(&self) -> Vec<control_api::CertRule> {
+        self.allow_certs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Whether `peer` may open this export.
     pub fn allows(&self, peer: &Peer) -> bool {
         match peer {
@@ -216,8 +227,11 @@ impl ExportRegistry for Registry {
         let Some(a) = found else {
             return Err("no such export".into());
         };
-        let decision = crate::certpolicy::admit(&a.request.allow_certs, tls);
-        if !opening || a.request.allow_certs.is_empty() {
+        let (decision, listed) = {
+            let rules = a.allow_certs.read().unwrap_or_else(|p| p.into_inner());
+            (crate::certpolicy::admit(&rules, tls), !rules.is_empty())
+        };
+        if !opening || !listed {
             return decision;
         }
         let subject = tls.map_or("(no TLS)", TlsClient::subject);

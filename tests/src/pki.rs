@@ -181,6 +181,26 @@ impl Pki {
         self.client_with(name, subject, Some(("20200101000000Z", "20200201000000Z")))
     }
 
+    /// A client certificate valid from a minute ago until `secs` seconds from now.
+    pub fn client_expiring_in(&self, name: &str, subject: &str, secs: u64) -> PathBuf {
+        let stamp = |offset: i64| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs() as i64;
+            let out = std::process::Command::new("date")
+                .args(["-u", "-d", &format!("@{}", now + offset), "+%Y%m%d%H%M%SZ"])
+                .output()
+                .expect("date");
+            String::from_utf8(out.stdout)
+                .expect("date")
+                .trim()
+                .to_owned()
+        };
+        let (start, end) = (stamp(-60), stamp(secs as i64));
+        self.client_with(name, subject, Some((&start, &end)))
+    }
+
     fn client_with(&self, name: &str, subject: &str, dates: Option<(&str, &str)>) -> PathBuf {
         let dir = self.root.join(format!("client-{name}"));
         std::fs::create_dir_all(&dir).expect("mkdir");

@@ -1106,3 +1106,140 @@ fn every_tls_version_and_cipher_carries_data_through_key_updates_and_close_notif
     }
     d.stop();
 }
+
+#[test]
+fn tls_allow_changes_a_live_exports_list_cuts_who_it_refuses_and_survives_a_restart() {
+    let Served {
+        dir: _dir,
+        pki,
+        host1,
+        d,
+        uri,
+    } = served("tls-allow-live", "require", "");
+    let host2 = pki.client("host2", "/O=Example/CN=host2.example.com");
+    let opens = |uri: &str, certs: &std::path::Path| {
+        run(Command::new(nbdinfo()).arg(with_certs(uri, certs))).code == Some(0)
+    };
+    let mut one = hold_tls(&uri, &host1);
+    let mut two = hold_tls(&uri, &host2);
+    assert_eq!(wait_sessions(&d, "vol", 2).len(), 2);
+
+    // Without a rule or --any, nothing changes and the user is told what to give.
+    let bare = d.ctl.run(&["tls", "allow", "vol"]);
+    assert_eq!(bare.code, Some(2), "{}", bare.stderr);
+    assert!(bare.stderr.contains("--any"), "{}", bare.stderr);
+    // A pattern that is not a DN is refused before anything changes.
+    let bad = d.ctl.run(&["tls", "allow", "vol", "--allow-cert", "host1"]);
+    assert_ne!(bad.code, Some(0), "{}", bad.stderr);
+    assert_eq!(wait_sessions(&d, "vol", 2).len(), 2);
+
+    // Only host1 now: host2's live session is cut and audited, host1's goes on.
+    let r = d
+        .ctl
+        .run(&[
+            "--json",
+            "tls",
+            "allow",
+            "vol",
+            "--allow-cert",
+            "CN=host1.example.com,O=Example",
+        ])
+        .assert_success()
+        .json();
+    assert_eq!(r["sessions_checked"], 2, "{r}");
+    let cut = r["disconnected"].as_array().expect("disconnected");
+    assert_eq!(cut.len(), 1, "{r}");
+    assert_eq!(
+        cut[0]["certificate"], "CN=host2.example.com,O=Example",
+        "{r}"
+    );
+    assert_eq!(
+        wait_sessions(&d, "vol", 1),
+        ["CN=host1.example.com,O=Example"]
+    );
+    assert!(
+        !opens(&uri, &host2),
+        "host2 opened the export after it was taken off"
+    );
+    assert!(opens(&uri, &host1));
+    let status = d
+        .ctl
+        .run(&["--json", "status", "vol"])
+        .assert_success()
+        .json();
+    assert_eq!(
+        status["attachments"][0]["allow_certs"],
+        serde_json::json!([{"subject": "CN=host1.example.com,O=Example"}]),
+        "{status}"
+    );
+    let audit =
+        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    assert!(
+        audit.lines().any(|l| l.contains("\"tls-allow\"")),
+        "no tls-allow record:\n{audit}"
+    );
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("nbd-disconnect") && l.contains("host2.example.com")),
+        "host2's disconnection is not audited:\n{audit}"
+    );
+    for c in [&mut one, &mut two] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    // The attachment is persistent: the daemon re-attaches it with the new list.
+    let d = d.restart();
+    let uri = d
+        .ctl
+        .run(&["--json", "status", "vol"])
+        .assert_success()
+        .json()["attachments"][0]["uris"][1]
+        .as_str()
+        .expect("uri")
+        .to_owned();
+    assert!(opens(&uri, &host1));
+    assert!(!opens(&uri, &host2), "the list was lost in the restart");
+
+    // --any empties the list: every certificate the CA signed may open it again.
+    let r = d
+        .ctl
+        .run(&["--json", "tls", "allow", "vol", "--any"])
+        .assert_success()
+        .json();
+    assert_eq!(r["allow_certs"], serde_json::json!([]), "{r}");
+    assert!(opens(&uri, &host2));
+    d.stop();
+}
+
+#[test]
+fn a_session_whose_certificate_expires_is_cut_without_a_reload() {
+    let Served {
+        dir: _dir,
+        pki,
+        d,
+        uri,
+        ..
+    } = served("tls-expiry", "require", "session_check_interval_secs = 1\n");
+    let brief = pki.client_expiring_in("brief", "/O=Example/CN=brief.example.com", 6);
+    let mut held = hold_tls(&uri, &brief);
+    assert_eq!(
+        wait_sessions(&d, "vol", 1),
+        ["CN=brief.example.com,O=Example"]
+    );
+    // It expires within 6 s; the check every second cuts it soon after (wait_sessions gives
+    // up after 20 s), with no reload.
+    wait_sessions(&d, "vol", 0);
+    let audit =
+        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("nbd-disconnect") && l.contains("brief.example.com")),
+        "the expiry is not audited:\n{audit}"
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+    d.stop();
+}
