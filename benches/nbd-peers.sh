@@ -2,7 +2,7 @@
 # Whole-pipeline benchmark: cryptnbd beside its peers on the same machine, in one run.
 #
 #   benches/nbd-peers.sh [-r RUNS] [-t FIO_SECONDS] [-s SIZE_MIB] [-d WORKDIR] [-o RESULTS.md]
-#                        [-T write,read,randread,randwrite] [SERVER...]
+#                        [-T write,read,randread,randwrite] [-p] [SERVER...]
 #
 # SERVERs (default: all, in this order):
 #   cryptnbd       the release cryptnbd daemon, local KMS, a 4096-byte-sector volume
@@ -28,15 +28,19 @@
 # Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin. As root it drops the page cache
 # before each server; without root it cannot, and the figures then depend on what ran before.
 # A server that is not written first (-T without write) is measured on a fresh, unwritten export.
+# -p pins every thread of the server to CPU 0 and the client to CPU 1 (taskset), as if each
+# had a host of its own: the figures then show which side is the limit, where by default
+# client and server compete for the same cores.
 # Takes about 4 minutes per server with the defaults. The machine is shared and noisy:
 # compare servers from the same run, as ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=3 FIO_SECONDS=15 SIZE_MIB=4096 WORK=/var/tmp/cryptnbd-bench OUT="" KINDS="write,read,randread,randwrite"
-while getopts "r:t:s:d:o:T:h" o; do
+PIN=""
+while getopts "r:t:s:d:o:T:ph" o; do
   case $o in
     r) RUNS=$OPTARG ;; t) FIO_SECONDS=$OPTARG ;; s) SIZE_MIB=$OPTARG ;; d) WORK=$OPTARG ;; o) OUT=$OPTARG ;;
-    T) KINDS=$OPTARG ;;
+    T) KINDS=$OPTARG ;; p) PIN=1 ;;
     *) sed -n 2,24p "$0"; exit 2 ;;
   esac
 done
@@ -44,7 +48,7 @@ shift $((OPTIND - 1))
 SERVERS=("$@")
 ((${#SERVERS[@]})) || SERVERS=(cryptnbd nbdkit-luks qemu-nbd-luks nbdkit-file nbdkit-memory)
 OUT=${OUT:-$WORK/results.md}
-for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3 openssl setpriv; do
+for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3 openssl setpriv taskset; do
   command -v $tool >/dev/null || { echo "missing $tool: apt-get install nbdkit libnbd-bin fio qemu-utils cryptsetup-bin" >&2; exit 1; }
 done
 SIZE=$((SIZE_MIB << 20))
@@ -154,12 +158,14 @@ wait_uri() {
   return 1
 }
 
-# Runs a client: as nobody with HOME=WORKDIR/tls-home for the TLS servers.
+# Runs a client: as nobody with HOME=WORKDIR/tls-home for the TLS servers; on CPU 1 with -p.
 client() {
+  local pin=()
+  [[ -n $PIN ]] && pin=(taskset -c 1)
   if [[ -n $TLS_CLIENT ]]; then
-    setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$WORK/tls-home" "$@"
+    "${pin[@]}" setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$WORK/tls-home" "$@"
   else
-    "$@"
+    "${pin[@]}" "$@"
   fi
 }
 
@@ -273,7 +279,7 @@ median() { python3 -c 'import sys, statistics as st; print(f"{st.median([float(x
 
 {
   echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-  echo "export $SIZE_MIB MiB, $RUNS runs, fio ${FIO_SECONDS}s; median [min-max]; server CPU in cores (median)."
+  echo "export $SIZE_MIB MiB, $RUNS runs, fio ${FIO_SECONDS}s; median [min-max]; server CPU in cores (median)${PIN:+; server pinned to CPU 0, client to CPU 1}."
   echo
   echo "| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS | server cores w / r / rr / rw |"
   echo "|---|---|---|---|---|---|"
@@ -285,6 +291,8 @@ for CURRENT in "${SERVERS[@]}"; do
   sync
   if [[ -w /proc/sys/vm/drop_caches ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
   start_server "$CURRENT"
+  # -p: every thread the server has (and, inherited, every one it starts) on CPU 0.
+  [[ -n $PIN ]] && taskset -a -p -c 0 "$SPID" >/dev/null
   row="| $CURRENT |"
   cores=()
   for kind in write read randread randwrite; do
