@@ -821,27 +821,7 @@ fn a_reload_cuts_revoked_sessions_and_a_broken_one_changes_nothing() {
 
 /// A rustls client configuration with the certificates of the client directory `certs`.
 fn client_config(certs: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(certs.join("ca-cert.pem")).expect("CA") {
-        roots.add(ca.expect("CA")).expect("add the CA");
-    }
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(certs.join("client-cert.pem"))
-            .expect("cert")
-            .map(|c| c.expect("cert"))
-            .collect();
-    let key = PrivateKeyDer::from_pem_file(certs.join("client-key.pem")).expect("key");
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .expect("client certificate"),
-    )
+    client_config_for(certs, rustls::DEFAULT_VERSIONS, None)
 }
 
 #[test]
@@ -909,12 +889,12 @@ fn a_thousand_handshakes_at_once_are_all_served() {
     d.stop();
 }
 
-/// A rustls client configuration for `certs` that offers only `version` and the suites
-/// `suites` (one AEAD, with both kinds of server key for TLS 1.2).
+/// A rustls client configuration for `certs` that offers only `versions` and, if given, the
+/// suites `suites` (one AEAD, with both kinds of server key for TLS 1.2).
 fn client_config_for(
     certs: &std::path::Path,
-    version: &'static rustls::SupportedProtocolVersion,
-    suites: &[rustls::CipherSuite],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: Option<&[rustls::CipherSuite]>,
 ) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -929,13 +909,15 @@ fn client_config_for(
             .collect();
     let key = PrivateKeyDer::from_pem_file(certs.join("client-key.pem")).expect("key");
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider
-        .cipher_suites
-        .retain(|s| suites.contains(&s.suite()));
-    assert!(!provider.cipher_suites.is_empty(), "{suites:?}");
+    if let Some(suites) = suites {
+        provider
+            .cipher_suites
+            .retain(|s| suites.contains(&s.suite()));
+        assert!(!provider.cipher_suites.is_empty(), "{suites:?}");
+    }
     std::sync::Arc::new(
         rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-            .with_protocol_versions(&[version])
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
@@ -1056,7 +1038,7 @@ fn every_tls_version_and_cipher_carries_data_through_key_updates_and_close_notif
         ),
     ];
     for (n, (label, version, suites)) in cases.into_iter().enumerate() {
-        let config = client_config_for(&host1, version, &suites);
+        let config = client_config_for(&host1, &[version], Some(&suites));
         let mut raw = Raw::connect(port);
         raw.option(OPT_STARTTLS, &[]);
         assert_eq!(raw.reply(OPT_STARTTLS), REP_ACK, "{label}");
