@@ -53,6 +53,16 @@ TEST_DEPS=(
   "dpkg|dpkg-query --version"
   "libc-bin|ldd --version"
   "gzip|gzip --version"
+  # A real single-node Ceph cluster for the RBD engine (tests/src/ceph.rs), librbd and
+  # librados for its bindings (loaded at run time), and Ceph's own LUKS2 reader.
+  "ceph-mon|ceph-mon --version"
+  "ceph-osd|ceph-osd --version"
+  "ceph-common|ceph --version"
+  "ceph-common|rados --version"
+  "ceph-common|rbd --version"
+  "librbd-dev|test -e /usr/include/rbd/librbd.h"
+  "librados-dev|test -e /usr/include/rados/librados.h"
+  "python3-rbd|/usr/bin/python3 -c 'import rados, rbd'"
   # Python for the oracle's virtual environment.
   "python3|/usr/bin/python3 --version"
   "python3-venv|/usr/bin/python3 -c 'import venv, ensurepip'"

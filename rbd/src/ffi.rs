@@ -1,0 +1,559 @@
+//! The C API of librados and librbd (Ceph 16.2 Pacific, `rados/librados.h` and
+//! `rbd/librbd.h`), found with `dlopen`/`dlsym` at run time. This is the crate's only unsafe
+//! code; every call states why it is sound.
+//!
+//! The libraries are loaded once per process, the first time a cluster is opened, and stay
+//! loaded (librados starts threads that must never find their code unmapped).
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::sync::OnceLock;
+
+/// `rados_t`, `rados_ioctx_t`, `rbd_image_t`, `rbd_completion_t`: opaque handles.
+pub(crate) type Handle = *mut c_void;
+
+/// `rbd_callback_t`.
+pub(crate) type Callback = unsafe extern "C" fn(completion: Handle, arg: *mut c_void);
+
+/// The callback of `rbd_diff_iterate2`: offset, length, whether the extent exists, argument.
+pub(crate) type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+
+macro_rules! api {
+    ($( $lib:ident fn $name:ident ( $( $arg:ident : $ty:ty ),* ) -> $ret:ty; )*) => {
+        /// The functions this crate uses, resolved from the two libraries.
+        #[allow(non_snake_case, dead_code)]
+        pub(crate) struct Api {
+            $( pub(crate) $name: unsafe extern "C" fn( $( $ty ),* ) -> $ret, )*
+        }
+
+        impl Api {
+            fn resolve(rados: *mut c_void, rbd: *mut c_void) -> Result<Self, String> {
+                Ok(Self {
+                    $( $name: {
+                        let handle = match stringify!($lib) { "rados" => rados, _ => rbd };
+                        let name = concat!(stringify!($name), "\0");
+                        // SAFETY: `handle` is a live dlopen handle and `name` a NUL-terminated
+                        // symbol name; dlsym only looks the symbol up.
+                        let sym = unsafe { libc::dlsym(handle, name.as_ptr().cast()) };
+                        if sym.is_null() {
+                            return Err(format!(
+                                "{} has no {}: Ceph 16.2 (Pacific) or newer is needed",
+                                if stringify!($lib) == "rados" { "librados.so.2" } else { "librbd.so.1" },
+                                stringify!($name)
+                            ));
+                        }
+                        // SAFETY: the symbol is the C function of that name, whose signature
+                        // in Ceph's headers is the one declared here; function and data
+                        // pointers have the same size on the platforms Ceph supports.
+                        unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn( $( $ty ),* ) -> $ret>(sym) }
+                    }, )*
+                })
+            }
+        }
+    };
+}
+
+api! {
+    rados fn rados_create(cluster: *mut Handle, id: *const c_char) -> c_int;
+    rados fn rados_conf_read_file(cluster: Handle, path: *const c_char) -> c_int;
+    rados fn rados_conf_set(cluster: Handle, option: *const c_char, value: *const c_char) -> c_int;
+    rados fn rados_connect(cluster: Handle) -> c_int;
+    rados fn rados_shutdown(cluster: Handle) -> ();
+    rados fn rados_ioctx_create(cluster: Handle, pool: *const c_char, ioctx: *mut Handle) -> c_int;
+    rados fn rados_ioctx_destroy(ioctx: Handle) -> ();
+    rbd fn rbd_create(ioctx: Handle, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
+    rbd fn rbd_remove(ioctx: Handle, name: *const c_char) -> c_int;
+    rbd fn rbd_rename(ioctx: Handle, from: *const c_char, to: *const c_char) -> c_int;
+    rbd fn rbd_list(ioctx: Handle, names: *mut c_char, size: *mut usize) -> c_int;
+    rbd fn rbd_open(ioctx: Handle, name: *const c_char, image: *mut Handle, snap: *const c_char) -> c_int;
+    rbd fn rbd_close(image: Handle) -> c_int;
+    rbd fn rbd_get_size(image: Handle, size: *mut u64) -> c_int;
+    rbd fn rbd_resize(image: Handle, size: u64) -> c_int;
+    rbd fn rbd_get_stripe_unit(image: Handle, unit: *mut u64) -> c_int;
+    rbd fn rbd_aio_write_zeroes(image: Handle, off: u64, len: usize, completion: Handle, zero_flags: c_int, op_flags: c_int) -> c_int;
+    rbd fn rbd_aio_create_completion(arg: *mut c_void, cb: Option<Callback>, completion: *mut Handle) -> c_int;
+    rbd fn rbd_aio_wait_for_complete(completion: Handle) -> c_int;
+    rbd fn rbd_aio_get_return_value(completion: Handle) -> isize;
+    rbd fn rbd_aio_release(completion: Handle) -> ();
+    rbd fn rbd_aio_read(image: Handle, off: u64, len: usize, buf: *mut c_char, completion: Handle) -> c_int;
+    rbd fn rbd_aio_write(image: Handle, off: u64, len: usize, buf: *const c_char, completion: Handle) -> c_int;
+    rbd fn rbd_aio_discard(image: Handle, off: u64, len: u64, completion: Handle) -> c_int;
+    rbd fn rbd_aio_flush(image: Handle, completion: Handle) -> c_int;
+    rbd fn rbd_diff_iterate2(image: Handle, from_snap: *const c_char, off: u64, len: u64, include_parent: u8, whole_object: u8, cb: DiffCallback, arg: *mut c_void) -> c_int;
+}
+
+/// The two libraries, or why they could not be loaded.
+pub(crate) fn api() -> Result<&'static Api, String> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    API.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+fn open(name: &CStr, package: &str) -> Result<*mut c_void, String> {
+    // SAFETY: `name` is NUL-terminated; dlopen runs the library's initialisers, which for
+    // librados and librbd only set up static state.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns NULL or a NUL-terminated message valid until the next call
+        // on this thread, read at once.
+        let why = unsafe {
+            let e = libc::dlerror();
+            if e.is_null() {
+                String::from("unknown error")
+            } else {
+                CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
+        };
+        return Err(format!(
+            "cannot load {} ({why}): install Ceph's client library (apt-get install {package})",
+            name.to_string_lossy()
+        ));
+    }
+    Ok(handle)
+}
+
+fn load() -> Result<Api, String> {
+    let rados = open(c"librados.so.2", "librados2")?;
+    let rbd = open(c"librbd.so.1", "librbd1")?;
+    // The handles are never closed (see the module's header).
+    Api::resolve(rados, rbd)
+}
+
+/// A Rust string as a C string; `what` names it in the error.
+pub(crate) fn cstring(s: &str, what: &str) -> std::io::Result<CString> {
+    CString::new(s).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what} {s:?} contains a NUL byte"),
+        )
+    })
+}
+
+/// `rc` as a result: a negative value is `-errno`, reported with `what`.
+fn check(rc: i64, what: &dyn std::fmt::Display) -> std::io::Result<i64> {
+    if rc >= 0 {
+        return Ok(rc);
+    }
+    let errno = i32::try_from(-rc).unwrap_or(libc::EIO);
+    let os = std::io::Error::from_raw_os_error(errno);
+    Err(std::io::Error::new(os.kind(), format!("{what}: {os}")))
+}
+
+/// A connection to a cluster (`rados_t`), shut down when the last pool and image using it
+/// are gone.
+pub struct Cluster {
+    api: &'static Api,
+    handle: Handle,
+}
+
+// SAFETY: librados handles are thread-safe: the library serialises access internally, and
+// the C API is documented for use from many threads at once.
+unsafe impl Send for Cluster {}
+// SAFETY: as above.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// Connects as client `id` (without `client.`) with the configuration file `conf`, then
+    /// the `options` (`rados_conf_set` names and values).
+    pub fn connect(
+        conf: &std::path::Path,
+        id: &str,
+        options: &[(&str, &str)],
+    ) -> std::io::Result<std::sync::Arc<Self>> {
+        let api = api().map_err(std::io::Error::other)?;
+        let c_id = cstring(id, "the client id")?;
+        let mut handle: Handle = std::ptr::null_mut();
+        // SAFETY: `handle` is a valid out-pointer; `c_id` is NUL-terminated and read during
+        // the call.
+        let rc = unsafe { (api.rados_create)(&mut handle, c_id.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot create a Ceph client {id}"),
+        )?;
+        // From here on, `Drop` shuts the handle down on every error path.
+        let cluster = Self { api, handle };
+        let c_conf = cstring(&conf.to_string_lossy(), "the Ceph configuration path")?;
+        // SAFETY: `handle` is a created, unconnected cluster; the path is NUL-terminated.
+        let rc = unsafe { (api.rados_conf_read_file)(cluster.handle, c_conf.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot read {}", conf.display()),
+        )?;
+        for (name, value) in options {
+            let (n, v) = (
+                cstring(name, "an option")?,
+                cstring(value, "an option value")?,
+            );
+            // SAFETY: as above; both strings are NUL-terminated and copied by librados.
+            let rc = unsafe { (api.rados_conf_set)(cluster.handle, n.as_ptr(), v.as_ptr()) };
+            check(
+                i64::from(rc),
+                &format_args!("cannot set the Ceph option {name} = {value}"),
+            )?;
+        }
+        // SAFETY: a configured, unconnected cluster handle.
+        let rc = unsafe { (api.rados_connect)(cluster.handle) };
+        check(
+            i64::from(rc),
+            &format_args!(
+                "cannot connect to the Ceph cluster of {} as client.{id}",
+                conf.display()
+            ),
+        )?;
+        Ok(std::sync::Arc::new(cluster))
+    }
+
+    /// The pool `name`.
+    pub fn pool(self: &std::sync::Arc<Self>, name: &str) -> std::io::Result<std::sync::Arc<Pool>> {
+        let c_name = cstring(name, "the pool name")?;
+        let mut ioctx: Handle = std::ptr::null_mut();
+        // SAFETY: a connected cluster; `ioctx` is a valid out-pointer; the name is
+        // NUL-terminated.
+        let rc = unsafe { (self.api.rados_ioctx_create)(self.handle, c_name.as_ptr(), &mut ioctx) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot open the Ceph pool {name}"),
+        )?;
+        Ok(std::sync::Arc::new(Pool {
+            cluster: std::sync::Arc::clone(self),
+            ioctx,
+            name: name.to_owned(),
+        }))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rados_create and every pool and image holding it is
+        // gone (they keep the `Arc`); it is shut down exactly once.
+        unsafe { (self.api.rados_shutdown)(self.handle) };
+    }
+}
+
+/// A pool (`rados_ioctx_t`).
+pub struct Pool {
+    cluster: std::sync::Arc<Cluster>,
+    ioctx: Handle,
+    name: String,
+}
+
+// SAFETY: an I/O context may be used from many threads at once (librados serialises
+// internally); this type never changes its settings after creation.
+unsafe impl Send for Pool {}
+// SAFETY: as above.
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn api(&self) -> &'static Api {
+        self.cluster.api
+    }
+
+    /// Creates image `name` of `size` bytes with the cluster's default features and object
+    /// size.
+    pub fn create_image(&self, name: &str, size: u64) -> std::io::Result<()> {
+        let c_name = cstring(name, "the image name")?;
+        let mut order: c_int = 0;
+        // SAFETY: a live ioctx; the name is NUL-terminated; order 0 picks the default.
+        let rc = unsafe { (self.api().rbd_create)(self.ioctx, c_name.as_ptr(), size, &mut order) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot create RBD image {}/{name}", self.name),
+        )
+        .map(drop)
+    }
+
+    /// Removes image `name` (it must have no snapshots).
+    pub fn remove_image(&self, name: &str) -> std::io::Result<()> {
+        let c_name = cstring(name, "the image name")?;
+        // SAFETY: a live ioctx; the name is NUL-terminated.
+        let rc = unsafe { (self.api().rbd_remove)(self.ioctx, c_name.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot remove RBD image {}/{name}", self.name),
+        )
+        .map(drop)
+    }
+
+    /// Renames image `from` to `to`.
+    pub fn rename_image(&self, from: &str, to: &str) -> std::io::Result<()> {
+        let (f, t) = (
+            cstring(from, "the image name")?,
+            cstring(to, "the image name")?,
+        );
+        // SAFETY: a live ioctx; both names are NUL-terminated.
+        let rc = unsafe { (self.api().rbd_rename)(self.ioctx, f.as_ptr(), t.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot rename RBD image {}/{from} to {to}", self.name),
+        )
+        .map(drop)
+    }
+
+    /// The names of the pool's images.
+    pub fn images(&self) -> std::io::Result<Vec<String>> {
+        let mut size: usize = 1024;
+        loop {
+            let mut buf = vec![0u8; size];
+            let mut got = size;
+            // SAFETY: `buf` has room for `got` bytes; librbd writes at most that many (NUL-
+            // separated names) or returns -ERANGE with the size it needs in `got`.
+            let rc =
+                unsafe { (self.api().rbd_list)(self.ioctx, buf.as_mut_ptr().cast(), &mut got) };
+            if rc == -libc::ERANGE && got > size {
+                size = got;
+                continue;
+            }
+            let n = usize::try_from(check(
+                i64::from(rc),
+                &format_args!("cannot list the RBD images of pool {}", self.name),
+            )?)
+            .unwrap_or(0)
+            .min(buf.len());
+            return Ok(buf[..n]
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect());
+        }
+    }
+
+    /// Opens image `name` for reading and writing.
+    pub fn open(self: &std::sync::Arc<Self>, name: &str) -> std::io::Result<Image> {
+        let c_name = cstring(name, "the image name")?;
+        let mut handle: Handle = std::ptr::null_mut();
+        // SAFETY: a live ioctx; `handle` is a valid out-pointer; a NULL snapshot name opens
+        // the image head.
+        let rc = unsafe {
+            (self.api().rbd_open)(self.ioctx, c_name.as_ptr(), &mut handle, std::ptr::null())
+        };
+        check(
+            i64::from(rc),
+            &format_args!("cannot open RBD image {}/{name}", self.name),
+        )?;
+        Ok(Image {
+            pool: std::sync::Arc::clone(self),
+            handle,
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: the ioctx came from rados_ioctx_create, and every image opened in it holds
+        // this pool's `Arc`, so none is open any more; destroyed exactly once.
+        unsafe { (self.api().rados_ioctx_destroy)(self.ioctx) };
+    }
+}
+
+/// An open RBD image (`rbd_image_t`).
+pub struct Image {
+    pool: std::sync::Arc<Pool>,
+    handle: Handle,
+    name: String,
+}
+
+// SAFETY: librbd image handles may be used from many threads at once: the library takes its
+// own locks around image state, and aio calls are documented as thread-safe.
+unsafe impl Send for Image {}
+// SAFETY: as above.
+unsafe impl Sync for Image {}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rbd:{}/{}", self.pool.name, self.name)
+    }
+}
+
+impl Image {
+    fn api(&self) -> &'static Api {
+        self.pool.api()
+    }
+
+    /// `pool/name`, for messages.
+    pub fn spec(&self) -> String {
+        format!("{}/{}", self.pool.name, self.name)
+    }
+
+    /// The image's size in bytes.
+    pub fn size(&self) -> std::io::Result<u64> {
+        let mut size = 0u64;
+        // SAFETY: an open image; `size` is a valid out-pointer.
+        let rc = unsafe { (self.api().rbd_get_size)(self.handle, &mut size) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot read the size of RBD image {}", self.spec()),
+        )?;
+        Ok(size)
+    }
+
+    /// Sets the image's size.
+    pub fn resize(&self, size: u64) -> std::io::Result<()> {
+        // SAFETY: an open image.
+        let rc = unsafe { (self.api().rbd_resize)(self.handle, size) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot resize RBD image {} to {size} bytes", self.spec()),
+        )
+        .map(drop)
+    }
+
+    /// The size of the image's objects (its stripe unit): a discard frees whole objects.
+    pub fn object_size(&self) -> std::io::Result<u64> {
+        let mut unit = 0u64;
+        // SAFETY: an open image; `unit` is a valid out-pointer.
+        let rc = unsafe { (self.api().rbd_get_stripe_unit)(self.handle, &mut unit) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot read the object size of RBD image {}", self.spec()),
+        )?;
+        Ok(unit)
+    }
+
+    /// Writes zeros over `offset..offset+len` (librbd may free whole objects).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        self.aio(
+            &format_args!("RBD image {}: write zeros {offset}+{len}", self.spec()),
+            // SAFETY: an open image; no buffer.
+            |c| unsafe { (self.api().rbd_aio_write_zeroes)(self.handle, offset, len, c, 0, 0) },
+        )
+        .map(drop)
+    }
+
+    /// Submits one aio request with `submit` and waits for it: the buffers it names are
+    /// borrowed by the caller for the whole call, so they outlive the request.
+    fn aio(
+        &self,
+        what: &dyn std::fmt::Display,
+        submit: impl FnOnce(Handle) -> c_int,
+    ) -> std::io::Result<i64> {
+        let api = self.api();
+        let mut completion: Handle = std::ptr::null_mut();
+        // SAFETY: a NULL argument and no callback make a completion that is only waited on;
+        // `completion` is a valid out-pointer.
+        let rc =
+            unsafe { (api.rbd_aio_create_completion)(std::ptr::null_mut(), None, &mut completion) };
+        check(i64::from(rc), what)?;
+        let submitted = check(i64::from(submit(completion)), what);
+        if submitted.is_ok() {
+            // SAFETY: a submitted completion; this returns once librbd has finished with the
+            // request and its buffer.
+            unsafe { (api.rbd_aio_wait_for_complete)(completion) };
+        }
+        // SAFETY: the completion is complete (or was never submitted); its value is read
+        // before it is released, exactly once.
+        let value = unsafe { (api.rbd_aio_get_return_value)(completion) };
+        // SAFETY: as above.
+        unsafe { (api.rbd_aio_release)(completion) };
+        submitted?;
+        check(value as i64, what)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (within the image).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        let n = self.aio(
+            &format_args!("RBD image {}: read {offset}+{len}", self.spec()),
+            // SAFETY: `buf` is writable for `len` bytes and borrowed until `aio` returns,
+            // which is after librbd completed the read.
+            |c| unsafe { (self.api().rbd_aio_read)(self.handle, offset, len, ptr.cast(), c) },
+        )?;
+        if usize::try_from(n).ok() != Some(len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "RBD image {}: read {offset}+{len} returned {n} bytes",
+                    self.spec()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes all of `data` at `offset` (within the image).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let (ptr, len) = (data.as_ptr(), data.len());
+        self.aio(
+            &format_args!("RBD image {}: write {offset}+{len}", self.spec()),
+            // SAFETY: `data` is readable for `len` bytes and borrowed until `aio` returns.
+            |c| unsafe { (self.api().rbd_aio_write)(self.handle, offset, len, ptr.cast(), c) },
+        )
+        .map(drop)
+    }
+
+    /// Discards `offset..offset+len`: it reads as zeros afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.aio(
+            &format_args!("RBD image {}: discard {offset}+{len}", self.spec()),
+            // SAFETY: an open image; no buffer.
+            |c| unsafe { (self.api().rbd_aio_discard)(self.handle, offset, len, c) },
+        )
+        .map(drop)
+    }
+
+    /// Makes every write completed before the call durable in the cluster.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.aio(
+            &format_args!("RBD image {}: flush", self.spec()),
+            // SAFETY: an open image; no buffer.
+            |c| unsafe { (self.api().rbd_aio_flush)(self.handle, c) },
+        )
+        .map(drop)
+    }
+
+    /// The allocated runs (offset, length) within `offset..offset+len`, in order.
+    pub fn allocated(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+        unsafe extern "C" fn collect(
+            off: u64,
+            len: usize,
+            exists: c_int,
+            arg: *mut c_void,
+        ) -> c_int {
+            // SAFETY: `arg` is the `Vec` passed below, alive and used by this callback only
+            // for the duration of rbd_diff_iterate2, which calls it on the calling thread.
+            let runs = unsafe { &mut *arg.cast::<Vec<(u64, u64)>>() };
+            if exists != 0 {
+                runs.push((off, len as u64));
+            }
+            0
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        // SAFETY: an open image; a NULL snapshot diffs against nothing (every allocated
+        // extent); `collect` matches the callback type and `runs` outlives the call.
+        let rc = unsafe {
+            (self.api().rbd_diff_iterate2)(
+                self.handle,
+                std::ptr::null(),
+                offset,
+                len,
+                1,
+                0,
+                collect,
+                (&mut runs as *mut Vec<(u64, u64)>).cast(),
+            )
+        };
+        check(
+            i64::from(rc),
+            &format_args!(
+                "RBD image {}: allocation map of {offset}+{len}",
+                self.spec()
+            ),
+        )?;
+        runs.sort_unstable();
+        Ok(runs)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rbd_open and is closed exactly once; no request is in
+        // flight (every call waits for its completion).
+        unsafe { (self.api().rbd_close)(self.handle) };
+    }
+}

@@ -1,0 +1,26 @@
+//! cryptnbd's RBD engine (issue 15): librados and librbd through their C API, loaded at run
+//! time, and the storage layer's [`store::BackingStore`] over an RBD image ([`RbdStore`]).
+//!
+//! - The libraries are opened with `dlopen` the first time a cluster is used, so the
+//!   workspace builds, and a daemon that uses only files runs, on a machine without any Ceph
+//!   package. [`load`] says which package is missing.
+//! - [`Cluster`] (`rados_t`), [`Pool`] (`rados_ioctx_t`) and [`Image`] (`rbd_image_t`) close
+//!   their handles when dropped, children before parents (each holds its parent).
+//! - I/O goes through librbd's aio calls; [`Image`]'s methods submit and wait, borrowing the
+//!   caller's buffer until librbd has completed the request.
+//!
+//! The only unsafe code is in `ffi.rs`. This crate may depend only on `store` (the layer it
+//! plugs into): the volume format, the KMS and the daemon sit above it.
+
+#![deny(unsafe_code)]
+
+mod engine;
+mod ffi;
+
+pub use engine::RbdStore;
+pub use ffi::{Cluster, Image, Pool};
+
+/// Loads librados and librbd if they are not yet: `Err` names the Debian package to install.
+pub fn load() -> Result<(), String> {
+    ffi::api().map(drop)
+}
