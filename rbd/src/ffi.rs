@@ -16,6 +16,17 @@ pub(crate) type Handle = *mut c_void;
 /// `rbd_callback_t`.
 pub(crate) type Callback = unsafe extern "C" fn(completion: Handle, arg: *mut c_void);
 
+/// `rbd_image_watcher_t` (`rbd/librbd.h`): a client watching an image.
+#[repr(C)]
+pub(crate) struct Watcher {
+    addr: *mut c_char,
+    id: i64,
+    cookie: u64,
+}
+
+/// `RBD_LOCK_MODE_EXCLUSIVE`.
+const LOCK_MODE_EXCLUSIVE: c_int = 0;
+
 /// The callback of `rbd_diff_iterate2`: offset, length, whether the extent exists, argument.
 pub(crate) type DiffCallback = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
@@ -80,6 +91,17 @@ api! {
     rbd fn rbd_aio_write(image: Handle, off: u64, len: usize, buf: *const c_char, completion: Handle) -> c_int;
     rbd fn rbd_aio_discard(image: Handle, off: u64, len: u64, completion: Handle) -> c_int;
     rbd fn rbd_aio_flush(image: Handle, completion: Handle) -> c_int;
+    rbd fn rbd_lock_acquire(image: Handle, mode: c_int) -> c_int;
+    rbd fn rbd_lock_release(image: Handle) -> c_int;
+    rbd fn rbd_is_exclusive_lock_owner(image: Handle, owner: *mut c_int) -> c_int;
+    rbd fn rbd_lock_get_owners(image: Handle, mode: *mut c_int, owners: *mut *mut c_char, max: *mut usize) -> c_int;
+    rbd fn rbd_lock_get_owners_cleanup(owners: *mut *mut c_char, count: usize) -> ();
+    rbd fn rbd_lock_break(image: Handle, mode: c_int, owner: *const c_char) -> c_int;
+    rbd fn rbd_watchers_list(image: Handle, watchers: *mut Watcher, max: *mut usize) -> c_int;
+    rbd fn rbd_watchers_list_cleanup(watchers: *mut Watcher, count: usize) -> ();
+    rbd fn rbd_metadata_get(image: Handle, key: *const c_char, value: *mut c_char, len: *mut usize) -> c_int;
+    rbd fn rbd_metadata_set(image: Handle, key: *const c_char, value: *const c_char) -> c_int;
+    rbd fn rbd_metadata_remove(image: Handle, key: *const c_char) -> c_int;
     rbd fn rbd_diff_iterate2(image: Handle, from_snap: *const c_char, off: u64, len: u64, include_parent: u8, whole_object: u8, cb: DiffCallback, arg: *mut c_void) -> c_int;
 }
 
@@ -129,6 +151,21 @@ pub(crate) fn cstring(s: &str, what: &str) -> std::io::Result<CString> {
     })
 }
 
+/// An error librados or librbd returned: what failed, and the errno.
+#[derive(Debug)]
+pub(crate) struct CephError {
+    pub(crate) errno: i32,
+    message: String,
+}
+
+impl std::fmt::Display for CephError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CephError {}
+
 /// `rc` as a result: a negative value is `-errno`, reported with `what`.
 fn check(rc: i64, what: &dyn std::fmt::Display) -> std::io::Result<i64> {
     if rc >= 0 {
@@ -136,7 +173,13 @@ fn check(rc: i64, what: &dyn std::fmt::Display) -> std::io::Result<i64> {
     }
     let errno = i32::try_from(-rc).unwrap_or(libc::EIO);
     let os = std::io::Error::from_raw_os_error(errno);
-    Err(std::io::Error::new(os.kind(), format!("{what}: {os}")))
+    Err(std::io::Error::new(
+        os.kind(),
+        CephError {
+            errno,
+            message: format!("{what}: {os}"),
+        },
+    ))
 }
 
 /// A connection to a cluster (`rados_t`), shut down when the last pool and image using it
@@ -503,6 +546,221 @@ impl Image {
             &format_args!("RBD image {}: flush", self.spec()),
             // SAFETY: an open image; no buffer.
             |c| unsafe { (self.api().rbd_aio_flush)(self.handle, c) },
+        )
+        .map(drop)
+    }
+
+    /// Takes the image's exclusive lock and keeps it (librbd then hands it to no other
+    /// client that asks): until [`lock_release`](Self::lock_release), the image is closed, or
+    /// another client breaks it. Fails while another client holds it.
+    pub fn lock_acquire(&self) -> std::io::Result<()> {
+        // SAFETY: an open image; the mode is one of librbd's.
+        let rc = unsafe { (self.api().rbd_lock_acquire)(self.handle, LOCK_MODE_EXCLUSIVE) };
+        check(
+            i64::from(rc),
+            &format_args!(
+                "cannot take the exclusive lock of RBD image {}",
+                self.spec()
+            ),
+        )
+        .map(drop)
+    }
+
+    /// Releases the exclusive lock.
+    pub fn lock_release(&self) -> std::io::Result<()> {
+        // SAFETY: an open image.
+        let rc = unsafe { (self.api().rbd_lock_release)(self.handle) };
+        check(
+            i64::from(rc),
+            &format_args!(
+                "cannot release the exclusive lock of RBD image {}",
+                self.spec()
+            ),
+        )
+        .map(drop)
+    }
+
+    /// Whether this client holds the exclusive lock.
+    pub fn is_lock_owner(&self) -> std::io::Result<bool> {
+        let mut owner: c_int = 0;
+        // SAFETY: an open image; `owner` is a valid out-pointer.
+        let rc = unsafe { (self.api().rbd_is_exclusive_lock_owner)(self.handle, &mut owner) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot tell who holds RBD image {}", self.spec()),
+        )?;
+        Ok(owner != 0)
+    }
+
+    /// The clients holding the image's lock, as librbd names them (empty when unlocked).
+    pub fn lock_owners(&self) -> std::io::Result<Vec<String>> {
+        let mut max: usize = 4;
+        loop {
+            let mut mode: c_int = 0;
+            let mut owners: Vec<*mut c_char> = vec![std::ptr::null_mut(); max];
+            let mut count = max;
+            // SAFETY: `owners` has room for `count` pointers; librbd fills at most that many
+            // with strings it allocates (freed by the cleanup call below), or says how many it
+            // needs with -ERANGE.
+            let rc = unsafe {
+                (self.api().rbd_lock_get_owners)(
+                    self.handle,
+                    &mut mode,
+                    owners.as_mut_ptr(),
+                    &mut count,
+                )
+            };
+            if rc == -libc::ENOENT {
+                return Ok(Vec::new());
+            }
+            if rc == -libc::ERANGE && count > max {
+                max = count;
+                continue;
+            }
+            check(
+                i64::from(rc),
+                &format_args!("cannot list the lock owners of RBD image {}", self.spec()),
+            )?;
+            let count = count.min(max);
+            let names = owners[..count]
+                .iter()
+                .filter(|p| !p.is_null())
+                // SAFETY: each non-NULL entry is a NUL-terminated string librbd allocated,
+                // read before the cleanup below frees it.
+                .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+                .collect();
+            // SAFETY: the array and the `count` strings librbd filled in, freed once.
+            unsafe { (self.api().rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
+            return Ok(names);
+        }
+    }
+
+    /// Breaks the exclusive lock of `owner` (as [`lock_owners`](Self::lock_owners) names
+    /// it). librbd blocklists that client (`rbd_blocklist_on_break_lock`, on by default), so
+    /// it can never write to the cluster again, even if it is alive.
+    pub fn lock_break(&self, owner: &str) -> std::io::Result<()> {
+        let c_owner = cstring(owner, "the lock owner")?;
+        // SAFETY: an open image; the owner is NUL-terminated.
+        let rc = unsafe {
+            (self.api().rbd_lock_break)(self.handle, LOCK_MODE_EXCLUSIVE, c_owner.as_ptr())
+        };
+        check(
+            i64::from(rc),
+            &format_args!(
+                "cannot break the lock of {owner} on RBD image {}",
+                self.spec()
+            ),
+        )
+        .map(drop)
+    }
+
+    /// The clients watching the image (each client that has it open): id and address.
+    pub fn watchers(&self) -> std::io::Result<Vec<(i64, String)>> {
+        let mut max: usize = 8;
+        loop {
+            let mut list: Vec<Watcher> = (0..max)
+                .map(|_| Watcher {
+                    addr: std::ptr::null_mut(),
+                    id: 0,
+                    cookie: 0,
+                })
+                .collect();
+            let mut count = max;
+            // SAFETY: `list` has room for `count` entries; librbd fills at most that many
+            // (their addresses allocated by it and freed by the cleanup call), or says how
+            // many it needs with -ERANGE.
+            let rc = unsafe {
+                (self.api().rbd_watchers_list)(self.handle, list.as_mut_ptr(), &mut count)
+            };
+            if rc == -libc::ERANGE && count > max {
+                max = count;
+                continue;
+            }
+            check(
+                i64::from(rc),
+                &format_args!("cannot list the watchers of RBD image {}", self.spec()),
+            )?;
+            let count = count.min(max);
+            let watchers = list[..count]
+                .iter()
+                .map(|w| {
+                    let addr = if w.addr.is_null() {
+                        String::new()
+                    } else {
+                        // SAFETY: a NUL-terminated string librbd allocated, read before
+                        // the cleanup frees it.
+                        unsafe { CStr::from_ptr(w.addr) }
+                            .to_string_lossy()
+                            .into_owned()
+                    };
+                    (w.id, addr)
+                })
+                .collect();
+            // SAFETY: the entries librbd filled in, freed once.
+            unsafe { (self.api().rbd_watchers_list_cleanup)(list.as_mut_ptr(), count) };
+            return Ok(watchers);
+        }
+    }
+
+    /// The image metadata value of `key`, if set.
+    pub fn metadata_get(&self, key: &str) -> std::io::Result<Option<String>> {
+        let c_key = cstring(key, "the metadata key")?;
+        let mut len: usize = 256;
+        loop {
+            let mut value = vec![0u8; len];
+            let mut got = len;
+            // SAFETY: `value` has room for `got` bytes; librbd writes the NUL-terminated
+            // value there, or says how long it is with -ERANGE.
+            let rc = unsafe {
+                (self.api().rbd_metadata_get)(
+                    self.handle,
+                    c_key.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    &mut got,
+                )
+            };
+            if rc == -libc::ENOENT {
+                return Ok(None);
+            }
+            if rc == -libc::ERANGE && got > len {
+                len = got;
+                continue;
+            }
+            check(
+                i64::from(rc),
+                &format_args!("cannot read metadata {key} of RBD image {}", self.spec()),
+            )?;
+            let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+            return Ok(Some(String::from_utf8_lossy(&value[..end]).into_owned()));
+        }
+    }
+
+    /// Sets image metadata `key` to `value`.
+    pub fn metadata_set(&self, key: &str, value: &str) -> std::io::Result<()> {
+        let (k, v) = (
+            cstring(key, "the metadata key")?,
+            cstring(value, "the metadata value")?,
+        );
+        // SAFETY: an open image; both strings are NUL-terminated and copied by librbd.
+        let rc = unsafe { (self.api().rbd_metadata_set)(self.handle, k.as_ptr(), v.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot set metadata {key} of RBD image {}", self.spec()),
+        )
+        .map(drop)
+    }
+
+    /// Removes image metadata `key` (absent: nothing to do).
+    pub fn metadata_remove(&self, key: &str) -> std::io::Result<()> {
+        let k = cstring(key, "the metadata key")?;
+        // SAFETY: an open image; the key is NUL-terminated.
+        let rc = unsafe { (self.api().rbd_metadata_remove)(self.handle, k.as_ptr()) };
+        if rc == -libc::ENOENT {
+            return Ok(());
+        }
+        check(
+            i64::from(rc),
+            &format_args!("cannot remove metadata {key} of RBD image {}", self.spec()),
         )
         .map(drop)
     }

@@ -20,6 +20,14 @@ mod ffi;
 pub use engine::RbdStore;
 pub use ffi::{Cluster, Image, Pool};
 
+/// The errno of an error from librados or librbd (`ESHUTDOWN` for a client the cluster has
+/// blocklisted, say); None for other errors.
+pub fn errno(e: &std::io::Error) -> Option<i32> {
+    e.get_ref()?
+        .downcast_ref::<ffi::CephError>()
+        .map(|c| c.errno)
+}
+
 /// Loads librados and librbd if they are not yet: `Err` names the Debian package to install.
 pub fn load() -> Result<(), String> {
     ffi::api().map(drop)

@@ -66,11 +66,23 @@ const TOOLS: [(&str, &str); 5] = [
     ("rbd", "ceph-common"),
 ];
 
+/// A loopback port for a monitor. Each test of a process gets its own (a counter, so two
+/// clusters starting at once never share one; the kernel's ephemeral ports could hand the
+/// same one out twice), checked free right now (another process, or a cluster a killed test
+/// left behind, may hold it).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Below the kernel's ephemeral ports (32768 and up), which outgoing connections take,
+    // and above the OSDs' 6800-7300.
+    let base = 10_000 + (std::process::id() % 200) as u16 * 100;
+    for _ in 0..1000 {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port for a Ceph monitor from {base}");
 }
 
 fn uuid() -> String {
@@ -128,11 +140,16 @@ admin socket = {r}/run/$name.asok
 log file = {r}/log/$name.log
 mon cluster log file = {r}/log/cluster.log
 chdir = {r}
+[client]
+rados osd op timeout = 60
+rados mon op timeout = 60
+client mount timeout = 60
 [mon.a]
 mon data = {r}/mon.a
 mon addr = v1:127.0.0.1:{port}
 [osd]
 osd data = {r}/osd.$id
+debug monc = 10
 ",
                 fsid = uuid(),
                 size = options.pool_size,
@@ -167,6 +184,30 @@ osd data = {r}/osd.$id
             ]);
             cluster.tool("ceph-osd", &["--id", &id, "--mkfs"]);
             cluster.spawn(&format!("osd.{id}"), "ceph-osd", &["--id", &id]);
+        }
+        // Every OSD up before anything waits on one (a pool's first write would wait forever
+        // for an OSD that died).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut restarts = 0;
+        loop {
+            // An OSD sometimes has a command refused at init for the same reason as `tool`
+            // retries ("wrong fsid"), and exits; go-ceph's micro-osd.sh starts it up to three
+            // times too. Start it again, twice at most.
+            if restarts < 2 && cluster.restart_exited_osds() {
+                restarts += 1;
+            }
+            cluster.check_alive();
+            let stat = cluster.ceph_ok(&["osd", "stat", "--format", "json"]);
+            let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap_or_default();
+            if stat["num_up_osds"].as_u64() == Some(options.osds as u64) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the test's Ceph OSDs are not up after 60 s: {stat}\n{}",
+                cluster.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
         cluster.ceph_ok(&["osd", "pool", "create", &options.pool, "8"]);
         cluster.ceph_ok(&[
@@ -215,12 +256,48 @@ osd data = {r}/osd.$id
         c
     }
 
+    /// Runs a Ceph program, killed if it takes over 90 s (a cluster that lost its OSD makes
+    /// some of them wait forever).
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut child = self
+            .command(program, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{program} {args:?} did not finish in 90 s against the test's Ceph \
+                     cluster\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("program output")
+    }
+
     /// Runs a Ceph program that must succeed.
     fn tool(&self, program: &str, args: &[&str]) -> Output {
-        let out = self
-            .command(program, args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut out = self.run(program, args);
+        // Ceph 16's monitor client can send a command before the monitor's map reached it,
+        // under a blank cluster id: the monitor refuses it ("wrong fsid", or for the `ceph`
+        // tool "problem getting command descriptions"). Nothing was done; ask again.
+        for _ in 0..3 {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if out.status.success()
+                || !(stderr.contains("wrong fsid")
+                    || stderr.contains("problem getting command descriptions"))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            out = self.run(program, args);
+        }
         assert!(
             out.status.success(),
             "{program} {args:?} failed: {}\n{}",
@@ -231,14 +308,31 @@ osd data = {r}/osd.$id
     }
 
     fn spawn(&mut self, name: &str, program: &str, args: &[&str]) {
-        let child = self
-            .command(program, args)
-            .arg("-f")
+        let mut command = self.command(program, args);
+        command.arg("-f");
+        die_with_the_test(&mut command);
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         self.daemons.push((name.to_owned(), child));
+    }
+
+    /// Starts again every OSD that has exited; true if there was one.
+    fn restart_exited_osds(&mut self) -> bool {
+        let mut exited = Vec::new();
+        for (name, child) in &mut self.daemons {
+            if name.starts_with("osd.") && matches!(child.try_wait(), Ok(Some(_))) {
+                exited.push(name.clone());
+            }
+        }
+        for name in &exited {
+            self.daemons.retain(|(n, _)| n != name);
+            let id = name.trim_start_matches("osd.").to_owned();
+            self.spawn(name, "ceph-osd", &["--id", &id]);
+        }
+        !exited.is_empty()
     }
 
     /// Fails the test, with the logs, if a daemon has exited.
@@ -248,8 +342,16 @@ osd data = {r}/osd.$id
                 let logs =
                     std::fs::read_to_string(self.dir.join("log").join(format!("{name}.log")))
                         .unwrap_or_default();
+                let monc: Vec<&str> = logs
+                    .lines()
+                    .filter(|l| {
+                        l.contains("monclient") && (l.contains("mon.") || l.contains("fsid"))
+                    })
+                    .take(30)
+                    .collect();
                 panic!(
-                    "the test's Ceph {name} exited ({status}); its log ends:\n{}",
+                    "the test's Ceph {name} exited ({status}); its monitor client said:\n{}\nits log ends:\n{}",
+                    monc.join("\n"),
                     tail(&logs, 40)
                 );
             }
@@ -269,7 +371,7 @@ osd data = {r}/osd.$id
 
     /// `ceph ARGS` against this cluster.
     pub fn ceph(&self, args: &[&str]) -> Output {
-        self.command("ceph", args).output().expect("run ceph")
+        self.run("ceph", args)
     }
 
     /// `ceph ARGS`, which must succeed.
@@ -279,7 +381,7 @@ osd data = {r}/osd.$id
 
     /// `rados ARGS` against this cluster.
     pub fn rados(&self, args: &[&str]) -> Output {
-        self.command("rados", args).output().expect("run rados")
+        self.run("rados", args)
     }
 
     /// `rados ARGS`, which must succeed.
@@ -289,7 +391,7 @@ osd data = {r}/osd.$id
 
     /// `rbd ARGS` against this cluster.
     pub fn rbd(&self, args: &[&str]) -> Output {
-        self.command("rbd", args).output().expect("run rbd")
+        self.run("rbd", args)
     }
 
     /// `rbd ARGS`, which must succeed.
@@ -303,6 +405,24 @@ osd data = {r}/osd.$id
             .iter()
             .map(|(n, c)| (n.clone(), c.id()))
             .collect()
+    }
+}
+
+/// The daemon gets SIGKILL when the thread that started it ends, so that a test that dies
+/// (a panic in another thread, a crash) leaves no cluster behind; `Drop` covers the rest.
+#[allow(unsafe_code)]
+fn die_with_the_test(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl, an
+    // async-signal-safe system call, with constant arguments; it touches no memory of the
+    // parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -132,3 +132,70 @@ fn a_discard_frees_whole_objects_and_zeroes_the_edges() {
     store.read_at(&mut piece, 10 * MIB).expect("read");
     assert!(piece[..] == data[(10 * MIB) as usize..(10 * MIB + (64 << 10)) as usize]);
 }
+
+/// One writer across hosts, with librbd's own mechanism and our bindings: two clients (two
+/// connections, as two hosts would have) on one image. A holds the exclusive lock; B cannot
+/// take it nor write, and sees who holds it; B breaks it, which blocklists A; from then on
+/// A's writes and flushes fail with ESHUTDOWN, and B writes.
+#[test]
+fn an_exclusive_lock_keeps_one_writer_and_breaking_it_fences_the_holder() {
+    let dir = TestDir::new("rbd-fence");
+    let c = Cluster::start(&dir);
+    let host_a = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect A");
+    let host_b = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect B");
+    let pool_a = host_a.pool(&c.pool).expect("pool");
+    pool_a.create_image("vol", 8 << 20).expect("create");
+    let a = pool_a.open("vol").expect("A opens");
+    a.lock_acquire().expect("A locks");
+    assert!(a.is_lock_owner().expect("owner?"));
+    a.write_at(&[0xA1; 4096], 0).expect("A writes");
+    a.metadata_set("cryptnbd.holder", "host-a")
+        .expect("metadata");
+
+    let pool_b = host_b.pool(&c.pool).expect("pool");
+    let b = pool_b.open("vol").expect("B opens");
+    assert!(b.lock_acquire().is_err(), "B took the lock A holds");
+    assert!(!b.is_lock_owner().expect("owner?"));
+    assert!(
+        b.write_at(&[0xB2; 4096], 4096).is_err(),
+        "B wrote while A holds the lock"
+    );
+    let owners = b.lock_owners().expect("owners");
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(
+        b.metadata_get("cryptnbd.holder")
+            .expect("metadata")
+            .as_deref(),
+        Some("host-a")
+    );
+    assert_eq!(b.metadata_get("absent").expect("metadata"), None);
+    let watchers = b.watchers().expect("watchers");
+    assert!(watchers.len() >= 2, "A and B both watch: {watchers:?}");
+
+    // B breaks A's lock: A is blocklisted and can never write again.
+    b.lock_break(&owners[0]).expect("break");
+    b.lock_acquire().expect("B locks");
+    b.write_at(&[0xB2; 4096], 4096).expect("B writes");
+    b.flush().expect("B flushes");
+    let late = a
+        .write_at(&[0xA1; 4096], 8192)
+        .expect_err("a fenced A wrote");
+    assert_eq!(
+        rbd::errno(&late),
+        Some(libc::ESHUTDOWN),
+        "A's late write is not refused as blocklisted: {late}"
+    );
+    let late = a.flush().expect_err("a fenced A flushed");
+    assert_eq!(rbd::errno(&late), Some(libc::ESHUTDOWN), "{late}");
+    let mut back = vec![0u8; 12288];
+    b.read_at(&mut back, 0).expect("B reads");
+    assert!(
+        back[..4096].iter().all(|&x| x == 0xA1),
+        "A's acknowledged write is lost"
+    );
+    assert!(back[4096..8192].iter().all(|&x| x == 0xB2));
+    assert!(
+        back[8192..].iter().all(|&x| x == 0),
+        "A's fenced write landed"
+    );
+}
