@@ -45,17 +45,7 @@ impl RbdStore {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        let size = self.image.size()?;
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{}: range {offset}+{len} is past the end ({size} bytes)",
-                    self.location.display()
-                ),
-            )),
-        }
+        store::check_range(&self.location, offset, len, self.image.size()?)
     }
 }
 

@@ -129,9 +129,9 @@ pub trait BackingStore: Send + Sync + fmt::Debug {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// A range check shared by the engines: `offset..offset+len` within `size`, else
-/// `UnexpectedEof` naming the store.
-pub(crate) fn check_range(location: &Path, offset: u64, len: u64, size: u64) -> io::Result<()> {
+/// A range check shared by the engines (this crate's and the RBD engine): `offset..offset+len`
+/// within `size`, else `UnexpectedEof` naming the store.
+pub fn check_range(location: &Path, offset: u64, len: u64, size: u64) -> io::Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(io::Error::new(
