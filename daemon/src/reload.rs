@@ -140,15 +140,7 @@ impl Daemon {
         if !a.request.transient {
             self.save_attachments()?;
         }
-        let verifier = {
-            let loaded = self
-                .services
-                .tls
-                .loaded
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            loaded.verifier.clone()
-        };
+        let verifier = self.services.tls.verifier();
         let (checked, disconnected) = self.recheck_sessions(
             Some(volume),
             verifier.as_deref(),
@@ -199,11 +191,7 @@ impl Daemon {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = tick.tick() => {
-                    let verifier = {
-                        let loaded =
-                            self.services.tls.loaded.lock().unwrap_or_else(|p| p.into_inner());
-                        loaded.verifier.clone()
-                    };
+                    let verifier = self.services.tls.verifier();
                     // Only a configuration that verifies clients has anything to re-check.
                     if verifier.is_some() {
                         self.recheck_sessions(None, verifier.as_deref(), None, "a periodic check");

@@ -63,6 +63,17 @@ pub struct TlsService {
     pub loaded: std::sync::Mutex<Loaded>,
 }
 
+impl TlsService {
+    /// The client certificate verifier in force (None without TLS).
+    pub fn verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .verifier
+            .clone()
+    }
+}
+
 /// Loads `[nbd.tls]`: nothing when both modes are off.
 pub fn load(cfg: &TlsConfig) -> Result<Loaded, TlsError> {
     let tcp = cfg.mode.into();

@@ -62,6 +62,26 @@ fn with_certs(uri: &str, certs: &std::path::Path) -> String {
     format!("{uri}?tls-certificates={}", certs.display())
 }
 
+/// Whether nbdinfo opens `uri` with the client certificates in `certs`.
+fn opens(uri: &str, certs: &std::path::Path) -> bool {
+    run(Command::new(nbdinfo()).arg(with_certs(uri, certs))).code == Some(0)
+}
+
+/// The daemon's audit trail, as text.
+fn audit_trail(d: &Daemon) -> String {
+    std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit")
+}
+
+/// The one session that a `tls reload` or `tls allow` answer `r` says it cut, after checking
+/// `checked` sessions: it must be `subject`'s.
+fn the_one_cut<'a>(r: &'a serde_json::Value, checked: u64, subject: &str) -> &'a serde_json::Value {
+    assert_eq!(r["sessions_checked"], checked, "{r}");
+    let cut = r["disconnected"].as_array().expect("disconnected");
+    assert_eq!(cut.len(), 1, "{r}");
+    assert_eq!(cut[0]["certificate"], subject, "{r}");
+    &cut[0]
+}
+
 fn port_of(uri: &str) -> u16 {
     let hostport = uri
         .split("://")
@@ -254,8 +274,7 @@ fn untrusted_expired_revoked_and_missing_client_certificates_are_refused() {
         nbdinfo_ok(&with_certs(&uri, &good));
     }
     // Every refusal is audited, with the address and the rejected certificate's subject.
-    let audit =
-        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let audit = audit_trail(&d);
     let refusals: Vec<&str> = audit
         .lines()
         .filter(|l| l.contains("\"nbd-tls\""))
@@ -642,9 +661,6 @@ fn allow_lists_admit_only_the_named_certificates() {
             &cert_field(&host1, &["-serial"]),
         ],
     );
-    let opens = |uri: &str, certs: &std::path::Path| {
-        run(Command::new(nbdinfo()).arg(with_certs(uri, certs))).code == Some(0)
-    };
     assert!(
         opens(&vol, &host1),
         "host1 refused on its own export; the daemon's log:\n{}",
@@ -714,8 +730,7 @@ fn allow_lists_admit_only_the_named_certificates() {
     let _ = held.wait();
 
     // Every refusal is audited with the certificate and the address.
-    let audit =
-        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let audit = audit_trail(&d);
     let refusal = audit
         .lines()
         .find(|l| l.contains("\"nbd-open\"") && l.contains("CN=host2.example.com,O=Example"))
@@ -759,15 +774,9 @@ fn a_reload_cuts_revoked_sessions_and_a_broken_one_changes_nothing() {
         .run(&["--json", "tls", "reload"])
         .assert_success()
         .json();
-    assert_eq!(r["sessions_checked"], 2, "{r}");
-    let cut = r["disconnected"].as_array().expect("disconnected");
-    assert_eq!(cut.len(), 1, "{r}");
-    assert_eq!(
-        cut[0]["certificate"], "CN=host2.example.com,O=Example",
-        "{r}"
-    );
+    let cut = the_one_cut(&r, 2, "CN=host2.example.com,O=Example");
     assert!(
-        cut[0]["reason"]
+        cut["reason"]
             .as_str()
             .unwrap_or_default()
             .contains("no longer accepted"),
@@ -781,8 +790,7 @@ fn a_reload_cuts_revoked_sessions_and_a_broken_one_changes_nothing() {
         run(Command::new(nbdinfo()).arg(with_certs(&uri, &host2))).code,
         Some(0)
     );
-    let audit =
-        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let audit = audit_trail(&d);
     assert!(
         audit
             .lines()
@@ -1099,9 +1107,6 @@ fn tls_allow_changes_a_live_exports_list_cuts_who_it_refuses_and_survives_a_rest
         uri,
     } = served("tls-allow-live", "require", "");
     let host2 = pki.client("host2", "/O=Example/CN=host2.example.com");
-    let opens = |uri: &str, certs: &std::path::Path| {
-        run(Command::new(nbdinfo()).arg(with_certs(uri, certs))).code == Some(0)
-    };
     let mut one = hold_tls(&uri, &host1);
     let mut two = hold_tls(&uri, &host2);
     assert_eq!(wait_sessions(&d, "vol", 2).len(), 2);
@@ -1128,13 +1133,7 @@ fn tls_allow_changes_a_live_exports_list_cuts_who_it_refuses_and_survives_a_rest
         ])
         .assert_success()
         .json();
-    assert_eq!(r["sessions_checked"], 2, "{r}");
-    let cut = r["disconnected"].as_array().expect("disconnected");
-    assert_eq!(cut.len(), 1, "{r}");
-    assert_eq!(
-        cut[0]["certificate"], "CN=host2.example.com,O=Example",
-        "{r}"
-    );
+    the_one_cut(&r, 2, "CN=host2.example.com,O=Example");
     assert_eq!(
         wait_sessions(&d, "vol", 1),
         ["CN=host1.example.com,O=Example"]
@@ -1154,8 +1153,7 @@ fn tls_allow_changes_a_live_exports_list_cuts_who_it_refuses_and_survives_a_rest
         serde_json::json!([{"subject": "CN=host1.example.com,O=Example"}]),
         "{status}"
     );
-    let audit =
-        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let audit = audit_trail(&d);
     assert!(
         audit.lines().any(|l| l.contains("\"tls-allow\"")),
         "no tls-allow record:\n{audit}"
@@ -1213,8 +1211,7 @@ fn a_session_whose_certificate_expires_is_cut_without_a_reload() {
     // It expires within 6 s; the check every second cuts it soon after (wait_sessions gives
     // up after 20 s), with no reload.
     wait_sessions(&d, "vol", 0);
-    let audit =
-        std::fs::read_to_string(d.state_dir.join("audit").join("audit.jsonl")).expect("audit");
+    let audit = audit_trail(&d);
     assert!(
         audit
             .lines()

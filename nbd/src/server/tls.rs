@@ -335,6 +335,17 @@ pub(crate) async fn accept<S: Socket>(
         })
 }
 
+/// Makes room in a receive buffer for a whole record after the received bytes not yet
+/// processed (`buf[start..end]`): they move to the front when less than that is left.
+fn make_room(buf: &mut [u8], start: &mut usize, end: &mut usize) {
+    if *start == *end {
+        (*start, *end) = (0, 0);
+    } else if buf.len() - *start < MAX_RECORD {
+        buf.copy_within(*start..*end, 0);
+        (*start, *end) = (0, *end - *start);
+    }
+}
+
 /// Writes all of `bytes`, waiting for the socket as needed.
 async fn write_all<S: Socket>(sock: &S, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
@@ -376,7 +387,13 @@ async fn handshake<S: Socket>(
                 return Err(failed);
             }
         };
-        match state {
+        // What to do once the records rustls is done with are dropped.
+        enum Next {
+            Process,
+            Receive,
+            Done,
+        }
+        let next = match state {
             ConnectionState::EncodeTlsData(mut data) => {
                 let at = out.len();
                 out.resize(at + MAX_RECORD, 0);
@@ -390,11 +407,13 @@ async fn handshake<S: Socket>(
                     Err(e) => return Err(io::Error::other(e.to_string())),
                 };
                 out.truncate(at + n);
+                Next::Process
             }
             ConnectionState::TransmitTlsData(data) => {
                 write_all(&sock, &out).await?;
                 out.clear();
                 data.done();
+                Next::Process
             }
             ConnectionState::ReadTraffic(mut records) => {
                 while let Some(record) = records.next_record() {
@@ -402,23 +421,32 @@ async fn handshake<S: Socket>(
                     discard += record.discard;
                     early.extend_from_slice(record.payload);
                 }
+                Next::Process
             }
-            ConnectionState::WriteTraffic(_) => {
-                start += discard;
-                break;
+            ConnectionState::WriteTraffic(_) => Next::Done,
+            ConnectionState::BlockedHandshake => Next::Receive,
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client closed the TLS session during the handshake",
+                ));
             }
-            ConnectionState::BlockedHandshake => {
-                start += discard;
-                if start == end {
-                    (start, end) = (0, 0);
-                } else if end == buf.len() {
-                    if start == 0 {
-                        return Err(invalid(
-                            "a TLS handshake message from the client is too large",
-                        ));
-                    }
-                    buf.copy_within(start..end, 0);
-                    (start, end) = (0, end - start);
+            _ => {
+                return Err(invalid(
+                    "the client sent early data, which this server refuses",
+                ));
+            }
+        };
+        start += discard;
+        match next {
+            Next::Process => {}
+            Next::Done => break,
+            Next::Receive => {
+                make_room(&mut buf, &mut start, &mut end);
+                if end == buf.len() {
+                    return Err(invalid(
+                        "a TLS handshake message from the client is too large",
+                    ));
                 }
                 loop {
                     match sock.try_read(&mut buf[end..]) {
@@ -437,30 +465,15 @@ async fn handshake<S: Socket>(
                         Err(e) => return Err(e),
                     }
                 }
-                continue;
-            }
-            ConnectionState::PeerClosed | ConnectionState::Closed => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the client closed the TLS session during the handshake",
-                ));
-            }
-            _ => {
-                return Err(invalid(
-                    "the client sent early data, which this server refuses",
-                ));
             }
         }
-        start += discard;
     }
 
-    let chain: Vec<Vec<u8>> = conn
+    let mut chain = conn
         .peer_certificates()
         .unwrap_or_default()
         .iter()
-        .map(|c: &CertificateDer<'_>| c.to_vec())
-        .collect();
-    let mut chain = chain.into_iter();
+        .map(|c: &CertificateDer<'_>| c.to_vec());
     let certificate = chain.next();
     let client = TlsClient {
         version: conn
@@ -661,13 +674,7 @@ impl<S: Socket> AsyncRead for TlsReader<S> {
                 }
                 continue;
             }
-            // Room for at least one more whole record after what is kept.
-            if this.start == this.end {
-                (this.start, this.end) = (0, 0);
-            } else if this.buf.len() - this.start < MAX_RECORD {
-                this.buf.copy_within(this.start..this.end, 0);
-                (this.start, this.end) = (0, this.end - this.start);
-            }
+            make_room(&mut this.buf, &mut this.start, &mut this.end);
             match this.shared.sock.try_read(&mut this.buf[this.end..]) {
                 // Closed without close_notify: an end of stream like any other (a client that
                 // vanished mid-request is told apart by the caller).

@@ -139,55 +139,43 @@ impl Gcm {
         ok(rc) && written == n
     }
 
-    /// Ends a sealed record: its tag.
-    pub(crate) fn seal_tag(&mut self) -> Option<[u8; TAG_LEN]> {
+    /// Ends a record (`EVP_CipherFinal_ex`; for an opened one, this checks the tag set
+    /// before, in constant time).
+    fn finish(&mut self) -> bool {
         let mut none = [0u8; 16];
         let mut written: c_int = 0;
-        // SAFETY: GCM writes no bytes at the end (`none` has room for a block anyway);
-        // `written` is a valid c_int.
-        if !ok(unsafe {
-            ffi::EVP_EncryptFinal_ex(self.ctx.as_ptr(), none.as_mut_ptr(), &mut written)
-        }) {
-            return None;
-        }
-        let mut tag = [0u8; TAG_LEN];
-        // SAFETY: GET_TAG writes `TAG_LEN` bytes into `tag`, which has room for them.
-        let rc = unsafe {
+        // SAFETY: `ctx` is keyed and ours alone; GCM writes no bytes at the end (`none` has
+        // room for a block anyway); `written` is a valid c_int.
+        ok(unsafe { ffi::EVP_CipherFinal_ex(self.ctx.as_ptr(), none.as_mut_ptr(), &mut written) })
+    }
+
+    /// Gets (`EVP_CTRL_GCM_GET_TAG`) or sets (`EVP_CTRL_GCM_SET_TAG`) the record's tag.
+    fn tag_ctrl(&mut self, op: c_int, tag: &mut [u8; TAG_LEN]) -> bool {
+        // SAFETY: `ctx` is keyed and ours alone; both controls read or write exactly
+        // `TAG_LEN` bytes at `tag`, which holds them.
+        ok(unsafe {
             ffi::EVP_CIPHER_CTX_ctrl(
                 self.ctx.as_ptr(),
-                ffi::EVP_CTRL_GCM_GET_TAG,
+                op,
                 TAG_LEN as c_int,
                 tag.as_mut_ptr().cast(),
             )
-        };
-        ok(rc).then_some(tag)
+        })
+    }
+
+    /// Ends a sealed record: its tag.
+    pub(crate) fn seal_tag(&mut self) -> Option<[u8; TAG_LEN]> {
+        let mut tag = [0u8; TAG_LEN];
+        (self.finish() && self.tag_ctrl(ffi::EVP_CTRL_GCM_GET_TAG, &mut tag)).then_some(tag)
     }
 
     /// Ends an opened record: true if `tag` authenticates it. Until then, what
     /// [`update`](Self::update) produced must not be used.
     pub(crate) fn open_check(&mut self, tag: &[u8]) -> bool {
-        let Ok(tag): Result<[u8; TAG_LEN], _> = tag.try_into() else {
+        let Ok(mut tag): Result<[u8; TAG_LEN], _> = tag.try_into() else {
             return false;
         };
-        let mut tag = tag;
-        // SAFETY: SET_TAG copies `TAG_LEN` bytes from `tag`, which holds them.
-        let rc = unsafe {
-            ffi::EVP_CIPHER_CTX_ctrl(
-                self.ctx.as_ptr(),
-                ffi::EVP_CTRL_GCM_SET_TAG,
-                TAG_LEN as c_int,
-                tag.as_mut_ptr().cast(),
-            )
-        };
-        if !ok(rc) {
-            return false;
-        }
-        let mut none = [0u8; 16];
-        let mut written: c_int = 0;
-        // SAFETY: as in `seal_tag`; this compares the tag in constant time.
-        let verified = ok(unsafe {
-            ffi::EVP_DecryptFinal_ex(self.ctx.as_ptr(), none.as_mut_ptr(), &mut written)
-        });
+        let verified = self.tag_ctrl(ffi::EVP_CTRL_GCM_SET_TAG, &mut tag) && self.finish();
         if !verified {
             // A failed check leaves an entry on aws-lc's per-thread error queue; drop it.
             // SAFETY: no preconditions.

@@ -63,8 +63,6 @@ pub(crate) struct Direction {
     iv: [u8; NONCE_LEN],
     seq: u64,
     version: Version,
-    /// TLS 1.2 AES-GCM: 8 bytes of explicit nonce after the header.
-    explicit: bool,
 }
 
 impl std::fmt::Debug for Direction {
@@ -130,17 +128,17 @@ impl Direction {
         seq: u64,
         secrets: ConnectionTrafficSecrets,
     ) -> io::Result<Self> {
-        let (aead, iv, gcm) = match &secrets {
+        let (aead, iv) = match &secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv }
             | ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
                 let gcm = Gcm::new(key.as_ref(), way == Way::Seal)
                     .ok_or_else(|| io::Error::other("aws-lc could not key AES-GCM"))?;
-                (Aead::Gcm(gcm), iv, true)
+                (Aead::Gcm(gcm), iv)
             }
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
                 let key = UnboundKey::new(&CHACHA20_POLY1305, key.as_ref())
                     .map_err(|_| io::Error::other("the negotiated key has the wrong length"))?;
-                (Aead::InPlace(LessSafeKey::new(key)), iv, false)
+                (Aead::InPlace(LessSafeKey::new(key)), iv)
             }
             _ => return Err(io::Error::other("the negotiated cipher is not supported")),
         };
@@ -153,7 +151,6 @@ impl Direction {
             iv,
             seq,
             version,
-            explicit: version == Version::Tls12 && gcm,
         })
     }
 
@@ -162,8 +159,31 @@ impl Direction {
         self.seq
     }
 
+    /// TLS 1.2 AES-GCM records carry 8 bytes of explicit nonce after the header.
+    fn explicit(&self) -> bool {
+        self.version == Version::Tls12 && matches!(self.aead, Aead::Gcm(_))
+    }
+
     fn prefix(&self) -> usize {
-        HEADER + if self.explicit { 8 } else { 0 }
+        HEADER + if self.explicit() { 8 } else { 0 }
+    }
+
+    /// The additional data of a record: TLS 1.3 authenticates its header; TLS 1.2 the
+    /// sequence number, type, version and plaintext length (built in `scratch`).
+    fn aad<'a>(
+        &self,
+        header: &'a [u8; HEADER],
+        scratch: &'a mut [u8; 13],
+        typ: u8,
+        len: usize,
+    ) -> &'a [u8] {
+        match self.version {
+            Version::Tls13 => header,
+            Version::Tls12 => {
+                *scratch = tls12_aad(self.seq, typ, len);
+                scratch
+            }
+        }
     }
 
     /// The nonce of the record numbered `seq`: the IV with its last 8 bytes XOR `seq`.
@@ -199,49 +219,28 @@ impl Direction {
         let header = [outer, LEGACY_VERSION[0], LEGACY_VERSION[1], hi, lo];
         out[..HEADER].copy_from_slice(&header);
         let nonce = self.mixed_nonce();
-        if self.explicit {
+        if self.explicit() {
             out[HEADER..prefix].copy_from_slice(&nonce[4..]);
         }
-        let aad12: [u8; 13];
-        let aad: &[u8] = match self.version {
-            Version::Tls13 => &header,
-            Version::Tls12 => {
-                aad12 = tls12_aad(self.seq, typ, len);
-                &aad12
-            }
-        };
+        let mut scratch = [0; 13];
+        let aad = self.aad(&header, &mut scratch, typ, len);
+        let tls13 = self.version == Version::Tls13;
         let (body, tag_out) = out[prefix..total].split_at_mut(inner);
         match &mut self.aead {
             Aead::Gcm(gcm) => {
                 if !gcm.begin(&nonce, aad) {
                     return Err(cipher_failed());
                 }
-                let mut at = 0;
-                while at < len {
-                    let piece = src.take(len - at);
-                    if piece.is_empty() || !gcm.update(piece, &mut body[at..at + piece.len()]) {
-                        return Err(cipher_failed());
-                    }
-                    at += piece.len();
-                }
-                if self.version == Version::Tls13 && !gcm.update(&[typ], &mut body[len..]) {
-                    return Err(cipher_failed());
-                }
+                fill(src, len, typ, tls13, body, |piece, out| {
+                    gcm.update(piece, out)
+                })?;
                 tag_out.copy_from_slice(&gcm.seal_tag().ok_or_else(cipher_failed)?);
             }
             Aead::InPlace(key) => {
-                let mut at = 0;
-                while at < len {
-                    let piece = src.take(len - at);
-                    if piece.is_empty() {
-                        return Err(cipher_failed());
-                    }
-                    body[at..at + piece.len()].copy_from_slice(piece);
-                    at += piece.len();
-                }
-                if self.version == Version::Tls13 {
-                    body[len] = typ;
-                }
+                fill(src, len, typ, tls13, body, |piece, out| {
+                    out.copy_from_slice(piece);
+                    true
+                })?;
                 let tag = key
                     .seal_in_place_separate_tag(
                         Nonce::assume_unique_for_key(nonce),
@@ -294,18 +293,12 @@ impl Direction {
         }
         let inner = record.len() - prefix - TAG;
         let mut nonce = self.mixed_nonce();
-        if self.explicit {
+        if self.explicit() {
             nonce[4..].copy_from_slice(&record[HEADER..prefix]);
         }
         let header: [u8; HEADER] = record[..HEADER].try_into().unwrap_or_default();
-        let aad12: [u8; 13];
-        let aad: &[u8] = match self.version {
-            Version::Tls13 => &header,
-            Version::Tls12 => {
-                aad12 = tls12_aad(self.seq, outer, inner);
-                &aad12
-            }
-        };
+        let mut scratch = [0; 13];
+        let aad = self.aad(&header, &mut scratch, outer, inner);
         let direct = dest.is_some();
         let body: &mut [u8] = match &mut self.aead {
             Aead::Gcm(gcm) => {
@@ -374,6 +367,30 @@ impl Direction {
         let start = if direct { 0 } else { prefix };
         Ok((typ, start..start + len))
     }
+}
+
+/// Passes the next `len` bytes of `src` to `step` piece by piece, each with where it goes in
+/// `body`; then, in TLS 1.3, the content type (TLSInnerPlaintext, RFC 8446 §5.2).
+fn fill(
+    src: &mut Pieces<'_>,
+    len: usize,
+    typ: u8,
+    tls13: bool,
+    body: &mut [u8],
+    mut step: impl FnMut(&[u8], &mut [u8]) -> bool,
+) -> io::Result<()> {
+    let mut at = 0;
+    while at < len {
+        let piece = src.take(len - at);
+        if piece.is_empty() || !step(piece, &mut body[at..at + piece.len()]) {
+            return Err(cipher_failed());
+        }
+        at += piece.len();
+    }
+    if tls13 && !step(&[typ], &mut body[len..len + 1]) {
+        return Err(cipher_failed());
+    }
+    Ok(())
 }
 
 /// TLS 1.2's additional data: sequence number, type, version, plaintext length.
