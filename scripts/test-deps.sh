@@ -40,6 +40,7 @@ TEST_DEPS=(
   "util-linux|nsenter --version"
   "util-linux|flock --version"
   "coreutils|sha256sum --version"
+  "coreutils|timeout --version"
   # Certificates for the TLS tests (tests/src/pki.rs).
   "openssl|openssl version"
   # The daemon unit's ExecReload (systemd_units).

@@ -18,6 +18,7 @@ pub(crate) type Callback = unsafe extern "C" fn(completion: Handle, arg: *mut c_
 
 /// `rbd_image_watcher_t` (`rbd/librbd.h`): a client watching an image.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct Watcher {
     addr: *mut c_char,
     id: i64,
@@ -149,6 +150,26 @@ pub(crate) fn cstring(s: &str, what: &str) -> std::io::Result<CString> {
             format!("{what} {s:?} contains a NUL byte"),
         )
     })
+}
+
+/// Calls `attempt` with a buffer of `room` copies of `fresh` and the room in `count`; when
+/// librbd answers -ERANGE with a larger `count` (what it needs), calls it again with that
+/// much. Returns librbd's answer, the buffer, and the count it reported (at most the room).
+fn sized<T: Clone>(
+    mut room: usize,
+    fresh: T,
+    mut attempt: impl FnMut(&mut [T], &mut usize) -> c_int,
+) -> (c_int, Vec<T>, usize) {
+    loop {
+        let mut buf = vec![fresh.clone(); room];
+        let mut count = room;
+        let rc = attempt(&mut buf, &mut count);
+        if rc == -libc::ERANGE && count > room {
+            room = count;
+            continue;
+        }
+        return (rc, buf, count.min(room));
+    }
 }
 
 /// An error librados or librbd returned: what failed, and the errno.
@@ -339,30 +360,22 @@ impl Pool {
 
     /// The names of the pool's images.
     pub fn images(&self) -> std::io::Result<Vec<String>> {
-        let mut size: usize = 1024;
-        loop {
-            let mut buf = vec![0u8; size];
-            let mut got = size;
+        let (rc, buf, _) = sized(1024, 0u8, |buf, got| {
             // SAFETY: `buf` has room for `got` bytes; librbd writes at most that many (NUL-
             // separated names) or returns -ERANGE with the size it needs in `got`.
-            let rc =
-                unsafe { (self.api().rbd_list)(self.ioctx, buf.as_mut_ptr().cast(), &mut got) };
-            if rc == -libc::ERANGE && got > size {
-                size = got;
-                continue;
-            }
-            let n = usize::try_from(check(
-                i64::from(rc),
-                &format_args!("cannot list the RBD images of pool {}", self.name),
-            )?)
-            .unwrap_or(0)
-            .min(buf.len());
-            return Ok(buf[..n]
-                .split(|&b| b == 0)
-                .filter(|s| !s.is_empty())
-                .map(|s| String::from_utf8_lossy(s).into_owned())
-                .collect());
-        }
+            unsafe { (self.api().rbd_list)(self.ioctx, buf.as_mut_ptr().cast(), got) }
+        });
+        let n = usize::try_from(check(
+            i64::from(rc),
+            &format_args!("cannot list the RBD images of pool {}", self.name),
+        )?)
+        .unwrap_or(0)
+        .min(buf.len());
+        Ok(buf[..n]
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect())
     }
 
     /// Opens image `name` for reading and writing.
@@ -594,45 +607,32 @@ impl Image {
 
     /// The clients holding the image's lock, as librbd names them (empty when unlocked).
     pub fn lock_owners(&self) -> std::io::Result<Vec<String>> {
-        let mut max: usize = 4;
-        loop {
-            let mut mode: c_int = 0;
-            let mut owners: Vec<*mut c_char> = vec![std::ptr::null_mut(); max];
-            let mut count = max;
+        let mut mode: c_int = 0;
+        let (rc, mut owners, count) = sized(4, std::ptr::null_mut::<c_char>(), |owners, count| {
             // SAFETY: `owners` has room for `count` pointers; librbd fills at most that many
-            // with strings it allocates (freed by the cleanup call below), or says how many it
-            // needs with -ERANGE.
-            let rc = unsafe {
-                (self.api().rbd_lock_get_owners)(
-                    self.handle,
-                    &mut mode,
-                    owners.as_mut_ptr(),
-                    &mut count,
-                )
-            };
-            if rc == -libc::ENOENT {
-                return Ok(Vec::new());
+            // with strings it allocates (freed by the cleanup call below), or says how many
+            // it needs with -ERANGE.
+            unsafe {
+                (self.api().rbd_lock_get_owners)(self.handle, &mut mode, owners.as_mut_ptr(), count)
             }
-            if rc == -libc::ERANGE && count > max {
-                max = count;
-                continue;
-            }
-            check(
-                i64::from(rc),
-                &format_args!("cannot list the lock owners of RBD image {}", self.spec()),
-            )?;
-            let count = count.min(max);
-            let names = owners[..count]
-                .iter()
-                .filter(|p| !p.is_null())
-                // SAFETY: each non-NULL entry is a NUL-terminated string librbd allocated,
-                // read before the cleanup below frees it.
-                .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-                .collect();
-            // SAFETY: the array and the `count` strings librbd filled in, freed once.
-            unsafe { (self.api().rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
-            return Ok(names);
+        });
+        if rc == -libc::ENOENT {
+            return Ok(Vec::new());
         }
+        check(
+            i64::from(rc),
+            &format_args!("cannot list the lock owners of RBD image {}", self.spec()),
+        )?;
+        let names = owners[..count]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: each non-NULL entry is a NUL-terminated string librbd allocated, read
+            // before the cleanup below frees it.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the array and the `count` strings librbd filled in, freed once.
+        unsafe { (self.api().rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), count) };
+        Ok(names)
     }
 
     /// Breaks the exclusive lock of `owner` (as [`lock_owners`](Self::lock_owners) names
@@ -656,83 +656,65 @@ impl Image {
 
     /// The clients watching the image (each client that has it open): id and address.
     pub fn watchers(&self) -> std::io::Result<Vec<(i64, String)>> {
-        let mut max: usize = 8;
-        loop {
-            let mut list: Vec<Watcher> = (0..max)
-                .map(|_| Watcher {
-                    addr: std::ptr::null_mut(),
-                    id: 0,
-                    cookie: 0,
-                })
-                .collect();
-            let mut count = max;
+        let empty = Watcher {
+            addr: std::ptr::null_mut(),
+            id: 0,
+            cookie: 0,
+        };
+        let (rc, mut list, count) = sized(8, empty, |list, count| {
             // SAFETY: `list` has room for `count` entries; librbd fills at most that many
             // (their addresses allocated by it and freed by the cleanup call), or says how
             // many it needs with -ERANGE.
-            let rc = unsafe {
-                (self.api().rbd_watchers_list)(self.handle, list.as_mut_ptr(), &mut count)
-            };
-            if rc == -libc::ERANGE && count > max {
-                max = count;
-                continue;
-            }
-            check(
-                i64::from(rc),
-                &format_args!("cannot list the watchers of RBD image {}", self.spec()),
-            )?;
-            let count = count.min(max);
-            let watchers = list[..count]
-                .iter()
-                .map(|w| {
-                    let addr = if w.addr.is_null() {
-                        String::new()
-                    } else {
-                        // SAFETY: a NUL-terminated string librbd allocated, read before
-                        // the cleanup frees it.
-                        unsafe { CStr::from_ptr(w.addr) }
-                            .to_string_lossy()
-                            .into_owned()
-                    };
-                    (w.id, addr)
-                })
-                .collect();
-            // SAFETY: the entries librbd filled in, freed once.
-            unsafe { (self.api().rbd_watchers_list_cleanup)(list.as_mut_ptr(), count) };
-            return Ok(watchers);
-        }
+            unsafe { (self.api().rbd_watchers_list)(self.handle, list.as_mut_ptr(), count) }
+        });
+        check(
+            i64::from(rc),
+            &format_args!("cannot list the watchers of RBD image {}", self.spec()),
+        )?;
+        let watchers = list[..count]
+            .iter()
+            .map(|w| {
+                let addr = if w.addr.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: a NUL-terminated string librbd allocated, read before the
+                    // cleanup frees it.
+                    unsafe { CStr::from_ptr(w.addr) }
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                (w.id, addr)
+            })
+            .collect();
+        // SAFETY: the entries librbd filled in, freed once.
+        unsafe { (self.api().rbd_watchers_list_cleanup)(list.as_mut_ptr(), count) };
+        Ok(watchers)
     }
 
     /// The image metadata value of `key`, if set.
     pub fn metadata_get(&self, key: &str) -> std::io::Result<Option<String>> {
         let c_key = cstring(key, "the metadata key")?;
-        let mut len: usize = 256;
-        loop {
-            let mut value = vec![0u8; len];
-            let mut got = len;
+        let (rc, value, _) = sized(256, 0u8, |value, got| {
             // SAFETY: `value` has room for `got` bytes; librbd writes the NUL-terminated
             // value there, or says how long it is with -ERANGE.
-            let rc = unsafe {
+            unsafe {
                 (self.api().rbd_metadata_get)(
                     self.handle,
                     c_key.as_ptr(),
                     value.as_mut_ptr().cast(),
-                    &mut got,
+                    got,
                 )
-            };
-            if rc == -libc::ENOENT {
-                return Ok(None);
             }
-            if rc == -libc::ERANGE && got > len {
-                len = got;
-                continue;
-            }
-            check(
-                i64::from(rc),
-                &format_args!("cannot read metadata {key} of RBD image {}", self.spec()),
-            )?;
-            let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
-            return Ok(Some(String::from_utf8_lossy(&value[..end]).into_owned()));
+        });
+        if rc == -libc::ENOENT {
+            return Ok(None);
         }
+        check(
+            i64::from(rc),
+            &format_args!("cannot read metadata {key} of RBD image {}", self.spec()),
+        )?;
+        let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+        Ok(Some(String::from_utf8_lossy(&value[..end]).into_owned()))
     }
 
     /// Sets image metadata `key` to `value`.

@@ -259,26 +259,24 @@ debug monc = 10
     /// Runs a Ceph program, killed if it takes over 90 s (a cluster that lost its OSD makes
     /// some of them wait forever).
     fn run(&self, program: &str, args: &[&str]) -> Output {
-        let mut child = self
-            .command(program, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+        // coreutils' timeout ends it; `output` reads both pipes while it runs, so a long
+        // answer cannot fill a pipe and stall it.
+        let out = Command::new("timeout")
+            .arg("90")
+            .arg(program)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
             .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{program} {args:?} did not finish in 90 s against the test's Ceph \
-                     cluster\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().expect("program output")
+        assert_ne!(
+            out.status.code(),
+            Some(124),
+            "{program} {args:?} did not finish in 90 s against the test's Ceph cluster\n{}",
+            self.logs()
+        );
+        out
     }
 
     /// Runs a Ceph program that must succeed.
