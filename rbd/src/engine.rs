@@ -30,6 +30,12 @@ impl RbdStore {
     /// The store over `image`.
     pub fn new(image: Image) -> io::Result<Self> {
         let location = PathBuf::from(format!("rbd:{}", image.spec()));
+        Self::named(image, location)
+    }
+
+    /// The store over `image`, called `location` in messages (a staged image names the
+    /// volume it becomes).
+    pub fn named(image: Image, location: PathBuf) -> io::Result<Self> {
         let object_size = image.object_size()?.max(4096);
         Ok(Self {
             image,

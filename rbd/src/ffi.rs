@@ -25,6 +25,15 @@ pub(crate) struct Watcher {
     cookie: u64,
 }
 
+/// `rbd_snap_info_t` (`rbd/librbd.h`): one snapshot of an image.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct SnapInfo {
+    id: u64,
+    size: u64,
+    name: *const c_char,
+}
+
 /// `RBD_LOCK_MODE_EXCLUSIVE`.
 const LOCK_MODE_EXCLUSIVE: c_int = 0;
 
@@ -79,7 +88,15 @@ api! {
     rbd fn rbd_rename(ioctx: Handle, from: *const c_char, to: *const c_char) -> c_int;
     rbd fn rbd_list(ioctx: Handle, names: *mut c_char, size: *mut usize) -> c_int;
     rbd fn rbd_open(ioctx: Handle, name: *const c_char, image: *mut Handle, snap: *const c_char) -> c_int;
+    rbd fn rbd_open_read_only(ioctx: Handle, name: *const c_char, image: *mut Handle, snap: *const c_char) -> c_int;
     rbd fn rbd_close(image: Handle) -> c_int;
+    rbd fn rbd_get_modify_timestamp(image: Handle, at: *mut libc::timespec) -> c_int;
+    rbd fn rbd_snap_create(image: Handle, name: *const c_char) -> c_int;
+    rbd fn rbd_snap_remove(image: Handle, name: *const c_char) -> c_int;
+    rbd fn rbd_snap_rename(image: Handle, from: *const c_char, to: *const c_char) -> c_int;
+    rbd fn rbd_snap_list(image: Handle, snaps: *mut SnapInfo, max: *mut c_int) -> c_int;
+    rbd fn rbd_snap_list_end(snaps: *mut SnapInfo) -> ();
+    rbd fn rbd_snap_get_timestamp(image: Handle, id: u64, at: *mut libc::timespec) -> c_int;
     rbd fn rbd_get_size(image: Handle, size: *mut u64) -> c_int;
     rbd fn rbd_resize(image: Handle, size: u64) -> c_int;
     rbd fn rbd_get_stripe_unit(image: Handle, unit: *mut u64) -> c_int;
@@ -203,6 +220,15 @@ fn check(rc: i64, what: &dyn std::fmt::Display) -> std::io::Result<i64> {
     ))
 }
 
+/// A `timespec` from librbd as a time.
+fn system_time(at: &libc::timespec) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            u64::try_from(at.tv_sec).unwrap_or(0),
+            u32::try_from(at.tv_nsec).unwrap_or(0),
+        )
+}
+
 /// A connection to a cluster (`rados_t`), shut down when the last pool and image using it
 /// are gone.
 pub struct Cluster {
@@ -307,6 +333,12 @@ unsafe impl Send for Pool {}
 // SAFETY: as above.
 unsafe impl Sync for Pool {}
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rbd:{}", self.name)
+    }
+}
+
 impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
@@ -380,21 +412,52 @@ impl Pool {
 
     /// Opens image `name` for reading and writing.
     pub fn open(self: &std::sync::Arc<Self>, name: &str) -> std::io::Result<Image> {
+        self.open_as(name, None, false)
+    }
+
+    /// Opens image `name` read-only: its head (`snapshot` None) or one of its snapshots.
+    /// A read-only open neither watches the image nor takes its lock.
+    pub fn open_read_only(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        snapshot: Option<&str>,
+    ) -> std::io::Result<Image> {
+        self.open_as(name, snapshot, true)
+    }
+
+    fn open_as(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        snapshot: Option<&str>,
+        read_only: bool,
+    ) -> std::io::Result<Image> {
         let c_name = cstring(name, "the image name")?;
+        let c_snap = snapshot
+            .map(|s| cstring(s, "the snapshot name"))
+            .transpose()?;
+        let snap_ptr = c_snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let open = if read_only {
+            self.api().rbd_open_read_only
+        } else {
+            self.api().rbd_open
+        };
         let mut handle: Handle = std::ptr::null_mut();
-        // SAFETY: a live ioctx; `handle` is a valid out-pointer; a NULL snapshot name opens
-        // the image head.
-        let rc = unsafe {
-            (self.api().rbd_open)(self.ioctx, c_name.as_ptr(), &mut handle, std::ptr::null())
+        // SAFETY: a live ioctx; `handle` is a valid out-pointer; the names are NUL-terminated
+        // (a NULL snapshot name opens the image head).
+        let rc = unsafe { open(self.ioctx, c_name.as_ptr(), &mut handle, snap_ptr) };
+        let spec = match snapshot {
+            Some(s) => format!("{name}@{s}"),
+            None => name.to_owned(),
         };
         check(
             i64::from(rc),
-            &format_args!("cannot open RBD image {}/{name}", self.name),
+            &format_args!("cannot open RBD image {}/{spec}", self.name),
         )?;
         Ok(Image {
             pool: std::sync::Arc::clone(self),
             handle,
-            name: name.to_owned(),
+            name: spec,
+            doomed: false,
         })
     }
 }
@@ -412,6 +475,8 @@ pub struct Image {
     pool: std::sync::Arc<Pool>,
     handle: Handle,
     name: String,
+    /// Removed from the pool once closed ([`remove_when_closed`](Image::remove_when_closed)).
+    doomed: bool,
 }
 
 // SAFETY: librbd image handles may be used from many threads at once: the library takes its
@@ -429,6 +494,18 @@ impl std::fmt::Debug for Image {
 impl Image {
     fn api(&self) -> &'static Api {
         self.pool.api()
+    }
+
+    /// Removes the image from the pool once this handle is closed (an image that another
+    /// one replaced, kept open until its caller has wiped it).
+    pub fn remove_when_closed(mut self) -> Self {
+        self.doomed = true;
+        self
+    }
+
+    /// The pool the image is in.
+    pub fn pool(&self) -> &std::sync::Arc<Pool> {
+        &self.pool
     }
 
     /// `pool/name`, for messages.
@@ -747,6 +824,124 @@ impl Image {
         .map(drop)
     }
 
+    /// When the image was last written.
+    pub fn modified(&self) -> std::io::Result<std::time::SystemTime> {
+        let mut at = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: an open image; `at` is a valid out-pointer.
+        let rc = unsafe { (self.api().rbd_get_modify_timestamp)(self.handle, &mut at) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot read when RBD image {} changed", self.spec()),
+        )?;
+        Ok(system_time(&at))
+    }
+
+    /// Takes snapshot `name` of the image (of what has been written; flush first for what
+    /// is still cached).
+    pub fn snap_create(&self, name: &str) -> std::io::Result<()> {
+        let c = cstring(name, "the snapshot name")?;
+        // SAFETY: an open image; the name is NUL-terminated.
+        let rc = unsafe { (self.api().rbd_snap_create)(self.handle, c.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot take snapshot {name} of RBD image {}", self.spec()),
+        )
+        .map(drop)
+    }
+
+    /// Removes snapshot `name`.
+    pub fn snap_remove(&self, name: &str) -> std::io::Result<()> {
+        let c = cstring(name, "the snapshot name")?;
+        // SAFETY: an open image; the name is NUL-terminated.
+        let rc = unsafe { (self.api().rbd_snap_remove)(self.handle, c.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!("cannot remove snapshot {name} of RBD image {}", self.spec()),
+        )
+        .map(drop)
+    }
+
+    /// Renames snapshot `from` to `to` (refused with `EEXIST` if `to` exists).
+    pub fn snap_rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        let (f, t) = (
+            cstring(from, "the snapshot name")?,
+            cstring(to, "the snapshot name")?,
+        );
+        // SAFETY: an open image; both names are NUL-terminated.
+        let rc = unsafe { (self.api().rbd_snap_rename)(self.handle, f.as_ptr(), t.as_ptr()) };
+        check(
+            i64::from(rc),
+            &format_args!(
+                "cannot rename snapshot {from} of RBD image {} to {to}",
+                self.spec()
+            ),
+        )
+        .map(drop)
+    }
+
+    /// The image's snapshots: name and when each was taken, in the order librbd lists them.
+    pub fn snapshots(&self) -> std::io::Result<Vec<(String, std::time::SystemTime)>> {
+        let empty = SnapInfo {
+            id: 0,
+            size: 0,
+            name: std::ptr::null(),
+        };
+        let mut room: c_int = 16;
+        loop {
+            let mut list = vec![empty; usize::try_from(room).unwrap_or(0)];
+            let mut max = room;
+            // SAFETY: `list` has room for `max` entries; librbd fills at most that many (their
+            // names allocated by it, freed by rbd_snap_list_end) plus an end marker, or says
+            // how many it needs with -ERANGE.
+            let rc =
+                unsafe { (self.api().rbd_snap_list)(self.handle, list.as_mut_ptr(), &mut max) };
+            if rc == -libc::ERANGE && max > room {
+                room = max + 1;
+                continue;
+            }
+            let n = usize::try_from(check(
+                i64::from(rc),
+                &format_args!("cannot list the snapshots of RBD image {}", self.spec()),
+            )?)
+            .unwrap_or(0)
+            .min(list.len());
+            let mut out = Vec::with_capacity(n);
+            let mut failed = None;
+            for s in &list[..n] {
+                // SAFETY: a NUL-terminated name librbd allocated, read before the end call
+                // frees it.
+                let name = unsafe { CStr::from_ptr(s.name) }
+                    .to_string_lossy()
+                    .into_owned();
+                let mut at = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: an open image, a snapshot id it listed, a valid out-pointer.
+                let rc = unsafe { (self.api().rbd_snap_get_timestamp)(self.handle, s.id, &mut at) };
+                if rc < 0 && failed.is_none() {
+                    failed = Some((rc, name.clone()));
+                }
+                out.push((name, system_time(&at)));
+            }
+            // SAFETY: the list librbd filled in, freed once.
+            unsafe { (self.api().rbd_snap_list_end)(list.as_mut_ptr()) };
+            if let Some((rc, name)) = failed {
+                check(
+                    i64::from(rc),
+                    &format_args!(
+                        "cannot read when snapshot {name} of {} was taken",
+                        self.spec()
+                    ),
+                )?;
+            }
+            return Ok(out);
+        }
+    }
+
     /// The allocated runs (offset, length) within `offset..offset+len`, in order.
     pub fn allocated(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
         unsafe extern "C" fn collect(
@@ -795,5 +990,10 @@ impl Drop for Image {
         // SAFETY: the handle came from rbd_open and is closed exactly once; no request is in
         // flight (every call waits for its completion).
         unsafe { (self.api().rbd_close)(self.handle) };
+        if self.doomed {
+            // Best effort: an image that could not be removed is found again by its
+            // catalog's leftovers.
+            let _ = self.pool.remove_image(&self.name);
+        }
     }
 }

@@ -6,6 +6,8 @@
 //!   package. [`load`] says which package is missing.
 //! - [`Cluster`] (`rados_t`), [`Pool`] (`rados_ioctx_t`) and [`Image`] (`rbd_image_t`) close
 //!   their handles when dropped, children before parents (each holds its parent).
+//! - [`RbdCatalog`]: the volumes of a pool, one image per volume, with atomic replace and
+//!   RBD snapshots ([`RbdSnapshots`]).
 //! - I/O goes through librbd's aio calls; [`Image`]'s methods submit and wait, borrowing the
 //!   caller's buffer until librbd has completed the request.
 //!
@@ -14,9 +16,11 @@
 
 #![deny(unsafe_code)]
 
+mod catalog;
 mod engine;
 mod ffi;
 
+pub use catalog::{RbdCatalog, RbdSnapshots};
 pub use engine::RbdStore;
 pub use ffi::{Cluster, Image, Pool};
 

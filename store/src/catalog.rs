@@ -45,6 +45,16 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// A staged store of another crate's catalog: volume `name`, staged at `location`, with
+    /// its store (None when the engine makes it later, as an RBD snapshot is).
+    pub fn new(name: &str, location: PathBuf, store: Option<Box<dyn BackingStore>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            location,
+            store,
+        }
+    }
+
     /// The staged store, to format or fill (taken once; a volume then owns it).
     pub fn take_store(&mut self) -> Option<Box<dyn BackingStore>> {
         self.store.take()

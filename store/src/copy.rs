@@ -46,14 +46,17 @@ pub enum CloneMethod {
     Reflink,
     /// The data ranges were copied, holes kept.
     Copy,
+    /// The engine took a snapshot of the source in place (an RBD snapshot): nothing copied.
+    Snapshot,
 }
 
 impl CloneMethod {
-    /// `reflink` or `copy`.
+    /// `reflink`, `copy` or `snapshot`.
     pub fn as_str(self) -> &'static str {
         match self {
             CloneMethod::Reflink => "reflink",
             CloneMethod::Copy => "copy",
+            CloneMethod::Snapshot => "snapshot",
         }
     }
 }

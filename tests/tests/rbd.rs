@@ -71,8 +71,7 @@ fn a_wrong_pool_or_an_unreachable_cluster_is_named() {
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let e = cluster
         .pool("no-such-pool")
-        .err()
-        .expect("a missing pool opens");
+        .expect_err("a missing pool opens");
     assert!(e.to_string().contains("no-such-pool"), "{e}");
     assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
 
@@ -198,4 +197,135 @@ fn an_exclusive_lock_keeps_one_writer_and_breaking_it_fences_the_holder() {
         back[8192..].iter().all(|&x| x == 0),
         "A's fenced write landed"
     );
+}
+
+/// The catalog over a pool keeps the storage layer's catalog contract (staging, publish,
+/// atomic replace, leftovers, snapshots as RBD snapshots), on the real cluster.
+#[test]
+fn an_rbd_pool_keeps_the_catalog_contract() {
+    let dir = TestDir::new("rbd-catalog");
+    let c = Cluster::start(&dir);
+    let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
+    let catalog = rbd::RbdCatalog::new(cluster.pool(&c.pool).expect("pool"));
+    store::catalog::check(&catalog);
+    let ls = c.rbd_ok(&["ls", &c.pool]);
+    assert_eq!(
+        String::from_utf8_lossy(&ls.stdout).trim(),
+        "",
+        "the contract left images behind"
+    );
+}
+
+/// One writer through the catalog: a volume opened for writing holds the image's exclusive
+/// lock, so a second client's open for writing is refused as locked (not as an I/O error),
+/// while readers still open it.
+#[test]
+fn a_volume_open_for_writing_is_locked_for_other_hosts() {
+    use store::catalog::Catalog;
+    use store::file::{Access, OpenError};
+    let dir = TestDir::new("rbd-catalog-lock");
+    let c = Cluster::start(&dir);
+    let host = |_: u8| {
+        let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
+        rbd::RbdCatalog::new(cluster.pool(&c.pool).expect("pool"))
+    };
+    let (a, b) = (host(b'a'), host(b'b'));
+    let mut staged = a.stage("v", "creating").expect("stage");
+    let store = staged.take_store().expect("store");
+    store.write_at(b"from a", 0).expect("write");
+    a.publish(staged, store::durable::Existing::Keep)
+        .expect("publish");
+    drop(store);
+    let held = a.open("v", Access::ReadWrite).expect("A opens for writing");
+    match b.open("v", Access::ReadWrite) {
+        Err(OpenError::Locked) => {}
+        Err(OpenError::Io(e)) => panic!("B's open failed, but not as locked: {e}"),
+        Ok(_) => panic!("B opened for writing a volume A holds"),
+    }
+    let reader = b.open("v", Access::Inspect).expect("B inspects");
+    let mut buf = [0u8; 6];
+    reader.read_at(&mut buf, 0).expect("B reads");
+    assert_eq!(&buf, b"from a");
+    drop(held);
+    b.open("v", Access::ReadWrite)
+        .map_err(|e| format!("{e:?}"))
+        .expect("B opens once A has closed");
+}
+
+/// A replace interrupted after its new image was marked complete is finished by the next
+/// look at the pool (a daemon's start, or a lookup of the missing name), from each state a
+/// crash can leave: the new volume whole, the old one set aside as a leftover. A staged image
+/// without the mark is a leftover and the old volume stays.
+#[test]
+fn an_interrupted_replace_leaves_the_old_volume_or_the_new_one() {
+    use store::catalog::Catalog;
+    use store::file::Access;
+    let dir = TestDir::new("rbd-replace-crash");
+    let c = Cluster::start(&dir);
+    let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
+    let pool = cluster.pool(&c.pool).expect("pool");
+    let catalog = rbd::RbdCatalog::new(std::sync::Arc::clone(&pool));
+    let image = |name: &str, data: &[u8], marked: bool| {
+        pool.create_image(name, 1 << 20).expect("create");
+        let i = pool.open(name).expect("open");
+        i.write_at(data, 0).expect("write");
+        if marked {
+            let volume = name[1..].rsplit_once('.').expect("staged name").0;
+            i.metadata_set("cryptnbd.publish", volume).expect("mark");
+        }
+    };
+    let content = |name: &str| {
+        let s = catalog.open(name, Access::Inspect).expect("open");
+        let mut buf = [0u8; 3];
+        s.read_at(&mut buf, 0).expect("read");
+        buf
+    };
+    let images = || {
+        let mut all = pool.images().expect("list");
+        all.sort();
+        all
+    };
+
+    // Marked, the old volume still in place (a crash before the first rename).
+    image("a", b"old", false);
+    image(".a.rebuilding", b"new", true);
+    let left = catalog.leftovers().expect("leftovers");
+    assert_eq!(content("a"), *b"new");
+    assert_eq!(
+        left.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["a"],
+        "the old volume is not left to wipe"
+    );
+    for s in left {
+        catalog.discard(s).expect("discard");
+    }
+    assert_eq!(images(), ["a"]);
+
+    // Marked, the old volume set aside (a crash between the renames): the name is missing
+    // until a lookup finishes the replace.
+    image(".b.replaced", b"old", false);
+    image(".b.reencrypting", b"new", true);
+    assert!(catalog.exists("b"), "the lookup did not finish the replace");
+    assert_eq!(content("b"), *b"new");
+    let meta = pool.open_read_only("b", None).expect("open");
+    assert_eq!(
+        meta.metadata_get("cryptnbd.publish").expect("metadata"),
+        None,
+        "the mark stayed"
+    );
+    drop(meta);
+
+    // Not marked (a crash while building): the old volume stays, the new one is a leftover.
+    image("c", b"old", false);
+    image(".c.rebuilding", b"hal", false);
+    let left: Vec<_> = catalog
+        .leftovers()
+        .expect("leftovers")
+        .into_iter()
+        .filter(|s| s.name != "b")
+        .collect();
+    assert_eq!(content("c"), *b"old");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].location.to_string_lossy(), "rbd:rbd/.c.rebuilding");
+    assert_eq!(catalog.list().expect("list"), ["a", "b", "c"]);
 }

@@ -1,0 +1,598 @@
+//! [`RbdCatalog`]: the volumes of an RBD pool, one image per volume, named after it; and
+//! [`RbdSnapshots`]: a volume's snapshots, which are RBD snapshots of its image.
+//!
+//! Every host connected to the pool sees the same volumes. Names in the pool:
+//!
+//! | image | what it is |
+//! |---|---|
+//! | `NAME` | volume `NAME` |
+//! | `.NAME.OPERATION` | a volume being built (`creating`, `rebuilding`, ...), held under its builder's exclusive lock |
+//! | `.NAME.replaced` | the volume a replace swapped out, removed once its header is wiped |
+//! | `.NAME.snapshots-N` | a volume a replace swapped out that has snapshots: kept for them (its header wiped), removed with its last snapshot |
+//!
+//! **Atomic replace without rename-over.** RBD renames refuse an existing target, so a
+//! replace takes three renames and a mark that makes them restartable:
+//! 1. the staged image, flushed, gets the metadata `cryptnbd.publish = NAME` (it is whole);
+//! 2. `NAME` becomes `.NAME.replaced`;
+//! 3. `.NAME.OPERATION` becomes `NAME`, and the mark is removed.
+//!
+//! A crash after step 1 is rolled forward by [`RbdCatalog::leftovers`] (which every daemon
+//! runs at start and before it stages a volume) and by [`Catalog::exists`] of the missing
+//! name: a marked staged image is complete, so the renames are finished. A crash before step
+//! 1 leaves the old volume and a staged image to discard. Either way the volume is the old
+//! one or the new one, whole.
+//!
+//! **Snapshots outlive a replace.** RBD snapshots belong to an image, and a replace (a
+//! rebuild from a snapshot, a re-encryption) makes a new image. The old one, if it has
+//! snapshots, is kept under a hidden name for them, and [`RbdSnapshots`] lists the snapshots
+//! of the volume's image and of every image kept so.
+//!
+//! **Who may touch what.** A staged image is created, opened and exclusively locked by its
+//! builder; it is a leftover only once nobody watches it (its builder closed it or died and
+//! its watch lapsed, `osd_client_watch_timeout`), so a daemon starting on another host never
+//! takes away a volume that is being built.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use store::BackingStore;
+use store::catalog::{Catalog, Staged};
+use store::copy::{CloneMethod, Watch};
+use store::durable::Existing;
+use store::file::{Access, OpenError};
+
+use crate::{Image, Pool, RbdStore};
+
+/// The metadata key that marks a staged image as complete and on its way to its name.
+const PUBLISH_KEY: &str = "cryptnbd.publish";
+/// The suffix of a volume that a replace swapped out.
+const REPLACED: &str = "replaced";
+/// The suffix (before a number) of a swapped-out volume kept for its snapshots.
+const HOLDER: &str = "snapshots-";
+
+/// What a hidden image of the pool is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hidden {
+    /// A volume being built.
+    Staged,
+    /// A volume a replace swapped out.
+    Replaced,
+    /// A swapped-out volume kept for its snapshots.
+    Holder,
+}
+
+/// The hidden images among `images`: (image, the volume it is for, what it is).
+fn hidden(images: &[String]) -> Vec<(String, String, Hidden)> {
+    images
+        .iter()
+        .filter_map(|image| {
+            let (name, op) = image.strip_prefix('.')?.rsplit_once('.')?;
+            let kind = if op == REPLACED {
+                Hidden::Replaced
+            } else if op.starts_with(HOLDER) {
+                Hidden::Holder
+            } else {
+                Hidden::Staged
+            };
+            (!name.is_empty()).then(|| (image.clone(), name.to_owned(), kind))
+        })
+        .collect()
+}
+
+/// Retires image `image` that used to be volume `name`: removed if it has no snapshots, else
+/// kept for them under a holder's name.
+fn retire(pool: &Arc<Pool>, image: &str, name: &str) -> io::Result<()> {
+    match keep_for_snapshots(pool, image, name)? {
+        Some(_) => Ok(()),
+        None => gone_is_fine(pool.remove_image(image)),
+    }
+}
+
+/// Renames `image`, a swapped-out volume `name`, to a holder's name if it has snapshots:
+/// the new name, or None if it has none.
+fn keep_for_snapshots(pool: &Arc<Pool>, image: &str, name: &str) -> io::Result<Option<String>> {
+    if pool.open_read_only(image, None)?.snapshots()?.is_empty() {
+        return Ok(None);
+    }
+    let stamp = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let holder = format!(".{name}.{HOLDER}{stamp}");
+    pool.rename_image(image, &holder)?;
+    Ok(Some(holder))
+}
+
+/// The volumes of one RBD pool.
+#[derive(Debug, Clone)]
+pub struct RbdCatalog {
+    pool: Arc<Pool>,
+}
+
+impl RbdCatalog {
+    /// The catalog of the images in `pool`.
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    fn spec(&self, image: &str) -> PathBuf {
+        PathBuf::from(format!("rbd:{}/{image}", self.pool.name()))
+    }
+
+    /// The image under a staged store's location.
+    fn image_of(staged: &Staged) -> io::Result<String> {
+        image_name(&staged.location)
+    }
+
+    /// Finishes the replaces a crash interrupted after their staged image was marked
+    /// complete (`only`: for that volume only).
+    fn settle(&self, only: Option<&str>) -> io::Result<()> {
+        let images = self.pool.images()?;
+        for (image, name, kind) in hidden(&images) {
+            if kind != Hidden::Staged || only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let marked = match self.pool.open_read_only(&image, None) {
+                Ok(i) => i.metadata_get(PUBLISH_KEY)?.as_deref() == Some(name.as_str()),
+                Err(_) => false,
+            };
+            if !marked {
+                continue;
+            }
+            let aside = format!(".{name}.{REPLACED}");
+            if images.contains(&name) {
+                if images.contains(&aside) {
+                    // Not a state a replace leaves: keep the volume, the staged image goes
+                    // as a leftover.
+                    continue;
+                }
+                self.pool.rename_image(&name, &aside)?;
+            }
+            self.pool.rename_image(&image, &name)?;
+            self.pool.open(&name)?.metadata_remove(PUBLISH_KEY)?;
+        }
+        Ok(())
+    }
+
+    /// Opens image `image` for writing under its exclusive lock: `Locked` while another
+    /// client holds it.
+    fn open_locked(&self, image: &str) -> Result<Image, OpenError> {
+        let opened = self.pool.open(image).map_err(OpenError::Io)?;
+        match opened.lock_acquire() {
+            Ok(()) => Ok(opened),
+            Err(e) => match opened.lock_owners() {
+                Ok(owners) if !owners.is_empty() => Err(OpenError::Locked),
+                _ => Err(OpenError::Io(e)),
+            },
+        }
+    }
+}
+
+/// The last component of an `rbd:POOL/IMAGE` location.
+fn image_name(location: &Path) -> io::Result<String> {
+    location
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not an RBD image", location.display()),
+            )
+        })
+}
+
+/// `Ok` for a result that failed only because the thing was already gone.
+fn gone_is_fine(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+impl Catalog for RbdCatalog {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .pool
+            .images()?
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn location(&self, name: &str) -> PathBuf {
+        self.spec(name)
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        let there = |c: &Self| c.pool.images().is_ok_and(|i| i.iter().any(|n| n == name));
+        there(self) || (self.settle(Some(name)).is_ok() && there(self))
+    }
+
+    fn open(&self, name: &str, access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
+        let image = match access {
+            Access::ReadWrite => self.open_locked(name)?,
+            // RBD has no shared lock: a reader does not keep a writer out.
+            Access::ReadOnly | Access::Inspect => self
+                .pool
+                .open_read_only(name, None)
+                .map_err(OpenError::Io)?,
+        };
+        Ok(Box::new(RbdStore::new(image).map_err(OpenError::Io)?))
+    }
+
+    fn stage(&self, name: &str, operation: &str) -> io::Result<Staged> {
+        let hidden = format!(".{name}.{operation}");
+        // A leftover of the same name and operation goes (refused while someone uses it).
+        gone_is_fine(self.pool.remove_image(&hidden))?;
+        self.pool.create_image(&hidden, 0)?;
+        let image = self.pool.open(&hidden)?;
+        image.lock_acquire()?;
+        let store = RbdStore::named(image, self.location(name))?;
+        Ok(Staged::new(name, self.spec(&hidden), Some(Box::new(store))))
+    }
+
+    fn publish(
+        &self,
+        staged: Staged,
+        existing: Existing,
+    ) -> io::Result<Option<Box<dyn BackingStore>>> {
+        let hidden = Self::image_of(&staged)?;
+        let name = staged.name.as_str();
+        let own = staged
+            .store()
+            .and_then(|s| s.as_any().downcast_ref::<RbdStore>())
+            .map(RbdStore::image);
+        let opened;
+        let image = match own {
+            Some(i) => {
+                i.flush()?;
+                i
+            }
+            // The store was taken: its owner flushes what it wrote (this handle wrote
+            // nothing; the owner's holds the lock, which librbd hands the metadata change to).
+            None => {
+                opened = self.pool.open(&hidden)?;
+                &opened
+            }
+        };
+        if existing == Existing::Keep {
+            return match self.pool.rename_image(&hidden, name) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{}: exists", self.location(name).display()),
+                )),
+                r => r.map(|()| None),
+            };
+        }
+        let aside = format!(".{name}.{REPLACED}");
+        image.metadata_set(PUBLISH_KEY, name)?;
+        store::crash::crash_point("rbd-replace-marked");
+        let had_old = match self.pool.rename_image(name, &aside) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        store::crash::crash_point("rbd-replace-old-aside");
+        self.pool.rename_image(&hidden, name)?;
+        store::crash::crash_point("rbd-replace-new-in-place");
+        image.metadata_remove(PUBLISH_KEY)?;
+        if !had_old {
+            return Ok(None);
+        }
+        // Kept open until the caller has wiped its header, then removed; or kept for its
+        // snapshots.
+        let old = match keep_for_snapshots(&self.pool, &aside, name)? {
+            Some(holder) => self.pool.open(&holder)?,
+            None => self.pool.open(&aside)?.remove_when_closed(),
+        };
+        Ok(Some(Box::new(RbdStore::named(old, self.location(name))?)))
+    }
+
+    fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
+        let hidden = Self::image_of(staged)?;
+        let image = self.pool.open(&hidden)?;
+        // Its builder is gone (a leftover nobody watches): its lock, if any, is stale.
+        for owner in image.lock_owners()? {
+            image.lock_break(&owner)?;
+        }
+        image.lock_acquire()?;
+        Ok(Box::new(RbdStore::named(image, staged.location.clone())?))
+    }
+
+    /// A swapped-out volume that has snapshots is kept for them.
+    fn discard(&self, staged: Staged) -> io::Result<()> {
+        match retire(&self.pool, &Self::image_of(&staged)?, &staged.name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.pool.remove_image(name)
+    }
+
+    fn leftovers(&self) -> io::Result<Vec<Staged>> {
+        self.settle(None)?;
+        let mut out = Vec::new();
+        for (image, name, kind) in hidden(&self.pool.images()?) {
+            if kind == Hidden::Holder {
+                continue;
+            }
+            // Still watched: its builder is alive (or died less than a watch timeout ago).
+            let watched = match self.pool.open_read_only(&image, None) {
+                Ok(i) => !i.watchers()?.is_empty(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if !watched {
+                out.push(Staged::new(&name, self.spec(&image), None));
+            }
+        }
+        out.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(out)
+    }
+
+    fn modified(&self, name: &str) -> io::Result<SystemTime> {
+        self.pool.open_read_only(name, None)?.modified()
+    }
+
+    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
+        Ok(Arc::new(RbdSnapshots {
+            pool: Arc::clone(&self.pool),
+            volume: name.to_owned(),
+        }))
+    }
+}
+
+/// The snapshots of one RBD volume: RBD snapshots of its image, taken in the cluster (no
+/// copy), read-only. A snapshot being taken is `.NAME.OPERATION` until published.
+#[derive(Debug)]
+pub struct RbdSnapshots {
+    pool: Arc<Pool>,
+    volume: String,
+}
+
+impl RbdSnapshots {
+    fn spec(&self, snapshot: &str) -> PathBuf {
+        PathBuf::from(format!(
+            "rbd:{}/{}@{snapshot}",
+            self.pool.name(),
+            self.volume
+        ))
+    }
+
+    /// The snapshot a staged location names (`rbd:POOL/VOLUME@SNAPSHOT`).
+    fn snapshot_of(staged: &Staged) -> io::Result<String> {
+        image_name(&staged.location)?
+            .rsplit_once('@')
+            .map(|(_, s)| s.to_owned())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: not an RBD snapshot", staged.location.display()),
+                )
+            })
+    }
+
+    /// Every snapshot of the volume, with the image it is of and when it was taken: those
+    /// of the volume's image first, then those of swapped-out images kept for them.
+    fn all(&self) -> io::Result<Vec<(String, String, SystemTime)>> {
+        let images = self.pool.images()?;
+        let holders = hidden(&images)
+            .into_iter()
+            .filter(|(_, name, kind)| *kind == Hidden::Holder && *name == self.volume)
+            .map(|(image, _, _)| image);
+        let mut out = Vec::new();
+        for image in std::iter::once(self.volume.clone()).chain(holders) {
+            match self.pool.open_read_only(&image, None) {
+                Ok(i) => out.extend(
+                    i.snapshots()?
+                        .into_iter()
+                        .map(|(s, at)| (image.clone(), s, at)),
+                ),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The image snapshot `name` is of, or `NotFound`.
+    fn image_of(&self, name: &str) -> io::Result<String> {
+        self.all()?
+            .into_iter()
+            .find(|(_, s, _)| s == name)
+            .map(|(image, _, _)| image)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{}: no such snapshot", self.spec(name).display()),
+                )
+            })
+    }
+
+    /// The volume's image, opened to change its snapshots (librbd hands the change to the
+    /// holder of the image's lock, if another client has it).
+    fn head(&self) -> io::Result<Image> {
+        self.pool.open(&self.volume)
+    }
+
+    fn read_only(&self, snapshot: &str) -> io::Result<RbdStore> {
+        let image = self
+            .pool
+            .open_read_only(&self.image_of(snapshot)?, Some(snapshot))?;
+        RbdStore::named(image, self.spec(snapshot))
+    }
+
+    /// Removes snapshot `name` wherever it is; a kept image goes with its last snapshot.
+    fn remove_snapshot(&self, name: &str) -> io::Result<()> {
+        let image = self.image_of(name)?;
+        if image == self.volume {
+            return self.head()?.snap_remove(name);
+        }
+        let held = self.pool.open(&image)?;
+        held.snap_remove(name)?;
+        let rest = held.snapshots()?;
+        drop(held);
+        if rest.is_empty() {
+            gone_is_fine(self.pool.remove_image(&image))?;
+        }
+        Ok(())
+    }
+}
+
+impl Catalog for RbdSnapshots {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .all()?
+            .into_iter()
+            .map(|(_, n, _)| n)
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    fn location(&self, name: &str) -> PathBuf {
+        self.spec(name)
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        self.all()
+            .is_ok_and(|all| all.iter().any(|(_, n, _)| n == name))
+    }
+
+    /// A snapshot is read-only whatever `access` asks: its bytes never change.
+    fn open(&self, name: &str, _access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
+        Ok(Box::new(self.read_only(name).map_err(OpenError::Io)?))
+    }
+
+    /// Nothing is made until [`clone_store`](Catalog::clone_store) takes the snapshot.
+    fn stage(&self, name: &str, operation: &str) -> io::Result<Staged> {
+        let hidden = format!(".{name}.{operation}");
+        if self.exists(&hidden) {
+            self.remove_snapshot(&hidden)?;
+        }
+        Ok(Staged::new(name, self.spec(&hidden), None))
+    }
+
+    fn publish(
+        &self,
+        staged: Staged,
+        existing: Existing,
+    ) -> io::Result<Option<Box<dyn BackingStore>>> {
+        if existing == Existing::Replace {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: an RBD snapshot is never replaced",
+                    staged.location.display()
+                ),
+            ));
+        }
+        let hidden = Self::snapshot_of(&staged)?;
+        let taken = || {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists", self.location(&staged.name).display()),
+            )
+        };
+        // A name taken on a kept image counts too: names are unique across them.
+        if self.exists(&staged.name) {
+            return Err(taken());
+        }
+        match self.head()?.snap_rename(&hidden, &staged.name) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(taken()),
+            r => r.map(|()| None),
+        }
+    }
+
+    fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
+        Ok(Box::new(self.read_only(&Self::snapshot_of(staged)?)?))
+    }
+
+    fn discard(&self, staged: Staged) -> io::Result<()> {
+        gone_is_fine(self.remove_snapshot(&Self::snapshot_of(&staged)?))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.remove_snapshot(name)
+    }
+
+    fn leftovers(&self) -> io::Result<Vec<Staged>> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter_map(|(_, snap, _)| {
+                let (name, _) = snap.strip_prefix('.')?.rsplit_once('.')?;
+                Some(Staged::new(name, self.spec(&snap), None))
+            })
+            .collect())
+    }
+
+    fn modified(&self, name: &str) -> io::Result<SystemTime> {
+        self.all()?
+            .into_iter()
+            .find(|(_, n, _)| n == name)
+            .map(|(_, _, at)| at)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{}: no such snapshot", self.spec(name).display()),
+                )
+            })
+    }
+
+    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{}: a snapshot has no snapshots of its own",
+                self.spec(name).display()
+            ),
+        ))
+    }
+
+    /// Takes an RBD snapshot of the volume's own image, `source` (flushed first): nothing is
+    /// copied. Any other source is refused.
+    fn clone_store(
+        &self,
+        source: &dyn BackingStore,
+        staged: &Staged,
+        watch: &dyn Watch,
+    ) -> io::Result<CloneMethod> {
+        let ours = format!("{}/{}", self.pool.name(), self.volume);
+        let Some(image) = source
+            .as_any()
+            .downcast_ref::<RbdStore>()
+            .map(RbdStore::image)
+            .filter(|i| i.spec() == ours)
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{}: a snapshot of an RBD volume is taken of its own image, not of {}",
+                    staged.location.display(),
+                    source.location().display()
+                ),
+            ));
+        };
+        watch.check()?;
+        watch.phase("snapshotting", 0);
+        // What the source's writer has cached goes to the cluster first; the snapshot is
+        // taken through a handle of our own (the source may be read-only), and librbd has
+        // the holder of the image's lock take it if another handle holds it.
+        image.flush()?;
+        self.head()?.snap_create(&Self::snapshot_of(staged)?)?;
+        Ok(CloneMethod::Snapshot)
+    }
+}
