@@ -27,6 +27,17 @@
 //! snapshots, is kept under a hidden name for them, and [`RbdSnapshots`] lists the snapshots
 //! of the volume's image and of every image kept so.
 //!
+//! **One writer across hosts.** A volume opened for writing holds its image's exclusive
+//! lock in exclusive mode (librbd then hands it to nobody who asks), and the holder records
+//! who it is in the image's metadata (`cryptnbd.holder.*`: host, state directory, daemon
+//! instance). Another host's open is refused with [`OpenError::Held`], naming the lock owner
+//! as librbd reports it and the holder's own record. The lock of the same daemon instance
+//! (a restarted daemon, recognised by the instance id of its state directory, never by host
+//! name) is broken and taken at once: that instance is dead. [`Catalog::take_over`] takes a
+//! volume from a holder that is gone: it waits until nobody watches the image (a dead
+//! client's watch lapses after `osd_client_watch_timeout`), or not at all with `force`,
+//! then breaks the lock, which blocklists the old holder: it can never write again.
+//!
 //! **Who may touch what.** A staged image is created, opened and exclusively locked by its
 //! builder; it is a leftover only once nobody watches it (its builder closed it or died and
 //! its watch lapsed, `osd_client_watch_timeout`), so a daemon starting on another host never
@@ -37,6 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use std::time::{Duration, Instant};
 use store::BackingStore;
 use store::catalog::{Catalog, Staged};
 use store::copy::{CloneMethod, Watch};
@@ -104,16 +116,102 @@ fn keep_for_snapshots(pool: &Arc<Pool>, image: &str, name: &str) -> io::Result<O
     Ok(Some(holder))
 }
 
+/// Who holds a volume: recorded in its image's metadata while it does.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Holder {
+    /// The host name.
+    pub host: String,
+    /// The daemon's state directory.
+    pub state_dir: String,
+    /// The daemon instance (kept in its state directory: the same across restarts).
+    pub instance: String,
+}
+
+const HOLDER_KEYS: [&str; 3] = [
+    "cryptnbd.holder.host",
+    "cryptnbd.holder.state_dir",
+    "cryptnbd.holder.instance",
+];
+
+impl Holder {
+    /// The holder an image's metadata records, if any.
+    pub fn of(image: &Image) -> io::Result<Option<Self>> {
+        let mut v = Vec::with_capacity(3);
+        for key in HOLDER_KEYS {
+            v.push(image.metadata_get(key)?.unwrap_or_default());
+        }
+        let [host, state_dir, instance] = <[String; 3]>::try_from(v).unwrap_or_default();
+        Ok((!instance.is_empty()).then_some(Self {
+            host,
+            state_dir,
+            instance,
+        }))
+    }
+
+    fn record(&self, image: &Image) -> io::Result<()> {
+        for (key, value) in
+            HOLDER_KEYS
+                .into_iter()
+                .zip([&self.host, &self.state_dir, &self.instance])
+        {
+            image.metadata_set(key, value)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "host {} (state directory {}, daemon instance {})",
+            self.host, self.state_dir, self.instance
+        )
+    }
+}
+
 /// The volumes of one RBD pool.
 #[derive(Debug, Clone)]
 pub struct RbdCatalog {
     pool: Arc<Pool>,
+    /// Who this client is, recorded on the volumes it opens for writing.
+    me: Holder,
 }
 
 impl RbdCatalog {
-    /// The catalog of the images in `pool`.
+    /// The catalog of the images in `pool`, opened by nobody in particular (tests).
     pub fn new(pool: Arc<Pool>) -> Self {
-        Self { pool }
+        Self::with_holder(pool, Holder::default())
+    }
+
+    /// The catalog of the images in `pool` for the daemon `me`.
+    pub fn with_holder(pool: Arc<Pool>, me: Holder) -> Self {
+        Self { pool, me }
+    }
+
+    /// Who holds volume `name` now: the lock owners librbd reports and the holder's record
+    /// (None: nobody holds its lock).
+    pub fn holder(&self, name: &str) -> io::Result<Option<(Vec<String>, Option<Holder>)>> {
+        // Lock owners are known to an open for writing only (it watches the image briefly).
+        let image = self.pool.open(name)?;
+        let owners = image.lock_owners()?;
+        if owners.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((owners, Holder::of(&image)?)))
+    }
+
+    /// How long a dead client's watch lasts: the cluster's `osd_client_watch_timeout` as this
+    /// client's configuration gives it (30 s by default), plus a margin.
+    fn watch_lapse(&self) -> Duration {
+        let secs = self
+            .pool
+            .cluster()
+            .conf_get("osd_client_watch_timeout")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(30);
+        Duration::from_secs(secs + 5)
     }
 
     /// The pool.
@@ -160,17 +258,51 @@ impl RbdCatalog {
         Ok(())
     }
 
-    /// Opens image `image` for writing under its exclusive lock: `Locked` while another
-    /// client holds it.
+    /// Opens image `image` for writing under its exclusive lock, and records this client
+    /// as its holder: `Held` while another client holds it (the lock of this same daemon
+    /// instance, which is dead if it is not this process, is broken first).
     fn open_locked(&self, image: &str) -> Result<Image, OpenError> {
         let opened = self.pool.open(image).map_err(OpenError::Io)?;
-        match opened.lock_acquire() {
-            Ok(()) => Ok(opened),
-            Err(e) => match opened.lock_owners() {
-                Ok(owners) if !owners.is_empty() => Err(OpenError::Locked),
-                _ => Err(OpenError::Io(e)),
-            },
+        if let Err(e) = opened.lock_acquire() {
+            let owners = opened.lock_owners().map_err(OpenError::Io)?;
+            if owners.is_empty() {
+                return Err(OpenError::Io(e));
+            }
+            let holder = Holder::of(&opened).map_err(OpenError::Io)?;
+            let mine = !self.me.instance.is_empty()
+                && holder
+                    .as_ref()
+                    .is_some_and(|h| h.instance == self.me.instance);
+            if !mine {
+                return Err(OpenError::Held(describe(&opened, &owners, holder.as_ref())));
+            }
+            for owner in &owners {
+                opened.lock_break(owner).map_err(OpenError::Io)?;
+            }
+            opened.lock_acquire().map_err(OpenError::Io)?;
         }
+        if !self.me.instance.is_empty() {
+            self.me.record(&opened).map_err(OpenError::Io)?;
+        }
+        Ok(opened)
+    }
+}
+
+/// A holder as a sentence: librbd's lock owners (their addresses), named as clients where
+/// `image`'s watchers show which client has that address, and the holder's own record.
+fn describe(image: &Image, owners: &[String], holder: Option<&Holder>) -> String {
+    let watchers = image.watchers().unwrap_or_default();
+    let owners = owners
+        .iter()
+        .map(|addr| match watchers.iter().find(|(_, a)| a == addr) {
+            Some((id, _)) => format!("client.{id} at {addr}"),
+            None => addr.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    match holder {
+        Some(h) => format!("{h}, lock owner {owners}"),
+        None => format!("lock owner {owners}"),
     }
 }
 
@@ -227,6 +359,61 @@ impl Catalog for RbdCatalog {
                 .map_err(OpenError::Io)?,
         };
         Ok(Box::new(RbdStore::new(image).map_err(OpenError::Io)?))
+    }
+
+    /// Waits until nobody watches the image (`force`: not at all), then breaks its lock,
+    /// which blocklists the old holder, and opens it under the lock.
+    fn take_over(
+        &self,
+        name: &str,
+        force: bool,
+        watch: &dyn Watch,
+    ) -> Result<Box<dyn BackingStore>, OpenError> {
+        let io = OpenError::Io;
+        // Lock owners are known to an open for writing only; its own watch is not counted.
+        let look = self.pool.open(name).map_err(io)?;
+        let me = self.pool.cluster().instance_id();
+        let others = |image: &Image| -> io::Result<Vec<(i64, String)>> {
+            let mut w = image.watchers()?;
+            w.retain(|(id, _)| u64::try_from(*id).ok() != Some(me));
+            Ok(w)
+        };
+        let owners = look.lock_owners().map_err(io)?;
+        if !owners.is_empty() && !force {
+            let lapse = self.watch_lapse();
+            watch.phase("waiting for the holder's watch to lapse", lapse.as_secs());
+            let start = Instant::now();
+            let mut waited = 0;
+            loop {
+                let watchers = others(&look).map_err(io)?;
+                if watchers.is_empty() {
+                    break;
+                }
+                if start.elapsed() >= lapse {
+                    let holder = Holder::of(&look).map_err(io)?;
+                    let at: Vec<String> = watchers.iter().map(|(_, a)| a.clone()).collect();
+                    return Err(OpenError::Held(format!(
+                        "{}, which is alive: it still watches the image from {} after {}s;                          detach it there, or add --force to fence it anyway",
+                        describe(&look, &owners, holder.as_ref()),
+                        at.join(", "),
+                        lapse.as_secs()
+                    )));
+                }
+                watch.check().map_err(io)?;
+                std::thread::sleep(Duration::from_millis(500));
+                let now = start.elapsed().as_secs();
+                if now > waited {
+                    watch.add(now - waited);
+                    waited = now;
+                }
+            }
+        }
+        for owner in look.lock_owners().map_err(io)? {
+            look.lock_break(&owner).map_err(io)?;
+        }
+        drop(look);
+        let image = self.open_locked(name)?;
+        Ok(Box::new(RbdStore::new(image).map_err(io)?))
     }
 
     fn stage(&self, name: &str, operation: &str) -> io::Result<Staged> {

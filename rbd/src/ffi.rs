@@ -79,7 +79,9 @@ api! {
     rados fn rados_create(cluster: *mut Handle, id: *const c_char) -> c_int;
     rados fn rados_conf_read_file(cluster: Handle, path: *const c_char) -> c_int;
     rados fn rados_conf_set(cluster: Handle, option: *const c_char, value: *const c_char) -> c_int;
+    rados fn rados_conf_get(cluster: Handle, option: *const c_char, buf: *mut c_char, len: usize) -> c_int;
     rados fn rados_connect(cluster: Handle) -> c_int;
+    rados fn rados_get_instance_id(cluster: Handle) -> u64;
     rados fn rados_shutdown(cluster: Handle) -> ();
     rados fn rados_ioctx_create(cluster: Handle, pool: *const c_char, ioctx: *mut Handle) -> c_int;
     rados fn rados_ioctx_destroy(ioctx: Handle) -> ();
@@ -293,6 +295,35 @@ impl Cluster {
         Ok(std::sync::Arc::new(cluster))
     }
 
+    /// This client's id in the cluster (`client.ID`, as watchers and lock owners name it).
+    pub fn instance_id(&self) -> u64 {
+        // SAFETY: a connected cluster handle.
+        unsafe { (self.api.rados_get_instance_id)(self.handle) }
+    }
+
+    /// The value of configuration option `name` as this client sees it (its configuration
+    /// file and defaults).
+    pub fn conf_get(&self, name: &str) -> std::io::Result<String> {
+        let c_name = cstring(name, "the option name")?;
+        let mut buf = vec![0u8; 256];
+        // SAFETY: a live cluster handle; `buf` has room for `len` bytes, which librados
+        // fills with a NUL-terminated value (or -ENAMETOOLONG).
+        let rc = unsafe {
+            (self.api.rados_conf_get)(
+                self.handle,
+                c_name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        check(
+            i64::from(rc),
+            &format_args!("cannot read the Ceph option {name}"),
+        )?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
     /// The pool `name`.
     pub fn pool(self: &std::sync::Arc<Self>, name: &str) -> std::io::Result<std::sync::Arc<Pool>> {
         let c_name = cstring(name, "the pool name")?;
@@ -347,6 +378,11 @@ impl Pool {
 
     fn api(&self) -> &'static Api {
         self.cluster.api
+    }
+
+    /// The cluster the pool is in.
+    pub fn cluster(&self) -> &std::sync::Arc<Cluster> {
+        &self.cluster
     }
 
     /// Creates image `name` of `size` bytes with the cluster's default features and object

@@ -20,7 +20,7 @@ mod catalog;
 mod engine;
 mod ffi;
 
-pub use catalog::{RbdCatalog, RbdSnapshots};
+pub use catalog::{Holder, RbdCatalog, RbdSnapshots};
 pub use engine::RbdStore;
 pub use ffi::{Cluster, Image, Pool};
 

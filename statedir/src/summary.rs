@@ -27,6 +27,7 @@ pub fn volume_summary(catalog: &dyn Catalog, name: &str, attached: bool) -> Volu
         .open(name, Access::Inspect)
         .map_err(|e| match e {
             OpenError::Locked => VolumeError::new(VolumeErrorKind::InUse, "locked"),
+            OpenError::Held(who) => VolumeError::new(VolumeErrorKind::InUse, who),
             OpenError::Io(e) => VolumeError::io(&path, "opening the volume", e),
         })
         .and_then(|store| volume::inspect_store(&*store));

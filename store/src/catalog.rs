@@ -88,8 +88,28 @@ pub trait Catalog: Send + Sync + fmt::Debug {
     fn exists(&self, name: &str) -> bool;
 
     /// Opens volume `name` (a file engine takes the lock `access` asks for; a volume held
-    /// elsewhere is [`OpenError::Locked`]).
+    /// elsewhere is [`OpenError::Locked`], or [`OpenError::Held`] naming the holder).
     fn open(&self, name: &str, access: Access) -> Result<Box<dyn BackingStore>, OpenError>;
+
+    /// Opens volume `name` for writing, taking it from the host that holds it: once that
+    /// host is gone (the engine waits a while for it to be, following `watch`), or at once
+    /// with `force`; the old holder is fenced so that it can never write again. Engines
+    /// whose locks end with their holder (files) have nothing to take over: `Unsupported`.
+    fn take_over(
+        &self,
+        name: &str,
+        force: bool,
+        watch: &dyn Watch,
+    ) -> Result<Box<dyn BackingStore>, OpenError> {
+        let _ = (force, watch);
+        Err(OpenError::Io(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{}: a lock on a local file ends with the process that held it; there is                  nothing to take over",
+                self.location(name).display()
+            ),
+        )))
+    }
 
     /// A new, empty store that will become volume `name` when published; `operation` names
     /// the hidden store (`creating`, `rebuilding`, ...). A staged store of the same name and

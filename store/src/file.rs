@@ -43,6 +43,8 @@ pub struct FileStore {
 pub enum OpenError {
     /// Another process holds a conflicting lock (the volume is attached elsewhere).
     Locked,
+    /// Another host holds the volume (a cluster-wide lock): who, as a sentence.
+    Held(String),
     /// Opening or locking failed.
     Io(io::Error),
 }

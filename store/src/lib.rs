@@ -9,6 +9,8 @@
 //! - [`catalog`]: where volumes live by name, and their whole-volume changes (create,
 //!   atomic replace, snapshots, clones, removal). [`copy`]: the sparse copy between any two
 //!   stores that a catalog falls back on.
+//! - [`stores::Stores`]: a daemon's catalogs side by side (its directory, an RBD pool) as
+//!   one catalog, names unique across them.
 //! - [`durable`]: the one place that replaces a small file atomically (temporary file, fsync,
 //!   rename, directory fsync) and makes private directories.
 //!
@@ -36,6 +38,7 @@ pub mod crash;
 pub mod durable;
 pub mod file;
 pub mod memory;
+pub mod stores;
 
 use std::fmt;
 use std::io;

@@ -217,19 +217,25 @@ fn an_rbd_pool_keeps_the_catalog_contract() {
 }
 
 /// One writer through the catalog: a volume opened for writing holds the image's exclusive
-/// lock, so a second client's open for writing is refused as locked (not as an I/O error),
-/// while readers still open it.
+/// lock and records its holder, so a second host's open for writing is refused naming it,
+/// while readers still open it. A take-over waits for the holder's watch to lapse and is
+/// refused while it is alive; with force it fences the holder, whose writes then fail.
 #[test]
-fn a_volume_open_for_writing_is_locked_for_other_hosts() {
+fn a_volume_open_for_writing_is_held_against_other_hosts_until_taken_over() {
     use store::catalog::Catalog;
     use store::file::{Access, OpenError};
     let dir = TestDir::new("rbd-catalog-lock");
     let c = Cluster::start(&dir);
-    let host = |_: u8| {
+    let host = |name: &str| {
         let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
-        rbd::RbdCatalog::new(cluster.pool(&c.pool).expect("pool"))
+        let me = rbd::Holder {
+            host: name.into(),
+            state_dir: format!("/var/lib/{name}"),
+            instance: format!("{name}-instance"),
+        };
+        rbd::RbdCatalog::with_holder(cluster.pool(&c.pool).expect("pool"), me)
     };
-    let (a, b) = (host(b'a'), host(b'b'));
+    let (a, b) = (host("host-a"), host("host-b"));
     let mut staged = a.stage("v", "creating").expect("stage");
     let store = staged.take_store().expect("store");
     store.write_at(b"from a", 0).expect("write");
@@ -237,19 +243,46 @@ fn a_volume_open_for_writing_is_locked_for_other_hosts() {
         .expect("publish");
     drop(store);
     let held = a.open("v", Access::ReadWrite).expect("A opens for writing");
-    match b.open("v", Access::ReadWrite) {
-        Err(OpenError::Locked) => {}
-        Err(OpenError::Io(e)) => panic!("B's open failed, but not as locked: {e}"),
+    let refused = |r: Result<Box<dyn store::BackingStore>, OpenError>| match r {
+        Err(OpenError::Held(who)) => who,
+        Err(OpenError::Locked) => panic!("refused as locked, without the holder"),
+        Err(OpenError::Io(e)) => panic!("B's open failed, but not as held: {e}"),
         Ok(_) => panic!("B opened for writing a volume A holds"),
-    }
+    };
+    let who = refused(b.open("v", Access::ReadWrite));
+    assert!(
+        who.contains(
+            "host host-a (state directory /var/lib/host-a, daemon instance host-a-instance)"
+        ) && who.contains("lock owner client."),
+        "{who}"
+    );
+    let (owners, holder) = b.holder("v").expect("holder").expect("held");
+    assert_eq!(owners.len(), 1);
+    assert_eq!(holder.expect("recorded").host, "host-a");
     let reader = b.open("v", Access::Inspect).expect("B inspects");
     let mut buf = [0u8; 6];
     reader.read_at(&mut buf, 0).expect("B reads");
     assert_eq!(&buf, b"from a");
-    drop(held);
-    b.open("v", Access::ReadWrite)
+
+    // A is alive: a take-over waits out the watch timeout (5 s here), then refuses.
+    let started = std::time::Instant::now();
+    let who = refused(b.take_over("v", false, &store::copy::Unwatched));
+    assert!(who.contains("alive") && who.contains("--force"), "{who}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+
+    // Forced: A is fenced, B holds the volume.
+    let taken = b
+        .take_over("v", true, &store::copy::Unwatched)
         .map_err(|e| format!("{e:?}"))
-        .expect("B opens once A has closed");
+        .expect("forced take-over");
+    taken.write_at(b"from b", 0).expect("B writes");
+    taken.flush().expect("B flushes");
+    let late = held.write_at(b"late a", 0).expect_err("the fenced A wrote");
+    assert_eq!(rbd::errno(&late), Some(libc::ESHUTDOWN), "{late}");
+    let (_, holder) = b.holder("v").expect("holder").expect("held");
+    assert_eq!(holder.expect("recorded").host, "host-b");
+    let e = a.holder("v").expect_err("the fenced A still reaches the pool");
+    assert_eq!(rbd::errno(&e), Some(libc::ESHUTDOWN), "{e}");
 }
 
 /// A replace interrupted after its new image was marked complete is finished by the next

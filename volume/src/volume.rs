@@ -261,6 +261,13 @@ fn open_error(path: &Path, e: OpenError) -> VolumeError {
                 path.display()
             ),
         ),
+        OpenError::Held(who) => VolumeError::new(
+            VolumeErrorKind::InUse,
+            format!(
+                "{} is held by {who}: detach it there first, or attach with --take-over if                  that host is gone",
+                path.display()
+            ),
+        ),
         OpenError::Io(e) => VolumeError::io(path, "opening the volume", e),
     }
 }
