@@ -375,6 +375,10 @@ pub struct CreateRequest {
     /// Context key for the volume id; the default when absent.
     #[serde(default)]
     pub volume_id_key: Option<String>,
+    /// The store the volume goes to (`file`, `rbd`); the daemon's `[store] default` when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// `attach`.
@@ -429,6 +433,20 @@ pub struct AttachRequest {
     /// daemon restarting) before failing it with EIO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_conn_timeout_secs: Option<u64>,
+    /// Take the volume from the host that holds it (an RBD volume): once that host is gone
+    /// (waiting for its watch to lapse), or at once with `force`. The old holder is fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub take_over: Option<TakeOver>,
+}
+
+/// How `attach --take-over` treats the holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TakeOver {
+    /// Only from a holder that is gone (its watch has lapsed).
+    IfGone,
+    /// Even from a holder that is alive (`--force`).
+    Force,
 }
 
 /// A kernel NBD device bound to an attached volume.
@@ -878,6 +896,12 @@ pub struct VolumeSummary {
     /// `/dev/mapper/NAME` when the volume is open through dm-crypt.
     #[serde(default)]
     pub dm_crypt: Option<String>,
+    /// The store it lives in (`file`, `rbd`).
+    #[serde(default)]
+    pub store: String,
+    /// Who holds it, when another host does (an RBD volume attached elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 /// An attached volume.

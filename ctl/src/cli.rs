@@ -293,8 +293,12 @@ pub struct CreateArgs {
     #[arg(long, conflicts_with_all = ["sid_directory_key", "volume_id_key"])]
     pub ebs_context: bool,
     /// Create the volume file at this path instead of in the state directory.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "store")]
     pub path: Option<PathBuf>,
+    /// Where the volume lives: `file` (the state directory) or `rbd` (the daemon's Ceph
+    /// pool, [store.rbd]) [default: the daemon's [store] default].
+    #[arg(long, value_name = "file|rbd", value_parser = ["file", "rbd"])]
+    pub store: Option<String>,
 }
 
 impl CreateArgs {
@@ -366,6 +370,13 @@ pub struct AttachArgs {
     /// restart) before failing it with EIO [default: 120].
     #[arg(long, value_name = "SECS", requires = "device")]
     pub dead_conn_timeout: Option<u64>,
+    /// Take the volume from the host that holds it (an RBD volume): waits until that host is
+    /// gone (its watch lapses, 30 s by default), then fences it so it can never write again.
+    #[arg(long)]
+    pub take_over: bool,
+    /// With --take-over: do not wait; fence the holder even if it is alive.
+    #[arg(long, requires = "take_over")]
+    pub force: bool,
 }
 
 /// The `--allow-cert*` flags of `attach` and `tls allow`.

@@ -514,8 +514,22 @@ fn attach(socket: &Path, a: &AttachArgs, out: &Output) -> Result<()> {
         connections: a.connections,
         io_timeout_secs: a.io_timeout,
         dead_conn_timeout_secs: a.dead_conn_timeout,
+        take_over: match (a.take_over, a.force) {
+            (false, _) => None,
+            (true, false) => Some(control_api::TakeOver::IfGone),
+            (true, true) => Some(control_api::TakeOver::Force),
+        },
     };
-    let r = Client::connect(socket)?.call(Request::Attach(req))?;
+    let r = if req.take_over.is_some() {
+        crate::lifecycle::long_call(
+            &mut Client::connect(socket)?,
+            Request::Attach(req),
+            None,
+            out.json,
+        )?
+    } else {
+        Client::connect(socket)?.call(Request::Attach(req))?
+    };
     out.emit(&r, || match &r {
         Response::Attached(s) if s.device.is_some() => {
             let dev = s.device.as_ref().map(|d| d.path.as_str()).unwrap_or_default();
@@ -558,15 +572,21 @@ fn list(layout: &StateLayout, socket: &Path, out: &Output) -> Result<()> {
             .iter()
             .map(|v| {
                 format!(
-                    "{:<20} {:>12}  {:<8} {}{}",
+                    "{:<20} {:>12}  {:<5} {:<8} {}{}{}",
                     v.name,
                     human(v.size),
-                    match (v.attached, &v.dm_crypt) {
-                        (true, _) => "attached",
-                        (false, Some(_)) => "dm-crypt",
-                        (false, None) => "-",
+                    v.store,
+                    match (v.attached, &v.dm_crypt, &v.held_by) {
+                        (true, _, _) => "attached",
+                        (false, Some(_), _) => "dm-crypt",
+                        (false, None, Some(_)) => "held",
+                        (false, None, None) => "-",
                     },
                     v.volume_id.as_deref().unwrap_or("-"),
+                    v.held_by
+                        .as_ref()
+                        .map(|h| format!("  held by {h}"))
+                        .unwrap_or_default(),
                     v.problem
                         .as_ref()
                         .map(|p| format!("  PROBLEM: {p}"))
@@ -768,17 +788,19 @@ fn created_response(r: Response, out: &Output) -> Result<()> {
         sector_size: v.sector_size,
         key_id: v.key_id.clone().unwrap_or_default(),
         context: v.context.clone(),
+        store: v.store.clone(),
     };
     out.emit(&created, || created_text(&created, "via the daemon"))
 }
 
 fn created_text(c: &Created, how: &str) -> String {
     format!(
-        "created volume {} ({}, {}-byte sectors, {how})\n  file:      {}\n  volume id: {}\n  kms key:   {}\n\
+        "created volume {} ({}, {}-byte sectors, {how})\n  {:<10} {}\n  volume id: {}\n  kms key:   {}\n\
          Attach it with: cryptnbdctl attach {}",
         c.name,
         human(c.size),
         c.sector_size,
+        if c.store == "file" { "file:" } else { "image:" },
         c.path.display(),
         c.volume_id,
         c.key_id,
@@ -872,6 +894,8 @@ struct Created {
     sector_size: u32,
     key_id: String,
     context: std::collections::BTreeMap<String, String>,
+    /// `file` or `rbd`.
+    store: String,
 }
 
 async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output) -> Result<()> {
@@ -932,6 +956,7 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         sector_size: info.sector_size,
         key_id: token.key_id.clone(),
         context: token.context.clone(),
+        store: "file".into(),
     };
     out.emit(&created, || {
         created_text(&created, "offline: no daemon running")

@@ -267,7 +267,7 @@ pub fn open_image(path: &Path) -> Result<OpenedImage> {
 }
 
 /// Runs a request that may be long, with progress, passing `fd` if given.
-fn long_call(
+pub(crate) fn long_call(
     client: &mut Client,
     request: Request,
     fd: Option<&OwnedFd>,
@@ -702,5 +702,6 @@ pub(crate) fn create_request(
         volume_id_key: Some(args.context_keys().volume_id),
         from_image,
         record_base: args.record_base,
+        store: args.store.clone(),
     })
 }

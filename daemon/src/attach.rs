@@ -20,6 +20,7 @@ use crate::device::VolumeDevice;
 use crate::error::{Error, api, chain};
 use crate::locks;
 use crate::registry::{Attachment, Keying};
+use crate::request::RequestContext;
 
 /// Default seconds a kernel device's request may go unanswered (then resent on another
 /// connection, after a reconnect if need be).
@@ -41,15 +42,28 @@ impl Daemon {
         r: AttachRequest,
         caller: Option<Caller>,
     ) -> Result<AttachmentStatus, Error> {
-        self.attach_as(r, caller, None).await
+        self.attach_as(r, caller, None, None).await
+    }
+
+    /// Attaches a volume for a request whose context reports progress (a take-over waits).
+    pub(crate) async fn attach_with(
+        &self,
+        r: AttachRequest,
+        caller: Caller,
+        ctx: &RequestContext,
+    ) -> Result<AttachmentStatus, Error> {
+        self.attach_as(r, Some(caller), None, Some(ctx)).await
     }
 
     pub(crate) async fn attach_as(
         &self,
-        r: AttachRequest,
+        mut r: AttachRequest,
         caller: Option<Caller>,
         saved_owner: Option<u32>,
+        ctx: Option<&RequestContext>,
     ) -> Result<AttachmentStatus, Error> {
+        // A take-over is for this attach only: never saved, so a restart does not repeat it.
+        let take_over = r.take_over.take();
         let started = Instant::now();
         let path = self.volume_path(&r.volume)?;
         self.refuse_if_detaching(&r.volume)?;
@@ -155,10 +169,16 @@ impl Daemon {
             expect_sid: r.sid.clone(),
             expect_directory: r.directory.clone(),
         };
-        let opened = self.open_volume(&r.volume, &opts).await;
+        let opened = self
+            .open_volume_taking(&r.volume, &opts, take_over.zip(ctx))
+            .await;
         let outcome = opened.as_ref().map(|_| ()).map_err(|e| chain(e));
         self.audit_record(
-            "attach",
+            match take_over {
+                None => "attach",
+                Some(control_api::TakeOver::IfGone) => "attach-take-over",
+                Some(control_api::TakeOver::Force) => "attach-take-over-force",
+            },
             &r.volume,
             token.as_ref().map(|t| t.key_id.as_str()),
             token.as_ref().map(|t| &t.context),
@@ -593,7 +613,10 @@ impl Daemon {
                 caller_uid: None,
             };
             let attached = AUDIT_SCOPE
-                .scope(scope, self.attach_as(s.request, None, Some(s.owner_uid)))
+                .scope(
+                    scope,
+                    self.attach_as(s.request, None, Some(s.owner_uid), None),
+                )
                 .await;
             match attached {
                 Ok(_) => tracing::info!(volume = %volume, "re-attached"),

@@ -29,6 +29,69 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Recovery passphrase keyslots.
     pub recovery: RecoveryConfig,
+    /// Where volumes live.
+    pub store: StoreConfig,
+}
+
+/// `[store]`: where volumes live. Files in the state directory always; an RBD pool too when
+/// `[store.rbd]` is given.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Where `create` puts new volumes: `file` (the default) or `rbd`.
+    pub default: StoreKind,
+    /// The Ceph RBD pool, if any.
+    pub rbd: Option<RbdConfig>,
+}
+
+/// A store's kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Files in the state directory.
+    #[default]
+    File,
+    /// A Ceph RBD pool.
+    Rbd,
+}
+
+impl StoreKind {
+    /// `file` or `rbd`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::File => "file",
+            StoreKind::Rbd => "rbd",
+        }
+    }
+}
+
+/// `[store.rbd]`: the Ceph cluster and pool (docs/rbd.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RbdConfig {
+    /// The cluster's `ceph.conf`.
+    pub conf: PathBuf,
+    /// The pool the volumes live in (give cryptnbd a pool of its own).
+    pub pool: String,
+    /// The cephx client name, without `client.`.
+    pub id: String,
+    /// The client's keyring, when `ceph.conf` does not name it.
+    pub keyring: Option<PathBuf>,
+    /// Seconds to wait for the monitors at start and for a monitor or OSD operation of the
+    /// catalog before failing it.
+    pub timeout_secs: u64,
+}
+
+impl Default for RbdConfig {
+    fn default() -> Self {
+        Self {
+            conf: PathBuf::from("/etc/ceph/ceph.conf"),
+            pool: "rbd".into(),
+            id: "cryptnbd".into(),
+            keyring: None,
+            timeout_secs: 30,
+        }
+    }
 }
 
 /// `[recovery]`: the argon2id cost of new recovery keyslots. Defaults: cryptsetup's (1 GiB,
@@ -480,6 +543,21 @@ impl Config {
                 "limits.global_inflight_bytes must be at least limits.max_payload".into(),
             ));
         }
+        if self.store.default == StoreKind::Rbd && self.store.rbd.is_none() {
+            return Err(ConfigError::Invalid(
+                "store.default = \"rbd\" needs a [store.rbd] section naming the cluster \
+                 (conf, pool, id): see docs/rbd.md"
+                    .into(),
+            ));
+        }
+        if let Some(rbd) = &self.store.rbd
+            && (rbd.pool.is_empty() || rbd.id.is_empty() || rbd.timeout_secs == 0)
+        {
+            return Err(ConfigError::Invalid(
+                "[store.rbd] pool and id must not be empty, and timeout_secs must be at least 1"
+                    .into(),
+            ));
+        }
         if self.audit.max_bytes < 4096 {
             return Err(ConfigError::Invalid(
                 "audit.max_bytes must be at least 4096".into(),
@@ -504,6 +582,17 @@ mod tests {
         assert!(err.to_string().contains("allow_non_loopback"), "{err}");
         Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\nallow_non_loopback = true\n")
             .expect("opt-in");
+        let err = Config::parse("[store]\ndefault = \"rbd\"\n").expect_err("no cluster");
+        assert!(err.to_string().contains("[store.rbd]"), "{err}");
+        let err = Config::parse("[store]\ndefault = \"nfs\"\n").expect_err("kind");
+        assert!(err.to_string().contains("nfs"), "{err}");
+        let c = Config::parse("[store]\ndefault = \"rbd\"\n[store.rbd]\npool = \"vols\"\n")
+            .expect("rbd");
+        let rbd = c.store.rbd.expect("rbd");
+        assert_eq!(
+            (rbd.pool.as_str(), rbd.id.as_str(), rbd.conf.to_str()),
+            ("vols", "cryptnbd", Some("/etc/ceph/ceph.conf"))
+        );
         let err = Config::parse("[kms]\nbackend = \"vault\"\n").expect_err("backend");
         assert!(err.to_string().contains("vault"), "{err}");
         let c = Config::parse(

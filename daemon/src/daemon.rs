@@ -62,10 +62,20 @@ impl Daemon {
                 detaching: Arc::default(),
             },
             services: Services {
-                catalog: Arc::new(store::catalog::DirCatalog::new(
-                    &layout.volumes(),
-                    &layout.snapshots(),
-                )),
+                catalog: Arc::new(
+                    store::stores::Stores::new(
+                        vec![(
+                            "file".into(),
+                            Arc::new(store::catalog::DirCatalog::new(
+                                &layout.volumes(),
+                                &layout.snapshots(),
+                            )),
+                        )],
+                        "file",
+                    )
+                    .expect("the file store is the default"),
+                ),
+                rbd: None,
                 layout,
                 kms,
                 server,
@@ -117,7 +127,9 @@ impl Daemon {
             Request::Attach(r) => {
                 let _g = self.state.locks.lock(&[locks::volume(&r.volume)]).await;
                 self.state.ops.check_idle(&r.volume)?;
-                self.attach(r, Some(caller)).await.map(Response::Attached)
+                self.attach_with(r, caller, ctx)
+                    .await
+                    .map(Response::Attached)
             }
             Request::Detach(r) => {
                 let _g = self.state.locks.lock(&[locks::volume(&r.volume)]).await;

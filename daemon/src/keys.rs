@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use control_api::{DetachRequest, ErrorCode, KmsKeyRequest, Response};
 use kms_client::aws::{GrantOp, GrantSpec, same_key};
 use kms_client::{EncryptionContext, Kms, KmsBackend, KmsError, KmsErrorKind};
+use store::catalog::Catalog;
 use volume::token::{GrantRef, KmsToken};
 use volume::{VolumeError, VolumeErrorKind};
 

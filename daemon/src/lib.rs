@@ -32,6 +32,7 @@ pub mod request;
 pub mod services;
 pub mod staging;
 pub mod state;
+pub mod stores;
 pub mod tls;
 pub mod volumes;
 
@@ -63,6 +64,9 @@ pub enum DaemonError {
     /// The TLS certificates cannot be used.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A store cannot be used (the RBD pool of `[store.rbd]`).
+    #[error("{0}")]
+    Store(String),
     /// Anything about files and sockets.
     #[error("{what}")]
     Io {
@@ -228,6 +232,9 @@ pub async fn run(
         key_policy,
         (config.kms.backend != "aws").then(|| keystore.clone()),
     );
+    let opened = stores::open(&config.store, &layout)?;
+    daemon.services.catalog = opened.stores;
+    daemon.services.rbd = opened.rbd;
     daemon.services.tls = tls::TlsService {
         config: config.nbd.tls.clone(),
         loaded: std::sync::Mutex::new(tls),

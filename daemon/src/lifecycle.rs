@@ -57,7 +57,7 @@ impl HeaderFile {
 }
 
 /// Runs blocking volume work on a blocking thread.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
 ) -> Result<T, VolumeError> {
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
@@ -234,7 +234,7 @@ impl Daemon {
     /// in the volume and snapshot directories). Called at start, before anything is attached.
     pub fn clean_leftovers(&self) {
         let volumes = &self.services.catalog;
-        let mut catalogs: Vec<Arc<dyn Catalog>> = vec![Arc::clone(volumes)];
+        let mut catalogs: Vec<Arc<dyn Catalog>> = vec![Arc::clone(volumes) as Arc<dyn Catalog>];
         catalogs.extend(
             volumes
                 .list()
@@ -299,16 +299,12 @@ impl Daemon {
             .begin(name, "import", caller, ctx)
             .await
             .map_err(|e| VolumeError::new(VolumeErrorKind::InUse, e.message()))?;
-        if self.services.catalog.exists(name) {
-            return Err(VolumeError::new(
-                VolumeErrorKind::AlreadyExists,
-                format!(
-                    "{} already exists: choose another name or delete it first",
-                    path.display()
-                ),
-            ));
-        }
-        let mut staged = self.stage(name, "importing")?;
+        self.refuse_existing(name)?;
+        let mut staged = self
+            .services
+            .catalog
+            .stage_in(r.store.as_deref(), name, "importing")
+            .map_err(|e| VolumeError::io(path, "creating the new volume", e))?;
         let handle = staged.handle();
         let store = staged.take_store();
         let built = self
@@ -439,7 +435,10 @@ impl Daemon {
             .locks
             .lock(&[crate::locks::volume(&volume)])
             .await;
-        match self.attach_as(request, Some(caller), Some(owner)).await {
+        match self
+            .attach_as(request, Some(caller), Some(owner), None)
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 tracing::error!(volume = %volume, error = %e.message(), "cannot re-attach after the operation");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use control_api::paths::StateLayout;
 use kms_client::KmsBackend;
 use statedir::audit::AuditLog;
-use store::catalog::Catalog;
+use store::stores::Stores;
 
 use crate::config::UnusableKeyAction;
 
@@ -36,8 +36,11 @@ pub struct Services {
     pub key_policy: KeyPolicy,
     /// The daemon's AWS principal, once asked of STS (for grants).
     pub principal: Mutex<Option<String>>,
-    /// Where the volumes live, by name (the volumes directory).
-    pub catalog: Arc<dyn Catalog>,
+    /// Where the volumes live, by name: the volumes directory, and the RBD pool when
+    /// configured.
+    pub catalog: Arc<Stores>,
+    /// The RBD pool among them, for who holds its volumes.
+    pub rbd: Option<Arc<rbd::RbdCatalog>>,
     /// The local KMS's keystore (None with AWS KMS), told to `cryptnbdctl kms`.
     pub keystore: Option<PathBuf>,
     /// `[nbd.tls]` and what it loaded to (changed by `tls reload` and SIGHUP).

@@ -2,6 +2,7 @@
 //! `status`, and the name → path rules they share.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use control_api::paths::validate_name;
@@ -11,6 +12,7 @@ use control_api::{
 use kms_client::{ContextKeys, IdentityContext};
 use statedir::stamp::rfc3339;
 use statedir::summary::{scan_volumes, volume_summary};
+use store::catalog::Catalog;
 use store::file::Access;
 use volume::{CreateOptions, OpenOptions, Volume};
 
@@ -41,12 +43,38 @@ impl Daemon {
         name: &str,
         opts: &OpenOptions,
     ) -> Result<Volume, volume::VolumeError> {
+        self.open_volume_taking(name, opts, None).await
+    }
+
+    /// [`open_volume`](Self::open_volume), taking the volume from the host that holds it
+    /// when `take_over` says so (progress and cancel from the request's context).
+    pub(crate) async fn open_volume_taking(
+        &self,
+        name: &str,
+        opts: &OpenOptions,
+        take_over: Option<(control_api::TakeOver, &RequestContext)>,
+    ) -> Result<Volume, volume::VolumeError> {
         let access = if opts.read_only {
             Access::ReadOnly
         } else {
             Access::ReadWrite
         };
-        let store = volume::open_in(&*self.services.catalog, name, access)?;
+        let store = match take_over {
+            Some((how, ctx)) if !opts.read_only => {
+                let catalog = Arc::clone(&self.services.catalog);
+                let (name, progress, cancel) = (
+                    name.to_owned(),
+                    Arc::clone(&ctx.progress),
+                    ctx.cancel.clone(),
+                );
+                let force = how == control_api::TakeOver::Force;
+                crate::lifecycle::blocking(move || {
+                    volume::lifecycle::take_over_in(&*catalog, &name, force, &progress, &cancel)
+                })
+                .await?
+            }
+            _ => volume::open_in(&*self.services.catalog, name, access)?,
+        };
         Volume::open_store(store, opts, &self.services.kms).await
     }
 
@@ -56,21 +84,19 @@ impl Daemon {
     async fn create_in_catalog(
         &self,
         name: &str,
+        store: Option<&str>,
         opts: &CreateOptions,
     ) -> Result<(), volume::VolumeError> {
         use volume::{VolumeError, VolumeErrorKind};
         let catalog = &self.services.catalog;
-        let path = catalog.location(name);
-        if catalog.exists(name) {
-            return Err(VolumeError::new(
-                VolumeErrorKind::AlreadyExists,
-                format!(
-                    "{} already exists: choose another name or delete it first",
-                    path.display()
-                ),
-            ));
-        }
-        let mut staged = crate::staging::stage_in(&**catalog, name, "creating")?;
+        self.refuse_existing(name)?;
+        let mut staged = catalog.stage_in(store, name, "creating").map_err(|e| {
+            VolumeError::io(
+                &catalog.location_in(store, name).unwrap_or_default(),
+                "creating the new volume",
+                e,
+            )
+        })?;
         let cleanup = crate::staging::DiscardOnDrop {
             catalog: &**catalog,
             staged: Some(staged.handle()),
@@ -85,6 +111,21 @@ impl Daemon {
         published
     }
 
+    /// Refuses a new volume `name` that exists already, in whichever store it is.
+    pub(crate) fn refuse_existing(&self, name: &str) -> Result<(), volume::VolumeError> {
+        let stores = &self.services.catalog;
+        match stores.store_of(name) {
+            None => Ok(()),
+            Some(store) => Err(volume::VolumeError::new(
+                volume::VolumeErrorKind::AlreadyExists,
+                format!(
+                    "{} already exists (store {store}): choose another name or delete it first",
+                    stores.location(name).display()
+                ),
+            )),
+        }
+    }
+
     pub(crate) async fn create(
         &self,
         r: CreateRequest,
@@ -92,7 +133,17 @@ impl Daemon {
         ctx: &mut RequestContext,
     ) -> Result<Response, Error> {
         let started = Instant::now();
-        let path = self.volume_path(&r.name)?;
+        self.volume_path(&r.name)?;
+        let path = self
+            .services
+            .catalog
+            .location_in(r.store.as_deref(), &r.name)
+            .map_err(|e| {
+                api(
+                    ErrorCode::InvalidRequest,
+                    format!("--store: {e}; see [store] in docs/daemon.md"),
+                )
+            })?;
         let invalid = |m: String| api(ErrorCode::InvalidRequest, m);
         let volume_id = r
             .volume_id
@@ -122,7 +173,10 @@ impl Daemon {
         };
         let result = match &r.from_image {
             Some(_) => self.create_from_image(opts, &r, &path, caller, ctx).await,
-            None => self.create_in_catalog(&r.name, &opts).await,
+            None => {
+                self.create_in_catalog(&r.name, r.store.as_deref(), &opts)
+                    .await
+            }
         };
         let result = match result {
             Ok(()) => match self.grant_new_volume(&r.name).await {
@@ -160,7 +214,24 @@ impl Daemon {
             self.state.registry.get(name).is_some(),
         );
         self.lifecycle_summary(name, &mut s);
+        self.store_summary(&mut s);
         s
+    }
+
+    /// The store a volume lives in, and who holds it when another host does.
+    fn store_summary(&self, s: &mut VolumeSummary) {
+        let stores = &self.services.catalog;
+        s.store = stores.store_of(&s.name).unwrap_or("file").to_owned();
+        if s.store == "rbd"
+            && !s.attached
+            && let Some(rbd) = &self.services.rbd
+            && let Ok(Some((owners, holder))) = rbd.holder(&s.name)
+        {
+            s.held_by = Some(match holder {
+                Some(h) => format!("{h} (lock owner {})", owners.join(", ")),
+                None => format!("lock owner {}", owners.join(", ")),
+            });
+        }
     }
 
     pub(crate) fn list(&self) -> Result<Response, Error> {
@@ -179,6 +250,7 @@ impl Daemon {
         for v in &mut volumes {
             let name = v.name.clone();
             self.lifecycle_summary(&name, v);
+            self.store_summary(v);
         }
         Ok(Response::Volumes { volumes })
     }

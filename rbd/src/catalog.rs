@@ -259,26 +259,37 @@ impl RbdCatalog {
     }
 
     /// Opens image `image` for writing under its exclusive lock, and records this client
-    /// as its holder: `Held` while another client holds it (the lock of this same daemon
-    /// instance, which is dead if it is not this process, is broken first).
+    /// as its holder: `Held` while another client holds the lock, alive or dead (librbd
+    /// would break a dead holder's lock by itself; taking a volume from another host is
+    /// for [`Catalog::take_over`] only). The lock of this same daemon instance, which is
+    /// dead if it is not this process, is broken first.
     fn open_locked(&self, image: &str) -> Result<Image, OpenError> {
         let opened = self.pool.open(image).map_err(OpenError::Io)?;
-        if let Err(e) = opened.lock_acquire() {
-            let owners = opened.lock_owners().map_err(OpenError::Io)?;
-            if owners.is_empty() {
-                return Err(OpenError::Io(e));
-            }
-            let holder = Holder::of(&opened).map_err(OpenError::Io)?;
+        let held = |opened: &Image, owners: &[String]| -> Result<(), OpenError> {
+            let holder = Holder::of(opened).map_err(OpenError::Io)?;
             let mine = !self.me.instance.is_empty()
                 && holder
                     .as_ref()
                     .is_some_and(|h| h.instance == self.me.instance);
             if !mine {
-                return Err(OpenError::Held(describe(&opened, &owners, holder.as_ref())));
+                return Err(OpenError::Held(describe(opened, owners, holder.as_ref())));
             }
-            for owner in &owners {
+            for owner in owners {
                 opened.lock_break(owner).map_err(OpenError::Io)?;
             }
+            Ok(())
+        };
+        let owners = opened.lock_owners().map_err(OpenError::Io)?;
+        if !owners.is_empty() {
+            held(&opened, &owners)?;
+        }
+        if let Err(e) = opened.lock_acquire() {
+            // Taken by another host since the look above.
+            let owners = opened.lock_owners().map_err(OpenError::Io)?;
+            if owners.is_empty() {
+                return Err(OpenError::Io(e));
+            }
+            held(&opened, &owners)?;
             opened.lock_acquire().map_err(OpenError::Io)?;
         }
         if !self.me.instance.is_empty() {

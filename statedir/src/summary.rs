@@ -43,6 +43,8 @@ pub fn volume_summary(catalog: &dyn Catalog, name: &str, attached: bool) -> Volu
             recovery_keyslots: info.keyslot_ids.clone(),
             snapshots: 0,
             dm_crypt: None,
+            store: "file".into(),
+            held_by: None,
             context: info.token.map(|t| t.context).unwrap_or_default(),
             attached,
             problem: info
@@ -66,6 +68,8 @@ pub fn volume_summary(catalog: &dyn Catalog, name: &str, attached: bool) -> Volu
             recovery_keyslots: Vec::new(),
             snapshots: 0,
             dm_crypt: None,
+            store: "file".into(),
+            held_by: None,
         },
     }
 }

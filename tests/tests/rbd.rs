@@ -281,7 +281,9 @@ fn a_volume_open_for_writing_is_held_against_other_hosts_until_taken_over() {
     assert_eq!(rbd::errno(&late), Some(libc::ESHUTDOWN), "{late}");
     let (_, holder) = b.holder("v").expect("holder").expect("held");
     assert_eq!(holder.expect("recorded").host, "host-b");
-    let e = a.holder("v").expect_err("the fenced A still reaches the pool");
+    let e = a
+        .holder("v")
+        .expect_err("the fenced A still reaches the pool");
     assert_eq!(rbd::errno(&e), Some(libc::ESHUTDOWN), "{e}");
 }
 
@@ -361,4 +363,89 @@ fn an_interrupted_replace_leaves_the_old_volume_or_the_new_one() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0].location.to_string_lossy(), "rbd:rbd/.c.rebuilding");
     assert_eq!(catalog.list().expect("list"), ["a", "b", "c"]);
+}
+
+/// The `[store]` configuration two daemons on one cluster share: the pool, and one keystore
+/// (the local KMS) so that either host can unwrap a volume's key.
+fn rbd_config(c: &Cluster, keystore: &std::path::Path) -> String {
+    format!(
+        "[kms]\nkeystore = \"{}\"\n[store]\ndefault = \"rbd\"\n[store.rbd]\nconf = \"{}\"\n\
+         pool = \"{}\"\nid = \"admin\"\ntimeout_secs = 20\n",
+        keystore.display(),
+        c.conf.display(),
+        c.pool
+    )
+}
+
+/// Two hosts (two daemons with their own state and runtime directories) on one pool, with
+/// real NBD clients: A creates and attaches a volume and writes; B sees it in `list`, held by
+/// A, and its attach is refused naming A; once A detaches, B attaches and reads A's data. B
+/// writes and is killed with kill -9; A's attach is refused until it takes over, and then A
+/// reads every write B had flushed.
+#[test]
+fn two_hosts_share_a_pool_with_one_writer_at_a_time() {
+    use e2e_tests::daemon::Daemon;
+    let dir = TestDir::new("rbd-two-hosts");
+    let c = Cluster::start(&dir);
+    let keystore = dir.path().join("keystore");
+    let config = rbd_config(&c, &keystore);
+    let (home_a, home_b) = (TestDir::new("rbd-host-a"), TestDir::new("rbd-host-b"));
+    let a = Daemon::start(&home_a, &config);
+    let b = Daemon::start(&home_b, &config);
+    let key = a.ctl.create_key("fleet");
+    let created = a.ctl.create_volume("v", "64M", &key, 4096, &[]);
+    assert_eq!(created["store"], "rbd", "{created}");
+    assert_eq!(created["path"], format!("rbd:{}/v", c.pool), "{created}");
+    let ls = c.rbd_ok(&["ls", &c.pool]);
+    assert_eq!(String::from_utf8_lossy(&ls.stdout).trim(), "v");
+
+    a.ctl.run(&["attach", "v"]).assert_success();
+    let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+    a.write_export("v", &data, &home_a.join("scratch"));
+
+    // B sees the volume and who holds it, and may not attach it.
+    let listed = b.ctl.run(&["--json", "list"]);
+    listed.assert_success();
+    let v = &listed.json()[0];
+    assert_eq!(
+        (v["name"].as_str(), v["store"].as_str()),
+        (Some("v"), Some("rbd")),
+        "{v}"
+    );
+    let a_state = a.state_dir.display().to_string();
+    let held_by = v["held_by"].as_str().unwrap_or_default();
+    assert!(held_by.contains(&a_state), "list on B does not name A: {v}");
+    let refused = b.ctl.run(&["attach", "v"]);
+    assert_ne!(refused.code, Some(0), "B attached a volume A holds");
+    refused
+        .assert_stderr_contains(&a_state)
+        .assert_stderr_contains("lock owner client.")
+        .assert_stderr_contains("--take-over");
+
+    // A lets go; B attaches and reads what A wrote.
+    a.ctl.run(&["detach", "v"]).assert_success();
+    b.ctl.run(&["attach", "v"]).assert_success();
+    let back = b.read_export("v", &home_b.join("scratch"));
+    assert!(back[..data.len()] == data[..], "B does not read A's data");
+
+    // B writes (nbdcopy flushes at the end), then dies.
+    let second: Vec<u8> = data.iter().map(|x| x ^ 0x5a).collect();
+    b.write_export("v", &second, &home_b.join("scratch"));
+    b.kill();
+    let refused = a.ctl.run(&["attach", "v"]);
+    assert_ne!(refused.code, Some(0), "A attached without taking over");
+    refused.assert_stderr_contains(&home_b.state_dir().display().to_string());
+    let started = std::time::Instant::now();
+    a.ctl.run(&["attach", "v", "--take-over"]).assert_success();
+    println!("take-over of a dead host's volume: {:?}", started.elapsed());
+    let back = a.read_export("v", &home_a.join("scratch"));
+    assert!(
+        back[..second.len()] == second[..],
+        "A lost B's flushed writes"
+    );
+    let audit = std::fs::read_to_string(a.state_dir.join("audit/audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit.contains("attach-take-over"),
+        "the take-over is not audited"
+    );
 }

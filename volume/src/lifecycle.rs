@@ -247,6 +247,29 @@ pub fn clone_in(
         })
 }
 
+/// Opens volume `name` of `catalog` for writing, taken from the host that holds it (see
+/// [`Catalog::take_over`]): waiting for that host to be gone, with progress, unless `force`.
+pub fn take_over_in(
+    catalog: &dyn Catalog,
+    name: &str,
+    force: bool,
+    progress: &Progress,
+    cancel: &Cancel,
+) -> Result<Box<dyn BackingStore>, VolumeError> {
+    let what = "the take-over";
+    let watch = Watched {
+        progress,
+        cancel,
+        what,
+    };
+    catalog
+        .take_over(name, force, &watch)
+        .map_err(|e| match cancel.check(what) {
+            Err(cancelled) => cancelled,
+            Ok(()) => crate::volume::open_error(&catalog.location(name), e),
+        })
+}
+
 /// A long operation's progress and cancel flag, as a copy's watch.
 struct Watched<'a> {
     progress: &'a Progress,

@@ -252,7 +252,7 @@ pub fn open_in(
         .map_err(|e| open_error(&catalog.location(name), e))
 }
 
-fn open_error(path: &Path, e: OpenError) -> VolumeError {
+pub(crate) fn open_error(path: &Path, e: OpenError) -> VolumeError {
     match e {
         OpenError::Locked => VolumeError::new(
             VolumeErrorKind::InUse,
