@@ -907,6 +907,10 @@ pub struct VolumeSummary {
 /// An attached volume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttachmentStatus {
+    /// The cluster fenced this host from the volume (another host took it over): every
+    /// request fails; detach it.
+    #[serde(default)]
+    pub fenced: bool,
     /// Volume name.
     pub volume: String,
     /// Export name.

@@ -294,10 +294,13 @@ fn attachment_text(a: &AttachmentStatus) -> String {
         a.owner_uid,
         human(a.bytes_read),
         human(a.bytes_written),
-        if a.failed {
-            "\n  FAILED: a flush failed; detach and reattach, then check the data"
-        } else {
-            ""
+        match (a.fenced, a.failed) {
+            (true, _) => {
+                "\n  FENCED: another host took this volume over and the cluster refuses this \
+                 one; every request fails. Detach it here"
+            }
+            (false, true) => "\n  FAILED: a flush failed; detach and reattach, then check the data",
+            (false, false) => "",
         }
     );
     s.push_str(&format!(

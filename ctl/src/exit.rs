@@ -57,7 +57,10 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 VolumeErrorKind::IdentityMismatch | VolumeErrorKind::WrongKey => KMS_REFUSED,
                 VolumeErrorKind::Corrupt | VolumeErrorKind::Unsupported => DAMAGED,
                 VolumeErrorKind::InvalidArgument => USAGE,
-                VolumeErrorKind::NoSpace | VolumeErrorKind::Io | VolumeErrorKind::Failed => IO,
+                VolumeErrorKind::NoSpace
+                | VolumeErrorKind::Io
+                | VolumeErrorKind::Failed
+                | VolumeErrorKind::Fenced => IO,
                 VolumeErrorKind::Cancelled => CANCELLED,
             };
         }

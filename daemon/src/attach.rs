@@ -188,6 +188,10 @@ impl Daemon {
         );
         let vol = Arc::new(opened.map_err(Error::from)?);
         let device = Arc::new(VolumeDevice::new(Arc::clone(&vol), r.read_only));
+        {
+            let (registry, volume) = (Arc::clone(&self.state.registry), r.volume.clone());
+            device.on_fenced(move |why| registry.record_fenced(&volume, why));
+        }
         let export = Arc::new(Export {
             name: export_name.clone(),
             description: format!("cryptnbd volume {}", r.volume),
@@ -302,6 +306,7 @@ impl Daemon {
             bytes_written: a.device.bytes_written(),
             connections: self.connections(&a.export_name),
             failed: a.device.volume().is_failed(),
+            fenced: a.device.volume().is_fenced(),
             kms_key: a.keying().key_id,
             key_state,
             key_checked,

@@ -18,6 +18,9 @@ pub struct VolumeDevice {
     read_only: bool,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// Called once, by the first request that finds this host fenced (the audit record).
+    on_fenced: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    fenced_reported: std::sync::atomic::AtomicBool,
 }
 
 impl VolumeDevice {
@@ -29,7 +32,26 @@ impl VolumeDevice {
             read_only,
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
+            on_fenced: std::sync::OnceLock::new(),
+            fenced_reported: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// What to do, once, when a request finds that the cluster fenced this host: `f` gets
+    /// the error's message.
+    pub fn on_fenced(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_fenced.set(Box::new(f));
+    }
+
+    /// The one place volume errors become NBD errnos (and a fenced host is reported).
+    fn errno(&self, e: VolumeError) -> DeviceError {
+        if e.kind() == VolumeErrorKind::Fenced
+            && !self.fenced_reported.swap(true, Ordering::AcqRel)
+            && let Some(f) = self.on_fenced.get()
+        {
+            f(&crate::error::chain(&e));
+        }
+        errno(e)
     }
 
     /// Bytes read through the export.
@@ -83,30 +105,36 @@ impl BlockDevice for VolumeDevice {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.volume.read_at(buf, offset).map_err(errno)?;
+        self.volume
+            .read_at(buf, offset)
+            .map_err(|e| self.errno(e))?;
         self.bytes_read
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), DeviceError> {
-        self.volume.write_at_mut(data, offset).map_err(errno)?;
+        self.volume
+            .write_at_mut(data, offset)
+            .map_err(|e| self.errno(e))?;
         self.bytes_written
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         if fua {
-            self.volume.flush().map_err(errno)?;
+            self.volume.flush().map_err(|e| self.errno(e))?;
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
-        self.volume.flush().map_err(errno)
+        self.volume.flush().map_err(|e| self.errno(e))
     }
 
     fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), DeviceError> {
-        self.volume.trim(offset, length).map_err(errno)?;
+        self.volume
+            .trim(offset, length)
+            .map_err(|e| self.errno(e))?;
         if fua {
-            self.volume.flush().map_err(errno)?;
+            self.volume.flush().map_err(|e| self.errno(e))?;
         }
         Ok(())
     }
@@ -120,10 +148,12 @@ impl BlockDevice for VolumeDevice {
     ) -> Result<(), DeviceError> {
         // Always encrypted zeros, never a hole, even when trimming is allowed: a hole would
         // read as random bytes through dm-crypt.
-        self.volume.write_zeroes(offset, length).map_err(errno)?;
+        self.volume
+            .write_zeroes(offset, length)
+            .map_err(|e| self.errno(e))?;
         self.bytes_written.fetch_add(length, Ordering::Relaxed);
         if fua {
-            self.volume.flush().map_err(errno)?;
+            self.volume.flush().map_err(|e| self.errno(e))?;
         }
         Ok(())
     }
@@ -131,7 +161,10 @@ impl BlockDevice for VolumeDevice {
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, DeviceError> {
         // Holes read as zeros through cryptnbd but not through dm-crypt, so they are HOLE and
         // never ZERO; allocated data is 0.
-        let runs = self.volume.allocation(offset, length).map_err(errno)?;
+        let runs = self
+            .volume
+            .allocation(offset, length)
+            .map_err(|e| self.errno(e))?;
         Ok(runs
             .into_iter()
             .map(|(length, allocated)| Extent {

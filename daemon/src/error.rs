@@ -48,9 +48,10 @@ impl Error {
                     ErrorCode::KmsRefused
                 }
                 VolumeErrorKind::InvalidArgument => ErrorCode::InvalidRequest,
-                VolumeErrorKind::NoSpace | VolumeErrorKind::Io | VolumeErrorKind::Failed => {
-                    ErrorCode::Io
-                }
+                VolumeErrorKind::NoSpace
+                | VolumeErrorKind::Io
+                | VolumeErrorKind::Failed
+                | VolumeErrorKind::Fenced => ErrorCode::Io,
                 VolumeErrorKind::Cancelled => ErrorCode::Cancelled,
                 VolumeErrorKind::Kms => match e.kms_kind() {
                     Some(KmsErrorKind::KeyNotFound) => ErrorCode::NotFound,

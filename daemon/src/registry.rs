@@ -131,6 +131,22 @@ impl Registry {
         let _ = self.audit.set((audit, backend));
     }
 
+    /// Records that the cluster fenced this host from `volume` (`why`: the error).
+    pub fn record_fenced(&self, volume: &str, why: &str) {
+        if let Some((audit, backend)) = self.audit.get() {
+            audit.record(&AuditRecord::about_volume(
+                "fenced",
+                backend,
+                volume,
+                None,
+                None,
+                None,
+                std::time::Duration::ZERO,
+                &Err(why.to_owned()),
+            ));
+        }
+    }
+
     /// Adds an attachment; fails if the volume or the export name is taken.
     pub fn insert(&self, a: Arc<Attachment>) -> Result<(), String> {
         let mut map = self.by_volume.write().unwrap_or_else(|p| p.into_inner());

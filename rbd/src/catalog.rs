@@ -404,7 +404,7 @@ impl Catalog for RbdCatalog {
                     let holder = Holder::of(&look).map_err(io)?;
                     let at: Vec<String> = watchers.iter().map(|(_, a)| a.clone()).collect();
                     return Err(OpenError::Held(format!(
-                        "{}, which is alive: it still watches the image from {} after {}s;                          detach it there, or add --force to fence it anyway",
+                        "{}, which is alive: it still watches the image from {} after {}s; detach it there, or add --force to fence it anyway",
                         describe(&look, &owners, holder.as_ref()),
                         at.join(", "),
                         lapse.as_secs()

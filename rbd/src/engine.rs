@@ -7,6 +7,8 @@
 //!   alone ([`Discarded::Unsupported`]: the caller writes zeros if it wants them).
 //! - The allocation map comes from librbd's diff against nothing (`rbd_diff_iterate2`).
 //! - Reads and writes go through librbd's aio calls and wait for their completion.
+//! - Once the cluster has blocklisted this client (another host broke its lock), every error
+//!   is [`store::Fenced`]: the volume above stops at once and never retries.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -51,8 +53,24 @@ impl RbdStore {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        store::check_range(&self.location, offset, len, self.image.size()?)
+        store::check_range(
+            &self.location,
+            offset,
+            len,
+            self.image.size().map_err(fence)?,
+        )
     }
+}
+
+/// An error of this client, as [`store::Fenced`] if the cluster has blocklisted it.
+fn fence(e: io::Error) -> io::Error {
+    if crate::errno(&e) == Some(libc::ESHUTDOWN) {
+        return io::Error::other(store::Fenced(format!(
+            "{e}: the Ceph cluster has blocklisted this client, because another host broke \
+             its lock on the image"
+        )));
+    }
+    e
 }
 
 impl BackingStore for RbdStore {
@@ -61,32 +79,51 @@ impl BackingStore for RbdStore {
     }
 
     fn len(&self) -> io::Result<u64> {
-        self.image.size()
+        self.image.size().map_err(fence)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        self.image.read_at(buf, offset)
+        self.image.read_at(buf, offset).map_err(fence)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write past 2^64"))?;
-        if end > self.image.size()? {
+        if end > self.image.size().map_err(fence)? {
             let _grow = self.growing.lock().unwrap_or_else(|p| p.into_inner());
-            if end > self.image.size()? {
-                self.image.resize(end)?;
+            if end > self.image.size().map_err(fence)? {
+                self.image.resize(end).map_err(fence)?;
             }
         }
-        self.image.write_at(data, offset)
+        self.image.write_at(data, offset).map_err(fence)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.image.flush()
+        self.image.flush().map_err(fence)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<Discarded> {
+        self.discard_range(offset, len).map_err(fence)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.extents_of(offset, len).map_err(fence)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let _grow = self.growing.lock().unwrap_or_else(|p| p.into_inner());
+        self.image.resize(len).map_err(fence)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl RbdStore {
+    fn discard_range(&self, offset: u64, len: u64) -> io::Result<Discarded> {
         self.check_range(offset, len)?;
         let end = offset + len;
         let first = offset.next_multiple_of(self.object_size);
@@ -104,7 +141,7 @@ impl BackingStore for RbdStore {
         Ok(Discarded::Hole)
     }
 
-    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    fn extents_of(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.check_range(offset, len)?;
         let end = offset + len;
         let mut map = Vec::new();
@@ -124,14 +161,5 @@ impl BackingStore for RbdStore {
             Extent::push_run(&mut map, end - at, false);
         }
         Ok(map)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let _grow = self.growing.lock().unwrap_or_else(|p| p.into_inner());
-        self.image.resize(len)
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }

@@ -105,7 +105,7 @@ pub trait Catalog: Send + Sync + fmt::Debug {
         Err(OpenError::Io(io::Error::new(
             io::ErrorKind::Unsupported,
             format!(
-                "{}: a lock on a local file ends with the process that held it; there is                  nothing to take over",
+                "{}: a lock on a local file ends with the process that held it; there is nothing to take over",
                 self.location(name).display()
             ),
         )))

@@ -132,6 +132,25 @@ pub trait BackingStore: Send + Sync + fmt::Debug {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// The error an engine of shared storage returns once the cluster has fenced this client
+/// (Ceph's blocklist after another host broke its lock): it may never write again, and
+/// retrying cannot help. The message says what happened.
+#[derive(Debug)]
+pub struct Fenced(pub String);
+
+impl fmt::Display for Fenced {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fenced {}
+
+/// Whether `e` says this client was fenced ([`Fenced`]).
+pub fn is_fenced(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Fenced>())
+}
+
 /// A range check shared by the engines (this crate's and the RBD engine): `offset..offset+len`
 /// within `size`, else `UnexpectedEof` naming the store.
 pub fn check_range(location: &Path, offset: u64, len: u64, size: u64) -> io::Result<()> {

@@ -1,8 +1,8 @@
 //! Volumes on Ceph RBD (issue 15), against a real single-node Ceph cluster that each test
 //! starts from Debian's packages (tests/src/ceph.rs).
 
-use e2e_tests::TestDir;
 use e2e_tests::ceph::Cluster;
+use e2e_tests::{TestDir, run};
 
 /// The harness itself: a cluster from nothing to a pool that keeps objects and RBD images,
 /// and how long that takes (issue 15 asks for the figure).
@@ -447,5 +447,85 @@ fn two_hosts_share_a_pool_with_one_writer_at_a_time() {
     assert!(
         audit.contains("attach-take-over"),
         "the take-over is not audited"
+    );
+}
+
+/// A frozen host (SIGSTOP) keeps its lock, and its watch until the cluster's watch timeout;
+/// B's take-over waits that out and fences it. After SIGCONT, A's late writes are refused,
+/// A reports the volume fenced in `status` and audits it, and B still has A's flushed data.
+/// A daemon killed with kill -9 and restarted takes its own dead instance's lock back by
+/// itself when it re-attaches its saved volumes.
+#[test]
+fn a_frozen_host_is_fenced_and_a_restarted_one_takes_its_own_lock_back() {
+    use e2e_tests::daemon::Daemon;
+    let dir = TestDir::new("rbd-fenced");
+    let c = Cluster::start(&dir);
+    let keystore = dir.path().join("keystore");
+    let config = rbd_config(&c, &keystore);
+    let (home_a, home_b) = (TestDir::new("rbd-frozen-a"), TestDir::new("rbd-frozen-b"));
+    let a = Daemon::start(&home_a, &config);
+    let key = a.ctl.create_key("fleet");
+    a.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    a.ctl.run(&["attach", "v"]).assert_success();
+    let first = vec![0x11u8; 1 << 20];
+    a.write_export("v", &first, &home_a.join("scratch"));
+
+    // Killed and restarted: the saved attachment comes back under A's own lock.
+    let pid_before = a.pid();
+    a.kill();
+    let a = Daemon::start(&home_a, &config);
+    assert_ne!(a.pid(), pid_before);
+    let status = a.ctl.run(&["--json", "status", "v"]);
+    status.assert_success();
+    assert!(
+        a.read_export("v", &home_a.join("scratch"))[..first.len()] == first[..],
+        "the re-attached volume lost its data"
+    );
+
+    // Frozen: B's take-over waits for the watch to lapse, then fences A.
+    let b = Daemon::start(&home_b, &config);
+    run(std::process::Command::new("kill").args(["-STOP", &a.pid().to_string()])).assert_success();
+    let started = std::time::Instant::now();
+    let taken = b.ctl.run(&["attach", "v", "--take-over"]);
+    let waited = started.elapsed();
+    run(std::process::Command::new("kill").args(["-CONT", &a.pid().to_string()])).assert_success();
+    taken.assert_success();
+    println!("take-over of a frozen host's volume: {waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "the take-over did not wait for the frozen holder's watch: {waited:?}"
+    );
+
+    // A wakes up: its writes are refused, and it says why.
+    let scratch = home_a.join("late");
+    std::fs::write(&scratch, vec![0x22u8; 1 << 20]).expect("scratch");
+    let late = run(std::process::Command::new(e2e_tests::daemon::nbdcopy())
+        .arg(&scratch)
+        .arg(a.uri("v")));
+    assert_ne!(late.code, Some(0), "a fenced host's write succeeded");
+    let status = a.ctl.run(&["--json", "status", "v"]);
+    status.assert_success();
+    let s = status.json();
+    let attachment = s["attachments"][0].clone();
+    assert_eq!(
+        attachment["fenced"], true,
+        "status does not report the fence: {s}"
+    );
+    let text = a.ctl.run(&["status", "v"]);
+    assert!(
+        text.stdout_text().contains("FENCED"),
+        "{}",
+        text.stdout_text()
+    );
+    let audit = std::fs::read_to_string(a.state_dir.join("audit/audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"fenced\"") && l.contains("took the volume over")),
+        "the fence is not audited:\n{audit}"
+    );
+    assert!(
+        b.read_export("v", &home_b.join("scratch"))[..first.len()] == first[..],
+        "B does not have A's flushed data"
     );
 }

@@ -30,6 +30,9 @@ pub enum VolumeErrorKind {
     NoSpace,
     /// A flush failed earlier: the volume refuses all I/O until it is reopened.
     Failed,
+    /// The cluster fenced this host (another host took the volume over): the volume refuses
+    /// all I/O here, for good.
+    Fenced,
     /// Any other I/O error.
     Io,
     /// A long operation was cancelled (and cleaned up).

@@ -138,6 +138,8 @@ pub struct Volume {
     cipher: XtsCipher,
     rmw_locks: Vec<Mutex<()>>,
     failed: AtomicBool,
+    /// Set when the store reports this host fenced: every request fails from then on.
+    fenced: AtomicBool,
     headers: HeaderSet,
     /// Taken shared by every write to the file, exclusively by [`Volume::pause_writes`].
     write_gate: std::sync::RwLock<()>,
@@ -264,7 +266,7 @@ pub(crate) fn open_error(path: &Path, e: OpenError) -> VolumeError {
         OpenError::Held(who) => VolumeError::new(
             VolumeErrorKind::InUse,
             format!(
-                "{} is held by {who}: detach it there first, or attach with --take-over if                  that host is gone",
+                "{} is held by {who}: detach it there first, or attach with --take-over if that host is gone",
                 path.display()
             ),
         ),
@@ -749,6 +751,7 @@ impl Volume {
             cipher,
             rmw_locks: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             headers,
             write_gate: std::sync::RwLock::new(()),
             scratch: ScratchPool::default(),
@@ -798,7 +801,40 @@ impl Volume {
         self.failed.load(Ordering::Acquire)
     }
 
+    /// True once the store reported this host fenced: the volume refuses all I/O for good.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// A store error of `what`, as a volume error; one that says this host was fenced puts
+    /// the volume in the fenced state.
+    fn store_error(&self, what: &str, e: std::io::Error) -> VolumeError {
+        if store::is_fenced(&e) || self.is_fenced() {
+            if !self.fenced.swap(true, Ordering::AcqRel) {
+                tracing::error!(volume = %self.path.display(), error = %e, "fenced: another host took the volume over");
+            }
+            return self.fenced_error().with_source(e);
+        }
+        VolumeError::io(&self.path, what, e)
+    }
+
+    fn fenced_error(&self) -> VolumeError {
+        VolumeError::new(
+            VolumeErrorKind::Fenced,
+            format!(
+                "{}: this host was fenced: another host took the volume over (attach \
+                 --take-over), and the cluster refuses everything this one sends; nothing is \
+                 retried. Detach it here; the host that holds it now has every write this \
+                 one flushed",
+                self.path.display()
+            ),
+        )
+    }
+
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<(), VolumeError> {
+        if self.is_fenced() {
+            return Err(self.fenced_error());
+        }
         if self.is_failed() {
             return Err(VolumeError::new(
                 VolumeErrorKind::Failed,
@@ -856,14 +892,14 @@ impl Volume {
     fn read_raw(&self, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
         self.store
             .read_at(buf, self.segment.offset + offset)
-            .map_err(|e| VolumeError::io(&self.path, "reading", e))
+            .map_err(|e| self.store_error("reading", e))
     }
 
     fn write_raw(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
         let _gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
         self.store
             .write_at(buf, self.segment.offset + offset)
-            .map_err(|e| VolumeError::io(&self.path, "writing", e))
+            .map_err(|e| self.store_error("writing", e))
     }
 
     /// Reads `buf.len()` bytes at data offset `offset` (any alignment).
@@ -1011,7 +1047,7 @@ impl Volume {
                 }
                 Ok(())
             }
-            Err(e) => Err(VolumeError::io(&self.path, "trimming", e)),
+            Err(e) => Err(self.store_error("trimming", e)),
         }
     }
 
@@ -1023,6 +1059,9 @@ impl Volume {
             return Ok(());
         }
         self.store.flush().map_err(|e| {
+            if store::is_fenced(&e) {
+                return self.store_error("flushing", e);
+            }
             self.failed.store(true, Ordering::Release);
             tracing::error!(volume = %self.path.display(), error = %e, "flush failed; volume marked failed");
             let kind = VolumeError::io(&self.path, "flushing", std::io::Error::from(e.kind())).kind();
