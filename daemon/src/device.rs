@@ -12,6 +12,9 @@ const STATE_HOLE: u32 = 0x1;
 /// Largest request payload advertised.
 const MAX_BLOCK: u32 = 32 << 20;
 
+/// What a device does when it finds its host fenced (given the error's message).
+type FencedHook = Box<dyn Fn(&str) + Send + Sync>;
+
 /// A volume exported over NBD.
 pub struct VolumeDevice {
     volume: Arc<Volume>,
@@ -19,7 +22,7 @@ pub struct VolumeDevice {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     /// Called once, by the first request that finds this host fenced (the audit record).
-    on_fenced: std::sync::OnceLock<Box<dyn Fn(&str) + Send + Sync>>,
+    on_fenced: std::sync::OnceLock<FencedHook>,
     fenced_reported: std::sync::atomic::AtomicBool,
 }
 
