@@ -6,7 +6,7 @@
 //! | image | what it is |
 //! |---|---|
 //! | `NAME` | volume `NAME` |
-//! | `.NAME.OPERATION` | a volume being built (`creating`, `rebuilding`, ...), held under its builder's exclusive lock |
+//! | `.NAME.OPERATION` | a volume being built (`creating`, `rebuilding`, ...), watched by its builder |
 //! | `.NAME.replaced` | the volume a replace swapped out, removed once its header is wiped |
 //! | `.NAME.snapshots-N` | a volume a replace swapped out that has snapshots: kept for them (its header wiped), removed with its last snapshot |
 //!
@@ -38,7 +38,7 @@
 //! client's watch lapses after `osd_client_watch_timeout`), or not at all with `force`,
 //! then breaks the lock, which blocklists the old holder: it can never write again.
 //!
-//! **Who may touch what.** A staged image is created, opened and exclusively locked by its
+//! **Who may touch what.** A staged image is created and opened (so watched) by its
 //! builder; it is a leftover only once nobody watches it (its builder closed it or died and
 //! its watch lapsed, `osd_client_watch_timeout`), so a daemon starting on another host never
 //! takes away a volume that is being built.
@@ -432,8 +432,9 @@ impl Catalog for RbdCatalog {
         // A leftover of the same name and operation goes (refused while someone uses it).
         gone_is_fine(self.pool.remove_image(&hidden))?;
         self.pool.create_image(&hidden, 0)?;
+        // Not locked in exclusive mode: the builder may write it through several handles
+        // (librbd passes the lock between them); its watch keeps other hosts away.
         let image = self.pool.open(&hidden)?;
-        image.lock_acquire()?;
         let store = RbdStore::named(image, self.location(name))?;
         Ok(Staged::new(name, self.spec(&hidden), Some(Box::new(store))))
     }
@@ -497,12 +498,9 @@ impl Catalog for RbdCatalog {
 
     fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
         let hidden = Self::image_of(staged)?;
+        // Another handle of its builder, or a leftover's (whose dead builder's lock librbd
+        // breaks by itself on the first write, as nobody watches it).
         let image = self.pool.open(&hidden)?;
-        // Its builder is gone (a leftover nobody watches): its lock, if any, is stale.
-        for owner in image.lock_owners()? {
-            image.lock_break(&owner)?;
-        }
-        image.lock_acquire()?;
         Ok(Box::new(RbdStore::named(image, staged.location.clone())?))
     }
 
@@ -724,6 +722,11 @@ impl Catalog for RbdSnapshots {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         self.remove_snapshot(name)
+    }
+
+    /// Read-only: Ceph trims a removed snapshot's objects itself.
+    fn immutable(&self) -> bool {
+        true
     }
 
     fn leftovers(&self) -> io::Result<Vec<Staged>> {

@@ -136,6 +136,12 @@ pub trait Catalog: Send + Sync + fmt::Debug {
     /// Removes volume `name` (the caller wipes what must not linger first).
     fn remove(&self, name: &str) -> io::Result<()>;
 
+    /// Whether this catalog's volumes can never be written (RBD snapshots): there is nothing
+    /// a caller can wipe before [`remove`](Self::remove), which drops the bytes itself.
+    fn immutable(&self) -> bool {
+        false
+    }
+
     /// Staged stores that a crash left behind, to wipe and discard.
     fn leftovers(&self) -> io::Result<Vec<Staged>>;
 

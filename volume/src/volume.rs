@@ -276,10 +276,17 @@ pub(crate) fn open_error(path: &Path, e: OpenError) -> VolumeError {
 
 /// Deletes volume `name` of `catalog` for good, as [`wipe_and_remove`] does a file: under
 /// the exclusive lock (a volume in use is refused), checked to be a LUKS2 volume, its header
-/// area wiped and flushed, then removed from the catalog.
+/// area wiped and flushed, then removed from the catalog (a catalog of immutable volumes, RBD
+/// snapshots, has nothing to wipe: checked, then removed).
 pub fn wipe_and_remove_in(catalog: &dyn Catalog, name: &str) -> Result<(), VolumeError> {
     let path = catalog.location(name);
-    wipe_volume(&*open_in(catalog, name, Access::ReadWrite)?)?;
+    if catalog.immutable() {
+        // Nothing can be written: checked to be a volume, then removed (the engine drops
+        // its bytes).
+        header::read_headers(&*open_in(catalog, name, Access::Inspect)?)?;
+    } else {
+        wipe_volume(&*open_in(catalog, name, Access::ReadWrite)?)?;
+    }
     catalog
         .remove(name)
         .map_err(|e| VolumeError::io(&path, "removing the volume file", e))?;
