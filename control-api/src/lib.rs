@@ -119,6 +119,13 @@ pub enum Request {
     },
     /// Re-wrap the volume key under another master key and/or context (no data rewritten).
     Rekey(RekeyRequest),
+    /// Move a detached volume to another store (files, the RBD pool): copied, then swapped.
+    Move {
+        /// Volume name.
+        volume: String,
+        /// The store it goes to (`file`, `rbd`).
+        to_store: String,
+    },
     /// A new volume key and every sector re-encrypted (the volume must be detached, or
     /// `force`).
     Reencrypt {
@@ -247,6 +254,7 @@ impl Request {
             | Request::HeaderBackup { volume, .. }
             | Request::HeaderRestore { volume, .. }
             | Request::Cancel { volume }
+            | Request::Move { volume, .. }
             | Request::TlsAllow { volume, .. } => Some(volume),
             Request::OpenDmCrypt(r) => Some(&r.volume),
             Request::DmCryptOpened { volume, .. } | Request::DmCryptClosed { volume, .. } => {
@@ -702,6 +710,19 @@ pub enum Response {
         bytes: u64,
         /// Re-attached (it was attached and `force` was given).
         reattached: bool,
+    },
+    /// For `move`.
+    Moved {
+        /// Volume name.
+        volume: String,
+        /// The store it left.
+        from_store: String,
+        /// The store it is in now.
+        to_store: String,
+        /// Where it is now.
+        path: String,
+        /// Bytes copied (holes are not).
+        bytes: u64,
     },
     /// For `snapshot`.
     SnapshotTaken(SnapshotInfo),

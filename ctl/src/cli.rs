@@ -139,6 +139,15 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Move a detached volume to another store of the daemon (its files, its RBD pool): a
+    /// copy of the same header and ciphertext, swapped in crash-safely, with progress.
+    Move {
+        /// Volume name.
+        volume: String,
+        /// Where it goes.
+        #[arg(long, value_name = "file|rbd", value_parser = ["file", "rbd"])]
+        to_store: String,
+    },
     /// Recovery passphrase keyslots: break-glass access without the KMS (cryptsetup opens
     /// the volume with the passphrase). Off by default.
     #[command(subcommand)]

@@ -97,6 +97,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Reencrypt { volume, force } => {
             crate::lifecycle::reencrypt(&mut Client::connect(&socket)?, volume, *force, out.json)
         }
+        Command::Move { volume, to_store } => crate::lifecycle::move_volume(
+            &mut Client::connect(&socket)?,
+            volume,
+            to_store,
+            out.json,
+        ),
         Command::Recovery(cmd) => {
             crate::lifecycle::recovery(&mut Client::connect(&socket)?, cmd, out.json)
         }

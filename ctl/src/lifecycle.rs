@@ -446,6 +446,28 @@ pub fn rekey(
 }
 
 /// `reencrypt`.
+/// `move`.
+pub fn move_volume(client: &mut Client, volume: &str, to: &str, json: bool) -> Result<()> {
+    let request = Request::Move {
+        volume: volume.into(),
+        to_store: to.into(),
+    };
+    let r = long_call(client, request, None, json)?;
+    Output { json }.emit(&r, || match &r {
+        Response::Moved {
+            volume,
+            from_store,
+            to_store,
+            path,
+            bytes,
+        } => format!(
+            "moved {volume} from store {from_store} to store {to_store} ({} copied): {path}",
+            human(*bytes)
+        ),
+        other => format!("{other:?}"),
+    })
+}
+
 pub fn reencrypt(client: &mut Client, volume: &str, force: bool, json: bool) -> Result<()> {
     let r = long_call(
         client,

@@ -153,6 +153,9 @@ impl Daemon {
             | Request::CloseDmCrypt { .. }
             | Request::DmCryptClosed { .. }) => self.dm_crypt(r, caller, ctx).await,
             Request::Rebuild(r) => self.rebuild(r, caller, ctx).await,
+            Request::Move { volume, to_store } => {
+                self.move_volume(&volume, &to_store, caller, ctx).await
+            }
             Request::Snapshot { volume, name } => self.snapshot(&volume, name, caller, ctx).await,
             Request::Snapshots { volume } => self.snapshots(&volume),
             Request::DeleteSnapshot { volume, name } => {

@@ -28,6 +28,7 @@ pub mod notify;
 pub mod ops;
 pub mod registry;
 pub mod reload;
+pub mod relocate;
 pub mod request;
 pub mod services;
 pub mod staging;
@@ -240,6 +241,7 @@ pub async fn run(
         loaded: std::sync::Mutex::new(tls),
     };
     let daemon = Arc::new(daemon);
+    daemon.finish_moves();
     daemon.clean_leftovers();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -135,7 +135,7 @@ fn snapshot_info(snaps: &dyn Catalog, volume: &str, name: &str) -> SnapshotInfo 
 impl Daemon {
     /// Takes `volume` for a long operation. Under the volume's lock, so that an attach,
     /// detach or delete that checked the volume idle cannot interleave.
-    async fn begin(
+    pub(crate) async fn begin(
         &self,
         volume: &str,
         operation: &'static str,

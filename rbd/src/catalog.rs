@@ -201,6 +201,16 @@ impl RbdCatalog {
         Ok(Some((owners, Holder::of(&image)?)))
     }
 
+    /// Whether this catalog knows which daemon instance it serves.
+    fn mine_known(&self) -> bool {
+        !self.me.instance.is_empty()
+    }
+
+    /// Whether `image` records this daemon instance as its holder or builder.
+    fn is_mine(&self, image: &Image) -> io::Result<bool> {
+        Ok(self.mine_known() && Holder::of(image)?.is_some_and(|h| h.instance == self.me.instance))
+    }
+
     /// How long a dead client's watch lasts: the cluster's `osd_client_watch_timeout` as this
     /// client's configuration gives it (30 s by default), plus a margin.
     fn watch_lapse(&self) -> Duration {
@@ -267,7 +277,7 @@ impl RbdCatalog {
         let opened = self.pool.open(image).map_err(OpenError::Io)?;
         let held = |opened: &Image, owners: &[String]| -> Result<(), OpenError> {
             let holder = Holder::of(opened).map_err(OpenError::Io)?;
-            let mine = !self.me.instance.is_empty()
+            let mine = self.mine_known()
                 && holder
                     .as_ref()
                     .is_some_and(|h| h.instance == self.me.instance);
@@ -292,7 +302,7 @@ impl RbdCatalog {
             held(&opened, &owners)?;
             opened.lock_acquire().map_err(OpenError::Io)?;
         }
-        if !self.me.instance.is_empty() {
+        if self.mine_known() {
             self.me.record(&opened).map_err(OpenError::Io)?;
         }
         Ok(opened)
@@ -435,6 +445,10 @@ impl Catalog for RbdCatalog {
         // Not locked in exclusive mode: the builder may write it through several handles
         // (librbd passes the lock between them); its watch keeps other hosts away.
         let image = self.pool.open(&hidden)?;
+        if self.mine_known() {
+            // A restart of this daemon knows its dead builder's images by this.
+            self.me.record(&image)?;
+        }
         let store = RbdStore::named(image, self.location(name))?;
         Ok(Staged::new(name, self.spec(&hidden), Some(Box::new(store))))
     }
@@ -498,9 +512,23 @@ impl Catalog for RbdCatalog {
 
     fn open_staged(&self, staged: &Staged) -> io::Result<Box<dyn BackingStore>> {
         let hidden = Self::image_of(staged)?;
-        // Another handle of its builder, or a leftover's (whose dead builder's lock librbd
-        // breaks by itself on the first write, as nobody watches it).
+        // Another handle of its builder, or a leftover: a dead builder's lock is broken here
+        // if it was this daemon's dead previous instance (whose watch may not have lapsed
+        // yet); librbd breaks an unwatched one by itself on the first write.
         let image = self.pool.open(&hidden)?;
+        let owners = image.lock_owners()?;
+        if !owners.is_empty() && self.is_mine(&image)? {
+            // This process's own address: the watch of this open, by client id.
+            let me = self.pool.cluster().instance_id();
+            let here = image
+                .watchers()?
+                .into_iter()
+                .find(|(id, _)| u64::try_from(*id).ok() == Some(me))
+                .map(|(_, addr)| addr);
+            for owner in owners.iter().filter(|o| Some(*o) != here.as_ref()) {
+                image.lock_break(owner)?;
+            }
+        }
         Ok(Box::new(RbdStore::named(image, staged.location.clone())?))
     }
 
@@ -523,13 +551,14 @@ impl Catalog for RbdCatalog {
             if kind == Hidden::Holder {
                 continue;
             }
-            // Still watched: its builder is alive (or died less than a watch timeout ago).
-            let watched = match self.pool.open_read_only(&image, None) {
-                Ok(i) => !i.watchers()?.is_empty(),
+            // Still watched: its builder is alive, or died less than a watch timeout ago;
+            // unless that builder was this daemon's dead previous instance.
+            let live = match self.pool.open_read_only(&image, None) {
+                Ok(i) => !i.watchers()?.is_empty() && !self.is_mine(&i)?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if !watched {
+            if !live {
                 out.push(Staged::new(&name, self.spec(&image), None));
             }
         }

@@ -111,6 +111,28 @@ impl Stores {
         Ok(staged)
     }
 
+    /// Publishes `staged`, made by [`stage_in`](Self::stage_in) with a store named, as a new
+    /// volume of that store although the name is a volume of another one: the durable step
+    /// of a move, after which the caller removes the volume from the store it leaves. Until
+    /// then lookups find the name in the store that comes first.
+    pub fn publish_moved(&self, staged: Staged) -> io::Result<()> {
+        let maker = Arc::clone(self.maker(&staged)?);
+        let handle = staged.handle();
+        maker.publish(staged, Existing::Keep)?;
+        self.forget(&handle);
+        Ok(())
+    }
+
+    /// Which stores hold volume `volume` (two only while a move is under way or was cut
+    /// short by a crash).
+    pub fn stores_of(&self, volume: &str) -> Vec<&str> {
+        self.members
+            .iter()
+            .filter(|(_, c)| c.exists(volume))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
     fn pick(&self, store: Option<&str>) -> io::Result<usize> {
         match store {
             None => Ok(self.default),
@@ -220,8 +242,11 @@ impl Catalog for Stores {
         self.maker(staged)?.open_staged(staged)
     }
 
+    /// A location this daemon never staged, or published already, has nothing to discard.
     fn discard(&self, staged: Staged) -> io::Result<()> {
-        let maker = Arc::clone(self.maker(&staged)?);
+        let Ok(maker) = self.maker(&staged).map(Arc::clone) else {
+            return Ok(());
+        };
         let handle = staged.handle();
         maker.discard(staged)?;
         self.forget(&handle);

@@ -766,3 +766,167 @@ fn a_daemon_with_an_unusable_pool_refuses_to_start_and_says_why() {
         "{e}"
     );
 }
+
+/// `move --to-store`: a file volume copied into the pool and swapped in, and back, with its
+/// data; and killed with kill -9 at each durable step of a move and of an RBD replace (a
+/// rebuild from a snapshot), the restarted daemon has the volume whole, in one store, with
+/// the old or the new content, and no leftover image or file.
+#[test]
+fn a_volume_moves_between_stores_and_crashes_leave_it_whole() {
+    use e2e_tests::daemon::Daemon;
+    let dir = TestDir::new("rbd-move");
+    let c = Cluster::start(&dir);
+    let home = TestDir::new("rbd-move-host");
+    // Files are the default here: the pool is the other store.
+    let config = rbd_config(&c, &home.path().join("keystore"))
+        .replace("default = \"rbd\"", "default = \"file\"");
+    let d = Daemon::start(&home, &config);
+    let key = d.ctl.create_key("fleet");
+    let created = d.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    assert_eq!(created["store"], "file", "{created}");
+    d.ctl.run(&["attach", "v"]).assert_success();
+    let scratch = home.join("scratch");
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 241) as u8).collect();
+    d.write_export("v", &data, &scratch);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    let file = home.state_dir().join("volumes/v.luks");
+    assert!(file.exists());
+
+    let moved = d.ctl.run(&["--json", "move", "v", "--to-store", "rbd"]);
+    moved.assert_success();
+    assert_eq!(moved.json()["to_store"], "rbd", "{}", moved.stdout_text());
+    assert!(!file.exists(), "the file stayed after the move");
+    let listed = d.ctl.run(&["--json", "list"]);
+    assert_eq!(listed.json()[0]["store"], "rbd", "{}", listed.stdout_text());
+    d.ctl.run(&["attach", "v"]).assert_success();
+    assert!(d.read_export("v", &scratch)[..data.len()] == data[..]);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    let refused = d.ctl.run(&["move", "v", "--to-store", "rbd"]);
+    refused.assert_stderr_contains("already");
+    d.ctl
+        .run(&["move", "v", "--to-store", "file"])
+        .assert_success();
+    assert!(file.exists());
+    assert_eq!(
+        String::from_utf8_lossy(&c.rbd_ok(&["ls", &c.pool]).stdout).trim(),
+        ""
+    );
+    d.stop();
+
+    let check = |point: &str| {
+        let d = Daemon::start(&home, &config);
+        let listed = d.ctl.run(&["--json", "list"]);
+        let volumes = listed.json();
+        assert_eq!(
+            volumes.as_array().map(Vec::len),
+            Some(1),
+            "{point}: {}",
+            listed.stdout_text()
+        );
+        let store = volumes[0]["store"].as_str().unwrap_or_default().to_owned();
+        d.ctl.run(&["attach", "v"]).assert_success();
+        let content = d.read_export("v", &scratch);
+        d.ctl.run(&["detach", "v"]).assert_success();
+        let images = String::from_utf8_lossy(&c.rbd_ok(&["ls", &c.pool]).stdout)
+            .trim()
+            .to_owned();
+        let hidden: Vec<String> = std::fs::read_dir(home.state_dir().join("volumes"))
+            .map(|e| {
+                e.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(hidden.is_empty(), "{point}: leftover files {hidden:?}");
+        (d, store, content, images)
+    };
+    for (point, to) in [
+        ("move-before-publish", "rbd"),
+        ("move-after-publish", "rbd"),
+        ("move-before-publish", "file"),
+        ("move-after-publish", "file"),
+    ] {
+        let d = Daemon::start_env(&home, &config, &[("CRYPTNBD_CRASH_AT", point)]);
+        let out = d.ctl.run_quiet(&["move", "v", "--to-store", to]);
+        assert_ne!(out.code, Some(0), "{point}: the move finished");
+        assert!(
+            d.wait_killed(),
+            "{point}: the daemon did not die of SIGKILL"
+        );
+        let (d, store, content, images) = check(point);
+        assert!(
+            content[..data.len()] == data[..],
+            "{point}: the data changed"
+        );
+        let expect = if point == "move-after-publish" {
+            to
+        } else if to == "rbd" {
+            "file"
+        } else {
+            "rbd"
+        };
+        assert_eq!(store, expect, "{point} to {to}");
+        assert_eq!(
+            images,
+            if store == "rbd" { "v" } else { "" },
+            "{point} to {to}: images"
+        );
+        d.stop();
+    }
+
+    // An RBD replace (rebuild from a snapshot) killed at each of its steps.
+    let d = Daemon::start(&home, &config);
+    if d.ctl.run(&["--json", "list"]).json()[0]["store"] != "rbd" {
+        d.ctl
+            .run(&["move", "v", "--to-store", "rbd"])
+            .assert_success();
+    }
+    d.ctl.run(&["attach", "v"]).assert_success();
+    d.ctl.run(&["snapshot", "v", "s1"]).assert_success();
+    let newer = vec![0x77u8; 1 << 20];
+    d.write_export("v", &newer, &scratch);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    let mut after = data.clone();
+    after[..newer.len()].copy_from_slice(&newer);
+    d.stop();
+    let mut seen_snapshot = 0;
+    for point in [
+        "rbd-replace-marked",
+        "rbd-replace-old-aside",
+        "rbd-replace-new-in-place",
+    ] {
+        let d = Daemon::start_env(&home, &config, &[("CRYPTNBD_CRASH_AT", point)]);
+        let out = d.ctl.run_quiet(&["rebuild", "v", "--from-snapshot", "s1"]);
+        assert_ne!(out.code, Some(0), "{point}: the rebuild finished");
+        let log = d.log_text();
+        assert!(
+            d.wait_killed(),
+            "{point}: the daemon did not die of SIGKILL ({:?}: {}); its log:\n{log}",
+            out.code,
+            out.stderr
+        );
+        let (d, store, content, images) = check(point);
+        assert_eq!(store, "rbd");
+        let is_snapshot = content[..data.len()] == data[..];
+        assert!(
+            is_snapshot || content[..after.len()] == after[..],
+            "{point}: the content is neither the old nor the new"
+        );
+        seen_snapshot += usize::from(is_snapshot);
+        assert!(
+            images
+                .lines()
+                .all(|i| i == "v" || i.starts_with(".v.snapshots-")),
+            "{point}: leftover images {images}"
+        );
+        // Back to the newer content for the next point.
+        if is_snapshot {
+            d.ctl.run(&["attach", "v"]).assert_success();
+            d.write_export("v", &newer, &scratch);
+            d.ctl.run(&["detach", "v"]).assert_success();
+        }
+        d.stop();
+    }
+    assert!(seen_snapshot >= 2, "the marked replaces were not finished");
+}
