@@ -643,6 +643,12 @@ struct Installed {
 /// Boots a container as [`Installed`] describes.
 #[track_caller]
 fn install_in_container(label: &str) -> Installed {
+    install_in_container_with(label, &systemd_dir().join("cryptnbd.toml"), &[])
+}
+
+/// [`install_in_container`] with `config` as /etc/cryptnbd/cryptnbd.toml and more binds.
+#[track_caller]
+fn install_in_container_with(label: &str, config: &Path, more: &[String]) -> Installed {
     require_tool("nbdcopy", "libnbd-bin");
     assert!(
         fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0),
@@ -677,7 +683,7 @@ fn install_in_container(label: &str) -> Installed {
     let ro = |host: &Path, inside: &str| format!("--bind-ro={}:{inside}", host.display());
     let mut binds = vec![
         ro(&bin, "/usr/local/bin"),
-        ro(&s.join("cryptnbd.toml"), "/etc/cryptnbd/cryptnbd.toml"),
+        ro(config, "/etc/cryptnbd/cryptnbd.toml"),
         ro(
             &s.join("tmpfiles.d/cryptnbd.conf"),
             "/etc/tmpfiles.d/cryptnbd.conf",
@@ -692,6 +698,7 @@ fn install_in_container(label: &str) -> Installed {
     for unit in UNITS {
         binds.push(ro(&s.join(unit), &format!("/etc/systemd/system/{unit}")));
     }
+    binds.extend_from_slice(more);
     let c = Container::boot(&dir, &binds);
     Installed {
         _dir: dir,
@@ -922,4 +929,57 @@ fn attach_unit_succeeds_when_the_daemon_already_reattached_the_volume() {
         c.property("cryptnbd-attach@nbd0.service", "ActiveState"),
         "active"
     );
+}
+
+/// cryptnbd.service's sandbox and system-call filter with an RBD store: the daemon, under
+/// its unit with systemd as PID 1, reads /etc/ceph/ceph.conf, reaches a real cluster over the
+/// network, and creates, attaches and serves a volume in the pool through a real NBD client.
+#[test]
+fn daemon_unit_serves_an_rbd_volume_from_its_sandbox() {
+    let dir = TestDir::new("systemd-rbd-cluster");
+    let cluster = e2e_tests::ceph::Cluster::start(&dir);
+    // A client's ceph.conf: the cluster's own names its daemons' files.
+    let conf_text = fs::read_to_string(&cluster.conf).expect("ceph.conf");
+    let mon = conf_text
+        .lines()
+        .find(|l| l.starts_with("mon host"))
+        .expect("mon host");
+    let client_conf = dir.join("client.conf");
+    fs::write(
+        &client_conf,
+        format!("[global]\n{mon}\nauth client required = none\n"),
+    )
+    .expect("client conf");
+    let config = dir.join("cryptnbd.toml");
+    fs::write(
+        &config,
+        format!(
+            "{}\n[store]\ndefault = \"rbd\"\n[store.rbd]\nconf = \"/etc/ceph/ceph.conf\"\n\
+             pool = \"{}\"\nid = \"admin\"\ntimeout_secs = 20\n",
+            fs::read_to_string(systemd_dir().join("cryptnbd.toml")).expect("example config"),
+            cluster.pool
+        ),
+    )
+    .expect("config");
+    let binds = [format!(
+        "--bind-ro={}:/etc/ceph/ceph.conf",
+        client_conf.display()
+    )];
+    let Installed { _dir, c, work, .. } = install_in_container_with("systemd-rbd", &config, &binds);
+    let data = TestRng::new(0x0cef_0001).bytes(4 << 20);
+    fs::write(work.join("data"), &data).expect("data");
+    c.ok("systemctl start cryptnbd.service");
+    create_home(&c);
+    let listed = c.ok("cryptnbdctl --json list");
+    assert!(listed.contains("\"store\": \"rbd\""), "{listed}");
+    c.ok("cryptnbdctl attach home");
+    let uri = "'nbd+unix:///home?socket=/run/cryptnbd/nbd.sock'";
+    c.ok(&format!("nbdcopy /srv/e2e/data {uri}"));
+    c.ok(&format!("nbdcopy {uri} /srv/e2e/back"));
+    let back = fs::read(work.join("back")).expect("read back");
+    assert!(back[..data.len()] == data[..], "the RBD volume lost data");
+    c.ok("cryptnbdctl detach home");
+    let ls = cluster.rbd_ok(&["ls", &cluster.pool]);
+    assert_eq!(String::from_utf8_lossy(&ls.stdout).trim(), "home");
+    c.ok("systemctl stop cryptnbd.service");
 }
