@@ -78,6 +78,9 @@ fn connect(c: &RbdConfig, layout: &StateLayout) -> Result<rbd::RbdCatalog, Daemo
             p = c.pool
         ))
     })?;
+    // A full pool answers writes with ENOSPC (the client sees it at once) rather than
+    // holding them until it has room.
+    pool.fail_when_full();
     // The pool answers: a listing proves the client may read it.
     pool.images().map_err(|e| {
         fail(format!(

@@ -85,6 +85,7 @@ api! {
     rados fn rados_shutdown(cluster: Handle) -> ();
     rados fn rados_ioctx_create(cluster: Handle, pool: *const c_char, ioctx: *mut Handle) -> c_int;
     rados fn rados_ioctx_destroy(ioctx: Handle) -> ();
+    rados fn rados_set_pool_full_try(ioctx: Handle) -> ();
     rbd fn rbd_create(ioctx: Handle, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
     rbd fn rbd_remove(ioctx: Handle, name: *const c_char) -> c_int;
     rbd fn rbd_rename(ioctx: Handle, from: *const c_char, to: *const c_char) -> c_int;
@@ -383,6 +384,14 @@ impl Pool {
     /// The cluster the pool is in.
     pub fn cluster(&self) -> &std::sync::Arc<Cluster> {
         &self.cluster
+    }
+
+    /// Writes to this pool fail with `ENOSPC` (or `EDQUOT` for a quota) while it is full,
+    /// instead of waiting until it has room (librados's default). Images opened afterwards
+    /// inherit it.
+    pub fn fail_when_full(&self) {
+        // SAFETY: a live ioctx; the call only sets a flag on it.
+        unsafe { (self.api().rados_set_pool_full_try)(self.ioctx) }
     }
 
     /// Creates image `name` of `size` bytes with the cluster's default features and object

@@ -28,6 +28,8 @@ pub struct Options {
     pub pool_size: usize,
     /// Seconds before a dead client's watch lapses (`osd_client_watch_timeout`).
     pub watch_timeout_secs: u32,
+    /// The size each memstore OSD reports (its fullness follows it).
+    pub osd_bytes: u64,
     /// The pool made for the test.
     pub pool: String,
 }
@@ -38,6 +40,7 @@ impl Default for Options {
             osds: 1,
             pool_size: 1,
             watch_timeout_secs: 5,
+            osd_bytes: 8 << 30,
             pool: "rbd".into(),
         }
     }
@@ -153,7 +156,7 @@ debug monc = 10
 ",
                 fsid = uuid(),
                 size = options.pool_size,
-                bytes = 8u64 << 30,
+                bytes = options.osd_bytes,
                 watch = options.watch_timeout_secs,
             ),
         )

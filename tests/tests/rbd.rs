@@ -930,3 +930,70 @@ fn a_volume_moves_between_stores_and_crashes_leave_it_whole() {
     }
     assert!(seen_snapshot >= 2, "the marked replaces were not finished");
 }
+
+/// A full cluster (here: its one OSD past the full ratio) answers writes with ENOSPC at once,
+/// instead of holding them until there is room (librados's default): the NBD client gets the
+/// error and the daemon keeps serving the volume.
+#[test]
+fn a_full_pool_fails_writes_with_enospc_instead_of_hanging() {
+    use e2e_tests::ceph::Options;
+    let dir = TestDir::new("rbd-full");
+    let c = Cluster::start_with(
+        &dir,
+        Options {
+            osd_bytes: 160 << 20,
+            ..Options::default()
+        },
+    );
+    let home = TestDir::new("rbd-full-host");
+    let d = rbd_daemon(&c, &home);
+    let key = d.ctl.create_key("fleet");
+    d.ctl.create_volume("v", "256M", &key, 4096, &[]);
+    d.ctl.run(&["attach", "v"]).assert_success();
+    let scratch = home.join("scratch");
+    std::fs::write(&scratch, vec![0x42u8; 200 << 20]).expect("scratch");
+    // memstore takes what it is given; the OSD reports itself full a moment later.
+    d.write_export(
+        "v",
+        &std::fs::read(&scratch).expect("scratch"),
+        &home.join("first"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let health = c.ceph_ok(&["health", "detail"]);
+        let text = String::from_utf8_lossy(&health.stdout).into_owned();
+        if text.contains("OSD_FULL") || text.contains("full osd") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster is not full after 60 s:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // New objects past what was written (an overwrite of existing ones may still pass).
+    let started = std::time::Instant::now();
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri({:?})\nh.pwrite(b'C' * (8 << 20), 220 << 20)\nh.flush()\n",
+        d.uri("v")
+    );
+    let out =
+        run(std::process::Command::new("timeout").args(["120", "/usr/bin/python3", "-c", &script]));
+    println!(
+        "a write to the full cluster ended after {:?}: {:?}",
+        started.elapsed(),
+        out.code
+    );
+    assert_ne!(out.code, Some(0), "a write to a full cluster succeeded");
+    assert_ne!(out.code, Some(124), "the write to a full cluster hung");
+    assert!(
+        out.stderr.contains("No space left on device") || out.stderr.contains("ENOSPC"),
+        "not refused as ENOSPC: {}",
+        out.stderr
+    );
+    // Still serving: reads work.
+    let status = d.ctl.run(&["--json", "status", "v"]);
+    status.assert_success();
+    let back = d.read_export("v", &home.join("back"));
+    assert_eq!(back.len(), 256 << 20);
+}
