@@ -997,3 +997,52 @@ fn a_full_pool_fails_writes_with_enospc_instead_of_hanging() {
     let back = d.read_export("v", &home.join("back"));
     assert_eq!(back.len(), 256 << 20);
 }
+
+/// Two OSDs and a pool of size 2: one OSD killed with SIGKILL in the middle of a client's
+/// write. The write and its flush complete on the other OSD once the cluster marks the dead
+/// one down, and every byte reads back.
+#[test]
+fn an_osd_killed_mid_write_loses_nothing_flushed() {
+    use e2e_tests::ceph::Options;
+    let dir = TestDir::new("rbd-osd-kill");
+    let c = Cluster::start_with(
+        &dir,
+        Options {
+            osds: 2,
+            pool_size: 2,
+            ..Options::default()
+        },
+    );
+    let home = TestDir::new("rbd-osd-kill-host");
+    let d = rbd_daemon(&c, &home);
+    let key = d.ctl.create_key("fleet");
+    d.ctl.create_volume("v", "96M", &key, 4096, &[]);
+    d.ctl.run(&["attach", "v"]).assert_success();
+    let data = e2e_tests::TestRng::new(0x05d_0001).bytes(64 << 20);
+    let scratch = home.join("scratch");
+    std::fs::write(&scratch, &data).expect("scratch");
+    let mut writer = std::process::Command::new(e2e_tests::daemon::nbdcopy())
+        .arg(&scratch)
+        .arg(d.uri("v"))
+        .spawn()
+        .expect("nbdcopy");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let (_, osd) = c
+        .pids()
+        .into_iter()
+        .find(|(n, _)| n == "osd.1")
+        .expect("osd.1");
+    run(std::process::Command::new("kill").args(["-KILL", &osd.to_string()])).assert_success();
+    let started = std::time::Instant::now();
+    let status = writer.wait().expect("nbdcopy");
+    println!(
+        "the write finished {:?} after the OSD was killed",
+        started.elapsed()
+    );
+    assert!(
+        status.success(),
+        "the write failed when one of two OSDs died"
+    );
+    let back = d.read_export("v", &home.join("back"));
+    assert!(back[..data.len()] == data[..], "data lost with one OSD");
+}
