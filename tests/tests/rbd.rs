@@ -1046,3 +1046,38 @@ fn an_osd_killed_mid_write_loses_nothing_flushed() {
     let back = d.read_export("v", &home.join("back"));
     assert!(back[..data.len()] == data[..], "data lost with one OSD");
 }
+
+/// A host whose KMS refuses the volume's key cannot attach it, and does not keep its lock:
+/// the message names the KMS, and the host that can still attaches at once. An attached
+/// volume's image cannot be removed behind the daemon's back (Ceph refuses while it is
+/// watched), and the daemon keeps serving it.
+#[test]
+fn a_kms_refusal_on_another_host_leaves_the_volume_free_and_an_open_image_stays() {
+    use e2e_tests::daemon::Daemon;
+    let dir = TestDir::new("rbd-kms-refuses");
+    let c = Cluster::start(&dir);
+    let (home_a, home_b) = (TestDir::new("rbd-kms-a"), TestDir::new("rbd-kms-b"));
+    // Each host its own keystore: B's KMS has never seen A's key.
+    let a = Daemon::start(&home_a, &rbd_config(&c, &home_a.path().join("keystore")));
+    let b = Daemon::start(&home_b, &rbd_config(&c, &home_b.path().join("keystore")));
+    let key = a.ctl.create_key("fleet");
+    a.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    let refused = b.ctl.run(&["attach", "v"]);
+    assert_ne!(
+        refused.code,
+        Some(0),
+        "B attached with a KMS that lacks the key"
+    );
+    assert!(refused.stderr.contains("KMS"), "{}", refused.stderr);
+    a.ctl.run(&["attach", "v"]).assert_success();
+    let scratch = home_a.join("scratch");
+    a.write_export("v", &vec![0x5au8; 1 << 20], &scratch);
+
+    let rm = c.rbd(&["rm", &format!("{}/v", c.pool)]);
+    assert!(!rm.status.success(), "rbd rm removed an attached volume");
+    assert!(
+        a.read_export("v", &scratch)[..1 << 20]
+            .iter()
+            .all(|&x| x == 0x5a)
+    );
+}
