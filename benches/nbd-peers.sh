@@ -14,6 +14,17 @@
 #   cryptnbd-tcp   cryptnbd, plaintext TCP
 #   cryptnbd-tls   cryptnbd, TLS required, client certificates checked
 #   nbdkit-tls     nbdkit file plugin, unencrypted volume, --tls=require --tls-verify-peer (GnuTLS)
+# and on Ceph RBD (issue 15; not in the default list; use -s 1024 or less: a memstore OSD holds
+# what is written in memory, about 2.6 GB of RSS per GiB), each on its own image of one
+# throwaway cluster (tests/src/bin/ceph-cluster.rs, the tests' fixture), removed after it:
+#   cryptnbd-rbd       cryptnbd with [store.rbd], librbd's default cache
+#   qemu-nbd-rbd       qemu-nbd 7.2, -f raw rbd:POOL/IMAGE, unencrypted, --cache=writeback
+#   qemu-nbd-rbd-luks  qemu-nbd 7.2 with librbd's own LUKS2 encryption (encrypt.format=luks2),
+#                      --cache=writeback
+#   fio-rbd            fio's rbd engine straight on librbd: the ceiling (no NBD hop, no
+#                      encryption; seq figures are fio with 1 MiB blocks, iodepth 32)
+# qemu 7.2's rbd driver (qemu-block-extra) is unpacked under WORKDIR/qemu72 with apt-get download
+# when the system's qemu is another version; nothing is installed over it.
 # The TLS servers use certificates made here with openssl (WORKDIR/pki). Their clients run as
 # nobody with HOME=WORKDIR/tls-home, where libnbd finds its certificates (.pki/libnbd): fio's
 # nbd engine cannot name them in the URI, and for root libnbd looks only in /etc/pki/libnbd.
@@ -135,6 +146,46 @@ CNF
 }
 PORT=10899
 
+# The Ceph cluster of the RBD servers: started on first use, stopped at exit.
+CEPH_PID="" CEPH_CONF="" CEPH_POOL="" CEPH_DIR="" RBD_IMAGE=""
+ceph_start() {
+  [[ -n $CEPH_PID ]] && return 0
+  cargo build -q -p e2e-tests --bin ceph-cluster
+  local out=$WORK/ceph-cluster.out
+  : >"$out"
+  "$PWD/target/debug/ceph-cluster" 8 >"$out" 2>"$LOGS/ceph-cluster.log" &
+  CEPH_PID=$!
+  for _ in $(seq 1 600); do
+    grep -q '^conf=' "$out" && break
+    kill -0 "$CEPH_PID" 2>/dev/null || { echo "the Ceph cluster did not start; see $LOGS/ceph-cluster.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  read -r c p d <"$out"
+  CEPH_CONF=${c#conf=} CEPH_POOL=${p#pool=} CEPH_DIR=${d#dir=}
+  echo "   Ceph cluster up: $CEPH_CONF, pool $CEPH_POOL"
+}
+ceph_stop() {
+  [[ -n $CEPH_PID ]] || return 0
+  kill -KILL "$CEPH_PID" 2>/dev/null || true
+  wait "$CEPH_PID" 2>/dev/null || true
+  CEPH_PID=""
+  [[ -n $CEPH_DIR ]] && rm -rf "$CEPH_DIR"
+}
+rbd_cli() { rbd -c "$CEPH_CONF" "$@"; }
+QEMU72=$WORK/qemu72
+qemu72() {
+  [[ -x $QEMU72/usr/bin/qemu-nbd && -e $QEMU72/usr/lib/x86_64-linux-gnu/qemu/block-rbd.so ]] && return 0
+  local v
+  v=$(apt-cache madison qemu-block-extra | awk '$3 ~ /^1:7\.2/ {print $3; exit}')
+  [[ -n $v ]] || { echo "no qemu-block-extra 7.2 in the apt sources (Debian 12)" >&2; exit 1; }
+  rm -rf "$QEMU72.debs" && mkdir -p "$QEMU72.debs"
+  (cd "$QEMU72.debs" && apt-get download -q "qemu-utils=$v" "qemu-block-extra=$v" >/dev/null 2>&1)
+  for deb in "$QEMU72.debs"/*.deb; do dpkg -x "$deb" "$QEMU72"; done
+}
+qemu_nbd72() {
+  QEMU_MODULE_DIR=$QEMU72/usr/lib/x86_64-linux-gnu/qemu "$QEMU72/usr/bin/qemu-nbd" "$@"
+}
+
 SPID=""
 URI=""
 TLS_CLIENT=""
@@ -145,8 +196,14 @@ stop_server() {
     wait "$SPID" 2>/dev/null || true
   fi
   SPID=""
+  # Each RBD peer's image goes once it is measured (memstore holds it in memory).
+  if [[ -n $RBD_IMAGE ]]; then
+    rbd_cli snap purge "$CEPH_POOL/$RBD_IMAGE" >/dev/null 2>&1 || true
+    rbd_cli rm "$CEPH_POOL/$RBD_IMAGE" >/dev/null 2>&1 || true
+    RBD_IMAGE=""
+  fi
 }
-trap stop_server EXIT
+trap 'stop_server; ceph_stop' EXIT
 
 wait_uri() {
   for _ in $(seq 1 300); do
@@ -174,13 +231,21 @@ start_server() {
   TLS_CLIENT=""
   rm -f "$SOCK"
   case $name in
-    cryptnbd | cryptnbd-tcp | cryptnbd-tls)
+    cryptnbd | cryptnbd-tcp | cryptnbd-tls | cryptnbd-rbd)
       local state=$WORK/cryptnbd-state run=$WORK/cryptnbd-run config=$WORK/cryptnbd.toml
       rm -rf "$state" "$run"
+      if [[ $name == cryptnbd-rbd ]]; then
+        ceph_start
+        RBD_IMAGE=bench
+      fi
       {
         echo "state_dir = \"$state\""
         echo "runtime_dir = \"$run\""
-        if [[ $name != cryptnbd ]]; then
+        if [[ $name == cryptnbd-rbd ]]; then
+          printf '[store]\ndefault = "rbd"\n[store.rbd]\nconf = "%s"\npool = "%s"\nid = "admin"\n' \
+            "$CEPH_CONF" "$CEPH_POOL"
+        fi
+        if [[ $name == cryptnbd-tcp || $name == cryptnbd-tls ]]; then
           printf '[nbd]\ntcp = "127.0.0.1:%s"\n' "$PORT"
         fi
         if [[ $name == cryptnbd-tls ]]; then
@@ -196,7 +261,7 @@ start_server() {
       "${ctl[@]}" create bench --size "${SIZE_MIB}M" --kms-key alias/bench \
         --sid S-1-5-21-277731876-1789304096-451871588-1107 --directory d-1234abcd01 >/dev/null
       case $name in
-        cryptnbd)
+        cryptnbd | cryptnbd-rbd)
           "${ctl[@]}" attach bench --transient >/dev/null
           URI="nbd+unix:///bench?socket=$run/nbd.sock" ;;
         cryptnbd-tcp)
@@ -238,6 +303,40 @@ start_server() {
       SPID=$!
       URI="nbd+unix:///?socket=$SOCK"
       ;;
+    qemu-nbd-rbd)
+      ceph_start && qemu72
+      RBD_IMAGE=plain
+      rbd_cli create --size "$SIZE_MIB" "$CEPH_POOL/$RBD_IMAGE"
+      qemu_nbd72 --socket="$SOCK" --persistent --shared=8 --cache=writeback -f raw \
+        "rbd:$CEPH_POOL/$RBD_IMAGE:conf=$CEPH_CONF:id=admin" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    qemu-nbd-rbd-luks)
+      ceph_start && qemu72
+      RBD_IMAGE=luks2
+      # librbd's LUKS2 header takes room at the start: the image is made larger so that the
+      # export has the same size as the others.
+      rbd_cli create --size $((SIZE_MIB + 32)) "$CEPH_POOL/$RBD_IMAGE"
+      printf %s "$PASS" >"$WORK/rbd-pass"
+      rbd_cli encryption format "$CEPH_POOL/$RBD_IMAGE" luks2 "$WORK/rbd-pass" >/dev/null
+      qemu_nbd72 --socket="$SOCK" --persistent --shared=8 --cache=writeback \
+        --object "secret,id=sec0,file=$WORK/rbd-pass" --image-opts \
+        "driver=rbd,pool=$CEPH_POOL,image=$RBD_IMAGE,conf=$CEPH_CONF,user=admin,encrypt.format=luks2,encrypt.key-secret=sec0" \
+        >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    fio-rbd)
+      ceph_start
+      RBD_IMAGE=fio
+      rbd_cli create --size "$SIZE_MIB" "$CEPH_POOL/$RBD_IMAGE"
+      # No server: fio runs librbd itself. A placeholder process keeps the loop's shape.
+      sleep infinity &
+      SPID=$!
+      URI=""
+      return 0
+      ;;
     *) echo "unknown server $name" >&2; exit 2 ;;
   esac
   wait_uri
@@ -252,6 +351,22 @@ measure() {
   sync
   s0=$(ticks)
   t0=$(date +%s.%N)
+  if [[ $CURRENT == fio-rbd ]]; then
+    local rw=$kind bs=4k
+    [[ $kind == write || $kind == read ]] && bs=1M
+    client fio --name="$kind" --ioengine=rbd --clientname=admin --pool="$CEPH_POOL" \
+      --rbdname="$RBD_IMAGE" --rw="$rw" --bs="$bs" --iodepth=32 --numjobs=1 \
+      $([[ $kind == randread || $kind == randwrite ]] && echo "--time_based --runtime=$FIO_SECONDS --ramp_time=2") \
+      --size="$SIZE" --output-format=json --output="$log.json" \
+      --direct=1 >"$log" 2>&1
+    t1=$(date +%s.%N)
+    value=$(python3 -c "
+import json; t=open('$log.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]
+k='$([[ $kind == *read ]] && echo read || echo write)'
+print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
+    python3 -c "print($value, 0)"
+    return 0
+  fi
   case $kind in
     write) client nbdcopy --no-extents "$SRC" "$URI" >"$log" 2>&1 ;;
     read) client nbdcopy --no-extents "$URI" null: >"$log" 2>&1 ;;
