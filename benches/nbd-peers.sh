@@ -182,8 +182,9 @@ qemu72() {
   (cd "$QEMU72.debs" && apt-get download -q "qemu-utils=$v" "qemu-block-extra=$v" >/dev/null 2>&1)
   for deb in "$QEMU72.debs"/*.deb; do dpkg -x "$deb" "$QEMU72"; done
 }
+# exec: started in the background, the server's PID is qemu-nbd's own (for stop and CPU).
 qemu_nbd72() {
-  QEMU_MODULE_DIR=$QEMU72/usr/lib/x86_64-linux-gnu/qemu "$QEMU72/usr/bin/qemu-nbd" "$@"
+  QEMU_MODULE_DIR=$QEMU72/usr/lib/x86_64-linux-gnu/qemu exec "$QEMU72/usr/bin/qemu-nbd" "$@"
 }
 
 SPID=""
@@ -354,7 +355,7 @@ measure() {
   if [[ $CURRENT == fio-rbd ]]; then
     local rw=$kind bs=4k
     [[ $kind == write || $kind == read ]] && bs=1M
-    client fio --name="$kind" --ioengine=rbd --clientname=admin --pool="$CEPH_POOL" \
+    CEPH_CONF=$CEPH_CONF client fio --name="$kind" --ioengine=rbd --clientname=admin --pool="$CEPH_POOL" \
       --rbdname="$RBD_IMAGE" --rw="$rw" --bs="$bs" --iodepth=32 --numjobs=1 \
       $([[ $kind == randread || $kind == randwrite ]] && echo "--time_based --runtime=$FIO_SECONDS --ramp_time=2") \
       --size="$SIZE" --output-format=json --output="$log.json" \
