@@ -242,6 +242,8 @@ start_server() {
       {
         echo "state_dir = \"$state\""
         echo "runtime_dir = \"$run\""
+        # CRYPTNBD_BENCH_CONFIG: more lines for the daemon's configuration (say, [limits]).
+        [[ -n ${CRYPTNBD_BENCH_CONFIG:-} ]] && printf '%s\n' "$CRYPTNBD_BENCH_CONFIG"
         if [[ $name == cryptnbd-rbd ]]; then
           printf '[store]\ndefault = "rbd"\n[store.rbd]\nconf = "%s"\npool = "%s"\nid = "admin"\n' \
             "$CEPH_CONF" "$CEPH_POOL"

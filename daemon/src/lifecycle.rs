@@ -178,6 +178,14 @@ impl Daemon {
     pub(crate) fn existing_volume(&self, name: &str) -> Result<PathBuf, Error> {
         let path = self.volume_path(name)?;
         if !self.services.catalog.exists(name) {
+            // A store that cannot be asked (a cluster that does not answer) is not "no such
+            // volume".
+            if let Err(e) = self.services.catalog.list() {
+                return Err(api(
+                    ErrorCode::Io,
+                    format!("cannot look up volume {name}: {e}"),
+                ));
+            }
             return Err(api(
                 ErrorCode::NotFound,
                 format!("no volume {name}: see 'cryptnbdctl list'"),

@@ -49,9 +49,14 @@ fn connect(c: &RbdConfig, layout: &StateLayout) -> Result<rbd::RbdCatalog, Daemo
     rbd::load().map_err(fail)?;
     let timeout = c.timeout_secs.to_string();
     let keyring = c.keyring.as_ref().map(|k| k.to_string_lossy().into_owned());
+    // Every Ceph operation gives up after the timeout: an attach, a list or a lifecycle
+    // command against a cluster that does not answer fails with a sentence instead of
+    // hanging, and so does an NBD request (EIO; a flush that times out fails the volume
+    // until it is reattached), as a kernel NBD device's own io timeout would.
     let mut options = vec![
         ("client_mount_timeout", timeout.as_str()),
         ("rados_mon_op_timeout", timeout.as_str()),
+        ("rados_osd_op_timeout", timeout.as_str()),
     ];
     if let Some(k) = &keyring {
         options.push(("keyring", k.as_str()));

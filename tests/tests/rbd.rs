@@ -1081,3 +1081,43 @@ fn a_kms_refusal_on_another_host_leaves_the_volume_free_and_an_open_image_stays(
             .all(|&x| x == 0x5a)
     );
 }
+
+/// A cluster that stops answering after the daemon started: an attach fails with a sentence
+/// instead of hanging (each Ceph operation gives up after the configured timeout; an attach
+/// makes about a dozen before it opens the image), and the daemon keeps answering its control
+/// socket; once the cluster is back, the same attach works.
+#[test]
+fn an_unanswering_cluster_fails_an_attach_within_the_timeout() {
+    let dir = TestDir::new("rbd-unanswering");
+    let c = Cluster::start(&dir);
+    let home = TestDir::new("rbd-unanswering-host");
+    let config = rbd_config(&c, &home.path().join("keystore"))
+        .replace("timeout_secs = 20", "timeout_secs = 2");
+    let d = e2e_tests::daemon::Daemon::start(&home, &config);
+    let key = d.ctl.create_key("fleet");
+    d.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    let pids: Vec<String> = c.pids().into_iter().map(|(_, p)| p.to_string()).collect();
+    let signal = |sig: &str| {
+        for p in &pids {
+            run(std::process::Command::new("kill").args([sig, p])).assert_success();
+        }
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let out = d.ctl.run(&["attach", "v"]);
+    let took = started.elapsed();
+    d.ctl.run(&["status"]).assert_success();
+    signal("-CONT");
+    println!("the attach failed after {took:?}: {}", out.stderr.trim());
+    assert_ne!(
+        out.code,
+        Some(0),
+        "an attach succeeded with the cluster stopped"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(60),
+        "the attach took {took:?} with a 2 s timeout"
+    );
+    assert!(out.stderr.contains("timed out"), "{}", out.stderr);
+    d.ctl.run(&["attach", "v"]).assert_success();
+}
