@@ -327,6 +327,13 @@ fn describe(image: &Image, owners: &[String], holder: Option<&Holder>) -> String
     }
 }
 
+/// The names that are volumes (or snapshots) and not hidden work in progress, sorted.
+fn visible(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut v: Vec<String> = names.into_iter().filter(|n| !n.starts_with('.')).collect();
+    v.sort();
+    v
+}
+
 /// The last component of an `rbd:POOL/IMAGE` location.
 fn image_name(location: &Path) -> io::Result<String> {
     location
@@ -351,14 +358,7 @@ fn gone_is_fine(r: io::Result<()>) -> io::Result<()> {
 
 impl Catalog for RbdCatalog {
     fn list(&self) -> io::Result<Vec<String>> {
-        let mut names: Vec<String> = self
-            .pool
-            .images()?
-            .into_iter()
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        names.sort();
-        Ok(names)
+        Ok(visible(self.pool.images()?))
     }
 
     fn location(&self, name: &str) -> PathBuf {
@@ -677,14 +677,7 @@ impl RbdSnapshots {
 
 impl Catalog for RbdSnapshots {
     fn list(&self) -> io::Result<Vec<String>> {
-        let mut names: Vec<String> = self
-            .all()?
-            .into_iter()
-            .map(|(_, n, _)| n)
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        names.sort();
-        Ok(names)
+        Ok(visible(self.all()?.into_iter().map(|(_, n, _)| n)))
     }
 
     fn location(&self, name: &str) -> PathBuf {
