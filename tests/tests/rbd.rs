@@ -1121,3 +1121,77 @@ fn an_unanswering_cluster_fails_an_attach_within_the_timeout() {
     assert!(out.stderr.contains("timed out"), "{}", out.stderr);
     d.ctl.run(&["attach", "v"]).assert_success();
 }
+
+/// Host A is killed with kill -9 while a client writes to its volume, flushing every 16
+/// blocks and recording each flush that was acknowledged; host B takes the volume over and
+/// reads every block A acknowledged as flushed.
+#[test]
+fn a_host_killed_while_writing_loses_no_acknowledged_flush() {
+    use e2e_tests::daemon::Daemon;
+    let dir = TestDir::new("rbd-kill-writing");
+    let c = Cluster::start(&dir);
+    let config = rbd_config(&c, &dir.path().join("keystore"));
+    let (home_a, home_b) = (TestDir::new("rbd-kw-a"), TestDir::new("rbd-kw-b"));
+    let a = Daemon::start(&home_a, &config);
+    let b = Daemon::start(&home_b, &config);
+    let key = a.ctl.create_key("fleet");
+    a.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    a.ctl.run(&["attach", "v"]).assert_success();
+    let flushed = home_a.join("flushed");
+    let blocks = 8000;
+    let script = format!(
+        "import nbd, os\n\
+         h = nbd.NBD()\n\
+         h.connect_uri({uri:?})\n\
+         log = open({log:?}, 'w')\n\
+         for i in range({blocks}):\n\
+         \x20   h.pwrite(b'%08d' % i * 512, i * 4096)\n\
+         \x20   if i % 16 == 15:\n\
+         \x20       h.flush()\n\
+         \x20       log.write('%d\\n' % i); log.flush(); os.fsync(log.fileno())\n",
+        uri = a.uri("v"),
+        log = flushed.to_string_lossy(),
+    );
+    let mut writer = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("writer");
+    // Killed once some flushes are acknowledged, well before the writer is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_to_string(&flushed)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 20
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush acknowledged in 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    a.kill();
+    let _ = writer.wait();
+    let last: usize = std::fs::read_to_string(&flushed)
+        .expect("flush log")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .expect("a flush");
+    assert!(last + 1 < blocks, "the writer finished before the kill");
+
+    b.ctl.run(&["attach", "v", "--take-over"]).assert_success();
+    let back = b.read_export("v", &home_b.join("back"));
+    for i in 0..=last {
+        let want = format!("{i:08}").repeat(512);
+        assert!(
+            back[i * 4096..(i + 1) * 4096] == *want.as_bytes(),
+            "block {i} was acknowledged as flushed (up to {last}) but is lost"
+        );
+    }
+    println!(
+        "{} blocks acknowledged as flushed, all read back on B",
+        last + 1
+    );
+}
