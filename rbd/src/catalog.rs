@@ -45,7 +45,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use std::time::{Duration, Instant};
@@ -176,6 +176,12 @@ pub struct RbdCatalog {
     pool: Arc<Pool>,
     /// Who this client is, recorded on the volumes it opens for writing.
     me: Holder,
+    /// When one of the catalog's Ceph operations last timed out.
+    stalled: Arc<Mutex<Option<Instant>>>,
+    /// How long after a timed-out operation the catalog answers at once that the cluster
+    /// does not answer (the client's `rados_osd_op_timeout`): a command fails after one
+    /// timeout, not after one per operation it would make.
+    quiet: Duration,
 }
 
 impl RbdCatalog {
@@ -186,19 +192,84 @@ impl RbdCatalog {
 
     /// The catalog of the images in `pool` for the daemon `me`.
     pub fn with_holder(pool: Arc<Pool>, me: Holder) -> Self {
-        Self { pool, me }
+        let quiet = pool
+            .cluster()
+            .conf_get("rados_osd_op_timeout")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(Duration::ZERO, Duration::from_secs_f64);
+        Self {
+            pool,
+            me,
+            stalled: Arc::default(),
+            quiet,
+        }
+    }
+
+    /// Runs `op`, one of the catalog's calls to the cluster, unless an operation timed out
+    /// less than [`quiet`](Self::quiet) ago: then it fails at once, saying so.
+    fn ask<T>(&self, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = *stalled
+            && at.elapsed() < self.quiet
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "an operation on the Ceph cluster of pool {} timed out (each gives up \
+                     after {}s) {}s ago, so it is not asked again for now: check the monitors \
+                     and OSDs, then retry",
+                    self.pool.name(),
+                    self.quiet.as_secs(),
+                    at.elapsed().as_secs()
+                ),
+            ));
+        }
+        drop(stalled);
+        let r = op();
+        stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        match &r {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => *stalled = Some(Instant::now()),
+            Ok(_) => *stalled = None,
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// [`ask`](Self::ask) for an open.
+    fn ask_open(
+        &self,
+        op: impl FnOnce() -> Result<Box<dyn BackingStore>, OpenError>,
+    ) -> Result<Box<dyn BackingStore>, OpenError> {
+        let mut out = None;
+        let asked = self.ask(|| match op() {
+            Err(OpenError::Io(e)) => Err(e),
+            other => {
+                out = Some(other);
+                Ok(())
+            }
+        });
+        match (asked, out) {
+            (Err(e), _) => Err(OpenError::Io(e)),
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(OpenError::Io(io::Error::other("no answer"))),
+        }
     }
 
     /// Who holds volume `name` now: the lock owners librbd reports and the holder's record
     /// (None: nobody holds its lock).
     pub fn holder(&self, name: &str) -> io::Result<Option<(Vec<String>, Option<Holder>)>> {
-        // Lock owners are known to an open for writing only (it watches the image briefly).
-        let image = self.pool.open(name)?;
-        let owners = image.lock_owners()?;
-        if owners.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some((owners, Holder::of(&image)?)))
+        self.ask(|| {
+            // Lock owners are known to an open for writing only (it watches the image
+            // briefly).
+            let image = self.pool.open(name)?;
+            let owners = image.lock_owners()?;
+            if owners.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some((owners, Holder::of(&image)?)))
+        })
     }
 
     /// Whether this catalog knows which daemon instance it serves.
@@ -358,7 +429,7 @@ fn gone_is_fine(r: io::Result<()>) -> io::Result<()> {
 
 impl Catalog for RbdCatalog {
     fn list(&self) -> io::Result<Vec<String>> {
-        Ok(visible(self.pool.images()?))
+        self.ask(|| Ok(visible(self.pool.images()?)))
     }
 
     fn location(&self, name: &str) -> PathBuf {
@@ -366,20 +437,23 @@ impl Catalog for RbdCatalog {
     }
 
     fn exists(&self, name: &str) -> bool {
-        let there = |c: &Self| c.pool.images().is_ok_and(|i| i.iter().any(|n| n == name));
-        there(self) || (self.settle(Some(name)).is_ok() && there(self))
+        let there = || self.ask(|| Ok(self.pool.images()?.iter().any(|n| n == name)));
+        there().unwrap_or(false)
+            || (self.ask(|| self.settle(Some(name))).is_ok() && there().unwrap_or(false))
     }
 
     fn open(&self, name: &str, access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
-        let image = match access {
-            Access::ReadWrite => self.open_locked(name)?,
-            // RBD has no shared lock: a reader does not keep a writer out.
-            Access::ReadOnly | Access::Inspect => self
-                .pool
-                .open_read_only(name, None)
-                .map_err(OpenError::Io)?,
-        };
-        Ok(Box::new(RbdStore::new(image).map_err(OpenError::Io)?))
+        self.ask_open(|| {
+            let image = match access {
+                Access::ReadWrite => self.open_locked(name)?,
+                // RBD has no shared lock: a reader does not keep a writer out.
+                Access::ReadOnly | Access::Inspect => self
+                    .pool
+                    .open_read_only(name, None)
+                    .map_err(OpenError::Io)?,
+            };
+            Ok(Box::new(RbdStore::new(image).map_err(OpenError::Io)?))
+        })
     }
 
     /// Waits until nobody watches the image (`force`: not at all), then breaks its lock,
@@ -545,6 +619,23 @@ impl Catalog for RbdCatalog {
     }
 
     fn leftovers(&self) -> io::Result<Vec<Staged>> {
+        self.ask(|| self.leftovers_now())
+    }
+
+    fn modified(&self, name: &str) -> io::Result<SystemTime> {
+        self.ask(|| self.pool.open_read_only(name, None)?.modified())
+    }
+
+    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
+        Ok(Arc::new(RbdSnapshots {
+            pool: Arc::clone(&self.pool),
+            volume: name.to_owned(),
+        }))
+    }
+}
+
+impl RbdCatalog {
+    fn leftovers_now(&self) -> io::Result<Vec<Staged>> {
         self.settle(None)?;
         let mut out = Vec::new();
         for (image, name, kind) in hidden(&self.pool.images()?) {
@@ -564,17 +655,6 @@ impl Catalog for RbdCatalog {
         }
         out.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(out)
-    }
-
-    fn modified(&self, name: &str) -> io::Result<SystemTime> {
-        self.pool.open_read_only(name, None)?.modified()
-    }
-
-    fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
-        Ok(Arc::new(RbdSnapshots {
-            pool: Arc::clone(&self.pool),
-            volume: name.to_owned(),
-        }))
     }
 }
 
