@@ -511,6 +511,7 @@ impl Daemon {
         );
         let (bytes, reattached) = result?;
         tracing::info!(volume = %r.volume, source = %source_name, "rebuilt");
+        self.label_volume(&r.volume);
         Ok(Response::Rebuilt {
             volume: r.volume,
             source: source_name,
@@ -958,6 +959,7 @@ impl Daemon {
             };
         }
         tracing::info!(volume = %r.volume, old_key = %old.key_id, key = %token.key_id, "rekeyed");
+        self.label_volume(&r.volume);
         Ok(Response::Rekeyed {
             volume: r.volume,
             old_key_id: old.key_id,
@@ -1062,6 +1064,7 @@ impl Daemon {
         self.audit_token("reencrypt", volume, Some(&token), caller, started, &outcome);
         let (bytes, reattached) = result?;
         tracing::info!(volume, "re-encrypted under a new data key; old key wiped");
+        self.label_volume(volume);
         Ok(Response::Reencrypted {
             volume: volume.into(),
             bytes,

@@ -84,6 +84,7 @@ impl Daemon {
         self.audit_token("move", volume, token.as_ref(), caller, started, &outcome);
         let bytes = result.map_err(Error::from)?;
         tracing::info!(volume, from = %from, to, bytes, "moved");
+        self.label_volume(volume);
         Ok(Response::Moved {
             volume: volume.into(),
             from_store: from,

@@ -204,6 +204,7 @@ impl Daemon {
             &outcome,
         );
         result.map_err(Error::from)?;
+        self.label_volume(&r.name);
         Ok(Response::Created(self.summary(&r.name)))
     }
 
@@ -355,4 +356,25 @@ pub(crate) fn make_private_dir(dir: &Path) -> Result<(), Error> {
             format!("cannot create {}: {e}", dir.display()),
         )
     })
+}
+
+impl Daemon {
+    /// Records what the volume's header says of its keying where its store keeps labels
+    /// (RBD image metadata: volume id, key id, context, creation), after a create or a
+    /// change of the token. A failure is logged: the header stays the record.
+    pub(crate) fn label_volume(&self, name: &str) {
+        let Ok(token) = self.token(name) else {
+            return;
+        };
+        let context = serde_json::to_string(token.context.pairs()).unwrap_or_default();
+        let labels = [
+            ("volume_id", token.volume_id.clone()),
+            ("key_id", token.key_id.clone()),
+            ("context", context),
+            ("created", token.created.clone()),
+        ];
+        if let Err(e) = self.services.catalog.label(name, &labels) {
+            tracing::warn!(volume = name, error = %e, "cannot record the volume's labels in its store");
+        }
+    }
 }

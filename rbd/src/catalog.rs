@@ -626,6 +626,18 @@ impl Catalog for RbdCatalog {
         self.ask(|| self.pool.open_read_only(name, None)?.modified())
     }
 
+    /// Image metadata `cryptnbd.LABEL`, set through the image's lock holder if another
+    /// handle (an attachment) holds it.
+    fn label(&self, name: &str, labels: &[(&str, String)]) -> io::Result<()> {
+        self.ask(|| {
+            let image = self.pool.open(name)?;
+            for (key, value) in labels {
+                image.metadata_set(&format!("cryptnbd.{key}"), value)?;
+            }
+            Ok(())
+        })
+    }
+
     fn snapshots(&self, name: &str) -> io::Result<Arc<dyn Catalog>> {
         Ok(Arc::new(RbdSnapshots {
             pool: Arc::clone(&self.pool),

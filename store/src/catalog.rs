@@ -136,6 +136,15 @@ pub trait Catalog: Send + Sync + fmt::Debug {
     /// Removes volume `name` (the caller wipes what must not linger first).
     fn remove(&self, name: &str) -> io::Result<()>;
 
+    /// Records `labels` (name, value) on volume `name` where the engine keeps such things
+    /// beside the bytes, for tools that look at the store without reading the volume (RBD
+    /// image metadata, `rbd image-meta list`). The default keeps nothing: a file's header is
+    /// its only record.
+    fn label(&self, name: &str, labels: &[(&str, String)]) -> io::Result<()> {
+        let _ = (name, labels);
+        Ok(())
+    }
+
     /// Whether this catalog's volumes can never be written (RBD snapshots): there is nothing
     /// a caller can wipe before [`remove`](Self::remove), which drops the bytes itself.
     fn immutable(&self) -> bool {

@@ -218,6 +218,10 @@ impl Catalog for Stores {
         self.stage_in(None, name, operation)
     }
 
+    fn label(&self, name: &str, labels: &[(&str, String)]) -> io::Result<()> {
+        self.members[self.home(name)].1.label(name, labels)
+    }
+
     fn publish(
         &self,
         staged: Staged,

@@ -657,7 +657,21 @@ fn the_lifecycle_verbs_work_on_an_rbd_volume() {
     let d = rbd_daemon(&c, &home);
     let key = d.ctl.create_key("fleet");
     let other = d.ctl.create_key("other");
-    d.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    let created = d.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    let meta = |k: &str| {
+        let out = c.rbd_ok(&["image-meta", "get", &format!("{}/v", c.pool), k]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // The image's metadata says what the header says, for tools that read only the pool.
+    assert_eq!(
+        meta("cryptnbd.volume_id"),
+        created["volume_id"].as_str().unwrap_or_default()
+    );
+    assert_eq!(
+        meta("cryptnbd.key_id"),
+        created["key_id"].as_str().unwrap_or_default()
+    );
+    assert!(meta("cryptnbd.context").contains("cryptnbd:volume-id"));
     d.ctl.run(&["attach", "v"]).assert_success();
     let scratch = home.join("scratch");
     let first = vec![0x31u8; 2 << 20];
@@ -673,9 +687,13 @@ fn the_lifecycle_verbs_work_on_an_rbd_volume() {
     );
     let second = vec![0x32u8; 2 << 20];
     d.write_export("v", &second, &scratch);
-    d.ctl
-        .run(&["rekey", "v", "--kms-key", &other])
-        .assert_success();
+    let rekeyed = d.ctl.run(&["--json", "rekey", "v", "--kms-key", &other]);
+    rekeyed.assert_success();
+    assert_eq!(
+        meta("cryptnbd.key_id"),
+        rekeyed.json()["key_id"].as_str().unwrap_or_default(),
+        "the image's metadata still names the old key"
+    );
     assert!(d.read_export("v", &scratch)[..second.len()] == second[..]);
     d.ctl.run(&["detach", "v"]).assert_success();
 
