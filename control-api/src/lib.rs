@@ -928,6 +928,9 @@ pub struct VolumeSummary {
 /// An attached volume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttachmentStatus {
+    /// The store the volume lives in (`file`, `rbd`).
+    #[serde(default)]
+    pub store: String,
     /// The cluster fenced this host from the volume (another host took it over): every
     /// request fails; detach it.
     #[serde(default)]

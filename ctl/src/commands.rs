@@ -290,12 +290,13 @@ fn audit_text(r: &serde_json::Value) -> String {
 
 fn attachment_text(a: &AttachmentStatus) -> String {
     let mut s = format!(
-        "{} -> export {}{}{}\n  size {}, attached {} by uid {}, read {} / written {}{}",
+        "{} -> export {}{}{}\n  size {}, store {}, attached {} by uid {}, read {} / written {}{}",
         a.volume,
         a.export_name,
         if a.read_only { " (read-only)" } else { "" },
         if a.transient { " (transient)" } else { "" },
         human(a.size),
+        if a.store.is_empty() { "file" } else { &a.store },
         a.since,
         a.owner_uid,
         human(a.bytes_read),

@@ -208,6 +208,12 @@ impl Daemon {
             allow_certs: std::sync::RwLock::new(r.allow_certs.clone()),
             owner_uid,
             since: SystemTime::now(),
+            store: self
+                .services
+                .catalog
+                .store_of(&r.volume)
+                .unwrap_or("file")
+                .to_owned(),
             key_check: std::sync::Mutex::new(None),
             kernel: std::sync::OnceLock::new(),
             keying: std::sync::Mutex::new(Keying {
@@ -307,6 +313,7 @@ impl Daemon {
             connections: self.connections(&a.export_name),
             failed: a.device.volume().is_failed(),
             fenced: a.device.volume().is_fenced(),
+            store: a.store.clone(),
             kms_key: a.keying().key_id,
             key_state,
             key_checked,

@@ -35,6 +35,8 @@ pub struct Attachment {
     pub owner_uid: u32,
     /// When.
     pub since: SystemTime,
+    /// The store the volume lives in (`file`, `rbd`), as it was at attach.
+    pub store: String,
     /// Master key and context the volume key is wrapped under now (a rekey changes them).
     pub keying: std::sync::Mutex<Keying>,
     /// The last periodic check of the master key's state.

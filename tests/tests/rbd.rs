@@ -511,6 +511,7 @@ fn a_frozen_host_is_fenced_and_a_restarted_one_takes_its_own_lock_back() {
         attachment["fenced"], true,
         "status does not report the fence: {s}"
     );
+    assert_eq!(attachment["store"], "rbd", "{s}");
     let text = a.ctl.run(&["status", "v"]);
     assert!(
         text.stdout_text().contains("FENCED"),
@@ -1214,4 +1215,87 @@ fn a_host_killed_while_writing_loses_no_acknowledged_flush() {
         "{} blocks acknowledged as flushed, all read back on B",
         last + 1
     );
+}
+
+/// The other verbs on an RBD volume: import an image into the pool (`create --from-image
+/// --store rbd --record-base`), export it as plaintext, rebuild it from its base image, and
+/// a header backup restored after both header copies on the image were destroyed (zeros
+/// written over them through python3-rbd, behind the daemon's back).
+#[test]
+fn import_export_rebuild_from_base_and_header_restore_work_on_rbd() {
+    let dir = TestDir::new("rbd-verbs");
+    let c = Cluster::start(&dir);
+    let home = TestDir::new("rbd-verbs-host");
+    let config = rbd_config(&c, &home.path().join("keystore"))
+        .replace("default = \"rbd\"", "default = \"file\"");
+    let d = e2e_tests::daemon::Daemon::start(&home, &config);
+    let key = d.ctl.create_key("fleet");
+    let image = home.join("base.img");
+    let data = e2e_tests::TestRng::new(0x1b_0001).bytes(6 << 20);
+    std::fs::write(&image, &data).expect("image");
+    let img = image.to_string_lossy().into_owned();
+    let created = d.ctl.run(&[
+        "--json",
+        "create",
+        "v",
+        "--from-image",
+        &img,
+        "--record-base",
+        "--store",
+        "rbd",
+        "--kms-key",
+        &key,
+        "--sid",
+        e2e_tests::TEST_SID,
+        "--directory",
+        e2e_tests::TEST_DIRECTORY,
+    ]);
+    created.assert_success();
+    assert_eq!(created.json()["store"], "rbd", "{}", created.stdout_text());
+
+    // Export as plaintext.
+    let out = home.join("export.raw");
+    let o = out.to_string_lossy().into_owned();
+    d.ctl
+        .run(&["export", "v", "--to", &o, "--plaintext"])
+        .assert_success();
+    assert!(std::fs::read(&out).expect("export")[..data.len()] == data[..]);
+
+    // Changed, then rebuilt from its recorded base image.
+    d.ctl.run(&["attach", "v"]).assert_success();
+    let scratch = home.join("scratch");
+    d.write_export("v", &vec![0u8; 1 << 20], &scratch);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    d.ctl
+        .run(&["rebuild", "v", "--from-image", &img])
+        .assert_success();
+    d.ctl.run(&["attach", "v"]).assert_success();
+    assert!(d.read_export("v", &scratch)[..data.len()] == data[..]);
+    d.ctl.run(&["detach", "v"]).assert_success();
+
+    // Header backup; both copies on the image destroyed; restore.
+    let backup = home.join("v.hdr");
+    let bk = backup.to_string_lossy().into_owned();
+    d.ctl
+        .run(&["header", "backup", "v", "--to", &bk])
+        .assert_success();
+    let wipe = format!(
+        "import rados, rbd\n\
+         c = rados.Rados(conffile={conf:?}); c.connect()\n\
+         io = c.open_ioctx({pool:?})\n\
+         with rbd.Image(io, 'v') as img:\n\
+         \x20   img.write(b'\\0' * 4096, 0)\n\
+         \x20   img.write(b'\\0' * 4096, 0x4000)\n\
+         \x20   img.flush()\n",
+        conf = c.conf.to_string_lossy(),
+        pool = c.pool
+    );
+    run(std::process::Command::new("/usr/bin/python3").args(["-c", &wipe])).assert_success();
+    let refused = d.ctl.run(&["attach", "v"]);
+    assert_ne!(refused.code, Some(0), "a volume without headers attached");
+    d.ctl
+        .run(&["header", "restore", "v", "--from", &bk])
+        .assert_success();
+    d.ctl.run(&["attach", "v"]).assert_success();
+    assert!(d.read_export("v", &scratch)[..data.len()] == data[..]);
 }
