@@ -1300,3 +1300,58 @@ fn import_export_rebuild_from_base_and_header_restore_work_on_rbd() {
     d.ctl.run(&["attach", "v"]).assert_success();
     assert!(d.read_export("v", &scratch)[..data.len()] == data[..]);
 }
+
+/// Rekey and reencrypt of an RBD volume killed with kill -9 at each of their durable steps
+/// (the header copies rewritten in place on the image; the re-encrypted copy built, marked
+/// and swapped in): the restarted daemon attaches the volume, whole, with its data.
+#[test]
+fn rekey_and_reencrypt_on_rbd_killed_at_each_step_leave_the_volume_whole() {
+    use e2e_tests::daemon::Daemon;
+    let dir = TestDir::new("rbd-crash-keys");
+    let c = Cluster::start(&dir);
+    let home = TestDir::new("rbd-crash-keys-host");
+    let config = rbd_config(&c, &home.path().join("keystore"));
+    let d = Daemon::start(&home, &config);
+    let key = d.ctl.create_key("fleet");
+    let other = d.ctl.create_key("other");
+    d.ctl.create_volume("v", "32M", &key, 4096, &[]);
+    d.ctl.run(&["attach", "v"]).assert_success();
+    let scratch = home.join("scratch");
+    let data = e2e_tests::TestRng::new(0xc4a5_0001).bytes(4 << 20);
+    d.write_export("v", &data, &scratch);
+    d.ctl.run(&["detach", "v"]).assert_success();
+    d.stop();
+    let rekey_to = |k: &str| vec!["rekey".to_owned(), "v".into(), "--kms-key".into(), k.into()];
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("token-before-header-write", rekey_to(&other)),
+        ("header-primary-written", rekey_to(&key)),
+        ("token-after-header-write", rekey_to(&other)),
+        ("reencrypt-step:2", vec!["reencrypt".into(), "v".into()]),
+        ("rbd-replace-marked", vec!["reencrypt".into(), "v".into()]),
+        (
+            "rbd-replace-new-in-place",
+            vec!["reencrypt".into(), "v".into()],
+        ),
+    ];
+    for (point, args) in &cases {
+        let d = Daemon::start_env(&home, &config, &[("CRYPTNBD_CRASH_AT", point)]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = d.ctl.run_quiet(&args);
+        assert_ne!(out.code, Some(0), "{point}: {args:?} finished");
+        assert!(
+            d.wait_killed(),
+            "{point}: the daemon did not die of SIGKILL: {}",
+            out.stderr
+        );
+        let d = Daemon::start(&home, &config);
+        d.ctl.run(&["attach", "v"]).assert_success();
+        assert!(
+            d.read_export("v", &scratch)[..data.len()] == data[..],
+            "{point}: the data changed"
+        );
+        d.ctl.run(&["detach", "v"]).assert_success();
+        let images = String::from_utf8_lossy(&c.rbd_ok(&["ls", &c.pool]).stdout).into_owned();
+        assert_eq!(images.trim(), "v", "{point}: leftover images");
+        d.stop();
+    }
+}
