@@ -1042,3 +1042,190 @@ impl Drop for Image {
         }
     }
 }
+
+/// What a request submitted with an owned buffer shares with librbd's callback: the buffer
+/// (librbd reads or writes it until the request completes), the result, and the waker of
+/// the task that waits. librbd holds one reference from submission until its callback.
+struct InFlight {
+    /// The image, kept open until every request on it has completed.
+    image: std::sync::Arc<Image>,
+    /// Taken by the future once the request has completed; untouched before.
+    buf: std::sync::Mutex<Option<Vec<u8>>>,
+    done: std::sync::atomic::AtomicBool,
+    result: std::sync::atomic::AtomicI64,
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+/// librbd's completion callback: records the result, releases the completion and wakes the
+/// waiting task. It never blocks: the two locks it takes are held by others only for a
+/// pointer swap.
+unsafe extern "C" fn on_complete(completion: Handle, arg: *mut c_void) {
+    // SAFETY: `arg` is the reference `submit_owned` gave librbd with `Arc::into_raw`, handed
+    // back exactly once, here.
+    let inflight = unsafe { std::sync::Arc::from_raw(arg.cast::<InFlight>()) };
+    let api = inflight.image.api();
+    // SAFETY: the completion is complete (this is its callback); read, then released once.
+    let value = unsafe { (api.rbd_aio_get_return_value)(completion) };
+    // SAFETY: as above; librbd allows the release from the completion's own callback.
+    unsafe { (api.rbd_aio_release)(completion) };
+    inflight
+        .result
+        .store(value as i64, std::sync::atomic::Ordering::Relaxed);
+    inflight
+        .done
+        .store(true, std::sync::atomic::Ordering::Release);
+    let waker = inflight
+        .waker
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(w) = waker {
+        w.wake();
+    }
+    // This may be the last reference, and with it the image's: closing an image (rbd_close)
+    // on librbd's own thread would wait for that thread. The reaper drops it instead.
+    reaper(inflight);
+}
+
+/// Drops what a completion callback must not drop itself, on a thread of its own (a send
+/// on an unbounded channel: the callback never waits).
+fn reaper(inflight: std::sync::Arc<InFlight>) {
+    static REAPER: OnceLock<std::sync::mpsc::Sender<std::sync::Arc<InFlight>>> = OnceLock::new();
+    let tx = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<std::sync::Arc<InFlight>>();
+        // Without the thread, sends fail and the references are kept (leaked) below.
+        let _ = std::thread::Builder::new()
+            .name("rbd-reaper".into())
+            .spawn(move || rx.into_iter().for_each(drop));
+        tx
+    });
+    if let Err(e) = tx.send(inflight) {
+        // The reaper is gone: keep the reference rather than drop it on this thread.
+        std::mem::forget(e.0);
+    }
+}
+
+/// A request submitted with a buffer it owns ([`Image::read_owned`], [`Image::write_owned`]):
+/// a future of librbd's result and the buffer back. Dropping it before the request completes
+/// is safe: the buffer stays alive, and the image open, until librbd's callback.
+pub struct Submitted {
+    inflight: std::sync::Arc<InFlight>,
+    what: String,
+}
+
+impl std::future::Future for Submitted {
+    type Output = (std::io::Result<i64>, Vec<u8>);
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let ready = |s: &Self| {
+            let buf = s
+                .inflight
+                .buf
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_default();
+            let value = s.inflight.result.load(std::sync::atomic::Ordering::Relaxed);
+            std::task::Poll::Ready((check(value, &s.what), buf))
+        };
+        let done = || {
+            self.inflight
+                .done
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        if done() {
+            return ready(&self);
+        }
+        *self
+            .inflight
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        // Completed between the first look and the waker's store: the callback found no
+        // waker to wake.
+        if done() {
+            return ready(&self);
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Image {
+    /// Reads `buf.len()` bytes at `offset` into `buf`, which the request owns until it
+    /// completes; the future gives it back with the bytes read. Many may be in flight.
+    pub fn read_owned(
+        self: &std::sync::Arc<Self>,
+        buf: Vec<u8>,
+        offset: u64,
+    ) -> std::io::Result<Submitted> {
+        let what = format!("RBD image {}: read {offset}+{}", self.spec(), buf.len());
+        self.submit_owned(buf, what, |handle, ptr, len, c| {
+            // SAFETY: `ptr` is `len` writable bytes owned by the request until librbd's
+            // callback (see `submit_owned`).
+            unsafe { (self.api().rbd_aio_read)(handle, offset, len, ptr.cast(), c) }
+        })
+    }
+
+    /// Writes all of `buf` at `offset`; the request owns `buf` until it completes, and the
+    /// future gives it back. Many may be in flight.
+    pub fn write_owned(
+        self: &std::sync::Arc<Self>,
+        buf: Vec<u8>,
+        offset: u64,
+    ) -> std::io::Result<Submitted> {
+        let what = format!("RBD image {}: write {offset}+{}", self.spec(), buf.len());
+        self.submit_owned(buf, what, |handle, ptr, len, c| {
+            // SAFETY: `ptr` is `len` readable bytes owned by the request until librbd's
+            // callback (see `submit_owned`).
+            unsafe { (self.api().rbd_aio_write)(handle, offset, len, ptr.cast_const().cast(), c) }
+        })
+    }
+
+    /// Submits one request on `buf` with `submit(image, pointer, length, completion)`. The
+    /// buffer moves into the request's shared state, whose heap bytes do not move while it
+    /// is there; librbd holds a reference to that state until its callback.
+    fn submit_owned(
+        self: &std::sync::Arc<Self>,
+        mut buf: Vec<u8>,
+        what: String,
+        submit: impl FnOnce(Handle, *mut u8, usize, Handle) -> c_int,
+    ) -> std::io::Result<Submitted> {
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        let inflight = std::sync::Arc::new(InFlight {
+            image: std::sync::Arc::clone(self),
+            buf: std::sync::Mutex::new(Some(buf)),
+            done: std::sync::atomic::AtomicBool::new(false),
+            result: std::sync::atomic::AtomicI64::new(0),
+            waker: std::sync::Mutex::new(None),
+        });
+        let api = self.api();
+        let arg = std::sync::Arc::into_raw(std::sync::Arc::clone(&inflight)) as *mut c_void;
+        let mut completion: Handle = std::ptr::null_mut();
+        // SAFETY: `on_complete` matches librbd's callback type and `arg` is a live reference
+        // it hands back once; `completion` is a valid out-pointer.
+        let rc =
+            unsafe { (api.rbd_aio_create_completion)(arg, Some(on_complete), &mut completion) };
+        let undo = |rc: c_int, completion: Handle| {
+            if !completion.is_null() {
+                // SAFETY: a completion never submitted, released once.
+                unsafe { (api.rbd_aio_release)(completion) };
+            }
+            // SAFETY: librbd will never call back: the reference given to it comes back.
+            drop(unsafe { std::sync::Arc::from_raw(arg.cast::<InFlight>()) });
+            check(i64::from(rc), &what).map(drop)
+        };
+        if rc < 0 {
+            undo(rc, std::ptr::null_mut())?;
+        }
+        // The buffer's heap bytes stay where they are: the `Vec` is inside `inflight` and
+        // nobody touches it before the callback.
+        let rc = submit(self.handle, ptr, len, completion);
+        if rc < 0 {
+            undo(rc, completion)?;
+        }
+        Ok(Submitted { inflight, what })
+    }
+}

@@ -9,7 +9,10 @@
 //! - [`RbdCatalog`]: the volumes of a pool, one image per volume, with atomic replace and
 //!   RBD snapshots ([`RbdSnapshots`]).
 //! - I/O goes through librbd's aio calls; [`Image`]'s methods submit and wait, borrowing the
-//!   caller's buffer until librbd has completed the request.
+//!   caller's buffer until librbd has completed the request. [`Image::read_owned`] and
+//!   [`Image::write_owned`] submit without waiting: the request owns its buffer until librbd's
+//!   callback, which only records the result and wakes the task awaiting the
+//!   [`Submitted`] future (the building block for issue 15's completions in the runtime).
 //!
 //! The only unsafe code is in `ffi.rs`. This crate may depend only on `store` (the layer it
 //! plugs into): the volume format, the KMS and the daemon sit above it.
@@ -22,7 +25,7 @@ mod ffi;
 
 pub use catalog::{Holder, RbdCatalog, RbdSnapshots};
 pub use engine::RbdStore;
-pub use ffi::{Cluster, Image, Pool};
+pub use ffi::{Cluster, Image, Pool, Submitted};
 
 /// The errno of an error from librados or librbd (`ESHUTDOWN` for a client the cluster has
 /// blocklisted, say); None for other errors.
