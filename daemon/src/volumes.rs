@@ -215,23 +215,20 @@ impl Daemon {
             self.state.registry.get(name).is_some(),
         );
         self.lifecycle_summary(name, &mut s);
-        self.store_summary(&mut s);
+        self.store_summary(&mut s, None);
         s
     }
 
     /// The store a volume lives in, and who holds it when another host does.
-    fn store_summary(&self, s: &mut VolumeSummary) {
-        let stores = &self.services.catalog;
-        s.store = stores.store_of(&s.name).unwrap_or("file").to_owned();
+    /// `store`: where it lives (looked up when None).
+    fn store_summary(&self, s: &mut VolumeSummary, store: Option<&str>) {
+        let store = store.or_else(|| self.services.catalog.store_of(&s.name));
+        s.store = store.unwrap_or("file").to_owned();
         if s.store == "rbd"
             && !s.attached
             && let Some(rbd) = &self.services.rbd
-            && let Ok(Some((owners, holder))) = rbd.holder(&s.name)
         {
-            s.held_by = Some(match holder {
-                Some(h) => format!("{h} (lock owner {})", owners.join(", ")),
-                None => format!("lock owner {}", owners.join(", ")),
-            });
+            s.held_by = rbd.held_by(&s.name).ok().flatten();
         }
     }
 
@@ -248,10 +245,12 @@ impl Daemon {
                 ),
             )
         })?;
+        // One listing per store, not one lookup per volume.
+        let homes = self.services.catalog.homes().unwrap_or_default();
         for v in &mut volumes {
             let name = v.name.clone();
             self.lifecycle_summary(&name, v);
-            self.store_summary(v);
+            self.store_summary(v, homes.get(&name).copied());
         }
         Ok(Response::Volumes { volumes })
     }

@@ -136,14 +136,15 @@ const HOLDER_KEYS: [&str; 3] = [
 impl Holder {
     /// The holder an image's metadata records, if any.
     pub fn of(image: &Image) -> io::Result<Option<Self>> {
-        let mut v = Vec::with_capacity(3);
-        for key in HOLDER_KEYS {
-            v.push(image.metadata_get(key)?.unwrap_or_default());
+        let get = |key: &str| image.metadata_get(key).map(Option::unwrap_or_default);
+        let [host, state_dir, instance] = HOLDER_KEYS;
+        let instance = get(instance)?;
+        if instance.is_empty() {
+            return Ok(None);
         }
-        let [host, state_dir, instance] = <[String; 3]>::try_from(v).unwrap_or_default();
-        Ok((!instance.is_empty()).then_some(Self {
-            host,
-            state_dir,
+        Ok(Some(Self {
+            host: get(host)?,
+            state_dir: get(state_dir)?,
             instance,
         }))
     }
@@ -209,12 +210,12 @@ impl RbdCatalog {
 
     /// Runs `op`, one of the catalog's calls to the cluster, unless an operation timed out
     /// less than [`quiet`](Self::quiet) ago: then it fails at once, saying so.
-    fn ask<T>(&self, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(at) = *stalled
+    fn ask<T, E: Stall>(&self, op: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let stalled = *self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = stalled
             && at.elapsed() < self.quiet
         {
-            return Err(io::Error::new(
+            return Err(E::from(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
                     "an operation on the Ceph cluster of pool {} timed out (each gives up \
@@ -224,42 +225,38 @@ impl RbdCatalog {
                     self.quiet.as_secs(),
                     at.elapsed().as_secs()
                 ),
-            ));
+            )));
         }
-        drop(stalled);
         let r = op();
-        stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stalled = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
         match &r {
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => *stalled = Some(Instant::now()),
+            Err(e) if e.timed_out() => *stalled = Some(Instant::now()),
             Ok(_) => *stalled = None,
             Err(_) => {}
         }
         r
     }
 
-    /// [`ask`](Self::ask) for an open.
-    fn ask_open(
-        &self,
-        op: impl FnOnce() -> Result<Box<dyn BackingStore>, OpenError>,
-    ) -> Result<Box<dyn BackingStore>, OpenError> {
-        let mut out = None;
-        let asked = self.ask(|| match op() {
-            Err(OpenError::Io(e)) => Err(e),
-            other => {
-                out = Some(other);
-                Ok(())
-            }
-        });
-        match (asked, out) {
-            (Err(e), _) => Err(OpenError::Io(e)),
-            (Ok(()), Some(r)) => r,
-            (Ok(()), None) => Err(OpenError::Io(io::Error::other("no answer"))),
-        }
-    }
-
     /// Who holds volume `name` now: the lock owners librbd reports and the holder's record
     /// (None: nobody holds its lock).
     pub fn holder(&self, name: &str) -> io::Result<Option<(Vec<String>, Option<Holder>)>> {
+        self.locked(name, |image, owners| Ok((owners, Holder::of(image)?)))
+    }
+
+    /// Who holds volume `name` now, as a sentence (the one a refused open gives); None:
+    /// nobody holds its lock.
+    pub fn held_by(&self, name: &str) -> io::Result<Option<String>> {
+        self.locked(name, |image, owners| {
+            Ok(describe(image, &owners, Holder::of(image)?.as_ref()))
+        })
+    }
+
+    /// `then(image, lock owners)` when volume `name` is locked, else None.
+    fn locked<T>(
+        &self,
+        name: &str,
+        then: impl FnOnce(&Image, Vec<String>) -> io::Result<T>,
+    ) -> io::Result<Option<T>> {
         self.ask(|| {
             // Lock owners are known to an open for writing only (it watches the image
             // briefly).
@@ -268,7 +265,7 @@ impl RbdCatalog {
             if owners.is_empty() {
                 return Ok(None);
             }
-            Ok(Some((owners, Holder::of(&image)?)))
+            then(&image, owners).map(Some)
         })
     }
 
@@ -380,6 +377,24 @@ impl RbdCatalog {
     }
 }
 
+/// An error the catalog's circuit breaker looks at: whether it is a timeout, and how a
+/// refusal of its own is made.
+trait Stall: From<io::Error> {
+    fn timed_out(&self) -> bool;
+}
+
+impl Stall for io::Error {
+    fn timed_out(&self) -> bool {
+        self.kind() == io::ErrorKind::TimedOut
+    }
+}
+
+impl Stall for OpenError {
+    fn timed_out(&self) -> bool {
+        matches!(self, OpenError::Io(e) if e.timed_out())
+    }
+}
+
 /// A holder as a sentence: librbd's lock owners (their addresses), named as clients where
 /// `image`'s watchers show which client has that address, and the holder's own record.
 fn describe(image: &Image, owners: &[String], holder: Option<&Holder>) -> String {
@@ -437,22 +452,20 @@ impl Catalog for RbdCatalog {
     }
 
     fn exists(&self, name: &str) -> bool {
-        let there = || self.ask(|| Ok(self.pool.images()?.iter().any(|n| n == name)));
+        let there = || self.ask(|| io::Result::Ok(self.pool.images()?.iter().any(|n| n == name)));
         there().unwrap_or(false)
             || (self.ask(|| self.settle(Some(name))).is_ok() && there().unwrap_or(false))
     }
 
     fn open(&self, name: &str, access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
-        self.ask_open(|| {
+        self.ask(|| {
             let image = match access {
                 Access::ReadWrite => self.open_locked(name)?,
                 // RBD has no shared lock: a reader does not keep a writer out.
-                Access::ReadOnly | Access::Inspect => self
-                    .pool
-                    .open_read_only(name, None)
-                    .map_err(OpenError::Io)?,
+                Access::ReadOnly | Access::Inspect => self.pool.open_read_only(name, None)?,
             };
-            Ok(Box::new(RbdStore::new(image).map_err(OpenError::Io)?))
+            let store: Box<dyn BackingStore> = Box::new(RbdStore::new(image)?);
+            Ok(store)
         })
     }
 

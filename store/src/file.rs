@@ -49,6 +49,12 @@ pub enum OpenError {
     Io(io::Error),
 }
 
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
 impl FileStore {
     /// Opens the file at `path` with `access` (see [`Access`] for the locks).
     pub fn open(path: &Path, access: Access) -> Result<Self, OpenError> {

@@ -123,6 +123,19 @@ impl Stores {
         Ok(())
     }
 
+    /// Every volume and the store it is found in (the first that holds it, as lookups do):
+    /// one listing per store, for callers that would otherwise ask [`store_of`](Self::store_of)
+    /// once per volume.
+    pub fn homes(&self) -> io::Result<std::collections::BTreeMap<String, &str>> {
+        let mut homes = std::collections::BTreeMap::new();
+        for (store, c) in &self.members {
+            for name in c.list()? {
+                homes.entry(name).or_insert(store.as_str());
+            }
+        }
+        Ok(homes)
+    }
+
     /// Which stores hold volume `volume` (two only while a move is under way or was cut
     /// short by a crash).
     pub fn stores_of(&self, volume: &str) -> Vec<&str> {

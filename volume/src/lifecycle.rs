@@ -234,17 +234,15 @@ pub fn clone_in(
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<CloneMethod, VolumeError> {
-    let watch = Watched {
+    Watched {
         progress,
         cancel,
         what,
-    };
-    catalog
-        .clone_store(source, staged, &watch)
-        .map_err(|e| match cancel.check(what) {
-            Err(cancelled) => cancelled,
-            Ok(()) => VolumeError::io(&catalog.location(&staged.name), "cloning", e),
-        })
+    }
+    .run(
+        |watch| catalog.clone_store(source, staged, watch),
+        |e| VolumeError::io(&catalog.location(&staged.name), "cloning", e),
+    )
 }
 
 /// Opens volume `name` of `catalog` for writing, taken from the host that holds it (see
@@ -256,18 +254,15 @@ pub fn take_over_in(
     progress: &Progress,
     cancel: &Cancel,
 ) -> Result<Box<dyn BackingStore>, VolumeError> {
-    let what = "the take-over";
-    let watch = Watched {
+    Watched {
         progress,
         cancel,
-        what,
-    };
-    catalog
-        .take_over(name, force, &watch)
-        .map_err(|e| match cancel.check(what) {
-            Err(cancelled) => cancelled,
-            Ok(()) => crate::volume::open_error(&catalog.location(name), e),
-        })
+        what: "the take-over",
+    }
+    .run(
+        |watch| catalog.take_over(name, force, watch),
+        |e| crate::volume::open_error(&catalog.location(name), e),
+    )
 }
 
 /// A long operation's progress and cancel flag, as a copy's watch.
@@ -275,6 +270,21 @@ struct Watched<'a> {
     progress: &'a Progress,
     cancel: &'a Cancel,
     what: &'a str,
+}
+
+impl Watched<'_> {
+    /// Runs `op` under this watch; its error becomes `failed(error)`, or the cancellation
+    /// when the operation was stopped.
+    fn run<T, E>(
+        &self,
+        op: impl FnOnce(&Self) -> Result<T, E>,
+        failed: impl FnOnce(E) -> VolumeError,
+    ) -> Result<T, VolumeError> {
+        op(self).map_err(|e| match self.cancel.check(self.what) {
+            Err(cancelled) => cancelled,
+            Ok(()) => failed(e),
+        })
+    }
 }
 
 impl store::copy::Watch for Watched<'_> {
