@@ -1,10 +1,15 @@
 //! The adapter from an open [`Volume`] to the NBD server's [`BlockDevice`], counting bytes
 //! for `status` and mapping every volume error to an NBD errno in one place.
+//!
+//! On a store with an asynchronous data path (Ceph RBD), whole-sector reads and writes and
+//! flushes are submitted ([`BlockDevice::submit`]): the I/O thread encrypts a write and
+//! submits it; the engine's completion wakes a task on the daemon's runtime, which decrypts
+//! a read and answers the client. The request (its NBD buffer) is the engine's until then.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nbd::device::{BlockDevice, BlockSizes, DeviceError, Errno, Extent};
+use nbd::device::{BlockDevice, BlockSizes, DeviceError, Errno, Extent, Io, Submission};
 use volume::{Volume, VolumeError, VolumeErrorKind};
 
 /// NBD_STATE_HOLE: the range is not allocated in the volume file.
@@ -24,13 +29,21 @@ pub struct VolumeDevice {
     /// Called once, by the first request that finds this host fenced (the audit record).
     on_fenced: std::sync::OnceLock<FencedHook>,
     fenced_reported: std::sync::atomic::AtomicBool,
+    /// Where completions of submitted requests run (None: every request is a blocking call).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl VolumeDevice {
     /// Wraps an open volume; `read_only` may be stricter than how the volume was opened.
+    /// Called on the daemon's runtime, where completions of submitted requests then run.
     pub fn new(volume: Arc<Volume>, read_only: bool) -> Self {
         let read_only = read_only || volume.read_only();
+        let runtime = volume
+            .submits()
+            .then(tokio::runtime::Handle::try_current)
+            .and_then(Result::ok);
         Self {
+            runtime,
             volume,
             read_only,
             bytes_read: AtomicU64::new(0),
@@ -161,6 +174,47 @@ impl BlockDevice for VolumeDevice {
         Ok(())
     }
 
+    fn submits(&self) -> bool {
+        self.runtime.is_some()
+    }
+
+    fn submit(self: Arc<Self>, s: Submission) -> Result<(), Submission> {
+        let Some(rt) = self.runtime.clone() else {
+            return Err(s);
+        };
+        let io = s.io();
+        let owned: store::submit::Owned = Box::new(Request(s));
+        match io {
+            Io::Read { offset } => {
+                let read = self.volume.read_owned(owned, offset).map_err(give_back)?;
+                rt.spawn(async move {
+                    let (result, buf) = read.await;
+                    let Request(s) = *store::submit::downcast::<Request>(buf);
+                    self.finish(s, result, Counter::Read, false).await;
+                });
+            }
+            Io::Write { offset, fua } => {
+                let write = self.volume.write_owned(owned, offset).map_err(give_back)?;
+                rt.spawn(async move {
+                    let (result, buf) = write.await;
+                    let Request(s) = *store::submit::downcast::<Request>(buf);
+                    self.finish(s, result, Counter::Written, fua).await;
+                });
+            }
+            Io::Flush => {
+                let Some(flush) = self.volume.flush_owned() else {
+                    return Err(give_back(owned));
+                };
+                let Request(s) = *store::submit::downcast::<Request>(owned);
+                rt.spawn(async move {
+                    let result = flush.await.map_err(|e| self.errno(e));
+                    s.complete(result);
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, DeviceError> {
         // Holes read as zeros through cryptnbd but not through dm-crypt, so they are HOLE and
         // never ZERO; allocated data is 0.
@@ -175,5 +229,57 @@ impl BlockDevice for VolumeDevice {
                 flags: if allocated { 0 } else { STATE_HOLE },
             })
             .collect())
+    }
+}
+
+/// A submitted NBD request as the buffer the engine owns until it completes.
+struct Request(Submission);
+
+impl store::submit::IoBuf for Request {
+    fn bytes(&mut self) -> &mut [u8] {
+        self.0.data()
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+/// A request the volume would not take asynchronously, handed back to the server.
+fn give_back(owned: store::submit::Owned) -> Submission {
+    store::submit::downcast::<Request>(owned).0
+}
+
+/// Which byte counter a completed request adds to.
+#[derive(Clone, Copy)]
+enum Counter {
+    Read,
+    Written,
+}
+
+impl VolumeDevice {
+    /// Answers a completed read or write (after a flush for FUA), counting its bytes.
+    async fn finish(
+        &self,
+        mut s: Submission,
+        result: Result<(), VolumeError>,
+        counter: Counter,
+        fua: bool,
+    ) {
+        let len = s.data().len() as u64;
+        let mut result = result.map_err(|e| self.errno(e));
+        if result.is_ok() {
+            match counter {
+                Counter::Read => &self.bytes_read,
+                Counter::Written => &self.bytes_written,
+            }
+            .fetch_add(len, Ordering::Relaxed);
+            if fua {
+                result = match self.volume.flush_owned() {
+                    Some(flush) => flush.await.map_err(|e| self.errno(e)),
+                    None => self.volume.flush().map_err(|e| self.errno(e)),
+                };
+            }
+        }
+        s.complete(result);
     }
 }

@@ -114,6 +114,110 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// `base:allocation` extents starting at `offset`.
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, DeviceError>;
+
+    /// Whether the device takes READ, WRITE and FLUSH with [`submit`](Self::submit) (asked
+    /// once per connection). The default: no, every request is a blocking call.
+    fn submits(&self) -> bool {
+        false
+    }
+
+    /// Takes a READ, WRITE or FLUSH that the device completes later, from any thread, with
+    /// [`Submission::complete`]: the server's I/O thread does not wait for it, so requests in
+    /// flight are bounded by the in-flight budgets, not by the I/O threads. The contract of
+    /// [`read`](Self::read), [`write`](Self::write) and [`flush`](Self::flush) holds, with
+    /// "returns" read as "completes" (a flush covers every write completed before it was
+    /// submitted). `Err` hands the request back, unchanged, for the blocking call (a request
+    /// the device cannot take this way, such as an unaligned one). Called on an I/O thread
+    /// only if [`submits`](Self::submits) said yes; the default hands everything back.
+    fn submit(self: Arc<Self>, submission: Submission) -> Result<(), Submission> {
+        Err(submission)
+    }
+}
+
+/// What a submitted request is ([`Submission::io`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// NBD_CMD_READ: fill [`Submission::data`] with the bytes at `offset`.
+    Read {
+        /// Offset in the export.
+        offset: u64,
+    },
+    /// NBD_CMD_WRITE: write [`Submission::data`] (which may be clobbered) at `offset`; with
+    /// `fua`, durable before completion.
+    Write {
+        /// Offset in the export.
+        offset: u64,
+        /// NBD_CMD_FLAG_FUA.
+        fua: bool,
+    },
+    /// NBD_CMD_FLUSH: every write completed before it was submitted made durable.
+    Flush,
+}
+
+/// The server's side of a submitted request: its reply path.
+pub(crate) trait Pending: Send {
+    fn io(&self) -> Io;
+    fn data(&mut self) -> &mut [u8];
+    /// Queues the reply.
+    fn finish(self: Box<Self>, result: Result<(), DeviceError>);
+    /// Makes the blocking device call instead, then queues the reply.
+    fn run_blocking(self: Box<Self>);
+}
+
+/// A READ, WRITE or FLUSH handed to a device that completes it later
+/// ([`BlockDevice::submit`]). It owns the request's buffer, and the reply goes out when it is
+/// [`complete`](Submission::complete)d, from any thread. One that is dropped without being
+/// completed is answered with an error (`ESHUTDOWN`), so a client never waits forever.
+pub struct Submission {
+    /// None once completed.
+    pending: Option<Box<dyn Pending>>,
+}
+
+impl Submission {
+    pub(crate) fn new(pending: Box<dyn Pending>) -> Self {
+        Self {
+            pending: Some(pending),
+        }
+    }
+
+    /// What to do.
+    pub fn io(&self) -> Io {
+        self.pending.as_ref().map_or(Io::Flush, |p| p.io())
+    }
+
+    /// The request's data: what a READ fills, what a WRITE writes (empty for a FLUSH). Its
+    /// bytes do not move while the submission lives.
+    pub fn data(&mut self) -> &mut [u8] {
+        match self.pending.as_mut() {
+            Some(p) => p.data(),
+            None => &mut [],
+        }
+    }
+
+    /// Answers the client with the outcome (for a READ, the data on success).
+    pub fn complete(mut self, result: Result<(), DeviceError>) {
+        if let Some(p) = self.pending.take() {
+            p.finish(result);
+        }
+    }
+
+    /// A submission the device handed back: the blocking call, then the reply.
+    pub(crate) fn run_blocking(mut self) {
+        if let Some(p) = self.pending.take() {
+            p.run_blocking();
+        }
+    }
+}
+
+impl Drop for Submission {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish(Err(DeviceError::new(
+                Errno::Eshutdown,
+                "the device dropped the request without completing it",
+            )));
+        }
+    }
 }
 
 /// Who is connecting: from SO_PEERCRED on a unix socket, or the TCP peer address.

@@ -24,7 +24,8 @@ pub mod server;
 pub mod x509;
 
 pub use device::{
-    BlockDevice, BlockSizes, DeviceError, Errno, Export, ExportRegistry, Extent, Peer,
+    BlockDevice, BlockSizes, DeviceError, Errno, Export, ExportRegistry, Extent, Io, Peer,
+    Submission,
 };
 pub use error::NbdError;
 pub use server::{ConnectionInfo, Limits, Server, SessionParams};

@@ -36,7 +36,7 @@ mod pool;
 mod readbuf;
 mod reply;
 mod tls;
-mod transmission;
+pub(crate) mod transmission;
 
 pub use crate::device::TlsClient;
 pub use crate::error::TlsHandshakeError;

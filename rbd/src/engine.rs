@@ -6,14 +6,17 @@
 //!   the range reads as zeros; a range inside one object has nothing to free and is left
 //!   alone ([`Discarded::Unsupported`]: the caller writes zeros if it wants them).
 //! - The allocation map comes from librbd's diff against nothing (`rbd_diff_iterate2`).
-//! - Reads and writes go through librbd's aio calls and wait for their completion.
+//! - Reads and writes go through librbd's aio calls. [`BackingStore`]'s calls wait for their
+//!   completion; [`Submit`]'s do not: librbd's callback wakes the task that awaits them, and
+//!   the request owns its buffer until then (the volume's data path).
 //! - Once the cluster has blocklisted this client (another host broke its lock), every error
 //!   is [`store::Fenced`]: the volume above stops at once and never retries.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use store::submit::{Flushing, Owned, Submit, Transfer};
 use store::{BackingStore, Discarded, Extent};
 
 use crate::Image;
@@ -21,7 +24,7 @@ use crate::Image;
 /// One RBD image as a backing store.
 #[derive(Debug)]
 pub struct RbdStore {
-    image: Image,
+    image: Arc<Image>,
     location: PathBuf,
     object_size: u64,
     /// Taken to grow the image, so that two writers past the end do not shrink each other.
@@ -40,7 +43,7 @@ impl RbdStore {
     pub fn named(image: Image, location: PathBuf) -> io::Result<Self> {
         let object_size = image.object_size()?.max(4096);
         Ok(Self {
-            image,
+            image: Arc::new(image),
             location,
             object_size,
             growing: Mutex::new(()),
@@ -119,6 +122,47 @@ impl BackingStore for RbdStore {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn submitter(&self) -> Option<&dyn Submit> {
+        Some(self)
+    }
+}
+
+/// The data path: submitted without waiting, completed by librbd's callback waking the task
+/// that awaits. Ranges are not checked against the image's size here (librbd refuses a range
+/// past the end): the volume above checked them against its own size.
+impl Submit for RbdStore {
+    fn read_owned(&self, buf: Owned, offset: u64) -> Transfer {
+        let submitted = self.image.read_owned(buf, offset);
+        Box::pin(async move {
+            let (result, buf) = submitted.await;
+            let mut buf = buf.unwrap_or_else(|| unreachable!("a read gives its buffer back"));
+            let want = buf.bytes().len();
+            let result = match result {
+                Ok(n) if usize::try_from(n).ok() == Some(want) => Ok(()),
+                Ok(n) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("RBD read of {want} bytes at {offset} returned {n}"),
+                )),
+                Err(e) => Err(fence(e)),
+            };
+            (result, buf)
+        })
+    }
+
+    fn write_owned(&self, buf: Owned, offset: u64) -> Transfer {
+        let submitted = self.image.write_owned(buf, offset);
+        Box::pin(async move {
+            let (result, buf) = submitted.await;
+            let buf = buf.unwrap_or_else(|| unreachable!("a write gives its buffer back"));
+            (result.map(drop).map_err(fence), buf)
+        })
+    }
+
+    fn flush_owned(&self) -> Flushing {
+        let submitted = self.image.flush_owned();
+        Box::pin(async move { submitted.await.0.map(drop).map_err(fence) })
     }
 }
 

@@ -1043,17 +1043,45 @@ impl Drop for Image {
     }
 }
 
-/// What a request submitted with an owned buffer shares with librbd's callback: the buffer
+/// What a request submitted without waiting shares with librbd's callback: the buffer
 /// (librbd reads or writes it until the request completes), the result, and the waker of
 /// the task that waits. librbd holds one reference from submission until its callback.
 struct InFlight {
     /// The image, kept open until every request on it has completed.
     image: std::sync::Arc<Image>,
+    /// What the request is, for the message of an error.
+    op: Op,
     /// Taken by the future once the request has completed; untouched before.
-    buf: std::sync::Mutex<Option<Vec<u8>>>,
+    buf: std::sync::Mutex<Option<store::submit::Owned>>,
     done: std::sync::atomic::AtomicBool,
     result: std::sync::atomic::AtomicI64,
     waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+/// A request submitted without waiting, for its error message (formatted only on error).
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    kind: Kind,
+    offset: u64,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+}
+
+impl Op {
+    fn describe(self, image: &Image) -> String {
+        let Op { kind, offset, len } = self;
+        match kind {
+            Kind::Read => format!("RBD image {}: read {offset}+{len}", image.spec()),
+            Kind::Write => format!("RBD image {}: write {offset}+{len}", image.spec()),
+            Kind::Flush => format!("RBD image {}: flush", image.spec()),
+        }
+    }
 }
 
 /// librbd's completion callback: records the result, releases the completion and wakes the
@@ -1068,23 +1096,24 @@ unsafe extern "C" fn on_complete(completion: Handle, arg: *mut c_void) {
     let value = unsafe { (api.rbd_aio_get_return_value)(completion) };
     // SAFETY: as above; librbd allows the release from the completion's own callback.
     unsafe { (api.rbd_aio_release)(completion) };
-    inflight
-        .result
-        .store(value as i64, std::sync::atomic::Ordering::Relaxed);
-    inflight
-        .done
-        .store(true, std::sync::atomic::Ordering::Release);
-    let waker = inflight
-        .waker
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
-    if let Some(w) = waker {
-        w.wake();
-    }
-    // This may be the last reference, and with it the image's: closing an image (rbd_close)
-    // on librbd's own thread would wait for that thread. The reaper drops it instead.
+    inflight.finish(value as i64);
+    // This may be the last reference, and with it the image's and the buffer's: closing an
+    // image (rbd_close) on librbd's own thread would wait for that thread, and a buffer's
+    // owner may do anything when dropped. The reaper drops it instead.
     reaper(inflight);
+}
+
+impl InFlight {
+    /// Records the result and wakes the task that waits, if any.
+    fn finish(&self, value: i64) {
+        self.result
+            .store(value, std::sync::atomic::Ordering::Relaxed);
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
 }
 
 /// Drops what a completion callback must not drop itself, on a thread of its own (a send
@@ -1105,31 +1134,32 @@ fn reaper(inflight: std::sync::Arc<InFlight>) {
     }
 }
 
-/// A request submitted with a buffer it owns ([`Image::read_owned`], [`Image::write_owned`]):
-/// a future of librbd's result and the buffer back. Dropping it before the request completes
-/// is safe: the buffer stays alive, and the image open, until librbd's callback.
+/// A request submitted without waiting ([`Image::read_owned`], [`Image::write_owned`],
+/// [`Image::flush_owned`]): a future of librbd's result and the request's buffer back.
+/// Dropping it before the request completes is safe: the buffer stays alive, and the image
+/// open, until librbd's callback.
 pub struct Submitted {
     inflight: std::sync::Arc<InFlight>,
-    what: String,
 }
 
 impl std::future::Future for Submitted {
-    type Output = (std::io::Result<i64>, Vec<u8>);
+    /// librbd's result (bytes read for a read) and the buffer (None for a flush).
+    type Output = (std::io::Result<i64>, Option<store::submit::Owned>);
 
     fn poll(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let ready = |s: &Self| {
-            let buf = s
-                .inflight
-                .buf
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or_default();
-            let value = s.inflight.result.load(std::sync::atomic::Ordering::Relaxed);
-            std::task::Poll::Ready((check(value, &s.what), buf))
+            let f = &s.inflight;
+            let buf = f.buf.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let value = f.result.load(std::sync::atomic::Ordering::Relaxed);
+            let result = if value >= 0 {
+                Ok(value)
+            } else {
+                check(value, &f.op.describe(&f.image))
+            };
+            std::task::Poll::Ready((result, buf))
         };
         let done = || {
             self.inflight
@@ -1154,49 +1184,65 @@ impl std::future::Future for Submitted {
 }
 
 impl Image {
-    /// Reads `buf.len()` bytes at `offset` into `buf`, which the request owns until it
-    /// completes; the future gives it back with the bytes read. Many may be in flight.
+    /// Reads `buf.bytes().len()` bytes at `offset` into `buf`, which the request owns until
+    /// it completes; the future gives it back with the bytes read. Many may be in flight. A
+    /// request librbd refuses at submission completes at once with the error.
     pub fn read_owned(
         self: &std::sync::Arc<Self>,
-        buf: Vec<u8>,
+        buf: store::submit::Owned,
         offset: u64,
-    ) -> std::io::Result<Submitted> {
-        let what = format!("RBD image {}: read {offset}+{}", self.spec(), buf.len());
-        self.submit_owned(buf, what, |handle, ptr, len, c| {
+    ) -> Submitted {
+        self.submit_owned(Some(buf), Kind::Read, offset, |handle, ptr, len, c| {
             // SAFETY: `ptr` is `len` writable bytes owned by the request until librbd's
             // callback (see `submit_owned`).
             unsafe { (self.api().rbd_aio_read)(handle, offset, len, ptr.cast(), c) }
         })
     }
 
-    /// Writes all of `buf` at `offset`; the request owns `buf` until it completes, and the
-    /// future gives it back. Many may be in flight.
+    /// Writes all of `buf.bytes()` at `offset`; the request owns `buf` until it completes,
+    /// and the future gives it back. Many may be in flight.
     pub fn write_owned(
         self: &std::sync::Arc<Self>,
-        buf: Vec<u8>,
+        buf: store::submit::Owned,
         offset: u64,
-    ) -> std::io::Result<Submitted> {
-        let what = format!("RBD image {}: write {offset}+{}", self.spec(), buf.len());
-        self.submit_owned(buf, what, |handle, ptr, len, c| {
+    ) -> Submitted {
+        self.submit_owned(Some(buf), Kind::Write, offset, |handle, ptr, len, c| {
             // SAFETY: `ptr` is `len` readable bytes owned by the request until librbd's
             // callback (see `submit_owned`).
             unsafe { (self.api().rbd_aio_write)(handle, offset, len, ptr.cast_const().cast(), c) }
         })
     }
 
+    /// Makes every write completed before the call durable in the cluster, without waiting.
+    pub fn flush_owned(self: &std::sync::Arc<Self>) -> Submitted {
+        self.submit_owned(None, Kind::Flush, 0, |handle, _, _, c| {
+            // SAFETY: an open image; no buffer.
+            unsafe { (self.api().rbd_aio_flush)(handle, c) }
+        })
+    }
+
     /// Submits one request on `buf` with `submit(image, pointer, length, completion)`. The
-    /// buffer moves into the request's shared state, whose heap bytes do not move while it
-    /// is there; librbd holds a reference to that state until its callback.
+    /// buffer moves into the request's shared state, where its bytes do not move (the
+    /// [`store::submit::IoBuf`] contract); librbd holds a reference to that state until its
+    /// callback. A request refused at submission is complete at once, with its error.
     fn submit_owned(
         self: &std::sync::Arc<Self>,
-        mut buf: Vec<u8>,
-        what: String,
+        mut buf: Option<store::submit::Owned>,
+        kind: Kind,
+        offset: u64,
         submit: impl FnOnce(Handle, *mut u8, usize, Handle) -> c_int,
-    ) -> std::io::Result<Submitted> {
-        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+    ) -> Submitted {
+        let (ptr, len) = match buf.as_mut() {
+            Some(b) => {
+                let bytes = b.bytes();
+                (bytes.as_mut_ptr(), bytes.len())
+            }
+            None => (std::ptr::null_mut(), 0),
+        };
         let inflight = std::sync::Arc::new(InFlight {
             image: std::sync::Arc::clone(self),
-            buf: std::sync::Mutex::new(Some(buf)),
+            op: Op { kind, offset, len },
+            buf: std::sync::Mutex::new(buf),
             done: std::sync::atomic::AtomicBool::new(false),
             result: std::sync::atomic::AtomicI64::new(0),
             waker: std::sync::Mutex::new(None),
@@ -1206,26 +1252,22 @@ impl Image {
         let mut completion: Handle = std::ptr::null_mut();
         // SAFETY: `on_complete` matches librbd's callback type and `arg` is a live reference
         // it hands back once; `completion` is a valid out-pointer.
-        let rc =
+        let mut rc =
             unsafe { (api.rbd_aio_create_completion)(arg, Some(on_complete), &mut completion) };
-        let undo = |rc: c_int, completion: Handle| {
+        if rc >= 0 {
+            // The buffer's bytes stay where they are: it is inside `inflight` and nobody
+            // touches it before the callback.
+            rc = submit(self.handle, ptr, len, completion);
+        }
+        if rc < 0 {
             if !completion.is_null() {
                 // SAFETY: a completion never submitted, released once.
                 unsafe { (api.rbd_aio_release)(completion) };
             }
             // SAFETY: librbd will never call back: the reference given to it comes back.
             drop(unsafe { std::sync::Arc::from_raw(arg.cast::<InFlight>()) });
-            check(i64::from(rc), &what).map(drop)
-        };
-        if rc < 0 {
-            undo(rc, std::ptr::null_mut())?;
+            inflight.finish(i64::from(rc));
         }
-        // The buffer's heap bytes stay where they are: the `Vec` is inside `inflight` and
-        // nobody touches it before the callback.
-        let rc = submit(self.handle, ptr, len, completion);
-        if rc < 0 {
-            undo(rc, completion)?;
-        }
-        Ok(Submitted { inflight, what })
+        Submitted { inflight }
     }
 }

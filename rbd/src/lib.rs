@@ -8,11 +8,12 @@
 //!   their handles when dropped, children before parents (each holds its parent).
 //! - [`RbdCatalog`]: the volumes of a pool, one image per volume, with atomic replace and
 //!   RBD snapshots ([`RbdSnapshots`]).
-//! - I/O goes through librbd's aio calls; [`Image`]'s methods submit and wait, borrowing the
-//!   caller's buffer until librbd has completed the request. [`Image::read_owned`] and
-//!   [`Image::write_owned`] submit without waiting: the request owns its buffer until librbd's
-//!   callback, which only records the result and wakes the task awaiting the
-//!   [`Submitted`] future (the building block for issue 15's completions in the runtime).
+//! - I/O goes through librbd's aio calls. [`Image`]'s `read_at`, `write_at` and `flush`
+//!   submit and wait, borrowing the caller's buffer until librbd has completed the request.
+//!   [`Image::read_owned`], [`Image::write_owned`] and [`Image::flush_owned`] submit without
+//!   waiting: the request owns its buffer until librbd's callback, which only records the
+//!   result and wakes the task awaiting the [`Submitted`] future. [`RbdStore`] offers them to
+//!   the volume's data path as [`store::submit::Submit`].
 //!
 //! The only unsafe code is in `ffi.rs`. This crate may depend only on `store` (the layer it
 //! plugs into): the volume format, the KMS and the daemon sit above it.

@@ -5,6 +5,7 @@
 use std::io::ErrorKind;
 use std::sync::Arc;
 
+use crate::submit::{Submit, block_on, downcast};
 use crate::{BackingStore, Discarded};
 
 const MIB: u64 = 1 << 20;
@@ -146,6 +147,44 @@ pub fn check(store: Arc<dyn BackingStore>) {
         }
     }
     s.flush().expect("flush");
+
+    if let Some(sub) = s.submitter() {
+        check_submit(s, sub);
+    }
+}
+
+/// The asynchronous data path ([`Submit`]): many requests in flight at once, buffers given
+/// back, what they wrote seen by both interfaces, and errors past the end.
+fn check_submit(s: &dyn BackingStore, sub: &dyn Submit) {
+    let base = 2 * MIB;
+    let writes: Vec<_> = (0..32u8)
+        .map(|i| {
+            sub.write_owned(
+                Box::new(pattern(8192, i ^ 0x55)),
+                base + u64::from(i) * 8192,
+            )
+        })
+        .collect();
+    for (i, w) in writes.into_iter().enumerate() {
+        let (r, buf) = block_on(w);
+        r.unwrap_or_else(|e| panic!("owned write {i}: {e}"));
+        assert_eq!(*downcast::<Vec<u8>>(buf), pattern(8192, i as u8 ^ 0x55));
+    }
+    block_on(sub.flush_owned()).expect("owned flush");
+    let reads: Vec<_> = (0..32u8)
+        .map(|i| sub.read_owned(Box::new(vec![0xEE; 8192]), base + u64::from(i) * 8192))
+        .collect();
+    for (i, r) in reads.into_iter().enumerate() {
+        let (res, buf) = block_on(r);
+        res.unwrap_or_else(|e| panic!("owned read {i}: {e}"));
+        let want = pattern(8192, i as u8 ^ 0x55);
+        assert_eq!(*downcast::<Vec<u8>>(buf), want, "owned read {i}");
+        assert_eq!(read(s, base + i as u64 * 8192, 8192), want, "read {i}");
+    }
+    let size = s.len().expect("len");
+    let (past, buf) = block_on(sub.read_owned(Box::new(vec![0u8; 4096]), size - 1024));
+    assert!(past.is_err(), "an owned read past the end succeeded");
+    assert_eq!(downcast::<Vec<u8>>(buf).len(), 4096, "the buffer came back");
 }
 
 #[cfg(test)]
@@ -166,6 +205,11 @@ mod tests {
     #[test]
     fn the_memory_engine_keeps_the_contract() {
         check(Arc::new(MemStore::new("contract")));
+    }
+
+    #[test]
+    fn the_memory_engine_completing_on_threads_keeps_the_contract() {
+        check(Arc::new(MemStore::new("contract").completing_on_threads()));
     }
 
     #[test]

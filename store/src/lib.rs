@@ -17,14 +17,12 @@
 //! ## Engines that complete on other threads
 //!
 //! [`BackingStore`] is synchronous: a call blocks its thread (one of the NBD server's I/O
-//! threads) until the engine is done, and it borrows the caller's buffer only for the call,
-//! so a cancelled request or a dropped connection can never free memory an engine still
-//! writes into. The `O_DIRECT` + io_uring engine and the Ceph RBD engine (librbd's aio API,
-//! whose completions arrive on librbd's threads) will add a submission interface beside it:
-//! requests carry buffers the engine owns (aligned, from a pool) until their completion hands
-//! them back, and completions are delivered to a queue instead of a blocked thread. Such an
-//! engine still implements [`BackingStore`] (submit, then wait), which the header code and the
-//! long operations use; only the data path submits without waiting.
+//! threads) until the engine is done, and it borrows the caller's buffer only for the call.
+//! An engine whose requests complete on threads of its own (the Ceph RBD engine: librbd's
+//! aio) also offers [`submit::Submit`] through [`BackingStore::submitter`]: requests own
+//! their buffers until they complete, completions are futures woken by the engine, and many
+//! are in flight at once. The volume's data path uses it where it exists; header code and
+//! long operations keep the synchronous calls.
 //!
 //! It must not depend on any other crate of the workspace: everything above it (the volume
 //! format, the KMS, the daemon, the CLI) may use it.
@@ -39,6 +37,7 @@ pub mod durable;
 pub mod file;
 pub mod memory;
 pub mod stores;
+pub mod submit;
 
 use std::fmt;
 use std::io;
@@ -130,6 +129,11 @@ pub trait BackingStore: Send + Sync + fmt::Debug {
     /// The engine's own type, for its catalog to recognise its stores (the file catalog
     /// reflinks one file into another). Nothing above the storage layer uses it.
     fn as_any(&self) -> &dyn std::any::Any;
+
+    /// The engine's asynchronous data path, if it has one ([`submit::Submit`]).
+    fn submitter(&self) -> Option<&dyn submit::Submit> {
+        None
+    }
 }
 
 /// The error an engine of shared storage returns once the cluster has fenced this client
@@ -195,5 +199,8 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
     }
     fn as_any(&self) -> &dyn std::any::Any {
         (**self).as_any()
+    }
+    fn submitter(&self) -> Option<&dyn submit::Submit> {
+        (**self).submitter()
     }
 }

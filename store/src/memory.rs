@@ -10,6 +10,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::submit::{Flushing, Owned, Submit, Transfer};
 use crate::{BackingStore, Discarded, Extent, check_range};
 
 /// Bytes per chunk: a chunk is allocated on its first write, dropped when discarded whole.
@@ -33,7 +34,9 @@ struct Inner {
 #[derive(Debug)]
 pub struct MemStore {
     name: PathBuf,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
+    /// Offers [`Submit`], each request completed on a thread of its own.
+    threads: bool,
 }
 
 impl MemStore {
@@ -51,16 +54,23 @@ impl MemStore {
     fn from_image(name: PathBuf, image: Image) -> Self {
         Self {
             name,
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 live: image.clone(),
                 durable: image,
-            }),
+            })),
+            threads: false,
         }
     }
 
+    /// The same store, also offering the asynchronous data path ([`Submit`]): each request
+    /// completes on a thread of its own, as an engine's requests complete on its threads.
+    pub fn completing_on_threads(mut self) -> Self {
+        self.threads = true;
+        self
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every change below leaves `Inner` consistent before anything that can panic.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     /// The store as a crash would leave it: what the last flush made durable, nothing after.
@@ -70,7 +80,27 @@ impl MemStore {
     }
 }
 
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // Every change below leaves `Inner` consistent before anything that can panic.
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Image {
+    /// Reads `buf.len()` bytes at `offset` (within the image).
+    fn read(&self, buf: &mut [u8], offset: u64) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let within = (at % CHUNK) as usize;
+            let n = (CHUNK as usize - within).min(buf.len() - done);
+            match self.chunks.get(&(at / CHUNK)) {
+                Some(chunk) => buf[done..done + n].copy_from_slice(&chunk[within..within + n]),
+                None => buf[done..done + n].fill(0),
+            }
+            done += n;
+        }
+    }
+
     fn write(&mut self, data: &[u8], offset: u64) {
         let mut done = 0usize;
         while done < data.len() {
@@ -128,17 +158,7 @@ impl BackingStore for MemStore {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let inner = self.lock();
         check_range(&self.name, offset, buf.len() as u64, inner.live.len)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let within = (at % CHUNK) as usize;
-            let n = (CHUNK as usize - within).min(buf.len() - done);
-            match inner.live.chunks.get(&(at / CHUNK)) {
-                Some(chunk) => buf[done..done + n].copy_from_slice(&chunk[within..within + n]),
-                None => buf[done..done + n].fill(0),
-            }
-            done += n;
-        }
+        inner.live.read(buf, offset);
         Ok(())
     }
 
@@ -198,5 +218,76 @@ impl BackingStore for MemStore {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    fn submitter(&self) -> Option<&dyn Submit> {
+        self.threads.then_some(self as &dyn Submit)
+    }
+}
+
+/// Runs `op` on a thread of its own; the future yields what it returns.
+fn on_a_thread<T: Send + 'static>(
+    op: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = T> + Send {
+    struct Slot<T> {
+        value: Option<T>,
+        waker: Option<std::task::Waker>,
+    }
+    let slot = Arc::new(Mutex::new(Slot {
+        value: None,
+        waker: None,
+    }));
+    let theirs = Arc::clone(&slot);
+    std::thread::spawn(move || {
+        let value = op();
+        let mut s = theirs.lock().unwrap_or_else(|p| p.into_inner());
+        s.value = Some(value);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    });
+    std::future::poll_fn(move |cx| {
+        let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+        match s.value.take() {
+            Some(v) => std::task::Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    })
+}
+
+impl Submit for MemStore {
+    fn read_owned(&self, mut buf: Owned, offset: u64) -> Transfer {
+        let (inner, name) = (Arc::clone(&self.inner), self.name.clone());
+        Box::pin(on_a_thread(move || {
+            let bytes = buf.bytes();
+            let live = &lock(&inner).live;
+            let r = check_range(&name, offset, bytes.len() as u64, live.len)
+                .map(|()| live.read(bytes, offset));
+            (r, buf)
+        }))
+    }
+
+    fn write_owned(&self, mut buf: Owned, offset: u64) -> Transfer {
+        let (inner, name) = (Arc::clone(&self.inner), self.name.clone());
+        Box::pin(on_a_thread(move || {
+            let bytes = buf.bytes();
+            let mut g = lock(&inner);
+            let r = check_range(&name, offset, bytes.len() as u64, g.live.len)
+                .map(|()| g.live.write(bytes, offset));
+            drop(g);
+            (r, buf)
+        }))
+    }
+
+    fn flush_owned(&self) -> Flushing {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(on_a_thread(move || {
+            let mut g = lock(&inner);
+            g.durable = g.live.clone();
+            Ok(())
+        }))
     }
 }

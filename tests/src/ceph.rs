@@ -1,14 +1,16 @@
 //! A real, throwaway Ceph cluster for the RBD tests and the benchmark (issue 15): one
-//! ceph-mon and one or more memstore ceph-osd on loopback, from Debian's packages, in the
-//! style of go-ceph's `micro-osd.sh`. The test starts it and it ends when dropped.
+//! ceph-mon and one or more ceph-osd on loopback, from Debian's packages, in the style of
+//! go-ceph's `micro-osd.sh`. The test starts it and it ends when dropped.
 //!
 //! - Everything lives in the test's directory: `ceph.conf`, the mon's and OSDs' data, logs,
 //!   admin sockets and pid files. The mon listens on a free loopback port, so clusters of
 //!   several tests can run at once.
 //! - `auth` none, pool size 1 by default, and a short `osd_client_watch_timeout` so that a
 //!   dead client's watch lapses in seconds (fencing tests wait for it).
-//! - memstore keeps objects in the OSD's memory, about 2.6 GB of RSS per GiB written: use
-//!   small images.
+//! - memstore (the default) keeps objects in the OSD's memory, about 2.6 GB of RSS per GiB
+//!   written: use small images. It loses everything when its OSD is killed, so a test that
+//!   restarts an OSD uses [`ObjectStore::BluestoreFile`]: bluestore on a sparse file in the
+//!   OSD's directory, which keeps what it acknowledged ([`Cluster::restart_osd`]).
 //! - The daemons are ended by PID with SIGKILL: a memstore OSD that gets SIGTERM first writes
 //!   its whole store to disk, and nothing of a throwaway cluster needs to survive.
 
@@ -32,6 +34,17 @@ pub struct Options {
     pub osd_bytes: u64,
     /// The pool made for the test.
     pub pool: String,
+    /// Where the OSDs keep objects.
+    pub objectstore: ObjectStore,
+}
+
+/// Where an OSD keeps objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectStore {
+    /// In memory: fast, gone when the OSD dies.
+    Memstore,
+    /// bluestore on a sparse file of `osd_bytes` in the OSD's directory: survives a restart.
+    BluestoreFile,
 }
 
 impl Default for Options {
@@ -42,6 +55,7 @@ impl Default for Options {
             watch_timeout_secs: 5,
             osd_bytes: 8 << 30,
             pool: "rbd".into(),
+            objectstore: ObjectStore::Memstore,
         }
     }
 }
@@ -128,8 +142,7 @@ auth client required = none
 osd pool default size = {size}
 osd pool default min size = 1
 osd crush chooseleaf type = 0
-osd objectstore = memstore
-memstore device bytes = {bytes}
+{objectstore}
 osd max object name len = 256
 osd max object namespace len = 64
 osd client watch timeout = {watch}
@@ -159,8 +172,21 @@ debug monc = 10
 ",
                 fsid = uuid(),
                 size = options.pool_size,
-                bytes = options.osd_bytes,
                 watch = options.watch_timeout_secs,
+                objectstore = match options.objectstore {
+                    ObjectStore::Memstore => format!(
+                        "osd objectstore = memstore\nmemstore device bytes = {}",
+                        options.osd_bytes
+                    ),
+                    // Small caches: the test machine runs several clusters at once.
+                    ObjectStore::BluestoreFile => format!(
+                        "osd objectstore = bluestore\nbluestore block create = true\n\
+                         bluestore block size = {}\nbluestore fsck on mount = false\n\
+                         bluestore cache autotune = false\nbluestore cache size = 134217728\n\
+                         osd memory target = 939524096",
+                        options.osd_bytes
+                    ),
+                },
             ),
         )
         .expect("write ceph.conf");
@@ -193,28 +219,7 @@ debug monc = 10
         }
         // Every OSD up before anything waits on one (a pool's first write would wait forever
         // for an OSD that died).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut restarts = 0;
-        loop {
-            // An OSD sometimes has a command refused at init for the same reason as `tool`
-            // retries ("wrong fsid"), and exits; go-ceph's micro-osd.sh starts it up to three
-            // times too. Start it again, twice at most.
-            if restarts < 2 && cluster.restart_exited_osds() {
-                restarts += 1;
-            }
-            cluster.check_alive();
-            let stat = cluster.ceph_ok(&["osd", "stat", "--format", "json"]);
-            let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap_or_default();
-            if stat["num_up_osds"].as_u64() == Some(options.osds as u64) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the test's Ceph OSDs are not up after 60 s: {stat}\n{}",
-                cluster.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        cluster.wait_osds_up(options.osds);
         cluster.ceph_ok(&["osd", "pool", "create", &options.pool, "8"]);
         cluster.ceph_ok(&[
             "osd",
@@ -321,6 +326,72 @@ debug monc = 10
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         self.daemons.push((name.to_owned(), child));
+    }
+
+    /// Waits (60 s at most) until `n` OSDs are up.
+    fn wait_osds_up(&mut self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut restarts = 0;
+        loop {
+            // An OSD sometimes has a command refused at init for the same reason as `tool`
+            // retries ("wrong fsid"), and exits; go-ceph's micro-osd.sh starts it up to three
+            // times too. Start it again, twice at most.
+            if restarts < 2 && self.restart_exited_osds() {
+                restarts += 1;
+            }
+            self.check_alive();
+            let stat = self.ceph_ok(&["osd", "stat", "--format", "json"]);
+            let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap_or_default();
+            if stat["num_up_osds"].as_u64() == Some(n as u64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the test's Ceph OSDs are not up after 60 s: {stat}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills OSD `id` with SIGKILL, as a crash would, starts it again after `down`, and
+    /// waits until the cluster has it up. Only a bluestore OSD keeps its objects across this.
+    pub fn restart_osd(&mut self, id: u32, down: Duration) {
+        let name = format!("osd.{id}");
+        let at = self
+            .daemons
+            .iter()
+            .position(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("no {name} in the test's cluster"));
+        let before = self.osd_up_from(id);
+        let (_, mut child) = self.daemons.remove(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(down);
+        self.spawn(&name, "ceph-osd", &["--id", &id.to_string()]);
+        // Up again in a later map than before the kill (the monitor may still count the
+        // killed one as up until its heartbeats are missed).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.osd_up_from(id).is_none_or(|e| Some(e) <= before) {
+            self.check_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not come back within 60 s of its restart\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The map epoch from which OSD `id` is up; None while it is down.
+    fn osd_up_from(&self, id: u32) -> Option<u64> {
+        let dump = self.ceph_ok(&["osd", "dump", "--format", "json"]);
+        let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap_or_default();
+        let osd = dump["osds"]
+            .as_array()?
+            .iter()
+            .find(|o| o["osd"].as_u64() == Some(u64::from(id)))?;
+        (osd["up"].as_u64() == Some(1)).then(|| osd["up_from"].as_u64())?
     }
 
     /// Starts again every OSD that has exited; true if there was one.

@@ -265,16 +265,22 @@ pub fn nbdcopy() -> PathBuf {
     require_tool("nbdcopy", "libnbd-bin")
 }
 
-/// An nbdsh process that connects and then holds the connection open until killed. The URI
-/// may name local files (`tls-certificates=DIR`), which nbdsh must be told to allow.
-pub fn hold_connection(uri: &str) -> std::process::Child {
+/// nbdsh, with Debian's python3 (which has python3-libnbd) first on PATH.
+pub fn nbdsh() -> Command {
     let nbdsh = require_tool("nbdsh", "libnbd-bin");
     assert!(
         run(Command::new("/usr/bin/python3").args(["-c", "import nbd"])).code == Some(0),
         "nbdsh needs python3-libnbd for /usr/bin/python3: apt-get install python3-libnbd"
     );
-    Command::new(nbdsh)
-        .env("PATH", "/usr/bin:/bin")
+    let mut c = Command::new(nbdsh);
+    c.env("PATH", "/usr/bin:/bin");
+    c
+}
+
+/// An nbdsh process that connects and then holds the connection open until killed. The URI
+/// may name local files (`tls-certificates=DIR`), which nbdsh must be told to allow.
+pub fn hold_connection(uri: &str) -> std::process::Child {
+    nbdsh()
         .args([
             "-c",
             &format!(

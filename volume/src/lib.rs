@@ -14,6 +14,7 @@
 
 pub mod crash;
 pub mod error;
+mod gate;
 pub mod header;
 pub mod keyslot;
 pub mod lifecycle;
@@ -21,6 +22,8 @@ pub mod luks2;
 pub mod token;
 pub mod volume;
 pub mod xts;
+
+pub use gate::Paused;
 
 pub use error::{VolumeError, VolumeErrorKind};
 pub use volume::{

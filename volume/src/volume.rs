@@ -27,6 +27,7 @@ use kms_client::{ContextKeys, DataKey, IdentityContext, Kms};
 use serde::Serialize;
 use store::catalog::Catalog;
 use store::file::{Access, FileStore, OpenError};
+use store::submit::Owned;
 use store::{BackingStore, Discarded};
 use zeroize::Zeroizing;
 
@@ -141,8 +142,9 @@ pub struct Volume {
     /// Set when the store reports this host fenced: every request fails from then on.
     fenced: AtomicBool,
     headers: HeaderSet,
-    /// Taken shared by every write to the file, exclusively by [`Volume::pause_writes`].
-    write_gate: std::sync::RwLock<()>,
+    /// Entered by every write to the store (held until it completes), paused by
+    /// [`Volume::pause_writes`].
+    write_gate: std::sync::Arc<crate::gate::Gate>,
     /// Write-zeroes buffers.
     scratch: ScratchPool,
 }
@@ -760,7 +762,7 @@ impl Volume {
             failed: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             headers,
-            write_gate: std::sync::RwLock::new(()),
+            write_gate: std::sync::Arc::default(),
             scratch: ScratchPool::default(),
         }
     }
@@ -789,8 +791,8 @@ impl Volume {
     /// Waits for the writes in progress, then holds new ones back until the guard is dropped
     /// (reads go on). With [`Volume::flush`] after it, the file is a crash-consistent image
     /// while the guard lives: what snapshots copy.
-    pub fn pause_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.write_gate.write().unwrap_or_else(|p| p.into_inner())
+    pub fn pause_writes(&self) -> crate::Paused<'_> {
+        self.write_gate.pause()
     }
 
     /// The volume file.
@@ -903,7 +905,7 @@ impl Volume {
     }
 
     fn write_raw(&self, buf: &[u8], offset: u64) -> Result<(), VolumeError> {
-        let _gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
+        let _ticket = self.write_gate.enter();
         self.store
             .write_at(buf, self.segment.offset + offset)
             .map_err(|e| self.store_error("writing", e))
@@ -1039,9 +1041,9 @@ impl Volume {
         if end <= start {
             return Ok(());
         }
-        let gate = self.write_gate.read().unwrap_or_else(|p| p.into_inner());
+        let ticket = self.write_gate.enter();
         let punched = self.store.discard(self.segment.offset + start, end - start);
-        drop(gate);
+        drop(ticket);
         match punched {
             Ok(Discarded::Hole) => Ok(()),
             Ok(Discarded::Unsupported) => {
@@ -1065,23 +1067,132 @@ impl Volume {
         if self.read_only {
             return Ok(());
         }
-        self.store.flush().map_err(|e| {
-            if store::is_fenced(&e) {
-                return self.store_error("flushing", e);
+        self.store.flush().map_err(|e| self.flush_failed(e))
+    }
+
+    /// A failed flush: the volume enters the failed state (unless the host was fenced).
+    fn flush_failed(&self, e: std::io::Error) -> VolumeError {
+        if store::is_fenced(&e) {
+            return self.store_error("flushing", e);
+        }
+        self.failed.store(true, Ordering::Release);
+        tracing::error!(volume = %self.path.display(), error = %e, "flush failed; volume marked failed");
+        let kind = VolumeError::io(&self.path, "flushing", std::io::Error::from(e.kind())).kind();
+        VolumeError::new(
+            kind,
+            format!(
+                "{}: flushing failed, so writes since the last successful flush may be lost; \
+                 the volume refuses I/O until it is detached and reattached (then check the \
+                 filesystem and the device, and verify the data)",
+                self.path.display()
+            ),
+        )
+        .with_source(e)
+    }
+}
+
+/// The asynchronous data path, for stores that have one ([`store::submit::Submit`]): the
+/// request owns its buffer from submission until the future yields it back, and no thread
+/// waits for the store meanwhile. Only whole sectors go this way; anything else, or a store
+/// without the interface, is refused with the buffer back (`Err`), for the synchronous calls.
+impl Volume {
+    /// Whether the store has an asynchronous data path.
+    pub fn submits(&self) -> bool {
+        self.store.submitter().is_some()
+    }
+
+    fn submitter_for(&self, offset: u64, len: u64) -> Option<&dyn store::submit::Submit> {
+        let ss = self.ss();
+        (offset.is_multiple_of(ss) && len.is_multiple_of(ss))
+            .then(|| self.store.submitter())
+            .flatten()
+    }
+
+    /// Reads `buf.bytes().len()` bytes at data offset `offset` and decrypts them in the
+    /// future (on the thread that polls it).
+    pub fn read_owned(
+        self: &std::sync::Arc<Self>,
+        mut buf: Owned,
+        offset: u64,
+    ) -> Result<impl Future<Output = (Result<(), VolumeError>, Owned)> + Send + 'static, Owned>
+    {
+        let len = buf.bytes().len() as u64;
+        let Some(sub) = self.submitter_for(offset, len) else {
+            return Err(buf);
+        };
+        let started = match self.check(offset, len, false) {
+            Ok(()) => Ok(sub.read_owned(buf, self.segment.offset + offset)),
+            Err(e) => Err((e, buf)),
+        };
+        let this = std::sync::Arc::clone(self);
+        Ok(async move {
+            let (result, mut buf) = match started {
+                Ok(transfer) => transfer.await,
+                Err((e, buf)) => return (Err(e), buf),
+            };
+            match result {
+                Ok(()) => {
+                    this.decrypt_read(buf.bytes(), offset);
+                    (Ok(()), buf)
+                }
+                Err(e) => (Err(this.store_error("reading", e)), buf),
             }
-            self.failed.store(true, Ordering::Release);
-            tracing::error!(volume = %self.path.display(), error = %e, "flush failed; volume marked failed");
-            let kind = VolumeError::io(&self.path, "flushing", std::io::Error::from(e.kind())).kind();
-            VolumeError::new(
-                kind,
-                format!(
-                    "{}: flushing failed, so writes since the last successful flush may be lost; \
-                     the volume refuses I/O until it is detached and reattached (then check the \
-                     filesystem and the device, and verify the data)",
-                    self.path.display()
-                ),
-            )
-            .with_source(e)
+        })
+    }
+
+    /// Encrypts `buf` in place (now, on the calling thread) and writes it at data offset
+    /// `offset`. While writes are paused ([`Volume::pause_writes`]) the call waits; the write
+    /// then holds the gate until it completes.
+    pub fn write_owned(
+        self: &std::sync::Arc<Self>,
+        mut buf: Owned,
+        offset: u64,
+    ) -> Result<impl Future<Output = (Result<(), VolumeError>, Owned)> + Send + 'static, Owned>
+    {
+        let len = buf.bytes().len() as u64;
+        let Some(sub) = self.submitter_for(offset, len) else {
+            return Err(buf);
+        };
+        let started = match self.check(offset, len, true) {
+            Ok(()) => {
+                let ticket = self.write_gate.enter();
+                let ss = self.ss() as usize;
+                self.cipher
+                    .encrypt_sectors(buf.bytes(), ss, self.iv_of(offset));
+                Ok((ticket, sub.write_owned(buf, self.segment.offset + offset)))
+            }
+            Err(e) => Err((e, buf)),
+        };
+        let this = std::sync::Arc::clone(self);
+        Ok(async move {
+            let (ticket, transfer) = match started {
+                Ok(t) => t,
+                Err((e, buf)) => return (Err(e), buf),
+            };
+            let (result, buf) = transfer.await;
+            drop(ticket);
+            (result.map_err(|e| this.store_error("writing", e)), buf)
+        })
+    }
+
+    /// [`Volume::flush`] without waiting: every write completed before the call is durable
+    /// when the future yields `Ok`. None: the store has no asynchronous data path.
+    pub fn flush_owned(
+        self: &std::sync::Arc<Self>,
+    ) -> Option<impl Future<Output = Result<(), VolumeError>> + Send + 'static> {
+        let sub = self.store.submitter()?;
+        let started = match self.check(0, 0, false) {
+            Ok(()) if self.read_only => None,
+            Ok(()) => Some(Ok(sub.flush_owned())),
+            Err(e) => Some(Err(e)),
+        };
+        let this = std::sync::Arc::clone(self);
+        Some(async move {
+            match started {
+                None => Ok(()),
+                Some(Err(e)) => Err(e),
+                Some(Ok(flushing)) => flushing.await.map_err(|e| this.flush_failed(e)),
+            }
         })
     }
 }

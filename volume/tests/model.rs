@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use store::BackingStore;
 use store::file::Access;
 use store::memory::MemStore;
+use store::submit::{block_on, downcast};
 use volume::{CreateOptions, OpenOptions, Volume, VolumeErrorKind};
 
 const SID: &str = "S-1-5-21-277731876-1789304096-451871588-1107";
@@ -24,6 +25,9 @@ const DIR: &str = "d-1234abcd01";
 enum Engine {
     File,
     Memory,
+    /// The memory engine with its asynchronous data path: whole-sector reads, writes and
+    /// flushes go through the volume's owned-buffer calls, completed on other threads.
+    Threads,
 }
 
 struct Fixture {
@@ -67,6 +71,7 @@ fn fixture_on(engine: Engine, size: u64, sector_size: u32) -> (Fixture, Volume) 
     let memory = match engine {
         Engine::File => None,
         Engine::Memory => Some(Arc::new(MemStore::new("model"))),
+        Engine::Threads => Some(Arc::new(MemStore::new("model").completing_on_threads())),
     };
     let vol = rt()
         .block_on(async {
@@ -113,9 +118,18 @@ enum Op {
 
 fn op(size: u64) -> impl Strategy<Value = Op> {
     let range = (0..size).prop_flat_map(move |off| (Just(off), 0..=(size - off).min(20_000)));
+    // Whole 4 KiB blocks: whole sectors of either size (what the owned-buffer path takes).
+    let blocks = (0..size / 4096).prop_flat_map(move |k| {
+        (
+            Just(k * 4096),
+            (0..=(size / 4096 - k).min(5)).prop_map(|n| n * 4096),
+        )
+    });
     prop_oneof![
         4 => (range.clone(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len: len as usize, seed }),
         3 => range.clone().prop_map(|(off, len)| Op::Read { off, len: len as usize }),
+        3 => (blocks.clone(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len: len as usize, seed }),
+        2 => blocks.prop_map(|(off, len)| Op::Read { off, len: len as usize }),
         1 => range.clone().prop_map(|(off, len)| Op::Zero { off, len }),
         1 => range.prop_map(|(off, len)| Op::Trim { off, len }),
         1 => Just(Op::Flush),
@@ -131,6 +145,9 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn run_model(engine: Engine, sector_size: u32, ops: &[Op]) {
     let size = 64 * 1024;
     let (f, vol) = fixture_on(engine, size, sector_size);
+    let vol = Arc::new(vol);
+    let owned = matches!(engine, Engine::Threads);
+    assert_eq!(vol.submits(), owned);
     let mut model = vec![0u8; size as usize];
     // The model as of the last flush: what a crash must leave.
     let mut flushed = model.clone();
@@ -139,12 +156,29 @@ fn run_model(engine: Engine, sector_size: u32, ops: &[Op]) {
         match *op {
             Op::Write { off, len, seed } => {
                 let data = pattern(len, seed);
-                vol.write_at(&data, off).expect("write");
+                match vol.write_owned(Box::new(data.clone()), off) {
+                    Ok(w) => {
+                        let (r, buf) = block_on(w);
+                        r.expect("owned write");
+                        assert_eq!(downcast::<Vec<u8>>(buf).len(), len);
+                    }
+                    Err(_) => vol.write_at(&data, off).expect("write"),
+                }
                 model[off as usize..off as usize + len].copy_from_slice(&data);
             }
             Op::Read { off, len } => {
-                let mut buf = vec![0xeeu8; len];
-                vol.read_at(&mut buf, off).expect("read");
+                let buf = match vol.read_owned(Box::new(vec![0xeeu8; len]), off) {
+                    Ok(r) => {
+                        let (r, buf) = block_on(r);
+                        r.expect("owned read");
+                        *downcast::<Vec<u8>>(buf)
+                    }
+                    Err(_) => {
+                        let mut buf = vec![0xeeu8; len];
+                        vol.read_at(&mut buf, off).expect("read");
+                        buf
+                    }
+                };
                 assert_eq!(
                     buf,
                     model[off as usize..off as usize + len],
@@ -165,7 +199,10 @@ fn run_model(engine: Engine, sector_size: u32, ops: &[Op]) {
                 }
             }
             Op::Flush => {
-                vol.flush().expect("flush");
+                match vol.flush_owned() {
+                    Some(f) => block_on(f).expect("owned flush"),
+                    None => vol.flush().expect("flush"),
+                }
                 flushed.clone_from(&model);
             }
         }
@@ -211,6 +248,16 @@ proptest! {
     #[test]
     fn matches_reference_disk_512_in_memory(ops in proptest::collection::vec(op(64 * 1024), 1..40)) {
         run_model(Engine::Memory, 512, &ops);
+    }
+
+    #[test]
+    fn matches_reference_disk_4096_completing_on_threads(ops in proptest::collection::vec(op(64 * 1024), 1..40)) {
+        run_model(Engine::Threads, 4096, &ops);
+    }
+
+    #[test]
+    fn matches_reference_disk_512_completing_on_threads(ops in proptest::collection::vec(op(64 * 1024), 1..40)) {
+        run_model(Engine::Threads, 512, &ops);
     }
 }
 

@@ -28,7 +28,7 @@ use super::pool::{PooledBuf, class_size};
 use super::readbuf::ReadBuf;
 use super::reply::{Completion, Replies, ReplySink, ReplyWriter};
 use super::{ConnEntry, Server};
-use crate::device::{BlockDevice, DeviceError, Errno, Extent};
+use crate::device::{BlockDevice, DeviceError, Errno, Extent, Io, Pending, Submission};
 use crate::error::NbdError;
 use crate::proto::{
     self, BlockDescriptor, Command, Decoded, REQUEST_HEADER_LEN, RequestHeader, command_flags,
@@ -410,6 +410,8 @@ pub(crate) struct ConnShared {
     device: Arc<dyn BlockDevice>,
     replies: Arc<dyn ReplySink<Permit>>,
     structured: bool,
+    /// The device takes READ, WRITE and FLUSH with [`BlockDevice::submit`].
+    submits: bool,
 }
 
 impl Drop for ConnShared {
@@ -428,8 +430,40 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// Makes the device call and queues the reply. Runs on an I/O thread.
+    /// Makes the device call and queues the reply. Runs on an I/O thread. A device that
+    /// submits ([`BlockDevice::submit`]) gets READ, WRITE and FLUSH as a [`Submission`] and
+    /// the thread moves on; the reply leaves when the device completes it.
     pub(crate) fn run(self) {
+        if self.conn.submits && matches!(self.op, Op::Read { .. } | Op::Write { .. } | Op::Flush) {
+            let device = Arc::clone(&self.conn.device);
+            let (conn, handle) = (self.conn.entry.id, self.handle);
+            let submitted = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                device.submit(Submission::new(Box::new(self)))
+            }));
+            match submitted {
+                Ok(Ok(())) => {}
+                Ok(Err(handed_back)) => handed_back.run_blocking(),
+                Err(_) => {
+                    // The submission was dropped while unwinding, which answered it.
+                    warn!(conn, handle, "device submission panicked");
+                }
+            }
+        } else {
+            self.execute_and_finish();
+        }
+    }
+
+    /// Makes the blocking device call, then queues the reply.
+    fn execute_and_finish(mut self) {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            execute(&*self.conn.device, self.op, self.buf.as_mut())
+        }))
+        .unwrap_or_else(|_| Err(DeviceError::new(Errno::Eio, "device call panicked")));
+        self.finish(outcome);
+    }
+
+    /// Queues the reply for the outcome of the device call.
+    fn finish(self, outcome: Result<Option<Vec<Extent>>, DeviceError>) {
         let Job {
             conn,
             handle,
@@ -437,9 +471,6 @@ impl Job {
             mut buf,
             mut permit,
         } = self;
-        let dev = &*conn.device;
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(dev, op, buf.as_mut())))
-            .unwrap_or_else(|_| Err(DeviceError::new(Errno::Eio, "device call panicked")));
         let structured = conn.structured;
         let reply = match outcome {
             Ok(extents) => match op {
@@ -490,6 +521,32 @@ impl Job {
             }
         };
         conn.replies.send(reply);
+    }
+}
+
+/// A job handed to a device that submits: its reply goes out when the device completes it.
+impl Pending for Job {
+    fn io(&self) -> Io {
+        match self.op {
+            Op::Read { offset, .. } => Io::Read { offset },
+            Op::Write { offset, fua, .. } => Io::Write { offset, fua },
+            _ => Io::Flush,
+        }
+    }
+
+    fn data(&mut self) -> &mut [u8] {
+        match self.buf.as_mut() {
+            Some(b) => b.as_mut_slice(),
+            None => &mut [],
+        }
+    }
+
+    fn finish(self: Box<Self>, result: Result<(), DeviceError>) {
+        (*self).finish(result.map(|()| None));
+    }
+
+    fn run_blocking(self: Box<Self>) {
+        (*self).execute_and_finish();
     }
 }
 
@@ -565,6 +622,7 @@ pub(crate) async fn run<R, W>(
     );
     let shared = Arc::new(ConnShared {
         entry: Arc::clone(&entry),
+        submits: device.submits(),
         device,
         replies,
         structured: g.structured,
