@@ -412,20 +412,11 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
-    /// The server limits these settings describe.
+    /// The server limits these settings describe. With an RBD store the default number of
+    /// I/O threads is the same: its requests do not hold a thread while they wait on the
+    /// cluster (docs/rbd.md, "Requests in flight").
     pub fn to_limits(&self) -> nbd::server::Limits {
-        self.to_limits_for(false)
-    }
-
-    /// The server's limits; `network_store`: a store whose requests wait on the network (an
-    /// RBD pool), where each I/O thread spends most of its time waiting for librbd, so the
-    /// default is [`NETWORK_IO_THREADS`] threads (requests in flight) rather than the CPU-bound
-    /// default.
-    pub fn to_limits_for(&self, network_store: bool) -> nbd::server::Limits {
-        let mut d = nbd::server::Limits::default();
-        if network_store {
-            d.io_threads = d.io_threads.max(NETWORK_IO_THREADS);
-        }
+        let d = nbd::server::Limits::default();
         nbd::server::Limits {
             max_payload: self.max_payload,
             per_connection_inflight_bytes: self.per_connection_inflight_bytes,
@@ -440,10 +431,6 @@ impl LimitsConfig {
         }
     }
 }
-
-/// Default I/O threads with an RBD store: requests in flight against the cluster (on 2 cores,
-/// 32 lifted sequential writes over RBD from 421 to 784 MB/s against 4; docs/benchmarks.md).
-pub const NETWORK_IO_THREADS: usize = 32;
 
 /// `[audit]`.
 #[derive(Debug, Clone, Deserialize)]

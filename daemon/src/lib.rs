@@ -217,10 +217,7 @@ pub async fn run(
 
     let registry = Arc::new(registry::Registry::default());
     registry.set_audit(Arc::clone(&audit), kms_client::Kms::backend_name(&kms));
-    let server = nbd::server::Server::new(
-        registry.clone(),
-        config.limits.to_limits_for(config.store.rbd.is_some()),
-    );
+    let server = nbd::server::Server::new(registry.clone(), config.limits.to_limits());
     server.set_tls(tls.settings.clone());
     let mut daemon = daemon::Daemon::new(
         layout.clone(),

@@ -15,7 +15,7 @@
 //!   its whole store to disk, and nothing of a throwaway cluster needs to survive.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,9 +68,18 @@ pub struct Cluster {
     pub conf: PathBuf,
     /// The pool made for the test, initialised for RBD.
     pub pool: String,
-    /// How long it took from nothing to a pool that stores objects.
+    /// How long it took from nothing to a pool that stores objects (for a pool of the
+    /// shared cluster: to that pool, including the cluster's start if this test started it).
     pub started_in: Duration,
     daemons: Vec<(String, Child)>,
+    /// A pool of the shared cluster ([`Cluster::shared`]): removed when dropped.
+    pool_of_shared: bool,
+}
+
+/// The cluster the tests of one process share ([`Cluster::shared`]).
+struct Shared {
+    dir: PathBuf,
+    conf: PathBuf,
 }
 
 /// The Debian packages a cluster needs, with a program of each (scripts/test-deps.sh
@@ -110,6 +119,30 @@ fn uuid() -> String {
 }
 
 impl Cluster {
+    /// A pool of its own (`LABEL-N`, size 1, initialised for RBD) on the one default
+    /// cluster that every test of this process which calls this shares: for tests that do
+    /// not stop, fill, restart or reconfigure the cluster. The first caller starts the
+    /// cluster (on a thread that lives as long as the process, so its daemons die with the
+    /// process); the pool is deleted when the value is dropped.
+    pub fn shared(label: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let started = Instant::now();
+        let shared = SHARED.get_or_init(start_shared);
+        let mut view = Cluster {
+            dir: shared.dir.clone(),
+            conf: shared.conf.clone(),
+            pool: format!("{label}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+            started_in: Duration::ZERO,
+            daemons: Vec::new(),
+            pool_of_shared: true,
+        };
+        view.make_pool(1);
+        view.started_in = started.elapsed();
+        view
+    }
+
     /// One mon, one memstore OSD, pool `rbd` of size 1.
     pub fn start(dir: &TestDir) -> Self {
         Self::start_with(dir, Options::default())
@@ -117,11 +150,15 @@ impl Cluster {
 
     /// A cluster as `options` say.
     pub fn start_with(dir: &TestDir, options: Options) -> Self {
+        Self::start_in(dir.path(), options)
+    }
+
+    fn start_in(dir: &Path, options: Options) -> Self {
         for (tool, package) in TOOLS {
             require_tool(tool, package);
         }
         let started = Instant::now();
-        let root = dir.path().join("ceph");
+        let root = dir.join("ceph");
         for sub in ["run", "log", "mon.a"] {
             std::fs::create_dir_all(root.join(sub)).expect("ceph directories");
         }
@@ -196,6 +233,7 @@ debug monc = 10
             pool: options.pool.clone(),
             started_in: Duration::ZERO,
             daemons: Vec::new(),
+            pool_of_shared: false,
         };
         cluster.tool(
             "ceph-mon",
@@ -220,17 +258,7 @@ debug monc = 10
         // Every OSD up before anything waits on one (a pool's first write would wait forever
         // for an OSD that died).
         cluster.wait_osds_up(options.osds);
-        cluster.ceph_ok(&["osd", "pool", "create", &options.pool, "8"]);
-        cluster.ceph_ok(&[
-            "osd",
-            "pool",
-            "set",
-            &options.pool,
-            "size",
-            &options.pool_size.to_string(),
-            "--yes-i-really-mean-it",
-        ]);
-        cluster.rbd_ok(&["pool", "init", &options.pool]);
+        cluster.make_pool(options.pool_size);
         // Ready when an object goes in and comes back.
         let probe = root.join("probe");
         std::fs::write(&probe, b"probe").expect("probe object");
@@ -326,6 +354,21 @@ debug monc = 10
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         self.daemons.push((name.to_owned(), child));
+    }
+
+    /// Makes the pool [`Cluster::pool`] with `size` copies, initialised for RBD.
+    fn make_pool(&self, size: usize) {
+        self.ceph_ok(&["osd", "pool", "create", &self.pool, "8"]);
+        self.ceph_ok(&[
+            "osd",
+            "pool",
+            "set",
+            &self.pool,
+            "size",
+            &size.to_string(),
+            "--yes-i-really-mean-it",
+        ]);
+        self.rbd_ok(&["pool", "init", &self.pool]);
     }
 
     /// Waits (60 s at most) until `n` OSDs are up.
@@ -508,10 +551,75 @@ fn tail(text: &str, lines: usize) -> String {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.pool_of_shared {
+            // Frees the pool's memory in the shared OSD. Never panics (this may run while a
+            // failed test unwinds): a pool left behind goes with the cluster.
+            let _ = Command::new("timeout")
+                .arg("30")
+                .arg("ceph")
+                .arg("-c")
+                .arg(&self.conf)
+                .args(["osd", "pool", "delete", &self.pool, &self.pool])
+                .arg("--yes-i-really-really-mean-it")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         // SIGKILL by PID (never by name: other tests' clusters run beside this one).
         for (_, child) in &mut self.daemons {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Starts the shared cluster on a thread that holds it for the rest of the process (its
+/// daemons get SIGKILL when that thread ends, which is when the process does). Directories
+/// of shared clusters whose process is gone are removed first.
+fn start_shared() -> Shared {
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("cryptnbd-e2e-ceph-shared-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("cryptnbd-e2e-ceph-shared-{}", std::process::id()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let holder_dir = dir.clone();
+    std::thread::Builder::new()
+        .name("ceph-shared".into())
+        .spawn(move || {
+            std::fs::create_dir_all(&holder_dir).expect("shared cluster directory");
+            let started =
+                std::panic::catch_unwind(|| Cluster::start_in(&holder_dir, Options::default()));
+            match started {
+                Ok(cluster) => {
+                    let _ = tx.send(Ok((cluster.dir.clone(), cluster.conf.clone())));
+                    // Holds the cluster until the process exits.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default();
+                    let _ = tx.send(Err(why));
+                }
+            }
+        })
+        .expect("a thread for the shared cluster");
+    match rx.recv() {
+        Ok(Ok((dir, conf))) => Shared { dir, conf },
+        Ok(Err(why)) => panic!("the shared test cluster did not start: {why}"),
+        Err(_) => panic!("the shared test cluster's thread died"),
     }
 }

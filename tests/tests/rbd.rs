@@ -38,8 +38,7 @@ fn the_test_cluster_starts_and_keeps_objects_and_images() {
 /// image of the real cluster, through our own librbd bindings.
 #[test]
 fn an_rbd_image_keeps_the_backing_store_contract() {
-    let dir = TestDir::new("rbd-contract");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("an-rbd-image");
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let pool = cluster.pool(&c.pool).expect("pool");
     pool.create_image("contract", 0)
@@ -67,7 +66,7 @@ fn an_rbd_image_keeps_the_backing_store_contract() {
 #[test]
 fn a_wrong_pool_or_an_unreachable_cluster_is_named() {
     let dir = TestDir::new("rbd-errors");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("wrong-pool");
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let e = cluster
         .pool("no-such-pool")
@@ -93,8 +92,7 @@ fn a_wrong_pool_or_an_unreachable_cluster_is_named() {
 fn a_discard_frees_whole_objects_and_zeroes_the_edges() {
     use store::{BackingStore, Discarded};
     const MIB: u64 = 1 << 20;
-    let dir = TestDir::new("rbd-discard");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("discard-frees");
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let pool = cluster.pool(&c.pool).expect("pool");
     pool.create_image("d", 16 * MIB).expect("create");
@@ -138,8 +136,7 @@ fn a_discard_frees_whole_objects_and_zeroes_the_edges() {
 /// A's writes and flushes fail with ESHUTDOWN, and B writes.
 #[test]
 fn an_exclusive_lock_keeps_one_writer_and_breaking_it_fences_the_holder() {
-    let dir = TestDir::new("rbd-fence");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("an-exclusive-lock");
     let host_a = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect A");
     let host_b = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect B");
     let pool_a = host_a.pool(&c.pool).expect("pool");
@@ -203,8 +200,7 @@ fn an_exclusive_lock_keeps_one_writer_and_breaking_it_fences_the_holder() {
 /// atomic replace, leftovers, snapshots as RBD snapshots), on the real cluster.
 #[test]
 fn an_rbd_pool_keeps_the_catalog_contract() {
-    let dir = TestDir::new("rbd-catalog");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("an-rbd-pool");
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let catalog = rbd::RbdCatalog::new(cluster.pool(&c.pool).expect("pool"));
     store::catalog::check(&catalog);
@@ -224,8 +220,7 @@ fn an_rbd_pool_keeps_the_catalog_contract() {
 fn a_volume_open_for_writing_is_held_against_other_hosts_until_taken_over() {
     use store::catalog::Catalog;
     use store::file::{Access, OpenError};
-    let dir = TestDir::new("rbd-catalog-lock");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("volume-open");
     let host = |name: &str| {
         let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
         let me = rbd::Holder {
@@ -295,8 +290,7 @@ fn a_volume_open_for_writing_is_held_against_other_hosts_until_taken_over() {
 fn an_interrupted_replace_leaves_the_old_volume_or_the_new_one() {
     use store::catalog::Catalog;
     use store::file::Access;
-    let dir = TestDir::new("rbd-replace-crash");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("an-interrupted-repla");
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let pool = cluster.pool(&c.pool).expect("pool");
     let catalog = rbd::RbdCatalog::new(std::sync::Arc::clone(&pool));
@@ -361,7 +355,10 @@ fn an_interrupted_replace_leaves_the_old_volume_or_the_new_one() {
         .collect();
     assert_eq!(content("c"), *b"old");
     assert_eq!(left.len(), 1, "{left:?}");
-    assert_eq!(left[0].location.to_string_lossy(), "rbd:rbd/.c.rebuilding");
+    assert_eq!(
+        left[0].location.to_string_lossy(),
+        format!("rbd:{}/.c.rebuilding", c.pool)
+    );
     assert_eq!(catalog.list().expect("list"), ["a", "b", "c"]);
 }
 
@@ -386,7 +383,7 @@ fn rbd_config(c: &Cluster, keystore: &std::path::Path) -> String {
 fn two_hosts_share_a_pool_with_one_writer_at_a_time() {
     use e2e_tests::daemon::Daemon;
     let dir = TestDir::new("rbd-two-hosts");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("two-hosts-share");
     let keystore = dir.path().join("keystore");
     let config = rbd_config(&c, &keystore);
     let (home_a, home_b) = (TestDir::new("rbd-host-a"), TestDir::new("rbd-host-b"));
@@ -460,7 +457,7 @@ fn two_hosts_share_a_pool_with_one_writer_at_a_time() {
 fn a_frozen_host_is_fenced_and_a_restarted_one_takes_its_own_lock_back() {
     use e2e_tests::daemon::Daemon;
     let dir = TestDir::new("rbd-fenced");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("frozen-host");
     let keystore = dir.path().join("keystore");
     let config = rbd_config(&c, &keystore);
     let (home_a, home_b) = (TestDir::new("rbd-frozen-a"), TestDir::new("rbd-frozen-b"));
@@ -550,8 +547,7 @@ fn rbd_daemon(c: &Cluster, home: &TestDir) -> e2e_tests::daemon::Daemon {
 #[test]
 fn ceph_stores_only_ciphertext_and_opens_the_volume_with_a_recovery_passphrase() {
     use e2e_tests::{Oracle, Segment, unwrap_volume_key};
-    let dir = TestDir::new("rbd-ciphertext");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("ceph-stores-only");
     let home = TestDir::new("rbd-ciphertext-host");
     let d = rbd_daemon(&c, &home);
     let key = d.ctl.create_key("fleet");
@@ -653,8 +649,7 @@ fn ceph_stores_only_ciphertext_and_opens_the_volume_with_a_recovery_passphrase()
 /// it), reencrypt, and delete with its snapshots, which leaves the pool empty.
 #[test]
 fn the_lifecycle_verbs_work_on_an_rbd_volume() {
-    let dir = TestDir::new("rbd-lifecycle");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("the-lifecycle-verbs");
     let home = TestDir::new("rbd-lifecycle-host");
     let d = rbd_daemon(&c, &home);
     let key = d.ctl.create_key("fleet");
@@ -742,7 +737,7 @@ fn the_lifecycle_verbs_work_on_an_rbd_volume() {
 #[test]
 fn a_daemon_with_an_unusable_pool_refuses_to_start_and_says_why() {
     let dir = TestDir::new("rbd-refused");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("daemon-with");
     let far = dir.path().join("far.conf");
     std::fs::write(
         &far,
@@ -794,8 +789,7 @@ fn a_daemon_with_an_unusable_pool_refuses_to_start_and_says_why() {
 #[test]
 fn a_volume_moves_between_stores_and_crashes_leave_it_whole() {
     use e2e_tests::daemon::Daemon;
-    let dir = TestDir::new("rbd-move");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("volume-moves");
     let home = TestDir::new("rbd-move-host");
     // Files are the default here: the pool is the other store.
     let config = rbd_config(&c, &home.path().join("keystore"))
@@ -1074,8 +1068,7 @@ fn an_osd_killed_mid_write_loses_nothing_flushed() {
 #[test]
 fn a_kms_refusal_on_another_host_leaves_the_volume_free_and_an_open_image_stays() {
     use e2e_tests::daemon::Daemon;
-    let dir = TestDir::new("rbd-kms-refuses");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("kms-refusal");
     let (home_a, home_b) = (TestDir::new("rbd-kms-a"), TestDir::new("rbd-kms-b"));
     // Each host its own keystore: B's KMS has never seen A's key.
     let a = Daemon::start(&home_a, &rbd_config(&c, &home_a.path().join("keystore")));
@@ -1151,7 +1144,7 @@ fn an_unanswering_cluster_fails_an_attach_within_the_timeout() {
 fn a_host_killed_while_writing_loses_no_acknowledged_flush() {
     use e2e_tests::daemon::Daemon;
     let dir = TestDir::new("rbd-kill-writing");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("host-killed");
     let config = rbd_config(&c, &dir.path().join("keystore"));
     let (home_a, home_b) = (TestDir::new("rbd-kw-a"), TestDir::new("rbd-kw-b"));
     let a = Daemon::start(&home_a, &config);
@@ -1224,8 +1217,7 @@ fn a_host_killed_while_writing_loses_no_acknowledged_flush() {
 /// written over them through python3-rbd, behind the daemon's back).
 #[test]
 fn import_export_rebuild_from_base_and_header_restore_work_on_rbd() {
-    let dir = TestDir::new("rbd-verbs");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("import-export-rebuil");
     let home = TestDir::new("rbd-verbs-host");
     let config = rbd_config(&c, &home.path().join("keystore"))
         .replace("default = \"rbd\"", "default = \"file\"");
@@ -1307,8 +1299,7 @@ fn import_export_rebuild_from_base_and_header_restore_work_on_rbd() {
 #[test]
 fn rekey_and_reencrypt_on_rbd_killed_at_each_step_leave_the_volume_whole() {
     use e2e_tests::daemon::Daemon;
-    let dir = TestDir::new("rbd-crash-keys");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("rekey-and-reencrypt");
     let home = TestDir::new("rbd-crash-keys-host");
     let config = rbd_config(&c, &home.path().join("keystore"));
     let d = Daemon::start(&home, &config);
@@ -1364,8 +1355,7 @@ fn rekey_and_reencrypt_on_rbd_killed_at_each_step_leave_the_volume_whole() {
 fn owned_requests_complete_in_the_runtime_many_in_flight() {
     use std::sync::Arc;
     const MIB: usize = 1 << 20;
-    let dir = TestDir::new("rbd-owned");
-    let c = Cluster::start(&dir);
+    let c = Cluster::shared("owned-requests-compl");
     let cluster = rbd::Cluster::connect(&c.conf, "admin", &[]).expect("connect");
     let pool = cluster.pool(&c.pool).expect("pool");
     pool.create_image("aio", 65 * MIB as u64).expect("create");
