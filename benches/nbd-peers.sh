@@ -2,7 +2,7 @@
 # Whole-pipeline benchmark: cryptnbd beside its peers on the same machine, in one run.
 #
 #   benches/nbd-peers.sh [-r RUNS] [-t FIO_SECONDS] [-s SIZE_MIB] [-d WORKDIR] [-o RESULTS.md]
-#                        [-T write,read,randread,randwrite] [-p] [SERVER...]
+#                        [-T write,read,randread,randwrite] [-w WARMUP] [-p] [SERVER...]
 #
 # SERVERs (default: all, in this order):
 #   cryptnbd       the release cryptnbd daemon, local KMS, a 4096-byte-sector volume
@@ -39,6 +39,9 @@
 # Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin. As root it drops the page cache
 # before each server; without root it cannot, and the figures then depend on what ran before.
 # A server that is not written first (-T without write) is measured on a fresh, unwritten export.
+# -w N writes the whole export N times, unmeasured, before the measured runs: a fresh RBD
+# image on memstore is slower to write until its objects exist (the first pass ran at half
+# the speed of the fourth for every peer), a ramp that belongs to the cluster, not the server.
 # -p pins every thread of the server to CPU 0 and the client to CPU 1 (taskset), as if each
 # had a host of its own: the figures then show which side is the limit, where by default
 # client and server compete for the same cores.
@@ -47,12 +50,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=3 FIO_SECONDS=15 SIZE_MIB=4096 WORK=/var/tmp/cryptnbd-bench OUT="" KINDS="write,read,randread,randwrite"
+WARMUP=0
 PIN=""
-while getopts "r:t:s:d:o:T:ph" o; do
+while getopts "r:t:s:d:o:T:w:ph" o; do
   case $o in
     r) RUNS=$OPTARG ;; t) FIO_SECONDS=$OPTARG ;; s) SIZE_MIB=$OPTARG ;; d) WORK=$OPTARG ;; o) OUT=$OPTARG ;;
-    T) KINDS=$OPTARG ;; p) PIN=1 ;;
-    *) sed -n 2,24p "$0"; exit 2 ;;
+    T) KINDS=$OPTARG ;; w) WARMUP=$OPTARG ;; p) PIN=1 ;;
+    *) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -397,7 +401,7 @@ median() { python3 -c 'import sys, statistics as st; print(f"{st.median([float(x
 
 {
   echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-  echo "export $SIZE_MIB MiB, $RUNS runs, fio ${FIO_SECONDS}s; median [min-max]; server CPU in cores (median)${PIN:+; server pinned to CPU 0, client to CPU 1}."
+  echo "export $SIZE_MIB MiB, $RUNS runs (after $WARMUP unmeasured writes), fio ${FIO_SECONDS}s; median [min-max]; server CPU in cores (median)${PIN:+; server pinned to CPU 0, client to CPU 1}."
   echo
   echo "| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS | server cores w / r / rr / rw |"
   echo "|---|---|---|---|---|---|"
@@ -411,6 +415,10 @@ for CURRENT in "${SERVERS[@]}"; do
   start_server "$CURRENT"
   # -p: every thread the server has (and, inherited, every one it starts) on CPU 0.
   [[ -n $PIN ]] && taskset -a -p -c 0 "$SPID" >/dev/null
+  for w in $(seq 1 "$WARMUP"); do
+    read -r v _ < <(measure write "warmup$w")
+    echo "   warm-up write $w: $(printf %.0f "$v") (not counted)"
+  done
   row="| $CURRENT |"
   cores=()
   for kind in write read randread randwrite; do

@@ -539,6 +539,30 @@ fn rbd_daemon(c: &Cluster, home: &TestDir) -> e2e_tests::daemon::Daemon {
     e2e_tests::daemon::Daemon::start(home, &config)
 }
 
+/// A daemon on `c` with volume `v` of `size` attached, and nbdcopy (still running) writing
+/// `len` bytes made from `seed` into it; the bytes are returned to check against.
+fn start_writing(
+    c: &Cluster,
+    home: &TestDir,
+    size: &str,
+    len: usize,
+    seed: u64,
+) -> (e2e_tests::daemon::Daemon, Vec<u8>, std::process::Child) {
+    let d = rbd_daemon(c, home);
+    let key = d.ctl.create_key("fleet");
+    d.ctl.create_volume("v", size, &key, 4096, &[]);
+    d.ctl.run(&["attach", "v"]).assert_success();
+    let data = e2e_tests::TestRng::new(seed).bytes(len);
+    let scratch = home.join("scratch");
+    std::fs::write(&scratch, &data).expect("scratch");
+    let writer = std::process::Command::new(e2e_tests::daemon::nbdcopy())
+        .arg(&scratch)
+        .arg(d.uri("v"))
+        .spawn()
+        .expect("nbdcopy");
+    (d, data, writer)
+}
+
 /// Ceph holds only ciphertext: the image read straight from the cluster (`rbd export`)
 /// decrypts with the independent AES-XTS oracle, under the key the KMS unwraps from the
 /// image's own header, to what the client wrote; and no RADOS object of the pool (data,
@@ -1028,18 +1052,7 @@ fn an_osd_killed_mid_write_loses_nothing_flushed() {
         },
     );
     let home = TestDir::new("rbd-osd-kill-host");
-    let d = rbd_daemon(&c, &home);
-    let key = d.ctl.create_key("fleet");
-    d.ctl.create_volume("v", "96M", &key, 4096, &[]);
-    d.ctl.run(&["attach", "v"]).assert_success();
-    let data = e2e_tests::TestRng::new(0x05d_0001).bytes(64 << 20);
-    let scratch = home.join("scratch");
-    std::fs::write(&scratch, &data).expect("scratch");
-    let mut writer = std::process::Command::new(e2e_tests::daemon::nbdcopy())
-        .arg(&scratch)
-        .arg(d.uri("v"))
-        .spawn()
-        .expect("nbdcopy");
+    let (d, data, mut writer) = start_writing(&c, &home, "96M", 64 << 20, 0x05d_0001);
     std::thread::sleep(std::time::Duration::from_millis(150));
     let (_, osd) = c
         .pids()
@@ -1528,18 +1541,7 @@ fn an_osd_restarted_under_a_writer_loses_nothing_and_fails_nothing() {
     );
     println!("bluestore cluster started in {:?}", c.started_in);
     let home = TestDir::new("rbd-osd-restart-host");
-    let d = rbd_daemon(&c, &home);
-    let key = d.ctl.create_key("fleet");
-    d.ctl.create_volume("v", "320M", &key, 4096, &[]);
-    d.ctl.run(&["attach", "v"]).assert_success();
-    let data = e2e_tests::TestRng::new(0x05d_0002).bytes(256 << 20);
-    let scratch = home.join("scratch");
-    std::fs::write(&scratch, &data).expect("scratch");
-    let mut writer = std::process::Command::new(e2e_tests::daemon::nbdcopy())
-        .arg(&scratch)
-        .arg(d.uri("v"))
-        .spawn()
-        .expect("nbdcopy");
+    let (d, data, mut writer) = start_writing(&c, &home, "320M", 256 << 20, 0x05d_0002);
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert!(
         writer.try_wait().expect("nbdcopy").is_none(),
