@@ -263,8 +263,9 @@ pub struct CreateArgs {
     /// STATE_DIR/volumes/NAME.luks.
     pub name: String,
     /// Size of the volume's data: 10G, 512M, 1T (powers of 1024), 10GB (powers of 1000) or
-    /// bytes. With --from-image: the image's size when absent.
-    #[arg(long, value_parser = crate::units::parse_size, required_unless_present = "from_image")]
+    /// bytes. With --from-image: the image's size when absent; on a block device (--path):
+    /// all of the device after the header area when absent.
+    #[arg(long, value_parser = crate::units::parse_size, required_unless_present_any = ["from_image", "path"])]
     pub size: Option<u64>,
     /// Encrypt this existing image into the new volume (raw, or any format qemu-img reads:
     /// qcow2, vmdk, vhdx, ...). Needs the daemon.
@@ -301,7 +302,10 @@ pub struct CreateArgs {
     /// `aws:workspaces:sid-directoryid` and `aws:ebs:id` (docs/aws-kms.md).
     #[arg(long, conflicts_with_all = ["sid_directory_key", "volume_id_key"])]
     pub ebs_context: bool,
-    /// Create the volume file at this path instead of in the state directory.
+    /// Create the volume file at this path instead of in the state directory; a block device
+    /// (a partition or a whole disk) is formatted in place, all of it unless --size says less.
+    /// A device that is in use, or holds a filesystem, a partition table, a LUKS header, LVM
+    /// or swap, is refused.
     #[arg(long, value_name = "PATH", conflicts_with = "store")]
     pub path: Option<PathBuf>,
     /// Where the volume lives: `file` (the state directory) or `rbd` (the daemon's Ceph

@@ -804,17 +804,28 @@ fn created_response(r: Response, out: &Output) -> Result<()> {
 }
 
 fn created_text(c: &Created, how: &str) -> String {
+    let next = if c.store == "device" {
+        format!(
+            "cryptsetup and 'cryptnbdctl inspect {}' read it; the daemon cannot attach a \
+             volume on a device yet",
+            c.path.display()
+        )
+    } else {
+        format!("Attach it with: cryptnbdctl attach {}", c.name)
+    };
     format!(
-        "created volume {} ({}, {}-byte sectors, {how})\n  {:<10} {}\n  volume id: {}\n  kms key:   {}\n\
-         Attach it with: cryptnbdctl attach {}",
+        "created volume {} ({}, {}-byte sectors, {how})\n  {:<10} {}\n  volume id: {}\n  kms key:   {}\n{next}",
         c.name,
         human(c.size),
         c.sector_size,
-        if c.store == "file" { "file:" } else { "image:" },
+        match c.store.as_str() {
+            "file" => "file:",
+            "device" => "device:",
+            _ => "image:",
+        },
         c.path.display(),
         c.volume_id,
         c.key_id,
-        c.name
     )
 }
 
@@ -930,10 +941,24 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         }
     };
     let kms = KmsBackend::Local(open_local_kms(cli, layout, false)?);
+    // A block device is formatted in place, by default all of it.
+    let device = store::device::is_block_device(&path);
+    let size = match (args.size, device) {
+        (Some(size), _) => size,
+        (None, true) => {
+            let len = std::io::Seek::seek(
+                &mut std::fs::File::open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?,
+                std::io::SeekFrom::End(0),
+            )?;
+            volume::device_data_size(len, args.sector_size)
+        }
+        (None, false) => {
+            return Err(CliError::usage("--size is required (or --from-image)").into());
+        }
+    };
     let opts = volume::CreateOptions {
-        size: args
-            .size
-            .ok_or_else(|| CliError::usage("--size is required (or --from-image)"))?,
+        size,
         sector_size: args.sector_size,
         key_id: args.kms_key.clone(),
         identity,
@@ -941,7 +966,11 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         extra_context: extra,
     };
     let started = std::time::Instant::now();
-    let created = volume::Volume::create(&path, &opts, &kms).await;
+    let created = if device {
+        volume::Volume::create_on_device(&path, &opts, &kms).await
+    } else {
+        volume::Volume::create(&path, &opts, &kms).await
+    };
     if args.path.is_none() {
         let token = volume::inspect(&path).ok().and_then(|i| i.token);
         offline_audit(
@@ -966,7 +995,7 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         sector_size: info.sector_size,
         key_id: token.key_id.clone(),
         context: token.context.clone(),
-        store: "file".into(),
+        store: if device { "device" } else { "file" }.into(),
     };
     out.emit(&created, || {
         created_text(&created, "offline: no daemon running")

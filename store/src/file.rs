@@ -86,8 +86,9 @@ impl FileStore {
         })
     }
 
-    /// The open file, for what only files can do (a reflink clone by the file catalog).
-    pub(crate) fn file(&self) -> &File {
+    /// The open file, for what only files can do (a reflink clone by the file catalog, a
+    /// look at what a device holds).
+    pub fn file(&self) -> &File {
         &self.file
     }
 }
@@ -169,6 +170,20 @@ impl BackingStore for FileStore {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.block_device {
+            // A device's size is fixed: a length that fits is all a volume needs.
+            let size = self.len()?;
+            if len > size {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "{}: the device has {size} bytes, {len} are needed",
+                        self.path.display()
+                    ),
+                ));
+            }
+            return Ok(());
+        }
         self.file.set_len(len)
     }
 

@@ -33,6 +33,7 @@ pub mod catalog;
 pub mod contract;
 pub mod copy;
 pub mod crash;
+pub mod device;
 pub mod durable;
 pub mod file;
 pub mod memory;

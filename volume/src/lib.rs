@@ -27,6 +27,7 @@ pub use gate::Paused;
 
 pub use error::{VolumeError, VolumeErrorKind};
 pub use volume::{
-    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, inspect, inspect_store,
-    open_file_store, open_in, unwrap_key, wipe_and_remove, wipe_and_remove_in, wipe_header_area,
+    CreateOptions, OpenOptions, TokenInfo, Volume, VolumeInfo, device_data_size, inspect,
+    inspect_store, open_file_store, open_in, unwrap_key, wipe_and_remove, wipe_and_remove_in,
+    wipe_header_area,
 };

@@ -507,6 +507,13 @@ fn check_create(opts: &CreateOptions) -> Result<u64, VolumeError> {
         })
 }
 
+/// The most data a volume on a device of `device_len` bytes holds: what follows the header
+/// area, in whole sectors (0 when the device is too small for the header).
+pub fn device_data_size(device_len: u64, sector_size: u32) -> u64 {
+    let avail = device_len.saturating_sub(DEFAULT_DATA_OFFSET);
+    avail - avail % u64::from(sector_size.max(1))
+}
+
 fn data_size(seg: &CryptSegment, file_len: u64) -> u64 {
     seg.size.unwrap_or_else(|| {
         let avail = file_len.saturating_sub(seg.offset);
@@ -592,6 +599,48 @@ impl Volume {
             let _ = std::fs::remove_file(&tmp);
         }
         built
+    }
+
+    /// Formats the block device at `path` (a partition or a whole disk) as a new volume,
+    /// in place. The device is opened exclusively, so one that is mounted or in use is
+    /// refused; so is one that holds something known (a filesystem, a partition table, a LUKS
+    /// header, LVM, swap), naming it: nothing is written over data by mistake. `opts.size`
+    /// must fit the device less the header area ([`device_data_size`] gives the most).
+    pub async fn create_on_device<K: Kms>(
+        path: &Path,
+        opts: &CreateOptions,
+        kms: &K,
+    ) -> Result<Volume, VolumeError> {
+        check_create(opts)?;
+        let store = store::device::open_exclusive(path)
+            .map_err(|e| VolumeError::io(path, "opening the device", e))?;
+        let head = store::device::head(store.file())
+            .map_err(|e| VolumeError::io(path, "reading the start of the device", e))?;
+        if let Some(what) = store::device::signature(&head) {
+            return Err(VolumeError::new(
+                VolumeErrorKind::AlreadyExists,
+                format!(
+                    "{} holds {what}: nothing was written. If none of it is needed, erase the \
+                     signatures with `wipefs -a {}` and create the volume again",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        let len = store
+            .len()
+            .map_err(|e| VolumeError::io(path, "finding the size of the device", e))?;
+        let most = device_data_size(len, opts.sector_size);
+        if opts.size > most {
+            return Err(invalid(format!(
+                "{}: a volume of {} bytes does not fit: the device has {len} bytes, which \
+                 leaves at most {most} for data after the {DEFAULT_DATA_OFFSET}-byte header \
+                 area (leave out the size to use all of it)",
+                path.display(),
+                opts.size
+            )));
+        }
+        Self::create_on(Box::new(store), opts, kms).await
     }
 
     /// Formats the empty `store` as a new volume: asks the KMS for a 64-byte data key under
