@@ -185,20 +185,27 @@ impl BlockDevice for VolumeDevice {
         let io = s.io();
         let owned: store::submit::Owned = Box::new(Request(s));
         match io {
+            // Each task lets go of the device (and with it the volume) before it answers: once
+            // the last reply is out, a detach that drains the connections holds the last
+            // reference, and dropping it wipes the key then and there.
             Io::Read { offset } => {
                 let read = self.volume.read_owned(owned, offset).map_err(give_back)?;
                 rt.spawn(async move {
                     let (result, buf) = read.await;
-                    let Request(s) = *store::submit::downcast::<Request>(buf);
-                    self.finish(s, result, Counter::Read, false).await;
+                    let Request(mut s) = *store::submit::downcast::<Request>(buf);
+                    let result = self.settle(&mut s, result, Counter::Read, false).await;
+                    drop(self);
+                    s.complete(result);
                 });
             }
             Io::Write { offset, fua } => {
                 let write = self.volume.write_owned(owned, offset).map_err(give_back)?;
                 rt.spawn(async move {
                     let (result, buf) = write.await;
-                    let Request(s) = *store::submit::downcast::<Request>(buf);
-                    self.finish(s, result, Counter::Written, fua).await;
+                    let Request(mut s) = *store::submit::downcast::<Request>(buf);
+                    let result = self.settle(&mut s, result, Counter::Written, fua).await;
+                    drop(self);
+                    s.complete(result);
                 });
             }
             Io::Flush => {
@@ -208,6 +215,7 @@ impl BlockDevice for VolumeDevice {
                 let Request(s) = *store::submit::downcast::<Request>(owned);
                 rt.spawn(async move {
                     let result = flush.await.map_err(|e| self.errno(e));
+                    drop(self);
                     s.complete(result);
                 });
             }
@@ -257,14 +265,14 @@ enum Counter {
 }
 
 impl VolumeDevice {
-    /// Answers a completed read or write (after a flush for FUA), counting its bytes.
-    async fn finish(
+    /// The answer to a completed read or write (after a flush for FUA), its bytes counted.
+    async fn settle(
         &self,
-        mut s: Submission,
+        s: &mut Submission,
         result: Result<(), VolumeError>,
         counter: Counter,
         fua: bool,
-    ) {
+    ) -> Result<(), DeviceError> {
         let len = s.data().len() as u64;
         let mut result = result.map_err(|e| self.errno(e));
         if result.is_ok() {
@@ -280,6 +288,6 @@ impl VolumeDevice {
                 };
             }
         }
-        s.complete(result);
+        result
     }
 }
