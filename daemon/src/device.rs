@@ -185,33 +185,16 @@ impl BlockDevice for VolumeDevice {
         let io = s.io();
         let owned: store::submit::Owned = Box::new(Request(s));
         match io {
-            // Each task lets go of the device (and with it the volume) before it answers: once
-            // the last reply is out, a detach that drains the connections holds the last
-            // reference, and dropping it wipes the key then and there.
             Io::Read { offset } => {
                 let read = self.volume.read_owned(owned, offset).map_err(give_back)?;
-                rt.spawn(async move {
-                    let (result, buf) = read.await;
-                    let Request(mut s) = *store::submit::downcast::<Request>(buf);
-                    let result = self.settle(&mut s, result, Counter::Read, false).await;
-                    drop(self);
-                    s.complete(result);
-                });
+                self.spawn_transfer(&rt, read, Counter::Read, false);
             }
             Io::Write { offset, fua } => {
                 let write = self.volume.write_owned(owned, offset).map_err(give_back)?;
-                rt.spawn(async move {
-                    let (result, buf) = write.await;
-                    let Request(mut s) = *store::submit::downcast::<Request>(buf);
-                    let result = self.settle(&mut s, result, Counter::Written, fua).await;
-                    drop(self);
-                    s.complete(result);
-                });
+                self.spawn_transfer(&rt, write, Counter::Written, fua);
             }
             Io::Flush => {
-                let Some(flush) = self.volume.flush_owned() else {
-                    return Err(give_back(owned));
-                };
+                let flush = self.volume.flush_owned();
                 let Request(s) = *store::submit::downcast::<Request>(owned);
                 rt.spawn(async move {
                     let result = flush.await.map_err(|e| self.errno(e));
@@ -265,29 +248,33 @@ enum Counter {
 }
 
 impl VolumeDevice {
-    /// The answer to a completed read or write (after a flush for FUA), its bytes counted.
-    async fn settle(
-        &self,
-        s: &mut Submission,
-        result: Result<(), VolumeError>,
+    /// Runs a submitted read or write to its answer on the runtime: counts its bytes,
+    /// flushes first for FUA, then lets go of the device (and with it the volume) before it
+    /// answers. Once the last reply is out, a detach that drains the connections holds the
+    /// last reference, and dropping it wipes the key then and there.
+    fn spawn_transfer(
+        self: Arc<Self>,
+        rt: &tokio::runtime::Handle,
+        transfer: impl Future<Output = (Result<(), VolumeError>, store::submit::Owned)> + Send + 'static,
         counter: Counter,
         fua: bool,
-    ) -> Result<(), DeviceError> {
-        let len = s.data().len() as u64;
-        let mut result = result.map_err(|e| self.errno(e));
-        if result.is_ok() {
-            match counter {
-                Counter::Read => &self.bytes_read,
-                Counter::Written => &self.bytes_written,
+    ) {
+        rt.spawn(async move {
+            let (result, buf) = transfer.await;
+            let Request(mut s) = *store::submit::downcast::<Request>(buf);
+            let mut result = result.map_err(|e| self.errno(e));
+            if result.is_ok() {
+                match counter {
+                    Counter::Read => &self.bytes_read,
+                    Counter::Written => &self.bytes_written,
+                }
+                .fetch_add(s.data().len() as u64, Ordering::Relaxed);
+                if fua {
+                    result = self.volume.flush_owned().await.map_err(|e| self.errno(e));
+                }
             }
-            .fetch_add(len, Ordering::Relaxed);
-            if fua {
-                result = match self.volume.flush_owned() {
-                    Some(flush) => flush.await.map_err(|e| self.errno(e)),
-                    None => self.volume.flush().map_err(|e| self.errno(e)),
-                };
-            }
-        }
-        result
+            drop(self);
+            s.complete(result);
+        });
     }
 }

@@ -36,7 +36,7 @@ mod pool;
 mod readbuf;
 mod reply;
 mod tls;
-pub(crate) mod transmission;
+mod transmission;
 
 pub use crate::device::TlsClient;
 pub use crate::error::TlsHandshakeError;

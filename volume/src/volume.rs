@@ -1150,11 +1150,21 @@ impl Volume {
         self.store.submitter().is_some()
     }
 
-    fn submitter_for(&self, offset: u64, len: u64) -> Option<&dyn store::submit::Submit> {
+    /// The way of a request of `len` bytes at `offset` to the store's asynchronous path:
+    /// None when it must take the synchronous calls (not whole sectors, or no such path);
+    /// else the path, or why the request is refused (the volume's state, the range).
+    fn admit_owned(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Option<Result<&dyn store::submit::Submit, VolumeError>> {
         let ss = self.ss();
-        (offset.is_multiple_of(ss) && len.is_multiple_of(ss))
-            .then(|| self.store.submitter())
-            .flatten()
+        if !(offset.is_multiple_of(ss) && len.is_multiple_of(ss)) {
+            return None;
+        }
+        let sub = self.store.submitter()?;
+        Some(self.check(offset, len, write).map(|()| sub))
     }
 
     /// Reads `buf.bytes().len()` bytes at data offset `offset` and decrypts them in the
@@ -1165,12 +1175,11 @@ impl Volume {
         offset: u64,
     ) -> Result<impl Future<Output = (Result<(), VolumeError>, Owned)> + Send + 'static, Owned>
     {
-        let len = buf.bytes().len() as u64;
-        let Some(sub) = self.submitter_for(offset, len) else {
+        let Some(admitted) = self.admit_owned(offset, buf.bytes().len() as u64, false) else {
             return Err(buf);
         };
-        let started = match self.check(offset, len, false) {
-            Ok(()) => Ok(sub.read_owned(buf, self.segment.offset + offset)),
+        let started = match admitted {
+            Ok(sub) => Ok(sub.read_owned(buf, self.segment.offset + offset)),
             Err(e) => Err((e, buf)),
         };
         let this = std::sync::Arc::clone(self);
@@ -1198,13 +1207,12 @@ impl Volume {
         offset: u64,
     ) -> Result<impl Future<Output = (Result<(), VolumeError>, Owned)> + Send + 'static, Owned>
     {
-        let len = buf.bytes().len() as u64;
-        let Some(sub) = self.submitter_for(offset, len) else {
+        let Some(admitted) = self.admit_owned(offset, buf.bytes().len() as u64, true) else {
             return Err(buf);
         };
-        let started = match self.check(offset, len, true) {
-            Ok(()) => {
-                let ticket = self.write_gate.enter();
+        let started = match admitted {
+            Ok(sub) => {
+                let ticket = self.write_gate.enter_owned();
                 let ss = self.ss() as usize;
                 self.cipher
                     .encrypt_sectors(buf.bytes(), ss, self.iv_of(offset));
@@ -1225,24 +1233,28 @@ impl Volume {
     }
 
     /// [`Volume::flush`] without waiting: every write completed before the call is durable
-    /// when the future yields `Ok`. None: the store has no asynchronous data path.
+    /// when the future yields `Ok`. Only for a store that [`submits`](Self::submits); on any
+    /// other the future fails.
     pub fn flush_owned(
         self: &std::sync::Arc<Self>,
-    ) -> Option<impl Future<Output = Result<(), VolumeError>> + Send + 'static> {
-        let sub = self.store.submitter()?;
-        let started = match self.check(0, 0, false) {
-            Ok(()) if self.read_only => None,
-            Ok(()) => Some(Ok(sub.flush_owned())),
-            Err(e) => Some(Err(e)),
+    ) -> impl Future<Output = Result<(), VolumeError>> + Send + 'static {
+        let started = match (self.check(0, 0, false), self.store.submitter()) {
+            (Ok(()), _) if self.read_only => None,
+            (Ok(()), Some(sub)) => Some(Ok(sub.flush_owned())),
+            (Ok(()), None) => Some(Err(invalid(format!(
+                "{}: its store has no asynchronous data path: flush it with Volume::flush",
+                self.path.display()
+            )))),
+            (Err(e), _) => Some(Err(e)),
         };
         let this = std::sync::Arc::clone(self);
-        Some(async move {
+        async move {
             match started {
                 None => Ok(()),
                 Some(Err(e)) => Err(e),
                 Some(Ok(flushing)) => flushing.await.map_err(|e| this.flush_failed(e)),
             }
-        })
+        }
     }
 }
 

@@ -199,9 +199,10 @@ fn run_model(engine: Engine, sector_size: u32, ops: &[Op]) {
                 }
             }
             Op::Flush => {
-                match vol.flush_owned() {
-                    Some(f) => block_on(f).expect("owned flush"),
-                    None => vol.flush().expect("flush"),
+                if owned {
+                    block_on(vol.flush_owned()).expect("owned flush");
+                } else {
+                    vol.flush().expect("flush");
                 }
                 flushed.clone_from(&model);
             }
