@@ -799,16 +799,18 @@ fn created_response(r: Response, out: &Output) -> Result<()> {
         key_id: v.key_id.clone().unwrap_or_default(),
         context: v.context.clone(),
         store: v.store.clone(),
+        uuid: None,
     };
     out.emit(&created, || created_text(&created, "via the daemon"))
 }
 
 fn created_text(c: &Created, how: &str) -> String {
-    let next = if c.store == "device" {
+    let next = if let Some(uuid) = &c.uuid {
         format!(
-            "cryptsetup and 'cryptnbdctl inspect {}' read it; the daemon cannot attach a \
-             volume on a device yet",
-            c.path.display()
+            "  uuid:      {uuid}\nTo serve it, name it in the daemon's config and restart the \
+             daemon:\n  [store.devices]\n  {} = \"UUID={uuid}\"\nthen attach it (cryptnbdctl \
+             attach {}), or boot from it with cryptnbd.root=UUID={uuid} (docs/root-volume.md)",
+            c.name, c.name
         )
     } else {
         format!("Attach it with: cryptnbdctl attach {}", c.name)
@@ -915,8 +917,12 @@ struct Created {
     sector_size: u32,
     key_id: String,
     context: std::collections::BTreeMap<String, String>,
-    /// `file` or `rbd`.
+    /// `file`, `rbd` or `device`.
     store: String,
+    /// The LUKS2 header's UUID, for a volume made on a block device (what its
+    /// `[store.devices]` entry and `cryptnbd.root=UUID=` name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uuid: Option<String>,
 }
 
 async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output) -> Result<()> {
@@ -996,6 +1002,7 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
         key_id: token.key_id.clone(),
         context: token.context.clone(),
         store: if device { "device" } else { "file" }.into(),
+        uuid: device.then(|| info.uuid.clone()),
     };
     out.emit(&created, || {
         created_text(&created, "offline: no daemon running")

@@ -42,6 +42,26 @@ pub struct StoreConfig {
     pub default: StoreKind,
     /// The Ceph RBD pool, if any.
     pub rbd: Option<RbdConfig>,
+    /// `[store.devices]`: volumes on block devices, by name: `NAME = "UUID=…"` (the LUKS2
+    /// header's UUID) or `NAME = "/dev/…"` (docs/root-volume.md).
+    pub devices: std::collections::BTreeMap<String, String>,
+}
+
+impl StoreConfig {
+    /// The `[store.devices]` entries, parsed; `Err` names the entry that is wrong and why.
+    pub fn device_entries(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, store::device::Locator>, ConfigError> {
+        self.devices
+            .iter()
+            .map(|(name, value)| {
+                control_api::paths::validate_name(name)
+                    .and_then(|()| store::device::Locator::parse(value))
+                    .map(|l| (name.clone(), l))
+                    .map_err(|m| ConfigError::Invalid(format!("[store.devices] {name}: {m}")))
+            })
+            .collect()
+    }
 }
 
 /// A store's kind.
@@ -552,6 +572,7 @@ impl Config {
                     .into(),
             ));
         }
+        self.store.device_entries()?;
         if let Some(rbd) = &self.store.rbd
             && (rbd.pool.is_empty() || rbd.id.is_empty() || rbd.timeout_secs == 0)
         {

@@ -55,6 +55,22 @@ impl Daemon {
                 ),
             ));
         }
+        if from == crate::stores::DEVICES || to == crate::stores::DEVICES {
+            // A device is neither emptied nor filled by a move: it holds one volume, given.
+            return Err(api(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "volume {volume} cannot move {} the block devices of [store.devices], \
+                     which cryptnbd neither empties nor fills: copy it instead (export \
+                     --plaintext, then create --from-image); nothing was changed",
+                    if from == crate::stores::DEVICES {
+                        "out of"
+                    } else {
+                        "onto"
+                    }
+                ),
+            ));
+        }
         if from == to {
             return Err(api(
                 ErrorCode::InvalidRequest,

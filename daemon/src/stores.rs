@@ -1,5 +1,6 @@
-//! The daemon's stores: the volume files of its state directory, and the Ceph RBD pool of
-//! `[store.rbd]` when configured, side by side as one catalog (`store::stores::Stores`).
+//! The daemon's stores: the volume files of its state directory, the Ceph RBD pool of
+//! `[store.rbd]` and the block devices of `[store.devices]` when configured, side by side as
+//! one catalog (`store::stores::Stores`).
 //!
 //! Connecting to the cluster happens at start, so that a wrong pool, a wrong client id, an
 //! unreachable cluster or a missing librbd stops the daemon with a sentence that says which.
@@ -12,10 +13,14 @@ use std::sync::Arc;
 
 use control_api::paths::StateLayout;
 use store::catalog::{Catalog, DirCatalog};
+use store::device::DeviceCatalog;
 use store::stores::Stores;
 
 use crate::DaemonError;
 use crate::config::{RbdConfig, StoreConfig};
+
+/// The name of the store of `[store.devices]`.
+pub const DEVICES: &str = "device";
 
 /// The stores, and the RBD catalog among them (for who holds what).
 pub struct Opened {
@@ -37,6 +42,27 @@ pub fn open(config: &StoreConfig, layout: &StateLayout) -> Result<Opened, Daemon
         }
         None => None,
     };
+    let devices = config
+        .device_entries()
+        .map_err(|e| DaemonError::Store(e.to_string()))?;
+    if !devices.is_empty() {
+        let devices: Arc<dyn Catalog> = Arc::new(DeviceCatalog::new(devices));
+        // A name is one volume: a device entry may not shadow a volume of another store.
+        for name in devices
+            .list()
+            .map_err(|e| DaemonError::Store(e.to_string()))?
+        {
+            for (store, catalog) in &members {
+                if catalog.exists(&name) {
+                    return Err(DaemonError::Store(format!(
+                        "[store.devices] {name}: a volume {name} exists in store {store} ({}):                          give the device another name",
+                        catalog.location(&name).display()
+                    )));
+                }
+            }
+        }
+        members.push((DEVICES.to_owned(), devices));
+    }
     let stores = Stores::new(members, config.default.as_str()).map_err(DaemonError::Store)?;
     Ok(Opened {
         stores: Arc::new(stores),

@@ -133,8 +133,16 @@ pub trait Catalog: Send + Sync + fmt::Debug {
     /// Removes a staged store.
     fn discard(&self, staged: Staged) -> io::Result<()>;
 
-    /// Removes volume `name` (the caller wipes what must not linger first).
+    /// Removes volume `name` (the caller wipes what must not linger first, having asked
+    /// [`check_remove`](Self::check_remove)).
     fn remove(&self, name: &str) -> io::Result<()>;
+
+    /// Whether volume `name` may be removed: `Err` says why not (a device the catalog was
+    /// given is not its to erase), before the caller wipes anything.
+    fn check_remove(&self, name: &str) -> io::Result<()> {
+        let _ = name;
+        Ok(())
+    }
 
     /// Records `labels` (name, value) on volume `name` where the engine keeps such things
     /// beside the bytes, for tools that look at the store without reading the volume (RBD

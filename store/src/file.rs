@@ -147,6 +147,12 @@ impl BackingStore for FileStore {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         check_range(&self.path, offset, len, self.len()?)?;
+        if self.block_device {
+            // A device has no holes to ask for: all of it is data.
+            let mut out = Vec::new();
+            Extent::push_run(&mut out, len, true);
+            return Ok(out);
+        }
         let end = offset + len;
         let mut out: Vec<Extent> = Vec::new();
         let mut at = offset;

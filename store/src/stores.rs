@@ -274,6 +274,10 @@ impl Catalog for Stores {
         self.members[self.home(name)].1.remove(name)
     }
 
+    fn check_remove(&self, name: &str) -> io::Result<()> {
+        self.members[self.home(name)].1.check_remove(name)
+    }
+
     fn leftovers(&self) -> io::Result<Vec<Staged>> {
         let mut all = Vec::new();
         for (i, (_, c)) in self.members.iter().enumerate() {

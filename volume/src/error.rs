@@ -93,6 +93,11 @@ impl VolumeError {
                 ": no such file; check the name or path",
             ),
             K::AlreadyExists => (VolumeErrorKind::AlreadyExists, ""),
+            // A verb the store cannot do (not a damaged volume): its sentence says which
+            // and why.
+            K::Unsupported => {
+                return Self::new(VolumeErrorKind::InvalidArgument, err.to_string());
+            }
             K::StorageFull | K::QuotaExceeded => (
                 VolumeErrorKind::NoSpace,
                 ": the filesystem is full; free space and retry",

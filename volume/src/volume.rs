@@ -282,6 +282,9 @@ pub(crate) fn open_error(path: &Path, e: OpenError) -> VolumeError {
 /// snapshots, has nothing to wipe: checked, then removed).
 pub fn wipe_and_remove_in(catalog: &dyn Catalog, name: &str) -> Result<(), VolumeError> {
     let path = catalog.location(name);
+    catalog
+        .check_remove(name)
+        .map_err(|e| VolumeError::io(&path, "deleting the volume", e))?;
     if catalog.immutable() {
         // Nothing can be written: checked to be a volume, then removed (the engine drops
         // its bytes).
