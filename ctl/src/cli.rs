@@ -198,6 +198,10 @@ pub enum Command {
     /// TLS of the NBD listeners (docs/tls.md).
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// The encrypted root at boot: what the initramfs hooks and scripts run
+    /// (docs/root-volume.md).
+    #[command(subcommand)]
+    Initramfs(InitramfsCommand),
     /// Open a volume with the kernel's dm-crypt (the fast path; root): the daemon unwraps its
     /// key through the KMS as for attach and hands it to cryptsetup through a pipe.
     Open(OpenArgs),
@@ -551,4 +555,51 @@ pub struct OpenArgs {
     /// Refuse unless the volume belongs to this directory.
     #[arg(long)]
     pub directory: Option<String>,
+}
+
+/// `initramfs …`.
+#[derive(Debug, Subcommand)]
+pub enum InitramfsCommand {
+    /// Copy the root configuration and what its KMS needs (keystore, AWS files, CA bundle)
+    /// into an initramfs being built, and print the programs to copy with their libraries
+    /// (run by the initramfs-tools hook and the dracut module).
+    Prepare(PrepareArgs),
+    /// Unlock the root volume the kernel command line names (cryptnbd.root=…), and print
+    /// the device to mount (run by the initramfs at boot).
+    Unlock(UnlockArgs),
+}
+
+/// `initramfs prepare`.
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// The image tree being built (DESTDIR of an initramfs-tools hook, initdir of dracut).
+    #[arg(long, value_name = "DIR")]
+    pub dest: PathBuf,
+    /// The root configuration on this host.
+    #[arg(long, value_name = "FILE", default_value = boot::cmdline::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Where the root configuration goes in the image (what cryptnbd.config= names).
+    #[arg(long, value_name = "PATH", default_value = boot::cmdline::DEFAULT_CONFIG)]
+    pub config_in_image: PathBuf,
+}
+
+/// `initramfs unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// The kernel command line to read.
+    #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
+    pub cmdline: PathBuf,
+    /// Where the root daemon keeps its sockets and state (moved with /run to the real root).
+    #[arg(long, value_name = "DIR", default_value = "/run/cryptnbd-root")]
+    pub runtime_dir: PathBuf,
+    /// The root of the initramfs tree the keystore copy is read from.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub initramfs_root: PathBuf,
+    /// The daemon to start. Default: cryptnbd beside this program.
+    #[arg(long, value_name = "FILE")]
+    pub daemon: Option<PathBuf>,
+    /// Where a sealed keystore's passphrase is asked. Default: systemd's password agents in
+    /// a systemd initramfs, else /dev/console.
+    #[arg(long, value_name = "TTY")]
+    pub console: Option<PathBuf>,
 }

@@ -160,6 +160,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tls(crate::cli::TlsCommand::Allow(a)) => tls_allow(&socket, a, &out),
         Command::Attach(a) => attach(&socket, a, &out),
         Command::Open(a) => crate::dmcrypt::open(&socket, a, &out),
+        Command::Initramfs(crate::cli::InitramfsCommand::Prepare(a)) => {
+            crate::initramfs::prepare(a)
+        }
+        Command::Initramfs(crate::cli::InitramfsCommand::Unlock(a)) => crate::initramfs::unlock(a),
         Command::Close { name } => crate::dmcrypt::close(&socket, name, &out),
         Command::Detach { volume, force } => {
             let r = Client::connect(&socket)?.call(Request::Detach(DetachRequest {

@@ -55,7 +55,7 @@ fn is_executable(p: &Path) -> bool {
 /// The cryptsetup to run: `CRYPTNBD_CRYPTSETUP` (a path, or a name looked up like
 /// `cryptsetup`), else `cryptsetup` on `PATH`, then in `/usr/sbin` and `/sbin` (where
 /// Debian puts it, which a user's `PATH` may lack).
-fn find_cryptsetup() -> Result<PathBuf, CliError> {
+pub(crate) fn find_cryptsetup() -> Result<PathBuf, CliError> {
     let wanted = std::env::var_os(CRYPTSETUP_ENV).filter(|v| !v.is_empty());
     let name = PathBuf::from(wanted.clone().unwrap_or_else(|| "cryptsetup".into()));
     let found = if name.components().count() > 1 {
@@ -177,6 +177,25 @@ fn run_cryptsetup(
 
 /// `open VOLUME --dm-crypt NAME`.
 pub fn open(socket: &Path, a: &OpenArgs, out: &Output) -> Result<()> {
+    let r = open_mapping(socket, a)?;
+    out.emit(&r, || match &r {
+        Response::DmCryptOpened(m) => format!(
+            "opened {} through dm-crypt as {}{}: {}, sector size {}\nclose it with \
+             'cryptnbdctl close {}'",
+            m.volume,
+            m.device,
+            if m.read_only { " (read-only)" } else { "" },
+            human(m.size),
+            m.sector_size,
+            m.name
+        ),
+        other => format!("{other:?}"),
+    })
+}
+
+/// Maps a volume with dm-crypt, the daemon handing its key to cryptsetup (`open`, and the
+/// encrypted root's unlock in the initramfs): the daemon's confirmation.
+pub fn open_mapping(socket: &Path, a: &OpenArgs) -> Result<Response> {
     validate_name(&a.volume).map_err(CliError::usage)?;
     validate_dm_name(&a.dm_crypt).map_err(CliError::usage)?;
     require_root("open a volume with dm-crypt")?;
@@ -236,20 +255,7 @@ pub fn open(socket: &Path, a: &OpenArgs, out: &Output) -> Result<()> {
         )
         .into());
     }
-    let r = report.context("cryptsetup open succeeded, but the daemon did not confirm it")?;
-    out.emit(&r, || match &r {
-        Response::DmCryptOpened(m) => format!(
-            "opened {} through dm-crypt as {}{}: {}, sector size {}\nclose it with \
-             'cryptnbdctl close {}'",
-            m.volume,
-            m.device,
-            if m.read_only { " (read-only)" } else { "" },
-            human(m.size),
-            m.sector_size,
-            m.name
-        ),
-        other => format!("{other:?}"),
-    })
+    report.context("cryptsetup open succeeded, but the daemon did not confirm it")
 }
 
 /// `close NAME`.

@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod dmcrypt;
 mod exit;
+mod initramfs;
 mod lifecycle;
 mod output;
 mod units;

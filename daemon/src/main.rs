@@ -20,6 +20,14 @@ struct Args {
     /// Socket directory (overrides the configuration).
     #[arg(long, env = "CRYPTNBD_RUNTIME_DIR", value_name = "DIR")]
     runtime_dir: Option<PathBuf>,
+    /// File with the passphrase of a sealed keystore (overrides `kms.passphrase_file`;
+    /// `/dev/stdin` reads it from a pipe, as the initramfs does).
+    #[arg(long, value_name = "FILE")]
+    kms_passphrase_file: Option<PathBuf>,
+    /// A volume on a block device, added to `[store.devices]`: NAME=UUID=… or NAME=/dev/…
+    /// (the encrypted root names its volume this way; repeatable).
+    #[arg(long, value_name = "NAME=DEVICE")]
+    store_device: Vec<String>,
     /// More log output (-v debug, -vv trace); or CRYPTNBD_LOG with a tracing filter.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -65,6 +73,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.runtime_dir.is_some() {
         config.runtime_dir = args.runtime_dir;
     }
+    if args.kms_passphrase_file.is_some() {
+        config.kms.passphrase_file = args.kms_passphrase_file;
+    }
+    for entry in &args.store_device {
+        let Some((name, device)) = entry.split_once('=') else {
+            anyhow::bail!("--store-device {entry}: write NAME=UUID=… or NAME=/dev/…");
+        };
+        config
+            .store
+            .devices
+            .insert(name.to_owned(), device.to_owned());
+    }
+    config.validate()?;
     // Before any thread starts, so every thread inherits it (and each runtime thread sets it
     // again, in case it was started from elsewhere).
     let io_flusher = cryptnbd::hardening::set_io_flusher();

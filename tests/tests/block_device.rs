@@ -3,50 +3,11 @@
 //! cryptsetup reads the header; a device that holds something, is in use, or is too small is
 //! refused with every byte left as it was. Needs root (losetup).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use e2e_tests::daemon::{Daemon, cryptnbd_bin};
+use e2e_tests::loopdev::Loop;
 use e2e_tests::{Ctl, TEST_DIRECTORY, TEST_SID, TestDir, cryptsetup, require_tool, run};
-
-/// A loop device over a file of `size` bytes in `dir`, detached when dropped.
-struct Loop {
-    dev: String,
-    file: PathBuf,
-}
-
-impl Loop {
-    fn new(dir: &TestDir, name: &str, size: u64) -> Self {
-        require_tool("losetup", "mount");
-        let file = dir.join(name);
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(size))
-            .expect("backing file");
-        let out = run(Command::new("losetup")
-            .arg("--find")
-            .arg("--show")
-            .arg(&file));
-        out.assert_success();
-        Self {
-            dev: out.stdout_text().trim().to_owned(),
-            file,
-        }
-    }
-
-    fn path(&self) -> &Path {
-        Path::new(&self.dev)
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        std::fs::read(&self.file).expect("read the backing file")
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
 
 fn create_on(ctl: &Ctl, dev: &str, extra: &[&str]) -> e2e_tests::Outcome {
     let mut args = vec![
