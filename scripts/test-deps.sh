@@ -54,6 +54,8 @@ TEST_DEPS=(
   "dpkg|dpkg-query --version"
   "libc-bin|ldd --version"
   "gzip|gzip --version"
+  # zstd: Debian 12's initramfs compression, read by `initramfs check` (root_unlock).
+  "zstd|zstd --version"
   # A real single-node Ceph cluster for the RBD engine (tests/src/ceph.rs), librbd and
   # librados for its bindings (loaded at run time), and Ceph's own LUKS2 reader.
   "ceph-mon|ceph-mon --version"

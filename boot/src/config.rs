@@ -13,6 +13,9 @@ use serde::Deserialize;
 pub const INITRAMFS_STATE: &str = "/etc/cryptnbd/root-state";
 /// The CA bundle a KMS reached over HTTPS is checked against.
 pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The file name of the dracut module's boot script, by which `initramfs check` knows an
+/// image dracut built.
+pub const DRACUT_HOOK: &str = "cryptnbd-unlock.sh";
 /// The state directory when the configuration names none (as root).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/cryptnbd";
 

@@ -567,6 +567,31 @@ pub enum InitramfsCommand {
     /// Unlock the root volume the kernel command line names (cryptnbd.root=…), and print
     /// the device to mount (run by the initramfs at boot).
     Unlock(UnlockArgs),
+    /// Tell, before a reboot, whether the installed initramfs can unlock the root: what is
+    /// missing, what is stale (a keystore older than the last rekey, another build), and
+    /// whether others may read it. Exit 1 when it cannot.
+    Check(CheckArgs),
+}
+
+/// `initramfs check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The image. Default: /boot/initrd.img-RELEASE of --kver, else of the running kernel.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// The kernel release the image is for.
+    #[arg(long, value_name = "RELEASE")]
+    pub kver: Option<String>,
+    /// The root configuration on this host.
+    #[arg(long, value_name = "FILE", default_value = boot::cmdline::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Where the root configuration is in the image.
+    #[arg(long, value_name = "PATH", default_value = boot::cmdline::DEFAULT_CONFIG)]
+    pub config_in_image: PathBuf,
+    /// A kernel command line whose cryptnbd.mode says which kernel modules are needed (both
+    /// ways' when it names no root).
+    #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
+    pub cmdline: PathBuf,
 }
 
 /// `initramfs prepare`.

@@ -164,6 +164,9 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::initramfs::prepare(a)
         }
         Command::Initramfs(crate::cli::InitramfsCommand::Unlock(a)) => crate::initramfs::unlock(a),
+        Command::Initramfs(crate::cli::InitramfsCommand::Check(a)) => {
+            crate::initramfs::check(a, &out)
+        }
         Command::Close { name } => crate::dmcrypt::close(&socket, name, &out),
         Command::Detach { volume, force } => {
             let r = Client::connect(&socket)?.call(Request::Detach(DetachRequest {

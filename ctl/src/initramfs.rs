@@ -4,6 +4,8 @@
 //!   root configuration and what its KMS needs (keystore, AWS files, CA bundle) into the
 //!   image, and prints what the hook must add itself, one per line: `program PATH` (with its
 //!   libraries), `module NAME`, and `network` when the KMS is reached over the network.
+//! - `check`, run by a user before rebooting: whether the installed image can unlock the
+//!   root (what is missing, what is stale, who may read it).
 //! - `unlock`, run by the initramfs at boot: reads the kernel command line, starts the root
 //!   daemon with its state and sockets under `/run/cryptnbd-root` (which moves to the real
 //!   root), asks the keystore's passphrase on the console when the keystore is sealed, and
@@ -24,7 +26,7 @@ use boot::config::{ImageFile, RootConfig};
 use kms_client::local::{LocalKms, LocalKmsOptions};
 use zeroize::Zeroizing;
 
-use crate::cli::{OpenArgs, PrepareArgs, UnlockArgs};
+use crate::cli::{CheckArgs, OpenArgs, PrepareArgs, UnlockArgs};
 use crate::exit::CliError;
 
 /// How many times the keystore's passphrase is asked before the boot stops.
@@ -522,5 +524,246 @@ impl Drop for EchoOff<'_> {
         if let Some(t) = &self.saved {
             let _ = rustix::termios::tcsetattr(self.file, rustix::termios::OptionalActions::Now, t);
         }
+    }
+}
+
+/// What `initramfs check` found.
+#[derive(Debug, Default, serde::Serialize)]
+struct Checked {
+    image: PathBuf,
+    /// Whether the image can unlock the root (nothing missing, nothing stale).
+    ok: bool,
+    missing: Vec<String>,
+    stale: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// `initramfs check`.
+pub fn check(a: &CheckArgs, out: &crate::output::Output) -> Result<()> {
+    let image_path = match (&a.image, &a.kver) {
+        (Some(p), _) => p.clone(),
+        (None, Some(k)) => PathBuf::from(format!("/boot/initrd.img-{k}")),
+        (None, None) => {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .context("cannot read the running kernel's release")?;
+            PathBuf::from(format!("/boot/initrd.img-{}", release.trim()))
+        }
+    };
+    let config = RootConfig::load(&a.config).map_err(CliError::usage)?;
+    let image = read_image(&image_path)?;
+    let mut c = Checked {
+        image: image_path.clone(),
+        ..Checked::default()
+    };
+
+    // The root configuration and what its KMS needs: there, and the same as on this host.
+    let (files, warnings) = config
+        .image_files(&a.config, &a.config_in_image)
+        .map_err(CliError::usage)?;
+    c.warnings.extend(warnings);
+    for f in &files {
+        compare_file(&image, f, &mut c);
+    }
+    // The programs, and the boot script of initramfs-tools or dracut.
+    let me = std::env::current_exe().context("cannot find this program")?;
+    let mut programs = vec![me.clone(), me.with_file_name("cryptnbd")];
+    let mode = std::fs::read_to_string(&a.cmdline)
+        .ok()
+        .and_then(|t| boot::cmdline::parse(&t).ok().flatten())
+        .map(|r| r.mode);
+    if mode != Some(Mode::Nbd) {
+        programs.push(crate::dmcrypt::find_cryptsetup()?);
+    }
+    for p in &programs {
+        let text = p.display().to_string();
+        match image.get(&text) {
+            None => c.missing.push(format!("the program {text}")),
+            Some(e) => {
+                if std::fs::read(p).is_ok_and(|b| b != e.data) {
+                    c.stale.push(format!(
+                        "the program {text}: the image has another build than this host's"
+                    ));
+                }
+            }
+        }
+    }
+    let script = image.get("/scripts/local-top/cryptnbd").is_some()
+        || image
+            .files_named(|n| n == boot::config::DRACUT_HOOK)
+            .next()
+            .is_some();
+    if !script {
+        c.missing.push(
+            "the boot script (initramfs-tools' scripts/local-top/cryptnbd, or the dracut \
+             module's hook): install cryptnbd's boot integration (docs/root-volume.md)"
+                .into(),
+        );
+    }
+    // The kernel modules of the way the root is served (both, when the command line does
+    // not say), unless the kernel has them built in.
+    let kver = a.kver.clone().or_else(|| kernel_of(&image));
+    let mut modules = vec![("dm-crypt", "dm-crypt"), ("dm-mod", "device-mapper")];
+    match mode {
+        Some(Mode::DmCrypt) => {}
+        Some(Mode::Nbd) => modules = vec![("nbd", "nbd")],
+        None => modules.push(("nbd", "nbd")),
+    }
+    for (module, what) in modules {
+        let file = format!("{module}.ko");
+        let built_in = kver.as_ref().is_some_and(|k| {
+            std::fs::read_to_string(format!("/lib/modules/{k}/modules.builtin"))
+                .is_ok_and(|b| b.lines().any(|l| l.ends_with(&format!("/{file}"))))
+        });
+        let named = |n: &str| n == file || n.starts_with(&format!("{file}."));
+        if !built_in && image.files_named(named).next().is_none() {
+            c.missing
+                .push(format!("the kernel module {module} ({what})"));
+        }
+    }
+    // Who may read it.
+    if let Ok(meta) = std::fs::metadata(&image_path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 && files.iter().any(|f| f.secret) {
+            c.warnings.push(format!(
+                "{} is readable by others (mode {mode:04o}) and holds the KMS's keystore or \
+                 credentials: chmod 600 it; images built with cryptnbd's conf-hook are 0600 \
+                 (UMASK=0077)",
+                image_path.display()
+            ));
+        }
+    }
+    c.ok = c.missing.is_empty() && c.stale.is_empty();
+    out.emit(&c, || {
+        let mut s = format!(
+            "{} {} unlock the root",
+            image_path.display(),
+            if c.ok { "can" } else { "cannot" }
+        );
+        for (label, items) in [
+            ("missing", &c.missing),
+            ("stale", &c.stale),
+            ("warning", &c.warnings),
+        ] {
+            for i in items {
+                s.push_str(&format!("\n  {label}: {i}"));
+            }
+        }
+        if !c.ok {
+            s.push_str("\nRebuild it before rebooting: update-initramfs -u (or dracut --force)");
+        }
+        s
+    })?;
+    if !c.ok {
+        return Err(CliError::new(
+            crate::exit::FAILURE,
+            format!(
+                "{} cannot unlock the root: {} missing, {} stale",
+                image_path.display(),
+                c.missing.len(),
+                c.stale.len()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Whether the image holds `f` (each file of it, for a directory) as this host has it.
+fn compare_file(image: &boot::initramfs::Image, f: &ImageFile, c: &mut Checked) {
+    let mut pairs = Vec::new();
+    match std::fs::read_dir(&f.source) {
+        Ok(dir) => {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.file_type().is_ok_and(|t| t.is_file()) && !name.starts_with('.') {
+                    pairs.push((e.path(), f.dest.join(&name)));
+                }
+            }
+        }
+        Err(_) => pairs.push((f.source.clone(), f.dest.clone())),
+    }
+    for (host, in_image) in pairs {
+        let shown = in_image.display().to_string();
+        match image.get(&shown) {
+            None => c.missing.push(format!("{} ({shown})", f.what)),
+            Some(e) => match std::fs::read(&host) {
+                Ok(b) if *b == *e.data => {}
+                Ok(_) => c.stale.push(format!(
+                    "{} ({shown}) differs from {}: it changed after the image was built{}",
+                    f.what,
+                    host.display(),
+                    if f.what.contains("keystore") {
+                        " (a key was created, rotated, disabled or a volume rekeyed)"
+                    } else {
+                        ""
+                    }
+                )),
+                Err(e) => c.missing.push(format!(
+                    "{} ({}) cannot be read on this host: {e}",
+                    f.what,
+                    host.display()
+                )),
+            },
+        }
+    }
+}
+
+/// The kernel release whose modules the image holds (`lib/modules/RELEASE/…`).
+fn kernel_of(image: &boot::initramfs::Image) -> Option<String> {
+    image.entries().find_map(|e| {
+        let rest = e
+            .name
+            .strip_prefix("usr/lib/modules/")
+            .or_else(|| e.name.strip_prefix("lib/modules/"))?;
+        rest.split_once('/').map(|(k, _)| k.to_owned())
+    })
+}
+
+/// Every entry of the image at `path`, its compressed parts decompressed by their programs.
+fn read_image(path: &Path) -> Result<boot::initramfs::Image> {
+    let mut bytes = std::fs::read(path).map_err(|e| {
+        CliError::not_found(format!("cannot read the initramfs {}: {e}", path.display()))
+    })?;
+    let mut image = boot::initramfs::Image::default();
+    loop {
+        let (entries, rest) = boot::initramfs::parse(&bytes).map_err(|m| {
+            CliError::new(
+                crate::exit::DAMAGED,
+                format!(
+                    "{} is not an initramfs this reader knows: {m}",
+                    path.display()
+                ),
+            )
+        })?;
+        image.add(entries);
+        let Some((compression, at)) = rest else {
+            return Ok(image);
+        };
+        let (program, package) = compression.program();
+        let mut child = Command::new(program)
+            .arg("-dc")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                CliError::not_found(format!(
+                    "cannot run {program} to read {} ({e}): install the Debian package {package}",
+                    path.display()
+                ))
+            })?;
+        let compressed = bytes.split_off(at);
+        let mut stdin = child.stdin.take().context("the decompressor's input")?;
+        let feeder = std::thread::spawn(move || {
+            // The decompressor stops reading at the end of its stream (padding may follow).
+            let _ = stdin.write_all(&compressed);
+        });
+        let output = child.wait_with_output()?;
+        let _ = feeder.join();
+        if output.stdout.is_empty() {
+            anyhow::bail!("{program} -dc could not decompress {}", path.display());
+        }
+        bytes = output.stdout;
     }
 }

@@ -419,3 +419,151 @@ fn a_sealed_keystore_asks_its_passphrase_on_the_console_three_times() {
         "the passphrase reached the log"
     );
 }
+
+/// Packs `tree` as a zstd-compressed initramfs (Debian 12's default) behind an uncompressed
+/// early archive (as Debian's images with CPU microcode are), mode `mode`.
+fn pack_image(dir: &TestDir, tree: &Path, mode: u32) -> PathBuf {
+    let early = dir.join("early");
+    std::fs::create_dir_all(early.join("kernel/x86/microcode")).expect("mkdir");
+    std::fs::write(
+        early.join("kernel/x86/microcode/AuthenticAMD.bin"),
+        b"microcode",
+    )
+    .expect("write");
+    let mut bytes = e2e_tests::cpio::pack(&early);
+    let mut zstd = Command::new(e2e_tests::require_tool("zstd", "zstd"))
+        .args(["-1", "-T0", "-q", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("zstd");
+    let main = e2e_tests::cpio::pack(tree);
+    let mut stdin = zstd.stdin.take().expect("stdin");
+    let feeder = std::thread::spawn(move || stdin.write_all(&main).expect("feed zstd"));
+    let out = zstd.wait_with_output().expect("zstd");
+    feeder.join().expect("feeder");
+    bytes.extend_from_slice(&out.stdout);
+    let image = dir.join("initrd.img");
+    std::fs::write(&image, &bytes).expect("write the image");
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    image
+}
+
+#[test]
+fn initramfs_check_names_what_is_missing_and_what_is_stale() {
+    let r = Root::new("root-check");
+    // The image tree a hook makes: prepare's files, its programs, the modules, the script.
+    let tree = &r.image;
+    let plan = r.prepare();
+    plan.assert_success();
+    for line in plan.stdout_text().lines() {
+        if let Some(program) = line.strip_prefix("program ") {
+            let to = tree.join(program.trim_start_matches('/'));
+            std::fs::create_dir_all(to.parent().expect("dir")).expect("mkdir");
+            std::fs::copy(program, &to).expect("copy the program");
+        }
+    }
+    let modules = tree.join("usr/lib/modules/6.1.0-99-amd64/kernel/drivers");
+    for m in ["md/dm-crypt.ko", "md/dm-mod.ko.xz", "block/nbd.ko.zst"] {
+        let p = modules.join(m);
+        std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&p, b"module").expect("module");
+    }
+    std::os::unix::fs::symlink("usr/lib", tree.join("lib")).expect("symlink");
+    let script = tree.join("scripts/local-top/cryptnbd");
+    std::fs::create_dir_all(script.parent().expect("dir")).expect("mkdir");
+    std::fs::copy(
+        e2e_tests::workspace_root().join("boot/initramfs-tools/scripts/local-top/cryptnbd"),
+        &script,
+    )
+    .expect("the script");
+    let cmdline = r.dir.join("check-cmdline");
+    std::fs::write(&cmdline, "ro quiet\n").expect("cmdline");
+    let check = |image: &Path| {
+        r.ctl.run(&[
+            "--json",
+            "initramfs",
+            "check",
+            "--image",
+            image.to_str().expect("utf-8"),
+            "--config",
+            r.config.to_str().expect("utf-8"),
+            "--config-in-image",
+            "/etc/cryptnbd/root.toml",
+            "--cmdline",
+            cmdline.to_str().expect("utf-8"),
+        ])
+    };
+
+    // Complete, 0600: it can unlock the root (the unsealed keystore is warned about).
+    let image = pack_image(&r.dir, tree, 0o600);
+    let out = check(&image);
+    out.assert_success();
+    let c = out.json();
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(c["warnings"].as_array().map(Vec::len), Some(1), "{c}");
+
+    // Readable by others: a warning, not a failure.
+    let image = pack_image(&r.dir, tree, 0o644);
+    let c = check(&image).json();
+    assert!(
+        c["warnings"]
+            .to_string()
+            .contains("is readable by others (mode 0644)"),
+        "{c}"
+    );
+
+    // A key created after the image was built: the keystore copy is stale.
+    r.ctl.create_key("later");
+    let out = check(&image);
+    out.assert_code(1);
+    let c = out.json();
+    assert!(
+        c["stale"].to_string().contains("the local KMS keystore"),
+        "{c}"
+    );
+    r.prepare().assert_success();
+
+    // A missing module: the NBD way needs nbd.ko.
+    std::fs::remove_file(modules.join("block/nbd.ko.zst")).expect("rm");
+    std::fs::write(
+        &cmdline,
+        format!("cryptnbd.root=UUID={} cryptnbd.mode=nbd\n", r.uuid),
+    )
+    .expect("cmdline");
+    let out = check(&pack_image(&r.dir, tree, 0o600));
+    out.assert_code(1);
+    let c = out.json();
+    assert_eq!(
+        c["missing"],
+        serde_json::json!(["the kernel module nbd (nbd)"]),
+        "{c}"
+    );
+
+    // Missing credentials: the configuration now names an AWS credentials file the image
+    // does not hold.
+    let creds = r.dir.join("aws-credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = AKIA\naws_secret_access_key = s\n",
+    )
+    .expect("credentials");
+    std::fs::write(
+        &r.config,
+        format!(
+            "[kms]\nbackend = \"aws\"\n[kms.aws]\nregion = \"eu-west-1\"\nendpoint_url = \
+             \"http://127.0.0.1:9\"\ncredentials_file = \"{}\"\n",
+            creds.display()
+        ),
+    )
+    .expect("config");
+    let out = check(&pack_image(&r.dir, tree, 0o600));
+    out.assert_code(1);
+    let c = out.json();
+    let missing = c["missing"].to_string();
+    assert!(missing.contains("the AWS credentials"), "{c}");
+    assert!(
+        c["stale"].to_string().contains("the root configuration"),
+        "{c}"
+    );
+}
