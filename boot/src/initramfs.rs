@@ -88,9 +88,12 @@ impl Entry {
     }
 }
 
+/// What [`parse`] read: the entries, and where a compressed part starts, if one does.
+pub type Parsed = (Vec<Entry>, Option<(Compression, usize)>);
+
 /// The entries of the uncompressed archives at the start of `bytes`, and where a compressed
 /// part starts, if one does. `Err` says what is wrong and where.
-pub fn parse(bytes: &[u8]) -> Result<(Vec<Entry>, Option<(Compression, usize)>), String> {
+pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
     let mut entries = Vec::new();
     let mut at = 0;
     loop {
@@ -249,7 +252,7 @@ mod tests {
     fn newc(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
         let mut out = Vec::new();
         let pad = |out: &mut Vec<u8>| {
-            while out.len() % 4 != 0 {
+            while !out.len().is_multiple_of(4) {
                 out.push(0);
             }
         };

@@ -48,7 +48,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
 
 fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
     let pad = |out: &mut Vec<u8>| {
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     };
