@@ -7,6 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// The root daemon's directory (docs/root-volume.md): its sockets, its log and its state
+/// (`state/`, with the audit records of the boot), on `/run`, which moves to the real root.
+pub const ROOT_RUNTIME_DIR: &str = "/run/cryptnbd-root";
+
 /// The resolved state layout, shared by the daemon and the CLI.
 #[derive(Debug, Clone)]
 pub struct StateLayout {

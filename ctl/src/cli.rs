@@ -615,7 +615,7 @@ pub struct UnlockArgs {
     #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
     pub cmdline: PathBuf,
     /// Where the root daemon keeps its sockets and state (moved with /run to the real root).
-    #[arg(long, value_name = "DIR", default_value = "/run/cryptnbd-root")]
+    #[arg(long, value_name = "DIR", default_value = control_api::paths::ROOT_RUNTIME_DIR)]
     pub runtime_dir: PathBuf,
     /// The root of the initramfs tree the keystore copy is read from.
     #[arg(long, value_name = "DIR", default_value = "/")]

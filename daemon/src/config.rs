@@ -460,6 +460,9 @@ pub struct AuditConfig {
     pub max_bytes: u64,
     /// Rotated files kept (audit.jsonl.1 .. .N).
     pub keep: u32,
+    /// The root daemon's trail, written in the initramfs (docs/root-volume.md): its records
+    /// are merged into this trail at start, once each, marked `"origin": "initramfs"`.
+    pub initramfs_trail: PathBuf,
 }
 
 impl Default for AuditConfig {
@@ -467,6 +470,8 @@ impl Default for AuditConfig {
         Self {
             max_bytes: 10 << 20,
             keep: 5,
+            initramfs_trail: Path::new(control_api::paths::ROOT_RUNTIME_DIR)
+                .join("state/audit/audit.jsonl"),
         }
     }
 }

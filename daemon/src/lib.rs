@@ -135,6 +135,30 @@ fn passphrase(file: Option<&PathBuf>) -> Result<Option<Zeroizing<Vec<u8>>>, Daem
         .map(|v| Zeroizing::new(v.into_encoded_bytes())))
 }
 
+/// Merges the root daemon's boot-time audit records (the initramfs wrote them under `/run`)
+/// into this daemon's trail, unless this daemon is the one writing them.
+fn merge_initramfs_trail(config: &Config, layout: &StateLayout, audit: &AuditLog) {
+    let from = &config.audit.initramfs_trail;
+    let own = layout.audit_log();
+    let same = |a: &Path, b: &Path| {
+        a == b || std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok()
+    };
+    if !from.exists() || same(from, &own) {
+        return;
+    }
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let marker = own.with_file_name("initramfs-merged");
+    match audit.merge_from(from, &marker, boot.trim(), "initramfs") {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(records = n, from = %from.display(), "merged the root daemon's audit records of this boot")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, from = %from.display(), "cannot merge the root daemon's audit records")
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -165,6 +189,7 @@ pub async fn run(
             layout.audit_log().display()
         )))?,
     );
+    merge_initramfs_trail(&config, &layout, &audit);
     let kms = match config.kms.backend.as_str() {
         "aws" => KmsBackend::Aws(
             AwsKms::connect(config.kms.aws.to_backend())

@@ -169,6 +169,62 @@ impl AuditLog {
         open_append(&self.path)
     }
 
+    /// Appends the records of another trail `from` (the root daemon's, written in the
+    /// initramfs under `/run` before the state directory could be written) that were not
+    /// merged before, each marked `"origin": origin`; `marker` remembers how far `from` was
+    /// merged, with `epoch` (the boot id: a tmpfs of the next boot may give its file the same
+    /// inode) and the file's inode: another file starts again at 0. A line not yet ended is
+    /// left for next time. The number of records merged.
+    pub fn merge_from(
+        &self,
+        from: &Path,
+        marker: &Path,
+        epoch: &str,
+        origin: &str,
+    ) -> std::io::Result<usize> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        let mut file = match File::open(from) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let id = format!("{epoch} {}", file.metadata()?.ino());
+        let done = std::fs::read_to_string(marker)
+            .ok()
+            .and_then(|m| {
+                let (i, o) = m.trim().rsplit_once(' ')?;
+                (i == id).then(|| o.parse::<u64>().ok())?
+            })
+            .unwrap_or(0);
+        file.seek(SeekFrom::Start(done))?;
+        let mut rest = Vec::new();
+        file.read_to_end(&mut rest)?;
+        let complete = rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let mut merged = 0;
+        for line in rest[..complete].split(|&b| b == b'\n') {
+            let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let Some(o) = v.as_object_mut() {
+                o.insert("origin".into(), origin.into());
+            }
+            let mut bytes = serde_json::to_vec(&v)?;
+            bytes.push(b'\n');
+            self.file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_all(&bytes)?;
+            merged += 1;
+        }
+        store::durable::write_atomic(
+            marker,
+            format!("{id} {}\n", done + complete as u64).as_bytes(),
+            store::durable::Existing::Replace,
+        )?;
+        Ok(merged)
+    }
+
     /// Reads records, oldest first, filtered by volume and time, the newest `limit`.
     pub fn read(
         path: &Path,
@@ -268,5 +324,59 @@ mod tests {
             AuditLog::read(&path, 2, None, Some("2999-01-01T00:00:00Z"), None).expect("read");
         assert!(future.is_empty());
         assert!(AuditLog::read(&path, 2, None, Some("yesterday"), None).is_err());
+    }
+
+    #[test]
+    fn another_trail_is_merged_once_even_as_it_grows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let main = AuditLog::open(&dir.path().join("audit/audit.jsonl"), 1 << 20, 2).expect("open");
+        let boot = dir.path().join("boot.jsonl");
+        let marker = dir.path().join("audit/merged");
+        let line =
+            |op: &str| format!("{{\"time\":\"2026-12-04T00:00:00Z\",\"operation\":\"{op}\"}}\n");
+        std::fs::write(
+            &boot,
+            line("open-dm-crypt") + &line("dm-crypt-opened") + "{\"partial",
+        )
+        .expect("write");
+        assert_eq!(
+            main.merge_from(&boot, &marker, "boot-1", "initramfs")
+                .expect("merge"),
+            2
+        );
+        assert_eq!(
+            main.merge_from(&boot, &marker, "boot-1", "initramfs")
+                .expect("again"),
+            0
+        );
+        // The partial line is finished later, and one more record comes.
+        let mut f = OpenOptions::new().append(true).open(&boot).expect("open");
+        f.write_all(b"\":1}\n").expect("write");
+        f.write_all(line("attach").as_bytes()).expect("write");
+        assert_eq!(
+            main.merge_from(&boot, &marker, "boot-1", "initramfs")
+                .expect("merge"),
+            2
+        );
+        let all = AuditLog::read(&dir.path().join("audit/audit.jsonl"), 2, None, None, None)
+            .expect("read");
+        let ops: Vec<_> = all
+            .iter()
+            .map(|v| v["operation"].as_str().unwrap_or("-").to_owned())
+            .collect();
+        assert_eq!(ops, ["open-dm-crypt", "dm-crypt-opened", "-", "attach"]);
+        assert!(all.iter().all(|v| v["origin"] == "initramfs"));
+        // Another boot's trail starts again from its beginning, even with the same inode.
+        std::fs::write(&boot, line("open-dm-crypt")).expect("write");
+        assert_eq!(
+            main.merge_from(&boot, &marker, "boot-2", "initramfs")
+                .expect("merge"),
+            1
+        );
+        assert_eq!(
+            main.merge_from(&dir.path().join("none"), &marker, "boot-2", "initramfs")
+                .expect("none"),
+            0
+        );
     }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e_tests::daemon::Daemon;
 use e2e_tests::loopdev::Loop;
 use e2e_tests::{Ctl, Outcome, TEST_DIRECTORY, TEST_SID, TestDir, run};
 
@@ -566,4 +567,46 @@ fn initramfs_check_names_what_is_missing_and_what_is_stale() {
         c["stale"].to_string().contains("the root configuration"),
         "{c}"
     );
+}
+
+#[test]
+fn the_root_daemon_s_audit_records_are_merged_into_the_system_trail_once() {
+    // A trail written elsewhere, as the root daemon writes one under /run at boot (here by
+    // offline verbs, which audit as the daemon does).
+    let boot = TestDir::new("root-trail-boot");
+    let boot_ctl = Ctl::new(&boot.state_dir());
+    boot_ctl.create_key("boot");
+    boot_ctl.create_volume("v", "1M", "alias/boot", 512, &[]);
+    let trail = boot.state_dir().join("audit/audit.jsonl");
+    let records = std::fs::read_to_string(&trail)
+        .expect("the trail")
+        .lines()
+        .count();
+    assert!(records >= 2, "{records}");
+
+    let dir = TestDir::new("root-trail");
+    let config = format!("[audit]\ninitramfs_trail = \"{}\"\n", trail.display());
+    let merged = |d: &Daemon| {
+        let audit = d.ctl.run(&["--json", "audit"]);
+        audit.assert_success();
+        audit
+            .json()
+            .as_array()
+            .expect("records")
+            .iter()
+            .filter(|v| v["origin"] == "initramfs")
+            .count()
+    };
+    let d = Daemon::start(&dir, &config);
+    assert_eq!(merged(&d), records);
+    d.stop();
+    // A restart merges nothing twice; a record added since is merged.
+    boot_ctl.create_volume("w", "1M", "alias/boot", 512, &[]);
+    let now = std::fs::read_to_string(&trail)
+        .expect("the trail")
+        .lines()
+        .count();
+    let d = Daemon::start(&dir, &config);
+    assert_eq!(merged(&d), now);
+    d.stop();
 }
