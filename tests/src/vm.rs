@@ -9,13 +9,21 @@
 //! powers off. The serial log is kept in the test's directory and, to outlive it, in
 //! `target/vm-rig/logs/NAME.log`.
 //!
+//! Root boots ([`RootBoot`], [`Vm::start_root`]) boot the same kernel the stock way instead:
+//! the initramfs that Debian's initramfs-tools built in the cached Debian 12 root of
+//! `tests/vm/build-root.sh` ([`debian_root`]), and systemd 252 as PID 1 on an ext4 root made
+//! from that tree ([`root_image`]), on virtio disks that are image files or exports of an NBD
+//! server on the host. The image's test unit (`tests/vm/root/`) reports on a marker disk,
+//! read after the VM is off, and powers the VM off.
+//!
 //! Nothing is skipped: a missing host tool, a missing release binary, a rig that does not
 //! build, a VM that does not finish in time all fail the test with what is missing or the
 //! end of the serial log. VMs run one at a time (each emulates two CPUs).
 
 use std::fs::{self, File};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,6 +54,8 @@ pub struct Rig {
     pub initrd: PathBuf,
     /// The guest kernel's release (`uname -r`).
     pub kernel_release: String,
+    /// The kernel's config and a subset of its modules, for the Debian root.
+    pub kernel_tree: PathBuf,
 }
 
 /// The rig, built once per test process: runs `tests/vm/build-rig.sh` with the release
@@ -151,8 +161,9 @@ fn parse_rig_env(text: &str) -> Result<Rig, String> {
         kernel: get("KERNEL")?.into(),
         initrd: get("INITRD")?.into(),
         kernel_release: get("KERNEL_RELEASE")?,
+        kernel_tree: get("KERNEL_TREE")?.into(),
     };
-    for p in [&rig.qemu, &rig.kernel, &rig.initrd] {
+    for p in [&rig.qemu, &rig.kernel, &rig.initrd, &rig.kernel_tree] {
         if !p.exists() {
             return Err(format!("{} does not exist", p.display()));
         }
@@ -242,11 +253,36 @@ fn vm_lock() -> MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What one qemu run is made of, whichever kind of boot asked for it.
+struct Launch {
+    /// The boot's name: the serial log's and the marker disk's file names.
+    name: String,
+    initrd: PathBuf,
+    cmdline: String,
+    net: bool,
+    disks: Vec<Disk>,
+    /// The marker disk (attached last, serial `cryptnbd-marker`), read when the VM is off.
+    marker: Option<PathBuf>,
+    timeout: Duration,
+    /// Pipe qemu's stdin (the serial console's input) for [`Vm::type_line_after`].
+    serial_input: bool,
+    /// Texts that end the boot as a failure as soon as the serial log shows them.
+    fail_on: Vec<String>,
+}
+
 /// A running VM.
 pub struct Vm {
     child: Option<Child>,
-    scenario: Scenario,
+    /// The serial console's input, when the boot asked for it.
+    stdin: Option<ChildStdin>,
+    name: String,
+    timeout: Duration,
     log: PathBuf,
+    marker: Option<PathBuf>,
+    fail_on: Vec<String>,
+    /// How much of the serial log [`Vm::type_line_after`] has consumed: each wait looks
+    /// only at what came after the text the previous one waited for.
+    seen_upto: usize,
     started: Instant,
     _turn: MutexGuard<'static, ()>,
 }
@@ -257,8 +293,73 @@ impl Vm {
     #[track_caller]
     pub fn start(dir: &TestDir, scenario: &Scenario) -> Self {
         let rig = rig();
+        let initrd = if scenario.files.is_empty() {
+            rig.initrd.clone()
+        } else {
+            let initrd = dir.join(&format!("initrd-{}.img", scenario.name));
+            with_files(&rig.initrd, &scenario.files, &initrd);
+            initrd
+        };
+        Self::launch(
+            dir,
+            Launch {
+                name: scenario.name.clone(),
+                initrd,
+                cmdline: scenario.kernel_command_line(),
+                net: scenario.net,
+                disks: Vec::new(),
+                marker: None,
+                timeout: scenario.timeout,
+                serial_input: false,
+                fail_on: Vec::new(),
+            },
+        )
+    }
+
+    /// Boots the rig's kernel the stock way on `boot`: the Debian root's initramfs (unless
+    /// the boot names another), its disks in order (`/dev/vda`, `/dev/vdb`, ...), then a fresh
+    /// 1 MiB marker disk, `dir/marker-NAME.img`, for the image's test unit. The serial log
+    /// is `dir/serial-NAME.log`. Waits for the other VMs of this process to finish first.
+    #[track_caller]
+    pub fn start_root(dir: &TestDir, boot: &RootBoot) -> Self {
+        let rig = rig();
+        let initrd = boot
+            .initrd
+            .clone()
+            .unwrap_or_else(|| debian_root().initrd.clone());
+        let marker = dir.join(&format!("marker-{}.img", boot.name));
+        let file = File::create(&marker)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", marker.display()));
+        file.set_len(MARKER_DISK_LEN)
+            .unwrap_or_else(|e| panic!("cannot size {}: {e}", marker.display()));
+        eprintln!(
+            "vm: root boot {}: kernel {} with {}, command line: {}",
+            boot.name,
+            rig.kernel_release,
+            initrd.display(),
+            boot.kernel_command_line()
+        );
+        Self::launch(
+            dir,
+            Launch {
+                name: boot.name.clone(),
+                initrd,
+                cmdline: boot.kernel_command_line(),
+                net: boot.net,
+                disks: boot.disks.clone(),
+                marker: Some(marker),
+                timeout: boot.timeout,
+                serial_input: boot.serial_input,
+                fail_on: boot.fail_on.clone(),
+            },
+        )
+    }
+
+    #[track_caller]
+    fn launch(dir: &TestDir, launch: Launch) -> Self {
+        let rig = rig();
         let turn = vm_lock();
-        let log = dir.join(&format!("serial-{}.log", scenario.name));
+        let log = dir.join(&format!("serial-{}.log", launch.name));
         let log_file =
             File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         let log_err = log_file
@@ -285,7 +386,7 @@ impl Vm {
             "-serial",
             "stdio",
         ]);
-        if scenario.net {
+        if launch.net {
             cmd.args([
                 "-netdev",
                 "user,id=n0",
@@ -295,37 +396,100 @@ impl Vm {
         } else {
             cmd.args(["-nic", "none"]);
         }
-        let initrd = if scenario.files.is_empty() {
-            rig.initrd.clone()
-        } else {
-            let initrd = dir.join(&format!("initrd-{}.img", scenario.name));
-            with_files(&rig.initrd, &scenario.files, &initrd);
-            initrd
-        };
+        let marker_disk = launch
+            .marker
+            .as_ref()
+            .map(|m| Disk::raw(m).serial(MARKER_SERIAL));
+        for (i, disk) in launch.disks.iter().chain(&marker_disk).enumerate() {
+            cmd.args(disk.qemu_args(i));
+        }
         cmd.arg("-kernel")
             .arg(&rig.kernel)
             .arg("-initrd")
-            .arg(&initrd)
+            .arg(&launch.initrd)
             .arg("-append")
-            .arg(scenario.kernel_command_line());
-        let child = cmd
-            .stdin(Stdio::null())
+            .arg(&launch.cmdline);
+        let stdin = if launch.serial_input {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        let mut child = cmd
+            .stdin(stdin)
             .stdout(log_file)
             .stderr(log_err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", rig.qemu.display()));
         eprintln!(
-            "vm: booting scenario {} (kernel {}), serial log {}",
-            scenario.name,
+            "vm: booting {} (kernel {}), serial log {}",
+            launch.name,
             rig.kernel_release,
             log.display()
         );
         Self {
+            stdin: child.stdin.take(),
             child: Some(child),
-            scenario: scenario.clone(),
+            name: launch.name,
+            timeout: launch.timeout,
             log,
+            marker: launch.marker,
+            fail_on: launch.fail_on,
+            seen_upto: 0,
             started: Instant::now(),
             _turn: turn,
+        }
+    }
+
+    /// Waits until the serial log shows `text` (after whatever an earlier call waited for),
+    /// then types `line` and Enter on the serial console: a passphrase at a prompt, a
+    /// command in an emergency shell. Needs a boot with serial input
+    /// ([`RootBoot::serial_input`]). Fails the test, with the end of the serial log, when the
+    /// VM powers off or its timeout passes first.
+    #[track_caller]
+    pub fn type_line_after(&mut self, text: &str, line: &str) {
+        let deadline = self.started + self.timeout;
+        loop {
+            let log = read_log(&self.log);
+            if let Some(at) = log.get(self.seen_upto..).and_then(|rest| rest.find(text)) {
+                self.seen_upto += at + text.len();
+                break;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() > deadline {
+                self.kill();
+                keep_log(&self.name, &log);
+                panic!(
+                    "{}: the serial console never showed {text:?} before {}\n{}",
+                    self.name,
+                    if exited {
+                        "the VM stopped"
+                    } else {
+                        "the boot's timeout"
+                    },
+                    tail(&log, &self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let stdin = self.stdin.as_mut().unwrap_or_else(|| {
+            panic!(
+                "{}: typing on the serial console needs a boot with serial_input()",
+                self.name
+            )
+        });
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("{}: cannot type on the serial console: {e}", self.name));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -337,10 +501,11 @@ impl Vm {
 
     /// Waits for the VM to power off, calling `observe` about every 200 ms meanwhile (to
     /// watch the host side while the guest works). Kills the VM and fails the test, with the
-    /// end of the serial log, when the scenario's timeout passes.
+    /// end of the serial log, when the timeout passes or the log shows one of the boot's
+    /// failure texts.
     #[track_caller]
     pub fn wait_observing(mut self, mut observe: impl FnMut()) -> VmRun {
-        let deadline = self.started + self.scenario.timeout;
+        let deadline = self.started + self.timeout;
         let mut child = self
             .child
             .take()
@@ -351,20 +516,42 @@ impl Vm {
                 Ok(None) => {}
                 Err(e) => panic!("cannot wait for qemu: {e}"),
             }
+            let failed_on = if self.fail_on.is_empty() {
+                None
+            } else {
+                let log = read_log(&self.log);
+                self.fail_on
+                    .iter()
+                    .find(|t| log.contains(t.as_str()))
+                    .map(|t| (t.clone(), log))
+            };
+            if let Some((text, log)) = failed_on {
+                let _ = child.kill();
+                let _ = child.wait();
+                keep_log(&self.name, &log);
+                panic!(
+                    "{}: the serial console shows {text:?} (the boot failed): VM killed after \
+                     {:.1} s\n{}",
+                    self.name,
+                    self.started.elapsed().as_secs_f64(),
+                    tail(&log, &self.log)
+                );
+            }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 let log = read_log(&self.log);
-                keep_log(&self.scenario.name, &log);
-                let reported = match verdict(&log, &self.scenario.name) {
+                keep_log(&self.name, &log);
+                let marker = self.marker.as_deref().map(read_marker_disk);
+                let reported = match verdict(marker.as_deref().unwrap_or(&log), &self.name) {
                     Verdict::Pass => " after the guest reported PASS".to_owned(),
                     Verdict::Fail(reason) => format!(" after the guest reported FAIL: {reason}"),
                     Verdict::Missing => String::new(),
                 };
                 panic!(
-                    "the VM running scenario {} did not power off within {} s{reported}: killed\n{}",
-                    self.scenario.name,
-                    self.scenario.timeout.as_secs(),
+                    "the VM running {} did not power off within {} s{reported}: killed\n{}",
+                    self.name,
+                    self.timeout.as_secs(),
                     tail(&log, &self.log)
                 );
             }
@@ -372,31 +559,42 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(200));
         };
         let log = read_log(&self.log);
-        keep_log(&self.scenario.name, &log);
+        keep_log(&self.name, &log);
         let run = VmRun {
-            scenario: self.scenario.name.clone(),
+            scenario: self.name.clone(),
             log,
             log_path: self.log.clone(),
+            marker: self.marker.as_deref().map(read_marker_disk),
             elapsed: self.started.elapsed(),
             qemu_status: status.code(),
         };
-        eprintln!(
-            "vm: scenario {} ran {:.1} s (guest init after {} s), qemu exit {:?}",
-            run.scenario,
-            run.elapsed.as_secs_f64(),
-            run.init_uptime().unwrap_or("?"),
-            run.qemu_status
-        );
+        if run.marker.is_some() {
+            let unit = run.reports("UPTIME").first().map_or_else(
+                || "the test unit reported nothing".to_owned(),
+                |t| format!("the test unit started at guest uptime {t} s"),
+            );
+            eprintln!(
+                "vm: root boot {} ran {:.1} s ({unit}), qemu exit {:?}",
+                run.scenario,
+                run.elapsed.as_secs_f64(),
+                run.qemu_status
+            );
+        } else {
+            eprintln!(
+                "vm: scenario {} ran {:.1} s (guest init after {} s), qemu exit {:?}",
+                run.scenario,
+                run.elapsed.as_secs_f64(),
+                run.init_uptime().unwrap_or("?"),
+                run.qemu_status
+            );
+        }
         run
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 
@@ -522,6 +720,9 @@ pub struct VmRun {
     pub log: String,
     /// Where the log is.
     pub log_path: PathBuf,
+    /// A root boot's marker disk, as text (up to its first NUL): the report of the image's
+    /// test unit. `None` for the initramfs scenarios, which report on the serial console.
+    pub marker: Option<String>,
     /// From qemu's start to its exit.
     pub elapsed: Duration,
     /// qemu's exit code.
@@ -529,15 +730,31 @@ pub struct VmRun {
 }
 
 impl VmRun {
-    /// Asserts that the guest printed `CRYPTNBD-VM: PASS NAME`; otherwise fails with its
-    /// FAIL reason (or the absence of a marker) and the end of the serial log.
+    /// Where the guest's marker lines are: the marker disk of a root boot, else the serial
+    /// log.
+    fn report_text(&self) -> &str {
+        self.marker.as_deref().unwrap_or(&self.log)
+    }
+
+    /// Asserts that the guest reported `CRYPTNBD-VM: PASS NAME` (on the marker disk of a root
+    /// boot, else on the serial console); otherwise fails with its FAIL reason (or the
+    /// absence of a marker) and the end of the serial log.
     #[track_caller]
     pub fn assert_pass(&self) -> &Self {
-        match verdict(&self.log, &self.scenario) {
+        match verdict(self.report_text(), &self.scenario) {
             Verdict::Pass => self,
             Verdict::Fail(reason) => panic!(
                 "scenario {} failed in the VM: {reason}\n{}",
                 self.scenario,
+                tail(&self.log, &self.log_path)
+            ),
+            Verdict::Missing if self.marker.is_some() => panic!(
+                "root boot {} left no PASS/FAIL line on its marker disk (qemu exited with \
+                 {:?}; the root never came up, or the test unit did not run?); the marker \
+                 disk says: {:?}\n{}",
+                self.scenario,
+                self.qemu_status,
+                self.report_text(),
                 tail(&self.log, &self.log_path)
             ),
             Verdict::Missing => panic!(
@@ -550,10 +767,11 @@ impl VmRun {
         }
     }
 
-    /// The marker lines that start with `kind ` (e.g. `SUM`), without the kind.
+    /// The marker lines that start with `kind ` (e.g. `SUM`), without the kind (from the
+    /// marker disk of a root boot, else from the serial log).
     pub fn reports(&self, kind: &str) -> Vec<String> {
         let prefix = format!("{kind} ");
-        markers(&self.log)
+        markers(self.report_text())
             .filter_map(|m| m.strip_prefix(&prefix).map(str::to_owned))
             .collect()
     }
@@ -576,6 +794,485 @@ pub fn run_scenario(dir: &TestDir, scenario: &Scenario) -> VmRun {
     let run = Vm::start(dir, scenario).wait();
     run.assert_pass();
     run
+}
+
+// ---------------------------------------------------------------------------------------------
+// Root boots: the Debian 12 root of build-root.sh, its disks, the marker disk
+// ---------------------------------------------------------------------------------------------
+
+/// The serial number of the marker disk: the guest finds it as
+/// `/dev/disk/by-id/virtio-cryptnbd-marker`.
+pub const MARKER_SERIAL: &str = "cryptnbd-marker";
+/// The marker disk's size: the report is a few lines of text.
+const MARKER_DISK_LEN: u64 = 1 << 20;
+
+/// A virtio disk of the VM (`/dev/vda`, `/dev/vdb`, ... in the order given).
+#[derive(Debug, Clone)]
+pub struct Disk {
+    kind: DiskKind,
+    /// The virtio serial number (the guest's `/dev/disk/by-id/virtio-SERIAL`).
+    serial: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum DiskKind {
+    /// A raw image file on the host.
+    Raw(PathBuf),
+    /// An export of an NBD server on the host, opened by qemu's own NBD client: the guest
+    /// sees a plain virtio disk and needs nothing of ours.
+    Nbd {
+        server: NbdServer,
+        export: String,
+        /// A client certificate directory (`ca-cert.pem`, `client-cert.pem`,
+        /// `client-key.pem`) for TLS.
+        tls: Option<PathBuf>,
+    },
+}
+
+/// Where qemu reaches an NBD server on the host.
+#[derive(Debug, Clone)]
+enum NbdServer {
+    Unix(PathBuf),
+    /// A TCP port on 127.0.0.1 (qemu runs on the host; the guest never sees the address).
+    Tcp(u16),
+}
+
+impl Disk {
+    /// A raw image file (`-drive file=…,format=raw`).
+    pub fn raw(path: &Path) -> Self {
+        Self {
+            kind: DiskKind::Raw(path.to_path_buf()),
+            serial: None,
+        }
+    }
+
+    /// An NBD export on a unix socket of the host (`-blockdev driver=nbd,server.type=unix`).
+    pub fn nbd_unix(socket: &Path, export: &str) -> Self {
+        Self {
+            kind: DiskKind::Nbd {
+                server: NbdServer::Unix(socket.to_path_buf()),
+                export: export.to_owned(),
+                tls: None,
+            },
+            serial: None,
+        }
+    }
+
+    /// An NBD export on the host's 127.0.0.1:`port` (`-blockdev driver=nbd,server.type=inet`).
+    pub fn nbd_tcp(port: u16, export: &str) -> Self {
+        Self {
+            kind: DiskKind::Nbd {
+                server: NbdServer::Tcp(port),
+                export: export.to_owned(),
+                tls: None,
+            },
+            serial: None,
+        }
+    }
+
+    /// Over TLS, with the client certificate directory `dir` (the layout of
+    /// [`crate::pki::Pki::client`]; qemu's `tls-creds-x509,endpoint=client`). qemu checks
+    /// the server's certificate against 127.0.0.1 on TCP.
+    pub fn tls(mut self, dir: &Path) -> Self {
+        if let DiskKind::Nbd { tls, .. } = &mut self.kind {
+            *tls = Some(dir.to_path_buf());
+        }
+        self
+    }
+
+    /// The virtio serial number.
+    pub fn serial(mut self, serial: &str) -> Self {
+        self.serial = Some(serial.to_owned());
+        self
+    }
+
+    /// qemu's arguments for this disk as the `index`th virtio disk: a block node `diskN`, a
+    /// virtio-blk-pci device at PCI slot 0x10+N (so that the guest names the disks in the
+    /// order given), and for TLS the credentials object `tlsN`.
+    fn qemu_args(&self, index: usize) -> Vec<String> {
+        let node = format!("disk{index}");
+        let mut args = Vec::new();
+        match &self.kind {
+            DiskKind::Raw(path) => {
+                args.push("-drive".to_owned());
+                args.push(format!(
+                    "file={},format=raw,if=none,id={node}",
+                    qemu_escape(&path.to_string_lossy())
+                ));
+            }
+            DiskKind::Nbd {
+                server,
+                export,
+                tls,
+            } => {
+                let mut spec =
+                    format!("driver=nbd,node-name={node},export={}", qemu_escape(export));
+                match server {
+                    NbdServer::Unix(path) => spec.push_str(&format!(
+                        ",server.type=unix,server.path={}",
+                        qemu_escape(&path.to_string_lossy())
+                    )),
+                    NbdServer::Tcp(port) => spec.push_str(&format!(
+                        ",server.type=inet,server.host=127.0.0.1,server.port={port}"
+                    )),
+                }
+                if let Some(dir) = tls {
+                    args.push("-object".to_owned());
+                    args.push(format!(
+                        "tls-creds-x509,id=tls{index},endpoint=client,dir={}",
+                        qemu_escape(&dir.to_string_lossy())
+                    ));
+                    spec.push_str(&format!(",tls-creds=tls{index}"));
+                    if matches!(server, NbdServer::Unix(_)) {
+                        // No host name to check the certificate against on a socket.
+                        spec.push_str(",tls-hostname=localhost");
+                    }
+                }
+                args.push("-blockdev".to_owned());
+                args.push(spec);
+            }
+        }
+        let mut device = format!("virtio-blk-pci,drive={node},addr={:#x}", 0x10 + index);
+        if let Some(serial) = &self.serial {
+            device.push_str(&format!(",serial={}", qemu_escape(serial)));
+        }
+        args.push("-device".to_owned());
+        args.push(device);
+        args
+    }
+}
+
+/// A value inside one of qemu's `key=value,...` option strings: commas doubled.
+fn qemu_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// One boot of the Debian root ([`Vm::start_root`]): the root device, the test unit's
+/// parameters, the disks, what may be typed on the console.
+///
+/// The kernel command line is `console=ttyS0 loglevel=4 root=ROOT`, the test unit's
+/// `cryptnbdtest.KEY=VALUE` parameters (tests/vm/root/cryptnbd-test says which it reads),
+/// then any further words (the product's own `cryptnbd.*` options, later). It has no
+/// `panic=`: initramfs-tools would reboot at its first error instead of opening its
+/// emergency shell, and qemu's `-no-reboot` would end the VM without a trace of why; the
+/// shell's prompt is one of the failure texts instead ([`RootBoot::fail_on`]).
+#[derive(Debug, Clone)]
+pub struct RootBoot {
+    name: String,
+    root: String,
+    params: Vec<(String, String)>,
+    extra: Vec<String>,
+    disks: Vec<Disk>,
+    net: bool,
+    timeout: Duration,
+    initrd: Option<PathBuf>,
+    serial_input: bool,
+    fail_on: Vec<String>,
+}
+
+/// What the serial console shows when a root boot has failed for good: initramfs-tools'
+/// emergency shell, a kernel panic, dracut's fatal error, systemd's emergency mode (in the
+/// initrd or on the root).
+pub const ROOT_BOOT_FAILURES: [&str; 5] = [
+    "(initramfs) ",
+    "Kernel panic",
+    "dracut: FATAL",
+    "You are in emergency mode",
+    "Cannot open access to console, the root account is locked",
+];
+
+impl RootBoot {
+    /// A boot named `name` (the test unit's `cryptnbdtest.scenario`, the PASS/FAIL line's
+    /// name, the log's file name) with `root=/dev/vda`, no network, within 5 minutes.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            root: "/dev/vda".to_owned(),
+            params: Vec::new(),
+            extra: Vec::new(),
+            disks: Vec::new(),
+            net: false,
+            timeout: Duration::from_secs(300),
+            initrd: None,
+            serial_input: false,
+            fail_on: ROOT_BOOT_FAILURES.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    /// The kernel's `root=` (what the initramfs mounts).
+    pub fn root(mut self, root: &str) -> Self {
+        root.clone_into(&mut self.root);
+        self
+    }
+
+    /// A parameter of the test unit: `cryptnbdtest.KEY=VALUE` on the kernel command line.
+    pub fn param(mut self, key: &str, value: impl ToString) -> Self {
+        self.params.push((key.to_owned(), value.to_string()));
+        self
+    }
+
+    /// The test unit checks that `findmnt -no SOURCE /` is `source`.
+    pub fn expect_root_source(self, source: &str) -> Self {
+        self.param("root", source)
+    }
+
+    /// The test unit checks that a root process whose command line starts with `@cryptnbd`
+    /// (a root storage daemon systemd spares) is running.
+    pub fn require_root_daemon(self) -> Self {
+        self.param("daemon", 1)
+    }
+
+    /// Another word on the kernel command line (the product's `cryptnbd.*` options).
+    pub fn cmdline(mut self, word: &str) -> Self {
+        self.extra.push(word.to_owned());
+        self
+    }
+
+    /// The next virtio disk (`/dev/vda` first). The marker disk comes after all of them.
+    pub fn disk(mut self, disk: Disk) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// A virtio NIC on qemu's user networking: the guest is 10.0.2.15 (DHCP) and reaches the
+    /// host's 127.0.0.1 as 10.0.2.2.
+    pub fn with_network(mut self) -> Self {
+        self.net = true;
+        self
+    }
+
+    /// How long the boot may take, power-off included, before the VM is killed.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Another initramfs than the Debian root's (one with the product's hooks, or with files
+    /// appended).
+    pub fn initrd(mut self, initrd: &Path) -> Self {
+        self.initrd = Some(initrd.to_path_buf());
+        self
+    }
+
+    /// Pipes the serial console's input, for [`Vm::type_line_after`].
+    pub fn serial_input(mut self) -> Self {
+        self.serial_input = true;
+        self
+    }
+
+    /// The texts that end the boot as a failure as soon as the serial log shows them
+    /// (default: [`ROOT_BOOT_FAILURES`]); a test that expects the emergency shell drops it.
+    pub fn fail_on(mut self, texts: &[&str]) -> Self {
+        self.fail_on = texts.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    /// The boot's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kernel_command_line(&self) -> String {
+        let mut cmdline = format!(
+            "console=ttyS0 loglevel=4 root={} cryptnbdtest.scenario={}",
+            self.root, self.name
+        );
+        for (k, v) in &self.params {
+            cmdline.push_str(&format!(" cryptnbdtest.{k}={v}"));
+        }
+        for word in &self.extra {
+            cmdline.push(' ');
+            cmdline.push_str(word);
+        }
+        cmdline
+    }
+}
+
+/// The marker disk's text: up to its first NUL, lossily decoded.
+fn read_marker_disk(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        }
+        Err(e) => format!("(cannot read the marker disk {}: {e})", path.display()),
+    }
+}
+
+/// The Debian 12 root of `tests/vm/build-root.sh`: what it wrote to `root.env`.
+#[derive(Debug, Clone)]
+pub struct DebianRoot {
+    /// The cached root tree (shared by every test: never change it, copy it with
+    /// [`root_image`]).
+    pub tree: PathBuf,
+    /// The initramfs that `update-initramfs` built in it for the rig's kernel.
+    pub initrd: PathBuf,
+    /// The kernel it was built for (the rig's).
+    pub kernel_release: String,
+    /// What building the tree took, in seconds (0 when it came from the cache).
+    pub build_seconds: f64,
+    /// What building the initramfs took, in seconds (0 when it came from the cache).
+    pub initrd_seconds: f64,
+}
+
+/// The Debian root, built (or found in the cache) once per test process after the rig.
+/// Fails the test (every test that asks, each time) if it cannot be built.
+pub fn debian_root() -> &'static DebianRoot {
+    static ROOT: OnceLock<Result<DebianRoot, String>> = OnceLock::new();
+    match ROOT.get_or_init(build_debian_root) {
+        Ok(root) => root,
+        Err(msg) => panic!("{msg}"),
+    }
+}
+
+fn build_debian_root() -> Result<DebianRoot, String> {
+    let rig = rig();
+    let script = workspace_root().join("tests/vm/build-root.sh");
+    let out_dir = rig_dir();
+    let started = Instant::now();
+    let out = run(Command::new("bash")
+        .arg(&script)
+        .arg(out_dir.join("rig.env"))
+        .arg(&out_dir));
+    if out.code != Some(0) {
+        return Err(format!(
+            "the Debian root of the VM rig did not build: `{}` exited with {:?}\n--- its \
+             output:\n{}{}",
+            out.command,
+            out.code,
+            out.stdout_text(),
+            out.stderr
+        ));
+    }
+    eprintln!(
+        "vm: Debian root ready in {:.1} s\n{}",
+        started.elapsed().as_secs_f64(),
+        out.stderr.trim_end()
+    );
+    let env_file = out_dir.join("root.env");
+    let text = fs::read_to_string(&env_file).map_err(|e| {
+        format!(
+            "build-root.sh succeeded but {} cannot be read: {e}",
+            env_file.display()
+        )
+    })?;
+    let root = parse_root_env(&text).map_err(|e| format!("{}: {e}", env_file.display()))?;
+    if root.kernel_release != rig.kernel_release {
+        return Err(format!(
+            "the Debian root's initramfs is for kernel {}, the rig boots {}",
+            root.kernel_release, rig.kernel_release
+        ));
+    }
+    Ok(root)
+}
+
+/// Parses the `KEY=VALUE` lines of `root.env`.
+fn parse_root_env(text: &str) -> Result<DebianRoot, String> {
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no {key}= line"))
+    };
+    let seconds = |key: &str| {
+        get(key)?
+            .parse::<f64>()
+            .map_err(|e| format!("{key}= is not a number: {e}"))
+    };
+    let root = DebianRoot {
+        tree: get("ROOT_TREE")?.into(),
+        initrd: get("ROOT_INITRD")?.into(),
+        kernel_release: get("ROOT_KERNEL_RELEASE")?,
+        build_seconds: seconds("ROOT_BUILD_SECONDS")?,
+        initrd_seconds: seconds("ROOT_INITRD_SECONDS")?,
+    };
+    for p in [&root.tree, &root.initrd] {
+        if !p.exists() {
+            return Err(format!("{} does not exist", p.display()));
+        }
+    }
+    Ok(root)
+}
+
+/// The initramfs builders of the Debian root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitramfsTool {
+    /// Debian's default: `update-initramfs` (busybox, klibc, shell scripts).
+    InitramfsTools,
+    /// `dracut --no-hostonly` (dracut-core 059): a systemd initrd, since the root has systemd.
+    Dracut,
+}
+
+impl InitramfsTool {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::InitramfsTools => "initramfs-tools",
+            Self::Dracut => "dracut",
+        }
+    }
+}
+
+/// A new initramfs `dir/NAME` for the rig's kernel, built by `tool` in the Debian root with
+/// the tree of `files` (hooks, configuration, binaries) laid over it first and `args` given
+/// to the builder (`tests/vm/root-initramfs.sh`; the cached root stays untouched). The
+/// Debian root's own initramfs ([`DebianRoot::initrd`]) is initramfs-tools' without extras.
+#[track_caller]
+pub fn root_initramfs(
+    dir: &TestDir,
+    name: &str,
+    tool: InitramfsTool,
+    files: Option<&Path>,
+    args: &[&str],
+) -> PathBuf {
+    let root = debian_root();
+    let out = dir.join(name);
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("tests/vm/root-initramfs.sh"))
+        .arg(&root.tree)
+        .arg(&out)
+        .arg(tool.arg());
+    if let Some(files) = files {
+        cmd.arg(files);
+    }
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    let done = run(&mut cmd);
+    assert_eq!(
+        done.code,
+        Some(0),
+        "the initramfs was not built: `{}` exited with {:?}\n{}{}",
+        done.command,
+        done.code,
+        done.stdout_text(),
+        done.stderr
+    );
+    eprintln!("vm: {}", done.stderr.trim_end());
+    out
+}
+
+/// A new ext4 root image `dir/NAME` of `size` (`512M`, as mke2fs takes it): the Debian root
+/// with the test unit of `tests/vm/root/` (`tests/vm/root-image.sh`).
+#[track_caller]
+pub fn root_image(dir: &TestDir, name: &str, size: &str) -> PathBuf {
+    let root = debian_root();
+    let image = dir.join(name);
+    let out = run(Command::new("bash")
+        .arg(workspace_root().join("tests/vm/root-image.sh"))
+        .arg(&root.tree)
+        .arg(&image)
+        .arg(size));
+    assert_eq!(
+        out.code,
+        Some(0),
+        "the root image was not made: `{}` exited with {:?}\n{}{}",
+        out.command,
+        out.code,
+        out.stdout_text(),
+        out.stderr
+    );
+    eprintln!("vm: {}", out.stderr.trim_end());
+    image
 }
 
 #[cfg(test)]
@@ -617,6 +1314,76 @@ mod tests {
         assert!(cmdline.contains(" cryptnbd.timeout=70"), "{cmdline}");
         assert!(cmdline.contains(" cryptnbd.net=1"), "{cmdline}");
         assert!(cmdline.ends_with(" cryptnbd.port=10809"), "{cmdline}");
+    }
+
+    #[test]
+    fn a_root_boot_has_no_panic_option_and_carries_the_test_parameters() {
+        let boot = RootBoot::new("root-nbd-1")
+            .root("/dev/vda")
+            .expect_root_source("/dev/vda")
+            .require_root_daemon()
+            .param("step", "write")
+            .cmdline("cryptnbd.root=UUID=x");
+        let cmdline = boot.kernel_command_line();
+        assert!(!cmdline.contains("panic="), "{cmdline}");
+        assert!(cmdline.contains(" root=/dev/vda "), "{cmdline}");
+        for word in [
+            "cryptnbdtest.scenario=root-nbd-1",
+            "cryptnbdtest.root=/dev/vda",
+            "cryptnbdtest.daemon=1",
+            "cryptnbdtest.step=write",
+        ] {
+            assert!(cmdline.split(' ').any(|w| w == word), "{word}: {cmdline}");
+        }
+        assert!(cmdline.ends_with(" cryptnbd.root=UUID=x"), "{cmdline}");
+    }
+
+    #[test]
+    fn disks_become_qemu_block_nodes_in_order() {
+        let raw = Disk::raw(Path::new("/tmp/a,b.img")).qemu_args(0);
+        assert_eq!(
+            raw,
+            [
+                "-drive",
+                "file=/tmp/a,,b.img,format=raw,if=none,id=disk0",
+                "-device",
+                "virtio-blk-pci,drive=disk0,addr=0x10"
+            ]
+        );
+        let nbd = Disk::nbd_tcp(10809, "root")
+            .tls(Path::new("/pki/qemu"))
+            .serial("s1")
+            .qemu_args(1);
+        assert_eq!(
+            nbd,
+            [
+                "-object",
+                "tls-creds-x509,id=tls1,endpoint=client,dir=/pki/qemu",
+                "-blockdev",
+                "driver=nbd,node-name=disk1,export=root,server.type=inet,\
+                 server.host=127.0.0.1,server.port=10809,tls-creds=tls1",
+                "-device",
+                "virtio-blk-pci,drive=disk1,addr=0x11,serial=s1"
+            ]
+        );
+        let unix = Disk::nbd_unix(Path::new("/run/nbd.sock"), "root").qemu_args(2);
+        assert_eq!(
+            unix[1],
+            "driver=nbd,node-name=disk2,export=root,server.type=unix,server.path=/run/nbd.sock"
+        );
+    }
+
+    #[test]
+    fn the_marker_disk_is_read_up_to_its_first_nul() {
+        let dir = TestDir::new("vm-marker");
+        let path = dir.join("marker.img");
+        let mut bytes = b"CRYPTNBD-VM: ROOT /dev/vda\nCRYPTNBD-VM: PASS r1\n".to_vec();
+        bytes.extend_from_slice(&[0; 64]);
+        bytes.extend_from_slice(b"CRYPTNBD-VM: FAIL r1: stale\n");
+        fs::write(&path, bytes).expect("write the marker disk");
+        let text = read_marker_disk(&path);
+        assert_eq!(verdict(&text, "r1"), Verdict::Pass);
+        assert!(!text.contains("stale"), "{text}");
     }
 
     #[test]

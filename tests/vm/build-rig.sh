@@ -15,7 +15,8 @@
 #   CRYPTNBD     the daemon to put in the guest's /bin (target/release/cryptnbd)
 #   CRYPTNBDCTL  the CLI to put in the guest's /bin (target/release/cryptnbdctl)
 # rig.env holds KEY=VALUE lines: QEMU, QEMU_LD_LIBRARY_PATH, QEMU_MODULE_DIR,
-# QEMU_FIRMWARE_DIRS (colon-separated, for -L), KERNEL, INITRD, KERNEL_RELEASE.
+# QEMU_FIRMWARE_DIRS (colon-separated, for -L), KERNEL, INITRD, KERNEL_RELEASE, and
+# KERNEL_TREE (the kernel's config and a subset of its modules, for tests/vm/build-root.sh).
 #
 # The guest's kernel modules are resolved from the `depends=` field of each module's
 # .modinfo section (no depmod or kmod needed on the host).
@@ -28,6 +29,10 @@ set -euo pipefail
 # cryptsetup uses to check a cipher in the kernel.
 MODULES="nbd crc32c_generic ext4 virtio_pci virtio_net loop dm_mod dm_crypt xts aesni_intel
  af_alg algif_skcipher"
+# The modules kept for the Debian root of tests/vm/build-root.sh (its initramfs loads the
+# first line's, the root's systemd may load the others): the same, plus the virtio disk,
+# the TLS record layer (nbd-client's TLS proxy) and autofs4 (systemd asks for it at boot).
+ROOT_MODULES="$MODULES virtio_blk tls autofs4"
 # Packages whose binaries run on the host (qemu) or in the guest (the tools): they, and the
 # library packages (lib*) they depend on that the host lacks, are fetched. qemu's firmware
 # and data come from the DATA_PKGS (qemu-system-common's own libraries serve only qemu's
@@ -198,6 +203,7 @@ build_cached_rig() {
   local base=$tmp/base
   mkdir -p "$base"
   make_base_tree "$base" "$root" "$tmp/kernel-root/lib/modules/$kver" "$kver"
+  make_kernel_tree "$tmp/kernel-tree" "$tmp/kernel-root" "$kver"
   rm -rf "$tmp/kernel-root"
   pack_cpio "$base" "$root/bin/busybox" >"$tmp/base.cpio.gz"
   rm -rf "$base"
@@ -210,6 +216,72 @@ build_cached_rig() {
 # LD_LIBRARY_PATH for binaries of an unpacked tree.
 lib_path() {
   echo "$1/usr/lib/x86_64-linux-gnu:$1/lib/x86_64-linux-gnu"
+}
+
+# The `depends=` field of a module's .modinfo section: the modules it needs, space-separated.
+module_deps() {
+  tr '\0' '\n' <"$1" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' '
+}
+
+# Resolves modules NAME... of the kernel tree MODDIR (lib/modules/KVER) with their
+# dependencies. Sets MODPATH (name -> path of the .ko), BUILTIN (name -> 1 when built into
+# the kernel), MOD_ORDER (the modules to load, dependencies first) and MOD_BUILTIN (the asked
+# or needed ones that are built in).
+resolve_modules() {
+  local moddir=$1 f n
+  shift
+  declare -gA MODPATH=() BUILTIN=()
+  MOD_ORDER=()
+  MOD_BUILTIN=()
+  while read -r f; do
+    n=${f##*/}
+    n=${n%.ko}
+    MODPATH[${n//-/_}]=$f
+  done < <(find "$moddir/kernel" -name '*.ko')
+  if [[ -f $moddir/modules.builtin ]]; then
+    while read -r f; do
+      n=${f##*/}
+      n=${n%.ko}
+      BUILTIN[${n//-/_}]=1
+    done <"$moddir/modules.builtin"
+  fi
+  local -A seen=()
+  add_module() {
+    local n=${1//-/_} d
+    [[ -n ${seen[$n]:-} ]] && return 0
+    seen[$n]=1
+    if [[ -n ${BUILTIN[$n]:-} ]]; then
+      MOD_BUILTIN+=("$n")
+      return 0
+    fi
+    [[ -n ${MODPATH[$n]:-} ]] || die "the kernel module $n is neither in $KPKG nor built into its kernel"
+    for d in $(module_deps "${MODPATH[$n]}"); do add_module "$d"; done
+    MOD_ORDER+=("$n")
+  }
+  for n in "$@"; do add_module "$n"; done
+}
+
+# What tests/vm/build-root.sh needs to build an initramfs for this kernel in a Debian root
+# (mkinitramfs reads the kernel's config, depmod the module lists): under TREE,
+# boot/config-KVER and lib/modules/KVER with the ROOT_MODULES and their dependencies at their
+# paths in the package, modules.order and modules.builtin*. depmod runs in that root.
+make_kernel_tree() {
+  local tree=$1 kroot=$2 kver=$3 n f
+  local moddir=$kroot/lib/modules/$kver
+  mkdir -p "$tree/boot" "$tree/lib/modules/$kver"
+  cp "$kroot/boot/config-$kver" "$tree/boot/config-$kver"
+  # shellcheck disable=SC2086 # a list of module names
+  resolve_modules "$moddir" $ROOT_MODULES
+  for n in "${MOD_ORDER[@]}"; do
+    f=${MODPATH[$n]#"$moddir"/}
+    mkdir -p "$tree/lib/modules/$kver/$(dirname "$f")"
+    cp "${MODPATH[$n]}" "$tree/lib/modules/$kver/$f"
+  done
+  for f in modules.order modules.builtin modules.builtin.modinfo; do
+    [[ -f $moddir/$f ]] || die "$KPKG has no lib/modules/$kver/$f"
+    cp "$moddir/$f" "$tree/lib/modules/$kver/$f"
+  done
+  say "kernel tree for the Debian root: ${#MOD_ORDER[@]} modules ($(du -sh "$tree" | cut -f1))"
 }
 
 # Resolves the module closure and installs it under BASE/lib/modules/KVER, with a
@@ -235,51 +307,25 @@ make_base_tree() {
   done
 
   # modules
-  declare -A modpath=() seen=() builtin=()
   local f n
-  while read -r f; do
-    n=${f##*/}
-    n=${n%.ko}
-    modpath[${n//-/_}]=$f
-  done < <(find "$moddir/kernel" -name '*.ko')
-  if [[ -f $moddir/modules.builtin ]]; then
-    while read -r f; do
-      n=${f##*/}
-      n=${n%.ko}
-      builtin[${n//-/_}]=1
-    done <"$moddir/modules.builtin"
-  fi
-  local order=() skipped=()
-  add_module() {
-    local n=${1//-/_} f deps d
-    [[ -n ${seen[$n]:-} ]] && return 0
-    seen[$n]=1
-    if [[ -n ${builtin[$n]:-} ]]; then
-      skipped+=("$n")
-      return 0
-    fi
-    f=${modpath[$n]:-}
-    [[ -n $f ]] || die "the kernel module $n is neither in $KPKG nor built into its kernel"
-    deps=$(tr '\0' '\n' <"$f" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')
-    for d in $deps; do add_module "$d"; done
-    order+=("$n")
-  }
-  for n in $MODULES; do add_module "$n"; done
+  # shellcheck disable=SC2086 # a list of module names
+  resolve_modules "$moddir" $MODULES
+  local order=("${MOD_ORDER[@]}")
   local kdir=$base/lib/modules/$kver
   mkdir -p "$kdir"
   declare -A rel=()
   for n in "${order[@]}"; do
-    rel[$n]=${modpath[$n]#"$moddir"/}
+    rel[$n]=${MODPATH[$n]#"$moddir"/}
     mkdir -p "$kdir/$(dirname "${rel[$n]}")"
-    cp "${modpath[$n]}" "$kdir/${rel[$n]}"
+    cp "${MODPATH[$n]}" "$kdir/${rel[$n]}"
   done
   # modules.dep: each module with all its dependencies, the one to load first listed last.
   closure() {
     local n=$1 d deps
-    deps=$(tr '\0' '\n' <"${modpath[$n]}" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')
+    deps=$(module_deps "${MODPATH[$n]}")
     for d in $deps; do
       d=${d//-/_}
-      [[ -n ${builtin[$d]:-} ]] && continue
+      [[ -n ${BUILTIN[$d]:-} ]] && continue
       closure "$d"
       echo "$d"
     done
@@ -298,7 +344,7 @@ make_base_tree() {
   printf '%s\n' "${order[@]}" | while read -r n; do echo "$n ${rel[$n]}"; done >"$base/lib/modules/ORDER"
   echo "$kver" >"$base/lib/modules/RELEASE"
   say "kernel $kver; modules in load order: ${order[*]}"
-  [[ ${#skipped[@]} -eq 0 ]] || say "built into the kernel: ${skipped[*]}"
+  [[ ${#MOD_BUILTIN[@]} -eq 0 ]] || say "built into the kernel: ${MOD_BUILTIN[*]}"
 
   # guest tools and their libraries
   local b
@@ -414,6 +460,7 @@ QEMU_FIRMWARE_DIRS=$R/usr/share/qemu:$R/usr/share/seabios
 KERNEL=$RIG/vmlinuz
 INITRD=$OUT/initramfs.cpio.gz
 KERNEL_RELEASE=$(cat "$RIG/kernel-release")
+KERNEL_TREE=$RIG/kernel-tree
 EOF
 mv "$OUT/rig.env.tmp" "$OUT/rig.env"
 say "initramfs $(du -h "$OUT/initramfs.cpio.gz" | cut -f1) in $((SECONDS - t1)) s: $OUT/initramfs.cpio.gz"
