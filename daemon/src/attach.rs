@@ -382,6 +382,17 @@ impl Daemon {
                 format!("volume {} is not attached", r.volume),
             ));
         };
+        if self.services.root_daemon && a.kernel().is_some() {
+            return Err(api(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {} is the root filesystem's device ({}), served by the root storage \
+                     daemon: it is not detached while the system runs on it",
+                    r.volume,
+                    a.kernel().map(|k| k.path()).unwrap_or_default()
+                ),
+            ));
+        }
         // The kernel device's own sessions are not clients: the device is checked below.
         let clients =
             || self.connections_where(&a.export_name, |p| !matches!(p, nbd::Peer::Kernel { .. }));

@@ -31,6 +31,10 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     /// Where volumes live.
     pub store: StoreConfig,
+    /// Started as the root storage daemon (`argv[0]` begins with `@`, as the initramfs starts
+    /// it; docs/root-volume.md): not a configuration key.
+    #[serde(skip)]
+    pub root_daemon: bool,
 }
 
 /// `[store]`: where volumes live. Files in the state directory always; an RBD pool too when

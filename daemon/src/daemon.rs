@@ -89,6 +89,7 @@ impl Daemon {
                 principal: std::sync::Mutex::new(None),
                 keystore,
                 tls: Default::default(),
+                root_daemon: false,
             },
         }
     }

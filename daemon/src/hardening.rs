@@ -74,3 +74,10 @@ pub fn set_io_flusher() -> Result<(), String> {
         )
     })
 }
+
+/// What the root storage daemon sets up (docs/root-volume.md): the OOM killer passes it over
+/// (`oom_score_adj` -1000: killing it would take the root filesystem with it).
+pub fn root_daemon() -> Result<(), String> {
+    std::fs::write("/proc/self/oom_score_adj", b"-1000")
+        .map_err(|e| format!("cannot set oom_score_adj to -1000: {e}"))
+}

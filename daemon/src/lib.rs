@@ -135,6 +135,40 @@ fn passphrase(file: Option<&PathBuf>) -> Result<Option<Zeroizing<Vec<u8>>>, Daem
         .map(|v| Zeroizing::new(v.into_encoded_bytes())))
 }
 
+/// When the root storage daemon stops: at SIGTERM or SIGINT while it serves no kernel device
+/// (an unlock that failed), never while it serves one (the root filesystem is on it: the
+/// system's final reboot ends it, after the root was remounted read-only and flushed).
+async fn root_shutdown(daemon: Arc<daemon::Daemon>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let serving: Vec<String> = daemon
+            .state
+            .registry
+            .all()
+            .iter()
+            .filter_map(|a| a.kernel().map(|k| k.path()))
+            .collect();
+        if serving.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            devices = %serving.join(", "),
+            "the root storage daemon does not stop while it serves a kernel device: the \
+             system's final reboot ends it (docs/root-volume.md)"
+        );
+    }
+}
+
 /// Merges the root daemon's boot-time audit records (the initramfs wrote them under `/run`)
 /// into this daemon's trail, unless this daemon is the one writing them.
 fn merge_initramfs_trail(config: &Config, layout: &StateLayout, audit: &AuditLog) {
@@ -169,6 +203,23 @@ pub async fn run(
     let tls = tls::load(&config.nbd.tls)?;
     let layout = StateLayout::new(config.state_dir.clone(), config.runtime_dir.clone());
     let is_root = rustix::process::geteuid().is_root();
+    let mut config = config;
+    if config.root_daemon {
+        // Serving the root from the initramfs: nothing by path once the system switches to
+        // the real root (its /proc, /sys, /run are moved there), so no key checks (the KMS's
+        // files and network settings stay behind) and no audit rotation (the open file is
+        // the trail); never killed for memory, never stopped by a signal while it serves a
+        // kernel device.
+        if let Err(m) = hardening::root_daemon() {
+            tracing::warn!(
+                "{m}: the OOM killer could choose the daemon that serves the root; give it \
+                 CAP_SYS_RESOURCE"
+            );
+        }
+        config.kms.key_check_interval_secs = 0;
+        config.audit.max_bytes = u64::MAX;
+        tracing::info!("running as the root storage daemon (@cryptnbd)");
+    }
     let hardening = hardening::apply(config.memory.require_lock.unwrap_or(is_root))?;
 
     make_dir(&layout.state_dir, 0o700)?;
@@ -261,6 +312,7 @@ pub async fn run(
     let opened = stores::open(&config.store, &layout)?;
     daemon.services.catalog = opened.stores;
     daemon.services.rbd = opened.rbd;
+    daemon.services.root_daemon = config.root_daemon;
     daemon.services.tls = tls::TlsService {
         config: config.nbd.tls.clone(),
         loaded: std::sync::Mutex::new(tls),
@@ -311,7 +363,18 @@ pub async fn run(
         uids: config.control.allow_uids.clone(),
         gids: config.control.allow_gids.clone(),
     };
-    control::serve(control, Arc::clone(&daemon), acl, shutdown).await;
+    if config.root_daemon {
+        drop(shutdown);
+        control::serve(
+            control,
+            Arc::clone(&daemon),
+            acl,
+            root_shutdown(Arc::clone(&daemon)),
+        )
+        .await;
+    } else {
+        control::serve(control, Arc::clone(&daemon), acl, shutdown).await;
+    }
 
     notify::notify("STOPPING=1");
     tracing::info!("shutting down: finishing in-flight requests, flushing, wiping keys");

@@ -86,6 +86,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .insert(name.to_owned(), device.to_owned());
     }
     config.validate()?;
+    // The initramfs starts the daemon that serves the root as `@cryptnbd`: systemd's killing
+    // sprees spare a root process whose argv[0] begins with '@' (ROOT_STORAGE_DAEMONS.md).
+    config.root_daemon = std::env::args_os()
+        .next()
+        .is_some_and(|a| a.as_encoded_bytes().first() == Some(&b'@'));
     // Before any thread starts, so every thread inherits it (and each runtime thread sets it
     // again, in case it was started from elsewhere).
     let io_flusher = cryptnbd::hardening::set_io_flusher();

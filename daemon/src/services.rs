@@ -45,6 +45,8 @@ pub struct Services {
     pub keystore: Option<PathBuf>,
     /// `[nbd.tls]` and what it loaded to (changed by `tls reload` and SIGHUP).
     pub tls: crate::tls::TlsService,
+    /// This is the root storage daemon (`@cryptnbd`, docs/root-volume.md).
+    pub root_daemon: bool,
 }
 
 /// The daemon's key policy (from `[kms]` and `[kms.aws]`).
