@@ -35,10 +35,15 @@ pub fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| layout.control_socket());
     match &cli.command {
         Command::Create(args) if args.from_image.is_some() => {
-            if args.path.is_some() {
+            if let Some(path) = &args.path {
+                // A block device is formatted and filled here, offline (an old root copied
+                // onto the disk that will hold the encrypted one).
+                if store::device::is_block_device(path) {
+                    return rt.block_on(create(&cli, &layout, args, &out));
+                }
                 return Err(CliError::usage(
                     "--from-image runs in the daemon, which keeps volumes in its state \
-                     directory: leave out --path",
+                     directory: leave out --path (or give a block device to fill offline)",
                 )
                 .into());
             }
@@ -970,6 +975,23 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
             return Err(CliError::usage("--size is required (or --from-image)").into());
         }
     };
+    // An image to fill it with is opened first: one that does not fit changes nothing.
+    let source = match &args.from_image {
+        Some(image) => {
+            let source = open_source(image)?;
+            if source.2 > size {
+                return Err(CliError::usage(format!(
+                    "the image {} is {} bytes, more than the volume's {size}: it does not \
+                     fit; nothing was written",
+                    image.display(),
+                    source.2
+                ))
+                .into());
+            }
+            Some(source)
+        }
+        None => None,
+    };
     let opts = volume::CreateOptions {
         size,
         sector_size: args.sector_size,
@@ -995,7 +1017,11 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
             &created,
         );
     }
-    drop(created?);
+    let created = created?;
+    if let (Some(image), Some(source)) = (&args.from_image, source) {
+        fill_offline(&created, &args.name, image, source, out.json)?;
+    }
+    drop(created);
     let info = volume::inspect(&path)?;
     let token = info
         .token
@@ -1014,6 +1040,67 @@ async fn create(cli: &Cli, layout: &StateLayout, args: &CreateArgs, out: &Output
     out.emit(&created, || {
         created_text(&created, "offline: no daemon running")
     })
+}
+
+/// An image opened to fill a volume offline: raw bytes to read, and how many.
+type Source = (crate::lifecycle::OpenedImage, std::fs::File, u64);
+
+/// Opens `image` (raw, a block device, or any format qemu-img reads) as raw bytes.
+fn open_source(image: &Path) -> Result<Source> {
+    let opened = crate::lifecycle::open_image(image)?;
+    let mut file = std::fs::File::from(opened.fd.try_clone()?);
+    let len = match file.metadata()? {
+        m if m.is_file() => m.len(),
+        _ => match opened.source.size {
+            Some(s) => s,
+            None => std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+                .and_then(|n| {
+                    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).map(|_| n)
+                })
+                .with_context(|| format!("cannot find the size of {}", image.display()))?,
+        },
+    };
+    Ok((opened, file, len))
+}
+
+/// Fills a volume just made offline (on a block device) with the image `source`, showing
+/// progress as the daemon's imports do.
+fn fill_offline(
+    vol: &volume::Volume,
+    name: &str,
+    image: &Path,
+    source: Source,
+    json: bool,
+) -> Result<()> {
+    let (opened, mut file, len) = source;
+    let progress = volume::lifecycle::Progress::new();
+    let cancel = volume::lifecycle::Cancel::default();
+    let what = format!("the image {}", image.display());
+    let mut view = crate::lifecycle::ProgressView::new(json);
+    let filled = std::thread::scope(|s| {
+        let worker = s
+            .spawn(|| volume::lifecycle::fill_from(vol, &mut file, len, &what, &progress, &cancel));
+        while !worker.is_finished() {
+            let (phase, done, total) = progress.get();
+            view.show(&control_api::ProgressEvent {
+                operation: "import".into(),
+                volume: name.into(),
+                phase: phase.into(),
+                done,
+                total,
+            });
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        worker.join().unwrap_or_else(|_| {
+            Err(volume::VolumeError::new(
+                volume::VolumeErrorKind::Io,
+                "the copy stopped unexpectedly",
+            ))
+        })
+    });
+    view.finish();
+    filled?;
+    opened.finish()
 }
 
 fn inspect(layout: &StateLayout, volume: &str, out: &Output) -> Result<()> {

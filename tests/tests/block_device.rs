@@ -349,3 +349,48 @@ fn a_wrong_device_entry_stops_the_daemon_with_a_sentence() {
             .assert_stderr_contains(said);
     }
 }
+
+#[test]
+fn an_old_root_is_copied_onto_a_device_as_a_new_volume() {
+    let dir = TestDir::new("blockdev-convert");
+    let ctl = Ctl::new(&dir.state_dir());
+    ctl.create_key("boot");
+    // The old root: an ext4 filesystem on a partition (a loop device) with a file in it.
+    require_tool("mkfs.ext4", "e2fsprogs");
+    let old = Loop::new(&dir, "old-root", 24 << 20);
+    run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "oldroot", &old.dev])).assert_success();
+    let old_bytes = old.bytes();
+
+    // Too small a device: refused before anything is written.
+    let small = Loop::new(&dir, "small", 32 << 20);
+    let before = small.bytes();
+    create_on(&ctl, &small.dev, &["--from-image", &old.dev])
+        .assert_code(2)
+        .assert_stderr_contains("does not fit; nothing was written");
+    assert!(small.bytes() == before);
+
+    // The new disk: formatted and filled offline from the old partition.
+    let disk = Loop::new(&dir, "disk", 48 << 20);
+    let out = create_on(&ctl, &disk.dev, &["--from-image", &old.dev]);
+    out.assert_success();
+    let uuid = out.json()["uuid"].as_str().expect("uuid").to_owned();
+    let d = Daemon::start(&dir, &devices_config(&format!("UUID={uuid}")));
+    d.ctl
+        .run(&[
+            "attach",
+            "root",
+            "--sid",
+            TEST_SID,
+            "--directory",
+            TEST_DIRECTORY,
+        ])
+        .assert_success();
+    let back = d.read_export("root", &dir.join("back.img"));
+    assert!(
+        back[..old_bytes.len()] == old_bytes[..],
+        "the volume does not hold the old root"
+    );
+    assert!(back[old_bytes.len()..].iter().all(|&b| b == 0));
+    d.ctl.run(&["detach", "root"]).assert_success();
+    d.stop();
+}
