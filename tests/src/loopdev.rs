@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{TestDir, require_tool, run};
+use crate::{Ctl, Outcome, TEST_DIRECTORY, TEST_SID, TestDir, require_tool, run};
 
 /// A loop device over a file of `size` bytes in a test directory, detached when dropped.
 pub struct Loop {
@@ -37,6 +37,26 @@ impl Loop {
     /// The device node.
     pub fn path(&self) -> &Path {
         Path::new(&self.dev)
+    }
+
+    /// `cryptnbdctl --json create root --path DEVICE` with the test identity and the master
+    /// key `alias/boot`, and `extra` arguments: the device formatted in place, offline.
+    pub fn create_volume(&self, ctl: &Ctl, extra: &[&str]) -> Outcome {
+        let mut args = vec![
+            "--json",
+            "create",
+            "root",
+            "--path",
+            &self.dev,
+            "--kms-key",
+            "alias/boot",
+            "--sid",
+            TEST_SID,
+            "--directory",
+            TEST_DIRECTORY,
+        ];
+        args.extend_from_slice(extra);
+        ctl.run(&args)
     }
 
     /// Every byte of the device (its backing file).

@@ -9,31 +9,13 @@ use e2e_tests::daemon::{Daemon, cryptnbd_bin};
 use e2e_tests::loopdev::Loop;
 use e2e_tests::{Ctl, TEST_DIRECTORY, TEST_SID, TestDir, cryptsetup, require_tool, run};
 
-fn create_on(ctl: &Ctl, dev: &str, extra: &[&str]) -> e2e_tests::Outcome {
-    let mut args = vec![
-        "--json",
-        "create",
-        "root",
-        "--path",
-        dev,
-        "--kms-key",
-        "alias/boot",
-        "--sid",
-        TEST_SID,
-        "--directory",
-        TEST_DIRECTORY,
-    ];
-    args.extend_from_slice(extra);
-    ctl.run(&args)
-}
-
 #[test]
 fn a_volume_is_made_on_a_block_device_in_place_and_cryptsetup_reads_it() {
     let dir = TestDir::new("blockdev");
     let ctl = Ctl::new(&dir.state_dir());
     ctl.create_key("boot");
     let disk = Loop::new(&dir, "disk", 96 << 20);
-    let out = create_on(&ctl, &disk.dev, &[]);
+    let out = disk.create_volume(&ctl, &[]);
     out.assert_success();
     let created = out.json();
     assert_eq!(created["store"], "device", "{created}");
@@ -61,7 +43,7 @@ fn a_volume_is_made_on_a_block_device_in_place_and_cryptsetup_reads_it() {
     // A second create finds the header and leaves the device alone.
     let before = disk.bytes();
     // `conflict`: exit 4, as for any name already taken.
-    create_on(&ctl, &disk.dev, &[])
+    disk.create_volume(&ctl, &[])
         .assert_code(4)
         .assert_stderr_contains("holds a LUKS header")
         .assert_stderr_contains("wipefs -a");
@@ -82,7 +64,7 @@ fn a_device_that_holds_something_is_in_use_or_is_too_small_is_refused_untouched(
     require_tool("mkfs.ext4", "e2fsprogs");
     run(Command::new("mkfs.ext4").args(["-q", "-F", &fs.dev])).assert_success();
     let before = fs.bytes();
-    create_on(&ctl, &fs.dev, &[])
+    fs.create_volume(&ctl, &[])
         .assert_code(4)
         .assert_stderr_contains("holds an ext2/3/4 filesystem");
     assert!(fs.bytes() == before, "the filesystem was written over");
@@ -90,12 +72,13 @@ fn a_device_that_holds_something_is_in_use_or_is_too_small_is_refused_untouched(
     // Too small for the size asked, and too small for any volume.
     let small = Loop::new(&dir, "small", 32 << 20);
     let before = small.bytes();
-    create_on(&ctl, &small.dev, &["--size", "20M"])
+    small
+        .create_volume(&ctl, &["--size", "20M"])
         .assert_code(2)
         .assert_stderr_contains("does not fit");
     assert!(small.bytes() == before);
     let tiny = Loop::new(&dir, "tiny", 8 << 20);
-    create_on(&ctl, &tiny.dev, &[]).assert_code(2);
+    tiny.create_volume(&ctl, &[]).assert_code(2);
 
     // In use: another program holds it open exclusively (as a mount or a mapping does).
     let busy = Loop::new(&dir, "busy", 64 << 20);
@@ -108,12 +91,24 @@ fn a_device_that_holds_something_is_in_use_or_is_too_small_is_refused_untouched(
             .open(&busy.dev)
             .expect("hold the device")
     };
-    create_on(&ctl, &busy.dev, &[])
+    busy.create_volume(&ctl, &[])
         .assert_stderr_contains("is in use")
         .assert_stderr_contains("unmount or close it first");
     drop(holder);
     assert!(busy.bytes() == before);
-    create_on(&ctl, &busy.dev, &[]).assert_success();
+    busy.create_volume(&ctl, &[]).assert_success();
+}
+
+/// Attaches volume `root` of `d` with its identity.
+fn attach_root(d: &Daemon) -> e2e_tests::Outcome {
+    d.ctl.run(&[
+        "attach",
+        "root",
+        "--sid",
+        TEST_SID,
+        "--directory",
+        TEST_DIRECTORY,
+    ])
 }
 
 /// The daemon's config with `[store.devices] root = VALUE`.
@@ -128,7 +123,7 @@ fn a_device_named_in_the_config_is_attached_and_rekeyed_and_the_copying_verbs_ar
     ctl.create_key("boot");
     ctl.create_key("other");
     let disk = Loop::new(&dir, "disk", 64 << 20);
-    create_on(&ctl, &disk.dev, &[]).assert_success();
+    disk.create_volume(&ctl, &[]).assert_success();
     let uuid = ctl.inspect_json(disk.path())["uuid"]
         .as_str()
         .expect("uuid")
@@ -144,16 +139,7 @@ fn a_device_named_in_the_config_is_attached_and_rekeyed_and_the_copying_verbs_ar
     let listed = listed.stdout_text();
     assert!(listed.contains("\"root\""), "{listed}");
 
-    d.ctl
-        .run(&[
-            "attach",
-            "root",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ])
-        .assert_success();
+    attach_root(&d).assert_success();
     // Attached, the device is held exclusively: nothing can mount or map it meanwhile.
     let held = {
         use std::os::unix::fs::OpenOptionsExt;
@@ -183,16 +169,7 @@ fn a_device_named_in_the_config_is_attached_and_rekeyed_and_the_copying_verbs_ar
         .run(&["rekey", "root", "--kms-key", "alias/other"])
         .assert_success();
     run(Command::new(cryptsetup()).arg("luksDump").arg(&disk.dev)).assert_success();
-    d.ctl
-        .run(&[
-            "attach",
-            "root",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ])
-        .assert_success();
+    attach_root(&d).assert_success();
     let back = d.read_export("root", &dir.join("out.img"));
     assert!(back[..data.len()] == data[..], "the data read back differs");
     d.ctl.run(&["detach", "root"]).assert_success();
@@ -271,31 +248,14 @@ fn a_device_named_in_the_config_is_attached_and_rekeyed_and_the_copying_verbs_ar
 
     // By path, and a device that is not there: the daemon starts; attach says what it looked for.
     let d = Daemon::start(&dir, &devices_config(&disk.dev));
-    d.ctl
-        .run(&[
-            "attach",
-            "root",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ])
-        .assert_success();
+    attach_root(&d).assert_success();
     d.ctl.run(&["detach", "root"]).assert_success();
     d.stop();
     // A copy of the disk attached too: the UUID names two devices, and nothing is guessed.
     let copy = Loop::new(&dir, "copy", 64 << 20);
     std::fs::write(&copy.file, disk.bytes()).expect("copy the disk");
     let d = Daemon::start(&dir, &devices_config(&format!("UUID={uuid}")));
-    d.ctl
-        .run(&[
-            "attach",
-            "root",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ])
+    attach_root(&d)
         .assert_stderr_contains(&format!("the LUKS2 UUID {uuid} is on 2 devices"))
         .assert_stderr_contains(&copy.dev);
     d.stop();
@@ -304,15 +264,7 @@ fn a_device_named_in_the_config_is_attached_and_rekeyed_and_the_copying_verbs_ar
         &dir,
         &devices_config("UUID=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
     );
-    d.ctl
-        .run(&[
-            "attach",
-            "root",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ])
+    attach_root(&d)
         .assert_stderr_contains("no block device holds a LUKS2 header with UUID 0f1e2d3c");
     d.stop();
 }
@@ -364,27 +316,19 @@ fn an_old_root_is_copied_onto_a_device_as_a_new_volume() {
     // Too small a device: refused before anything is written.
     let small = Loop::new(&dir, "small", 32 << 20);
     let before = small.bytes();
-    create_on(&ctl, &small.dev, &["--from-image", &old.dev])
+    small
+        .create_volume(&ctl, &["--from-image", &old.dev])
         .assert_code(2)
         .assert_stderr_contains("does not fit; nothing was written");
     assert!(small.bytes() == before);
 
     // The new disk: formatted and filled offline from the old partition.
     let disk = Loop::new(&dir, "disk", 48 << 20);
-    let out = create_on(&ctl, &disk.dev, &["--from-image", &old.dev]);
+    let out = disk.create_volume(&ctl, &["--from-image", &old.dev]);
     out.assert_success();
     let uuid = out.json()["uuid"].as_str().expect("uuid").to_owned();
     let d = Daemon::start(&dir, &devices_config(&format!("UUID={uuid}")));
-    d.ctl
-        .run(&[
-            "attach",
-            "root",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ])
-        .assert_success();
+    attach_root(&d).assert_success();
     let back = d.read_export("root", &dir.join("back.img"));
     assert!(
         back[..old_bytes.len()] == old_bytes[..],

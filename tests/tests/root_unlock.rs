@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::daemon::Daemon;
 use e2e_tests::loopdev::Loop;
-use e2e_tests::{Ctl, Outcome, TEST_DIRECTORY, TEST_SID, TestDir, run};
+use e2e_tests::{Ctl, Outcome, TestDir, run};
 
 /// A root volume on a loop device, a root configuration naming it, and the image tree
 /// `initramfs prepare` made from them.
@@ -34,19 +34,7 @@ impl Root {
         let ctl = Ctl::new(&dir.state_dir());
         let key = ctl.create_key("boot");
         let disk = Loop::new(&dir, "disk", 48 << 20);
-        let out = ctl.run(&[
-            "--json",
-            "create",
-            "root",
-            "--path",
-            &disk.dev,
-            "--kms-key",
-            "alias/boot",
-            "--sid",
-            TEST_SID,
-            "--directory",
-            TEST_DIRECTORY,
-        ]);
+        let out = disk.create_volume(&ctl, &[]);
         out.assert_success();
         let uuid = out.json()["uuid"].as_str().expect("uuid").to_owned();
         let config = dir.join("root.toml");
@@ -67,6 +55,18 @@ impl Root {
         };
         r.prepare().assert_success();
         r
+    }
+
+    /// Rewrites the root configuration: the state directory, then `extra`.
+    fn configure(&self, extra: &str) {
+        std::fs::write(
+            &self.config,
+            format!(
+                "state_dir = \"{}\"\n{extra}",
+                self.dir.state_dir().display()
+            ),
+        )
+        .expect("config");
     }
 
     fn prepare(&self) -> Outcome {
@@ -225,14 +225,7 @@ fn prepare_puts_the_configuration_and_the_keystore_in_the_image_and_never_a_pass
     );
     assert!(r.image.join("etc/cryptnbd/root.toml").is_file());
 
-    std::fs::write(
-        &r.config,
-        format!(
-            "state_dir = \"{}\"\n[kms]\npassphrase_file = \"/etc/cryptnbd/pass\"\n",
-            r.dir.state_dir().display()
-        ),
-    )
-    .expect("config");
+    r.configure("[kms]\npassphrase_file = \"/etc/cryptnbd/pass\"\n");
     r.prepare()
         .assert_code(2)
         .assert_stderr_contains("kms.passphrase_file");
@@ -265,14 +258,7 @@ fn a_failed_unlock_names_the_volume_the_device_and_the_key_and_leaves_nothing_ru
     assert!(log.contains("cryptnbd ready"), "{log}");
 
     // A daemon that cannot start: its own sentence comes through.
-    std::fs::write(
-        &r.config,
-        format!(
-            "state_dir = \"{}\"\n[nbd]\ntcp = \"192.0.2.1:10809\"\n",
-            r.dir.state_dir().display()
-        ),
-    )
-    .expect("config");
+    r.configure("[nbd]\ntcp = \"192.0.2.1:10809\"\n");
     r.prepare().assert_success();
     r.unlock(&format!(
         "cryptnbd.root=UUID={} cryptnbd.config={{config}}",
