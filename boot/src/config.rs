@@ -184,6 +184,21 @@ impl RootConfig {
                         });
                     }
                 }
+                // credential_process (IAM Roles Anywhere's signing helper, say): the files
+                // its command line names by absolute path (a certificate, a private key).
+                for command in self.credential_processes() {
+                    for word in command.split_whitespace().skip(1) {
+                        let word = word.trim_matches(['"', '\'']);
+                        if word.starts_with('/') && Path::new(word).is_file() {
+                            files.push(ImageFile {
+                                source: PathBuf::from(word),
+                                dest: PathBuf::from(word),
+                                what: "a file credential_process names",
+                                secret: true,
+                            });
+                        }
+                    }
+                }
                 if let Some(p) = &aws.credentials_file
                     && std::fs::read_to_string(p).is_ok_and(|t| t.contains("aws_secret_access_key"))
                 {
@@ -214,6 +229,33 @@ impl RootConfig {
             }
         }
         Ok((files, warnings))
+    }
+}
+
+impl RootConfig {
+    /// The `credential_process` commands of the AWS configuration file `[kms.aws]` names.
+    pub fn credential_processes(&self) -> Vec<String> {
+        let Some(file) = &self.kms.aws.config_file else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "credential_process").then(|| v.trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// The programs the initramfs needs besides cryptnbd's own: each `credential_process`'s
+    /// executable (given by absolute path, as the daemon needs it).
+    pub fn programs(&self) -> Vec<PathBuf> {
+        self.credential_processes()
+            .iter()
+            .filter_map(|c| c.split_whitespace().next())
+            .map(|p| PathBuf::from(p.trim_matches(['"', '\''])))
+            .collect()
     }
 }
 
@@ -290,6 +332,38 @@ mod tests {
             warnings[0].contains("long-lived access key"),
             "{warnings:?}"
         );
+        // Roles Anywhere through credential_process: the helper, its certificate and key.
+        let (cert, key) = (dir.path().join("host.pem"), dir.path().join("host.key"));
+        std::fs::write(&cert, "cert").expect("write");
+        std::fs::write(&key, "key").expect("write");
+        let aws_config = dir.path().join("aws-config");
+        std::fs::write(
+            &aws_config,
+            format!(
+                "[profile cryptnbd]\ncredential_process = /usr/local/bin/aws_signing_helper \
+                 credential-process --certificate {} --private-key \"{}\" --role-arn arn:x\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .expect("write");
+        let c: RootConfig = toml::from_str(&format!(
+            "[kms]\nbackend = \"aws\"\n[kms.aws]\nconfig_file = \"{}\"\n",
+            aws_config.display()
+        ))
+        .expect("parse");
+        assert_eq!(
+            c.programs(),
+            [PathBuf::from("/usr/local/bin/aws_signing_helper")]
+        );
+        let (files, _) = c.image_files(&config, image_config).expect("files");
+        let sources: Vec<&Path> = files.iter().map(|f| f.source.as_path()).collect();
+        assert!(
+            sources.contains(&cert.as_path()) && sources.contains(&key.as_path()),
+            "{sources:?}"
+        );
+        assert!(sources.contains(&aws_config.as_path()));
+
         // A plain-HTTP test endpoint needs no CA bundle.
         let c: RootConfig = toml::from_str(
             "[kms]\nbackend = \"aws\"\n[kms.aws]\nendpoint_url = \"http://10.0.2.2:5000\"\n",

@@ -62,6 +62,12 @@ pub fn prepare(a: &PrepareArgs) -> Result<()> {
         format!("program {}", daemon.display()),
         format!("program {}", crate::dmcrypt::find_cryptsetup()?.display()),
     ];
+    lines.extend(
+        config
+            .programs()
+            .iter()
+            .map(|p| format!("program {}", p.display())),
+    );
     lines.extend(MODULES.iter().map(|m| format!("module {m}")));
     if config.needs_network() {
         lines.push("network".into());
@@ -574,6 +580,7 @@ pub fn check(a: &CheckArgs, out: &crate::output::Output) -> Result<()> {
     if mode != Some(Mode::Nbd) {
         programs.push(crate::dmcrypt::find_cryptsetup()?);
     }
+    programs.extend(config.programs());
     for p in &programs {
         let text = p.display().to_string();
         match image.get(&text) {
