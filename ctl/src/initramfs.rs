@@ -205,6 +205,9 @@ fn unlock_root(a: &UnlockArgs, root: &RootRequest, config: &RootConfig) -> Resul
             .map(|c| c.to_string())
             .collect::<Vec<_>>()
             .join(": ");
+        // The daemon's answers start with the volume's path, which the sentence names already.
+        let shown = format!("{}: ", path.display());
+        let why = why.strip_prefix(&shown).unwrap_or(&why);
         anyhow::Error::new(CliError::new(
             crate::exit::code_for(&e),
             format!(
@@ -244,7 +247,7 @@ fn unlock_root(a: &UnlockArgs, root: &RootRequest, config: &RootConfig) -> Resul
                 copy
             };
             if boot::config::keystore_is_sealed(&keystore) {
-                Some(ask_passphrase(a, &volume, &keystore)?)
+                Some(ask_passphrase(a, &volume, &keystore).map_err(failed)?)
             } else {
                 None
             }
@@ -436,9 +439,8 @@ fn ask_passphrase(a: &UnlockArgs, volume: &str, keystore: &Path) -> Result<Zeroi
     Err(CliError::new(
         crate::exit::KMS_REFUSED,
         format!(
-            "the keystore passphrase was wrong {PASSPHRASE_TRIES} times: the root volume {volume} \
-             stays locked (reboot to try again, or open it with a recovery passphrase: \
-             docs/root-volume.md)"
+            "the keystore passphrase was wrong {PASSPHRASE_TRIES} times: the volume stays locked \
+             (reboot to try again, or open it with a recovery passphrase: docs/root-volume.md)"
         ),
     )
     .into())

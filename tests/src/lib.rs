@@ -1018,6 +1018,7 @@ pub fn assert_sectors_encrypted(volume: &Path, segment: &Segment, off: u64, len:
 
 pub mod ceph;
 pub mod cpio;
+pub mod cryptroot;
 pub mod daemon;
 pub mod loopdev;
 pub mod mount;

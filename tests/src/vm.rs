@@ -1022,6 +1022,18 @@ impl RootBoot {
         self.param("daemon", 1)
     }
 
+    /// The test unit reports each line of the audit trail `path` (`AUDIT LINE`); a missing
+    /// trail fails the boot.
+    pub fn report_audit(self, path: &str) -> Self {
+        self.param("audit", path)
+    }
+
+    /// The test unit reports each line of the log `path` (`LOG LINE`), for the test's output;
+    /// a missing log decides nothing.
+    pub fn report_log(self, path: &str) -> Self {
+        self.param("log", path)
+    }
+
     /// Another word on the kernel command line (the product's `cryptnbd.*` options).
     pub fn cmdline(mut self, word: &str) -> Self {
         self.extra.push(word.to_owned());

@@ -36,16 +36,38 @@
 //!   later root tests need (a passphrase prompt, an emergency shell): initramfs-tools stops
 //!   at `break=premount`, a line typed at its `(initramfs) ` prompt runs and powers off.
 //!
+//! The encrypted root itself (issue 16), with cryptnbd's initramfs integration (`boot/`) and
+//! our release binaries installed in the Debian root before its initramfs is built
+//! (tests/src/cryptroot.rs), the root volume the guest's raw /dev/vda:
+//! - `root_dm_crypt_initramfs_tools_aws_kms`, `root_dm_crypt_dracut_aws_kms`: the dm-crypt
+//!   way with AWS KMS (moto on the host, reached at 10.0.2.2 with `ip=dhcp`), the image
+//!   built by `update-initramfs` or by `dracut -a cryptnbd`; systemd runs on
+//!   /dev/mapper/cryptnbd-root; two boots, the root daemon's `open-dm-crypt` audited, then
+//!   the plaintext checked on the host.
+//! - `root_fails_with_the_key_disabled`, `root_fails_with_the_context_changed`,
+//!   `root_fails_with_the_kms_unreachable`: initramfs-tools stops in its emergency shell with
+//!   one sentence naming the volume, the device, the key and the reason; no daemon is left,
+//!   the volume's bytes are unchanged.
+//! - `root_nbd_way_local_kms_sealed_keystore`: `cryptnbd.mode=nbd`, the local keystore sealed,
+//!   its passphrase typed at the prompt on the serial console; the root daemon (`@cryptnbd`)
+//!   serves /dev/nbd0 under systemd; two boots, then the plaintext checked on the host.
+//!   `root_nbd_way_fails_after_three_wrong_passphrases`: the boot stops after the third.
+//!
 //! Needs root (the host daemon's memory locking, as in the other daemon tests), the release
 //! binaries (`cargo build --release -p daemon -p ctl`), apt and dpkg to build the rig, and
 //! libnbd-bin + e2fsprogs on the host for scenario b's checks.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use e2e_tests::cryptroot::{
+    Content, DM_DEVICE, HostKms, ROOT_TRAIL, ROOT_VOLUME, RootFiles, RootVolume, create_root,
+    guest_aws_config, install,
+};
 use e2e_tests::daemon::{Daemon, nbdcopy};
+use e2e_tests::moto::bare;
 use e2e_tests::pki::Pki;
 use e2e_tests::vm::{
     Disk, InitramfsTool, RootBoot, Scenario, Vm, VmRun, debian_root, root_image, root_initramfs,
@@ -460,6 +482,7 @@ fn root_qemu_guest_disk_served_by_the_host_daemon() {
         second.elapsed.as_secs_f64()
     );
 
+    d.ctl.run(&["detach", "root"]).assert_success();
     check_root_plaintext(&dir, d, &written);
 }
 
@@ -539,12 +562,11 @@ fn written_sum(boot: &VmRun) -> String {
     }
 }
 
-/// The host's view after the root boots: detach `root`, export its plaintext, check the
-/// filesystem with `e2fsck -fn`, and read /root/boot-1 out of it with debugfs: it must have
-/// the SHA-256 `written`. Stops the daemon.
+/// The host's view after the root boots: export the (detached) volume `root`'s plaintext,
+/// check the filesystem with `e2fsck -fn`, and read /root/boot-1 out of it with debugfs: it
+/// must have the SHA-256 `written`. Stops the daemon.
 #[track_caller]
 fn check_root_plaintext(dir: &TestDir, d: Daemon, written: &str) {
-    d.ctl.run(&["detach", "root"]).assert_success();
     let plain = dir.join("root-plain.img");
     let plain_arg = plain.to_string_lossy();
     d.ctl
@@ -721,17 +743,551 @@ fn root_network_root_through_debian_nbd_client_over_tls() {
         second.elapsed.as_secs_f64()
     );
 
+    d.ctl.run(&["detach", "root"]).assert_success();
     check_root_plaintext(&dir, d, &written);
 }
 
-/// Copies `from` to `to` (creating its directory) with `mode`.
+// ---------------------------------------------------------------------------------------------
+// The encrypted root (issue 16): cryptnbd's own initramfs integration, in the Debian root
+// ---------------------------------------------------------------------------------------------
+
+/// The drivers a dracut image of the root boots need besides dracut's defaults (`--no-hostonly`
+/// looks at no hardware): the virtio disk and NIC, ext4 and the crc32c it asks for.
+const DRACUT_DRIVERS: &str = "virtio_pci virtio_blk virtio_net ext4 crc32c_generic";
+
+/// The initramfs of a root boot with cryptnbd: `tool` run in the Debian root with `files`
+/// laid over it (initramfs-tools: the hook, boot script and conf-hook are picked up as
+/// installed; dracut: `-a cryptnbd`, with network-legacy as the network handler: dracut 059
+/// runs the module's `initqueue --online` unlock only from network-legacy, network-manager
+/// or connman, and would pick systemd-networkd here). Returns the image and the kernel
+/// command line words the builder's network needs beside `ip=dhcp` (dracut: `rd.neednet=1`,
+/// and `rd.shell=0` so that a failure halts with `dracut: FATAL` instead of a shell).
 #[track_caller]
-fn install(from: &Path, to: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    let parent = to.parent().expect("a file in a directory");
-    std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
-    std::fs::copy(from, to)
-        .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", to.display()));
+fn cryptnbd_initramfs(
+    dir: &TestDir,
+    tool: InitramfsTool,
+    files: &RootFiles,
+) -> (PathBuf, &'static [&'static str]) {
+    match tool {
+        InitramfsTool::InitramfsTools => {
+            let initrd = root_initramfs(dir, "initrd.img", tool, Some(&files.dir), &[]);
+            // cryptnbd's conf-hook (UMASK=0077): the image holds the AWS credentials.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&initrd)
+                .expect("the initramfs")
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o777,
+                0o600,
+                "update-initramfs wrote the image with the credentials readable by others \
+                 (cryptnbd's conf-hook sets UMASK=0077)"
+            );
+            (initrd, &[])
+        }
+        InitramfsTool::Dracut => {
+            let initrd = root_initramfs(
+                dir,
+                "initrd.dracut",
+                tool,
+                Some(&files.dir),
+                &[
+                    "-a",
+                    "cryptnbd network-legacy",
+                    "--add-drivers",
+                    DRACUT_DRIVERS,
+                ],
+            );
+            (initrd, &["rd.neednet=1", "rd.shell=0"])
+        }
+    }
+}
+
+/// A boot of the encrypted root on `vol` (the guest's /dev/vda) the dm-crypt way with AWS
+/// KMS over the network: `root=/dev/mapper/cryptnbd-root cryptnbd.root=UUID=… ip=dhcp`.
+fn dm_crypt_boot(name: &str, vol: &RootVolume, initrd: &Path, extra: &[&str]) -> RootBoot {
+    let mut b = RootBoot::new(name)
+        .root(DM_DEVICE)
+        .cmdline(&format!("cryptnbd.root=UUID={}", vol.uuid))
+        .cmdline("ip=dhcp")
+        .with_network()
+        .initrd(initrd)
+        .disk(Disk::raw(&vol.path));
+    for w in extra {
+        b = b.cmdline(w);
+    }
+    b
+}
+
+/// The boot's audit records (the root daemon's trail, reported by the test unit) hold one
+/// `operation` of the root volume, whose outcome is ok, under `key` (a key id or ARN, when
+/// given).
+#[track_caller]
+fn assert_root_audited(run: &VmRun, operation: &str, key: Option<&str>) {
+    let records: Vec<Value> = run
+        .reports("AUDIT")
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!("{}: an audit line is not JSON ({e}): {l}", run.scenario)
+            })
+        })
+        .collect();
+    let found: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["operation"] == operation)
+        .collect();
+    assert!(
+        found.len() == 1
+            && found[0]["outcome"] == "ok"
+            && found[0]["volume"] == ROOT_VOLUME
+            && key.is_none_or(|key| {
+                found[0]["key_id"]
+                    .as_str()
+                    .is_some_and(|k| k.contains(bare(key)))
+            }),
+        "{}: the root daemon's trail does not hold one successful {operation} of \
+         {ROOT_VOLUME}{}: {records:#?}",
+        run.scenario,
+        key.map(|k| format!(" under {k}")).unwrap_or_default()
+    );
+}
+
+/// Issue 16's dm-crypt way, end to end, with `tool` building the initramfs in the Debian
+/// root: the root volume (a cryptnbd volume under a moto key, made from the root image by
+/// a host daemon) is the guest's /dev/vda; the initramfs, built with cryptnbd's integration
+/// and our release binaries, brings up the network, starts the root daemon, which unwraps
+/// the key through the KMS on the host (10.0.2.2) and maps the root with dm-crypt; systemd
+/// runs on /dev/mapper/cryptnbd-root. Two boots (write /root/boot-1, power off; find it),
+/// each with the root daemon's audit record and a Decrypt seen by the KMS; then the host
+/// exports the plaintext: a clean ext4 holding the file.
+#[track_caller]
+fn dm_crypt_root_on_aws_kms(label: &str, tool: InitramfsTool) {
+    let dir = TestDir::new(label);
+    let kms = HostKms::start();
+    let image = root_image(&dir, "root.img", "512M");
+    let vol = RootVolume::on_aws(&dir, &kms, Content::Image(&image));
+    let files = RootFiles::new(&dir, "root-files", &guest_aws_config(kms.port())).aws_files();
+    let (initrd, extra) = cryptnbd_initramfs(&dir, tool, &files);
+
+    let boot = |name: &str, step: &str, sha: Option<&str>| {
+        let mut b = dm_crypt_boot(name, &vol, &initrd, extra)
+            .expect_root_source(DM_DEVICE)
+            .report_audit(ROOT_TRAIL)
+            .param("step", step);
+        if let Some(sha) = sha {
+            b = b.param("sha256", sha);
+        }
+        let decrypts = kms.proxy.count("Decrypt");
+        let run = Vm::start_root(&dir, &b).wait();
+        run.assert_pass();
+        assert_eq!(
+            run.reports("ROOT"),
+            [DM_DEVICE],
+            "{}: the root",
+            run.scenario
+        );
+        assert_root_audited(&run, "open-dm-crypt", Some(&kms.key));
+        assert!(
+            kms.proxy.count("Decrypt") > decrypts,
+            "{}: the KMS on the host saw no Decrypt: the key was not unwrapped through it",
+            run.scenario
+        );
+        run
+    };
+    let first = boot(&format!("{label}-1"), "write", None);
+    let written = written_sum(&first);
+    let second = boot(&format!("{label}-2"), "check", Some(&written));
+    assert_eq!(
+        second.reports("SUM"),
+        [format!("{written} /root/boot-1")],
+        "the second boot did not find the first boot's file unchanged"
+    );
+    eprintln!(
+        "vm: encrypted root, dm-crypt way, AWS KMS, {tool:?}: first boot {:.1} s, second {:.1} s",
+        first.elapsed.as_secs_f64(),
+        second.elapsed.as_secs_f64()
+    );
+    check_root_plaintext(&dir, vol.daemon, &written);
+}
+
+#[test]
+fn root_dm_crypt_initramfs_tools_aws_kms() {
+    dm_crypt_root_on_aws_kms("root-dmcrypt-itools", InitramfsTool::InitramfsTools);
+}
+
+#[test]
+fn root_dm_crypt_dracut_aws_kms() {
+    dm_crypt_root_on_aws_kms("root-dmcrypt-dracut", InitramfsTool::Dracut);
+}
+
+/// A root volume whose unlock must fail, and the initramfs-tools image that tries: the
+/// volume is empty (the boot never gets past the unlock), 64 MiB.
+struct Doomed {
+    dir: TestDir,
+    kms: HostKms,
+    vol: RootVolume,
+}
+
+impl Doomed {
+    fn new(label: &str) -> Self {
+        let dir = TestDir::new(label);
+        let kms = HostKms::start();
+        let vol = RootVolume::on_aws(&dir, &kms, Content::Empty("64M"));
+        Self { dir, kms, vol }
+    }
+
+    /// Builds the initramfs (the guest's KMS endpoint at the host's `port`), boots, and
+    /// waits for initramfs-tools' emergency shell, where it powers the VM off. Returns the
+    /// boot and the one line that names the failure (`cryptnbd: cannot unlock the root
+    /// volume root on /dev/vda (KMS key …): …`); the volume's bytes must be unchanged.
+    #[track_caller]
+    fn boot_to_the_shell(&self, name: &str, port: u16) -> (VmRun, String) {
+        let files = RootFiles::new(&self.dir, "root-files", &guest_aws_config(port)).aws_files();
+        let (initrd, extra) = cryptnbd_initramfs(&self.dir, InitramfsTool::InitramfsTools, &files);
+        let before = self.vol.sha256();
+        let mut vm = Vm::start_root(
+            &self.dir,
+            &dm_crypt_boot(name, &self.vol, &initrd, extra)
+                .serial_input()
+                .fail_on(&["Kernel panic", "You are in emergency mode"])
+                .timeout(Duration::from_secs(180)),
+        );
+        // At the shell: no daemon of ours may be left (the unlock stops it on failure). The
+        // line prints what it computes, so the echo of the typed text cannot pass.
+        vm.type_line_after(
+            "(initramfs) ",
+            "for p in /proc/[0-9]*; do case \"$(tr '\\000' ' ' <$p/cmdline 2>/dev/null)\" in \
+             *cryptnbd\\ --config*) echo daemon-left-$((1 + 1));; esac; done; \
+             echo checked-$((6 * 7)); poweroff -f",
+        );
+        let run = vm.wait();
+        let lines: Vec<&str> = run.log.lines().map(str::trim_end).collect();
+        assert!(
+            lines.contains(&"checked-42") && !lines.contains(&"daemon-left-2"),
+            "{}: the line typed at the (initramfs) prompt did not run, or found a cryptnbd \
+             daemon still running; serial log {}",
+            run.scenario,
+            run.log_path.display()
+        );
+        assert_eq!(
+            run.marker.as_deref(),
+            Some(""),
+            "{}: the boot was to stop in the initramfs, yet the test unit reported",
+            run.scenario
+        );
+        assert_eq!(
+            self.vol.sha256(),
+            before,
+            "{}: the failed unlock changed the volume's bytes",
+            run.scenario
+        );
+        // Every line of ours but initramfs-tools' own "Begin: cryptnbd: unlocking ...".
+        let ours: Vec<&str> = run
+            .log
+            .lines()
+            .filter(|l| l.contains("cryptnbd: ") && !l.contains("Begin: cryptnbd: unlocking"))
+            .collect();
+        let [line] = ours.as_slice() else {
+            panic!(
+                "{}: the console shows {} messages from cryptnbd, not one: {ours:#?}\n(serial \
+                 log {})",
+                run.scenario,
+                ours.len(),
+                run.log_path.display()
+            );
+        };
+        let line = (*line).to_owned();
+        assert!(
+            !line.contains("): /dev/vda: "),
+            "{}: the message names the device twice: {line}",
+            run.scenario
+        );
+        for part in [
+            format!("cryptnbd: cannot unlock the root volume {ROOT_VOLUME} on /dev/vda"),
+            format!("(KMS key {})", self.kms.key),
+        ] {
+            assert!(
+                line.contains(&part),
+                "{}: the message does not say {part:?}: {line}",
+                run.scenario
+            );
+        }
+        eprintln!(
+            "vm: {}: stopped in the initramfs with {line:?}, off after {:.1} s",
+            run.scenario,
+            run.elapsed.as_secs_f64()
+        );
+        (run, line)
+    }
+}
+
+/// The key disabled in the KMS (as AWS does it: DisabledException): the boot stops in
+/// initramfs-tools' emergency shell with one sentence that names the volume, its device, the
+/// key and says it is disabled; the volume is unchanged.
+#[test]
+fn root_fails_with_the_key_disabled() {
+    let d = Doomed::new("root-key-disabled");
+    d.kms.disable_key();
+    let (_, line) = d.boot_to_the_shell("root-key-disabled", d.kms.port());
+    for part in ["is disabled", "aws kms enable-key"] {
+        assert!(
+            line.contains(part),
+            "the message does not say {part:?}: {line}"
+        );
+    }
+}
+
+/// One pair of the volume's encryption context changed in its header: the KMS refuses the
+/// unwrap (InvalidCiphertextException), the boot stops with one sentence; the volume keeps
+/// its bytes.
+#[test]
+fn root_fails_with_the_context_changed() {
+    let d = Doomed::new("root-context-changed");
+    e2e_tests::set_context_pair(
+        &d.vol.path,
+        "aws:workspaces:sid-directoryid",
+        &format!("[{TEST_SID}]@[d-0000000000]"),
+    );
+    let (_, line) = d.boot_to_the_shell("root-context-changed", d.kms.port());
+    for part in [
+        "does not match this key and encryption context",
+        "aws:workspaces:sid-directoryid=",
+    ] {
+        assert!(
+            line.contains(part),
+            "the message does not say {part:?}: {line}"
+        );
+    }
+}
+
+/// The KMS cannot be reached (the guest's configuration names a closed port of the host):
+/// the boot stops with one sentence; the volume keeps its bytes.
+#[test]
+fn root_fails_with_the_kms_unreachable() {
+    let d = Doomed::new("root-kms-unreachable");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let (_, line) = d.boot_to_the_shell("root-kms-unreachable", closed);
+    let part = format!("cannot reach AWS KMS at http://10.0.2.2:{closed}");
+    assert!(
+        line.contains(&part),
+        "the message does not say {part:?}: {line}"
+    );
+}
+
+/// The passphrase the NBD-way tests seal the local keystore with.
+const KEYSTORE_PASSPHRASE: &str = "correct horse battery staple 16";
+/// What the unlock asks on the console (ctl/src/initramfs.rs).
+const PASSPHRASE_PROMPT: &str =
+    "Passphrase of the cryptnbd keystore, to unlock the root volume root: ";
+
+/// A root volume under the local KMS, for the NBD way: a host daemon makes it (holding
+/// `content`), then stops; the keystore is sealed with [`KEYSTORE_PASSPHRASE`]
+/// (`kms seal`, offline) and copied, as a system's state directory holds it, into the files
+/// laid over the Debian root (/var/lib/cryptnbd/keystore, with `state_dir =
+/// "/var/lib/cryptnbd"` in the root configuration). Returns the volume file, its UUID and
+/// the files.
+#[track_caller]
+fn sealed_local_root(dir: &TestDir, content: Content<'_>) -> (PathBuf, String, RootFiles) {
+    let d = Daemon::start(dir, "");
+    d.ctl.create_key("boot");
+    create_root(&d, "alias/boot", content);
+    let state = d.state_dir.clone();
+    let ctl = d.ctl.clone();
+    d.stop();
+    let pass = dir.write_secret("keystore-passphrase", KEYSTORE_PASSPHRASE.as_bytes());
+    ctl.run(&[
+        "kms",
+        "seal",
+        "--new-passphrase-file",
+        pass.to_str().expect("utf-8"),
+    ])
+    .assert_success();
+    let files = RootFiles::new(
+        dir,
+        "root-files",
+        "# The root configuration of the VM rig's NBD-way boots (tests/tests/vm.rs).\n\
+         state_dir = \"/var/lib/cryptnbd\"\n[kms]\nbackend = \"local\"\n",
+    );
+    let keystore = files.dir.join("var/lib/cryptnbd/keystore");
+    for entry in std::fs::read_dir(state.join("keystore")).expect("the keystore") {
+        let entry = entry.expect("a keystore entry");
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            install(&entry.path(), &keystore.join(entry.file_name()), 0o600);
+        }
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [keystore.parent().expect("state"), keystore.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .expect("chmod the keystore copy");
+        }
+    }
+    let vol = state.join("volumes").join(format!("{ROOT_VOLUME}.luks"));
+    let uuid = e2e_tests::cryptroot::luks_uuid(&vol);
+    (vol, uuid, files)
+}
+
+/// A boot of the NBD way on `vol` (the guest's /dev/vda): `root=/dev/nbd0
+/// cryptnbd.root=UUID=… cryptnbd.mode=nbd`, the console's input piped for the passphrase.
+///
+/// The guest has a NIC, though the local KMS needs no network: Debian's nbd-client package
+/// (in the root, as on any system that uses NBD) has an initramfs script of its own that
+/// wakes on `root=/dev/nbd*`, brings the network up (`configure_networking`) and, without a
+/// NIC, waits 180 s for one before it gives up (seen: the unit started at 194 s of uptime).
+/// With a NIC it takes a DHCP lease and quits ("Insufficient information to set up nbd").
+fn nbd_boot(name: &str, vol: &Path, uuid: &str, initrd: &Path) -> RootBoot {
+    RootBoot::new(name)
+        .root("/dev/nbd0")
+        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
+        .cmdline("cryptnbd.mode=nbd")
+        .with_network()
+        .initrd(initrd)
+        .disk(Disk::raw(vol))
+        .serial_input()
+}
+
+/// Where the root daemon logs (ctl/src/initramfs.rs: `DIR/daemon.log`).
+const ROOT_DAEMON_LOG: &str = "/run/cryptnbd-root/daemon.log";
+
+/// Issue 16's NBD way with the local KMS, its keystore sealed: initramfs-tools' image holds
+/// the sealed keystore copy; at boot the passphrase is typed at the unlock's prompt on the
+/// serial console (echo off: it must not show in the log); the root daemon, started as
+/// `@cryptnbd`, serves the root on /dev/nbd0 and must still run under systemd on the real
+/// root. Two boots, then the plaintext checked on the host.
+#[test]
+fn root_nbd_way_local_kms_sealed_keystore() {
+    let dir = TestDir::new("root-nbd-sealed");
+    let image = root_image(&dir, "root.img", "512M");
+    let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
+    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::InitramfsTools, &files);
+    let boot = |name: &str, step: &str, sha: Option<&str>| {
+        let mut b = nbd_boot(name, &vol, &uuid, &initrd)
+            .expect_root_source("/dev/nbd0")
+            .require_root_daemon()
+            .report_audit(ROOT_TRAIL)
+            .report_log(ROOT_DAEMON_LOG)
+            .param("step", step);
+        if let Some(sha) = sha {
+            b = b.param("sha256", sha);
+        }
+        let mut vm = Vm::start_root(&dir, &b);
+        vm.type_line_after(PASSPHRASE_PROMPT, KEYSTORE_PASSPHRASE);
+        let run = vm.wait();
+        run.assert_pass();
+        assert!(
+            !run.log.contains(KEYSTORE_PASSPHRASE),
+            "{}: the passphrase typed at the prompt shows in the serial log (echo was on)",
+            run.scenario
+        );
+        let marked = run.reports("MARKED");
+        assert!(
+            marked.iter().any(|m| m.contains("@cryptnbd")),
+            "{}: no @cryptnbd root daemon on the real root: {marked:?}",
+            run.scenario
+        );
+        assert_root_audited(&run, "attach", None);
+        eprintln!(
+            "vm: {}: the root daemon's / on the real root: {:?}; its log:\n  {}",
+            run.scenario,
+            run.reports("DAEMON-ROOT"),
+            run.reports("LOG").join("\n  ")
+        );
+        run
+    };
+    let first = boot("root-nbd-sealed-1", "write", None);
+    let written = written_sum(&first);
+    let second = boot("root-nbd-sealed-2", "check", Some(&written));
+    assert_eq!(
+        second.reports("SUM"),
+        [format!("{written} /root/boot-1")],
+        "the second boot did not find the first boot's file unchanged"
+    );
+    eprintln!(
+        "vm: encrypted root, NBD way, sealed local keystore: first boot {:.1} s, second {:.1} s",
+        first.elapsed.as_secs_f64(),
+        second.elapsed.as_secs_f64()
+    );
+    let d = Daemon::start_env(
+        &dir,
+        "",
+        &[("CRYPTNBD_KMS_PASSPHRASE", KEYSTORE_PASSPHRASE)],
+    );
+    check_root_plaintext(&dir, d, &written);
+}
+
+/// The sealed keystore's passphrase typed wrong three times: each try is refused on the
+/// console, then the boot stops in initramfs-tools' emergency shell with one sentence; the
+/// volume keeps its bytes and no daemon was left running.
+#[test]
+fn root_nbd_way_fails_after_three_wrong_passphrases() {
+    let dir = TestDir::new("root-nbd-wrong-pass");
+    let (vol, uuid, files) = sealed_local_root(&dir, Content::Empty("64M"));
+    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::InitramfsTools, &files);
+    let before = e2e_tests::cryptroot::file_sha256(&vol);
+    let mut vm = Vm::start_root(
+        &dir,
+        &nbd_boot("root-nbd-wrong-pass", &vol, &uuid, &initrd)
+            .fail_on(&["Kernel panic", "You are in emergency mode"])
+            .timeout(Duration::from_secs(240)),
+    );
+    for i in 1..=3 {
+        vm.type_line_after(PASSPHRASE_PROMPT, &format!("not the passphrase {i}"));
+    }
+    vm.type_line_after(
+        "(initramfs) ",
+        "for p in /proc/[0-9]*; do case \"$(tr '\\000' ' ' <$p/cmdline 2>/dev/null)\" in \
+         *cryptnbd*--config*) echo daemon-left-$((1 + 1));; esac; done; \
+         echo checked-$((6 * 7)); poweroff -f",
+    );
+    let run = vm.wait();
+    let lines: Vec<&str> = run.log.lines().map(str::trim_end).collect();
+    assert!(
+        lines.contains(&"checked-42") && !lines.contains(&"daemon-left-2"),
+        "the line typed at the (initramfs) prompt did not run, or found a cryptnbd daemon \
+         still running; serial log {}",
+        run.log_path.display()
+    );
+    for i in 1..=3 {
+        let note = format!("cryptnbd: wrong passphrase (try {i} of 3)");
+        assert!(
+            run.log.contains(&note),
+            "the console does not show {note:?}; serial log {}",
+            run.log_path.display()
+        );
+    }
+    // Every line of ours but initramfs-tools' "Begin: cryptnbd: unlocking ..." and the notes
+    // of the wrong tries.
+    let failed: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            l.contains("cryptnbd: ")
+                && !l.contains("Begin: cryptnbd: unlocking")
+                && !l.contains("cryptnbd: wrong passphrase (try")
+        })
+        .collect();
+    assert!(
+        failed.len() == 1
+            && failed[0].contains(&format!(
+                "cryptnbd: cannot unlock the root volume {ROOT_VOLUME} on /dev/vda (KMS key "
+            ))
+            && failed[0].contains("the keystore passphrase was wrong 3 times"),
+        "the console does not show one sentence naming the volume, its device and its key, \
+         and saying the passphrase was wrong 3 times: {failed:#?}; serial log {}",
+        run.log_path.display()
+    );
+    assert_eq!(run.marker.as_deref(), Some(""), "the test unit reported");
+    assert_eq!(
+        e2e_tests::cryptroot::file_sha256(&vol),
+        before,
+        "the failed unlock changed the volume's bytes"
+    );
+    eprintln!(
+        "vm: three wrong passphrases: stopped in the initramfs, off after {:.1} s",
+        run.elapsed.as_secs_f64()
+    );
 }

@@ -7,7 +7,9 @@
 # download` and run unpacked (nothing is installed on the host), with systemd-sysv, udev,
 # kmod, initramfs-tools, busybox, zstd, e2fsprogs, cryptsetup-bin, nbd-client, dracut-core
 # (dracut's tools beside initramfs-tools; dracut itself would replace initramfs-tools, and
-# only in the root, never on the host) and ca-certificates. The units that slow a boot under
+# only in the root, never on the host), dracut-network and procps (dracut's network modules;
+# network-legacy needs dhclient and pgrep: for a KMS reached over the network at boot) and
+# ca-certificates. The units that slow a boot under
 # emulation or wait for a console are masked. The rig's kernel (build-rig.sh keeps its
 # config and the modules listed there, in KERNEL_TREE) goes into /usr/lib/modules/KVER with
 # depmod run in the root; `update-initramfs` then builds the initramfs in the root (with
@@ -36,7 +38,7 @@ MIRRORS=(
   "deb http://deb.debian.org/debian-security bookworm-security main"
 )
 PACKAGES=(systemd-sysv udev kmod initramfs-tools busybox zstd e2fsprogs cryptsetup-bin
-  nbd-client dracut-core ca-certificates)
+  nbd-client dracut-core dracut-network procps ca-certificates)
 # What the initramfs loads (MODULES=list; their dependencies come along): the virtio PCI
 # bus, disk and NIC; ext4 and the crc32c it asks the crypto API for; dm-crypt with xts and
 # the AES-NI cipher; the kernel NBD client.
