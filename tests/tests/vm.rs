@@ -29,8 +29,8 @@
 //!   of the encrypted root will.
 //! - `root_network_root_through_debian_nbd_client_over_tls`: no root disk at all: Debian's
 //!   own initramfs-tools nbd script (`nbdroot=`, `root=/dev/nbd0`) connects the guest's
-//!   kernel client to the host daemon over TLS (tests/vm/netroot/: a wrapper named by
-//!   `NBDCLIENT` adds the certificates), systemd runs on /dev/nbd0 with nbd-client marked
+//!   kernel client to the host daemon over TLS (boot/initramfs-tools/network-root/: a
+//!   wrapper named by `NBDCLIENT` adds the certificates), systemd runs on /dev/nbd0 with nbd-client marked
 //!   `@` (`-systemd-mark`); two boots, then the plaintext checked on the host.
 //! - `root_initramfs_shell_takes_lines_typed_on_the_serial_console`: the console input the
 //!   later root tests need (a passphrase prompt, an emergency shell): initramfs-tools stops
@@ -668,7 +668,8 @@ fn root_boots_on_a_dracut_initramfs_built_in_the_root() {
 /// The network root, Debian's way, against our daemon: no disk in the guest but the marker;
 /// initramfs-tools' nbd script (nbd-client's own) brings the NIC up by DHCP and connects
 /// /dev/nbd0 to the host daemon's TLS export (`nbdroot=10.0.2.2:PORT/root`), through a
-/// wrapper, named by `NBDCLIENT`, that adds the client certificate (tests/vm/netroot/); the
+/// wrapper, named by `NBDCLIENT`, that adds the client certificate (cryptnbd's
+/// boot/initramfs-tools/network-root/); the
 /// root mounts from /dev/nbd0 and nbd-client runs marked with '@' for systemd. Two boots
 /// (write, then check /root/boot-1), then the volume's plaintext is checked on the host.
 #[test]
@@ -679,27 +680,27 @@ fn root_network_root_through_debian_nbd_client_over_tls() {
     let guest = pki.client("guest", "/O=Example/CN=guest.example.com");
     let (d, port) = root_volume_on_the_host(&dir, &pki, &image, "CN=guest.example.com,O=Example");
 
-    // The initramfs: Debian's, plus the TLS wrapper, its hook and the client certificate.
-    let netroot = e2e_tests::workspace_root().join("tests/vm/netroot");
+    // The initramfs: Debian's, plus cryptnbd's network-root files (the TLS wrapper, its hook,
+    // the conf.d line: boot/initramfs-tools/network-root, installed where docs/root-volume.md
+    // says), the client certificate and the volume's block size.
+    let netroot = e2e_tests::workspace_root().join("boot/initramfs-tools/network-root");
     let files = dir.join("initramfs-files");
     for (from, to, mode) in [
         (
             "hook",
-            "etc/initramfs-tools/hooks/cryptnbd-test-nbd-tls",
+            "usr/share/initramfs-tools/hooks/cryptnbd-nbd-tls",
             0o755,
         ),
-        (
-            "conf",
-            "etc/initramfs-tools/conf.d/cryptnbd-test-nbd-tls",
-            0o644,
-        ),
-        ("nbd-client-tls", "usr/local/sbin/nbd-client-tls", 0o755),
+        ("conf", "etc/initramfs-tools/conf.d/cryptnbd-nbd-tls", 0o644),
+        ("nbd-client-tls", "usr/share/cryptnbd/nbd-client-tls", 0o755),
     ] {
         install(&netroot.join(from), &files.join(to), mode);
     }
+    let certs = files.join("etc/cryptnbd/nbd-client");
     for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
-        install(&guest.join(f), &files.join("etc/nbd-tls").join(f), 0o600);
+        install(&guest.join(f), &certs.join(f), 0o600);
     }
+    std::fs::write(certs.join("options"), "-b 4096\n").expect("nbd-client options");
     let initrd = root_initramfs(
         &dir,
         "initrd.netroot",
