@@ -758,9 +758,9 @@ const DRACUT_DRIVERS: &str = "virtio_pci virtio_blk virtio_net ext4 crc32c_gener
 
 /// The initramfs of a root boot with cryptnbd: `tool` run in the Debian root with `files`
 /// laid over it (initramfs-tools: the hook, boot script and conf-hook are picked up as
-/// installed; dracut: `-a cryptnbd`, with network-legacy as the network handler: dracut 059
-/// runs the module's `initqueue --online` unlock only from network-legacy, network-manager
-/// or connman, and would pick systemd-networkd here). Returns the image and the kernel
+/// installed; dracut: `-a cryptnbd`, whose module brings network-legacy for a KMS on the
+/// network: dracut 059 runs the `initqueue --online` unlock only from network-legacy,
+/// network-manager or connman, and would pick systemd-networkd here). Returns the image and the kernel
 /// command line words the builder's network needs beside `ip=dhcp` (dracut: `rd.neednet=1`,
 /// and `rd.shell=0` so that a failure halts with `dracut: FATAL` instead of a shell).
 #[track_caller]
@@ -792,12 +792,7 @@ fn cryptnbd_initramfs(
                 "initrd.dracut",
                 tool,
                 Some(&files.dir),
-                &[
-                    "-a",
-                    "cryptnbd network-legacy",
-                    "--add-drivers",
-                    DRACUT_DRIVERS,
-                ],
+                &["-a", "cryptnbd", "--add-drivers", DRACUT_DRIVERS],
             );
             (initrd, &["rd.neednet=1", "rd.shell=0"])
         }

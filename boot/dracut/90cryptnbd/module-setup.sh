@@ -16,9 +16,12 @@ check() {
 
 depends() {
   local deps=dm
-  # A KMS on the network (AWS): dracut brings the network up (ip=, rd.neednet=1).
+  # A KMS on the network (AWS): dracut brings the network up (ip=, rd.neednet=1) with
+  # network-legacy (Debian's dracut-network package). The unlock is an `initqueue --online`
+  # job, which dracut 059 runs from network-legacy, network-manager or connman, never from
+  # systemd-networkd, which its `network` module would pick on a system with systemd.
   if grep -Eq '^[[:space:]]*backend[[:space:]]*=[[:space:]]*"aws"' "$CONFIG"; then
-    deps="$deps network"
+    deps="$deps network-legacy"
   fi
   echo "$deps"
 }
