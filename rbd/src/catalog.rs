@@ -149,12 +149,14 @@ impl Holder {
         }))
     }
 
-    fn record(&self, image: &Image) -> io::Result<()> {
+    /// Records this holder on `image`, asking `in_time` before each key.
+    fn record(&self, image: &Image, in_time: impl Fn() -> io::Result<()>) -> io::Result<()> {
         for (key, value) in
             HOLDER_KEYS
                 .into_iter()
                 .zip([&self.host, &self.state_dir, &self.instance])
         {
+            in_time()?;
             image.metadata_set(key, value)?;
         }
         Ok(())
@@ -342,7 +344,26 @@ impl RbdCatalog {
     /// for [`Catalog::take_over`] only). The lock of this same daemon instance, which is
     /// dead if it is not this process, is broken first.
     fn open_locked(&self, image: &str) -> Result<Image, OpenError> {
+        // The steps together may take as long as one operation may: a cluster that answers
+        // each step just before its timeout would otherwise hold an attach for several.
+        let started = Instant::now();
+        let in_time = || -> io::Result<()> {
+            if !self.quiet.is_zero() && started.elapsed() >= self.quiet {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "opening RBD image {}/{image} timed out: its steps took longer than \
+                         the {}s one operation may take; check the monitors and OSDs, then \
+                         retry",
+                        self.pool.name(),
+                        self.quiet.as_secs()
+                    ),
+                ));
+            }
+            Ok(())
+        };
         let opened = self.pool.open(image).map_err(OpenError::Io)?;
+        in_time().map_err(OpenError::Io)?;
         let held = |opened: &Image, owners: &[String]| -> Result<(), OpenError> {
             let holder = Holder::of(opened).map_err(OpenError::Io)?;
             let mine = self.mine_known()
@@ -358,6 +379,7 @@ impl RbdCatalog {
             Ok(())
         };
         let owners = opened.lock_owners().map_err(OpenError::Io)?;
+        in_time().map_err(OpenError::Io)?;
         if !owners.is_empty() {
             held(&opened, &owners)?;
         }
@@ -370,8 +392,9 @@ impl RbdCatalog {
             held(&opened, &owners)?;
             opened.lock_acquire().map_err(OpenError::Io)?;
         }
+        in_time().map_err(OpenError::Io)?;
         if self.mine_known() {
-            self.me.record(&opened).map_err(OpenError::Io)?;
+            self.me.record(&opened, in_time).map_err(OpenError::Io)?;
         }
         Ok(opened)
     }
@@ -533,8 +556,9 @@ impl Catalog for RbdCatalog {
         // (librbd passes the lock between them); its watch keeps other hosts away.
         let image = self.pool.open(&hidden)?;
         if self.mine_known() {
-            // A restart of this daemon knows its dead builder's images by this.
-            self.me.record(&image)?;
+            // A restart of this daemon knows its dead builder's images by this. (Each
+            // metadata write has its own timeout; a stage is not an attach a user waits on.)
+            self.me.record(&image, || Ok(()))?;
         }
         let store = RbdStore::named(image, self.location(name))?;
         Ok(Staged::new(name, self.spec(&hidden), Some(Box::new(store))))
