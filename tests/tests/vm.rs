@@ -1186,6 +1186,12 @@ fn root_nbd_way_local_kms_sealed_keystore() {
             run.scenario
         );
         assert_root_audited(&run, "attach", None);
+        assert_eq!(
+            run.reports("DAEMON-OOM"),
+            ["-1000"],
+            "{}: the root daemon's oom_score_adj",
+            run.scenario
+        );
         eprintln!(
             "vm: {}: the root daemon's / on the real root: {:?}; its log:\n  {}",
             run.scenario,
@@ -1284,6 +1290,46 @@ fn root_nbd_way_fails_after_three_wrong_passphrases() {
     );
     eprintln!(
         "vm: three wrong passphrases: stopped in the initramfs, off after {:.1} s",
+        run.elapsed.as_secs_f64()
+    );
+}
+
+/// The dm-crypt way through dracut's systemd initrd with the local KMS, its keystore sealed:
+/// the unlock runs in dracut's initqueue, which has no console, so the passphrase is asked
+/// through systemd's password agents (the module brings `systemd-ask-password`); the test
+/// types it on the serial console at the agent's prompt, and it must not show there. One
+/// boot onto /dev/mapper/cryptnbd-root with the boot's `open-dm-crypt` in the trail.
+#[test]
+fn root_dm_crypt_dracut_sealed_keystore_asks_through_systemd() {
+    let dir = TestDir::new("root-dracut-sealed");
+    let image = root_image(&dir, "root.img", "512M");
+    let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
+    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::Dracut, &files);
+    let boot = RootBoot::new("root-dracut-sealed")
+        .root(DM_DEVICE)
+        .expect_root_source(DM_DEVICE)
+        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
+        .cmdline("rd.shell=0")
+        .initrd(&initrd)
+        .disk(Disk::raw(&vol))
+        .serial_input()
+        .report_audit(ROOT_TRAIL)
+        .param("step", "write");
+    let mut vm = Vm::start_root(&dir, &boot);
+    vm.type_line_after(
+        "Passphrase of the cryptnbd keystore, to unlock the root volume root:",
+        KEYSTORE_PASSPHRASE,
+    );
+    let run = vm.wait();
+    run.assert_pass();
+    assert!(
+        !run.log.contains(KEYSTORE_PASSPHRASE),
+        "the passphrase typed at systemd's prompt shows in the serial log"
+    );
+    assert_root_audited(&run, "open-dm-crypt", None);
+    eprintln!(
+        "vm: encrypted root, dm-crypt way through dracut, sealed keystore asked through \
+         systemd: {:.1} s",
         run.elapsed.as_secs_f64()
     );
 }

@@ -23,6 +23,11 @@ depends() {
   if grep -Eq '^[[:space:]]*backend[[:space:]]*=[[:space:]]*"aws"' "$CONFIG"; then
     deps="$deps network-legacy"
   fi
+  # A sealed keystore's passphrase is asked through systemd's password agents where systemd
+  # runs the initramfs (dracut-initqueue has no console of its own).
+  if command -v systemd-tty-ask-password-agent >/dev/null 2>&1; then
+    deps="$deps systemd-ask-password"
+  fi
   echo "$deps"
 }
 
