@@ -90,6 +90,26 @@ pub struct ImageFile {
     pub secret: bool,
 }
 
+impl ImageFile {
+    /// The files it stands for, each as (on the host, in the image): itself, or for a
+    /// directory its regular files, not the hidden ones (the `.lock` of a live keystore).
+    pub fn files(&self) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
+        if !std::fs::metadata(&self.source)?.is_dir() {
+            return Ok(vec![(self.source.clone(), self.dest.clone())]);
+        }
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.source)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if entry.file_type()?.is_file() && !name.to_string_lossy().starts_with('.') {
+                out.push((entry.path(), self.dest.join(&name)));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
 impl RootConfig {
     /// Reads the root configuration at `path`; `Err` is a sentence.
     pub fn load(path: &Path) -> Result<Self, String> {

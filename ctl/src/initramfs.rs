@@ -101,21 +101,18 @@ fn copy_into(dest: &Path, f: &ImageFile) -> Result<()> {
     })?;
     if meta.is_dir() {
         make_dir(&target, f.secret)?;
-        for entry in std::fs::read_dir(&f.source)
-            .with_context(|| format!("cannot list {}", f.source.display()))?
-        {
-            let entry = entry?;
-            // Regular files only, and not the lock files (`.lock`) of a live keystore.
-            if entry.file_type()?.is_file() && !entry.file_name().to_string_lossy().starts_with('.')
-            {
-                let name = entry.file_name();
-                copy_file(&entry.path(), &target.join(&name), f.secret)?;
-            }
-        }
-        Ok(())
-    } else {
-        copy_file(&f.source, &target, f.secret)
     }
+    let files = f
+        .files()
+        .with_context(|| format!("cannot list {}", f.source.display()))?;
+    for (host, in_image) in files {
+        copy_file(
+            &host,
+            &dest.join(in_image.strip_prefix("/").unwrap_or(&in_image)),
+            f.secret,
+        )?;
+    }
+    Ok(())
 }
 
 /// Creates `dir` and its parents; 0700 when it holds secrets (the KMS refuses a keystore
@@ -680,18 +677,10 @@ pub fn check(a: &CheckArgs, out: &crate::output::Output) -> Result<()> {
 
 /// Whether the image holds `f` (each file of it, for a directory) as this host has it.
 fn compare_file(image: &boot::initramfs::Image, f: &ImageFile, c: &mut Checked) {
-    let mut pairs = Vec::new();
-    match std::fs::read_dir(&f.source) {
-        Ok(dir) => {
-            for e in dir.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if e.file_type().is_ok_and(|t| t.is_file()) && !name.starts_with('.') {
-                    pairs.push((e.path(), f.dest.join(&name)));
-                }
-            }
-        }
-        Err(_) => pairs.push((f.source.clone(), f.dest.clone())),
-    }
+    // A source that cannot be read on this host is reported with the first file below.
+    let pairs = f
+        .files()
+        .unwrap_or_else(|_| vec![(f.source.clone(), f.dest.clone())]);
     for (host, in_image) in pairs {
         let shown = in_image.display().to_string();
         match image.get(&shown) {

@@ -117,6 +117,15 @@ impl Root {
         cmd
     }
 
+    /// `initramfs unlock` running with its console on `pty`, its output piped.
+    fn unlock_on(&self, cmdline: &str, pty: &Pty) -> std::process::Child {
+        self.unlock_command(cmdline, Some(&pty.slave))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("unlock")
+    }
+
     fn unlock(&self, cmdline: &str) -> Outcome {
         run(&mut self.unlock_command(cmdline, None))
     }
@@ -351,12 +360,7 @@ fn a_sealed_keystore_asks_its_passphrase_on_the_console_three_times() {
 
     // Three wrong answers: the boot stops.
     let mut pty = Pty::new();
-    let mut child = r
-        .unlock_command(&line, Some(&pty.slave))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("unlock");
+    let mut child = r.unlock_on(&line, &pty);
     let mut seen = String::new();
     for n in 1..=3 {
         pty.expect(&mut child, &mut seen, "to unlock the root volume root: ");
@@ -383,12 +387,7 @@ fn a_sealed_keystore_asks_its_passphrase_on_the_console_three_times() {
     // A wrong answer, then the right one: the daemon opens the sealed keystore with it and
     // gets as far as the kernel device, which this host's kernel lacks.
     let mut pty = Pty::new();
-    let mut child = r
-        .unlock_command(&line, Some(&pty.slave))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("unlock");
+    let mut child = r.unlock_on(&line, &pty);
     let mut seen = String::new();
     pty.expect(&mut child, &mut seen, "to unlock the root volume root: ");
     pty.master.write_all(b"wrong\n").expect("type");
