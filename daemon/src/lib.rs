@@ -135,22 +135,49 @@ fn passphrase(file: Option<&PathBuf>) -> Result<Option<Zeroizing<Vec<u8>>>, Daem
         .map(|v| Zeroizing::new(v.into_encoded_bytes())))
 }
 
+/// SIGTERM and SIGINT, the signals that stop the daemon.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Listens for them (None when the runtime cannot: then nothing stops the daemon but a
+    /// kill).
+    pub fn new() -> Option<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Self {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+        })
+    }
+
+    /// The next of them.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT: the `shutdown` the `cryptnbd` binary runs the daemon until.
+pub async fn stop_signal() {
+    match StopSignals::new() {
+        Some(mut s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// When the root storage daemon stops: at SIGTERM or SIGINT while it serves no kernel device
 /// (an unlock that failed), never while it serves one (the root filesystem is on it: the
 /// system's final reboot ends it, after the root was remounted read-only and flushed).
 async fn root_shutdown(daemon: Arc<daemon::Daemon>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let Some(mut signals) = StopSignals::new() else {
         return std::future::pending().await;
     };
     loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.next().await;
         let serving: Vec<String> = daemon
             .state
             .registry

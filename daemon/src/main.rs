@@ -105,23 +105,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(m) if rustix::process::geteuid().is_root() => tracing::warn!("{m}"),
         Err(m) => tracing::debug!("{m}"),
     }
-    rt.block_on(async {
-        let shutdown = async {
-            use tokio::signal::unix::{SignalKind, signal};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                }
-                _ => std::future::pending::<()>().await,
-            }
-        };
-        cryptnbd::run(config, shutdown).await
-    })?;
+    rt.block_on(async { cryptnbd::run(config, cryptnbd::stop_signal()).await })?;
     Ok(())
 }
