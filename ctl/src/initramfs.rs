@@ -470,15 +470,15 @@ fn read_passphrase(a: &UnlockArgs, prompt: &str) -> Result<Zeroizing<Vec<u8>>> {
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
-        && out.status.success()
     {
-        let mut p = Zeroizing::new(out.stdout.clone());
-        let mut stdout = out.stdout;
-        zeroize::Zeroize::zeroize(&mut stdout);
-        while p.last() == Some(&b'\n') {
-            p.pop();
+        // The answer is wiped when dropped, whether it is used or not.
+        let mut p = Zeroizing::new(out.stdout);
+        if out.status.success() {
+            while p.last() == Some(&b'\n') {
+                p.pop();
+            }
+            return Ok(p);
         }
-        return Ok(p);
     }
     let path = console_of(a);
     let console = std::fs::OpenOptions::new()
