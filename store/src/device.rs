@@ -344,16 +344,8 @@ impl Catalog for DeviceCatalog {
     fn open(&self, name: &str, access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
         let path = self.device(name)?;
         let file = open_device(&path, access == Access::ReadWrite)?;
-        let locked = match access {
-            Access::ReadWrite => file.try_lock(),
-            Access::ReadOnly => file.try_lock_shared(),
-            Access::Inspect => Ok(()),
-        };
-        match locked {
-            Ok(()) => Ok(Box::new(FileStore::from_file(file, &path)?)),
-            Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked),
-            Err(std::fs::TryLockError::Error(e)) => Err(OpenError::Io(e)),
-        }
+        crate::file::lock(&file, access)?;
+        Ok(Box::new(FileStore::from_file(file, &path)?))
     }
 
     fn stage(&self, name: &str, operation: &str) -> io::Result<Staged> {

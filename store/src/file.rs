@@ -55,6 +55,20 @@ impl From<io::Error> for OpenError {
     }
 }
 
+/// Takes the `flock` that `access` asks for on `file` (see [`Access`]), without waiting.
+pub fn lock(file: &File, access: Access) -> Result<(), OpenError> {
+    let locked = match access {
+        Access::ReadWrite => file.try_lock(),
+        Access::ReadOnly => file.try_lock_shared(),
+        Access::Inspect => Ok(()),
+    };
+    match locked {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked),
+        Err(std::fs::TryLockError::Error(e)) => Err(OpenError::Io(e)),
+    }
+}
+
 impl FileStore {
     /// Opens the file at `path` with `access` (see [`Access`] for the locks).
     pub fn open(path: &Path, access: Access) -> Result<Self, OpenError> {
@@ -63,16 +77,8 @@ impl FileStore {
             .write(access == Access::ReadWrite)
             .open(path)
             .map_err(OpenError::Io)?;
-        let locked = match access {
-            Access::ReadWrite => file.try_lock(),
-            Access::ReadOnly => file.try_lock_shared(),
-            Access::Inspect => Ok(()),
-        };
-        match locked {
-            Ok(()) => Self::from_file(file, path).map_err(OpenError::Io),
-            Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked),
-            Err(std::fs::TryLockError::Error(e)) => Err(OpenError::Io(e)),
-        }
+        lock(&file, access)?;
+        Self::from_file(file, path).map_err(OpenError::Io)
     }
 
     /// Wraps an open (and, if need be, already locked) file: a file being built under a
