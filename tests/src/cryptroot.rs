@@ -295,6 +295,31 @@ impl RootFiles {
     }
 }
 
+/// The product installed on the real root of a root-boot test (laid over the root image,
+/// `tests/vm/root-image.sh OVERLAY`), as a source build installs it (docs/systemd.md): the
+/// release binaries in /usr/local/bin, `cryptnbd.service` enabled, and the shipped
+/// /etc/cryptnbd/cryptnbd.toml. Returns the tree's top, `dir/NAME`.
+#[track_caller]
+pub fn system_daemon_overlay(dir: &TestDir, name: &str) -> PathBuf {
+    let top = dir.join(name);
+    let (daemon, ctl) = stripped_release_bins();
+    install(daemon, &top.join("usr/local/bin/cryptnbd"), 0o755);
+    install(ctl, &top.join("usr/local/bin/cryptnbdctl"), 0o755);
+    let systemd = workspace_root().join("systemd");
+    let unit = "etc/systemd/system/cryptnbd.service";
+    install(&systemd.join("cryptnbd.service"), &top.join(unit), 0o644);
+    install(
+        &systemd.join("cryptnbd.toml"),
+        &top.join("etc/cryptnbd/cryptnbd.toml"),
+        0o644,
+    );
+    let wants = top.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap_or_else(|e| panic!("mkdir {}: {e}", wants.display()));
+    std::os::unix::fs::symlink(format!("/{unit}"), wants.join("cryptnbd.service"))
+        .unwrap_or_else(|e| panic!("cannot enable cryptnbd.service in {}: {e}", top.display()));
+    top
+}
+
 /// The release binaries of the guest, stripped of their debug information (line tables:
 /// 97 and 65 MiB, against 15 and 10) into `target/vm-rig/root-bin/` once per test process.
 #[track_caller]

@@ -1267,13 +1267,24 @@ pub fn root_initramfs(
 /// with the test unit of `tests/vm/root/` (`tests/vm/root-image.sh`).
 #[track_caller]
 pub fn root_image(dir: &TestDir, name: &str, size: &str) -> PathBuf {
+    root_image_with(dir, name, size, None)
+}
+
+/// [`root_image`] with the tree `overlay` added at / (the product installed on the real root:
+/// binaries, units, configuration).
+#[track_caller]
+pub fn root_image_with(dir: &TestDir, name: &str, size: &str, overlay: Option<&Path>) -> PathBuf {
     let root = debian_root();
     let image = dir.join(name);
-    let out = run(Command::new("bash")
-        .arg(workspace_root().join("tests/vm/root-image.sh"))
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("tests/vm/root-image.sh"))
         .arg(&root.tree)
         .arg(&image)
-        .arg(size));
+        .arg(size);
+    if let Some(overlay) = overlay {
+        cmd.arg(overlay);
+    }
+    let out = run(&mut cmd);
     assert_eq!(
         out.code,
         Some(0),

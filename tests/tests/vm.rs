@@ -64,14 +64,14 @@ use std::time::Duration;
 
 use e2e_tests::cryptroot::{
     Content, DM_DEVICE, HostKms, ROOT_TRAIL, ROOT_VOLUME, RootFiles, RootVolume, create_root,
-    guest_aws_config, install,
+    guest_aws_config, install, system_daemon_overlay,
 };
 use e2e_tests::daemon::{Daemon, nbdcopy};
 use e2e_tests::moto::bare;
 use e2e_tests::pki::Pki;
 use e2e_tests::vm::{
-    Disk, InitramfsTool, RootBoot, Scenario, Vm, VmRun, debian_root, root_image, root_initramfs,
-    run_scenario,
+    Disk, InitramfsTool, RootBoot, Scenario, Vm, VmRun, debian_root, root_image, root_image_with,
+    root_initramfs, run_scenario,
 };
 use e2e_tests::{TEST_DIRECTORY, TEST_SID, TestDir, require_tool, run};
 use serde_json::Value;
@@ -1084,8 +1084,9 @@ const PASSPHRASE_PROMPT: &str =
 /// `content`), then stops; the keystore is sealed with [`KEYSTORE_PASSPHRASE`]
 /// (`kms seal`, offline) and copied, as a system's state directory holds it, into the files
 /// laid over the Debian root (/var/lib/cryptnbd/keystore, with `state_dir =
-/// "/var/lib/cryptnbd"` in the root configuration). Returns the volume file, its UUID and
-/// the files.
+/// "/var/lib/cryptnbd"` in the root configuration, which also names the volume's device by
+/// its UUID in `[store.devices]`, for `cryptnbd.root=root`). Returns the volume file, its UUID
+/// and the files.
 #[track_caller]
 fn sealed_local_root(dir: &TestDir, content: Content<'_>) -> (PathBuf, String, RootFiles) {
     let d = Daemon::start(dir, "");
@@ -1102,11 +1103,16 @@ fn sealed_local_root(dir: &TestDir, content: Content<'_>) -> (PathBuf, String, R
         pass.to_str().expect("utf-8"),
     ])
     .assert_success();
+    let vol = state.join("volumes").join(format!("{ROOT_VOLUME}.luks"));
+    let uuid = e2e_tests::cryptroot::luks_uuid(&vol);
     let files = RootFiles::new(
         dir,
         "root-files",
-        "# The root configuration of the VM rig's NBD-way boots (tests/tests/vm.rs).\n\
-         state_dir = \"/var/lib/cryptnbd\"\n[kms]\nbackend = \"local\"\n",
+        &format!(
+            "# The root configuration of the VM rig's NBD-way boots (tests/tests/vm.rs).\n\
+             state_dir = \"/var/lib/cryptnbd\"\n[kms]\nbackend = \"local\"\n\
+             [store.devices]\n{ROOT_VOLUME} = \"UUID={uuid}\"\n"
+        ),
     );
     let keystore = files.dir.join("var/lib/cryptnbd/keystore");
     for entry in std::fs::read_dir(state.join("keystore")).expect("the keystore") {
@@ -1122,23 +1128,22 @@ fn sealed_local_root(dir: &TestDir, content: Content<'_>) -> (PathBuf, String, R
                 .expect("chmod the keystore copy");
         }
     }
-    let vol = state.join("volumes").join(format!("{ROOT_VOLUME}.luks"));
-    let uuid = e2e_tests::cryptroot::luks_uuid(&vol);
     (vol, uuid, files)
 }
 
 /// A boot of the NBD way on `vol` (the guest's /dev/vda): `root=/dev/nbd0
-/// cryptnbd.root=UUID=… cryptnbd.mode=nbd`, the console's input piped for the passphrase.
+/// cryptnbd.root=ROOT cryptnbd.mode=nbd` (`ROOT`: `UUID=…` or a name of `[store.devices]`),
+/// the console's input piped for the passphrase.
 ///
 /// The guest has a NIC, though the local KMS needs no network: Debian's nbd-client package
 /// (in the root, as on any system that uses NBD) has an initramfs script of its own that
 /// wakes on `root=/dev/nbd*`, brings the network up (`configure_networking`) and, without a
 /// NIC, waits 180 s for one before it gives up (seen: the unit started at 194 s of uptime).
 /// With a NIC it takes a DHCP lease and quits ("Insufficient information to set up nbd").
-fn nbd_boot(name: &str, vol: &Path, uuid: &str, initrd: &Path) -> RootBoot {
+fn nbd_boot(name: &str, vol: &Path, root: &str, initrd: &Path) -> RootBoot {
     RootBoot::new(name)
         .root("/dev/nbd0")
-        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
+        .cmdline(&format!("cryptnbd.root={root}"))
         .cmdline("cryptnbd.mode=nbd")
         .with_network()
         .initrd(initrd)
@@ -1149,23 +1154,33 @@ fn nbd_boot(name: &str, vol: &Path, uuid: &str, initrd: &Path) -> RootBoot {
 /// Where the root daemon logs (ctl/src/initramfs.rs: `DIR/daemon.log`).
 const ROOT_DAEMON_LOG: &str = "/run/cryptnbd-root/daemon.log";
 
+/// Where `cryptnbd.service` keeps its audit trail (`state_dir` /var/lib/cryptnbd).
+const SYSTEM_TRAIL: &str = "/var/lib/cryptnbd/audit/audit.jsonl";
+
 /// Issue 16's NBD way with the local KMS, its keystore sealed: initramfs-tools' image holds
 /// the sealed keystore copy; at boot the passphrase is typed at the unlock's prompt on the
 /// serial console (echo off: it must not show in the log); the root daemon, started as
 /// `@cryptnbd`, serves the root on /dev/nbd0 and must still run under systemd on the real
-/// root. Two boots, then the plaintext checked on the host.
+/// root. The real root has the product installed (`cryptnbd.service` enabled): on it
+/// `cryptnbdctl --socket /run/cryptnbd-root/control.sock` shows the root volume and is refused
+/// its detach, and the system's daemon merges the boot's audit records into its trail. Two
+/// boots, the first naming the root by its UUID, the second by its name in `[store.devices]`;
+/// then the plaintext checked on the host.
 #[test]
 fn root_nbd_way_local_kms_sealed_keystore() {
     let dir = TestDir::new("root-nbd-sealed");
-    let image = root_image(&dir, "root.img", "512M");
+    let overlay = system_daemon_overlay(&dir, "system");
+    let image = root_image_with(&dir, "root.img", "512M", Some(&overlay));
     let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
     let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::InitramfsTools, &files);
-    let boot = |name: &str, step: &str, sha: Option<&str>| {
-        let mut b = nbd_boot(name, &vol, &uuid, &initrd)
+    let boot = |name: &str, root: &str, step: &str, sha: Option<&str>, nth: usize| {
+        let mut b = nbd_boot(name, &vol, root, &initrd)
             .expect_root_source("/dev/nbd0")
             .require_root_daemon()
             .report_audit(ROOT_TRAIL)
             .report_log(ROOT_DAEMON_LOG)
+            .param("ctl", "/run/cryptnbd-root/control.sock")
+            .param("merged", SYSTEM_TRAIL)
             .param("step", step);
         if let Some(sha) = sha {
             b = b.param("sha256", sha);
@@ -1192,6 +1207,8 @@ fn root_nbd_way_local_kms_sealed_keystore() {
             "{}: the root daemon's oom_score_adj",
             run.scenario
         );
+        assert_root_daemon_seen_by_ctl(&run);
+        assert_boot_records_merged(&run, nth);
         eprintln!(
             "vm: {}: the root daemon's / on the real root: {:?}; its log:\n  {}",
             run.scenario,
@@ -1200,16 +1217,23 @@ fn root_nbd_way_local_kms_sealed_keystore() {
         );
         run
     };
-    let first = boot("root-nbd-sealed-1", "write", None);
+    let first = boot(
+        "root-nbd-sealed-1",
+        &format!("UUID={uuid}"),
+        "write",
+        None,
+        1,
+    );
     let written = written_sum(&first);
-    let second = boot("root-nbd-sealed-2", "check", Some(&written));
+    let second = boot("root-nbd-sealed-2", ROOT_VOLUME, "check", Some(&written), 2);
     assert_eq!(
         second.reports("SUM"),
         [format!("{written} /root/boot-1")],
         "the second boot did not find the first boot's file unchanged"
     );
     eprintln!(
-        "vm: encrypted root, NBD way, sealed local keystore: first boot {:.1} s, second {:.1} s",
+        "vm: encrypted root, NBD way, sealed local keystore: first boot (by UUID) {:.1} s, \
+         second (by name) {:.1} s",
         first.elapsed.as_secs_f64(),
         second.elapsed.as_secs_f64()
     );
@@ -1219,6 +1243,66 @@ fn root_nbd_way_local_kms_sealed_keystore() {
         &[("CRYPTNBD_KMS_PASSPHRASE", KEYSTORE_PASSPHRASE)],
     );
     check_root_plaintext(&dir, d, &written);
+}
+
+/// `cryptnbdctl --socket /run/cryptnbd-root/control.sock` on the running system (the test
+/// unit's CTL-STATUS and CTL-DETACH): the status shows the root volume on /dev/nbd0, and its
+/// detach is refused with the sentence that says why.
+#[track_caller]
+fn assert_root_daemon_seen_by_ctl(run: &VmRun) {
+    let status = run.reports("CTL-STATUS");
+    let status: Value = serde_json::from_str(status.first().map_or("", String::as_str))
+        .unwrap_or_else(|e| panic!("{}: CTL-STATUS is not JSON ({e}): {status:?}", run.scenario));
+    let attachments = status["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        attachments.len() == 1
+            && attachments[0]["volume"] == ROOT_VOLUME
+            && attachments[0]["device"]["path"] == "/dev/nbd0",
+        "{}: the root daemon's status does not show {ROOT_VOLUME} on /dev/nbd0: {status:#}",
+        run.scenario
+    );
+    let detach = run.reports("CTL-DETACH");
+    assert!(
+        detach.len() == 1
+            && !detach[0].starts_with("0 ")
+            && detach[0].contains("it is not detached while the system runs on it"),
+        "{}: the detach of the root volume was not refused as it should be: {detach:?}",
+        run.scenario
+    );
+}
+
+/// The system daemon's trail (the test unit's MERGED lines, read after `cryptnbd.service`
+/// started) holds the root daemon's `attach` of each boot so far, `boots` of them, each once,
+/// marked `"origin": "initramfs"`.
+#[track_caller]
+fn assert_boot_records_merged(run: &VmRun, boots: usize) {
+    let merged: Vec<Value> = run
+        .reports("MERGED")
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "{}: a line of {SYSTEM_TRAIL} is not JSON ({e}): {l}",
+                    run.scenario
+                )
+            })
+        })
+        .collect();
+    let attaches = merged
+        .iter()
+        .filter(|r| {
+            r["operation"] == "attach" && r["volume"] == ROOT_VOLUME && r["origin"] == "initramfs"
+        })
+        .count();
+    assert_eq!(
+        attaches, boots,
+        "{}: {SYSTEM_TRAIL} should hold the root daemon's attach of each of the {boots} boot(s) \
+         so far, marked origin initramfs: {merged:#?}",
+        run.scenario
+    );
 }
 
 /// The sealed keystore's passphrase typed wrong three times: each try is refused on the
@@ -1232,9 +1316,14 @@ fn root_nbd_way_fails_after_three_wrong_passphrases() {
     let before = e2e_tests::cryptroot::file_sha256(&vol);
     let mut vm = Vm::start_root(
         &dir,
-        &nbd_boot("root-nbd-wrong-pass", &vol, &uuid, &initrd)
-            .fail_on(&["Kernel panic", "You are in emergency mode"])
-            .timeout(Duration::from_secs(240)),
+        &nbd_boot(
+            "root-nbd-wrong-pass",
+            &vol,
+            &format!("UUID={uuid}"),
+            &initrd,
+        )
+        .fail_on(&["Kernel panic", "You are in emergency mode"])
+        .timeout(Duration::from_secs(240)),
     );
     for i in 1..=3 {
         vm.type_line_after(PASSPHRASE_PROMPT, &format!("not the passphrase {i}"));

@@ -5,12 +5,16 @@
 #   /usr/local/sbin/cryptnbd-test                  tests/vm/root/cryptnbd-test
 #   /etc/systemd/system/cryptnbd-test.service      tests/vm/root/cryptnbd-test.service
 #   /etc/systemd/system/multi-user.target.wants/cryptnbd-test.service -> the unit
+# and, when OVERLAY is given, every directory, file and symlink under it, at the same path
+# (a file keeps its mode; for a test that needs more on the real root, such as the product's
+# binaries and units).
 # The image is checked with `e2fsck -fn` before it is handed over.
 #
-# Usage: tests/vm/root-image.sh ROOT_TREE IMAGE SIZE
+# Usage: tests/vm/root-image.sh ROOT_TREE IMAGE SIZE [OVERLAY]
 #   ROOT_TREE  ROOT_TREE of the root.env that build-root.sh wrote
 #   IMAGE      the image file to create (must not exist)
 #   SIZE       its size, as mke2fs takes it (512M, 1G)
+#   OVERLAY    a directory whose tree is added to the image's /
 set -euo pipefail
 
 say() { echo "root-image: $*" >&2; }
@@ -19,10 +23,12 @@ die() {
   exit 1
 }
 
-[[ $# -eq 3 ]] || die "usage: $0 ROOT_TREE IMAGE SIZE"
+[[ $# -eq 3 || $# -eq 4 ]] || die "usage: $0 ROOT_TREE IMAGE SIZE [OVERLAY]"
 TREE=$1
 IMG=$2
 SIZE=$3
+OVERLAY=${4:-}
+[[ -z $OVERLAY || -d $OVERLAY ]] || die "the overlay $OVERLAY is not a directory"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SRC=$HERE/root
 [[ -x $TREE/lib/systemd/systemd ]] || die "$TREE is not a root made by build-root.sh (no lib/systemd/systemd)"
@@ -38,8 +44,9 @@ out=$(mke2fs -q -F -t ext4 -L cryptnbd-root -d "$TREE" "$IMG" "$SIZE" 2>&1) ||
 
 unit=/etc/systemd/system/cryptnbd-test.service
 cmds=()
+declare -A made=()
 for d in /usr/local /usr/local/sbin /etc/systemd/system /etc/systemd/system/multi-user.target.wants; do
-  [[ -d $TREE$d ]] || cmds+=("mkdir $d")
+  [[ -d $TREE$d ]] || { cmds+=("mkdir $d"); made[$d]=1; }
 done
 cmds+=(
   "write $SRC/cryptnbd-test /usr/local/sbin/cryptnbd-test"
@@ -48,6 +55,23 @@ cmds+=(
   "set_inode_field $unit mode 0100644"
   "symlink /etc/systemd/system/multi-user.target.wants/cryptnbd-test.service $unit"
 )
+if [[ -n $OVERLAY ]]; then
+  # Parents before children (find's pre-order); debugfs takes no quoting, so no spaces.
+  while IFS= read -r -d '' p; do
+    rel=${p#"$OVERLAY"}
+    [[ $rel != *' '* ]] || die "the overlay's path $rel has a space (debugfs cannot take it)"
+    if [[ -L $p ]]; then
+      cmds+=("symlink $rel $(readlink "$p")")
+    elif [[ -d $p ]]; then
+      [[ -d $TREE$rel || -n ${made[$rel]:-} ]] || { cmds+=("mkdir $rel"); made[$rel]=1; }
+    elif [[ -f $p ]]; then
+      [[ ! -e $TREE$rel ]] || cmds+=("rm $rel")
+      cmds+=("write $p $rel" "set_inode_field $rel mode 0100$(stat -c %a "$p")")
+    else
+      die "the overlay's $rel is neither a directory, a file nor a symlink"
+    fi
+  done < <(find "$OVERLAY" -mindepth 1 -print0)
+fi
 log=$(printf '%s\n' "${cmds[@]}" | debugfs -w -f - "$IMG" 2>&1) || die "debugfs -w $IMG failed: $log"
 # debugfs reports a failed command on its output and still exits 0.
 if grep -Ev '^(debugfs [0-9.]+ \(|debugfs: |Allocated inode: )' <<<"$log" | grep -q .; then
