@@ -10,6 +10,13 @@
 #   qemu-nbd-luks  qemu-nbd on the same kind of LUKS1 image
 #   nbdkit-file    nbdkit file plugin, unencrypted
 #   nbdkit-memory  nbdkit memory plugin: the transport ceiling (no disk, no crypto)
+# and (not in the default list):
+#   qemu-nbd-file  qemu-nbd -f raw --cache=none --aio=io_uring on the unencrypted file: the
+#                  unencrypted O_DIRECT peer
+#   cryptnbd-4conn cryptnbd, its clients on 4 connections (nbdcopy -C 4; fio numjobs=4 at
+#                  iodepth 8 each, the same total queue depth of 32)
+#   cryptnbd-512   cryptnbd, a volume of 512-byte sectors (what dm-crypt and the kernel client
+#                  use by default)
 # and, over TCP on loopback (not in the default list):
 #   cryptnbd-tcp   cryptnbd, plaintext TCP
 #   cryptnbd-tls   cryptnbd, TLS required, client certificates checked
@@ -34,7 +41,13 @@
 #   seq read MB/s     nbdcopy URI null: (the whole export)
 #   4K randread IOPS  fio --ioengine=nbd --bs=4k --iodepth=32, time based
 #   4K randwrite IOPS the same, randwrite
-# and the server's CPU use in cores (CPU-seconds / wall-seconds, from /proc/PID/stat).
+# and the server's CPU use in cores (CPU-seconds / wall-seconds, from /proc/PID/stat), and the
+# client's (nbdcopy, fio: its children's rusage) for the sequential figures. After the first
+# five columns (which other tooling reads; keep them), the table has the CPU columns, each
+# figure over nbdkit-file's of the same run (when nbdkit-file is in the run), the server's
+# CPU-seconds per GB of the sequential copies, and the two-core limit they imply:
+# 2 cores / (client + server CPU-seconds per GB), beside which the throughput is read
+# (`of limit` = throughput / limit; 1.00 means both cores were busy with client and server).
 # Writes a Markdown table to RESULTS.md (default WORKDIR/results.md) and stdout.
 # Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin. As root it drops the page cache
 # before each server; without root it cannot, and the figures then depend on what ran before.
@@ -221,14 +234,20 @@ wait_uri() {
 }
 
 # Runs a client: as nobody with HOME=WORKDIR/tls-home for the TLS servers; on CPU 1 with -p.
+# Its CPU-seconds (user + system, with everything it waited for) go to $CLIENT_CPU.
+CLIENT_CPU=$WORK/client-cpu
 client() {
   local pin=()
   [[ -n $PIN ]] && pin=(taskset -c 1)
   if [[ -n $TLS_CLIENT ]]; then
-    "${pin[@]}" setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$WORK/tls-home" "$@"
-  else
-    "${pin[@]}" "$@"
+    pin+=(setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$WORK/tls-home")
   fi
+  python3 -c '
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(f"{u.ru_utime + u.ru_stime}\n")
+sys.exit(rc)' "$CLIENT_CPU" "${pin[@]}" "$@"
 }
 
 start_server() {
@@ -236,7 +255,7 @@ start_server() {
   TLS_CLIENT=""
   rm -f "$SOCK"
   case $name in
-    cryptnbd | cryptnbd-tcp | cryptnbd-tls | cryptnbd-rbd)
+    cryptnbd | cryptnbd-tcp | cryptnbd-tls | cryptnbd-rbd | cryptnbd-4conn | cryptnbd-512)
       local state=$WORK/cryptnbd-state run=$WORK/cryptnbd-run config=$WORK/cryptnbd.toml
       rm -rf "$state" "$run"
       if [[ $name == cryptnbd-rbd ]]; then
@@ -265,10 +284,12 @@ start_server() {
       local ctl=("$BIN/cryptnbdctl" --state-dir "$state" --socket "$run/control.sock")
       for _ in $(seq 1 300); do "${ctl[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
       "${ctl[@]}" kms create-key --alias alias/bench >/dev/null
-      "${ctl[@]}" create bench --size "${SIZE_MIB}M" --kms-key alias/bench \
+      local sector=()
+      [[ $name == cryptnbd-512 ]] && sector=(--sector-size 512)
+      "${ctl[@]}" create bench --size "${SIZE_MIB}M" --kms-key alias/bench "${sector[@]}" \
         --sid S-1-5-21-277731876-1789304096-451871588-1107 --directory d-1234abcd01 >/dev/null
       case $name in
-        cryptnbd | cryptnbd-rbd)
+        cryptnbd | cryptnbd-rbd | cryptnbd-4conn | cryptnbd-512)
           "${ctl[@]}" attach bench --transient >/dev/null
           URI="nbd+unix:///bench?socket=$run/nbd.sock" ;;
         cryptnbd-tcp)
@@ -302,6 +323,12 @@ start_server() {
       ;;
     nbdkit-file)
       nbdkit -f -U "$SOCK" file "$PLAIN" >"$LOGS/$name.log" 2>&1 &
+      SPID=$!
+      URI="nbd+unix:///?socket=$SOCK"
+      ;;
+    qemu-nbd-file)
+      qemu-nbd --socket="$SOCK" --persistent --shared=8 -f raw --cache=none --aio=io_uring \
+        "$PLAIN" >"$LOGS/$name.log" 2>&1 &
       SPID=$!
       URI="nbd+unix:///?socket=$SOCK"
       ;;
@@ -351,7 +378,7 @@ start_server() {
 
 ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
 
-# measure KIND RUN: prints "VALUE CORES"
+# measure KIND RUN: prints "VALUE SERVER_CORES CLIENT_CORES"
 measure() {
   local kind=$1 run=$2 log="$LOGS/$CURRENT.$1.$2" t0 t1 s0 s1 value
   rm -f "$log.json"
@@ -359,11 +386,12 @@ measure() {
   s0=$(ticks)
   t0=$(date +%s.%N)
   if [[ $CURRENT == fio-rbd ]]; then
-    local rw=$kind bs=4k
+    local rw=$kind bs=4k timed=()
     [[ $kind == write || $kind == read ]] && bs=1M
+    [[ $kind == randread || $kind == randwrite ]] && timed=(--time_based --runtime="$FIO_SECONDS" --ramp_time=2)
     CEPH_CONF=$CEPH_CONF client fio --name="$kind" --ioengine=rbd --clientname=admin --pool="$CEPH_POOL" \
       --rbdname="$RBD_IMAGE" --rw="$rw" --bs="$bs" --iodepth=32 --numjobs=1 \
-      $([[ $kind == randread || $kind == randwrite ]] && echo "--time_based --runtime=$FIO_SECONDS --ramp_time=2") \
+      "${timed[@]}" \
       --size="$SIZE" --output-format=json --output="$log.json" \
       --direct=1 >"$log" 2>&1
     t1=$(date +%s.%N)
@@ -371,14 +399,20 @@ measure() {
 import json; t=open('$log.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]
 k='$([[ $kind == *read ]] && echo read || echo write)'
 print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
-    python3 -c "print($value, 0)"
+    python3 -c "print($value, 0, $(cat "$CLIENT_CPU") / ($t1 - $t0))"
     return 0
   fi
+  # cryptnbd-4conn: 4 connections, the same total queue depth.
+  local conns=() jobs=(--iodepth=32 --numjobs=1)
+  if [[ $CURRENT == cryptnbd-4conn ]]; then
+    conns=(-C 4)
+    jobs=(--iodepth=8 --numjobs=4 --group_reporting)
+  fi
   case $kind in
-    write) client nbdcopy --no-extents "$SRC" "$URI" >"$log" 2>&1 ;;
-    read) client nbdcopy --no-extents "$URI" null: >"$log" 2>&1 ;;
+    write) client nbdcopy --no-extents "${conns[@]}" "$SRC" "$URI" >"$log" 2>&1 ;;
+    read) client nbdcopy --no-extents "${conns[@]}" "$URI" null: >"$log" 2>&1 ;;
     randread | randwrite)
-      client fio --name="$kind" --ioengine=nbd --uri="$URI" --rw="$kind" --bs=4k --iodepth=32 --numjobs=1 \
+      client fio --name="$kind" --ioengine=nbd --uri="$URI" --rw="$kind" --bs=4k "${jobs[@]}" \
         --time_based --runtime="$FIO_SECONDS" --ramp_time=2 --size="$SIZE" \
         --output-format=json --output="$log.json" >"$log" 2>&1 ;;
   esac
@@ -390,7 +424,7 @@ print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
 import json; t=open('$log.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]
 print(j['$([[ $kind == randread ]] && echo read || echo write)']['iops'])") ;;
   esac
-  python3 -c "print($value, ($s1 - $s0) / $(getconf CLK_TCK) / ($t1 - $t0))"
+  python3 -c "print($value, ($s1 - $s0) / $(getconf CLK_TCK) / ($t1 - $t0), $(cat "$CLIENT_CPU") / ($t1 - $t0))"
 }
 
 summary() { python3 -c '
@@ -399,13 +433,9 @@ v = [float(x) for x in sys.argv[1:]]
 print(f"{st.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]")' "$@"; }
 median() { python3 -c 'import sys, statistics as st; print(f"{st.median([float(x) for x in sys.argv[1:]]):.2f}")' "$@"; }
 
-{
-  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-  echo "export $SIZE_MIB MiB, $RUNS runs (after $WARMUP unmeasured writes), fio ${FIO_SECONDS}s; median [min-max]; server CPU in cores (median)${PIN:+; server pinned to CPU 0, client to CPU 1}."
-  echo
-  echo "| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS | server cores w / r / rr / rw |"
-  echo "|---|---|---|---|---|---|"
-} >"$OUT.tmp"
+# Medians per server and kind, for the columns computed once every server has run:
+# RESULT[server:kind] = "value server_cores client_cores".
+declare -A RESULT=()
 for CURRENT in "${SERVERS[@]}"; do
   echo "== $CURRENT"
   # Every server starts from an empty page cache: the folio sizes the cache holds for a file
@@ -419,27 +449,72 @@ for CURRENT in "${SERVERS[@]}"; do
     read -r v _ < <(measure write "warmup$w")
     echo "   warm-up write $w: $(printf %.0f "$v") (not counted)"
   done
-  row="| $CURRENT |"
-  cores=()
   for kind in write read randread randwrite; do
-    if [[ ",$KINDS," != *",$kind,"* ]]; then
-      row+=" - |"
-      cores+=("-")
-      continue
-    fi
-    vals=() cs=()
+    [[ ",$KINDS," == *",$kind,"* ]] || continue
+    vals=() cs=() ccs=()
     for r in $(seq 1 "$RUNS"); do
-      read -r v c < <(measure "$kind" "$r")
-      vals+=("$v") cs+=("$c")
-      echo "   $kind run $r: $(printf %.0f "$v") ($(printf %.2f "$c") cores)"
+      read -r v c cc < <(measure "$kind" "$r")
+      vals+=("$v") cs+=("$c") ccs+=("$cc")
+      echo "   $kind run $r: $(printf %.0f "$v") (server $(printf %.2f "$c") cores, client $(printf %.2f "$cc"))"
     done
-    row+=" $(summary "${vals[@]}") |"
-    cores+=("$(median "${cs[@]}")")
+    RESULT[$CURRENT:$kind]="$(summary "${vals[@]}")|$(median "${vals[@]}") $(median "${cs[@]}") $(median "${ccs[@]}")"
   done
-  row+=" ${cores[0]} / ${cores[1]} / ${cores[2]} / ${cores[3]} |"
-  echo "$row" >>"$OUT.tmp"
   stop_server
 done
+
+# The table: one row per server, its columns from RESULT.
+RESULTS=$(for k in "${!RESULT[@]}"; do printf '%s=%s\n' "$k" "${RESULT[$k]}"; done)
+{
+  echo "Run $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+  echo "export $SIZE_MIB MiB, $RUNS runs (after $WARMUP unmeasured writes), fio ${FIO_SECONDS}s; median [min-max]; CPU in cores (median)${PIN:+; server pinned to CPU 0, client to CPU 1}."
+  echo
+  python3 - "${SERVERS[@]}" <<PY
+import sys
+res = {}
+for line in """$RESULTS""".splitlines():
+    if not line.strip():
+        continue
+    key, val = line.split("=", 1)
+    shown, nums = val.split("|")
+    v, c, cc = (float(x) for x in nums.split())
+    res[key] = (shown, v, c, cc)
+kinds = ["write", "read", "randread", "randwrite"]
+print("| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS "
+      "| server cores w / r / rr / rw | client cores w / r "
+      "| vs nbdkit-file w / r / rr / rw | server core-s/GB w / r | 2-core limit w / r MB/s (of limit) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+def get(s, k):
+    return res.get(f"{s}:{k}")
+for s in sys.argv[1:]:
+    cells = [s]
+    cells += [get(s, k)[0] if get(s, k) else "-" for k in kinds]
+    cells.append(" / ".join(f"{get(s, k)[2]:.2f}" if get(s, k) else "-" for k in kinds))
+    cells.append(" / ".join(f"{get(s, k)[3]:.2f}" if get(s, k) else "-" for k in ["write", "read"]))
+    ratios = []
+    for k in kinds:
+        a, b = get(s, k), get("nbdkit-file", k)
+        ratios.append(f"{a[1] / b[1]:.2f}" if a and b and b[1] else "-")
+    cells.append(" / ".join(ratios))
+    per_gb, limits = [], []
+    for k in ["write", "read"]:
+        r = get(s, k)
+        if r and r[1] > 0:
+            gbps = r[1] / 1000
+            per_gb.append(f"{r[2] / gbps:.2f}")
+            total = r[2] + r[3]
+            if total > 0:
+                limit = 2 * r[1] / total
+                limits.append(f"{limit:.0f} ({r[1] / limit:.2f})")
+            else:
+                limits.append("-")
+        else:
+            per_gb.append("-")
+            limits.append("-")
+    cells.append(" / ".join(per_gb))
+    cells.append(" / ".join(limits))
+    print("| " + " | ".join(cells) + " |")
+PY
+} >"$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 echo
 cat "$OUT"
