@@ -1,6 +1,7 @@
 //! Crash injection for the crash-consistency tests: [`crash_point`] marks the places where a
 //! test build may be killed (the `crash-points` feature), so the tests can prove that every
-//! multi-step change leaves either the old or the new state. A leaf: it imports nothing.
+//! multi-step change leaves either the old or the new state; the same places can be slowed
+//! down, so that a test catches a long operation while it runs. A leaf: it imports nothing.
 
 #[cfg(feature = "crash-points")]
 use std::sync::Mutex;
@@ -8,10 +9,18 @@ use std::sync::Mutex;
 /// Test builds' crash injection: when the `crash-points` feature is on and the environment
 /// variable `CRYPTNBD_CRASH_AT` names this point, the process kills itself with SIGKILL here
 /// (as `kill -9` would, no cleanup). `CRYPTNBD_CRASH_AT=name:N` crashes at the Nth time the
-/// point is reached. Without the feature this does nothing.
+/// point is reached. `CRYPTNBD_SLOW_AT=name:MS` sleeps MS milliseconds each time the point is
+/// reached instead (a test that must cancel an operation while it runs, on a machine fast
+/// enough to finish it first). Without the feature this does nothing.
 pub fn crash_point(name: &str) {
     #[cfg(feature = "crash-points")]
     {
+        if let Ok(slow) = std::env::var("CRYPTNBD_SLOW_AT")
+            && let Some((point, ms)) = slow.split_once(':')
+            && point == name
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
         static HITS: std::sync::OnceLock<Mutex<std::collections::HashMap<String, u64>>> =
             std::sync::OnceLock::new();
         let Ok(want) = std::env::var("CRYPTNBD_CRASH_AT") else {

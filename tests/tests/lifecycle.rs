@@ -475,7 +475,10 @@ fn recovery_passphrase_opens_in_cryptsetup() {
 #[test]
 fn busy_volume_is_refused_and_operations_cancel_cleanly() {
     let dir = TestDir::new("lc-busy");
-    let d = Daemon::start(&dir, "");
+    // Each MiB the rebuild writes takes 20 ms more: the rebuild of 3 GiB takes a minute, so
+    // the cancels below always find it running (unslowed, a second rebuild from the page
+    // cache once finished before the Ctrl-C arrived).
+    let d = Daemon::start_env(&dir, "", &[("CRYPTNBD_SLOW_AT", "fill-step:20")]);
     d.ctl.create_key("e2e");
     let scratch = dir.join("scratch.bin");
     let small = dir.join("small.img");
