@@ -2,7 +2,7 @@
 # Whole-pipeline benchmark: cryptnbd beside its peers on the same machine, in one run.
 #
 #   benches/nbd-peers.sh [-r RUNS] [-t FIO_SECONDS] [-s SIZE_MIB] [-d WORKDIR] [-o RESULTS.md]
-#                        [-T write,read,randread,randwrite] [-w WARMUP] [-p] [SERVER...]
+#                        [-T write,read,randread,randwrite] [-w WARMUP] [-p] [-P] [SERVER...]
 #
 # SERVERs (default: all, in this order):
 #   cryptnbd       the release cryptnbd daemon, local KMS, a 4096-byte-sector volume
@@ -58,6 +58,11 @@
 # -p pins every thread of the server to CPU 0 and the client to CPU 1 (taskset), as if each
 # had a host of its own: the figures then show which side is the limit, where by default
 # client and server compete for the same cores.
+# -P profiles the server during the first run of each kind: `perf record` (sampled, no call
+# graphs) and `perf stat` (task-clock, page faults, context switches, system calls) into
+# WORKDIR/profiles/SERVER.KIND.*, and a line per kind with CPU-ms, system calls, page faults
+# and context switches per request (nbdcopy's requests are 256 KiB; fio's are counted by fio).
+# Those runs carry perf's overhead: profile in a run of its own, not with the figures you quote.
 # Takes about 4 minutes per server with the defaults. The machine is shared and noisy:
 # compare servers from the same run, as ratios.
 set -euo pipefail
@@ -65,10 +70,11 @@ cd "$(dirname "$0")/.."
 RUNS=3 FIO_SECONDS=15 SIZE_MIB=4096 WORK=/var/tmp/cryptnbd-bench OUT="" KINDS="write,read,randread,randwrite"
 WARMUP=0
 PIN=""
-while getopts "r:t:s:d:o:T:w:ph" o; do
+PROFILE=""
+while getopts "r:t:s:d:o:T:w:pPh" o; do
   case $o in
     r) RUNS=$OPTARG ;; t) FIO_SECONDS=$OPTARG ;; s) SIZE_MIB=$OPTARG ;; d) WORK=$OPTARG ;; o) OUT=$OPTARG ;;
-    T) KINDS=$OPTARG ;; w) WARMUP=$OPTARG ;; p) PIN=1 ;;
+    T) KINDS=$OPTARG ;; w) WARMUP=$OPTARG ;; p) PIN=1 ;; P) PROFILE=1 ;;
     *) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 2 ;;
   esac
 done
@@ -408,6 +414,18 @@ print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
     conns=(-C 4)
     jobs=(--iodepth=8 --numjobs=4 --group_reporting)
   fi
+  local prof="" rec="" st=""
+  if [[ -n $PROFILE && $run == 1 ]]; then
+    command -v perf >/dev/null || { echo "-P needs perf: apt-get install linux-perf" >&2; exit 1; }
+    prof=$WORK/profiles/$CURRENT.$kind
+    mkdir -p "$WORK/profiles"
+    perf record -q -F 999 -p "$SPID" -o "$prof.perf.data" >/dev/null 2>&1 &
+    rec=$!
+    perf stat -x, -e task-clock,page-faults,context-switches,raw_syscalls:sys_enter -p "$SPID" \
+      -o "$prof.stat" >/dev/null 2>&1 &
+    st=$!
+    sleep 0.5
+  fi
   case $kind in
     write) client nbdcopy --no-extents "${conns[@]}" "$SRC" "$URI" >"$log" 2>&1 ;;
     read) client nbdcopy --no-extents "${conns[@]}" "$URI" null: >"$log" 2>&1 ;;
@@ -418,6 +436,33 @@ print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
   esac
   t1=$(date +%s.%N)
   s1=$(ticks)
+  if [[ -n $prof ]]; then
+    kill -INT "$rec" "$st" 2>/dev/null || true
+    wait "$rec" "$st" 2>/dev/null || true
+    perf report -i "$prof.perf.data" --no-children --sort dso,sym --percent-limit 0.5 --stdio \
+      >"$prof.report.txt" 2>/dev/null || true
+    python3 - "$prof.stat" "$log.json" "$kind" "$SIZE" "$(python3 -c "print($t1 - $t0)")" \
+      >"$prof.summary" <<'PY' || true
+import json, sys
+stat, fio, kind, size, wall = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+c = {}
+for line in open(stat):
+    f = line.strip().split(",")
+    if len(f) > 2 and f[0] and f[0][0].isdigit():
+        c[f[2]] = float(f[0])
+if kind in ("write", "read"):
+    reqs = size / (256 << 10)
+else:
+    t = open(fio).read()
+    j = json.loads(t[t.index("{"):])["jobs"][0]
+    # fio counts the requests after its ramp; perf saw the whole run: scale to it.
+    reqs = j["read" if kind == "randread" else "write"]["total_ios"] * wall / (j["job_runtime"] / 1000)
+print(f"{kind}: {reqs:.0f} requests; per request: {c.get('task-clock', 0) * 1000 / reqs:.1f} us CPU, "
+      f"{c.get('raw_syscalls:sys_enter', 0) / reqs:.2f} syscalls, {c.get('page-faults', 0) / reqs:.3f} page faults, "
+      f"{c.get('context-switches', 0) / reqs:.2f} context switches")
+PY
+    echo "   profile: $(cat "$prof.summary") ($prof.report.txt)" >&2
+  fi
   case $kind in
     write | read) value=$(python3 -c "print($SIZE / ($t1 - $t0) / 1e6)") ;;
     *) value=$(python3 -c "

@@ -1422,3 +1422,60 @@ fn root_dm_crypt_dracut_sealed_keystore_asks_through_systemd() {
         run.elapsed.as_secs_f64()
     );
 }
+
+/// The NBD way through dracut's systemd initrd, the local keystore sealed: the unlock runs
+/// in dracut's initqueue (the passphrase asked through systemd's password agents, typed on
+/// the serial console); the root daemon it starts must outlive that unit, systemd's killing
+/// spree at the switch to the real root (argv[0] `@cryptnbd`) and the one at shutdown, and
+/// serve the root on /dev/nbd0 until the power-off. One boot that writes a file; then the
+/// host reads the volume's plaintext: the file is there, so the shutdown's flush went
+/// through the root daemon.
+#[test]
+fn root_nbd_way_dracut_sealed_keystore() {
+    let dir = TestDir::new("root-nbd-dracut");
+    let image = root_image(&dir, "root.img", "512M");
+    let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
+    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::Dracut, &files);
+    let boot = RootBoot::new("root-nbd-dracut")
+        .root("/dev/nbd0")
+        .expect_root_source("/dev/nbd0")
+        .require_root_daemon()
+        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
+        .cmdline("cryptnbd.mode=nbd")
+        .cmdline("rd.shell=0")
+        .initrd(&initrd)
+        .disk(Disk::raw(&vol))
+        .serial_input()
+        .report_audit(ROOT_TRAIL)
+        .report_log(ROOT_DAEMON_LOG)
+        .param("step", "write");
+    let mut vm = Vm::start_root(&dir, &boot);
+    vm.type_line_after(
+        "Passphrase of the cryptnbd keystore, to unlock the root volume root:",
+        KEYSTORE_PASSPHRASE,
+    );
+    let run = vm.wait();
+    run.assert_pass();
+    assert!(
+        !run.log.contains(KEYSTORE_PASSPHRASE),
+        "the passphrase typed at systemd's prompt shows in the serial log"
+    );
+    assert_root_audited(&run, "attach", None);
+    assert_eq!(
+        run.reports("DAEMON-OOM"),
+        ["-1000"],
+        "{}: the root daemon's oom_score_adj",
+        run.scenario
+    );
+    let written = written_sum(&run);
+    eprintln!(
+        "vm: encrypted root, NBD way through dracut's systemd initrd, sealed keystore: {:.1} s",
+        run.elapsed.as_secs_f64()
+    );
+    let d = Daemon::start_env(
+        &dir,
+        "",
+        &[("CRYPTNBD_KMS_PASSPHRASE", KEYSTORE_PASSPHRASE)],
+    );
+    check_root_plaintext(&dir, d, &written);
+}
