@@ -14,6 +14,8 @@ use volume::{Volume, VolumeError, VolumeErrorKind};
 
 /// NBD_STATE_HOLE: the range is not allocated in the volume file.
 const STATE_HOLE: u32 = 0x1;
+/// NBD_STATE_ZERO: the range reads as zeros.
+const STATE_ZERO: u32 = 0x2;
 /// Largest request payload advertised.
 const MAX_BLOCK: u32 = 32 << 20;
 
@@ -207,8 +209,9 @@ impl BlockDevice for VolumeDevice {
     }
 
     fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, DeviceError> {
-        // Holes read as zeros through cryptnbd but not through dm-crypt, so they are HOLE and
-        // never ZERO; allocated data is 0.
+        // A hole is all-zero ciphertext, which this export reads as zeros (the zero rule of
+        // docs/format.md): HOLE|ZERO, so that copies skip it. What dm-crypt would read there
+        // is not this export's answer. Allocated data is 0.
         let runs = self
             .volume
             .allocation(offset, length)
@@ -217,7 +220,11 @@ impl BlockDevice for VolumeDevice {
             .into_iter()
             .map(|(length, allocated)| Extent {
                 length,
-                flags: if allocated { 0 } else { STATE_HOLE },
+                flags: if allocated {
+                    0
+                } else {
+                    STATE_HOLE | STATE_ZERO
+                },
             })
             .collect())
     }
