@@ -1201,12 +1201,7 @@ fn root_nbd_way_local_kms_sealed_keystore() {
             run.scenario
         );
         assert_root_audited(&run, "attach", None);
-        assert_eq!(
-            run.reports("DAEMON-OOM"),
-            ["-1000"],
-            "{}: the root daemon's oom_score_adj",
-            run.scenario
-        );
+        assert_root_daemon_unkillable(&run);
         assert_root_daemon_seen_by_ctl(&run);
         assert_boot_records_merged(&run, nth);
         eprintln!(
@@ -1237,12 +1232,7 @@ fn root_nbd_way_local_kms_sealed_keystore() {
         first.elapsed.as_secs_f64(),
         second.elapsed.as_secs_f64()
     );
-    let d = Daemon::start_env(
-        &dir,
-        "",
-        &[("CRYPTNBD_KMS_PASSPHRASE", KEYSTORE_PASSPHRASE)],
-    );
-    check_root_plaintext(&dir, d, &written);
+    check_sealed_root_plaintext(&dir, &written);
 }
 
 /// `cryptnbdctl --socket /run/cryptnbd-root/control.sock` on the running system (the test
@@ -1390,31 +1380,9 @@ fn root_nbd_way_fails_after_three_wrong_passphrases() {
 /// boot onto /dev/mapper/cryptnbd-root with the boot's `open-dm-crypt` in the trail.
 #[test]
 fn root_dm_crypt_dracut_sealed_keystore_asks_through_systemd() {
-    let dir = TestDir::new("root-dracut-sealed");
-    let image = root_image(&dir, "root.img", "512M");
-    let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
-    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::Dracut, &files);
-    let boot = RootBoot::new("root-dracut-sealed")
-        .root(DM_DEVICE)
-        .expect_root_source(DM_DEVICE)
-        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
-        .cmdline("rd.shell=0")
-        .initrd(&initrd)
-        .disk(Disk::raw(&vol))
-        .serial_input()
-        .report_audit(ROOT_TRAIL)
-        .param("step", "write");
-    let mut vm = Vm::start_root(&dir, &boot);
-    vm.type_line_after(
-        "Passphrase of the cryptnbd keystore, to unlock the root volume root:",
-        KEYSTORE_PASSPHRASE,
-    );
-    let run = vm.wait();
-    run.assert_pass();
-    assert!(
-        !run.log.contains(KEYSTORE_PASSPHRASE),
-        "the passphrase typed at systemd's prompt shows in the serial log"
-    );
+    let (dir, boot) = dracut_sealed_boot("root-dracut-sealed");
+    let boot = boot.root(DM_DEVICE).expect_root_source(DM_DEVICE);
+    let run = run_dracut_sealed_boot(&dir, &boot);
     assert_root_audited(&run, "open-dm-crypt", None);
     eprintln!(
         "vm: encrypted root, dm-crypt way through dracut, sealed keystore asked through \
@@ -1432,24 +1400,51 @@ fn root_dm_crypt_dracut_sealed_keystore_asks_through_systemd() {
 /// through the root daemon.
 #[test]
 fn root_nbd_way_dracut_sealed_keystore() {
-    let dir = TestDir::new("root-nbd-dracut");
-    let image = root_image(&dir, "root.img", "512M");
-    let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
-    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::Dracut, &files);
-    let boot = RootBoot::new("root-nbd-dracut")
+    let (dir, boot) = dracut_sealed_boot("root-nbd-dracut");
+    let boot = boot
         .root("/dev/nbd0")
         .expect_root_source("/dev/nbd0")
         .require_root_daemon()
-        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
         .cmdline("cryptnbd.mode=nbd")
+        .report_log(ROOT_DAEMON_LOG);
+    let run = run_dracut_sealed_boot(&dir, &boot);
+    assert_root_audited(&run, "attach", None);
+    assert_root_daemon_unkillable(&run);
+    let written = written_sum(&run);
+    eprintln!(
+        "vm: encrypted root, NBD way through dracut's systemd initrd, sealed keystore: {:.1} s",
+        run.elapsed.as_secs_f64()
+    );
+    check_sealed_root_plaintext(&dir, &written);
+}
+
+/// A sealed local root made from a Debian root image ([`sealed_local_root`]) in a new
+/// `TestDir` named `name`, its dracut image built, and a boot of it through dracut's systemd
+/// initrd (`rd.shell=0`), by its UUID, reporting the root daemon's trail, that writes
+/// /root/boot-1; the caller sets the root and the mode.
+#[track_caller]
+fn dracut_sealed_boot(name: &str) -> (TestDir, RootBoot) {
+    let dir = TestDir::new(name);
+    let image = root_image(&dir, "root.img", "512M");
+    let (vol, uuid, files) = sealed_local_root(&dir, Content::Image(&image));
+    let (initrd, _) = cryptnbd_initramfs(&dir, InitramfsTool::Dracut, &files);
+    let boot = RootBoot::new(name)
+        .cmdline(&format!("cryptnbd.root=UUID={uuid}"))
         .cmdline("rd.shell=0")
         .initrd(&initrd)
         .disk(Disk::raw(&vol))
         .serial_input()
         .report_audit(ROOT_TRAIL)
-        .report_log(ROOT_DAEMON_LOG)
         .param("step", "write");
-    let mut vm = Vm::start_root(&dir, &boot);
+    (dir, boot)
+}
+
+/// Runs `boot` ([`dracut_sealed_boot`]), typing the keystore's passphrase at the prompt of
+/// systemd's password agent on the serial console: the boot passes, and the passphrase does
+/// not show in the serial log.
+#[track_caller]
+fn run_dracut_sealed_boot(dir: &TestDir, boot: &RootBoot) -> VmRun {
+    let mut vm = Vm::start_root(dir, boot);
     vm.type_line_after(
         "Passphrase of the cryptnbd keystore, to unlock the root volume root:",
         KEYSTORE_PASSPHRASE,
@@ -1458,24 +1453,28 @@ fn root_nbd_way_dracut_sealed_keystore() {
     run.assert_pass();
     assert!(
         !run.log.contains(KEYSTORE_PASSPHRASE),
-        "the passphrase typed at systemd's prompt shows in the serial log"
+        "{}: the passphrase typed at systemd's prompt shows in the serial log",
+        run.scenario
     );
-    assert_root_audited(&run, "attach", None);
+    run
+}
+
+/// The sealed local root's plaintext checked on the host ([`check_root_plaintext`]), by a
+/// daemon given the keystore's passphrase.
+#[track_caller]
+fn check_sealed_root_plaintext(dir: &TestDir, written: &str) {
+    let d = Daemon::start_env(dir, "", &[("CRYPTNBD_KMS_PASSPHRASE", KEYSTORE_PASSPHRASE)]);
+    check_root_plaintext(dir, d, written);
+}
+
+/// The root daemon's `oom_score_adj` (the test unit's DAEMON-OOM) is -1000: the OOM killer
+/// never picks it.
+#[track_caller]
+fn assert_root_daemon_unkillable(run: &VmRun) {
     assert_eq!(
         run.reports("DAEMON-OOM"),
         ["-1000"],
         "{}: the root daemon's oom_score_adj",
         run.scenario
     );
-    let written = written_sum(&run);
-    eprintln!(
-        "vm: encrypted root, NBD way through dracut's systemd initrd, sealed keystore: {:.1} s",
-        run.elapsed.as_secs_f64()
-    );
-    let d = Daemon::start_env(
-        &dir,
-        "",
-        &[("CRYPTNBD_KMS_PASSPHRASE", KEYSTORE_PASSPHRASE)],
-    );
-    check_root_plaintext(&dir, d, &written);
 }
