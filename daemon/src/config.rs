@@ -49,6 +49,38 @@ pub struct StoreConfig {
     /// `[store.devices]`: volumes on block devices, by name: `NAME = "UUID=…"` (the LUKS2
     /// header's UUID) or `NAME = "/dev/…"` (docs/root-volume.md).
     pub devices: std::collections::BTreeMap<String, String>,
+    /// `[store.file]`: how the file engine moves data (volume files and devices).
+    pub file: FileConfig,
+}
+
+/// `[store.file]`: the file engine (volume files in the state directory, and devices).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `buffered` (through the page cache, the default) or `direct` (`O_DIRECT`, where the
+    /// filesystem has it; docs/benchmarks.md compares them).
+    pub io: FileIoMode,
+}
+
+/// `[store.file] io`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileIoMode {
+    /// Through the page cache.
+    #[default]
+    Buffered,
+    /// Around the page cache (`O_DIRECT`).
+    Direct,
+}
+
+impl FileIoMode {
+    /// The file engine's setting.
+    pub fn engine(self) -> store::file::FileIo {
+        match self {
+            FileIoMode::Buffered => store::file::FileIo::Buffered,
+            FileIoMode::Direct => store::file::FileIo::Direct,
+        }
+    }
 }
 
 impl StoreConfig {

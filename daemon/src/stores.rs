@@ -32,7 +32,9 @@ pub struct Opened {
 
 /// Opens the stores `config` names.
 pub fn open(config: &StoreConfig, layout: &StateLayout) -> Result<Opened, DaemonError> {
-    let file: Arc<dyn Catalog> = Arc::new(DirCatalog::new(&layout.volumes(), &layout.snapshots()));
+    let io = config.file.io.engine();
+    let file: Arc<dyn Catalog> =
+        Arc::new(DirCatalog::new(&layout.volumes(), &layout.snapshots()).with_io(io));
     let mut members = vec![("file".to_owned(), file)];
     let rbd = match &config.rbd {
         Some(c) => {
@@ -46,7 +48,7 @@ pub fn open(config: &StoreConfig, layout: &StateLayout) -> Result<Opened, Daemon
         .device_entries()
         .map_err(|e| DaemonError::Store(e.to_string()))?;
     if !devices.is_empty() {
-        let devices: Arc<dyn Catalog> = Arc::new(DeviceCatalog::new(devices));
+        let devices: Arc<dyn Catalog> = Arc::new(DeviceCatalog::new(devices).with_io(io));
         // A name is one volume: a device entry may not shadow a volume of another store.
         for name in devices
             .list()

@@ -30,7 +30,7 @@ use std::time::SystemTime;
 use crate::BackingStore;
 use crate::copy::{self, CloneMethod, Watch};
 use crate::durable::{Existing, sync_dir};
-use crate::file::{Access, FileStore, OpenError};
+use crate::file::{Access, FileIo, FileStore, OpenError};
 use crate::memory::MemStore;
 
 /// A store being built to become volume `name`, under a hidden name of its own.
@@ -197,6 +197,8 @@ pub struct DirCatalog {
     /// Where the snapshot directories are (`ROOT/NAME/SNAPSHOT.luks`); None in a catalog of
     /// snapshots.
     snapshots: Option<PathBuf>,
+    /// How the volumes it opens for I/O move data (snapshots and staged files: buffered).
+    io: FileIo,
 }
 
 const SUFFIX: &str = ".luks";
@@ -207,7 +209,14 @@ impl DirCatalog {
         Self {
             dir: dir.to_path_buf(),
             snapshots: Some(snapshots.to_path_buf()),
+            io: FileIo::Buffered,
         }
+    }
+
+    /// This catalog, opening volumes for reading and writing with `io`.
+    pub fn with_io(mut self, io: FileIo) -> Self {
+        self.io = io;
+        self
     }
 
     /// A catalog of snapshots: the files in `dir`, a directory that goes when its last
@@ -216,6 +225,7 @@ impl DirCatalog {
         Self {
             dir: dir.to_path_buf(),
             snapshots: None,
+            io: FileIo::Buffered,
         }
     }
 
@@ -259,7 +269,8 @@ impl Catalog for DirCatalog {
     }
 
     fn open(&self, name: &str, access: Access) -> Result<Box<dyn BackingStore>, OpenError> {
-        Ok(Box::new(FileStore::open(&self.location(name), access)?))
+        let store = FileStore::open(&self.location(name), access)?;
+        Ok(Box::new(with_io(store, access, self.io)?))
     }
 
     fn stage(&self, name: &str, operation: &str) -> io::Result<Staged> {
@@ -772,6 +783,14 @@ fn check_clones(catalog: &dyn Catalog) {
     snaps.remove("s1").expect("remove s1");
     assert_eq!(snaps.list().expect("list"), Vec::<String>::new());
     catalog.remove("b").expect("remove b");
+}
+
+/// `store` with `io` when it is opened for I/O (an inspection reads a header: buffered).
+pub(crate) fn with_io(store: FileStore, access: Access, io: FileIo) -> io::Result<FileStore> {
+    match access {
+        Access::Inspect => Ok(store),
+        Access::ReadWrite | Access::ReadOnly => store.with_io(io),
+    }
 }
 
 #[cfg(test)]

@@ -202,6 +202,60 @@ mod tests {
         check(Arc::new(store));
     }
 
+    /// Direct mode: the contract's requests (most of them unaligned, through the bounce
+    /// buffers), then aligned requests that go straight to the disk, read back through the
+    /// page cache too (the two descriptors see one file).
+    #[test]
+    fn the_file_engine_in_direct_mode_keeps_the_contract() {
+        use crate::file::FileIo;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.luks");
+        std::fs::File::create(&path).expect("create");
+        let open = || {
+            let s = FileStore::open(&path, Access::ReadWrite)
+                .expect("open")
+                .with_io(FileIo::Direct)
+                .expect("O_DIRECT");
+            assert_eq!(
+                s.io(),
+                FileIo::Direct,
+                "the filesystem of {} has no O_DIRECT (tmpfs?): set TMPDIR to a directory on \
+                 ext4 or xfs to test direct mode",
+                dir.path().display()
+            );
+            s
+        };
+        check(Arc::new(open()));
+        std::fs::write(&path, b"").expect("truncate");
+        let s = open();
+        // An aligned buffer: 64 KiB inside a larger vector.
+        let mut raw = vec![0u8; (128 << 10) + 4096];
+        let at = raw.as_ptr().align_offset(4096);
+        let data = pattern(64 << 10, 9);
+        raw[at..at + data.len()].copy_from_slice(&data);
+        s.write_at(&raw[at..at + data.len()], 1 << 20)
+            .expect("aligned write");
+        s.flush().expect("flush");
+        assert_eq!(s.len().expect("len"), (1 << 20) + (64 << 10));
+        let mut back = vec![0u8; (64 << 10) + 4096];
+        let at2 = back.as_ptr().align_offset(4096);
+        s.read_at(&mut back[at2..at2 + (64 << 10)], 1 << 20)
+            .expect("aligned read");
+        assert_eq!(back[at2..at2 + (64 << 10)], data[..]);
+        let buffered = std::fs::read(&path).expect("read through the page cache");
+        assert_eq!(
+            buffered[1 << 20..],
+            data[..],
+            "the page cache sees another file"
+        );
+        // A 100-byte write in the middle of the aligned data: a read-modify-write.
+        s.write_at(&[7u8; 100], (1 << 20) + 1000)
+            .expect("unaligned write");
+        let mut expect = data.clone();
+        expect[1000..1100].fill(7);
+        assert_eq!(read(&s, 1 << 20, 64 << 10), expect);
+    }
+
     #[test]
     fn the_memory_engine_keeps_the_contract() {
         check(Arc::new(MemStore::new("contract")));

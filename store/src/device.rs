@@ -282,6 +282,8 @@ impl std::fmt::Display for Locator {
 pub struct DeviceCatalog {
     entries: BTreeMap<String, Locator>,
     sys_class_block: PathBuf,
+    /// How the devices it opens for I/O move data.
+    io: crate::file::FileIo,
 }
 
 impl DeviceCatalog {
@@ -291,7 +293,14 @@ impl DeviceCatalog {
         Self {
             entries,
             sys_class_block: PathBuf::from(SYS_CLASS_BLOCK),
+            io: crate::file::FileIo::Buffered,
         }
+    }
+
+    /// This catalog, opening devices for reading and writing with `io`.
+    pub fn with_io(mut self, io: crate::file::FileIo) -> Self {
+        self.io = io;
+        self
     }
 
     /// The device of volume `name`, found now.
@@ -345,7 +354,8 @@ impl Catalog for DeviceCatalog {
         let path = self.device(name)?;
         let file = open_device(&path, access == Access::ReadWrite)?;
         crate::file::lock(&file, access)?;
-        Ok(Box::new(FileStore::from_file(file, &path)?))
+        let store = FileStore::from_file(file, &path)?;
+        Ok(Box::new(crate::catalog::with_io(store, access, self.io)?))
     }
 
     fn stage(&self, name: &str, operation: &str) -> io::Result<Staged> {

@@ -1,6 +1,14 @@
-//! The file engine: a volume's bytes in a regular file (or a block device), with buffered
-//! positional I/O, `fdatasync` for flush, `fallocate(PUNCH_HOLE)` for discard and
-//! `SEEK_DATA`/`SEEK_HOLE` for the allocation map.
+//! The file engine: a volume's bytes in a regular file (or a block device), with positional
+//! I/O, `fdatasync` for flush, `fallocate(PUNCH_HOLE)` for discard and `SEEK_DATA`/`SEEK_HOLE`
+//! for the allocation map.
+//!
+//! Data moves through the page cache ([`FileIo::Buffered`], the default) or around it
+//! ([`FileIo::Direct`]: a second descriptor on the same file opened with `O_DIRECT`). In
+//! direct mode a request whose buffer, offset and length meet the file's direct-I/O alignment
+//! (`statx` `STATX_DIOALIGN`) goes straight between the caller's buffer and the disk; any
+//! other (a header read, a partial sector) goes through an aligned bounce buffer, and a write
+//! of that kind is a read-modify-write of the aligned blocks around it, under a lock that
+//! every such write takes. A filesystem without `O_DIRECT` (tmpfs) keeps buffered I/O.
 //!
 //! Opening takes an advisory `flock`: exclusive for [`Access::ReadWrite`], shared for
 //! [`Access::ReadOnly`], so a volume attached by one process cannot be changed by another;
@@ -29,6 +37,26 @@ pub enum Access {
 /// Largest single buffered write (see [`FileStore::write_at`]).
 const WRITE_PIECE: usize = 4 << 10;
 
+/// How a [`FileStore`] moves data (`[store.file] io` in the daemon's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileIo {
+    /// Through the page cache.
+    #[default]
+    Buffered,
+    /// Around the page cache (`O_DIRECT`), where the filesystem allows it.
+    Direct,
+}
+
+/// The `O_DIRECT` descriptor of a [`FileStore`] in direct mode.
+#[derive(Debug)]
+struct Direct {
+    file: File,
+    /// Alignment of buffer addresses, file offsets and lengths (a power of two).
+    align: usize,
+    /// Serialises the read-modify-writes of unaligned writes.
+    rmw: std::sync::Mutex<()>,
+}
+
 /// A volume's bytes in a file.
 #[derive(Debug)]
 pub struct FileStore {
@@ -36,6 +64,8 @@ pub struct FileStore {
     file: File,
     /// Block devices report no length in their metadata: their size is found by seeking.
     block_device: bool,
+    /// Set in direct mode ([`FileStore::with_io`]).
+    direct: Option<Direct>,
 }
 
 /// Why a file could not be opened: it is locked by another process, or an I/O error.
@@ -89,13 +119,210 @@ impl FileStore {
             path: path.to_path_buf(),
             file,
             block_device,
+            direct: None,
         })
+    }
+
+    /// This store with data moved as `io` says. Direct mode opens the same file again with
+    /// `O_DIRECT` (through `/proc/self/fd`, so a file being built under a temporary name
+    /// works too); where the filesystem refuses `O_DIRECT` the store stays buffered, which
+    /// [`FileStore::io`] then reports.
+    pub fn with_io(mut self, io: FileIo) -> io::Result<Self> {
+        self.direct = match io {
+            FileIo::Buffered => None,
+            FileIo::Direct => self.open_direct()?,
+        };
+        Ok(self)
+    }
+
+    /// How data moves now.
+    pub fn io(&self) -> FileIo {
+        if self.direct.is_some() {
+            FileIo::Direct
+        } else {
+            FileIo::Buffered
+        }
+    }
+
+    /// The `O_DIRECT` descriptor and its alignment, or None where the filesystem has none.
+    fn open_direct(&self) -> io::Result<Option<Direct>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let writable = rustix::fs::fcntl_getfl(&self.file)?.contains(rustix::fs::OFlags::RDWR);
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&proc_path);
+        let file = match opened {
+            Ok(f) => f,
+            // tmpfs and some FUSE filesystems refuse O_DIRECT.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let st = rustix::fs::statx(
+            &file,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::DIOALIGN,
+        )?;
+        let (mem, off) = if st.stx_mask & rustix::fs::StatxFlags::DIOALIGN.bits() != 0 {
+            (st.stx_dio_mem_align, st.stx_dio_offset_align)
+        } else {
+            // Kernels before 6.1 do not say: the logical block size of today's disks.
+            (512, 512)
+        };
+        if off == 0 {
+            // The filesystem says it has no direct I/O for this file.
+            return Ok(None);
+        }
+        let align = mem.max(off).max(1) as usize;
+        if !align.is_power_of_two() {
+            return Ok(None);
+        }
+        Ok(Some(Direct {
+            file,
+            align,
+            rmw: std::sync::Mutex::new(()),
+        }))
     }
 
     /// The open file, for what only files can do (a reflink clone by the file catalog, a
     /// look at what a device holds).
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+impl Direct {
+    fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+        (ptr as usize).is_multiple_of(self.align) && self.aligned_range(len, offset)
+    }
+
+    fn aligned_range(&self, len: usize, offset: u64) -> bool {
+        len.is_multiple_of(self.align) && offset.is_multiple_of(self.align as u64)
+    }
+
+    /// The aligned range `[start, end)` around `offset..offset+len`.
+    fn around(&self, offset: u64, len: usize) -> (u64, u64) {
+        let a = self.align as u64;
+        let start = offset - offset % a;
+        let end = (offset + len as u64).div_ceil(a) * a;
+        (start, end)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.aligned(buf.as_ptr(), buf.len(), offset) {
+            return self.file.read_exact_at(buf, offset);
+        }
+        if self.aligned_range(buf.len(), offset) {
+            // A buffer that is not aligned (a small request's): the thread's scratch.
+            return with_scratch(buf.len(), self.align, |scratch| {
+                self.file.read_exact_at(scratch, offset)?;
+                buf.copy_from_slice(scratch);
+                Ok(())
+            });
+        }
+        let (start, end) = self.around(offset, buf.len());
+        let mut bounce = Bounce::new((end - start) as usize, self.align);
+        let got = read_upto(&self.file, bounce.bytes(), start)?;
+        let from = (offset - start) as usize;
+        // Past the end of the file (the caller checked the range against the length), the
+        // aligned block reads short: what is missing there reads as zeros.
+        let have = got.saturating_sub(from).min(buf.len());
+        buf[..have].copy_from_slice(&bounce.bytes()[from..from + have]);
+        buf[have..].fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, file_len: u64) -> io::Result<()> {
+        if self.aligned(data.as_ptr(), data.len(), offset) {
+            return self.file.write_all_at(data, offset);
+        }
+        if self.aligned_range(data.len(), offset) {
+            return with_scratch(data.len(), self.align, |scratch| {
+                scratch.copy_from_slice(data);
+                self.file.write_all_at(scratch, offset)
+            });
+        }
+        // Read-modify-write of the aligned blocks around the range, one at a time (they may
+        // share a block with another unaligned write).
+        let _rmw = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, end) = self.around(offset, data.len());
+        let mut bounce = Bounce::new((end - start) as usize, self.align);
+        let got = if start < file_len {
+            read_upto(&self.file, bounce.bytes(), start)?
+        } else {
+            0
+        };
+        bounce.bytes()[got..].fill(0);
+        let from = (offset - start) as usize;
+        bounce.bytes()[from..from + data.len()].copy_from_slice(data);
+        // A block that ends past the file's end is written whole, then the file is cut back
+        // to where the write ends (the contract: a write grows the store to its end).
+        let new_len = file_len.max(offset + data.len() as u64);
+        self.file.write_all_at(bounce.bytes(), start)?;
+        if end > new_len {
+            self.file.set_len(new_len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads at `offset` until `buf` is full or the file ends; returns how much was read.
+fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Runs `f` on `len` bytes of this thread's aligned scratch buffer, which grows to the largest
+/// request and is then reused: the requests of direct mode whose range is aligned but whose
+/// buffer is not (small NBD requests) copy through it without an allocation.
+fn with_scratch<T>(len: usize, align: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut raw) => {
+            if raw.len() < len + align {
+                *raw = vec![0u8; len + align];
+            }
+            let at = raw.as_ptr().align_offset(align);
+            f(&mut raw[at..at + len])
+        }
+        // Re-entered on this thread (not expected): a buffer of its own.
+        Err(_) => f(Bounce::new(len, align).bytes()),
+    })
+}
+
+/// An aligned buffer for the requests of direct mode whose range is not aligned (headers,
+/// partial sectors): rare, so allocated per request.
+struct Bounce {
+    raw: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl Bounce {
+    fn new(len: usize, align: usize) -> Self {
+        let raw = vec![0u8; len + align];
+        let at = raw.as_ptr().align_offset(align);
+        Self { raw, at, len }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.raw[self.at..self.at + self.len]
     }
 }
 
@@ -114,6 +341,10 @@ impl BackingStore for FileStore {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            check_range(&self.path, offset, buf.len() as u64, self.len()?)?;
+            return d.read_at(buf, offset);
+        }
         match self.file.read_exact_at(buf, offset) {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 check_range(&self.path, offset, buf.len() as u64, self.len()?)?;
@@ -124,6 +355,9 @@ impl BackingStore for FileStore {
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            return d.write_at(data, offset, self.len()?);
+        }
         // Buffered writes go in pieces of at most WRITE_PIECE bytes: the kernel sizes the
         // page-cache folios it creates after the write, and a later 4 KiB random write into
         // a large folio dirties (and writes back) all of it (docs/benchmarks.md).

@@ -5,11 +5,38 @@
 //! never exceed the global budget; freed buffers are kept for reuse (first-touch memory is
 //! slow), and the pool evicts kept buffers of other classes before it would let live plus kept
 //! memory exceed `cap`. So the pool never holds more than `cap` bytes, live or kept.
+//!
+//! Every buffer of 64 KiB or more starts on a 4 KiB boundary (its allocation is one page
+//! longer than its class, and the buffer starts where the page boundary is), so that a device
+//! may hand it to `O_DIRECT` I/O as it is; smaller ones are not padded (a page would double a
+//! 4 KiB buffer), and a device copies them through an aligned buffer of its own.
 
 use std::sync::{Arc, Mutex};
 
 /// Smallest class: 4 KiB.
 const MIN_CLASS_SHIFT: u32 = 12;
+/// Where every buffer of [`ALIGN_FROM`] bytes or more starts: a multiple of this.
+const ALIGN: usize = 4096;
+/// The smallest class whose buffers are aligned.
+const ALIGN_FROM: usize = 64 << 10;
+
+/// Bytes allocated for a buffer of `class`.
+fn alloc_size(class: usize) -> usize {
+    if class >= ALIGN_FROM {
+        class + ALIGN
+    } else {
+        class
+    }
+}
+
+/// The class of an allocation of `len` bytes (classes are powers of two; padded ones are not).
+fn class_of(len: usize) -> usize {
+    if len.is_power_of_two() {
+        len
+    } else {
+        len - ALIGN
+    }
+}
 
 /// The size class (bytes) a request of `len` bytes uses.
 pub(crate) fn class_size(len: usize) -> usize {
@@ -70,8 +97,8 @@ impl BufferPool {
                     let Some(v) = st.free.iter_mut().rev().find_map(Vec::pop) else {
                         break;
                     };
-                    st.kept -= v.len();
-                    st.total -= v.len();
+                    st.kept -= class_of(v.len());
+                    st.total -= class_of(v.len());
                     evicted.push(v);
                 }
                 st.total += class;
@@ -80,16 +107,22 @@ impl BufferPool {
                 None
             }
         };
-        let data = reused.unwrap_or_else(|| vec![0; class]);
+        let data = reused.unwrap_or_else(|| vec![0; alloc_size(class)]);
+        let at = if class >= ALIGN_FROM {
+            data.as_ptr().align_offset(ALIGN)
+        } else {
+            0
+        };
         PooledBuf {
             data,
+            at,
             len,
             pool: Arc::clone(self),
         }
     }
 
     fn put(&self, data: Vec<u8>) {
-        let class = data.len();
+        let class = class_of(data.len());
         let idx = class_index(class);
         let mut st = self.lock();
         if st.free.len() <= idx {
@@ -108,7 +141,10 @@ impl BufferPool {
 
 /// A buffer on loan from the pool; goes back when dropped.
 pub(crate) struct PooledBuf {
+    /// The allocation: the class's size (plus one page from [`ALIGN_FROM`] up).
     data: Vec<u8>,
+    /// Where the buffer starts in it (a page boundary from [`ALIGN_FROM`] up, else 0).
+    at: usize,
     len: usize,
     pool: Arc<BufferPool>,
 }
@@ -116,12 +152,12 @@ pub(crate) struct PooledBuf {
 impl PooledBuf {
     /// The bytes in use.
     pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.data[..self.len]
+        &self.data[self.at..self.at + self.len]
     }
 
     /// The bytes in use, writable.
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        &mut self.data[self.at..self.at + self.len]
     }
 }
 
@@ -153,6 +189,12 @@ mod tests {
         let b = pool.get(100);
         assert_eq!(b.as_slice().as_ptr(), ptr, "same class is reused");
         assert_eq!(b.as_slice().len(), 100);
+        let big = pool.get(ALIGN_FROM);
+        assert!(
+            (big.as_slice().as_ptr() as usize).is_multiple_of(ALIGN),
+            "a buffer of 64 KiB starts on a page"
+        );
+        drop(big);
         drop(b);
         // Fill the cap with kept 4 KiB buffers, then ask for a 32 KiB one: kept buffers go.
         let many: Vec<_> = (0..16).map(|_| pool.get(4096)).collect();
