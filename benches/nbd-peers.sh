@@ -17,6 +17,8 @@
 #                  iodepth 8 each, the same total queue depth of 32)
 #   cryptnbd-512   cryptnbd, a volume of 512-byte sectors (what dm-crypt and the kernel client
 #                  use by default)
+#   cryptnbd-direct cryptnbd with [store.file] io = "direct" (O_DIRECT: reads come from the
+#                  disk, not the page cache)
 # and, over TCP on loopback (not in the default list):
 #   cryptnbd-tcp   cryptnbd, plaintext TCP
 #   cryptnbd-tls   cryptnbd, TLS required, client certificates checked
@@ -261,7 +263,7 @@ start_server() {
   TLS_CLIENT=""
   rm -f "$SOCK"
   case $name in
-    cryptnbd | cryptnbd-tcp | cryptnbd-tls | cryptnbd-rbd | cryptnbd-4conn | cryptnbd-512)
+    cryptnbd | cryptnbd-tcp | cryptnbd-tls | cryptnbd-rbd | cryptnbd-4conn | cryptnbd-512 | cryptnbd-direct)
       local state=$WORK/cryptnbd-state run=$WORK/cryptnbd-run config=$WORK/cryptnbd.toml
       rm -rf "$state" "$run"
       if [[ $name == cryptnbd-rbd ]]; then
@@ -273,6 +275,7 @@ start_server() {
         echo "runtime_dir = \"$run\""
         # CRYPTNBD_BENCH_CONFIG: more lines for the daemon's configuration (say, [limits]).
         [[ -n ${CRYPTNBD_BENCH_CONFIG:-} ]] && printf '%s\n' "$CRYPTNBD_BENCH_CONFIG"
+        [[ $name == cryptnbd-direct ]] && printf '[store.file]\nio = "direct"\n'
         if [[ $name == cryptnbd-rbd ]]; then
           printf '[store]\ndefault = "rbd"\n[store.rbd]\nconf = "%s"\npool = "%s"\nid = "admin"\n' \
             "$CEPH_CONF" "$CEPH_POOL"
@@ -295,7 +298,7 @@ start_server() {
       "${ctl[@]}" create bench --size "${SIZE_MIB}M" --kms-key alias/bench "${sector[@]}" \
         --sid S-1-5-21-277731876-1789304096-451871588-1107 --directory d-1234abcd01 >/dev/null
       case $name in
-        cryptnbd | cryptnbd-rbd | cryptnbd-4conn | cryptnbd-512)
+        cryptnbd | cryptnbd-rbd | cryptnbd-4conn | cryptnbd-512 | cryptnbd-direct)
           "${ctl[@]}" attach bench --transient >/dev/null
           URI="nbd+unix:///bench?socket=$run/nbd.sock" ;;
         cryptnbd-tcp)
