@@ -202,9 +202,10 @@ mod tests {
         check(Arc::new(store));
     }
 
-    /// Direct mode: the contract's requests (most of them unaligned, through the bounce
-    /// buffers), then aligned requests that go straight to the disk, read back through the
-    /// page cache too (the two descriptors see one file).
+    /// Direct mode: the contract's requests (many of them unaligned, through the buffered
+    /// descriptor), then aligned requests that go straight to the disk, read back through
+    /// the page cache too, and an unaligned write inside them read back directly (the two
+    /// descriptors see one file).
     #[test]
     fn the_file_engine_in_direct_mode_keeps_the_contract() {
         use crate::file::FileIo;
@@ -248,7 +249,7 @@ mod tests {
             data[..],
             "the page cache sees another file"
         );
-        // A 100-byte write in the middle of the aligned data: a read-modify-write.
+        // A 100-byte write in the middle of the aligned data (buffered), read back directly.
         s.write_at(&[7u8; 100], (1 << 20) + 1000)
             .expect("unaligned write");
         let mut expect = data.clone();

@@ -4,11 +4,13 @@
 //!
 //! Data moves through the page cache ([`FileIo::Buffered`], the default) or around it
 //! ([`FileIo::Direct`]: a second descriptor on the same file opened with `O_DIRECT`). In
-//! direct mode a request whose buffer, offset and length meet the file's direct-I/O alignment
-//! (`statx` `STATX_DIOALIGN`) goes straight between the caller's buffer and the disk; any
-//! other (a header read, a partial sector) goes through an aligned bounce buffer, and a write
-//! of that kind is a read-modify-write of the aligned blocks around it, under a lock that
-//! every such write takes. A filesystem without `O_DIRECT` (tmpfs) keeps buffered I/O.
+//! direct mode a request whose offset and length meet the file's direct-I/O alignment
+//! (`statx` `STATX_DIOALIGN`) goes around the page cache: straight from or into the caller's
+//! buffer when that is aligned too, else through the I/O thread's aligned scratch buffer. A
+//! request that is not aligned (a header's bytes, a partial sector) takes the buffered
+//! descriptor: the kernel keeps the two views of the file coherent (a direct read or write
+//! first writes back and drops the cached pages it covers). A filesystem without `O_DIRECT`
+//! (tmpfs) keeps buffered I/O.
 //!
 //! Opening takes an advisory `flock`: exclusive for [`Access::ReadWrite`], shared for
 //! [`Access::ReadOnly`], so a volume attached by one process cannot be changed by another;
@@ -53,8 +55,6 @@ struct Direct {
     file: File,
     /// Alignment of buffer addresses, file offsets and lengths (a power of two).
     align: usize,
-    /// Serialises the read-modify-writes of unaligned writes.
-    rmw: std::sync::Mutex<()>,
 }
 
 /// A volume's bytes in a file.
@@ -183,11 +183,7 @@ impl FileStore {
         if !align.is_power_of_two() {
             return Ok(None);
         }
-        Ok(Some(Direct {
-            file,
-            align,
-            rmw: std::sync::Mutex::new(()),
-        }))
+        Ok(Some(Direct { file, align }))
     }
 
     /// The open file, for what only files can do (a reflink clone by the file catalog, a
@@ -198,92 +194,38 @@ impl FileStore {
 }
 
 impl Direct {
-    fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
-        (ptr as usize).is_multiple_of(self.align) && self.aligned_range(len, offset)
-    }
-
-    fn aligned_range(&self, len: usize, offset: u64) -> bool {
+    /// Whether a request of `len` bytes at `offset` can go around the page cache.
+    fn takes(&self, len: usize, offset: u64) -> bool {
         len.is_multiple_of(self.align) && offset.is_multiple_of(self.align as u64)
     }
 
-    /// The aligned range `[start, end)` around `offset..offset+len`.
-    fn around(&self, offset: u64, len: usize) -> (u64, u64) {
-        let a = self.align as u64;
-        let start = offset - offset % a;
-        let end = (offset + len as u64).div_ceil(a) * a;
-        (start, end)
+    fn aligned_memory(&self, buf: &[u8]) -> bool {
+        (buf.as_ptr() as usize).is_multiple_of(self.align)
     }
 
+    /// Reads a range that [`Direct::takes`].
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if self.aligned(buf.as_ptr(), buf.len(), offset) {
+        if self.aligned_memory(buf) {
             return self.file.read_exact_at(buf, offset);
         }
-        if self.aligned_range(buf.len(), offset) {
-            // A buffer that is not aligned (a small request's): the thread's scratch.
-            return with_scratch(buf.len(), self.align, |scratch| {
-                self.file.read_exact_at(scratch, offset)?;
-                buf.copy_from_slice(scratch);
-                Ok(())
-            });
-        }
-        let (start, end) = self.around(offset, buf.len());
-        let mut bounce = Bounce::new((end - start) as usize, self.align);
-        let got = read_upto(&self.file, bounce.bytes(), start)?;
-        let from = (offset - start) as usize;
-        // Past the end of the file (the caller checked the range against the length), the
-        // aligned block reads short: what is missing there reads as zeros.
-        let have = got.saturating_sub(from).min(buf.len());
-        buf[..have].copy_from_slice(&bounce.bytes()[from..from + have]);
-        buf[have..].fill(0);
-        Ok(())
+        // A buffer that is not aligned (a small request's): the thread's scratch.
+        with_scratch(buf.len(), self.align, |scratch| {
+            self.file.read_exact_at(scratch, offset)?;
+            buf.copy_from_slice(scratch);
+            Ok(())
+        })
     }
 
-    fn write_at(&self, data: &[u8], offset: u64, file_len: u64) -> io::Result<()> {
-        if self.aligned(data.as_ptr(), data.len(), offset) {
+    /// Writes a range that [`Direct::takes`].
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if self.aligned_memory(data) {
             return self.file.write_all_at(data, offset);
         }
-        if self.aligned_range(data.len(), offset) {
-            return with_scratch(data.len(), self.align, |scratch| {
-                scratch.copy_from_slice(data);
-                self.file.write_all_at(scratch, offset)
-            });
-        }
-        // Read-modify-write of the aligned blocks around the range, one at a time (they may
-        // share a block with another unaligned write).
-        let _rmw = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
-        let (start, end) = self.around(offset, data.len());
-        let mut bounce = Bounce::new((end - start) as usize, self.align);
-        let got = if start < file_len {
-            read_upto(&self.file, bounce.bytes(), start)?
-        } else {
-            0
-        };
-        bounce.bytes()[got..].fill(0);
-        let from = (offset - start) as usize;
-        bounce.bytes()[from..from + data.len()].copy_from_slice(data);
-        // A block that ends past the file's end is written whole, then the file is cut back
-        // to where the write ends (the contract: a write grows the store to its end).
-        let new_len = file_len.max(offset + data.len() as u64);
-        self.file.write_all_at(bounce.bytes(), start)?;
-        if end > new_len {
-            self.file.set_len(new_len)?;
-        }
-        Ok(())
+        with_scratch(data.len(), self.align, |scratch| {
+            scratch.copy_from_slice(data);
+            self.file.write_all_at(scratch, offset)
+        })
     }
-}
-
-/// Reads at `offset` until `buf` is full or the file ends; returns how much was read.
-fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// Runs `f` on `len` bytes of this thread's aligned scratch buffer, which grows to the largest
@@ -293,37 +235,24 @@ fn with_scratch<T>(len: usize, align: usize, f: impl FnOnce(&mut [u8]) -> T) -> 
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let aligned = |raw: &mut Vec<u8>| {
+        if raw.len() < len + align {
+            *raw = vec![0u8; len + align];
+        }
+        raw.as_ptr().align_offset(align)
+    };
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut raw) => {
-            if raw.len() < len + align {
-                *raw = vec![0u8; len + align];
-            }
-            let at = raw.as_ptr().align_offset(align);
+            let at = aligned(&mut raw);
             f(&mut raw[at..at + len])
         }
         // Re-entered on this thread (not expected): a buffer of its own.
-        Err(_) => f(Bounce::new(len, align).bytes()),
+        Err(_) => {
+            let mut raw = Vec::new();
+            let at = aligned(&mut raw);
+            f(&mut raw[at..at + len])
+        }
     })
-}
-
-/// An aligned buffer for the requests of direct mode whose range is not aligned (headers,
-/// partial sectors): rare, so allocated per request.
-struct Bounce {
-    raw: Vec<u8>,
-    at: usize,
-    len: usize,
-}
-
-impl Bounce {
-    fn new(len: usize, align: usize) -> Self {
-        let raw = vec![0u8; len + align];
-        let at = raw.as_ptr().align_offset(align);
-        Self { raw, at, len }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        &mut self.raw[self.at..self.at + self.len]
-    }
 }
 
 impl BackingStore for FileStore {
@@ -341,7 +270,9 @@ impl BackingStore for FileStore {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(d) = &self.direct {
+        if let Some(d) = &self.direct
+            && d.takes(buf.len(), offset)
+        {
             check_range(&self.path, offset, buf.len() as u64, self.len()?)?;
             return d.read_at(buf, offset);
         }
@@ -355,8 +286,10 @@ impl BackingStore for FileStore {
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(d) = &self.direct {
-            return d.write_at(data, offset, self.len()?);
+        if let Some(d) = &self.direct
+            && d.takes(data.len(), offset)
+        {
+            return d.write_at(data, offset);
         }
         // Buffered writes go in pieces of at most WRITE_PIECE bytes: the kernel sizes the
         // page-cache folios it creates after the write, and a later 4 KiB random write into
