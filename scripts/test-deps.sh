@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Everything outside the workspace that the tests run or import, in one place.
 # Sourced by scripts/test-all.sh (which installs what is missing, then checks every line
 # again) and readable on its own: each line is "DEBIAN-PACKAGE|PROBE".
