@@ -270,13 +270,12 @@ impl BackingStore for FileStore {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(d) = &self.direct
-            && d.takes(buf.len(), offset)
-        {
-            check_range(&self.path, offset, buf.len() as u64, self.len()?)?;
-            return d.read_at(buf, offset);
-        }
-        match self.file.read_exact_at(buf, offset) {
+        let read = match &self.direct {
+            Some(d) if d.takes(buf.len(), offset) => d.read_at(buf, offset),
+            _ => self.file.read_exact_at(buf, offset),
+        };
+        // The range is checked only when a read came up short (no fstat per request).
+        match read {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 check_range(&self.path, offset, buf.len() as u64, self.len()?)?;
                 Err(e)
