@@ -265,6 +265,19 @@ impl Outcome {
     }
 }
 
+/// `outer` (a wrapper: `env …`, `unshare … sh -c …`) followed by `inner`'s program and
+/// arguments, with `inner`'s environment changes: `inner` run through the wrapper.
+pub fn wrapped(mut outer: Command, inner: &Command) -> Command {
+    outer.arg(inner.get_program()).args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        match value {
+            Some(v) => outer.env(key, v),
+            None => outer.env_remove(key),
+        };
+    }
+    outer
+}
+
 /// Runs a command to completion, capturing stdout, stderr and the exit code. Fails the test
 /// only when the program cannot be started.
 #[track_caller]

@@ -412,26 +412,17 @@ fn stand_in(dir: &TestDir) -> PathBuf {
 /// `cryptnbdctl ARGS` in a private mount namespace whose `/dev/mapper/control` is
 /// `/dev/null` (so the CLI's device-mapper check passes on this kernel), with `env`.
 fn ctl_in_dm_namespace(ctl: &Ctl, args: &[&str], env: &[(&str, &Path)]) -> e2e_tests::Outcome {
-    let inner = ctl.command(args);
-    let mut outer = Command::new("unshare");
-    outer
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind /dev/null /dev/mapper/control && exec \"$@\"",
-            "sh",
-        ])
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    for (k, v) in inner.get_envs() {
-        match v {
-            Some(v) => outer.env(k, v),
-            None => outer.env_remove(k),
-        };
-    }
+    let mut unshare = Command::new("unshare");
+    unshare.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind /dev/null /dev/mapper/control && exec \"$@\"",
+        "sh",
+    ]);
+    let mut outer = e2e_tests::wrapped(unshare, &ctl.command(args));
     for (k, v) in env {
         outer.env(k, v);
     }

@@ -562,17 +562,9 @@ fn busy_volume_is_refused_and_operations_cancel_cleanly() {
 /// SIGINT ignored, and `kill -INT` would then do nothing (seen: a fresh-machine run of
 /// `.ci/run` from `nohup … &`).
 fn with_default_sigint(cmd: &Command) -> Command {
-    let mut c = Command::new("env");
-    c.arg("--default-signal=INT")
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (key, value) in cmd.get_envs() {
-        match value {
-            Some(v) => c.env(key, v),
-            None => c.env_remove(key),
-        };
-    }
-    c
+    let mut env = Command::new("env");
+    env.arg("--default-signal=INT");
+    e2e_tests::wrapped(env, cmd)
 }
 
 /// Kill -9 at each durable step of rekey, rebuild and reencrypt (crash points compiled into

@@ -1185,15 +1185,7 @@ fn root_nbd_way_local_kms_sealed_keystore() {
         if let Some(sha) = sha {
             b = b.param("sha256", sha);
         }
-        let mut vm = Vm::start_root(&dir, &b);
-        vm.type_line_after(PASSPHRASE_PROMPT, KEYSTORE_PASSPHRASE);
-        let run = vm.wait();
-        run.assert_pass();
-        assert!(
-            !run.log.contains(KEYSTORE_PASSPHRASE),
-            "{}: the passphrase typed at the prompt shows in the serial log (echo was on)",
-            run.scenario
-        );
+        let run = run_typing_passphrase(&dir, &b, PASSPHRASE_PROMPT);
         let marked = run.reports("MARKED");
         assert!(
             marked.iter().any(|m| m.contains("@cryptnbd")),
@@ -1382,7 +1374,7 @@ fn root_nbd_way_fails_after_three_wrong_passphrases() {
 fn root_dm_crypt_dracut_sealed_keystore_asks_through_systemd() {
     let (dir, boot) = dracut_sealed_boot("root-dracut-sealed");
     let boot = boot.root(DM_DEVICE).expect_root_source(DM_DEVICE);
-    let run = run_dracut_sealed_boot(&dir, &boot);
+    let run = run_typing_passphrase(&dir, &boot, SYSTEMD_PASSPHRASE_PROMPT);
     assert_root_audited(&run, "open-dm-crypt", None);
     eprintln!(
         "vm: encrypted root, dm-crypt way through dracut, sealed keystore asked through \
@@ -1407,7 +1399,7 @@ fn root_nbd_way_dracut_sealed_keystore() {
         .require_root_daemon()
         .cmdline("cryptnbd.mode=nbd")
         .report_log(ROOT_DAEMON_LOG);
-    let run = run_dracut_sealed_boot(&dir, &boot);
+    let run = run_typing_passphrase(&dir, &boot, SYSTEMD_PASSPHRASE_PROMPT);
     assert_root_audited(&run, "attach", None);
     assert_root_daemon_unkillable(&run);
     let written = written_sum(&run);
@@ -1439,21 +1431,22 @@ fn dracut_sealed_boot(name: &str) -> (TestDir, RootBoot) {
     (dir, boot)
 }
 
-/// Runs `boot` ([`dracut_sealed_boot`]), typing the keystore's passphrase at the prompt of
-/// systemd's password agent on the serial console: the boot passes, and the passphrase does
-/// not show in the serial log.
+/// What systemd's password agent shows on the serial console for the keystore's passphrase
+/// (the unlock's own prompt, [`PASSPHRASE_PROMPT`], without its trailing space).
+const SYSTEMD_PASSPHRASE_PROMPT: &str =
+    "Passphrase of the cryptnbd keystore, to unlock the root volume root:";
+
+/// Runs `boot`, typing the keystore's passphrase on the serial console once `prompt` shows:
+/// the boot passes, and the passphrase does not show in the serial log (echo was off).
 #[track_caller]
-fn run_dracut_sealed_boot(dir: &TestDir, boot: &RootBoot) -> VmRun {
+fn run_typing_passphrase(dir: &TestDir, boot: &RootBoot, prompt: &str) -> VmRun {
     let mut vm = Vm::start_root(dir, boot);
-    vm.type_line_after(
-        "Passphrase of the cryptnbd keystore, to unlock the root volume root:",
-        KEYSTORE_PASSPHRASE,
-    );
+    vm.type_line_after(prompt, KEYSTORE_PASSPHRASE);
     let run = vm.wait();
     run.assert_pass();
     assert!(
         !run.log.contains(KEYSTORE_PASSPHRASE),
-        "{}: the passphrase typed at systemd's prompt shows in the serial log",
+        "{}: the passphrase typed at the prompt shows in the serial log (echo was on)",
         run.scenario
     );
     run
