@@ -303,7 +303,7 @@ pub struct Server {
     shutting_down: watch::Sender<bool>,
     global_budget: Arc<Semaphore>,
     pool: Arc<BufferPool>,
-    io: IoPool,
+    io: IoPool<transmission::Job>,
 }
 
 impl Server {

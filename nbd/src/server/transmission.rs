@@ -429,6 +429,16 @@ pub(crate) struct Job {
     permit: Permit,
 }
 
+impl super::io_pool::Task for Job {
+    fn device(&self) -> usize {
+        Arc::as_ptr(&self.conn.device).cast::<()>() as usize
+    }
+
+    fn run(self) {
+        Job::run(self);
+    }
+}
+
 impl Job {
     /// Makes the device call and queues the reply. Runs on an I/O thread. A device that
     /// submits ([`BlockDevice::submit`]) gets READ, WRITE and FLUSH as a [`Submission`] and
