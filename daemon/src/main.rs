@@ -43,6 +43,10 @@ fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (a full disk under a log file) is dropped. The
+        // default reports it on standard error, which fails the same way and panics: the
+        // daemon would die of its own log.
+        .log_internal_errors(false)
         // Colours only on a terminal: the journal and log files get plain text.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
@@ -53,9 +57,12 @@ fn main() -> std::process::ExitCode {
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cryptnbd: error: {e}");
+            // Not eprintln!, which panics when standard error cannot be written.
+            use std::io::Write;
+            let mut stderr = std::io::stderr().lock();
+            let _ = writeln!(stderr, "cryptnbd: error: {e}");
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let _ = writeln!(stderr, "  caused by: {cause}");
             }
             std::process::ExitCode::FAILURE
         }

@@ -44,6 +44,18 @@ impl Daemon {
     /// Like [`Daemon::start`], with extra environment variables (e.g. `CRYPTNBD_CRASH_AT`).
     #[track_caller]
     pub fn start_env(dir: &TestDir, extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_logging_to(dir, extra, env, &dir.join("cryptnbd.log"))
+    }
+
+    /// Like [`Daemon::start_env`], its standard error appended to `log` (a file on a small
+    /// filesystem, say).
+    #[track_caller]
+    pub fn start_logging_to(
+        dir: &TestDir,
+        extra: &str,
+        env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Self {
         let state_dir = dir.state_dir();
         let runtime_dir = dir.join("run");
         let config = dir.join("cryptnbd.toml");
@@ -56,13 +68,7 @@ impl Daemon {
             ),
         )
         .expect("write config");
-        Self::start_with(
-            state_dir,
-            runtime_dir,
-            config,
-            dir.join("cryptnbd.log"),
-            env,
-        )
+        Self::start_with(state_dir, runtime_dir, config, log.to_path_buf(), env)
     }
 
     #[track_caller]
