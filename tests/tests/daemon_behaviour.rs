@@ -1,6 +1,7 @@
 //! The daemon's behaviour around the data path: TCP opt-in, access control by peer
 //! credentials, key custody (locked memory, no core dumps), systemd notification, graceful
-//! shutdown, and failures under it (a full disk, a volume file removed).
+//! shutdown, and failures under it (a full disk, a volume file removed, a neighbour whose
+//! store hangs).
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -316,5 +317,206 @@ fn a_volume_file_removed_under_the_daemon() {
     let out = d.ctl.run(&["attach", "vol"]);
     out.assert_code(3);
     out.assert_stderr_contains("vol.luks");
+    d.stop();
+}
+
+/// Threads of `pid` named `nbd-io-*` that sleep uninterruptibly (state `D`): blocked in the
+/// kernel on a store.
+fn io_threads_blocked(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            comm.starts_with("nbd-io-") && state.is_some_and(|s| s.starts_with('D'))
+        })
+        .count()
+}
+
+#[test]
+fn a_volume_whose_store_hangs_does_not_stall_the_others() {
+    use e2e_tests::loopdev::Loop;
+    let dir = TestDir::new("hung-neighbour");
+    // The hung volume's file lives on an ext4 filesystem of its own, which is then frozen
+    // (fsfreeze): every write to it blocks in the kernel until it is thawed, as on a disk
+    // that stops answering.
+    let lo = Loop::new(&dir, "fs.img", 64 << 20);
+    run(Command::new(require_tool("mkfs.ext4", "e2fsprogs"))
+        .arg("-q")
+        .arg(&lo.dev))
+    .assert_success();
+    let fs = dir.join("hung-fs");
+    std::fs::create_dir_all(&fs).expect("mkdir");
+    run(Command::new("mount").arg(&lo.dev).arg(&fs)).assert_success();
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(&self.0)
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _mounted = Mounted(fs.clone());
+    let d = Daemon::start(&dir, "[limits]\nio_threads = 4\n");
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("fast", "16M", "alias/e2e", 4096, &[]);
+    // Made where volumes are made, then moved onto the filesystem that will hang, with a
+    // symbolic link left in its place.
+    d.ctl.create_volume("hung", "16M", "alias/e2e", 4096, &[]);
+    let made = dir.volumes_dir().join("hung.luks");
+    let hung_file = fs.join("hung.luks");
+    std::fs::copy(&made, &hung_file).expect("copy the volume");
+    std::fs::remove_file(&made).expect("rm");
+    std::os::unix::fs::symlink(&hung_file, &made).expect("symlink");
+    d.ctl.run(&["attach", "fast"]).assert_success();
+    d.ctl.run(&["attach", "hung"]).assert_success();
+
+    let fsfreeze = require_tool("fsfreeze", "util-linux");
+    run(Command::new(&fsfreeze).arg("-f").arg(&fs)).assert_success();
+    // Thawed on every way out of the test, before the daemon is stopped (its blocked threads
+    // could not end otherwise).
+    struct Frozen(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Frozen {
+        fn drop(&mut self) {
+            let _ = Command::new(&self.0).arg("-u").arg(&self.1).status();
+        }
+    }
+    let frozen = Frozen(fsfreeze, fs.clone());
+
+    // Eight writes to the hung volume, all in flight at once: more than the I/O threads.
+    let mut hung_client = e2e_tests::daemon::nbdsh()
+        .args([
+            "-c",
+            &format!(
+                "h.connect_uri({:?})\n\
+                 cookies = [h.aio_pwrite(bytes([0x48]) * 4096, i * 4096) for i in range(8)]\n\
+                 while h.aio_in_flight() > 0: h.poll(-1)\n\
+                 assert all(h.aio_command_completed(c) for c in cookies)\n\
+                 print('written', flush=True)",
+                d.uri("hung")
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh");
+    // The first write blocks in the kernel on the frozen filesystem; the others queue behind
+    // it (the file takes one buffered writer at a time) and hold their I/O threads as well.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while io_threads_blocked(d.pid()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hung volume's writes never blocked in the kernel"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Meanwhile the other volume serves reads and writes, on the thread left to it.
+    let started = std::time::Instant::now();
+    let mut fast_client = e2e_tests::daemon::nbdsh()
+        .args([
+            "-c",
+            &format!(
+                "h.connect_uri({:?})\n\
+                 for i in range(200):\n    \
+                     h.pwrite(bytes([i % 251 + 1]) * 4096, (i % 64) * 4096)\n    \
+                     assert h.pread(4096, (i % 64) * 4096) == bytes([i % 251 + 1]) * 4096\n\
+                 h.flush()\n\
+                 print('served', flush=True)",
+                d.uri("fast")
+            ),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh");
+    let fast_deadline = started + Duration::from_secs(30);
+    let fast_status = loop {
+        if let Some(status) = fast_client.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > fast_deadline {
+            let _ = fast_client.kill();
+            let _ = fast_client.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let fast_took = started.elapsed();
+    let fast_out = fast_client.wait_with_output().expect("output");
+    let hung_still_waiting = hung_client.try_wait().expect("wait").is_none();
+    // Thaw, then judge: the hung writes complete and read back.
+    drop(frozen);
+    let hung_out = hung_client.wait_with_output().expect("nbdsh");
+    assert!(
+        fast_status.is_some_and(|s| s.success()),
+        "the other volume stalled behind the hung one ({fast_took:?}): {}{}",
+        String::from_utf8_lossy(&fast_out.stdout),
+        String::from_utf8_lossy(&fast_out.stderr)
+    );
+    eprintln!("200 writes and reads on the other volume took {fast_took:?} beside the hung one");
+    assert!(
+        hung_still_waiting,
+        "the hung volume's writes finished while its filesystem was frozen"
+    );
+    assert!(
+        String::from_utf8_lossy(&hung_out.stdout).contains("written"),
+        "the hung writes failed after the thaw: {}",
+        String::from_utf8_lossy(&hung_out.stderr)
+    );
+    let back = d.read_export("hung", &dir.join("hung.read"));
+    assert!(back[..8 * 4096].iter().all(|&b| b == 0x48));
+    d.ctl.run(&["status"]).assert_success();
+    d.stop();
+}
+
+#[test]
+fn a_full_log_disk_does_not_stop_the_daemon() {
+    let dir = TestDir::new("full-log");
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).expect("mkdir");
+    // Standard error goes to a file on a 4 KiB tmpfs: the verbose daemon fills it while it
+    // starts, and every line after that fails with ENOSPC.
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4k", "tmpfs"])
+        .arg(&logs))
+    .assert_success();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(logs.clone());
+    let log = logs.join("cryptnbd.log");
+    let d = Daemon::start_logging_to(&dir, "", &[], &log);
+    d.ctl.create_key("e2e");
+    d.ctl.create_volume("vol", "16M", "alias/e2e", 4096, &[]);
+    d.ctl.run(&["attach", "vol"]).assert_success();
+    // Refused requests are logged as warnings; so are refused control calls.
+    d.ctl.run(&["attach", "missing"]).assert_code(3);
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+    d.write_export("vol", &data, &dir.join("scratch"));
+    d.ctl.run(&["detach", "vol"]).assert_success();
+    d.ctl.run(&["attach", "vol"]).assert_success();
+    assert_eq!(
+        d.read_export("vol", &dir.join("scratch"))[..data.len()],
+        data[..]
+    );
+    let logged = std::fs::metadata(&log).expect("log").len();
+    assert_eq!(logged, 4096, "the log did not fill");
+    // Still alive and serving.
+    d.ctl.run(&["status"]).assert_success();
     d.stop();
 }

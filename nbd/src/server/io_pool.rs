@@ -46,14 +46,26 @@ struct Queue<T> {
 }
 
 impl<T: Task> Queue<T> {
-    /// Whether a sleeping thread should be woken now (and records that one is).
+    /// Whether a sleeping thread should be woken now (and records that one is): only for a
+    /// job it could take. Waking a thread for a job of a device at its cap would cost a
+    /// wake-up and a sleep per request while that device is busy.
     fn should_wake(&mut self) -> bool {
-        if !self.jobs.is_empty() && self.idle > 0 && !self.waking {
+        if self.idle > 0 && !self.waking && self.has_takeable() {
             self.waking = true;
             true
         } else {
             false
         }
+    }
+
+    /// Whether some queued job's device is under its cap (the scan stops at the first).
+    fn has_takeable(&self) -> bool {
+        if self.running.is_empty() {
+            return !self.jobs.is_empty();
+        }
+        self.jobs
+            .iter()
+            .any(|j| self.running_of(j.device()) < self.cap)
     }
 
     fn running_of(&self, device: usize) -> usize {
