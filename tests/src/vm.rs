@@ -180,6 +180,9 @@ pub struct Scenario {
     timeout: Duration,
     /// Files put in the guest: its path (under `/cryptnbd-vm/`), the host file.
     files: Vec<(String, PathBuf)>,
+    /// Virtio disks, `/dev/vda` first: the guest's own storage for the scenarios that need
+    /// one to outlive the boot (the initramfs is RAM).
+    disks: Vec<Disk>,
 }
 
 impl Scenario {
@@ -191,7 +194,15 @@ impl Scenario {
             net: false,
             timeout: Duration::from_secs(300),
             files: Vec::new(),
+            disks: Vec::new(),
         }
+    }
+
+    /// The next virtio disk (`/dev/vda` first). The scenario's initramfs gets the kernel's
+    /// `virtio_blk.ko` (not in the rig's base image), which the guest's `/init` loads.
+    pub fn disk(mut self, disk: Disk) -> Self {
+        self.disks.push(disk);
+        self
     }
 
     /// Puts the host file `host` in the guest as `/cryptnbd-vm/files/NAME` (certificates, for
@@ -293,11 +304,16 @@ impl Vm {
     #[track_caller]
     pub fn start(dir: &TestDir, scenario: &Scenario) -> Self {
         let rig = rig();
-        let initrd = if scenario.files.is_empty() {
+        let mut files = scenario.files.clone();
+        if !scenario.disks.is_empty() {
+            // `/init` loads every `files/*.ko` after the base image's modules.
+            files.push((VIRTIO_BLK.to_owned(), virtio_blk_module(rig)));
+        }
+        let initrd = if files.is_empty() {
             rig.initrd.clone()
         } else {
             let initrd = dir.join(&format!("initrd-{}.img", scenario.name));
-            with_files(&rig.initrd, &scenario.files, &initrd);
+            with_files(&rig.initrd, &files, &initrd);
             initrd
         };
         Self::launch(
@@ -307,7 +323,7 @@ impl Vm {
                 initrd,
                 cmdline: scenario.kernel_command_line(),
                 net: scenario.net,
-                disks: Vec::new(),
+                disks: scenario.disks.clone(),
                 marker: None,
                 timeout: scenario.timeout,
                 serial_input: false,
@@ -486,6 +502,76 @@ impl Vm {
             .unwrap_or_else(|e| panic!("{}: cannot type on the serial console: {e}", self.name));
     }
 
+    /// Waits until the serial log satisfies `ready` (the guest has printed enough progress
+    /// lines, say), looking about every 100 ms, and returns the log as it then was. Fails the
+    /// test, with the end of the serial log, when the VM stops, the guest reports PASS or FAIL,
+    /// or the boot's timeout passes first: `what` names the wait in that message.
+    #[track_caller]
+    pub fn wait_for_log(&mut self, what: &str, mut ready: impl FnMut(&str) -> bool) -> String {
+        let deadline = self.started + self.timeout;
+        loop {
+            let log = read_log(&self.log);
+            if ready(&log) {
+                return log;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))));
+            let reported = verdict(&log, &self.name);
+            if exited || reported != Verdict::Missing || Instant::now() > deadline {
+                self.kill();
+                let log = read_log(&self.log);
+                keep_log(&self.name, &log);
+                let why = match verdict(&log, &self.name) {
+                    Verdict::Fail(reason) => format!("the guest reported FAIL: {reason}"),
+                    Verdict::Pass => "the guest reported PASS".to_owned(),
+                    Verdict::Missing if exited => "the VM stopped".to_owned(),
+                    Verdict::Missing => {
+                        format!("the boot's timeout ({} s)", self.timeout.as_secs())
+                    }
+                };
+                panic!(
+                    "{}: waited for {what}, but first {why}\n{}",
+                    self.name,
+                    tail(&log, &self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A power cut: kills qemu at once with SIGKILL, so that whatever the guest held in its
+    /// memory (its page cache, the daemon's buffers) is gone, and returns the serial log as
+    /// it stands. What qemu had written to its disks stays (with [`DiskCache::None`], on the
+    /// host's storage rather than in its page cache).
+    pub fn power_cut(mut self) -> VmRun {
+        let mut child = self
+            .child
+            .take()
+            .expect("the VM is running until waited for");
+        // Child::kill sends SIGKILL.
+        let _ = child.kill();
+        let status = child.wait().ok();
+        let log = read_log(&self.log);
+        keep_log(&self.name, &log);
+        let run = VmRun {
+            scenario: self.name.clone(),
+            log,
+            log_path: self.log.clone(),
+            marker: None,
+            elapsed: self.started.elapsed(),
+            qemu_status: status.and_then(|s| s.code()),
+        };
+        eprintln!(
+            "vm: scenario {} power cut (qemu SIGKILLed) after {:.1} s (guest init after {} s)",
+            run.scenario,
+            run.elapsed.as_secs_f64(),
+            run.init_uptime().unwrap_or("?"),
+        );
+        run
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -596,6 +682,28 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The guest's file name of the virtio disk driver that [`Scenario::disk`] adds.
+const VIRTIO_BLK: &str = "virtio_blk.ko";
+
+/// The kernel's `virtio_blk.ko`, from the kernel tree the rig keeps for the Debian root (the
+/// rig's base initramfs has no virtio disk driver). Its dependencies, `virtio` and
+/// `virtio_ring`, come with the base image's `virtio_pci`.
+#[track_caller]
+fn virtio_blk_module(rig: &Rig) -> PathBuf {
+    let module = rig
+        .kernel_tree
+        .join("lib/modules")
+        .join(&rig.kernel_release)
+        .join("kernel/drivers/block")
+        .join(VIRTIO_BLK);
+    assert!(
+        module.is_file(),
+        "{} is missing: the rig's kernel tree (tests/vm/build-rig.sh, ROOT_MODULES) should hold it",
+        module.display()
+    );
+    module
 }
 
 /// Writes `out`: the initramfs `base`, then (at a 4-byte boundary; the kernel skips the zero
@@ -814,10 +922,34 @@ pub struct Disk {
     serial: Option<String>,
 }
 
+/// How qemu caches a raw image file on the host (`-drive cache=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskCache {
+    /// `cache=none`: the image is opened with `O_DIRECT`, so the guest's writes go past the
+    /// host's page cache to the host's storage, and the guest sees a disk with a write cache
+    /// that qemu flushes (`fdatasync` of the image) when the guest sends a FLUSH. The power
+    /// cut test uses it so that the image holds what the host's storage got, not what the
+    /// host's page cache happens to keep. A SIGKILL of qemu loses the guest's memory in every
+    /// mode; what qemu had written stays in every mode too.
+    None,
+    /// `cache=directsync`: `O_DIRECT` and `O_DSYNC`, every write durable before the guest
+    /// sees it complete (a disk without a write cache).
+    DirectSync,
+}
+
+impl DiskCache {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::DirectSync => "directsync",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum DiskKind {
-    /// A raw image file on the host.
-    Raw(PathBuf),
+    /// A raw image file on the host, with qemu's default cache mode unless one is given.
+    Raw(PathBuf, Option<DiskCache>),
     /// An export of an NBD server on the host, opened by qemu's own NBD client: the guest
     /// sees a plain virtio disk and needs nothing of ours.
     Nbd {
@@ -841,9 +973,20 @@ impl Disk {
     /// A raw image file (`-drive file=…,format=raw`).
     pub fn raw(path: &Path) -> Self {
         Self {
-            kind: DiskKind::Raw(path.to_path_buf()),
+            kind: DiskKind::Raw(path.to_path_buf(), None),
             serial: None,
         }
+    }
+
+    /// The cache mode of a raw image (qemu's default is `writeback`: every write lands in
+    /// the host's page cache). Only for [`Disk::raw`]: an NBD disk has no host file.
+    #[track_caller]
+    pub fn cache(mut self, mode: DiskCache) -> Self {
+        match &mut self.kind {
+            DiskKind::Raw(_, cache) => *cache = Some(mode),
+            DiskKind::Nbd { .. } => panic!("a cache mode is for raw image files, not NBD disks"),
+        }
+        self
     }
 
     /// An NBD export on a unix socket of the host (`-blockdev driver=nbd,server.type=unix`).
@@ -893,12 +1036,16 @@ impl Disk {
         let node = format!("disk{index}");
         let mut args = Vec::new();
         match &self.kind {
-            DiskKind::Raw(path) => {
-                args.push("-drive".to_owned());
-                args.push(format!(
+            DiskKind::Raw(path, cache) => {
+                let mut spec = format!(
                     "file={},format=raw,if=none,id={node}",
                     qemu_escape(&path.to_string_lossy())
-                ));
+                );
+                if let Some(cache) = cache {
+                    spec.push_str(&format!(",cache={}", cache.arg()));
+                }
+                args.push("-drive".to_owned());
+                args.push(spec);
             }
             DiskKind::Nbd {
                 server,
@@ -1388,6 +1535,13 @@ mod tests {
                 "-device",
                 "virtio-blk-pci,drive=disk1,addr=0x11,serial=s1"
             ]
+        );
+        let uncached = Disk::raw(Path::new("/tmp/p.img"))
+            .cache(DiskCache::None)
+            .qemu_args(3);
+        assert_eq!(
+            uncached[1],
+            "file=/tmp/p.img,format=raw,if=none,id=disk3,cache=none"
         );
         let unix = Disk::nbd_unix(Path::new("/run/nbd.sock"), "root").qemu_args(2);
         assert_eq!(
