@@ -553,16 +553,8 @@ impl Vm {
         // Child::kill sends SIGKILL.
         let _ = child.kill();
         let status = child.wait().ok();
-        let log = read_log(&self.log);
-        keep_log(&self.name, &log);
-        let run = VmRun {
-            scenario: self.name.clone(),
-            log,
-            log_path: self.log.clone(),
-            marker: None,
-            elapsed: self.started.elapsed(),
-            qemu_status: status.and_then(|s| s.code()),
-        };
+        // A cut guest wrote no marker disk worth reading.
+        let run = self.finished(status.and_then(|s| s.code()), false);
         eprintln!(
             "vm: scenario {} power cut (qemu SIGKILLed) after {:.1} s (guest init after {} s)",
             run.scenario,
@@ -570,6 +562,25 @@ impl Vm {
             run.init_uptime().unwrap_or("?"),
         );
         run
+    }
+
+    /// The run of a qemu that has ended: its serial log (kept past the test) and, when asked
+    /// for and the boot has one, its marker disk's text.
+    fn finished(&self, qemu_status: Option<i32>, read_marker: bool) -> VmRun {
+        let log = read_log(&self.log);
+        keep_log(&self.name, &log);
+        VmRun {
+            scenario: self.name.clone(),
+            log,
+            log_path: self.log.clone(),
+            marker: if read_marker {
+                self.marker.as_deref().map(read_marker_disk)
+            } else {
+                None
+            },
+            elapsed: self.started.elapsed(),
+            qemu_status,
+        }
     }
 
     fn kill(&mut self) {
@@ -644,16 +655,7 @@ impl Vm {
             observe();
             std::thread::sleep(Duration::from_millis(200));
         };
-        let log = read_log(&self.log);
-        keep_log(&self.name, &log);
-        let run = VmRun {
-            scenario: self.name.clone(),
-            log,
-            log_path: self.log.clone(),
-            marker: self.marker.as_deref().map(read_marker_disk),
-            elapsed: self.started.elapsed(),
-            qemu_status: status.code(),
-        };
+        let run = self.finished(status.code(), true);
         if run.marker.is_some() {
             let unit = run.reports("UPTIME").first().map_or_else(
                 || "the test unit reported nothing".to_owned(),

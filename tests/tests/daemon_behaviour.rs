@@ -247,22 +247,32 @@ fn notifies_systemd_and_shuts_down_gracefully() {
     );
 }
 
+/// A tmpfs of `size` mounted on a directory, unmounted (lazily) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    #[track_caller]
+    fn mount(dir: &Path, size: &str) -> Self {
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir))
+        .assert_success();
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn full_disk_gives_enospc_to_the_client_and_the_daemon_lives_on() {
     let dir = TestDir::new("enospc");
     let small = dir.join("small");
     std::fs::create_dir_all(&small).expect("mkdir");
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&small))
-    .assert_success();
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _unmount = Tmpfs::mount(&small, "24m");
     // The volumes directory lives on the small tmpfs: a 64 MiB volume cannot be filled.
     std::fs::create_dir_all(dir.state_dir()).expect("mkdir");
     std::os::unix::fs::symlink(&small, dir.state_dir().join("volumes")).expect("symlink");
@@ -488,17 +498,7 @@ fn a_full_log_disk_does_not_stop_the_daemon() {
     std::fs::create_dir_all(&logs).expect("mkdir");
     // Standard error goes to a file on a 4 KiB tmpfs: the verbose daemon fills it while it
     // starts, and every line after that fails with ENOSPC.
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4k", "tmpfs"])
-        .arg(&logs))
-    .assert_success();
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(logs.clone());
+    let _unmount = Tmpfs::mount(&logs, "4k");
     let log = logs.join("cryptnbd.log");
     let d = Daemon::start_logging_to(&dir, "", &[], &log);
     d.ctl.create_key("e2e");
