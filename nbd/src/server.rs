@@ -368,6 +368,7 @@ impl Server {
                     Ok((stream, _)) => match stream.peer_cred() {
                         Ok(c) => {
                             let peer = Peer::Unix { pid: c.pid(), uid: c.uid(), gid: c.gid() };
+                            enlarge_send_buffer(&stream);
                             self.spawn_connection(stream, peer, self.tls().unix);
                         }
                         Err(e) => warn!("cannot read the peer credentials of a unix client: {e}"),
@@ -396,6 +397,7 @@ impl Server {
                         if let Err(e) = stream.set_nodelay(true) {
                             debug!("cannot set TCP_NODELAY for {addr}: {e}");
                         }
+                        enlarge_send_buffer(&stream);
                         self.spawn_connection(stream, Peer::Tcp(addr), self.tls().tcp);
                     }
                     Err(e) => accept_failed(e).await,
@@ -700,6 +702,24 @@ enum Negotiated<T> {
 
 /// Logs a failed accept; waits a little when descriptors or memory ran out, so the loop does
 /// not spin.
+/// The send buffer asked for each client's socket: room for a few replies of 256 KiB
+/// (nbdcopy's request size), so that each leaves in one `writev`. The kernel's default
+/// (`net.core.wmem_default`, about 208 KiB) split every such reply in two, with a wait for
+/// the socket in between (docs/benchmarks.md). The kernel takes the memory only while
+/// replies wait to be read.
+const SEND_BUFFER: usize = 1 << 20;
+
+/// Raises the socket's send buffer to [`SEND_BUFFER`]: past `net.core.wmem_max` where the
+/// daemon may (CAP_NET_ADMIN), else as far as that limit allows.
+fn enlarge_send_buffer(socket: &impl std::os::fd::AsFd) {
+    use rustix::net::sockopt;
+    if sockopt::set_socket_send_buffer_size_force(socket, SEND_BUFFER).is_err()
+        && let Err(e) = sockopt::set_socket_send_buffer_size(socket, SEND_BUFFER)
+    {
+        debug!("cannot enlarge a client's send buffer: {e}");
+    }
+}
+
 async fn accept_failed(e: std::io::Error) {
     let exhausted = matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)); // ENFILE, EMFILE, ENOBUFS, ENOMEM
     if exhausted {
