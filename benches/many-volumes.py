@@ -161,6 +161,15 @@ def fio(uris, seconds, rw, iodepth=8, label="fio", region_mib=None):
     return iops, p99
 
 
+def wait_for(path, failure, seconds=10):
+    """Waits until `path` exists; raises `failure` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.05)
+
+
 def fill(uri, size_mib):
     subprocess.run(["nbdcopy", "--", "[", "nbdkit", "random", f"{size_mib}M", "]", uri], check=True)
 
@@ -305,17 +314,9 @@ def part_slow(a, rows):
     try:
         procs.append(subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "--filter=delay", "file",
                                        str(image), "delay-read=20ms", "delay-write=20ms"]))
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("nbdkit did not start")
-            time.sleep(0.05)
+        wait_for(sock, "nbdkit did not start")
         procs.append(subprocess.Popen(["nbdfuse", str(mnt), f"nbd+unix:///?socket={sock}"]))
-        deadline = time.monotonic() + 10
-        while not (mnt / "nbd").exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("nbdfuse did not mount")
-            time.sleep(0.05)
+        wait_for(mnt / "nbd", "nbdfuse did not mount")
         loop = subprocess.run(["losetup", "--find", "--show", str(mnt / "nbd")],
                               capture_output=True, text=True, check=True).stdout.strip()
         # The same volume, now named `slow` and read through the loop device: every read

@@ -700,8 +700,6 @@ enum Negotiated<T> {
     Tls(tls::TlsStream<T>, ReadBuf, handshake::Outcome),
 }
 
-/// Logs a failed accept; waits a little when descriptors or memory ran out, so the loop does
-/// not spin.
 /// The send buffer asked for each client's socket: room for a few replies of 256 KiB
 /// (nbdcopy's request size), so that each leaves in one `writev`. The kernel's default
 /// (`net.core.wmem_default`, about 208 KiB) split every such reply in two, with a wait for
@@ -720,6 +718,8 @@ fn enlarge_send_buffer(socket: &impl std::os::fd::AsFd) {
     }
 }
 
+/// Logs a failed accept; waits a little when descriptors or memory ran out, so the loop does
+/// not spin.
 async fn accept_failed(e: std::io::Error) {
     let exhausted = matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)); // ENFILE, EMFILE, ENOBUFS, ENOMEM
     if exhausted {

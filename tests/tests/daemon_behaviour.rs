@@ -348,6 +348,17 @@ fn io_threads_blocked(pid: u32) -> usize {
         .count()
 }
 
+/// An nbdsh running `script` in the background, its output captured.
+fn spawn_nbdsh(script: &str) -> std::process::Child {
+    e2e_tests::daemon::nbdsh()
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh")
+}
+
 #[test]
 fn a_volume_whose_store_hangs_does_not_stall_the_others() {
     use e2e_tests::loopdev::Loop;
@@ -402,23 +413,14 @@ fn a_volume_whose_store_hangs_does_not_stall_the_others() {
     let frozen = Frozen(fsfreeze, fs.clone());
 
     // Eight writes to the hung volume, all in flight at once: more than the I/O threads.
-    let mut hung_client = e2e_tests::daemon::nbdsh()
-        .args([
-            "-c",
-            &format!(
-                "h.connect_uri({:?})\n\
+    let mut hung_client = spawn_nbdsh(&format!(
+        "h.connect_uri({:?})\n\
                  cookies = [h.aio_pwrite(bytes([0x48]) * 4096, i * 4096) for i in range(8)]\n\
                  while h.aio_in_flight() > 0: h.poll(-1)\n\
                  assert all(h.aio_command_completed(c) for c in cookies)\n\
                  print('written', flush=True)",
-                d.uri("hung")
-            ),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nbdsh");
+        d.uri("hung")
+    ));
     // The first write blocks in the kernel on the frozen filesystem; the others queue behind
     // it (the file takes one buffered writer at a time) and hold their I/O threads as well.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -433,24 +435,15 @@ fn a_volume_whose_store_hangs_does_not_stall_the_others() {
 
     // Meanwhile the other volume serves reads and writes, on the thread left to it.
     let started = std::time::Instant::now();
-    let mut fast_client = e2e_tests::daemon::nbdsh()
-        .args([
-            "-c",
-            &format!(
-                "h.connect_uri({:?})\n\
+    let mut fast_client = spawn_nbdsh(&format!(
+        "h.connect_uri({:?})\n\
                  for i in range(200):\n    \
                      h.pwrite(bytes([i % 251 + 1]) * 4096, (i % 64) * 4096)\n    \
                      assert h.pread(4096, (i % 64) * 4096) == bytes([i % 251 + 1]) * 4096\n\
                  h.flush()\n\
                  print('served', flush=True)",
-                d.uri("fast")
-            ),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("nbdsh");
+        d.uri("fast")
+    ));
     let fast_deadline = started + Duration::from_secs(30);
     let fast_status = loop {
         if let Some(status) = fast_client.try_wait().expect("wait") {

@@ -50,7 +50,7 @@ impl<T: Task> Queue<T> {
     /// job it could take. Waking a thread for a job of a device at its cap would cost a
     /// wake-up and a sleep per request while that device is busy.
     fn should_wake(&mut self) -> bool {
-        if self.idle > 0 && !self.waking && self.has_takeable() {
+        if self.idle > 0 && !self.waking && self.first_takeable().is_some() {
             self.waking = true;
             true
         } else {
@@ -58,14 +58,14 @@ impl<T: Task> Queue<T> {
         }
     }
 
-    /// Whether some queued job's device is under its cap (the scan stops at the first).
-    fn has_takeable(&self) -> bool {
+    /// Where the first queued job whose device is under its cap is (the scan stops there).
+    fn first_takeable(&self) -> Option<usize> {
         if self.running.is_empty() {
-            return !self.jobs.is_empty();
+            return (!self.jobs.is_empty()).then_some(0);
         }
         self.jobs
             .iter()
-            .any(|j| self.running_of(j.device()) < self.cap)
+            .position(|j| self.running_of(j.device()) < self.cap)
     }
 
     fn running_of(&self, device: usize) -> usize {
@@ -77,14 +77,7 @@ impl<T: Task> Queue<T> {
 
     /// Takes the first job whose device is under its cap, and counts it as running.
     fn take(&mut self) -> Option<T> {
-        let i = if self.running.is_empty() {
-            (!self.jobs.is_empty()).then_some(0)?
-        } else {
-            self.jobs
-                .iter()
-                .position(|j| self.running_of(j.device()) < self.cap)?
-        };
-        let job = self.jobs.remove(i)?;
+        let job = self.jobs.remove(self.first_takeable()?)?;
         let device = job.device();
         match self.running.iter_mut().find(|(d, _)| *d == device) {
             Some((_, n)) => *n += 1,
