@@ -934,16 +934,12 @@ pub enum DiskCache {
     /// host's page cache happens to keep. A SIGKILL of qemu loses the guest's memory in every
     /// mode; what qemu had written stays in every mode too.
     None,
-    /// `cache=directsync`: `O_DIRECT` and `O_DSYNC`, every write durable before the guest
-    /// sees it complete (a disk without a write cache).
-    DirectSync,
 }
 
 impl DiskCache {
     fn arg(self) -> &'static str {
         match self {
             Self::None => "none",
-            Self::DirectSync => "directsync",
         }
     }
 }
