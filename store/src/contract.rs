@@ -283,6 +283,20 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_store_releases_its_lock_while_a_copy_of_its_descriptor_lives() {
+        // A process forked by another thread holds a copy of every descriptor until it
+        // execs; a duplicate stands for it here.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.luks");
+        std::fs::File::create(&path).expect("create");
+        let w = FileStore::open(&path, Access::ReadWrite).expect("open");
+        let copy = w.file().try_clone().expect("dup");
+        drop(w);
+        FileStore::open(&path, Access::ReadWrite).expect("reopen after close");
+        drop(copy);
+    }
+
+    #[test]
     fn a_memory_crash_keeps_exactly_what_was_flushed() {
         let s = MemStore::new("crash");
         s.write_at(&pattern(4096, 1), 0).expect("write");

@@ -203,6 +203,17 @@ impl FileStore {
     }
 }
 
+/// The lock goes with the store, even where a copy of the descriptor lives on: a process
+/// forked by another thread holds one until it execs, and `flock` belongs to the open file,
+/// not to one descriptor. Without the explicit unlock a volume closed and reopened at once
+/// (detach then attach, a failed open then a good one) could be refused as in use.
+impl Drop for FileStore {
+    fn drop(&mut self) {
+        // Unlocking a file this store did not lock (`Access::Inspect`) is harmless.
+        let _ = self.file.unlock();
+    }
+}
+
 impl Direct {
     /// Whether a request of `len` bytes at `offset` can go around the page cache.
     fn takes(&self, len: usize, offset: u64) -> bool {
