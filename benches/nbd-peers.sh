@@ -50,6 +50,10 @@
 # CPU-seconds per GB of the sequential copies, and the two-core limit they imply:
 # 2 cores / (client + server CPU-seconds per GB), beside which the throughput is read
 # (`of limit` = throughput / limit; 1.00 means both cores were busy with client and server).
+# The last column says where the rest of the two cores went during the sequential copies,
+# from /proc/stat: idle (iowait included), other (busy, but neither server nor client:
+# kernel threads such as write-back and softirq work, other processes) and steal (taken by
+# the hypervisor).
 # Writes a Markdown table to RESULTS.md (default WORKDIR/results.md) and stdout.
 # Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin. As root it drops the page cache
 # before each server; without root it cannot, and the figures then depend on what ran before.
@@ -103,15 +107,20 @@ if [[ ! -s $SRC || $(stat -c %s "$SRC") -ne $SIZE ]]; then
   echo "== making $SRC ($SIZE_MIB MiB of random data)"
   head -c "$SIZE" /dev/urandom >"$SRC"
 fi
+# The images of an earlier run of another size (-s) are made again.
 LUKS1=$WORK/luks1.img
-if [[ ! -s $LUKS1 ]]; then
+if [[ ! -s $LUKS1 || $(stat -c %s "$LUKS1") -ne $((SIZE + (4 << 20))) ]]; then
   echo "== making a LUKS1 image for nbdkit and qemu-nbd"
+  rm -f "$LUKS1"
   truncate -s $((SIZE + (4 << 20))) "$LUKS1"
   printf %s "$PASS" | cryptsetup luksFormat --batch-mode --type luks1 --cipher aes-xts-plain64 \
     --key-size 512 --hash sha256 --pbkdf-force-iterations 1000 --key-file - "$LUKS1"
 fi
 PLAIN=$WORK/plain.img
-[[ -s $PLAIN ]] || truncate -s "$SIZE" "$PLAIN"
+if [[ ! -s $PLAIN || $(stat -c %s "$PLAIN") -ne $SIZE ]]; then
+  rm -f "$PLAIN"
+  truncate -s "$SIZE" "$PLAIN"
+fi
 
 # A CA, the server's certificate (127.0.0.1) and a client's, for the TLS servers.
 PKI=$WORK/pki
@@ -386,13 +395,31 @@ start_server() {
 }
 
 ticks() { awk '{print $14 + $15}' "/proc/$SPID/stat"; }
+# The whole machine's CPU time from /proc/stat, in ticks: "BUSY IDLE STEAL" (busy is user,
+# nice, system, irq and softirq; idle counts iowait too).
+machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8, $5 + $6, $9; exit}' /proc/stat; }
+# cores T0 T1 M0 M1 S0 S1 CLIENT_SECONDS: "SERVER CLIENT IDLE OTHER STEAL" in cores over the
+# interval, where OTHER is what the machine did beside server and client (kernel threads such
+# as write-back, other processes).
+cores() {
+  python3 -c '
+import sys
+t0, t1, s0, s1, client, tck = (float(x) for x in sys.argv[1:7])
+m0, m1 = [float(x) for x in sys.argv[7].split()], [float(x) for x in sys.argv[8].split()]
+wall = t1 - t0
+server = (s1 - s0) / tck / wall
+client = client / wall
+busy, idle, steal = ((b - a) / tck / wall for a, b in zip(m0, m1))
+print(f"{server} {client} {idle} {max(busy - server - client, 0)} {steal}")' "$@" "$(getconf CLK_TCK)" "$M0" "$M1"
+}
 
-# measure KIND RUN: prints "VALUE SERVER_CORES CLIENT_CORES"
+# measure KIND RUN: prints "VALUE SERVER_CORES CLIENT_CORES IDLE_CORES OTHER_CORES STEAL_CORES"
 measure() {
   local kind=$1 run=$2 log="$LOGS/$CURRENT.$1.$2" t0 t1 s0 s1 value
   rm -f "$log.json"
   sync
   s0=$(ticks)
+  M0=$(machine)
   t0=$(date +%s.%N)
   if [[ $CURRENT == fio-rbd ]]; then
     local rw=$kind bs=4k timed=()
@@ -404,11 +431,13 @@ measure() {
       --size="$SIZE" --output-format=json --output="$log.json" \
       --direct=1 >"$log" 2>&1
     t1=$(date +%s.%N)
+    M1=$(machine)
     value=$(python3 -c "
 import json; t=open('$log.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]
 k='$([[ $kind == *read ]] && echo read || echo write)'
 print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
-    python3 -c "print($value, 0, $(cat "$CLIENT_CPU") / ($t1 - $t0))"
+    read -r _ cc idle other steal < <(cores "$t0" "$t1" 0 0 "$(cat "$CLIENT_CPU")")
+    echo "$value 0 $cc $idle $other $steal"
     return 0
   fi
   # cryptnbd-4conn: 4 connections, the same total queue depth.
@@ -439,6 +468,7 @@ print(j[k]['bw_bytes'] / 1e6 if '$bs' == '1M' else j[k]['iops'])")
   esac
   t1=$(date +%s.%N)
   s1=$(ticks)
+  M1=$(machine)
   if [[ -n $prof ]]; then
     kill -INT "$rec" "$st" 2>/dev/null || true
     wait "$rec" "$st" 2>/dev/null || true
@@ -472,7 +502,7 @@ PY
 import json; t=open('$log.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]
 print(j['$([[ $kind == randread ]] && echo read || echo write)']['iops'])") ;;
   esac
-  python3 -c "print($value, ($s1 - $s0) / $(getconf CLK_TCK) / ($t1 - $t0), $(cat "$CLIENT_CPU") / ($t1 - $t0))"
+  echo "$value $(cores "$t0" "$t1" "$s0" "$s1" "$(cat "$CLIENT_CPU")")"
 }
 
 summary() { python3 -c '
@@ -490,6 +520,10 @@ for CURRENT in "${SERVERS[@]}"; do
   # decide small random-write speed (docs/benchmarks.md), so none inherits another's.
   sync
   if [[ -w /proc/sys/vm/drop_caches ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
+  # The source of the writes is read into the page cache again: nbdcopy evicts the pages of
+  # a source file that were not cached when it read them, so without this every write run
+  # waited for the disk under the source, for every server alike.
+  cat "$SRC" >/dev/null
   start_server "$CURRENT"
   # -p: every thread the server has (and, inherited, every one it starts) on CPU 0.
   [[ -n $PIN ]] && taskset -a -p -c 0 "$SPID" >/dev/null
@@ -499,13 +533,13 @@ for CURRENT in "${SERVERS[@]}"; do
   done
   for kind in write read randread randwrite; do
     [[ ",$KINDS," == *",$kind,"* ]] || continue
-    vals=() cs=() ccs=()
+    vals=() cs=() ccs=() idles=() others=() steals=()
     for r in $(seq 1 "$RUNS"); do
-      read -r v c cc < <(measure "$kind" "$r")
-      vals+=("$v") cs+=("$c") ccs+=("$cc")
-      echo "   $kind run $r: $(printf %.0f "$v") (server $(printf %.2f "$c") cores, client $(printf %.2f "$cc"))"
+      read -r v c cc idle other steal < <(measure "$kind" "$r")
+      vals+=("$v") cs+=("$c") ccs+=("$cc") idles+=("$idle") others+=("$other") steals+=("$steal")
+      echo "   $kind run $r: $(printf %.0f "$v") (cores: server $(printf %.2f "$c"), client $(printf %.2f "$cc"), idle $(printf %.2f "$idle"), other $(printf %.2f "$other"), steal $(printf %.2f "$steal"))"
     done
-    RESULT[$CURRENT:$kind]="$(summary "${vals[@]}")|$(median "${vals[@]}") $(median "${cs[@]}") $(median "${ccs[@]}")"
+    RESULT[$CURRENT:$kind]="$(summary "${vals[@]}")|$(median "${vals[@]}") $(median "${cs[@]}") $(median "${ccs[@]}") $(median "${idles[@]}") $(median "${others[@]}") $(median "${steals[@]}")"
   done
   stop_server
 done
@@ -524,13 +558,14 @@ for line in """$RESULTS""".splitlines():
         continue
     key, val = line.split("=", 1)
     shown, nums = val.split("|")
-    v, c, cc = (float(x) for x in nums.split())
-    res[key] = (shown, v, c, cc)
+    v, c, cc, idle, other, steal = (float(x) for x in nums.split())
+    res[key] = (shown, v, c, cc, idle, other, steal)
 kinds = ["write", "read", "randread", "randwrite"]
 print("| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS "
       "| server cores w / r / rr / rw | client cores w / r "
-      "| vs nbdkit-file w / r / rr / rw | server core-s/GB w / r | 2-core limit w / r MB/s (of limit) |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+      "| vs nbdkit-file w / r / rr / rw | server core-s/GB w / r | 2-core limit w / r MB/s (of limit) "
+      "| machine idle / other / steal cores w / r |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 def get(s, k):
     return res.get(f"{s}:{k}")
 for s in sys.argv[1:]:
@@ -560,6 +595,8 @@ for s in sys.argv[1:]:
             limits.append("-")
     cells.append(" / ".join(per_gb))
     cells.append(" / ".join(limits))
+    cells.append(" ; ".join(" / ".join(f"{get(s, k)[i]:.2f}" for i in (4, 5, 6)) if get(s, k) else "-"
+                            for k in ["write", "read"]))
     print("| " + " | ".join(cells) + " |")
 PY
 } >"$OUT.tmp"

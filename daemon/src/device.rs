@@ -131,6 +131,22 @@ impl BlockDevice for VolumeDevice {
         Ok(())
     }
 
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, DeviceError> {
+        // A store with an asynchronous data path has its own way (submit).
+        if self.runtime.is_some() {
+            return Ok(false);
+        }
+        let read = self
+            .volume
+            .try_read_at(buf, offset)
+            .map_err(|e| self.errno(e))?;
+        if read {
+            self.bytes_read
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        Ok(read)
+    }
+
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), DeviceError> {
         self.volume
             .write_at_mut(data, offset)

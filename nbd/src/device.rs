@@ -94,6 +94,15 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Reads `buf.len()` bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError>;
+    /// Reads `buf.len()` bytes at `offset` now if that needs no waiting (the bytes are in
+    /// memory): `Ok(true)` when done, `Err` for a failed read; `Ok(false)` when it would
+    /// wait, and the request then goes to an I/O thread for [`read`](Self::read). Called on
+    /// the connection's own task, which serves other connections too: it must never block.
+    /// It spares the request a trip through the I/O threads, and the reply leaves from the
+    /// core that read the data. The default: `Ok(false)`.
+    fn try_read(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
     /// Writes `data` at `offset`; `data` may be clobbered.
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), DeviceError>;
     /// Makes completed writes durable.

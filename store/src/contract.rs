@@ -190,7 +190,7 @@ fn check_submit(s: &dyn BackingStore, sub: &dyn Submit) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::file::{Access, FileStore};
+    use crate::file::{Access, FileIo, FileStore};
     use crate::memory::MemStore;
 
     #[test]
@@ -294,6 +294,36 @@ mod tests {
         drop(w);
         FileStore::open(&path, Access::ReadWrite).expect("reopen after close");
         drop(copy);
+    }
+
+    #[test]
+    fn a_file_reads_without_waiting_only_what_the_page_cache_holds() {
+        use std::os::fd::AsFd;
+        // On a disk filesystem: tmpfs has nothing but its page cache.
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir in /var/tmp");
+        let path = dir.path().join("v.luks");
+        std::fs::write(&path, pattern(1 << 20, 9)).expect("write");
+        let s = FileStore::open(&path, Access::ReadWrite).expect("open");
+        s.flush().expect("fdatasync");
+        let mut buf = vec![0u8; 256 << 10];
+        // Dropped from the page cache (clean pages go at once): it would wait.
+        rustix::fs::fadvise(s.file().as_fd(), 0, None, rustix::fs::Advice::DontNeed)
+            .expect("fadvise");
+        assert!(!s.try_read_at(&mut buf, 0).expect("try_read_at"));
+        // Read once, it is in the page cache: served, and right.
+        s.read_at(&mut buf, 0).expect("read");
+        buf.fill(0);
+        assert!(s.try_read_at(&mut buf, 0).expect("try_read_at"));
+        assert_eq!(buf, pattern(1 << 20, 9)[..256 << 10]);
+        // Past the end: not served here (the blocking read reports it).
+        assert!(
+            !s.try_read_at(&mut buf, (1 << 20) - 4096)
+                .expect("try_read_at")
+        );
+        // Direct mode reads around the page cache: never served here.
+        let d = s.with_io(FileIo::Direct).expect("direct");
+        assert_eq!(d.io(), FileIo::Direct, "/var/tmp refused O_DIRECT");
+        assert!(!d.try_read_at(&mut buf, 0).expect("try_read_at"));
     }
 
     #[test]

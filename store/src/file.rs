@@ -305,6 +305,33 @@ impl BackingStore for FileStore {
         }
     }
 
+    /// `preadv2(RWF_NOWAIT)` from the page cache; in direct mode, never (its reads go
+    /// around the cache).
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.direct.is_some() {
+            return Ok(false);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let read = rustix::io::preadv2(
+                &self.file,
+                &mut [io::IoSliceMut::new(&mut buf[done..])],
+                offset + done as u64,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            );
+            match read {
+                // Past the end: the blocking read says so properly.
+                Ok(0) => return Ok(false),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                // Not all in the page cache (or a kernel or filesystem without RWF_NOWAIT).
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         if let Some(d) = &self.direct
             && d.takes(data.len(), offset)

@@ -109,6 +109,15 @@ pub trait BackingStore: Send + Sync + fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// Reads exactly `buf.len()` bytes at `offset` if that needs no waiting (the bytes are
+    /// in memory, such as a file's page cache): `Ok(true)`. `Ok(false)` when it would wait,
+    /// or when the engine cannot tell; `buf` may then hold anything, and
+    /// [`read_at`](Self::read_at) is the way. Never blocks: the NBD server calls it on a
+    /// thread that serves many connections. The default: `Ok(false)`.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// Writes all of `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
 
@@ -182,6 +191,9 @@ impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
+    }
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        (**self).try_read_at(buf, offset)
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(data, offset)

@@ -983,6 +983,27 @@ impl Volume {
         Ok(())
     }
 
+    /// Reads whole sectors at data offset `offset` if the store has them in memory (see
+    /// [`store::BackingStore::try_read_at`]): `Ok(true)`, decrypted; `Ok(false)` when the
+    /// read would wait, or is not sector-aligned, and [`Volume::read_at`] is the way. Never
+    /// blocks.
+    pub fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, VolumeError> {
+        let len = buf.len() as u64;
+        let ss = self.ss();
+        if !(offset.is_multiple_of(ss) && len.is_multiple_of(ss)) {
+            return Ok(false);
+        }
+        self.check(offset, len, false)?;
+        let read = self
+            .store
+            .try_read_at(buf, self.segment.offset + offset)
+            .map_err(|e| self.store_error("reading", e))?;
+        if read {
+            self.decrypt_read(buf, offset);
+        }
+        Ok(read)
+    }
+
     /// Writes `data` at data offset `offset` (any alignment). Partial sectors at either end
     /// are read, merged and rewritten under their sector lock.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), VolumeError> {
