@@ -50,6 +50,7 @@
 # CPU-seconds per GB of the sequential copies, and the two-core limit they imply:
 # 2 cores / (client + server CPU-seconds per GB), beside which the throughput is read
 # (`of limit` = throughput / limit; 1.00 means both cores were busy with client and server).
+# Both are each run's own figure, then the median of the runs.
 # The last column says where the rest of the two cores went during the sequential copies,
 # from /proc/stat: idle (iowait included), other (busy, but neither server nor client:
 # kernel threads such as write-back and softirq work, other processes) and steal (taken by
@@ -512,7 +513,10 @@ print(f"{st.median(v):.0f} [{min(v):.0f}-{max(v):.0f}]")' "$@"; }
 median() { python3 -c 'import sys, statistics as st; print(f"{st.median([float(x) for x in sys.argv[1:]]):.2f}")' "$@"; }
 
 # Medians per server and kind, for the columns computed once every server has run:
-# RESULT[server:kind] = "value server_cores client_cores".
+# RESULT[server:kind] = "shown|value server_cores client_cores idle other steal server_per_gb
+# of_limit": medians over the runs; the last two are each run's own figure (CPU-seconds per GB,
+# and (server + client cores) / 2), then the median, so that a slow first write into a fresh
+# file does not pair one run's CPU with another's throughput.
 declare -A RESULT=()
 for CURRENT in "${SERVERS[@]}"; do
   echo "== $CURRENT"
@@ -533,13 +537,15 @@ for CURRENT in "${SERVERS[@]}"; do
   done
   for kind in write read randread randwrite; do
     [[ ",$KINDS," == *",$kind,"* ]] || continue
-    vals=() cs=() ccs=() idles=() others=() steals=()
+    vals=() cs=() ccs=() idles=() others=() steals=() pergbs=() oflimits=()
     for r in $(seq 1 "$RUNS"); do
       read -r v c cc idle other steal < <(measure "$kind" "$r")
       vals+=("$v") cs+=("$c") ccs+=("$cc") idles+=("$idle") others+=("$other") steals+=("$steal")
+      pergbs+=("$(python3 -c "print($c / ($v / 1000) if $v > 0 else 0)")")
+      oflimits+=("$(python3 -c "print(($c + $cc) / 2)")")
       echo "   $kind run $r: $(printf %.0f "$v") (cores: server $(printf %.2f "$c"), client $(printf %.2f "$cc"), idle $(printf %.2f "$idle"), other $(printf %.2f "$other"), steal $(printf %.2f "$steal"))"
     done
-    RESULT[$CURRENT:$kind]="$(summary "${vals[@]}")|$(median "${vals[@]}") $(median "${cs[@]}") $(median "${ccs[@]}") $(median "${idles[@]}") $(median "${others[@]}") $(median "${steals[@]}")"
+    RESULT[$CURRENT:$kind]="$(summary "${vals[@]}")|$(median "${vals[@]}") $(median "${cs[@]}") $(median "${ccs[@]}") $(median "${idles[@]}") $(median "${others[@]}") $(median "${steals[@]}") $(median "${pergbs[@]}") $(median "${oflimits[@]}")"
   done
   stop_server
 done
@@ -558,8 +564,8 @@ for line in """$RESULTS""".splitlines():
         continue
     key, val = line.split("=", 1)
     shown, nums = val.split("|")
-    v, c, cc, idle, other, steal = (float(x) for x in nums.split())
-    res[key] = (shown, v, c, cc, idle, other, steal)
+    v, c, cc, idle, other, steal, per_gb, of_limit = (float(x) for x in nums.split())
+    res[key] = (shown, v, c, cc, idle, other, steal, per_gb, of_limit)
 kinds = ["write", "read", "randread", "randwrite"]
 print("| server | seq write MB/s | seq read MB/s | 4K randread IOPS | 4K randwrite IOPS "
       "| server cores w / r / rr / rw | client cores w / r "
@@ -582,12 +588,10 @@ for s in sys.argv[1:]:
     for k in ["write", "read"]:
         r = get(s, k)
         if r and r[1] > 0:
-            gbps = r[1] / 1000
-            per_gb.append(f"{r[2] / gbps:.2f}")
-            total = r[2] + r[3]
-            if total > 0:
-                limit = 2 * r[1] / total
-                limits.append(f"{limit:.0f} ({r[1] / limit:.2f})")
+            per_gb.append(f"{r[7]:.2f}")
+            if r[8] > 0:
+                # The limit at the median throughput, and the median run's share of it.
+                limits.append(f"{r[1] / r[8]:.0f} ({r[8]:.2f})")
             else:
                 limits.append("-")
         else:
