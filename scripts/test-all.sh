@@ -95,6 +95,7 @@ export CRYPTNBD_TEST_PYTHON="$root/.venv/bin/python"
 # 3. Static checks.
 phase "cargo fmt --check"
 cargo fmt --all -- --check
+rustfmt --check --edition 2024 fuzz/fuzz_targets/*.rs
 phase "import cycles (scripts/check-import-cycles.py)"
 /usr/bin/python3 scripts/check-import-cycles.py --self-test
 /usr/bin/python3 scripts/check-import-cycles.py
@@ -110,3 +111,11 @@ cargo build --release -q -p daemon -p ctl
 # 5. Every test binary, even after a failure.
 phase "cargo test --no-fail-fast"
 cargo test --workspace --no-fail-fast "$@"
+
+# 6. The fuzz targets, 15 seconds each from their committed seeds (the long campaigns are
+# scripts/fuzz.sh by hand, docs/reliability.md). Nightly and cargo-fuzz are installed if
+# missing.
+if [[ " $* " != *" --no-run "* ]]; then
+  phase "fuzz targets, 15 s each (scripts/fuzz.sh)"
+  scripts/fuzz.sh -t 15
+fi

@@ -1,0 +1,152 @@
+#!/bin/bash
+# Makes the fuzz targets' seed corpora (fuzz/seeds/TARGET/) from real tools:
+#   luks2_header  header copies written by cryptsetup luksFormat and by cryptnbdctl create
+#   kms_token     the cryptnbd-kms token of cryptnbdctl's header
+#   nbd_session   what real clients sent to the daemon (nbdinfo, nbdinfo --list, nbdsh,
+#                 qemu-img, qemu-io, nbdcopy), recorded by a proxy on the unix socket
+#   nbd_option    the options of those sessions
+#   nbd_request   their transmission phase (from the first request on)
+#   control_line  the lines cryptnbdctl and the daemon exchanged, recorded the same way
+# Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
+# commit. Needs: cryptsetup, nbdinfo, nbdsh, nbdcopy (libnbd-bin, python3-libnbd), qemu-utils,
+# and the release binaries (cargo build --release -p daemon -p ctl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in cryptsetup nbdinfo nbdsh nbdcopy qemu-img qemu-io python3; do
+  command -v $tool >/dev/null || { echo "make-seeds.sh needs $tool" >&2; exit 1; }
+done
+BIN=$PWD/target/release
+[[ -x $BIN/cryptnbd && -x $BIN/cryptnbdctl ]] || { echo "build first: cargo build --release -p daemon -p ctl" >&2; exit 1; }
+SEEDS=$PWD/fuzz/seeds
+WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line}
+
+# A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
+# 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
+python3_copy() {
+  python3 - "$@" <<'PY'
+import struct, sys
+image, out, which = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = open(image, "rb").read(1 << 20)
+size = struct.unpack(">Q", data[8:16])[0]
+at = 0 if which == 0 else size
+open(out, "wb").write(bytes([which]) + data[at:at + size])
+# The same with bit 2 set: the target rewrites the checksum, so mutations reach the JSON.
+open(out + "-fixsum", "wb").write(bytes([which | 4]) + data[at:at + size])
+PY
+}
+
+echo "== cryptsetup headers"
+truncate -s 32M "$WORK/cs.img"
+head -c 64 /dev/urandom >"$WORK/key"
+cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+  --key-file "$WORK/key" "$WORK/cs.img"
+python3_copy "$WORK/cs.img" "$SEEDS/luks2_header/cryptsetup-primary" 0
+python3_copy "$WORK/cs.img" "$SEEDS/luks2_header/cryptsetup-secondary" 1
+
+echo "== the daemon, behind a recording proxy"
+cat >"$WORK/proxy.py" <<'PY'
+# A unix-socket proxy that records what each side sent, one file pair per connection.
+import os, socket, sys, threading
+listen, target, out = sys.argv[1], sys.argv[2], sys.argv[3]
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(listen)
+srv.listen(16)
+n = 0
+def pump(a, b, path):
+    with open(path, "wb") as f:
+        while True:
+            d = a.recv(1 << 16)
+            if not d:
+                break
+            f.write(d)
+            f.flush()
+            try:
+                b.sendall(d)
+            except OSError:
+                break
+    try:
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+while True:
+    c, _ = srv.accept()
+    n += 1
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(target)
+    threading.Thread(target=pump, args=(c, s, f"{out}/{n:03}.client"), daemon=True).start()
+    threading.Thread(target=pump, args=(s, c, f"{out}/{n:03}.server"), daemon=True).start()
+PY
+printf 'state_dir = "%s/state"\nruntime_dir = "%s/run"\n' "$WORK" "$WORK" >"$WORK/c.toml"
+"$BIN/cryptnbd" --config "$WORK/c.toml" >"$WORK/daemon.log" 2>&1 &
+ctl=("$BIN/cryptnbdctl" --state-dir "$WORK/state" --socket "$WORK/run/control.sock")
+for _ in $(seq 1 100); do "${ctl[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
+mkdir -p "$WORK/ctl" "$WORK/nbd"
+python3 "$WORK/proxy.py" "$WORK/ctl.sock" "$WORK/run/control.sock" "$WORK/ctl" &
+python3 "$WORK/proxy.py" "$WORK/nbd.sock" "$WORK/run/nbd.sock" "$WORK/nbd" &
+sleep 0.5
+pctl=("$BIN/cryptnbdctl" --state-dir "$WORK/state" --socket "$WORK/ctl.sock")
+"${pctl[@]}" kms create-key --alias alias/seed >/dev/null
+"${pctl[@]}" create v --size 16M --kms-key alias/seed --sid S-1-5-21-1-2-3-1107 --directory d-1234abcd01 >/dev/null
+"${pctl[@]}" --json status >/dev/null
+"${pctl[@]}" attach v >/dev/null
+"${pctl[@]}" --json list >/dev/null
+"${pctl[@]}" --json inspect v >/dev/null || true
+"${pctl[@]}" kms list-keys >/dev/null || true
+"${pctl[@]}" snapshot v v-snap >/dev/null || true
+URI="nbd+unix:///v?socket=$WORK/nbd.sock"
+nbdinfo "$URI" >/dev/null
+nbdinfo --list "nbd+unix://?socket=$WORK/nbd.sock" >/dev/null
+nbdinfo --map "$URI" >/dev/null
+# Outside the repository, whose nbd/ folder would import as the module; the system's python3
+# has libnbd's bindings.
+(cd "$WORK" && URI="$URI" /usr/bin/python3 -m nbd -c '
+import os
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(os.environ["URI"])
+h.pwrite(b"seed" * 1024, 0)
+h.pwrite(b"x" * 4096, 8192, nbd.CMD_FLAG_FUA)
+h.flush()
+assert h.pread(4096, 0) == b"seed" * 1024
+h.pread(100, 7)
+h.trim(4096, 65536)
+h.zero(4096, 131072)
+h.cache(65536, 0) if h.can_cache() else None
+h.block_status(1 << 20, 0, lambda *a: 0)
+h.shutdown()
+')
+head -c 256K /dev/urandom >"$WORK/data"
+nbdcopy "$WORK/data" "$URI"
+qemu-img info --image-opts "driver=nbd,path=$WORK/nbd.sock,export=v" >/dev/null
+qemu-io -f raw -c 'read 0 64k' -c 'write -P 7 64k 64k' -c flush "nbd+unix:///v?socket=$WORK/nbd.sock" >/dev/null
+"${pctl[@]}" detach v >/dev/null
+sleep 0.5
+python3_copy "$WORK/state/volumes/v.luks" "$SEEDS/luks2_header/cryptnbd-primary" 0
+python3 - "$WORK/state/volumes/v.luks" "$SEEDS/kms_token/cryptnbd" <<'PY'
+import json, struct, sys
+data = open(sys.argv[1], "rb").read(1 << 20)
+size = struct.unpack(">Q", data[8:16])[0]
+area = data[4096:size].split(b"\0", 1)[0]
+tokens = json.loads(area)["tokens"]
+open(sys.argv[2], "w").write(json.dumps(next(iter(tokens.values()))))
+PY
+python3 - "$WORK/nbd" "$WORK/ctl" "$SEEDS" <<'PY'
+import glob, os, struct, sys
+nbd, ctl, seeds = sys.argv[1:]
+REQUEST_MAGIC = struct.pack(">I", 0x25609513)
+for i, path in enumerate(sorted(glob.glob(f"{nbd}/*.client"))):
+    data = open(path, "rb").read()
+    if not data:
+        continue
+    open(f"{seeds}/nbd_session/{i:02}", "wb").write(data)
+    open(f"{seeds}/nbd_option/{i:02}", "wb").write(data[4:])
+    at = data.find(REQUEST_MAGIC)
+    if at >= 0:
+        open(f"{seeds}/nbd_request/{i:02}", "wb").write(data[at:])
+for i, path in enumerate(sorted(glob.glob(f"{ctl}/*"))):
+    data = open(path, "rb").read()
+    if data:
+        open(f"{seeds}/control_line/{i:02}-{os.path.basename(path).split('.')[1]}", "wb").write(data)
+PY
+for t in "$SEEDS"/*; do echo "$(basename "$t"): $(find "$t" -type f | wc -l) seeds, $(du -sh "$t" | cut -f1)"; done
