@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nbd::{BlockDevice, BlockSizes, DeviceError, Errno, Extent, Limits};
-use support::{MemDevice, MemRegistry, TestServer, command, nbdsh, run, stdout};
+use support::{MemDevice, MemRegistry, TestServer, nbdsh_script};
 
 const MIB: u64 = 1 << 20;
 /// Below: "in memory", served by `try_read`.
@@ -117,11 +117,7 @@ assert h.pread(65536, 65536) == data(1, 65536)
 h.shutdown()
 print("read checks passed")
 "#;
-    let out = run(command(&nbdsh())
-        .arg("-c")
-        .arg(script)
-        .env("DISK", ts.uri("disk")));
-    assert!(stdout(&out).contains("read checks passed"));
+    nbdsh_script(&ts.uri("disk"), script, "read checks passed");
     assert_eq!(
         dev.served_now.load(Ordering::SeqCst),
         33,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use nbd::{BlockDevice, BlockSizes, DeviceError, Extent, Io, Limits, Submission};
-use support::{MemDevice, MemRegistry, TestServer, command, nbdsh, run, stdout};
+use support::{MemDevice, MemRegistry, TestServer, nbdsh_script};
 
 const MIB: u64 = 1 << 20;
 
@@ -162,11 +162,7 @@ assert h.pread(65536, 65536) == data(1)
 h.shutdown()
 print("submission checks passed")
 "#;
-    let out = run(command(&nbdsh())
-        .arg("-c")
-        .arg(script)
-        .env("DISK", ts.uri("disk")));
-    assert!(stdout(&out).contains("submission checks passed"));
+    nbdsh_script(&ts.uri("disk"), script, "submission checks passed");
     assert_eq!(
         dev.most_parked.load(Ordering::SeqCst),
         32,

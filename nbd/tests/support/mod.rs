@@ -237,6 +237,17 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs a Python `script` in nbdsh with the NBD URI `uri` in its environment as `DISK`, and
+/// checks that it printed `passed` (its last line, once every assertion held).
+pub fn nbdsh_script(uri: &str, script: &str, passed: &str) {
+    let out = run(command(&nbdsh()).arg("-c").arg(script).env("DISK", uri));
+    assert!(
+        stdout(&out).contains(passed),
+        "nbdsh did not print {passed:?}:\n{}",
+        stdout(&out)
+    );
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
