@@ -947,6 +947,24 @@ mod tests {
         assert!(Metadata::from_value(v).is_err());
     }
 
+    /// Found by the `luks2_header` fuzz target: a long number literal in the JSON (here an
+    /// 89-digit `iterations`) was parsed to a float one unit in the last place off, so a
+    /// rewritten header (a token or keyslot added) carried another number than it was given.
+    #[test]
+    fn a_long_number_survives_rewriting_the_header() {
+        let (bin, md) = sample();
+        let mut v = md.value().clone();
+        let long = format!("1{}8{}", "0".repeat(16), "0".repeat(71));
+        v["config"]["fuzzed"] = serde_json::from_str(&long).expect("a number");
+        let md = Metadata::from_value(v).expect("metadata");
+        let enc = encode_copy(&bin, &md).expect("encode");
+        let dec = decode_copy(&enc, 0).expect("decode");
+        let again = decode_copy(&encode_copy(&bin, &dec.metadata).expect("encode"), 0)
+            .expect("decode");
+        assert_eq!(again.metadata, dec.metadata);
+        assert_eq!(dec.metadata, md);
+    }
+
     #[test]
     fn metadata_too_large_is_refused() {
         let (bin, md) = sample();
