@@ -7,6 +7,7 @@
 #   nbd_option    the options of those sessions
 #   nbd_request   their transmission phase (from the first request on)
 #   control_line  the lines cryptnbdctl and the daemon exchanged, recorded the same way
+#   boot_cmdline  this machine's /proc/cmdline and the command lines of the VM tests' boots
 # Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
 # commit. Needs: cryptsetup, nbdinfo, nbdsh, nbdcopy (libnbd-bin, python3-libnbd), qemu-utils,
 # and the release binaries (cargo build --release -p daemon -p ctl).
@@ -20,7 +21,7 @@ BIN=$PWD/target/release
 SEEDS=$PWD/fuzz/seeds
 WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line}
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline}
 
 # A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
 # 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
@@ -149,4 +150,11 @@ for i, path in enumerate(sorted(glob.glob(f"{ctl}/*"))):
     if data:
         open(f"{seeds}/control_line/{i:02}-{os.path.basename(path).split('.')[1]}", "wb").write(data)
 PY
+echo "== kernel command lines"
+cp /proc/cmdline "$SEEDS/boot_cmdline/this-machine"
+uuid=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["uuid"])' < <("$BIN/cryptnbdctl" --json inspect "$WORK/state/volumes/v.luks"))
+printf 'console=ttyS0 panic=-1 cryptnbd.root=UUID=%s ip=dhcp\n' "$uuid" >"$SEEDS/boot_cmdline/dm-crypt-by-uuid"
+printf 'console=ttyS0 panic=-1 cryptnbd.root=root cryptnbd.mode=nbd\n' >"$SEEDS/boot_cmdline/nbd-by-name"
+printf 'quiet cryptnbd.root=/dev/vdb cryptnbd.config="/etc/cryptnbd/root config.toml" -- init args\n' \
+  >"$SEEDS/boot_cmdline/path-quoted-config"
 for t in "$SEEDS"/*; do echo "$(basename "$t"): $(find "$t" -type f | wc -l) seeds, $(du -sh "$t" | cut -f1)"; done
