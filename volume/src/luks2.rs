@@ -138,8 +138,16 @@ fn be_u64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// A NUL-terminated text field of the binary header. One that fills its whole field is
+/// refused: cryptsetup never writes one, and it could not be written back ([`put_c_string`]
+/// keeps the terminator).
 fn c_string(b: &[u8]) -> Result<String, HeaderError> {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let end = b.iter().position(|&c| c == 0).ok_or_else(|| {
+        HeaderError::Invalid(format!(
+            "a text field of the binary header fills its {} bytes without a terminating NUL",
+            b.len()
+        ))
+    })?;
     std::str::from_utf8(&b[..end])
         .map(str::to_owned)
         .map_err(|_| HeaderError::Invalid("a text field is not UTF-8".into()))
@@ -959,10 +967,25 @@ mod tests {
         let md = Metadata::from_value(v).expect("metadata");
         let enc = encode_copy(&bin, &md).expect("encode");
         let dec = decode_copy(&enc, 0).expect("decode");
-        let again = decode_copy(&encode_copy(&bin, &dec.metadata).expect("encode"), 0)
-            .expect("decode");
+        let again =
+            decode_copy(&encode_copy(&bin, &dec.metadata).expect("encode"), 0).expect("decode");
         assert_eq!(again.metadata, dec.metadata);
         assert_eq!(dec.metadata, md);
+    }
+
+    /// Found by the `luks2_header` fuzz target: a text field (the UUID) filling all its 40
+    /// bytes was read, but a header carrying it could not be written back.
+    #[test]
+    fn a_text_field_without_its_nul_is_refused() {
+        let (bin, md) = sample();
+        let mut enc = encode_copy(&bin, &md).expect("encode");
+        enc[OFF_UUID..OFF_UUID + LEN_UUID].fill(b'a');
+        let enc = with_fixed_checksum(enc);
+        let err = decode_copy(&enc, 0).expect_err("a UUID without its NUL");
+        assert!(
+            matches!(&err, HeaderError::Invalid(m) if m.contains("without a terminating NUL")),
+            "{err}"
+        );
     }
 
     #[test]
