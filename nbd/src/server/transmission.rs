@@ -482,18 +482,10 @@ impl Job {
         let Some(buf) = self.buf.as_mut() else {
             return Some(self);
         };
-        let tried = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            device.try_read(offset, buf.as_mut_slice())
-        }))
-        .unwrap_or_else(|_| Err(DeviceError::new(Errno::Eio, "device call panicked")));
-        match tried {
+        match guarded(|| device.try_read(offset, buf.as_mut_slice())) {
             Ok(false) => Some(self),
-            Ok(true) => {
-                self.finish(Ok(None));
-                None
-            }
-            Err(e) => {
-                self.finish(Err(e));
+            outcome => {
+                self.finish(outcome.map(|_| None));
                 None
             }
         }
@@ -501,10 +493,7 @@ impl Job {
 
     /// Makes the blocking device call, then queues the reply.
     fn execute_and_finish(mut self) {
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            execute(&*self.conn.device, self.op, self.buf.as_mut())
-        }))
-        .unwrap_or_else(|_| Err(DeviceError::new(Errno::Eio, "device call panicked")));
+        let outcome = guarded(|| execute(&*self.conn.device, self.op, self.buf.as_mut()));
         self.finish(outcome);
     }
 
@@ -594,6 +583,12 @@ impl Pending for Job {
     fn run_blocking(self: Box<Self>) {
         (*self).execute_and_finish();
     }
+}
+
+/// A device call whose panic becomes an EIO reply instead of taking the thread down.
+fn guarded<T>(call: impl FnOnce() -> Result<T, DeviceError>) -> Result<T, DeviceError> {
+    std::panic::catch_unwind(AssertUnwindSafe(call))
+        .unwrap_or_else(|_| Err(DeviceError::new(Errno::Eio, "device call panicked")))
 }
 
 fn execute(
