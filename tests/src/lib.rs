@@ -295,6 +295,65 @@ pub fn run(cmd: &mut Command) -> Outcome {
     }
 }
 
+/// The state letter of every thread of process `pid` (`/proc/PID/task/*/stat`), by thread id.
+pub fn thread_states(pid: u32) -> Vec<(u32, char)> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut states: Vec<(u32, char)> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(t.path().join("stat")).ok()?;
+            // The state follows the command name, which is in parentheses and may hold any.
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some((tid, state))
+        })
+        .collect();
+    states.sort_unstable();
+    states
+}
+
+/// Stops process `pid` with SIGSTOP and returns once every one of its threads has stopped:
+/// `kill` returns when the signal is queued, and a thread busy in the kernel (a disk write)
+/// carries on until it is done. Fails the test, with the thread states, after 10 s.
+#[track_caller]
+pub fn freeze(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let states = thread_states(pid);
+        if !states.is_empty() && states.iter().all(|&(_, s)| s == 'T' || s == 't') {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} did not stop within 10 s of SIGSTOP; its threads: {states:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Lets a process stopped by [`freeze`] run again.
+#[track_caller]
+pub fn thaw(pid: u32) {
+    signal(pid, libc::SIGCONT);
+}
+
+#[track_caller]
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: libc::c_int) {
+    let target = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    // SAFETY: kill(2) takes two integers and touches no memory of this process.
+    let r = unsafe { libc::kill(target, sig) };
+    assert_eq!(
+        r,
+        0,
+        "cannot signal process {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Temporary directories, files and keys
 // ---------------------------------------------------------------------------------------------

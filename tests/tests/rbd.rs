@@ -482,11 +482,11 @@ fn a_frozen_host_is_fenced_and_a_restarted_one_takes_its_own_lock_back() {
 
     // Frozen: B's take-over waits for the watch to lapse, then fences A.
     let b = Daemon::start(&home_b, &config);
-    run(std::process::Command::new("kill").args(["-STOP", &a.pid().to_string()])).assert_success();
+    e2e_tests::freeze(a.pid());
     let started = std::time::Instant::now();
     let taken = b.ctl.run(&["attach", "v", "--take-over"]);
     let waited = started.elapsed();
-    run(std::process::Command::new("kill").args(["-CONT", &a.pid().to_string()])).assert_success();
+    e2e_tests::thaw(a.pid());
     taken.assert_success();
     println!("take-over of a frozen host's volume: {waited:?}");
     assert!(
@@ -1139,23 +1139,29 @@ fn an_unanswering_cluster_fails_an_attach_within_the_timeout() {
     let d = e2e_tests::daemon::Daemon::start(&home, &config);
     let key = d.ctl.create_key("fleet");
     d.ctl.create_volume("v", "32M", &key, 4096, &[]);
-    let pids: Vec<String> = c.pids().into_iter().map(|(_, p)| p.to_string()).collect();
-    let signal = |sig: &str| {
-        for p in &pids {
-            run(std::process::Command::new("kill").args([sig, p])).assert_success();
-        }
-    };
-    signal("-STOP");
+    let pids: Vec<(String, u32)> = c.pids();
+    for &(_, pid) in &pids {
+        e2e_tests::freeze(pid);
+    }
     let started = std::time::Instant::now();
     let out = d.ctl.run(&["attach", "v"]);
     let took = started.elapsed();
     d.ctl.run(&["status"]).assert_success();
-    signal("-CONT");
+    // Seen once in CI: an attach that succeeded in 17 ms with the cluster "stopped". The
+    // threads of each Ceph daemon as the attach ended say whether they were.
+    let states: Vec<String> = pids
+        .iter()
+        .map(|(name, pid)| format!("{name} ({pid}): {:?}", e2e_tests::thread_states(*pid)))
+        .collect();
+    for &(_, pid) in &pids {
+        e2e_tests::thaw(pid);
+    }
     println!("the attach failed after {took:?}: {}", out.stderr.trim());
     assert_ne!(
         out.code,
         Some(0),
-        "an attach succeeded with the cluster stopped"
+        "an attach succeeded with the cluster stopped; its daemons' threads:\n{}",
+        states.join("\n")
     );
     assert!(
         took < std::time::Duration::from_secs(8),
@@ -1500,7 +1506,7 @@ print("in-flight checks passed", flush=True)
 "#;
     let first_file = home.join("first-copy");
     std::fs::write(&first_file, &first).expect("write");
-    run(std::process::Command::new("kill").args(["-STOP", &osd.to_string()])).assert_success();
+    e2e_tests::freeze(osd);
     let child = e2e_tests::daemon::nbdsh()
         .args(["-c", script])
         .env("URI", d.uri("v"))
@@ -1515,7 +1521,7 @@ print("in-flight checks passed", flush=True)
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let answered = marker.exists();
-    run(std::process::Command::new("kill").args(["-CONT", &osd.to_string()])).assert_success();
+    e2e_tests::thaw(osd);
     let out = child.wait_with_output().expect("nbdsh");
     let text = format!(
         "{}{}",
