@@ -197,6 +197,10 @@ impl Daemon {
             description: format!("cryptnbd volume {}", r.volume),
             device: device.clone(),
             tls_only: r.tls_only,
+            observer: self.services.metrics.as_ref().map(|m| {
+                let observer: Arc<dyn nbd::RequestObserver> = m.volume(&r.volume);
+                observer
+            }),
         });
         let owner_uid = saved_owner.or(caller.map(|c| c.uid)).unwrap_or(0);
         let attachment = Arc::new(Attachment {
@@ -261,6 +265,7 @@ impl Daemon {
                 }
                 Err(m) => {
                     self.state.registry.remove(&r.volume);
+                    self.forget_metrics(&r.volume);
                     self.services
                         .server
                         .disconnect_export(&attachment.export_name)
@@ -328,6 +333,40 @@ impl Daemon {
                     resumed: k.resumed,
                 })
             }),
+        }
+    }
+
+    /// Sets the metrics' scrape-time gauges: the attached volumes, their connections, the
+    /// state of their last key check.
+    pub(crate) fn refresh_metrics(&self) {
+        let Some(m) = &self.services.metrics else {
+            return;
+        };
+        let gauges: Vec<crate::metrics::AttachedGauge> = self
+            .state
+            .registry
+            .all()
+            .iter()
+            .map(|a| {
+                let (state, checked) = crate::keys::key_check_status(a.key_check());
+                crate::metrics::AttachedGauge {
+                    volume: a.volume.clone(),
+                    connections: self.services.server.connections(Some(&a.export_name)).len(),
+                    key_state: match (state, checked) {
+                        (Some(s), _) => s,
+                        (None, Some(_)) => "error".into(),
+                        (None, None) => "unchecked".into(),
+                    },
+                }
+            })
+            .collect();
+        m.set_attached(&gauges);
+    }
+
+    /// Drops a volume's series from the metrics (it is no longer attached).
+    fn forget_metrics(&self, volume: &str) {
+        if let Some(m) = &self.services.metrics {
+            m.forget(volume);
         }
     }
 
@@ -426,6 +465,7 @@ impl Daemon {
             tracing::info!(volume = %r.volume, device = %k.path(), "kernel device disconnected");
         }
         self.state.registry.remove(&r.volume);
+        self.forget_metrics(&r.volume);
         if let Err(e) = self.save_attachments() {
             tracing::error!(error = %e.message(), "cannot save the attachment list");
         }

@@ -31,6 +31,8 @@ pub struct Config {
     pub recovery: RecoveryConfig,
     /// Where volumes live.
     pub store: StoreConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Started as the root storage daemon (`argv[0]` begins with `@`, as the initramfs starts
     /// it; docs/root-volume.md): not a configuration key.
     #[serde(skip)]
@@ -173,6 +175,18 @@ impl RecoveryConfig {
             parallel: self.argon2_parallel.unwrap_or(d.parallel),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint (docs/metrics.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics`, e.g. "127.0.0.1:9810". Off by default; loopback only
+    /// unless `allow_non_loopback`.
+    pub listen: Option<SocketAddr>,
+    /// Serve the metrics on a non-loopback address: anyone who reaches it learns the names
+    /// of the attached volumes and how busy they are.
+    pub allow_non_loopback: bool,
 }
 
 /// `[nbd]`.
@@ -596,6 +610,17 @@ impl Config {
                  (docs/tls.md), or nbd.allow_non_loopback = true to do it anyway"
             )));
         }
+        if let Some(addr) = self.metrics.listen
+            && !addr.ip().is_loopback()
+            && !self.metrics.allow_non_loopback
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.listen = \"{addr}\" is not a loopback address: anyone who reaches it \
+                 would learn the names of the attached volumes and how busy they are. Use \
+                 127.0.0.1 (and let the scraper reach it through a proxy or a tunnel), or set \
+                 metrics.allow_non_loopback = true"
+            )));
+        }
         if self.limits.max_payload < 4096 || self.limits.max_payload > (32 << 20) {
             return Err(ConfigError::Invalid(
                 "limits.max_payload must be 4096..=33554432".into(),
@@ -644,6 +669,15 @@ mod tests {
         assert!(err.to_string().contains("tcpp"), "{err}");
         let err = Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\n").expect_err("public");
         assert!(err.to_string().contains("allow_non_loopback"), "{err}");
+        let err = Config::parse("[metrics]\nlisten = \"0.0.0.0:9810\"\n").expect_err("public");
+        assert!(
+            err.to_string().contains("metrics.allow_non_loopback"),
+            "{err}"
+        );
+        Config::parse("[metrics]\nlisten = \"0.0.0.0:9810\"\nallow_non_loopback = true\n")
+            .expect("allowed");
+        let c = Config::parse("[metrics]\nlisten = \"127.0.0.1:9810\"\n").expect("loopback");
+        assert_eq!(c.metrics.listen, "127.0.0.1:9810".parse().ok());
         Config::parse("[nbd]\ntcp = \"0.0.0.0:10809\"\nallow_non_loopback = true\n")
             .expect("opt-in");
         let err = Config::parse("[store]\ndefault = \"rbd\"\n").expect_err("no cluster");

@@ -90,6 +90,7 @@ impl Daemon {
                 keystore,
                 tls: Default::default(),
                 root_daemon: false,
+                metrics: None,
             },
         }
     }

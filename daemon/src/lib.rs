@@ -23,6 +23,7 @@ pub mod kdev;
 pub mod keys;
 pub mod lifecycle;
 pub mod locks;
+pub mod metrics;
 pub mod netlink;
 pub mod notify;
 pub mod ops;
@@ -268,20 +269,41 @@ pub async fn run(
         )))?,
     );
     merge_initramfs_trail(&config, &layout, &audit);
+    // The metrics endpoint is bound before anything is attached, so a taken port fails the
+    // start with a sentence.
+    let metrics = match config.metrics.listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(io(format!(
+                "cannot serve the metrics on {addr} ([metrics] listen)"
+            )))?;
+            let m = Arc::new(metrics::Metrics::new());
+            let counted = Arc::clone(&m);
+            audit.observe(Box::new(move |record| counted.audited(record)));
+            Some((m, listener))
+        }
+        None => None,
+    };
+    let kms_metrics = metrics.as_ref().map(|(m, _)| Arc::clone(m));
     let kms = match config.kms.backend.as_str() {
         "aws" => KmsBackend::Aws(
             AwsKms::connect(config.kms.aws.to_backend())
                 .await?
-                .with_observer(kms_call_observer(Arc::clone(&audit))),
+                .with_observer(kms_call_observer(Arc::clone(&audit), kms_metrics)),
         ),
-        _ => KmsBackend::Local(LocalKms::open(
-            &keystore,
-            LocalKmsOptions {
-                create_if_missing: true,
-                passphrase: passphrase(config.kms.passphrase_file.as_ref())?,
-                ..LocalKmsOptions::default()
-            },
-        )?),
+        _ => {
+            let local = LocalKms::open(
+                &keystore,
+                LocalKmsOptions {
+                    create_if_missing: true,
+                    passphrase: passphrase(config.kms.passphrase_file.as_ref())?,
+                    ..LocalKmsOptions::default()
+                },
+            )?;
+            KmsBackend::Local(match kms_metrics {
+                Some(m) => local.with_observer(Arc::new(move |call| m.kms_call(call))),
+                None => local,
+            })
+        }
     };
     let key_policy = services::KeyPolicy {
         check_interval: (config.kms.key_check_interval_secs > 0)
@@ -340,6 +362,7 @@ pub async fn run(
     daemon.services.catalog = opened.stores;
     daemon.services.rbd = opened.rbd;
     daemon.services.root_daemon = config.root_daemon;
+    daemon.services.metrics = metrics.as_ref().map(|(m, _)| Arc::clone(m));
     daemon.services.tls = tls::TlsService {
         config: config.nbd.tls.clone(),
         loaded: std::sync::Mutex::new(tls),
@@ -372,6 +395,24 @@ pub async fn run(
         });
     }
 
+    if let Some((m, listener)) = metrics {
+        let addr = listener
+            .local_addr()
+            .map_or_else(|e| e.to_string(), |a| a.to_string());
+        let stop = stopped(stop_rx.clone());
+        let weak = Arc::downgrade(&daemon);
+        tasks.spawn(metrics::serve(
+            listener,
+            m,
+            move || {
+                if let Some(d) = weak.upgrade() {
+                    d.refresh_metrics();
+                }
+            },
+            stop,
+        ));
+        tracing::info!(listen = %addr, "metrics served at /metrics");
+    }
     daemon.restore_attachments().await;
     tasks.spawn(Arc::clone(&daemon).key_checker(stop_rx.clone()));
     tasks.spawn(Arc::clone(&daemon).reload_on_sighup(stop_rx.clone()));
@@ -416,9 +457,15 @@ pub async fn run(
 
 /// An observer for a remote KMS backend that writes one record per call (operation
 /// `kms:ACTION`, with the request id), naming the volume and caller of the request being
-/// handled (see [`AUDIT_SCOPE`]).
-fn kms_call_observer(log: Arc<AuditLog>) -> kms_client::CallObserver {
+/// handled (see [`AUDIT_SCOPE`]), and counts it in the metrics when they are on.
+fn kms_call_observer(
+    log: Arc<AuditLog>,
+    metrics: Option<Arc<metrics::Metrics>>,
+) -> kms_client::CallObserver {
     Arc::new(move |call: &kms_client::KmsCall| {
+        if let Some(m) = &metrics {
+            m.kms_call(call);
+        }
         let scope = AUDIT_SCOPE.try_with(Clone::clone).unwrap_or_default();
         log.record(&AuditRecord {
             time: statedir::stamp::now(),

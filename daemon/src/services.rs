@@ -47,6 +47,8 @@ pub struct Services {
     pub tls: crate::tls::TlsService,
     /// This is the root storage daemon (`@cryptnbd`, docs/root-volume.md).
     pub root_daemon: bool,
+    /// The metrics endpoint's counters (`[metrics] listen`; None when it is off).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The daemon's key policy (from `[kms]` and `[kms.aws]`).

@@ -106,6 +106,7 @@ fn socket() -> &'static PathBuf {
             description: "fuzz".into(),
             device: Arc::new(Memory(Mutex::new(vec![0; SIZE as usize]))),
             tls_only: false,
+            observer: None,
         });
         let server = Server::new(Arc::new(Registry(export)), Limits::default());
         let rt = tokio::runtime::Builder::new_multi_thread()

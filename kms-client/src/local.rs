@@ -89,8 +89,8 @@ use time::{Duration, OffsetDateTime, UtcOffset};
 use zeroize::Zeroizing;
 
 use crate::{
-    DataKey, EncryptionContext, GeneratedKey, KeyMetadata, KeyState, Kms, KmsError, KmsErrorKind,
-    WrappedKey,
+    CallObserver, DataKey, EncryptionContext, GeneratedKey, KeyMetadata, KeyState, Kms, KmsCall,
+    KmsError, KmsErrorKind, WrappedKey,
 };
 
 /// Backend name stored in volume tokens and in [`KeyMetadata::backend`].
@@ -233,6 +233,8 @@ pub struct LocalKms {
     /// The passphrase and derived KEK of a sealed keystore. `passphrase.is_some()` means the
     /// keystore is expected to be sealed: an unsealed file is then refused (downgrade).
     unlock: Mutex<Unlock>,
+    /// Told of every KMS operation ([`LocalKms::with_observer`]).
+    observer: Option<CallObserver>,
 }
 
 #[derive(Default)]
@@ -259,6 +261,38 @@ impl fmt::Debug for LocalKms {
 }
 
 impl LocalKms {
+    /// Reports every KMS operation (GenerateDataKey, Decrypt, ReEncrypt, DescribeKey: the
+    /// operation, the key, the outcome, the time it took) to `observer`, as the AWS backend
+    /// does. The daemon's metrics count them.
+    pub fn with_observer(mut self, observer: CallObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Runs operation `operation` on key `key_id` and reports it to the observer.
+    fn observed<T>(
+        &self,
+        operation: &'static str,
+        key_id: &str,
+        context: Option<&EncryptionContext>,
+        call: impl FnOnce() -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let Some(observer) = &self.observer else {
+            return call();
+        };
+        let started = std::time::Instant::now();
+        let result = call();
+        observer(&KmsCall {
+            operation,
+            key_id: key_id.to_owned(),
+            context: context.cloned(),
+            request_id: None,
+            outcome: result.as_ref().map(|_| ()).map_err(ToString::to_string),
+            latency: started.elapsed(),
+        });
+        result
+    }
+
     /// Opens (or with `create_if_missing`, creates) the keystore in `dir`.
     ///
     /// Fails with `Keystore` when the directory or a file in it is accessible by group or others,
@@ -284,6 +318,7 @@ impl LocalKms {
                 passphrase: options.passphrase,
                 kek: None,
             }),
+            observer: None,
         };
         let file = kms.keystore_path();
         if missing(&file)? {
@@ -826,16 +861,18 @@ impl Kms for LocalKms {
                 ),
             ));
         }
-        self.read(|list| {
-            let key = list.get(key_id)?;
-            key.check_usable()?;
-            let mut plaintext = Zeroizing::new(vec![0u8; len]);
-            random_fill(&mut plaintext)?;
-            let wrapped = key.wrap(context, &plaintext)?;
-            Ok(GeneratedKey {
-                plaintext: DataKey::new(plaintext),
-                wrapped,
-                key_id: key.key_id.clone(),
+        self.observed("GenerateDataKey", key_id, Some(context), || {
+            self.read(|list| {
+                let key = list.get(key_id)?;
+                key.check_usable()?;
+                let mut plaintext = Zeroizing::new(vec![0u8; len]);
+                random_fill(&mut plaintext)?;
+                let wrapped = key.wrap(context, &plaintext)?;
+                Ok(GeneratedKey {
+                    plaintext: DataKey::new(plaintext),
+                    wrapped,
+                    key_id: key.key_id.clone(),
+                })
             })
         })
     }
@@ -846,8 +883,10 @@ impl Kms for LocalKms {
         context: &EncryptionContext,
         expected_key_id: &str,
     ) -> Result<DataKey, KmsError> {
-        self.read(|list| list.unwrap(wrapped, context, expected_key_id))
-            .map(DataKey::new)
+        self.observed("Decrypt", expected_key_id, Some(context), || {
+            self.read(|list| list.unwrap(wrapped, context, expected_key_id))
+                .map(DataKey::new)
+        })
     }
 
     async fn re_encrypt(
@@ -858,19 +897,21 @@ impl Kms for LocalKms {
         new_key_id: &str,
         new_context: &EncryptionContext,
     ) -> Result<WrappedKey, KmsError> {
-        self.read(|list| {
-            let plaintext = list.unwrap(wrapped, context, key_id)?;
-            let new_key = list.get(new_key_id)?;
-            new_key.check_usable()?;
-            Ok(WrappedKey {
-                wrapped: new_key.wrap(new_context, &plaintext)?,
-                key_id: new_key.key_id.clone(),
+        self.observed("ReEncrypt", key_id, Some(context), || {
+            self.read(|list| {
+                let plaintext = list.unwrap(wrapped, context, key_id)?;
+                let new_key = list.get(new_key_id)?;
+                new_key.check_usable()?;
+                Ok(WrappedKey {
+                    wrapped: new_key.wrap(new_context, &plaintext)?,
+                    key_id: new_key.key_id.clone(),
+                })
             })
         })
     }
 
     async fn describe_key(&self, key_id: &str) -> Result<KeyMetadata, KmsError> {
-        self.describe(key_id)
+        self.observed("DescribeKey", key_id, None, || self.describe(key_id))
     }
 }
 

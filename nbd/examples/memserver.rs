@@ -49,6 +49,7 @@ fn main() {
         description: format!("{mib} MiB in memory"),
         device,
         tls_only: false,
+        observer: None,
     });
     let mut limits = Limits::default();
     if let Some(n) = env_usize("NBD_IO_THREADS") {

@@ -305,6 +305,33 @@ pub struct Export {
     /// Served only over TLS: on a listener where TLS is optional, left out of LIST and
     /// refused with `NBD_REP_ERR_TLS_REQD` before the client upgrades.
     pub tls_only: bool,
+    /// Told of every request of the export's connections (metrics); None: nobody is.
+    pub observer: Option<Arc<dyn RequestObserver>>,
+}
+
+/// Watches the requests of an export: what a metrics endpoint counts. Called on the
+/// connection's task and on the I/O threads, once per request: it must not block, and should
+/// cost no more than a few atomic operations.
+pub trait RequestObserver: Send + Sync {
+    /// A request passed validation and goes to the device (it is in flight until
+    /// [`finished`](Self::finished)).
+    fn started(&self, command: crate::proto::Command);
+
+    /// A request [`started`](Self::started) was answered: `bytes` is the length it covered
+    /// (READ, WRITE, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS; 0 for FLUSH), `outcome` the
+    /// errno of a failure, `latency` the time from its header being read to its reply being
+    /// queued.
+    fn finished(
+        &self,
+        command: crate::proto::Command,
+        bytes: u64,
+        outcome: Result<(), Errno>,
+        latency: std::time::Duration,
+    );
+
+    /// A request was refused before it reached the device (an unknown command, a range past
+    /// the end, a write to a read-only export...), answered with `errno`.
+    fn refused(&self, errno: Errno);
 }
 
 /// Where the server looks up exports. The daemon implements it over its registry of attached

@@ -25,7 +25,7 @@ pub mod x509;
 
 pub use device::{
     BlockDevice, BlockSizes, DeviceError, Errno, Export, ExportRegistry, Extent, Io, Peer,
-    Submission,
+    RequestObserver, Submission,
 };
 pub use error::NbdError;
 pub use server::{ConnectionInfo, Limits, Server, SessionParams};

@@ -441,7 +441,7 @@ impl Server {
                 transmission::run(
                     server,
                     geometry,
-                    Arc::clone(&export.device),
+                    &export,
                     entry,
                     rd,
                     wr,
@@ -680,16 +680,7 @@ impl Server {
         );
         let (rd, wr) = stream.into_halves();
         let entry = Arc::clone(&registration.entry);
-        transmission::run(
-            Arc::clone(&self),
-            geometry,
-            Arc::clone(&export.device),
-            entry,
-            rd,
-            wr,
-            rb,
-        )
-        .await;
+        transmission::run(Arc::clone(&self), geometry, &export, entry, rd, wr, rb).await;
         drop(registration);
     }
 }

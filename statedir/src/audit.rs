@@ -91,13 +91,27 @@ impl AuditRecord {
 }
 
 /// The audit log files.
-#[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
     file: Mutex<File>,
+    /// Told of every record as it is written ([`AuditLog::observe`]).
+    observer: std::sync::OnceLock<RecordObserver>,
 }
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("max_bytes", &self.max_bytes)
+            .field("keep", &self.keep)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`AuditLog::observe`] calls with each record.
+pub type RecordObserver = Box<dyn Fn(&AuditRecord) + Send + Sync>;
 
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
@@ -124,13 +138,23 @@ impl AuditLog {
             max_bytes,
             keep,
             file: Mutex::new(open_append(path)?),
+            observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Calls `observer` with every record written from now on (the daemon's metrics count
+    /// operations this way). Only the first observer set is kept.
+    pub fn observe(&self, observer: RecordObserver) {
+        let _ = self.observer.set(observer);
     }
 
     /// Appends a record (and rotates first if it would not fit). Errors are logged, not
     /// returned: an audit failure must be visible but must not fail the operation after the
     /// fact.
     pub fn record(&self, rec: &AuditRecord) {
+        if let Some(observe) = self.observer.get() {
+            observe(rec);
+        }
         let mut line = match serde_json::to_vec(rec) {
             Ok(l) => l,
             Err(e) => {

@@ -558,6 +558,22 @@ fn steady_state_io_makes_no_heap_allocation() {
     );
 }
 
+/// With the metrics endpoint on: each request is counted in counters and a histogram found
+/// when the volume was attached (docs/metrics.md).
+#[test]
+fn steady_state_io_counted_in_the_metrics_makes_no_heap_allocation() {
+    let m = measure("[metrics]\nlisten = \"127.0.0.1:0\"\n", "");
+    assert_eq!(
+        m.allocations,
+        0,
+        "with metrics on the I/O path allocated {} times in steady state ({:.4} per request \
+         over {} requests); `heaptrack` on this test's binary shows where",
+        m.allocations,
+        m.per_request(),
+        m.requests
+    );
+}
+
 /// Over TLS too (docs/tls.md, "Allocations"): the server seals and opens records itself,
 /// in one receive buffer made at the handshake and one send buffer that keeps its size.
 #[test]

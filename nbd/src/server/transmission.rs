@@ -17,7 +17,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncRead;
 use tokio::sync::Semaphore;
@@ -28,7 +28,9 @@ use super::pool::{PooledBuf, class_size};
 use super::readbuf::ReadBuf;
 use super::reply::{Completion, Replies, ReplySink, ReplyWriter};
 use super::{ConnEntry, Server};
-use crate::device::{BlockDevice, DeviceError, Errno, Extent, Io, Pending, Submission};
+use crate::device::{
+    BlockDevice, DeviceError, Errno, Export, Extent, Io, Pending, RequestObserver, Submission,
+};
 use crate::error::NbdError;
 use crate::proto::{
     self, BlockDescriptor, Command, Decoded, REQUEST_HEADER_LEN, RequestHeader, command_flags,
@@ -130,6 +132,19 @@ impl Op {
         match self {
             Op::Read { len, .. } | Op::Write { len, .. } => len as usize,
             _ => 0,
+        }
+    }
+
+    /// The bytes the request covers (0 for FLUSH).
+    fn bytes(self) -> u64 {
+        match self {
+            Op::Read { len, .. }
+            | Op::Write { len, .. }
+            | Op::Trim { len, .. }
+            | Op::Cache { len, .. }
+            | Op::WriteZeroes { len, .. }
+            | Op::BlockStatus { len, .. } => len.into(),
+            Op::Flush => 0,
         }
     }
 
@@ -416,6 +431,8 @@ pub(crate) struct ConnShared {
     structured: bool,
     /// The device takes READ, WRITE and FLUSH with [`BlockDevice::submit`].
     submits: bool,
+    /// Told of every request (the export's metrics).
+    observer: Option<Arc<dyn RequestObserver>>,
 }
 
 impl Drop for ConnShared {
@@ -431,6 +448,8 @@ pub(crate) struct Job {
     op: Op,
     buf: Option<PooledBuf>,
     permit: Permit,
+    /// When its header was read, if the export has an observer.
+    arrived: Option<Instant>,
 }
 
 impl super::io_pool::Task for Job {
@@ -505,7 +524,16 @@ impl Job {
             op,
             mut buf,
             mut permit,
+            arrived,
         } = self;
+        if let (Some(observer), Some(arrived)) = (&conn.observer, arrived) {
+            observer.finished(
+                op.command(),
+                op.bytes(),
+                outcome.as_ref().map(|_| ()).map_err(|e| e.errno),
+                arrived.elapsed(),
+            );
+        }
         let structured = conn.structured;
         let reply = match outcome {
             Ok(extents) => match op {
@@ -646,7 +674,7 @@ enum End {
 pub(crate) async fn run<R, W>(
     server: Arc<Server>,
     g: Geometry,
-    device: Arc<dyn BlockDevice>,
+    export: &Export,
     entry: Arc<ConnEntry>,
     mut rd: R,
     wr: W,
@@ -661,12 +689,14 @@ pub(crate) async fn run<R, W>(
             .run_writer()
             .instrument(tracing::Span::current()),
     );
+    let device = Arc::clone(&export.device);
     let shared = Arc::new(ConnShared {
         entry: Arc::clone(&entry),
         submits: device.submits(),
         device,
         replies,
         structured: g.structured,
+        observer: export.observer.clone(),
     });
     let budget = Budget {
         conn: Arc::new(Semaphore::new(
@@ -743,6 +773,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             Err(e) => return End::Protocol(e),
         };
         rb.consume(REQUEST_HEADER_LEN);
+        let arrived = shared.observer.as_ref().map(|_| Instant::now());
         shared.entry.requests.fetch_add(1, Ordering::Relaxed);
         trace!(
             handle = h.handle,
@@ -812,12 +843,16 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 Err(_) => return End::PayloadTimeout,
             }
         }
+        if let Some(observer) = &shared.observer {
+            observer.started(op.command());
+        }
         let job = Job {
             conn: Arc::clone(shared),
             handle: h.handle,
             op,
             buf,
             permit,
+            arrived,
         };
         match job.try_read_now() {
             Some(job) => server.io.submit(job),
@@ -830,6 +865,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
 
 fn send_error(shared: &ConnShared, handle: u64, failure: &Failure<'_>) {
     let (errno, message) = reply_error(failure);
+    if let Some(observer) = &shared.observer {
+        observer.refused(errno);
+    }
     shared.replies.send(Completion::error(
         handle,
         shared.structured,

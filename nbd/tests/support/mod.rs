@@ -38,6 +38,7 @@ impl MemRegistry {
                 description: description.to_owned(),
                 device,
                 tls_only: false,
+                observer: None,
             }),
         );
     }
