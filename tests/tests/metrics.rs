@@ -192,6 +192,28 @@ h.shutdown()
     let _ = held.kill();
     let _ = held.wait();
 
+    // Every metric the shipped Grafana dashboard asks for is one the daemon serves.
+    let dashboard =
+        std::fs::read_to_string(e2e_tests::workspace_root().join("docs/grafana-dashboard.json"))
+            .expect("docs/grafana-dashboard.json");
+    let served: std::collections::BTreeSet<&str> = s
+        .keys()
+        .map(|k| k.split('{').next().unwrap_or_default())
+        .collect();
+    let mut asked = 0;
+    for (at, _) in dashboard.match_indices("cryptnbd_") {
+        let name: String = dashboard[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            served.contains(name.as_str()),
+            "the dashboard asks for {name}, which the daemon does not serve: {served:?}"
+        );
+        asked += 1;
+    }
+    assert!(asked >= 10, "the dashboard names only {asked} metrics");
+
     // A key the KMS refuses: the attach fails, and the Decrypt error and the failed attach
     // are counted.
     let other = d.ctl.create_key("metrics-off");
