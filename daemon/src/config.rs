@@ -463,6 +463,8 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Seconds a client has to finish the handshake.
     pub handshake_timeout_secs: u64,
+    /// Seconds a client has to send a write's payload once its header arrived.
+    pub payload_timeout_secs: u64,
     /// Threads doing the blocking volume I/O (0: one per core, at least 4).
     pub io_threads: usize,
 }
@@ -476,6 +478,7 @@ impl Default for LimitsConfig {
             global_inflight_bytes: d.global_inflight_bytes,
             max_connections: d.max_connections,
             handshake_timeout_secs: d.handshake_timeout.as_secs(),
+            payload_timeout_secs: d.payload_timeout.as_secs(),
             io_threads: 0,
         }
     }
@@ -493,6 +496,7 @@ impl LimitsConfig {
             global_inflight_bytes: self.global_inflight_bytes,
             max_connections: self.max_connections,
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
+            payload_timeout: std::time::Duration::from_secs(self.payload_timeout_secs),
             io_threads: if self.io_threads > 0 {
                 self.io_threads
             } else {
@@ -620,6 +624,12 @@ impl Config {
                  127.0.0.1 (and let the scraper reach it through a proxy or a tunnel), or set \
                  metrics.allow_non_loopback = true"
             )));
+        }
+        if self.limits.payload_timeout_secs == 0 || self.limits.handshake_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.handshake_timeout_secs and limits.payload_timeout_secs must be at least 1"
+                    .into(),
+            ));
         }
         if self.limits.max_payload < 4096 || self.limits.max_payload > (32 << 20) {
             return Err(ConfigError::Invalid(

@@ -69,6 +69,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Time a client has to send a write's payload once its header arrived. A client that
+    /// takes longer is disconnected: until then its request holds its share of the in-flight
+    /// budgets, so clients that stall mid-payload could starve every writer.
+    pub payload_timeout: Duration,
     /// Threads making blocking device calls.
     pub io_threads: usize,
 }
@@ -82,6 +86,7 @@ impl Default for Limits {
             global_inflight_bytes: 512 << 20,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
+            payload_timeout: Duration::from_secs(30),
             io_threads: (cpus * 2).clamp(4, 64),
         }
     }

@@ -420,6 +420,67 @@ fn handshake_timeout_closes_idle_clients() {
     assert_eq!(c.read_at(0, 512).error, 0);
 }
 
+/// Clients that stall in the middle of write payloads hold their share of the in-flight
+/// budget; without a payload timeout, enough of them starve every other writer. With it,
+/// they are disconnected and the budget comes back.
+#[test]
+fn payload_timeout_frees_the_budget_of_stalled_writes() {
+    const MIB: u32 = 1 << 20;
+    let (ts, _) = server_with(Limits {
+        max_payload: 2 * MIB,
+        global_inflight_bytes: 8 * u64::from(MIB),
+        payload_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    });
+    // Four clients each announce a 2 MiB write, send 4 KiB of it and stall: the whole global
+    // budget is theirs.
+    let mut stalled: Vec<RawClient> = (0..4)
+        .map(|_| {
+            let mut c = RawClient::open(&ts.socket, "disk", true);
+            let h = RequestHeader {
+                flags: 0,
+                command: Command::Write.to_wire(),
+                handle: 1,
+                offset: 0,
+                length: 2 * MIB,
+            };
+            c.request_raw(h, &[0u8; 4096]);
+            c
+        })
+        .collect();
+    // Another client's write waits for budget, then is served once the stalled ones are cut.
+    let start = Instant::now();
+    let mut c = RawClient::open(&ts.socket, "disk", true);
+    let handle = c.request(Command::Write, 0, 0, 2 * MIB, &vec![7u8; 2 * MIB as usize]);
+    let reply = c.reply();
+    assert_eq!((reply.handle, reply.error), (handle, 0));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "the write was answered after {waited:?}"
+    );
+    for s in &mut stalled {
+        assert!(
+            s.closed_by_server(),
+            "a stalled writer was not disconnected"
+        );
+    }
+    // A client that sends its payload in pieces within the time is not cut.
+    let mut slow = RawClient::open(&ts.socket, "disk", true);
+    let h = RequestHeader {
+        flags: 0,
+        command: Command::Write.to_wire(),
+        handle: 9,
+        offset: 0,
+        length: 8192,
+    };
+    slow.request_raw(h, &[1u8; 4096]);
+    std::thread::sleep(Duration::from_millis(200));
+    slow.send(&[1u8; 4096]);
+    slow.expect(9, Command::Write, 8192);
+    assert_eq!(slow.reply().error, 0);
+}
+
 #[test]
 fn connection_limit() {
     let (ts, _) = server_with(Limits {

@@ -666,6 +666,7 @@ enum End {
     Protocol(NbdError),
     Io(std::io::Error),
     PayloadTimeout,
+    PayloadTooSlow { len: u32, after: Duration },
     UnskippableWrite(u32),
 }
 
@@ -717,6 +718,11 @@ pub(crate) async fn run<R, W>(
         End::PayloadTimeout => {
             warn!("client did not finish a write payload while the connection drained")
         }
+        End::PayloadTooSlow { len, after } => warn!(
+            "client did not send the payload of a {len}-byte write within {after:?} \
+             (limits.payload_timeout_secs); closing the connection, which frees its share of \
+             the in-flight budget"
+        ),
         End::UnskippableWrite(len) => {
             warn!("client sent a {len}-byte write, too large to skip; replied EINVAL and closing")
         }
@@ -832,8 +838,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if let (Op::Write { .. }, Some(b)) = (op, buf.as_mut()) {
             let fut = rb.read_exact_into(rd, b.as_mut_slice());
             tokio::pin!(fut);
+            // The deadline's timer is armed only if the payload is not already here (the
+            // first branch is polled first).
+            let deadline = tokio::time::sleep(server.limits.payload_timeout);
+            tokio::pin!(deadline);
             let r = tokio::select! {
+                biased;
                 r = &mut fut => Ok(r),
+                () = &mut deadline => {
+                    return End::PayloadTooSlow {
+                        len: h.length,
+                        after: server.limits.payload_timeout,
+                    };
+                }
                 _ = stopped(&mut stop) => tokio::time::timeout(PAYLOAD_GRACE, &mut fut).await,
             };
             match r {
