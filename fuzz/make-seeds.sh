@@ -8,6 +8,11 @@
 #   nbd_request   their transmission phase (from the first request on)
 #   control_line  the lines cryptnbdctl and the daemon exchanged, recorded the same way
 #   boot_cmdline  this machine's /proc/cmdline and the command lines of the VM tests' boots
+#   local_kms     the wrapped key (CNKW blob) of the volume cryptnbdctl made, and a keystore
+#                 file (a throwaway keystore made here, unsealed: it holds only its own key)
+#   initramfs     small newc archives as initramfs-tools writes them (an early archive, then
+#                 a gzip or zstd part; a symlinked /sbin; a symlink loop)
+#   keyslot_af    sizes (hash, key size, stripes) and random AF material
 # Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
 # commit. Needs: cryptsetup, nbdinfo, nbdsh, nbdcopy (libnbd-bin, python3-libnbd), qemu-utils,
 # and the release binaries (cargo build --release -p daemon -p ctl).
@@ -21,7 +26,7 @@ BIN=$PWD/target/release
 SEEDS=$PWD/fuzz/seeds
 WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline}
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af}
 
 # A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
 # 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
@@ -157,4 +162,40 @@ printf 'console=ttyS0 panic=-1 cryptnbd.root=UUID=%s ip=dhcp\n' "$uuid" >"$SEEDS
 printf 'console=ttyS0 panic=-1 cryptnbd.root=root cryptnbd.mode=nbd\n' >"$SEEDS/boot_cmdline/nbd-by-name"
 printf 'quiet cryptnbd.root=/dev/vdb cryptnbd.config="/etc/cryptnbd/root config.toml" -- init args\n' \
   >"$SEEDS/boot_cmdline/path-quoted-config"
+echo "== local KMS blobs and keystores, initramfs archives, AF material"
+python3 - "$WORK/state" "$SEEDS" <<'PY'
+import base64, gzip, json, os, sys
+state, seeds = sys.argv[1], sys.argv[2]
+header = open(f"{state}/volumes/v.luks", "rb").read(16384)
+meta = json.loads(header[4096:].split(b"\0")[0])
+token = next(t for t in meta["tokens"].values() if t["type"] == "cryptnbd-kms")
+# The first byte picks what the local_kms target reads: even a blob, odd a keystore file.
+open(f"{seeds}/local_kms/blob-real", "wb").write(b"\x00" + base64.b64decode(token["wrapped_key"]))
+open(f"{seeds}/local_kms/keystore-real", "wb").write(b"\x01" + open(f"{state}/keystore/keystore.json", "rb").read())
+open(f"{seeds}/local_kms/keystore-empty", "wb").write(b'\x01{"format": 1, "keys": []}')
+
+def newc(entries):
+    out = b""
+    for ino, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
+        nb = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0]
+        out += ("070701" + "".join("%08X" % v for v in fields)).encode() + nb
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return out
+
+main = newc([("usr", 0o040755, b""), ("usr/sbin", 0o040755, b""),
+             ("usr/sbin/cryptnbd", 0o100755, b"\x7fELF"), ("sbin", 0o120777, b"usr/sbin"),
+             ("etc/cryptnbd/root.toml", 0o100600, b'state_dir = "/run/x"\n'),
+             ("lib/modules/6.1.0/kernel/drivers/block/nbd.ko", 0o100644, b"ko")])
+early = newc([("kernel/x86/microcode/AuthenticAMD.bin", 0o100644, b"ucode")])
+pad = b"\0" * (-len(early) % 512)
+open(f"{seeds}/initramfs/plain", "wb").write(main)
+open(f"{seeds}/initramfs/early-then-gzip", "wb").write(early + pad + gzip.compress(main))
+open(f"{seeds}/initramfs/early-then-zstd", "wb").write(early + b"\x28\xb5\x2f\xfd" + os.urandom(64))
+open(f"{seeds}/initramfs/symlink-loop", "wb").write(
+    newc([("a", 0o120777, b"b"), ("b", 0o120777, b"a"), ("c", 0o120777, b"/c/c")]))
+for n, (h, k, s) in enumerate([(1, 64, 16), (3, 32, 4), (2, 255, 200)]):
+    open(f"{seeds}/keyslot_af/seed-{n}", "wb").write(bytes([h, k, 0, s]) + os.urandom(600))
+PY
 for t in "$SEEDS"/*; do echo "$(basename "$t"): $(find "$t" -type f | wc -l) seeds, $(du -sh "$t" | cut -f1)"; done
