@@ -13,12 +13,14 @@
 #   initramfs     small newc archives as initramfs-tools writes them (an early archive, then
 #                 a gzip or zstd part; a symlinked /sbin; a symlink loop)
 #   keyslot_af    sizes (hash, key size, stripes) and random AF material
+#   cert_names    a CA and a client certificate made by openssl (a multi-valued RDN, a comma
+#                 in a value, email and UID attributes), and allow-cert patterns
 # Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
 # commit. Needs: cryptsetup, nbdinfo, nbdsh, nbdcopy (libnbd-bin, python3-libnbd), qemu-utils,
 # and the release binaries (cargo build --release -p daemon -p ctl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for tool in cryptsetup nbdinfo nbdsh nbdcopy qemu-img qemu-io python3; do
+for tool in cryptsetup nbdinfo nbdsh nbdcopy qemu-img qemu-io python3 openssl; do
   command -v $tool >/dev/null || { echo "make-seeds.sh needs $tool" >&2; exit 1; }
 done
 BIN=$PWD/target/release
@@ -26,7 +28,7 @@ BIN=$PWD/target/release
 SEEDS=$PWD/fuzz/seeds
 WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af}
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names}
 
 # A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
 # 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
@@ -198,4 +200,19 @@ open(f"{seeds}/initramfs/symlink-loop", "wb").write(
 for n, (h, k, s) in enumerate([(1, 64, 16), (3, 32, 4), (2, 255, 200)]):
     open(f"{seeds}/keyslot_af/seed-{n}", "wb").write(bytes([h, k, 0, s]) + os.urandom(600))
 PY
+echo "== certificates and allow-cert patterns"
+(
+  cd "$WORK"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key \
+    -out ca.pem -subj "/O=Example/CN=Example CA" -days 30 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout c.key -out c.csr \
+    -subj "/C=FR/O=Example, Inc./OU=hosts+OU=fleet/CN=host1.example.com/emailAddress=ops@example.com/UID=42" \
+    -multivalue-rdn 2>/dev/null
+  openssl x509 -req -in c.csr -CA ca.pem -CAkey ca.key -set_serial 0x00ff10 -days 30 -out c.pem 2>/dev/null
+  # The first byte picks what the cert_names target reads: even a certificate, odd a pattern.
+  { printf '\x00'; openssl x509 -in c.pem -outform DER; } >"$SEEDS/cert_names/client"
+  { printf '\x00'; openssl x509 -in ca.pem -outform DER; } >"$SEEDS/cert_names/ca"
+  printf '\x01CN=host*.example.com,O=Example\x00CN=host1.example.com,O=Example' >"$SEEDS/cert_names/pattern"
+  printf '\x01CN=a\\,b+UID=1,O=x\x00CN=a\\,b+UID=1,O=x' >"$SEEDS/cert_names/escaped"
+)
 for t in "$SEEDS"/*; do echo "$(basename "$t"): $(find "$t" -type f | wc -l) seeds, $(du -sh "$t" | cut -f1)"; done
