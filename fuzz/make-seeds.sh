@@ -13,6 +13,9 @@
 #   initramfs     small newc archives as initramfs-tools writes them (an early archive, then
 #                 a gzip or zstd part; a symlinked /sbin; a symlink loop)
 #   keyslot_af    sizes (hash, key size, stripes) and random AF material
+#   nbd_starttls  the nbd_session seeds behind a byte that picks the TLS mode (off, on,
+#                 require), STARTTLS followed by a real TLS ClientHello (Python's ssl), STARTTLS
+#                 with data, and LIST then EXPORT_NAME of the TLS-only export before TLS
 #   cert_names    a CA and a client certificate made by openssl (a multi-valued RDN, a comma
 #                 in a value, email and UID attributes), and allow-cert patterns
 # Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
@@ -28,7 +31,7 @@ BIN=$PWD/target/release
 SEEDS=$PWD/fuzz/seeds
 WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names}
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names,nbd_starttls}
 
 # A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
 # 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
@@ -199,6 +202,32 @@ open(f"{seeds}/initramfs/symlink-loop", "wb").write(
     newc([("a", 0o120777, b"b"), ("b", 0o120777, b"a"), ("c", 0o120777, b"/c/c")]))
 for n, (h, k, s) in enumerate([(1, 64, 16), (3, 32, 4), (2, 255, 200)]):
     open(f"{seeds}/keyslot_af/seed-{n}", "wb").write(bytes([h, k, 0, s]) + os.urandom(600))
+PY
+echo "== STARTTLS sessions"
+python3 - "$SEEDS" <<'PY'
+import glob, ssl, struct, sys
+seeds = sys.argv[1]
+out = f"{seeds}/nbd_starttls"
+for m in range(3):
+    for i, p in enumerate(sorted(glob.glob(f"{seeds}/nbd_session/*"))[:8]):
+        open(f"{out}/mode{m}-session{i}", "wb").write(bytes([m]) + open(p, "rb").read())
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+client = ctx.wrap_bio(incoming, outgoing, server_hostname="fuzz.invalid")
+try:
+    client.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = outgoing.read()
+flags = struct.pack(">I", 3)  # FIXED_NEWSTYLE | NO_ZEROES
+option = lambda n, data=b"": b"IHAVEOPT" + struct.pack(">II", n, len(data)) + data
+for m in (1, 2):
+    open(f"{out}/mode{m}-starttls-hello", "wb").write(bytes([m]) + flags + option(5) + hello)
+    open(f"{out}/mode{m}-starttls-with-data", "wb").write(bytes([m]) + flags + option(5, b"abcd"))
+for m in range(3):
+    open(f"{out}/mode{m}-list-then-tls-only-export", "wb").write(
+        bytes([m]) + flags + option(3) + option(1, b"secret"))
 PY
 echo "== certificates and allow-cert patterns"
 (

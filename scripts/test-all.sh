@@ -95,7 +95,7 @@ export CRYPTNBD_TEST_PYTHON="$root/.venv/bin/python"
 # 3. Static checks.
 phase "cargo fmt --check"
 cargo fmt --all -- --check
-rustfmt --check --edition 2024 fuzz/fuzz_targets/*.rs
+rustfmt --check --edition 2024 fuzz/fuzz_targets/*.rs fuzz/src/*.rs
 phase "import cycles (scripts/check-import-cycles.py)"
 /usr/bin/python3 scripts/check-import-cycles.py --self-test
 /usr/bin/python3 scripts/check-import-cycles.py
