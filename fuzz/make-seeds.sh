@@ -16,6 +16,8 @@
 #   nbd_starttls  the nbd_session seeds behind a byte that picks the TLS mode (off, on,
 #                 require), STARTTLS followed by a real TLS ClientHello (Python's ssl), STARTTLS
 #                 with data, and LIST then EXPORT_NAME of the TLS-only export before TLS
+#   daemon_config systemd/cryptnbd.toml, docs/daemon.md's every-key example (as written and
+#                 with its placeholders filled in), and one with TLS, RBD, devices and metrics
 #   cert_names    a CA and a client certificate made by openssl (a multi-valued RDN, a comma
 #                 in a value, email and UID attributes), and allow-cert patterns
 # Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
@@ -31,7 +33,7 @@ BIN=$PWD/target/release
 SEEDS=$PWD/fuzz/seeds
 WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names,nbd_starttls}
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names,nbd_starttls,daemon_config}
 
 # A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
 # 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
@@ -229,6 +231,37 @@ for m in range(3):
     open(f"{out}/mode{m}-list-then-tls-only-export", "wb").write(
         bytes([m]) + flags + option(3) + option(1, b"secret"))
 PY
+echo "== daemon configurations"
+cp systemd/cryptnbd.toml "$SEEDS/daemon_config/systemd-example"
+python3 - "$SEEDS/daemon_config" <<'PY'
+import sys
+out = sys.argv[1]
+block = open("docs/daemon.md").read().split("```toml", 1)[1].split("```", 1)[0]
+open(f"{out}/docs-every-key", "w").write(block)
+open(f"{out}/docs-every-key-filled", "w").write(block.replace("\u2026", "0"))
+PY
+cat >"$SEEDS/daemon_config/tls-rbd-metrics" <<'TOML'
+state_dir = "/var/lib/cryptnbd"
+[nbd]
+tcp = "0.0.0.0:10809"
+[nbd.tls]
+mode = "require"
+certificates = "/etc/cryptnbd/pki"
+verify_peer = true
+[store]
+default = "rbd"
+[store.rbd]
+pool = "rbd"
+id = "cryptnbd"
+timeout_secs = 20
+[store.devices]
+root = "UUID=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+[metrics]
+listen = "127.0.0.1:9810"
+[limits]
+payload_timeout_secs = 30
+handshake_timeout_secs = 10
+TOML
 echo "== certificates and allow-cert patterns"
 (
   cd "$WORK"

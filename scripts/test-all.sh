@@ -99,6 +99,13 @@ rustfmt --check --edition 2024 fuzz/fuzz_targets/*.rs fuzz/src/*.rs
 phase "import cycles (scripts/check-import-cycles.py)"
 /usr/bin/python3 scripts/check-import-cycles.py --self-test
 /usr/bin/python3 scripts/check-import-cycles.py
+phase "crates that must not link the AWS SDK (cryptnbdctl, daemon-config)"
+for crate in ctl daemon-config; do
+  if cargo tree -q -p "$crate" -e normal --prefix none | grep -q '^aws-sdk-'; then
+    echo "$crate links the AWS SDK (docs/architecture.md says it must not)" >&2
+    exit 1
+  fi
+done
 phase "cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 

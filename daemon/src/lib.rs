@@ -12,7 +12,6 @@
 pub mod attach;
 pub mod caller;
 pub mod certpolicy;
-pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
@@ -49,7 +48,8 @@ use statedir::audit::{AUDIT_SCOPE, AuditLog, AuditRecord};
 use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroizing;
 
-pub use config::Config;
+pub use daemon_config as config;
+pub use daemon_config::Config;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod aws_config;
 pub mod context;
 pub mod local;
 

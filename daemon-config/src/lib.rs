@@ -1,6 +1,11 @@
 //! The daemon's TOML configuration. Every field has a default, so cryptnbd runs with no
 //! config file at all: the local KMS in the per-user (or system) state directory, a unix
 //! NBD socket, no TCP. Unknown keys are refused so that a typo is not silently ignored.
+//!
+//! A crate of its own so that what reads the file can be built without the daemon: the fuzz
+//! target `daemon_config` drives [`Config::parse`], and the fuzz build leaves out the AWS SDK
+//! that the daemon links. This crate must not depend on the daemon, the AWS SDK (kms-client's
+//! `aws` feature), sockets or files other than the ones a key names.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -360,7 +365,7 @@ pub struct AwsConfig {
 
 impl Default for AwsConfig {
     fn default() -> Self {
-        let d = kms_client::aws::AwsKmsConfig::default();
+        let d = kms_client::aws_config::AwsKmsConfig::default();
         Self {
             region: None,
             endpoint_url: None,
@@ -384,9 +389,9 @@ impl Default for AwsConfig {
 
 impl AwsConfig {
     /// The backend's settings.
-    pub fn to_backend(&self) -> kms_client::aws::AwsKmsConfig {
+    pub fn to_backend(&self) -> kms_client::aws_config::AwsKmsConfig {
         use std::time::Duration;
-        kms_client::aws::AwsKmsConfig {
+        kms_client::aws_config::AwsKmsConfig {
             region: self.region.clone(),
             endpoint_url: self.endpoint_url.clone(),
             sts_endpoint_url: self.sts_endpoint_url.clone(),
