@@ -18,6 +18,7 @@
 #                 with data, and LIST then EXPORT_NAME of the TLS-only export before TLS
 #   daemon_config systemd/cryptnbd.toml, docs/daemon.md's every-key example (as written and
 #                 with its placeholders filled in), and one with TLS, RBD, devices and metrics
+#   rbd_metadata  a holder record and a pool's image names (every kind of hidden image)
 #   cert_names    a CA and a client certificate made by openssl (a multi-valued RDN, a comma
 #                 in a value, email and UID attributes), and allow-cert patterns
 # Run by hand after a protocol or format change, then minimize (scripts/fuzz.sh -m) and
@@ -33,7 +34,7 @@ BIN=$PWD/target/release
 SEEDS=$PWD/fuzz/seeds
 WORK=$(mktemp -d /tmp/cryptnbd-seeds.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
-mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names,nbd_starttls,daemon_config}
+mkdir -p "$SEEDS"/{luks2_header,kms_token,nbd_session,nbd_option,nbd_request,control_line,boot_cmdline,local_kms,initramfs,keyslot_af,cert_names,nbd_starttls,daemon_config,rbd_metadata}
 
 # A header copy as the luks2_header target takes it: a byte that picks the offset (0: primary,
 # 1: the secondary at 16 KiB) and whether the target fixes the checksum, then hdr_size bytes.
@@ -262,6 +263,10 @@ listen = "127.0.0.1:9810"
 payload_timeout_secs = 30
 handshake_timeout_secs = 10
 TOML
+echo "== RBD metadata"
+printf 'host1.example.com\0/var/lib/cryptnbd\0b8a6e3f0-1c2d-4e5f-8a9b-0c1d2e3f4a5b\0v\nw\n.v.staged-1733371200\n.w.replaced\n.v.snapshots-1733371200123\n.\n..x\n' \
+  >"$SEEDS/rbd_metadata/holder-and-pool"
+printf '\0\0\0root\nhome\n' >"$SEEDS/rbd_metadata/no-holder"
 echo "== certificates and allow-cert patterns"
 (
   cd "$WORK"

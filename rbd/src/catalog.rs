@@ -66,7 +66,7 @@ const HOLDER: &str = "snapshots-";
 
 /// What a hidden image of the pool is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hidden {
+pub enum Hidden {
     /// A volume being built.
     Staged,
     /// A volume a replace swapped out.
@@ -75,8 +75,9 @@ enum Hidden {
     Holder,
 }
 
-/// The hidden images among `images`: (image, the volume it is for, what it is).
-fn hidden(images: &[String]) -> Vec<(String, String, Hidden)> {
+/// The hidden images among `images`, the names a pool lists (any host may have made them):
+/// (image, the volume it is for, what it is).
+pub fn hidden(images: &[String]) -> Vec<(String, String, Hidden)> {
     images
         .iter()
         .filter_map(|image| {
@@ -136,7 +137,16 @@ const HOLDER_KEYS: [&str; 3] = [
 impl Holder {
     /// The holder an image's metadata records, if any.
     pub fn of(image: &Image) -> io::Result<Option<Self>> {
-        let get = |key: &str| image.metadata_get(key).map(Option::unwrap_or_default);
+        Self::from_metadata(|key| image.metadata_get(key))
+    }
+
+    /// The holder that metadata read with `get` (a key's value, None when unset) records, if
+    /// any: none without an instance. The values come from the cluster, as any host wrote
+    /// them.
+    pub fn from_metadata(
+        get: impl Fn(&str) -> io::Result<Option<String>>,
+    ) -> io::Result<Option<Self>> {
+        let get = |key: &str| get(key).map(Option::unwrap_or_default);
         let [host, state_dir, instance] = HOLDER_KEYS;
         let instance = get(instance)?;
         if instance.is_empty() {

@@ -24,7 +24,7 @@ mod catalog;
 mod engine;
 mod ffi;
 
-pub use catalog::{Holder, RbdCatalog, RbdSnapshots};
+pub use catalog::{Hidden, Holder, RbdCatalog, RbdSnapshots, hidden};
 pub use engine::RbdStore;
 pub use ffi::{Cluster, Image, Pool, Submitted};
 
