@@ -171,6 +171,32 @@ impl Daemon {
         )
     }
 
+    /// The address of the metrics endpoint (`[metrics] listen`), as the daemon's log says it
+    /// serves it (an ephemeral port when the config says `:0`). Waits up to 10 s.
+    #[track_caller]
+    pub fn metrics_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("metrics served at /metrics"))
+            {
+                let at = line.find("listen=").expect("listen= in the log line") + "listen=".len();
+                return line[at..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never said where it serves its metrics:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

@@ -314,6 +314,21 @@ pub fn thread_states(pid: u32) -> Vec<(u32, char)> {
     states
 }
 
+/// A size field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`, `VmLck:`...) in KiB; 0 when absent.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
 /// Stops process `pid` with SIGSTOP and returns once every one of its threads has stopped:
 /// `kill` returns when the signal is queued, and a thread busy in the kernel (a disk write)
 /// carries on until it is done. Fails the test, with the thread states, after 10 s.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use e2e_tests::daemon::{Daemon, nbdinfo, nbdsh, wait_connections};
 use e2e_tests::pki::Pki;
-use e2e_tests::{TestDir, run};
+use e2e_tests::{TestDir, open_fds, run, status_kib};
 
 const SCRIPT: &str = include_str!("../scripts/load.py");
 
@@ -29,21 +29,6 @@ fn load_script(mode: &str, env: &[(&str, String)]) -> std::process::Command {
         cmd.env(k, v);
     }
     cmd
-}
-
-/// A field of `/proc/PID/status` in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Open descriptors of process `pid`.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
 fn json_line(text: &str) -> serde_json::Value {
@@ -70,7 +55,7 @@ fn a_thousand_connections_on_one_export_are_all_served() {
         .collect();
     d.write_export("v", &pattern, &dir.join("scratch"));
     let pid = d.pid();
-    let (fds_before, rss_before) = (fds(pid), status_kib(pid, "VmRSS:"));
+    let (fds_before, rss_before) = (open_fds(pid), status_kib(pid, "VmRSS:"));
     let mut held: Child = load_script(
         "connections",
         &[("URI", d.uri("v")), ("COUNT", "1000".into())],
@@ -92,7 +77,7 @@ fn a_thousand_connections_on_one_export_are_all_served() {
     assert_eq!(f["connected"], 1000, "{f}");
     assert_eq!(f["wrong"], 0, "{f}");
     let conns = wait_connections(&d, "v", 1000);
-    let (fds_held, rss_held) = (fds(pid), status_kib(pid, "VmRSS:"));
+    let (fds_held, rss_held) = (open_fds(pid), status_kib(pid, "VmRSS:"));
     // Everyone else is still served at once.
     let started = Instant::now();
     run(std::process::Command::new(nbdinfo()).arg(d.uri("v"))).assert_success();
@@ -101,7 +86,7 @@ fn a_thousand_connections_on_one_export_are_all_served() {
     let status = held.wait().expect("wait");
     assert!(status.success());
     wait_connections(&d, "v", 0);
-    let fds_after = fds(pid);
+    let fds_after = open_fds(pid);
     println!(
         "1,000 connections: {f}; the daemon saw {}; descriptors {fds_before} -> {fds_held} -> \
          {fds_after}; RSS {rss_before} -> {rss_held} KiB ({:.1} KiB per connection); another \
@@ -304,7 +289,7 @@ fn attach_detach_cycles_leak_nothing_while_the_audit_trail_rotates() {
     for _ in 0..50 {
         cycle(&d);
     }
-    let (fds_before, rss_before) = (fds(pid), status_kib(pid, "VmRSS:"));
+    let (fds_before, rss_before) = (open_fds(pid), status_kib(pid, "VmRSS:"));
     let started = Instant::now();
     let mut rss_at = Vec::new();
     for i in 0..cycles {
@@ -314,7 +299,7 @@ fn attach_detach_cycles_leak_nothing_while_the_audit_trail_rotates() {
         }
     }
     let took = started.elapsed();
-    let (fds_after, rss_after) = (fds(pid), status_kib(pid, "VmRSS:"));
+    let (fds_after, rss_after) = (open_fds(pid), status_kib(pid, "VmRSS:"));
     // The trail rotated, every file holds whole JSON records, and it still reads.
     let audit = dir.state_dir().join("audit");
     let mut files: Vec<String> = std::fs::read_dir(&audit)

@@ -5,35 +5,11 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e_tests::TestDir;
 use e2e_tests::daemon::{Daemon, hold_connection, nbdsh, wait_connections};
 use e2e_tests::run;
-
-/// The address the daemon's log says it serves the metrics on.
-fn metrics_addr(d: &Daemon) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = d.log_text();
-        if let Some(line) = log
-            .lines()
-            .find(|l| l.contains("metrics served at /metrics"))
-        {
-            let at = line.find("listen=").expect("listen= in the log line") + "listen=".len();
-            return line[at..]
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never said where it serves its metrics:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// `METHOD PATH` over HTTP/1.1: the status line and the body.
 fn http(addr: &str, method: &str, path: &str) -> (String, String) {
@@ -72,7 +48,7 @@ fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
 fn the_metrics_endpoint_counts_what_clients_and_operations_did() {
     let dir = TestDir::new("metrics");
     let d = Daemon::start(&dir, "[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    let addr = metrics_addr(&d);
+    let addr = d.metrics_addr();
     let key = d.ctl.create_key("metrics");
     d.ctl.create_volume("m", "64M", &key, 4096, &[]);
     d.ctl.run(&["attach", "m"]).assert_success();

@@ -22,7 +22,7 @@ use e2e_tests::daemon::{Daemon, nbdcopy, nbdsh};
 use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
 use e2e_tests::moto::{Moto, daemon_aws_config};
 use e2e_tests::mount::Mounted;
-use e2e_tests::{TestDir, TestRng, require_tool, run};
+use e2e_tests::{TestDir, TestRng, open_fds, require_tool, run, status_kib};
 
 /// No credentials from the test's own environment, no instance metadata lookups.
 const ENV: &[(&str, &str)] = &[
@@ -104,19 +104,6 @@ impl Shared {
     }
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 /// Least-squares slope of `(seconds, kib)` samples, in KiB per minute.
 fn slope(samples: &[(f64, f64)]) -> f64 {
     let n = samples.len() as f64;
@@ -171,20 +158,6 @@ fn scrape(addr: &str) -> String {
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     text
-}
-
-fn metrics_addr(d: &Daemon) -> String {
-    let log = d.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics served at /metrics"))
-        .expect("the daemon serves its metrics");
-    let at = line.find("listen=").expect("listen=") + "listen=".len();
-    line[at..]
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// nbdcopy: a new random image into `v0`, back out, compared.
@@ -413,7 +386,7 @@ fn a_soak_of_mixed_clients_churn_lifecycle_and_a_troubled_kms() {
             d.ctl.run(&["attach", &format!("v{i}")]).assert_success();
         }
     }
-    let metrics = metrics_addr(&d);
+    let metrics = d.metrics_addr();
     let pid = d.pid();
     let shared = Shared {
         deadline: Instant::now() + total,
@@ -440,7 +413,7 @@ fn a_soak_of_mixed_clients_churn_lifecycle_and_a_troubled_kms() {
                 samples.lock().unwrap_or_else(|p| p.into_inner()).push((
                     started.elapsed().as_secs_f64(),
                     status_kib(pid, "VmRSS:"),
-                    fds(pid),
+                    open_fds(pid),
                 ));
                 std::thread::sleep(Duration::from_secs(2));
             }
