@@ -26,18 +26,6 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// The errnos a reply can carry, in a fixed order (a volume's error counters).
-const ERRNOS: [Errno; 8] = [
-    Errno::Eperm,
-    Errno::Eio,
-    Errno::Enomem,
-    Errno::Einval,
-    Errno::Enospc,
-    Errno::Eoverflow,
-    Errno::Enotsup,
-    Errno::Eshutdown,
-];
-
 /// Largest request head the endpoint reads.
 const MAX_REQUEST: usize = 8192;
 /// How long a scraper may take to send its request.
@@ -219,10 +207,10 @@ impl Metrics {
         };
         Arc::new(VolumeMetrics {
             commands: Command::ALL.map(per_command),
-            errors: ERRNOS.map(|e| {
+            errors: Errno::ALL.map(|e| {
                 self.errors.get_or_create_owned(&ErrnoLabels {
                     volume: volume.to_owned(),
-                    errno: errno_name(e).to_owned(),
+                    errno: e.name().to_owned(),
                 })
             }),
             in_flight: self.in_flight.get_or_create_owned(&VolumeLabel {
@@ -242,10 +230,10 @@ impl Metrics {
             self.bytes.remove(&labels);
             self.latency.remove(&labels);
         }
-        for e in ERRNOS {
+        for e in Errno::ALL {
             self.errors.remove(&ErrnoLabels {
                 volume: volume.to_owned(),
-                errno: errno_name(e).to_owned(),
+                errno: e.name().to_owned(),
             });
         }
         let label = VolumeLabel {
@@ -346,19 +334,6 @@ fn command_label(c: Command) -> &'static str {
     }
 }
 
-fn errno_name(e: Errno) -> &'static str {
-    match e {
-        Errno::Eperm => "EPERM",
-        Errno::Eio => "EIO",
-        Errno::Enomem => "ENOMEM",
-        Errno::Einval => "EINVAL",
-        Errno::Enospc => "ENOSPC",
-        Errno::Eoverflow => "EOVERFLOW",
-        Errno::Enotsup => "ENOTSUP",
-        Errno::Eshutdown => "ESHUTDOWN",
-    }
-}
-
 struct CommandMetrics {
     requests: Counter,
     bytes: Counter,
@@ -369,7 +344,7 @@ struct CommandMetrics {
 pub struct VolumeMetrics {
     /// By [`Command::ALL`] order.
     commands: [CommandMetrics; 8],
-    /// By [`ERRNOS`] order.
+    /// By [`Errno::ALL`] order.
     errors: [Counter; 8],
     in_flight: Gauge,
 }
@@ -380,7 +355,7 @@ impl VolumeMetrics {
     }
 
     fn error(&self, e: Errno) {
-        if let Some(i) = ERRNOS.iter().position(|x| *x == e) {
+        if let Some(i) = Errno::ALL.iter().position(|x| *x == e) {
             self.errors[i].inc();
         }
     }

@@ -24,6 +24,34 @@ pub enum Errno {
     Eshutdown = 108,
 }
 
+impl Errno {
+    /// Every errno a reply can carry, in wire order.
+    pub const ALL: [Errno; 8] = [
+        Errno::Eperm,
+        Errno::Eio,
+        Errno::Enomem,
+        Errno::Einval,
+        Errno::Enospc,
+        Errno::Eoverflow,
+        Errno::Enotsup,
+        Errno::Eshutdown,
+    ];
+
+    /// Its symbolic name (`EIO`), as libnbd and the C headers write it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Errno::Eperm => "EPERM",
+            Errno::Eio => "EIO",
+            Errno::Enomem => "ENOMEM",
+            Errno::Einval => "EINVAL",
+            Errno::Enospc => "ENOSPC",
+            Errno::Eoverflow => "EOVERFLOW",
+            Errno::Enotsup => "ENOTSUP",
+            Errno::Eshutdown => "ESHUTDOWN",
+        }
+    }
+}
+
 /// A failed device operation: the errno for the client and a message for the server's log.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
