@@ -326,6 +326,23 @@ pub fn hold_connection(uri: &str) -> std::process::Child {
         .expect("nbdsh")
 }
 
+/// `METHOD PATH` over HTTP/1.1 to `addr` (the metrics endpoint): the status line and the
+/// body.
+#[track_caller]
+pub fn http(addr: &str, method: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
 /// Waits until `volume` has `n` NBD connections; returns them as `status --json` shows them.
 #[track_caller]
 pub fn wait_connections(d: &Daemon, volume: &str, n: usize) -> Vec<serde_json::Value> {

@@ -3,27 +3,10 @@
 //! is checked against what the test did.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
 
 use e2e_tests::TestDir;
-use e2e_tests::daemon::{Daemon, hold_connection, nbdsh, wait_connections};
+use e2e_tests::daemon::{Daemon, hold_connection, http, nbdsh, wait_connections};
 use e2e_tests::run;
-
-/// `METHOD PATH` over HTTP/1.1: the status line and the body.
-fn http(addr: &str, method: &str, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read the answer");
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
-}
 
 /// The samples of a scrape: `name{labels}` → value.
 fn scrape(addr: &str) -> BTreeMap<String, f64> {

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e_tests::daemon::{Daemon, nbdcopy, nbdsh};
+use e2e_tests::daemon::{Daemon, http, nbdcopy, nbdsh};
 use e2e_tests::kms_proxy::{KmsProxy, Reply, Rule};
 use e2e_tests::moto::{Moto, daemon_aws_config};
 use e2e_tests::mount::Mounted;
@@ -147,17 +147,6 @@ fn quantile(scrape: &str, command: &str, q: f64) -> Option<f64> {
         .iter()
         .find(|(_, c)| **c >= q * total)
         .map(|(le, _)| f64::from_bits(*le))
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text
 }
 
 /// nbdcopy: a new random image into `v0`, back out, compared.
@@ -421,7 +410,7 @@ fn a_soak_of_mixed_clients_churn_lifecycle_and_a_troubled_kms() {
     });
     proxy.set_down(false);
     proxy.clear();
-    let text = scrape(&metrics);
+    let text = http(&metrics, "GET", "/metrics").1;
     let p99 =
         |c: &str| quantile(&text, c, 0.99).map_or("none".into(), |q| format!("{:.2} ms", q * 1e3));
     let p50 =
