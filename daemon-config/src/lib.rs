@@ -470,6 +470,9 @@ pub struct LimitsConfig {
     pub handshake_timeout_secs: u64,
     /// Seconds a client has to send a write's payload once its header arrived.
     pub payload_timeout_secs: u64,
+    /// Seconds a client may leave its replies unread (its socket full) before it is
+    /// disconnected.
+    pub reply_timeout_secs: u64,
     /// Threads doing the blocking volume I/O (0: one per core, at least 4).
     pub io_threads: usize,
 }
@@ -484,6 +487,7 @@ impl Default for LimitsConfig {
             max_connections: d.max_connections,
             handshake_timeout_secs: d.handshake_timeout.as_secs(),
             payload_timeout_secs: d.payload_timeout.as_secs(),
+            reply_timeout_secs: d.reply_timeout.as_secs(),
             io_threads: 0,
         }
     }
@@ -502,6 +506,7 @@ impl LimitsConfig {
             max_connections: self.max_connections,
             handshake_timeout: std::time::Duration::from_secs(self.handshake_timeout_secs),
             payload_timeout: std::time::Duration::from_secs(self.payload_timeout_secs),
+            reply_timeout: std::time::Duration::from_secs(self.reply_timeout_secs),
             io_threads: if self.io_threads > 0 {
                 self.io_threads
             } else {
@@ -630,9 +635,12 @@ impl Config {
                  metrics.allow_non_loopback = true"
             )));
         }
-        if self.limits.payload_timeout_secs == 0 || self.limits.handshake_timeout_secs == 0 {
+        let l = &self.limits;
+        if l.payload_timeout_secs == 0 || l.handshake_timeout_secs == 0 || l.reply_timeout_secs == 0
+        {
             return Err(ConfigError::Invalid(
-                "limits.handshake_timeout_secs and limits.payload_timeout_secs must be at least 1"
+                "limits.handshake_timeout_secs, limits.payload_timeout_secs and \
+                 limits.reply_timeout_secs must be at least 1"
                     .into(),
             ));
         }
@@ -723,5 +731,29 @@ mod tests {
         assert!(err.to_string().contains("https://"), "{err}");
         let err = Config::parse("[kms]\non_unusable_key = \"panic\"\n").expect_err("action");
         assert!(err.to_string().contains("panic"), "{err}");
+    }
+
+    #[test]
+    fn limits_convert_and_timeouts_of_zero_are_refused() {
+        let c = Config::parse("[limits]\nreply_timeout_secs = 5\npayload_timeout_secs = 7\n")
+            .expect("limits");
+        let l = c.limits.to_limits();
+        assert_eq!(
+            (l.reply_timeout.as_secs(), l.payload_timeout.as_secs()),
+            (5, 7)
+        );
+        let d = Config::parse("").expect("empty").limits.to_limits();
+        assert_eq!(
+            d.reply_timeout,
+            nbd::server::Limits::default().reply_timeout
+        );
+        for key in [
+            "reply_timeout_secs",
+            "payload_timeout_secs",
+            "handshake_timeout_secs",
+        ] {
+            let err = Config::parse(&format!("[limits]\n{key} = 0\n")).expect_err(key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 }

@@ -185,25 +185,34 @@ pub fn session(mode: Mode, data: &[u8]) {
     if let Err(e) = s.read_exact(&mut greeting) {
         panic!("no greeting from the {mode:?} server: {e}");
     }
-    // The server may close before it has read everything: a failed write is fine.
-    let _ = s.write_all(data);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut sink = [0u8; 65536];
-    let mut answered = 0usize;
-    loop {
-        match s.read(&mut sink) {
-            Ok(0) => break,
-            Ok(n) => answered += n,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            // libFuzzer's SIGALRM (its timeout watch, every 601 s by default) interrupts a
-            // blocking read: it crashed a campaign once, after 2.2 million good sessions.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => panic!(
-                "the {mode:?} server neither answered nor closed: {e} ({} bytes sent, {answered} \
-                 read back, {:?} since the connection)",
-                data.len(),
-                started.elapsed()
-            ),
+    // The replies are read while the requests are sent, as a client must: a client that
+    // reads nothing until it has sent everything deadlocks with the server once the replies
+    // fill the socket (the server stops reading when its budget is spent on replies the
+    // client does not take). An nbd_session campaign hung that way after 4 million inputs.
+    let mut w = s.try_clone().unwrap();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            // The server may close before it has read everything: a failed write is fine.
+            let _ = w.write_all(data);
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut sink = [0u8; 65536];
+        let mut answered = 0usize;
+        loop {
+            match s.read(&mut sink) {
+                Ok(0) => break,
+                Ok(n) => answered += n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                // libFuzzer's SIGALRM (its timeout watch, every 601 s by default) interrupts
+                // a blocking read: it crashed a campaign once, after 2.2 million sessions.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!(
+                    "the {mode:?} server neither answered nor closed: {e} ({} bytes sent, \
+                     {answered} read back, {:?} since the connection)",
+                    data.len(),
+                    started.elapsed()
+                ),
+            }
         }
-    }
+    });
 }

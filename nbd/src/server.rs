@@ -73,6 +73,12 @@ pub struct Limits {
     /// takes longer is disconnected: until then its request holds its share of the in-flight
     /// budgets, so clients that stall mid-payload could starve every writer.
     pub payload_timeout: Duration,
+    /// Time a client may leave its replies unread. When the socket stays full this long, the
+    /// connection is closed: until then its replies hold their share of the in-flight
+    /// budgets, so clients that send requests and never read the answers could starve
+    /// everyone else. A client that reads, however slowly, resets it. Kernel devices the
+    /// server bound itself ([`Server::serve_preconnected`]) are never cut for it.
+    pub reply_timeout: Duration,
     /// Threads making blocking device calls.
     pub io_threads: usize,
 }
@@ -87,6 +93,7 @@ impl Default for Limits {
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             payload_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(30),
             io_threads: (cpus * 2).clamp(4, 64),
         }
     }

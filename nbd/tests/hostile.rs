@@ -481,6 +481,67 @@ fn payload_timeout_frees_the_budget_of_stalled_writes() {
     assert_eq!(slow.reply().error, 0);
 }
 
+/// Clients that send READs and never read the replies hold their share of the in-flight
+/// budget once their sockets are full; without a reply timeout, enough of them starve every
+/// other client. With it, they are disconnected and the budget comes back. (A fuzzing
+/// harness that read nothing until it had sent everything hung the server this way.)
+#[test]
+fn reply_timeout_frees_the_budget_of_clients_that_do_not_read() {
+    const MIB: u32 = 1 << 20;
+    let (ts, _) = server_with(Limits {
+        max_payload: 2 * MIB,
+        global_inflight_bytes: 8 * u64::from(MIB),
+        reply_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    });
+    // Four clients each ask for sixteen 2 MiB reads and read nothing: their replies fill
+    // their sockets, and the ones that do not fit hold the whole global budget.
+    let mut deaf: Vec<RawClient> = (0..4)
+        .map(|_| {
+            let mut c = RawClient::open(&ts.socket, "disk", false);
+            for _ in 0..16 {
+                c.request(Command::Read, 0, 0, 2 * MIB, &[]);
+            }
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Another client's read waits for budget, then is served once the deaf ones are cut.
+    let start = Instant::now();
+    let mut c = RawClient::open(&ts.socket, "disk", false);
+    let handle = c.request(Command::Read, 0, 0, 2 * MIB, &[]);
+    let reply = c.reply();
+    assert_eq!((reply.handle, reply.error), (handle, 0));
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_secs(5),
+        "the read was answered after {waited:?}"
+    );
+    for d in &mut deaf {
+        assert!(
+            d.drained_until_closed(),
+            "a client that did not read was kept"
+        );
+    }
+    // A client that reads its replies, even after a pause shorter than the timeout, is kept.
+    let mut slow = RawClient::open(&ts.socket, "disk", false);
+    let handles: Vec<u64> = (0..4)
+        .map(|_| slow.request(Command::Read, 0, 0, 2 * MIB, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Replies come in completion order.
+    let mut answered: Vec<u64> = (0..handles.len())
+        .map(|_| {
+            let r = slow.reply();
+            assert_eq!(r.error, 0);
+            r.handle
+        })
+        .collect();
+    answered.sort();
+    assert_eq!(answered, handles);
+    still_serves(&ts);
+}
+
 #[test]
 fn connection_limit() {
     let (ts, _) = server_with(Limits {

@@ -95,3 +95,47 @@ fn an_unknown_export_is_refused_and_the_client_side_closes_cleanly() {
     assert_eq!(theirs.read(&mut buf).unwrap(), 0);
     assert!(ts.server.connections(None).is_empty());
 }
+
+/// A kernel device reads its replies in the kernel, and its session may last as long as the
+/// machine: it is never cut for leaving replies unread, where a socket client would be
+/// (`hostile.rs`, `reply_timeout_frees_the_budget_of_clients_that_do_not_read`).
+#[test]
+fn a_kernel_session_is_not_cut_for_unread_replies() {
+    let reg = MemRegistry::new();
+    reg.add("vol", "", Arc::new(MemDevice::new(32 << 20)));
+    let ts = TestServer::start(
+        reg,
+        Limits {
+            reply_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        },
+    );
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let kernel = Peer::Kernel {
+        index: 0,
+        connection: 0,
+    };
+    let (params, _handle) = {
+        let _g = ts.rt.enter();
+        let ours = tokio::net::UnixStream::from_std(ours).unwrap();
+        ts.server.serve_preconnected(ours, "vol", kernel).unwrap()
+    };
+    let mut c = RawClient::preconnected(theirs, params.size, params.flags);
+    // 16 MiB of replies, far more than the socket holds, left unread for five timeouts.
+    let handles: Vec<u64> = (0..16)
+        .map(|i| c.request(Command::Read, 0, i << 20, 1 << 20, &[]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut answered: Vec<u64> = handles
+        .iter()
+        .map(|_| {
+            let r = c.reply();
+            assert_eq!(r.error, 0);
+            r.handle
+        })
+        .collect();
+    answered.sort();
+    assert_eq!(answered, handles);
+    assert_eq!(ts.server.connections(Some("vol")).len(), 1);
+}

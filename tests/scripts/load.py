@@ -11,9 +11,15 @@
 #   (STAGE=tls), or that sends a WRITE header of SIZE bytes and part of its payload
 #   (STAGE=payload, export EXPORT); then it trickles a byte every second and reports how long
 #   the server took to close it ({"closed_after": seconds} or {"still_open_after": ...}),
-#   after a line "READY" once it stalls.
+#   after a line "READY" once it stalls. STAGE=replies sends 64 READs of SIZE bytes and then
+#   reads nothing for DEAF seconds: it only watches (poll, no read) for the server to hang up.
+#   A TCP server's FIN cannot reach a client whose receive window is full, so if no hang-up
+#   was seen by then, it reads what is there and reports {"closed_before": DEAF,
+#   "bytes_read": N} if the end of the stream comes (N less than the 64 replies: the server
+#   gave up on them), else {"still_open_after": ...}.
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -129,7 +135,7 @@ def slowloris():
         s = socket.create_connection((host, int(port)))
     greeting = recv_exact(s, 18)
     assert greeting[:8] == b"NBDMAGIC", greeting
-    if stage in ("tls", "payload"):
+    if stage in ("tls", "payload", "replies"):
         s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
     if stage == "tls":
         s.sendall(b"IHAVEOPT" + struct.pack(">II", 5, 0))  # NBD_OPT_STARTTLS
@@ -137,15 +143,49 @@ def slowloris():
         assert struct.unpack(">I", reply[12:16])[0] == 1, reply  # NBD_REP_ACK
         # A TLS record header announcing 16 KiB of handshake, of which nothing more comes.
         s.sendall(b"\x16\x03\x01\x40\x00")
-    if stage == "payload":
+    if stage in ("payload", "replies"):
         name = os.environ["EXPORT"].encode()
         s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)  # EXPORT_NAME
         recv_exact(s, 10)  # size and flags (no zeroes)
         size = int(os.environ["SIZE"])
+    if stage == "payload":
         s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 7, 0, size))
         s.sendall(b"\x00" * 4096)
+    if stage == "replies":
+        # The server reads these as its budget allows; the kernel holds the rest.
+        s.setblocking(False)
+        for i in range(64):
+            try:
+                s.send(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, size))
+            except BlockingIOError:
+                break
     print("READY", flush=True)
     started = time.monotonic()
+    if stage == "replies":
+        deaf = float(os.environ["DEAF"])
+        p = select.poll()
+        p.register(s, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        while time.monotonic() - started < deaf:
+            if p.poll(500):
+                print(json.dumps({"closed_after": round(time.monotonic() - started, 2)}))
+                return
+        s.setblocking(True)
+        s.settimeout(2.0)
+        got = 0
+        try:
+            while time.monotonic() - started < limit:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    print(json.dumps({"closed_before": deaf, "bytes_read": got}))
+                    return
+                got += len(chunk)
+        except ConnectionResetError:
+            print(json.dumps({"closed_before": deaf, "bytes_read": got}))
+            return
+        except socket.timeout:
+            pass
+        print(json.dumps({"still_open_after": round(time.monotonic() - started, 2)}))
+        return
     s.settimeout(1.0)
     while time.monotonic() - started < limit:
         try:

@@ -181,7 +181,7 @@ fn slow_loris_clients_on_every_listener_are_cut_and_the_others_served() {
     let d = Daemon::start(
         &dir,
         &format!(
-            "[limits]\nhandshake_timeout_secs = 2\npayload_timeout_secs = 3\n[nbd]\ntcp = \"127.0.0.1:0\"\n[nbd.tls]\nmode = \"on\"\ncertificates = \"{}\"\n",
+            "[limits]\nhandshake_timeout_secs = 2\npayload_timeout_secs = 3\nreply_timeout_secs = 3\n[nbd]\ntcp = \"127.0.0.1:0\"\n[nbd.tls]\nmode = \"on\"\ncertificates = \"{}\"\n",
             pki.server.display()
         ),
     );
@@ -202,9 +202,26 @@ fn slow_loris_clients_on_every_listener_are_cut_and_the_others_served() {
     let unix = d.nbd_socket().display().to_string();
     let limit: u32 = 20;
     // Five of each: stalled after the greeting on both listeners, stalled inside the TLS
-    // handshake, and stalled in the middle of a 32 MiB write's payload.
+    // handshake, stalled in the middle of a 32 MiB write's payload, and deaf on both
+    // listeners (32 MiB reads whose replies are never read: each holds its connection's
+    // 64 MiB of the budget, and together with the stalled writers more than the 512 MiB the
+    // server has).
     let mut clients = Vec::new();
+    let deaf = |addr: &str| {
+        slowloris(
+            addr,
+            "replies",
+            limit,
+            &[
+                ("EXPORT", "v".into()),
+                ("SIZE", (32u64 << 20).to_string()),
+                ("DEAF", "8".into()),
+            ],
+        )
+    };
     for _ in 0..5 {
+        clients.push(("unix replies", deaf(&unix)));
+        clients.push(("tcp replies", deaf(&tcp)));
         clients.push(("unix greeting", slowloris(&unix, "greeting", limit, &[])));
         clients.push(("tcp greeting", slowloris(&tcp, "greeting", limit, &[])));
         clients.push(("tcp tls", slowloris(&tcp, "tls", limit, &[])));
@@ -261,10 +278,20 @@ fn slow_loris_clients_on_every_listener_are_cut_and_the_others_served() {
                 "{what}: not cut by the handshake timeout: {f}"
             ),
             // The payload has 3 s.
-            _ => assert!(
+            "unix payload" => assert!(
                 closed.is_some_and(|s| s < 6.0),
                 "{what}: a stalled write payload holds its connection (and its share of the \
                  in-flight budget): {f}"
+            ),
+            // Unread replies have 3 s once the socket is full. Over TCP the client sees the
+            // end only when it reads again, after 8 s, and then not all 64 replies.
+            _ => assert!(
+                closed.is_some_and(|s| s < 6.0)
+                    || f["bytes_read"]
+                        .as_u64()
+                        .is_some_and(|n| n < 64 * (32 << 20)),
+                "{what}: a client that reads no reply holds its connection (and its share of \
+                 the in-flight budget): {f}"
             ),
         }
     }

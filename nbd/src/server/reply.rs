@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::ConnEntry;
 use super::pool::PooledBuf;
@@ -274,6 +274,9 @@ pub(crate) struct Replies<W, P = super::flow::Permit> {
     state: Mutex<State<P>>,
     wake: Notify,
     entry: Arc<ConnEntry>,
+    /// How long the socket may stay full before the client counts as not reading (None: as
+    /// long as it takes).
+    reply_timeout: Option<Duration>,
 }
 
 /// Object-safe face of [`Replies`], so jobs of every transport share one type.
@@ -285,7 +288,7 @@ pub(crate) trait ReplySink<P>: Send + Sync {
 }
 
 impl<W: ReplyWriter, P: Send + 'static> Replies<W, P> {
-    pub(crate) fn new(wr: W, entry: Arc<ConnEntry>) -> Arc<Self> {
+    pub(crate) fn new(wr: W, entry: Arc<ConnEntry>, reply_timeout: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
             wr,
             state: Mutex::new(State {
@@ -298,6 +301,7 @@ impl<W: ReplyWriter, P: Send + 'static> Replies<W, P> {
             }),
             wake: Notify::new(),
             entry,
+            reply_timeout,
         })
     }
 
@@ -484,12 +488,30 @@ impl<W: ReplyWriter, P: Send + 'static> Replies<W, P> {
         }
     }
 
-    /// Waits for the socket; once the connection is stopping, for a bounded time only.
+    /// Waits for the socket: at most the reply timeout, and once the connection is stopping,
+    /// the drain's bounded time.
     async fn wait_writable(&self, stop: &mut watch::Receiver<bool>) -> std::io::Result<()> {
         let w = self.wr.writable();
         tokio::pin!(w);
+        let unread = async {
+            match self.reply_timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = &mut w => r,
+            () = unread => {
+                warn!(
+                    "client read none of its replies for {:?} (limits.reply_timeout_secs); \
+                     closing the connection, which frees its share of the in-flight budget",
+                    self.reply_timeout.unwrap_or_default()
+                );
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read its replies",
+                ))
+            }
             _ = super::flow::stopped(stop) => {
                 match tokio::time::timeout(DRAIN_WRITE_TIMEOUT, &mut w).await {
                     Ok(r) => r,
@@ -585,7 +607,7 @@ mod tests {
             cap: AtomicUsize::new(7),
             open: Notify::new(),
         });
-        let r: Arc<Replies<Arc<Pipe>, ()>> = Replies::new(pipe.clone(), entry());
+        let r: Arc<Replies<Arc<Pipe>, ()>> = Replies::new(pipe.clone(), entry(), None);
         let writer = tokio::spawn(r.clone().run_writer());
         let mut expected = Vec::new();
         for h in 0..50u64 {

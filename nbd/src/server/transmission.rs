@@ -29,7 +29,7 @@ use super::readbuf::ReadBuf;
 use super::reply::{Completion, Replies, ReplySink, ReplyWriter};
 use super::{ConnEntry, Server};
 use crate::device::{
-    BlockDevice, DeviceError, Errno, Export, Extent, Io, Pending, RequestObserver, Submission,
+    BlockDevice, DeviceError, Errno, Export, Extent, Io, Peer, Pending, RequestObserver, Submission,
 };
 use crate::error::NbdError;
 use crate::proto::{
@@ -684,7 +684,13 @@ pub(crate) async fn run<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: ReplyWriter,
 {
-    let replies = Replies::new(wr, Arc::clone(&entry));
+    // A kernel device the server bound itself reads its replies in the kernel: it is never
+    // cut for being slow to (a root volume's session lives as long as the machine).
+    let reply_timeout = match entry.peer {
+        Peer::Kernel { .. } => None,
+        _ => Some(server.limits.reply_timeout),
+    };
+    let replies = Replies::new(wr, Arc::clone(&entry), reply_timeout);
     let writer = tokio::spawn(
         Arc::clone(&replies)
             .run_writer()

@@ -160,6 +160,24 @@ impl RawClient {
         }
     }
 
+    /// Reads what the server still sends until it closes the connection (EOF or reset);
+    /// false if it kept the connection open past the read timeout.
+    pub fn drained_until_closed(&mut self) -> bool {
+        let mut b = vec![0u8; 1 << 16];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    return matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    );
+                }
+            }
+        }
+    }
+
     /// Sends an option and reads replies up to the final one (ACK or error).
     pub fn option(&mut self, o: &ClientOption) -> Vec<OptionReply> {
         let mut v = Vec::new();
