@@ -1,21 +1,23 @@
 #!/bin/bash
 # Runs the fuzz targets of fuzz/ (cargo-fuzz, libFuzzer, on the nightly toolchain).
-#   scripts/fuzz.sh [-t SECONDS] [-n EXECUTIONS] [-m] [TARGET...]
+#   scripts/fuzz.sh [-t SECONDS] [-n EXECUTIONS] [-l BYTES] [-m] [TARGET...]
 # Each target runs SECONDS (default 15) from its committed seeds (fuzz/seeds/TARGET) and its
 # kept corpus (fuzz/corpus/TARGET, not committed: campaigns add up across runs there). One
 # line per target: executions, coverage, corpus size. -n stops each target after that many
-# executions instead (with -t as the limit on time). A crash stops the run with the
-# reproducer's path (fuzz/artifacts/TARGET/); make it a regression test, then fix it.
-# -m minimizes each target's kept corpus into its seeds (cargo fuzz cmin), for a commit.
-# Installs the nightly toolchain (rustup) and cargo-fuzz (cargo install --locked) when they
-# are missing. The long campaigns of
-# docs/reliability.md are this script with a large -t.
+# executions instead (with -t as the limit on time). -l caps an input's length (default
+# 1 MiB, room for large WRITE payloads; longer kept inputs are cut on loading). A crash
+# stops the run with the reproducer's path (fuzz/artifacts/TARGET/); make it a regression
+# test, then fix it. -m minimizes each target's kept corpus into its seeds (cargo fuzz
+# cmin), for a commit. Installs the nightly toolchain (rustup) and cargo-fuzz (cargo install
+# --locked) when they are missing. The long campaigns of docs/reliability.md are this
+# script with a large -t or -n.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECONDS_PER=15 MINIMIZE="" RUNS=-1
-while getopts "t:n:mh" o; do
+SECONDS_PER=15 MINIMIZE="" RUNS=-1 MAX_LEN=1048576
+while getopts "t:n:l:mh" o; do
   case $o in
     t) SECONDS_PER=$OPTARG ;; n) RUNS=$OPTARG; [[ $SECONDS_PER == 15 ]] && SECONDS_PER=86400 ;;
+    l) MAX_LEN=$OPTARG ;;
     m) MINIMIZE=1 ;;
     *) sed -n '2,/^set -euo/{/^set/!p}' "$0"; exit 2 ;;
   esac
@@ -56,7 +58,7 @@ for t in "${TARGETS[@]}"; do
   # nbd_session and daemon_config ran 1.5 to 1.9 times faster without it). What the targets
   # look for is a panic, a hang or memory misuse, which AddressSanitizer still catches.
   if ! cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
-      -max_total_time="$SECONDS_PER" -runs="$RUNS" -print_final_stats=1 -max_len=1048576 -detect_leaks=0 \
+      -max_total_time="$SECONDS_PER" -runs="$RUNS" -print_final_stats=1 -max_len="$MAX_LEN" -detect_leaks=0 \
       >"$log" 2>&1; then
     # The panic's message (it may sit above a long stack trace), then the end of the log.
     # The input's Debug dump is one huge line: left out.

@@ -1,8 +1,6 @@
 //! What the fuzz targets share: the NBD session targets' memory export and their server on a
 //! unix socket, one per TLS mode, started once per fuzzing process.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -173,46 +171,74 @@ pub fn socket(mode: Mode) -> &'static PathBuf {
     path
 }
 
+/// The client's runtime: one thread, the fuzzer's own, which sends and reads at once.
+fn client() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
 /// One session: `data` is everything the client sends after the server's greeting. The
 /// server must answer what it read and then close; the connection is read to its end.
+///
+/// The replies are read while the requests are sent, as a client must: a client that reads
+/// nothing until it has sent everything deadlocks with the server once the replies fill the
+/// socket (the server stops reading when its budget is spent on replies the client does not
+/// take). An `nbd_session` campaign hung that way after 4 million inputs, which is how the
+/// server's reply timeout came about. Both directions run on the fuzzer's thread: a thread
+/// per input for the sending cost a third of the executions a second.
 pub fn session(mode: Mode, data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const QUIET: Duration = Duration::from_secs(10);
     let started = std::time::Instant::now();
-    let mut s = UnixStream::connect(socket(mode))
-        .unwrap_or_else(|e| panic!("cannot connect to the {mode:?} server: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // The greeting: 18 bytes.
-    let mut greeting = [0u8; 18];
-    if let Err(e) = s.read_exact(&mut greeting) {
-        panic!("no greeting from the {mode:?} server: {e}");
-    }
-    // The replies are read while the requests are sent, as a client must: a client that
-    // reads nothing until it has sent everything deadlocks with the server once the replies
-    // fill the socket (the server stops reading when its budget is spent on replies the
-    // client does not take). An nbd_session campaign hung that way after 4 million inputs.
-    let mut w = s.try_clone().unwrap();
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
+    client().block_on(async {
+        let s = tokio::net::UnixStream::connect(socket(mode))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to the {mode:?} server: {e}"));
+        let (mut rd, mut wr) = s.into_split();
+        // The greeting: 18 bytes.
+        let mut greeting = [0u8; 18];
+        match tokio::time::timeout(QUIET, rd.read_exact(&mut greeting)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("no greeting from the {mode:?} server: {e}"),
+            Err(_) => panic!("no greeting from the {mode:?} server within {QUIET:?}"),
+        }
+        let send = async {
             // The server may close before it has read everything: a failed write is fine.
-            let _ = w.write_all(data);
-            let _ = w.shutdown(std::net::Shutdown::Write);
-        });
-        let mut sink = [0u8; 65536];
-        let mut answered = 0usize;
-        loop {
-            match s.read(&mut sink) {
-                Ok(0) => break,
-                Ok(n) => answered += n,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-                // libFuzzer's SIGALRM (its timeout watch, every 601 s by default) interrupts
-                // a blocking read: it crashed a campaign once, after 2.2 million sessions.
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => panic!(
+            let _ = wr.write_all(data).await;
+            let _ = wr.shutdown().await;
+        };
+        let receive = async {
+            let mut sink = vec![0u8; 65536];
+            let mut answered = 0usize;
+            loop {
+                let r = tokio::time::timeout(QUIET, rd.read(&mut sink)).await;
+                let e = match r {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => {
+                        answered += n;
+                        continue;
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                    // A signal (libFuzzer's SIGALRM, its timeout watch every 601 s) stopped
+                    // a blocking read in an earlier harness: it crashed a campaign once,
+                    // after 2.2 million sessions.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("nothing for {QUIET:?}"),
+                };
+                panic!(
                     "the {mode:?} server neither answered nor closed: {e} ({} bytes sent, \
                      {answered} read back, {:?} since the connection)",
                     data.len(),
                     started.elapsed()
-                ),
+                );
             }
-        }
+        };
+        tokio::join!(send, receive);
     });
 }
