@@ -160,6 +160,22 @@ impl RawClient {
         }
     }
 
+    /// Reads one successful reply for each of `handles`, in whatever order they complete.
+    pub fn expect_success_of(&mut self, handles: &[u64]) {
+        let mut answered: Vec<u64> = handles
+            .iter()
+            .map(|_| {
+                let r = self.reply();
+                assert_eq!(r.error, 0, "request {} failed", r.handle);
+                r.handle
+            })
+            .collect();
+        answered.sort();
+        let mut asked = handles.to_vec();
+        asked.sort();
+        assert_eq!(answered, asked);
+    }
+
     /// Reads what the server still sends until it closes the connection (EOF or reset);
     /// false if it kept the connection open past the read timeout.
     pub fn drained_until_closed(&mut self) -> bool {
