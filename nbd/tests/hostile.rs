@@ -420,6 +420,25 @@ fn handshake_timeout_closes_idle_clients() {
     assert_eq!(c.read_at(0, 512).error, 0);
 }
 
+/// Sends a 2 MiB READ or WRITE on `c` while other clients hold the whole in-flight budget:
+/// it must wait at least `at_least` (until the server cuts them), and be answered within 5 s.
+fn answered_once_the_budget_returns(mut c: RawClient, command: Command, at_least: Duration) {
+    const LEN: u32 = 2 << 20;
+    let payload = match command {
+        Command::Write => vec![7u8; LEN as usize],
+        _ => Vec::new(),
+    };
+    let start = Instant::now();
+    let handle = c.request(command, 0, 0, LEN, &payload);
+    let reply = c.reply();
+    assert_eq!((reply.handle, reply.error), (handle, 0));
+    let waited = start.elapsed();
+    assert!(
+        waited >= at_least && waited < Duration::from_secs(5),
+        "the {command:?} was answered after {waited:?}"
+    );
+}
+
 /// Clients that stall in the middle of write payloads hold their share of the in-flight
 /// budget; without a payload timeout, enough of them starve every other writer. With it,
 /// they are disconnected and the budget comes back.
@@ -449,16 +468,8 @@ fn payload_timeout_frees_the_budget_of_stalled_writes() {
         })
         .collect();
     // Another client's write waits for budget, then is served once the stalled ones are cut.
-    let start = Instant::now();
-    let mut c = RawClient::open(&ts.socket, "disk", true);
-    let handle = c.request(Command::Write, 0, 0, 2 * MIB, &vec![7u8; 2 * MIB as usize]);
-    let reply = c.reply();
-    assert_eq!((reply.handle, reply.error), (handle, 0));
-    let waited = start.elapsed();
-    assert!(
-        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
-        "the write was answered after {waited:?}"
-    );
+    let c = RawClient::open(&ts.socket, "disk", true);
+    answered_once_the_budget_returns(c, Command::Write, Duration::from_millis(300));
     for s in &mut stalled {
         assert!(
             s.closed_by_server(),
@@ -507,16 +518,8 @@ fn reply_timeout_frees_the_budget_of_clients_that_do_not_read() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     // Another client's read waits for budget, then is served once the deaf ones are cut.
-    let start = Instant::now();
-    let mut c = RawClient::open(&ts.socket, "disk", false);
-    let handle = c.request(Command::Read, 0, 0, 2 * MIB, &[]);
-    let reply = c.reply();
-    assert_eq!((reply.handle, reply.error), (handle, 0));
-    let waited = start.elapsed();
-    assert!(
-        waited >= Duration::from_millis(100) && waited < Duration::from_secs(5),
-        "the read was answered after {waited:?}"
-    );
+    let c = RawClient::open(&ts.socket, "disk", false);
+    answered_once_the_budget_returns(c, Command::Read, Duration::from_millis(100));
     for d in &mut deaf {
         assert!(
             d.drained_until_closed(),

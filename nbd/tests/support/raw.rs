@@ -153,10 +153,7 @@ impl RawClient {
         match self.s.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ),
+            Err(e) => is_hang_up(&e),
         }
     }
 
@@ -184,12 +181,7 @@ impl RawClient {
             match self.s.read(&mut b) {
                 Ok(0) => return true,
                 Ok(_) => {}
-                Err(e) => {
-                    return matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-                    );
-                }
+                Err(e) => return is_hang_up(&e),
             }
         }
     }
@@ -336,4 +328,12 @@ impl RawClient {
             .to_bytes(),
         );
     }
+}
+
+/// A read error that means the server closed the connection (a reset), not a timeout.
+fn is_hang_up(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
 }
