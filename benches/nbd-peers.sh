@@ -89,7 +89,7 @@ shift $((OPTIND - 1))
 SERVERS=("$@")
 ((${#SERVERS[@]})) || SERVERS=(cryptnbd nbdkit-luks qemu-nbd-luks nbdkit-file nbdkit-memory)
 OUT=${OUT:-$WORK/results.md}
-for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3 openssl setpriv taskset; do
+for tool in nbdkit nbdcopy nbdinfo fio qemu-img qemu-nbd cryptsetup python3 openssl setpriv taskset fallocate; do
   command -v $tool >/dev/null || { echo "missing $tool: apt-get install nbdkit libnbd-bin fio qemu-utils cryptsetup-bin" >&2; exit 1; }
 done
 SIZE=$((SIZE_MIB << 20))
@@ -122,6 +122,15 @@ if [[ ! -s $PLAIN || $(stat -c %s "$PLAIN") -ne $SIZE ]]; then
   rm -f "$PLAIN"
   truncate -s "$SIZE" "$PLAIN"
 fi
+
+# The data of the shared images is given back to the filesystem (the LUKS1 header is kept).
+unallocate_images() {
+  fallocate --punch-hole --offset 0 --length "$SIZE" "$PLAIN"
+  local payload
+  payload=$(cryptsetup luksDump "$LUKS1" | awk '/^Payload offset:/ {print $3}')
+  [[ $payload =~ ^[0-9]+$ ]] || { echo "cannot read the payload offset of $LUKS1" >&2; exit 1; }
+  fallocate --punch-hole --offset $((payload * 512)) --length "$SIZE" "$LUKS1"
+}
 
 # A CA, the server's certificate (127.0.0.1) and a client's, for the TLS servers.
 PKI=$WORK/pki
@@ -528,6 +537,10 @@ for CURRENT in "${SERVERS[@]}"; do
   # a source file that were not cached when it read them, so without this every write run
   # waited for the disk under the source, for every server alike.
   cat "$SRC" >/dev/null
+  # Every server's first write goes into unallocated space, as cryptnbd's new volume does:
+  # the images the other servers share are made sparse again (a write that allocates blocks
+  # costs more than an overwrite; before 2026-12-06 only cryptnbd paid it).
+  unallocate_images
   start_server "$CURRENT"
   # -p: every thread the server has (and, inherited, every one it starts) on CPU 0.
   [[ -n $PIN ]] && taskset -a -p -c 0 "$SPID" >/dev/null
