@@ -58,6 +58,8 @@
 # Writes a Markdown table to RESULTS.md (default WORKDIR/results.md) and stdout.
 # Needs: nbdkit, libnbd-bin, fio, qemu-utils, cryptsetup-bin. As root it drops the page cache
 # before each server; without root it cannot, and the figures then depend on what ran before.
+# Every server starts on unallocated space: cryptnbd on a new volume, the others on images whose
+# data is punched out before each server, so every first write allocates its blocks alike.
 # A server that is not written first (-T without write) is measured on a fresh, unwritten export.
 # -w N writes the whole export N times, unmeasured, before the measured runs: a fresh RBD
 # image on memstore is slower to write until its objects exist (the first pass ran at half
