@@ -25,8 +25,9 @@ Four parts, each with a daemon of its own (release build, local KMS, 4096-byte s
 -b takes the cryptnbd and cryptnbdctl to measure (default: target/release, built here), so
 that two builds can be compared in one sitting. Writes a Markdown table to RESULTS.md
 (default WORKDIR/results.md) and stdout. Run as root (the daemon locks its memory; the slow
-part needs losetup and FUSE). Needs fio, libnbd-bin, python3-libnbd, and for `slow` nbdkit
-and nbdfuse (apt-get install fio libnbd-bin python3-libnbd nbdkit nbdfuse).
+part needs losetup and FUSE). Needs fio, libnbd-bin, python3-libnbd, nbdkit (its random
+plugin fills the load part's volumes) and for `slow` nbdfuse (apt-get install fio libnbd-bin
+python3-libnbd nbdkit nbdfuse).
 """
 
 import argparse
@@ -372,9 +373,9 @@ def main():
     p.add_argument("-o", dest="out", default=None)
     p.add_argument("-T", dest="parts", default="load,attach,idle,slow")
     a = p.parse_args()
-    for tool in ("fio", "nbdcopy"):
+    for tool in ("fio", "nbdcopy", "nbdkit"):
         if not shutil.which(tool):
-            sys.exit(f"missing {tool}: apt-get install fio libnbd-bin python3-libnbd")
+            sys.exit(f"missing {tool}: apt-get install fio libnbd-bin python3-libnbd nbdkit")
     if a.bindir is None:
         log("building release binaries")
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "daemon", "-p", "ctl"], cwd=REPO, check=True)
