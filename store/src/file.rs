@@ -115,23 +115,23 @@ impl WriterLock {
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
-        if !self.spin.is_zero() {
-            let start = Instant::now();
-            let mut tries = 0u32;
-            loop {
-                match self.lock.try_lock() {
-                    Ok(guard) => return guard,
-                    // A writer that panicked leaves nothing half done behind this lock.
-                    Err(TryLockError::Poisoned(e)) => return e.into_inner(),
-                    Err(TryLockError::WouldBlock) => {}
-                }
-                tries += 1;
-                // The clock is read every 32 tries, not on each.
-                if tries.is_multiple_of(32) && start.elapsed() >= self.spin {
-                    break;
-                }
-                std::hint::spin_loop();
+        // A free lock costs one try: the clock is read only once the lock is found taken,
+        // then every 32 tries.
+        let mut spinning_since: Option<Instant> = None;
+        let mut tries = 0u32;
+        while !self.spin.is_zero() {
+            match self.lock.try_lock() {
+                Ok(guard) => return guard,
+                // A writer that panicked leaves nothing half done behind this lock.
+                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
             }
+            let since = *spinning_since.get_or_insert_with(Instant::now);
+            tries += 1;
+            if tries.is_multiple_of(32) && since.elapsed() >= self.spin {
+                break;
+            }
+            std::hint::spin_loop();
         }
         self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
