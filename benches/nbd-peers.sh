@@ -130,7 +130,7 @@ unallocate_images() {
   fallocate --punch-hole --offset 0 --length "$SIZE" "$PLAIN"
   local payload
   payload=$(cryptsetup luksDump "$LUKS1" | awk '/^Payload offset:/ {print $3}')
-  [[ $payload =~ ^[0-9]+$ ]] || { echo "cannot read the payload offset of $LUKS1" >&2; exit 1; }
+  [[ $payload =~ ^[0-9]+$ ]] || { echo "cannot read the payload offset of $LUKS1 from cryptsetup luksDump: delete the file and run again (it is made anew)" >&2; exit 1; }
   fallocate --punch-hole --offset $((payload * 512)) --length "$SIZE" "$LUKS1"
 }
 
